@@ -1,0 +1,130 @@
+"""`ftlaunch` subcommands: parse arguments, call the module that does the work, print.
+
+The login-node commands (validate, ds-config, slurm) never import torch and friends; plan
+imports them lazily for a meta-device model only; run and train are the rank half.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from launcher import layout
+from launcher.errors import ConfigError
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_file", metavar="RUN.yaml", help="the run file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides applied on top of the file (split on the first '=')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ftlaunch", description="Fine-tune a Hugging Face causal LM "
+                                 "with DeepSpeed from one YAML run file.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a run file: every problem at once, or OK")
+    _add_run(p)
+
+    p = sub.add_parser("ds-config", help="print or write the complete DeepSpeed JSON")
+    _add_run(p)
+    p.add_argument("-o", "--output", help="write to this file instead of stdout")
+    p.add_argument("--world-size", type=int, help="ranks (default: cluster nodes x gpus_per_node)")
+
+    p = sub.add_parser("plan", help="memory plan per GPU and node: does it fit, what to change")
+    _add_run(p)
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default: cluster.gpu_memory)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--explain", action="store_true", help="show the formula behind every term")
+
+    p = sub.add_parser("slurm", help="write the run directory and sbatch script; optionally submit")
+    _add_run(p)
+    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    p.add_argument("--test-only", action="store_true",
+                   help="ask the scheduler whether and where it would run (sbatch --test-only)")
+    p.add_argument("--force", action="store_true", help="submit even if the plan does not fit")
+    _add_existing(p)
+
+    p = sub.add_parser("run", help="run here: all local GPUs, or CPU ranks where there are none")
+    _add_run(p)
+    p.add_argument("--nproc", type=int, help="ranks to start (default: local GPUs, or 2 CPU ranks)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the plan and freeze report, run a few steps, save nothing")
+    _add_existing(p)
+
+    p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")
+    _add_run(p)
+    return ap
+
+
+def _add_existing(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true",
+                   help="continue an existing run directory even if the config changed")
+    g.add_argument("--overwrite", action="store_true",
+                   help="move an existing run directory aside and start fresh")
+
+
+def on_existing(args: argparse.Namespace) -> str:
+    return "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return layout.EXIT_CONFIG
+    except KeyboardInterrupt:
+        print("ftlaunch: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.runfile import load
+    from launcher.summary import summary
+    cfg = load(args.run_file, args.overrides)
+    print(f"OK {args.run_file}")
+    print(summary(cfg))
+    return 0
+
+
+def cmd_ds_config(args: argparse.Namespace) -> int:
+    from launcher import ds_config
+    from launcher.rundir import write_atomic
+    from launcher.runfile import load
+    cfg = load(args.run_file, args.overrides)
+    text = ds_config.dumps(ds_config.build(cfg, args.world_size))
+    if args.output:
+        write_atomic(args.output, text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.memory import main as plan_main
+    return plan_main(args)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from launcher.slurm import main as slurm_main
+    return slurm_main(args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.local_run import main as run_main
+    return run_main(args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.train import main as train_main
+    return train_main(args)
+
+
+COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
+            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train}

@@ -1,0 +1,222 @@
+"""The run file's typed schema: the only home of defaults, each documented on its field.
+
+Every field is declared with `opt(default, doc, ...)`. The doc string is the reference
+(README's run-file table is generated from it); `ge`/`gt`/`le`/`lt` are range checks and
+`path=True` marks a filesystem path, resolved to an absolute path at load time (relative to
+the run file's folder for values written in the file, to the working directory for
+command-line overrides). Loading lives in `launcher/runfile.py`; cross-field rules in
+`launcher/validate.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+REQUIRED: Any = dataclasses.MISSING
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "cpu", "nvme"]
+
+
+def opt(default: Any, doc: str, *, ge=None, gt=None, le=None, lt=None, path: bool = False,
+        pattern: str | None = None) -> Any:
+    """A schema field: its default (REQUIRED for none), its documentation and its checks."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path, "pattern": pattern}
+    if default is REQUIRED:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=type(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = opt(REQUIRED, "Local Hugging Face model folder (config.json + weights), loaded with "
+                    "`from_pretrained`.", path=True)
+    tokenizer: Optional[str] = opt(None, "Tokenizer folder; null: the model folder.", path=True)
+    dtype: Dtype = opt("bf16", "Training precision: bf16, fp16 (GPU only) or fp32. Weights load in it.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass: "
+                                       "activation memory of about one layer instead of all.")
+    attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = opt(
+        None, "Attention kernel passed to `from_pretrained`; null: the library's default.")
+    trust_remote_code: bool = opt(False, "Allow model code shipped in the model folder.")
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    mode: Literal["none", "8bit", "4bit"] = opt("none", "Load the frozen base quantized with "
+                                                "bitsandbytes: none, 8bit (LLM.int8) or 4bit (QLoRA).")
+    int8_threshold: float = opt(6.0, "8bit: outlier threshold (`llm_int8_threshold`).", ge=0)
+    skip_modules: list[str] = opt(["lm_head"], "Modules kept unquantized (and so trainable).")
+    quant_type: Literal["nf4", "fp4"] = opt("nf4", "4bit: quantization data type.")
+    double_quant: bool = opt(True, "4bit: quantize the quantization constants too.")
+    compute_dtype: Optional[Dtype] = opt(None, "4bit: dtype of the matmuls; null: model.dtype.")
+    storage_dtype: Literal["uint8", "bf16", "fp16", "fp32"] = opt(
+        "uint8", "4bit: storage dtype of packed weights; ZeRO-3 needs model.dtype here.")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = opt(8, "LoRA rank.", ge=1)
+    alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
+    dropout: float = opt(0.05, "Dropout on the LoRA input.", ge=0, lt=1)
+    target_modules: list[str] = opt(["all-linear"], "Module names (or regex suffixes) that get "
+                                    "adapters; [all-linear]: every linear layer but the output head.")
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    policy: Literal["full", "last_layers", "patterns", "lora"] = opt(
+        "full", "What trains: full (everything), last_layers, patterns, or lora adapters. "
+        "Applied before `deepspeed.initialize`, so optimizer state exists only for what trains.")
+    trainable_layers: int = opt(1, "last_layers: train the last N transformer blocks "
+                                "(negative: the first N).")
+    train: list[str] = opt([], "patterns: regexes (re.search on parameter names) of what trains.")
+    freeze: list[str] = opt([], "patterns: regexes of what stays frozen; applied after `train` "
+                            "and `also_train`, so freeze wins.")
+    also_train: list[Literal["embeddings", "lm_head", "norms", "biases"]] = opt(
+        [], "Groups trained in addition to the policy's choice (last_layers, patterns, lora).")
+    lora: LoraConfig = opt(LoraConfig(), "lora: adapter settings.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = opt(REQUIRED, "Training data: a jsonl/json/csv/parquet/text file, or a folder "
+                    "saved with `datasets.save_to_disk`.", path=True)
+    format: Optional[Literal["jsonl", "json", "csv", "parquet", "text", "saved"]] = opt(
+        None, "Data format; null: from the file extension (a folder: saved).")
+    text_field: str = opt("text", "Column with plain text (used when prompt_field is null).")
+    prompt_field: Optional[str] = opt(None, "Column with the prompt; with response_field, loss "
+                                      "is computed on the response only.")
+    response_field: Optional[str] = opt(None, "Column with the response.")
+    max_seq_len: int = opt(2048, "Tokens per sequence (truncation or packing length).", ge=8)
+    packing: bool = opt(False, "Concatenate examples into full max_seq_len sequences.")
+    add_eos: bool = opt(True, "Append the tokenizer's EOS token to every example.")
+    eval_path: Optional[str] = opt(None, "Separate evaluation data, same format.", path=True)
+    eval_fraction: float = opt(0.0, "Hold out this fraction of the training data for evaluation.",
+                               ge=0, lt=1)
+    shuffle: bool = opt(True, "Shuffle training examples each epoch (seeded).")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = opt(REQUIRED, "Optimizer steps to train; the data repeats (reshuffled) "
+                         "as often as needed.", ge=1)
+    micro_batch_size: int = opt(1, "Sequences per rank per forward pass.", ge=1)
+    grad_accum: Optional[int] = opt(None, "Micro batches per optimizer step; null: derived from "
+                                    "global_batch_size, else 1.", ge=1)
+    global_batch_size: Optional[int] = opt(None, "Sequences per optimizer step over all ranks; must "
+                                           "equal micro_batch_size x grad_accum x world size.", ge=1)
+    lr: float = opt(2.0e-5, "Peak learning rate.", gt=0, le=1)
+    min_lr_ratio: float = opt(0.0, "cosine: final learning rate as a fraction of lr.", ge=0, le=1)
+    scheduler: Literal["constant", "linear", "cosine"] = opt(
+        "cosine", "After warmup: constant, linear decay to 0, or cosine decay to min_lr_ratio "
+        "(DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR).")
+    warmup_steps: int = opt(0, "Linear warmup steps (DeepSpeed's schedulers warm up over at "
+                            "least 2 steps, the first at lr 0).", ge=0)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
+        "adamw", "adamw (DeepSpeed's), or bitsandbytes' 8-bit AdamW (paged: GPU only).")
+    weight_decay: float = opt(0.0, "Decoupled weight decay.", ge=0)
+    betas: list[float] = opt([0.9, 0.999], "Adam betas [beta1, beta2].")
+    eps: float = opt(1.0e-8, "Adam epsilon.", gt=0)
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this; 0: off.", ge=0)
+    seed: int = opt(1234, "Seed for weights of new modules, data order and dropout.", ge=0)
+    device: Literal["auto", "cuda", "cpu"] = opt("auto", "auto: GPUs where present, else CPU ranks.")
+    log_every: int = opt(1, "Steps between metric lines.", ge=1)
+    eval_every: int = opt(0, "Steps between evaluations; 0: only at the end (if there is eval data).",
+                          ge=0)
+    checkpoint_every: int = opt(0, "Steps between checkpoints; 0: only at the end.", ge=0)
+    keep_checkpoints: int = opt(2, "Complete checkpoints kept; older ones are deleted.", ge=1)
+    resume: Literal["auto", "never"] = opt("auto", "auto: continue from the newest complete "
+                                           "checkpoint in the run directory.")
+    dist_timeout_s: int = opt(600, "Collective timeout: a dead rank ends the job within this.",
+                              ge=10, le=86400)
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    zero_stage: Literal[0, 1, 2, 3] = opt(2, "ZeRO stage: 0 none, 1 optimizer state, 2 + gradients, "
+                                          "3 + parameters partitioned across ranks.")
+    offload_optimizer: Offload = opt("none", "Keep optimizer state (and the step) on cpu or nvme.")
+    offload_param: Offload = opt("none", "ZeRO-3 only: keep parameters on cpu or nvme.")
+    nvme_path: Optional[str] = opt(None, "Local NVMe folder for nvme offload.", path=True)
+    preset: Optional[str] = opt(None, "Preset in ds_configs/ (file name without .json); null: "
+                                "chosen from zero_stage and offload.")
+    overrides: dict[str, Any] = opt({}, "DeepSpeed JSON merged last, e.g. {zero_optimization: "
+                                    "{reduce_bucket_size: 5.0e+8}}; checked against the keys "
+                                    "the launcher fills.")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nodes: int = opt(1, "Nodes.", ge=1, le=4096)
+    gpus_per_node: int = opt(1, "GPUs (ranks) per node.", ge=1, le=64)
+    cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`).", ge=1)
+    mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
+                             pattern=r"[0-9]+[KMGT]?")
+    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",
+                    pattern=r"([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
+    partition: Optional[str] = opt(None, "Partition (`--partition`).")
+    account: Optional[str] = opt(None, "Account (`--account`).")
+    qos: Optional[str] = opt(None, "Quality of service (`--qos`).")
+    constraint: Optional[str] = opt(None, "Node features (`--constraint`).")
+    reservation: Optional[str] = opt(None, "Reservation (`--reservation`).")
+    exclusive: bool = opt(False, "Whole nodes (`--exclusive`).")
+    sbatch_extra: list[str] = opt([], "More `#SBATCH` options, each `--name=value` or `--flag`.")
+    setup: list[str] = opt([], "Shell lines run before launch on every node (module load, "
+                           "source .venv/bin/activate). Your own shell, run as written.")
+    env: dict[str, str] = opt({}, "Environment variables for every rank (NCCL_*, HF_HOME, ...).")
+    launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
+    python: str = opt("python", "Python on the compute nodes (after setup).")
+    grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "
+                       "requeues (`--signal=B:USR1@grace_s`).", ge=10, le=3600)
+    requeue: bool = opt(True, "Requeue after preemption or the time limit, resuming.")
+    max_restarts: int = opt(3, "Requeues allowed (SLURM_RESTART_COUNT).", ge=0, le=1000)
+    gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan (e.g. 80GiB); null: "
+                                    "the local GPU's, else 80GiB.", pattern=r"[0-9.]+ *[KMGT]i?B")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: Optional[str] = opt(None, "Run directory; null: runs/<name> in the working directory.",
+                             path=True)
+    save_final: bool = opt(True, "Export the trained model as a Hugging Face folder in final/.")
+    merge_lora: bool = opt(False, "lora: also export the base with adapters merged (16-bit).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt(REQUIRED, "Run name: letters, digits, . _ - (used for the job and run dir).",
+                    pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+    model: ModelConfig = opt(REQUIRED, "The pretrained model.")
+    data: DataConfig = opt(REQUIRED, "Training data.")
+    train: TrainConfig = opt(REQUIRED, "Optimisation and loop settings.")
+    quantization: QuantizationConfig = opt(QuantizationConfig(), "Quantized loading of the base.")
+    freeze: FreezeConfig = opt(FreezeConfig(), "What trains and what stays frozen.")
+    deepspeed: DeepSpeedSection = opt(DeepSpeedSection(), "DeepSpeed ZeRO settings.")
+    cluster: ClusterConfig = opt(ClusterConfig(), "Slurm resources and job settings.")
+    output: OutputConfig = opt(OutputConfig(), "Where results go.")
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.gpus_per_node
+
+    @property
+    def run_dir(self) -> str:
+        """The run directory (output.dir is made absolute at load time)."""
+        import os
+        return self.output.dir or os.path.abspath(os.path.join("runs", self.name))
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain dict/list/scalar tree of a config (for YAML/JSON output)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

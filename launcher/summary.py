@@ -1,0 +1,42 @@
+"""The one-screen summary `ftlaunch validate` prints for a valid run file."""
+from __future__ import annotations
+
+from launcher import ds_config
+from launcher.config import RunConfig
+from launcher.validate import batch_sizes
+
+
+def summary(cfg: RunConfig) -> str:
+    m, q, f, d, t, ds, c = (cfg.model, cfg.quantization, cfg.freeze, cfg.data, cfg.train,
+                            cfg.deepspeed, cfg.cluster)
+    micro, accum, global_batch = batch_sizes(cfg)
+    freeze = {"full": "full fine-tune",
+              "last_layers": f"last_layers ({f.trainable_layers:+d} blocks)",
+              "patterns": f"patterns (train {f.train}, freeze {f.freeze})",
+              "lora": f"lora (r={f.lora.r}, alpha={f.lora.alpha:g}, targets {f.lora.target_modules})"}[f.policy]
+    if f.also_train:
+        freeze += f" + {', '.join(f.also_train)}"
+    quant = "none" if q.mode == "none" else (
+        f"8bit (threshold {q.int8_threshold:g}, skip {q.skip_modules})" if q.mode == "8bit"
+        else f"4bit {q.quant_type} (double {q.double_quant}, storage {q.storage_dtype})")
+    offload = [f"optimizer->{ds.offload_optimizer}"] if ds.offload_optimizer != "none" else []
+    offload += [f"params->{ds.offload_param}"] if ds.offload_param != "none" else []
+    rows = [
+        ("name", cfg.name),
+        ("model", f"{m.path} ({m.dtype}{', grad checkpointing' if m.gradient_checkpointing else ''})"),
+        ("quantization", quant),
+        ("freeze", freeze),
+        ("data", f"{d.path} ({d.format or 'by extension'}, {d.max_seq_len} tokens"
+                 f"{', packed' if d.packing else ''}"
+                 f"{', prompt/response' if d.prompt_field else ''})"),
+        ("ranks", f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {cfg.world_size}"),
+        ("batch", f"{micro} micro x {accum} accum x {cfg.world_size} ranks = {global_batch} sequences"
+                  f" = {global_batch * d.max_seq_len:,} tokens/step"),
+        ("schedule", f"{t.max_steps} steps, {t.optimizer} lr {t.lr:g}, {t.scheduler}, "
+                     f"warmup {t.warmup_steps}"),
+        ("deepspeed", f"ZeRO-{ds.zero_stage}, preset {ds_config.preset_name(cfg)}"
+                      f"{', offload ' + ', '.join(offload) if offload else ''}"),
+        ("run dir", cfg.run_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
