@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ds-config", help="print or write the complete DeepSpeed JSON")
     _add_run(p)
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
-    p.add_argument("--world-size", type=int, help="ranks (default: cluster nodes x gpus_per_node)")
+    p.add_argument("--world-size", type=_positive_int,
+                   help="ranks (default: cluster nodes x gpus_per_node)")
 
     p = sub.add_parser("plan", help="memory plan per GPU and node: does it fit, what to change")
     _add_run(p)
@@ -57,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")
     _add_run(p)
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _add_existing(p: argparse.ArgumentParser) -> None:
@@ -99,7 +110,11 @@ def cmd_ds_config(args: argparse.Namespace) -> int:
     cfg = load(args.run_file, args.overrides)
     text = ds_config.dumps(ds_config.build(cfg, args.world_size))
     if args.output:
-        write_atomic(args.output, text)
+        try:
+            write_atomic(args.output, text)
+        except OSError as exc:
+            print(f"ftlaunch: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+            return layout.EXIT_CONFIG
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

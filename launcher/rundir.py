@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Literal
 
@@ -26,13 +27,43 @@ _VOLATILE = ("train.max_steps", "train.log_every", "train.eval_every", "train.ch
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write text to path through a temporary file and rename: readers never see half of it."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write text to path through a temporary file in the same folder and a rename: readers
+    see the old file or the new one, never half of it; on failure nothing is left behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import: mkstemp makes 0600 files, the run's files follow umask
+
+
+def move_aside(path: str) -> str:
+    """Rename path to path.old-<time>[-N] (a name not taken) and return the new name."""
+    base = f"{path}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, n = base, 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = f"{base}-{n}"
+    os.rename(path, aside)
+    return aside
 
 
 def _flatten(tree, prefix=""):
@@ -51,32 +82,50 @@ def config_changes(old: dict, new: dict) -> list[str]:
         k == v or (v.endswith(".") and k.startswith(v)) for v in _VOLATILE)]
 
 
+def _refuse(message: str, fix: str) -> ConfigError:
+    return ConfigError([Problem("output.dir", message, fix)], "run directory")
+
+
 def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
             on_existing: OnExisting = "refuse") -> str:
-    """Create or reuse cfg.run_dir and write resolved.yaml, ds_config.json (and plan.txt)."""
+    """Create or reuse cfg.run_dir and write resolved.yaml, ds_config.json (and plan.txt).
+
+    An existing run directory made from the same config (volatile fields aside) is reused.
+    One made from a different config is refused, unless on_existing is "resume" (keep it,
+    write the new config) or "overwrite" (move it aside to <dir>.old-<time>, start fresh).
+    A non-empty folder that is not a run directory is only ever moved aside (overwrite).
+    Nothing is deleted.
+    """
+    if on_existing not in ("refuse", "resume", "overwrite"):
+        raise ValueError(f"on_existing must be refuse, resume or overwrite, not {on_existing!r}")
     run_dir = cfg.run_dir
     resolved = os.path.join(run_dir, layout.RESOLVED)
     new = to_dict(cfg)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise _refuse(f"{run_dir} exists and is not a folder", "set output.dir to a folder path")
     if os.path.exists(resolved):
-        with open(resolved, encoding="utf-8") as fh:
-            old = yaml.safe_load(fh) or {}
-        changed = config_changes(old, new)
+        try:
+            with open(resolved, encoding="utf-8") as fh:
+                old = yaml.safe_load(fh)
+            changed = config_changes(old if isinstance(old, dict) else {}, new)
+            if not isinstance(old, dict):
+                changed = [f"{layout.RESOLVED} is not a run config"]
+        except (OSError, yaml.YAMLError) as exc:
+            changed = [f"{layout.RESOLVED} unreadable: {exc.__class__.__name__}"]
         if changed and on_existing == "refuse":
-            raise ConfigError([Problem("output.dir", f"{run_dir} holds a run made with a different "
-                                       f"config (changed: {', '.join(changed[:8])}"
-                                       f"{', ...' if len(changed) > 8 else ''})",
-                                       "pass --resume to continue it with the new config, "
-                                       "--overwrite to move the old run aside, or set output.dir")],
-                              "run directory")
+            raise _refuse(f"{run_dir} holds a run made with a different config (changed: "
+                          f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})",
+                          "pass --resume to continue it with the new config, --overwrite to move "
+                          "the old run aside, or set output.dir")
         if on_existing == "overwrite":
-            aside = f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-            os.rename(run_dir, aside)
-    elif os.path.isdir(run_dir) and os.listdir(run_dir) and on_existing == "refuse":
-        raise ConfigError([Problem("output.dir", f"{run_dir} exists, is not empty and is not a run "
-                                   "directory", "choose another output.dir or pass --overwrite")],
-                          "run directory")
-    elif os.path.isdir(run_dir) and os.listdir(run_dir) and on_existing == "overwrite":
-        os.rename(run_dir, f"{run_dir}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            move_aside(run_dir)
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+        if on_existing == "overwrite":
+            move_aside(run_dir)
+        else:
+            raise _refuse(f"{run_dir} exists, is not empty and is not a run directory "
+                          f"(no {layout.RESOLVED}): nothing to {on_existing}",
+                          "choose another output.dir, or pass --overwrite to move it aside")
     os.makedirs(os.path.join(run_dir, layout.LOGS), exist_ok=True)
     write_atomic(resolved, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
     write_atomic(os.path.join(run_dir, layout.DS_CONFIG), json.dumps(ds_config, indent=2) + "\n")

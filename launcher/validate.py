@@ -6,10 +6,12 @@ meta-device model exists: `ftlaunch plan` and the ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
-from typing import Callable, Iterator
+import re
+from typing import Any, Callable, Iterable, Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import Problem
@@ -23,9 +25,49 @@ def rule(fn: Rule) -> Rule:
     return fn
 
 
-def check(cfg: RunConfig) -> list[Problem]:
-    """All cross-field problems of a config whose fields are individually valid."""
-    return [p for r in RULES for p in r(cfg)]
+def check(cfg: RunConfig, unreliable: Iterable[str] = ()) -> list[Problem]:
+    """All cross-field problems of a config whose fields are individually valid.
+
+    `unreliable`: dotted keys whose value is a default standing in for something the user
+    wrote wrongly (a field with its own problem). A rule that reads one of them is skipped:
+    its verdict would be about a value nobody chose.
+    """
+    bad = set(unreliable)
+    out: list[Problem] = []
+    for r in RULES:
+        reads: set[str] = set()
+        found = list(r(_Reads(cfg, "", reads)))  # type: ignore[arg-type]
+        if not any(_overlaps(k, b) for k in reads for b in bad):
+            out += found
+    return out
+
+
+def _overlaps(read: str, bad: str) -> bool:
+    return (read == bad or read.startswith((bad + ".", bad + "["))
+            or bad.startswith((read + ".", read + "[")))
+
+
+# Properties of the config classes and the fields they are computed from.
+_PROPERTY_READS = {"world_size": ("cluster.nodes", "cluster.gpus_per_node"),
+                   "run_dir": ("output.dir", "name")}
+
+
+class _Reads:
+    """A read-only view of a config that records the dotted keys a rule reads."""
+
+    def __init__(self, obj: Any, prefix: str, reads: set[str]):
+        self._obj, self._prefix, self._reads = obj, prefix, reads
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._obj, name)
+        key = f"{self._prefix}.{name}" if self._prefix else name
+        if name in _PROPERTY_READS and not self._prefix:
+            self._reads.update(_PROPERTY_READS[name])
+        elif dataclasses.is_dataclass(value):
+            return _Reads(value, key, self._reads)
+        else:
+            self._reads.add(key)
+        return value
 
 
 # ------------------------------------------------------------------ batch arithmetic
@@ -36,56 +78,116 @@ def batch_sizes(cfg: RunConfig, world_size: int | None = None) -> tuple[int, int
     """
     t = cfg.train
     world = world_size or cfg.world_size
+    if world_size is None:
+        names, ranks = "nodes x gpus_per_node", f"{cfg.cluster.nodes} x {cfg.cluster.gpus_per_node}"
+    else:
+        names, ranks = "world size", str(world)
     per_step = t.micro_batch_size * world
     if t.global_batch_size is None:
         accum = t.grad_accum or 1
     elif t.grad_accum is None:
         if t.global_batch_size % per_step:
             raise ValueError(f"global_batch_size {t.global_batch_size} is not a multiple of "
-                             f"micro_batch_size x world size = {t.micro_batch_size} x {world} = {per_step}")
+                             f"micro_batch_size x {names} = {t.micro_batch_size} x {ranks} = {per_step}")
         accum = t.global_batch_size // per_step
     else:
         accum = t.grad_accum
         if t.global_batch_size != per_step * accum:
             raise ValueError(f"global_batch_size {t.global_batch_size} != micro_batch_size x "
-                             f"grad_accum x world size = {t.micro_batch_size} x {accum} x {world} "
+                             f"grad_accum x {names} = {t.micro_batch_size} x {accum} x {ranks} "
                              f"= {per_step * accum}")
     return t.micro_batch_size, accum, per_step * accum
 
 
-def _batch_fix(cfg: RunConfig, world: int) -> str:
-    g, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
+def batch_options(cfg: RunConfig, world: int) -> list[dict[str, int | None]]:
+    """Changes to train.* that would make the batch arithmetic work (each one alone)."""
+    t = cfg.train
+    g, m, a = t.global_batch_size, t.micro_batch_size, t.grad_accum
     assert g is not None
     per = m * world
-    lo, hi = (g // per) * per, (g // per + 1) * per
-    options = [f"global_batch_size {v} (grad_accum {v // per})" for v in (lo, hi) if v > 0]
-    micro = [d for d in range(1, m + 1) if g % (d * world) == 0]
-    if micro:
-        d = micro[-1]
-        options.append(f"micro_batch_size {d} with grad_accum {g // (d * world)}")
-    return "use " + " or ".join(options) + "; or leave grad_accum unset to derive it"
+    out: list[dict[str, int | None]] = []
+    if a is None:
+        lo = (g // per) * per
+        out += [{"global_batch_size": v} for v in (lo, lo + per) if v > 0]
+        if g % world == 0:
+            q = g // world
+            divisors = [d for d in range(1, min(q, 4 * m) + 1) if q % d == 0 and d != m]
+            below = [d for d in divisors if d < m]
+            above = [d for d in divisors if d > m]
+            out += [{"micro_batch_size": d} for d in (below[-1:] + above[:1])]
+    else:
+        out.append({"global_batch_size": per * a})
+        if g % per == 0:
+            out.append({"grad_accum": g // per})
+        if g % (a * world) == 0:
+            out.append({"micro_batch_size": g // (a * world)})
+        out.append({"global_batch_size": None})
+    return out
+
+
+def _describe_option(opt: dict[str, int | None], cfg: RunConfig, world: int) -> str:
+    t = cfg.train
+    (name, value), = opt.items()
+    if value is None:
+        return f"remove {name} (it is then micro x grad_accum x ranks)"
+    if name == "global_batch_size" and t.grad_accum is None:
+        return f"global_batch_size: {value} (grad_accum {value // (t.micro_batch_size * world)})"
+    if name == "micro_batch_size" and t.grad_accum is None:
+        assert t.global_batch_size is not None
+        return f"micro_batch_size: {value} (grad_accum {t.global_batch_size // (value * world)})"
+    return f"{name}: {value}"
+
+
+def batch_problem(cfg: RunConfig, world_size: int | None = None) -> Problem | None:
+    """The batch-arithmetic problem for world_size ranks (default: the cluster's), with the
+    numbers that would work, or None."""
+    try:
+        batch_sizes(cfg, world_size)
+    except ValueError as exc:
+        world = world_size or cfg.world_size
+        assert cfg.train.global_batch_size is not None
+        note = ""
+        if cfg.train.grad_accum is None and cfg.train.global_batch_size % world:
+            note = f" (a global batch must be a multiple of the {world} ranks)"
+        options = [_describe_option(o, cfg, world) for o in batch_options(cfg, world)]
+        return Problem("train.global_batch_size", f"{exc}{note}", "use one of: " + "; ".join(options))
+    return None
 
 
 @rule
 def _batch(cfg: RunConfig) -> Iterator[Problem]:
-    try:
-        batch_sizes(cfg)
-    except ValueError as exc:
-        yield Problem("train.global_batch_size", str(exc), _batch_fix(cfg, cfg.world_size))
+    p = batch_problem(cfg)
+    if p is not None:
+        yield p
 
 
 @rule
-def _schedule(cfg: RunConfig) -> Iterator[Problem]:
+def _min_lr(cfg: RunConfig) -> Iterator[Problem]:
     t = cfg.train
     if t.min_lr_ratio and t.scheduler != "cosine":
         yield Problem("train.min_lr_ratio", f"only the cosine scheduler has a floor (scheduler is "
                       f"{t.scheduler})", "set scheduler: cosine or min_lr_ratio: 0")
+
+
+@rule
+def _warmup(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
     if t.warmup_steps >= t.max_steps:
         yield Problem("train.warmup_steps", f"warmup_steps {t.warmup_steps} >= max_steps {t.max_steps}: "
                       "the learning rate would never reach lr", "use fewer warmup steps than max_steps")
+
+
+@rule
+def _betas(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         yield Problem("train.betas", f"expected two numbers in [0, 1), got {t.betas}",
                       "use [0.9, 0.999]")
+
+
+@rule
+def _eval_data(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
     if t.eval_every and cfg.data.eval_path is None and cfg.data.eval_fraction == 0:
         yield Problem("train.eval_every", "evaluation requested but there is no eval data",
                       "set data.eval_path or data.eval_fraction, or eval_every: 0")
@@ -93,42 +195,82 @@ def _schedule(cfg: RunConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------ precision and device
 @rule
-def _precision(cfg: RunConfig) -> Iterator[Problem]:
-    cpu = cfg.train.device == "cpu"
-    if cpu and cfg.model.dtype == "fp16":
+def _cpu_fp16(cfg: RunConfig) -> Iterator[Problem]:
+    if cfg.train.device == "cpu" and cfg.model.dtype == "fp16":
         yield Problem("model.dtype", "fp16 is not supported on CPU ranks (DeepSpeed: 'Type fp16 is "
                       "not supported on your device')", "use bf16 or fp32 on CPU")
-    if cpu and cfg.quantization.mode == "4bit" and cfg.quantization.compute_dtype == "fp16":
+
+
+@rule
+def _cpu_compute(cfg: RunConfig) -> Iterator[Problem]:
+    if (cfg.train.device == "cpu" and cfg.quantization.mode == "4bit"
+            and cfg.quantization.compute_dtype == "fp16"):
         yield Problem("quantization.compute_dtype", "fp16 compute is not supported on CPU ranks",
                       "use bf16 or fp32 (or null for model.dtype)")
-    ov = cfg.deepspeed.overrides
-    enabled = [k for k in ("fp16", "bf16") if isinstance(ov.get(k), dict) and ov[k].get("enabled")]
-    want = {"fp16": "fp16", "bf16": "bf16"}.get(cfg.model.dtype)
-    if len(enabled) == 2:
-        yield Problem("deepspeed.overrides", "fp16 and bf16 are both enabled; they are exclusive",
-                      "set the precision with model.dtype only")
-    elif enabled and enabled[0] != want:
-        yield Problem("deepspeed.overrides", f"{enabled[0]}.enabled contradicts model.dtype "
-                      f"{cfg.model.dtype}", f"set model.dtype: {enabled[0]} instead of overriding")
+
+
+@rule
+def _precision_overrides(cfg: RunConfig) -> Iterator[Problem]:
+    from launcher.ds_config import normalise
+    dtype = cfg.model.dtype
+    ov = normalise(cfg.deepspeed.overrides)
+    for k in ("fp16", "bf16"):
+        block = ov.get(k)
+        if not isinstance(block, dict) or not isinstance(block.get("enabled"), bool):
+            continue  # absent, or a type problem reported with the overrides
+        on = block["enabled"]
+        if on == (dtype == k):
+            continue  # says what model.dtype says already
+        if on and dtype in ("fp16", "bf16"):
+            msg = (f"{k}.enabled: true with model.dtype {dtype}: fp16 and bf16 are exclusive "
+                   "(DeepSpeed refuses both)")
+        else:
+            msg = f"{k}.enabled: {str(on).lower()} contradicts model.dtype {dtype}"
+        yield Problem(f"deepspeed.overrides.{k}.enabled", msg,
+                      f"set model.dtype: {k if on else 'fp32'} and drop {k}.enabled from the "
+                      "overrides (the launcher fills fp16/bf16 from model.dtype)")
 
 
 # ------------------------------------------------------------------ ZeRO and offload
 @rule
-def _zero(cfg: RunConfig) -> Iterator[Problem]:
+def _offload_param(cfg: RunConfig) -> Iterator[Problem]:
     ds = cfg.deepspeed
     if ds.offload_param != "none" and ds.zero_stage != 3:
         yield Problem("deepspeed.offload_param", f"parameter offload needs ZeRO-3, zero_stage is "
                       f"{ds.zero_stage}", "set deepspeed.zero_stage: 3 or offload_param: none")
+
+
+@rule
+def _offload_optimizer(cfg: RunConfig) -> Iterator[Problem]:
+    ds = cfg.deepspeed
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         yield Problem("deepspeed.offload_optimizer", "optimizer offload needs ZeRO stage 1, 2 or 3",
                       "set deepspeed.zero_stage: 2 (or higher)")
+    if ds.offload_optimizer == "nvme" and ds.zero_stage in (1, 2):
+        yield Problem("deepspeed.offload_optimizer", f"nvme optimizer offload needs ZeRO-3: at stage "
+                      f"{ds.zero_stage} DeepSpeed silently keeps the optimizer state in CPU memory",
+                      "set deepspeed.zero_stage: 3, or offload_optimizer: cpu")
+
+
+@rule
+def _nvme_path(cfg: RunConfig) -> Iterator[Problem]:
+    ds = cfg.deepspeed
     if "nvme" in (ds.offload_optimizer, ds.offload_param) and not ds.nvme_path:
         yield Problem("deepspeed.nvme_path", "nvme offload needs a path on a local NVMe drive",
                       "set deepspeed.nvme_path: /local/nvme/offload")
+
+
+@rule
+def _optimizer(cfg: RunConfig) -> Iterator[Problem]:
+    ds = cfg.deepspeed
     if ds.offload_optimizer != "none" and cfg.train.optimizer != "adamw":
         yield Problem("train.optimizer", f"{cfg.train.optimizer} cannot be offloaded: optimizer "
                       "offload runs DeepSpeed's own CPU Adam", "use optimizer: adamw, or "
                       "offload_optimizer: none")
+
+
+@rule
+def _paged_on_cpu(cfg: RunConfig) -> Iterator[Problem]:
     if cfg.train.optimizer == "paged_adamw_8bit" and cfg.train.device == "cpu":
         yield Problem("train.optimizer", "paged optimizers page GPU memory and need a GPU",
                       "use adamw_8bit on CPU")
@@ -136,34 +278,46 @@ def _zero(cfg: RunConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------ quantization and freezing
 @rule
-def _quantization(cfg: RunConfig) -> Iterator[Problem]:
-    q, stage = cfg.quantization, cfg.deepspeed.zero_stage
-    if q.mode == "none":
-        return
-    if importlib.util.find_spec("bitsandbytes") is None:
+def _quant_installed(cfg: RunConfig) -> Iterator[Problem]:
+    if cfg.quantization.mode != "none" and importlib.util.find_spec("bitsandbytes") is None:
         yield Problem("quantization.mode", "bitsandbytes is not installed",
                       "pip install bitsandbytes (or quantization.mode: none)")
-    if cfg.freeze.policy == "full":
+
+
+@rule
+def _quant_full(cfg: RunConfig) -> Iterator[Problem]:
+    q = cfg.quantization
+    if q.mode != "none" and cfg.freeze.policy == "full":
         yield Problem("freeze.policy", f"quantized ({q.mode}) weights cannot be trained, so a full "
                       "fine-tune of a quantized model is impossible",
                       "use freeze.policy: lora, or last_layers / patterns training only "
                       "unquantized modules (norms, lm_head)")
-    if q.mode == "8bit" and stage == 3:
+
+
+@rule
+def _quant_8bit_zero3(cfg: RunConfig) -> Iterator[Problem]:
+    if cfg.quantization.mode == "8bit" and cfg.deepspeed.zero_stage == 3:
         yield Problem("quantization.mode", "8-bit loading with ZeRO-3 saves no memory (every rank "
                       "reads a full int8 copy in the forward) and gives wrong losses on GPUs",
                       "use deepspeed.zero_stage: 2 with 8bit, or 4bit with storage_dtype = model.dtype")
-    if q.mode == "4bit" and stage == 3 and q.storage_dtype != cfg.model.dtype:
+
+
+@rule
+def _quant_4bit_storage(cfg: RunConfig) -> Iterator[Problem]:
+    q, dtype = cfg.quantization, cfg.model.dtype
+    if q.mode != "4bit":
+        return
+    if cfg.deepspeed.zero_stage == 3 and q.storage_dtype != dtype:
         yield Problem("quantization.storage_dtype", f"ZeRO-3 partitions floating-point tensors of "
                       f"one dtype; 4-bit weights stored as {q.storage_dtype} cannot be partitioned "
-                      f"with {cfg.model.dtype} parameters",
-                      f"set quantization.storage_dtype: {cfg.model.dtype}")
-    if q.mode == "4bit" and cfg.model.dtype == "fp32" and q.storage_dtype in ("bf16", "fp16"):
+                      f"with {dtype} parameters", f"set quantization.storage_dtype: {dtype}")
+    elif dtype == "fp32" and q.storage_dtype in ("bf16", "fp16"):
         yield Problem("quantization.storage_dtype", "a 16-bit storage dtype with fp32 parameters "
                       "mixes dtypes", "use uint8 or fp32")
 
 
 @rule
-def _freeze(cfg: RunConfig) -> Iterator[Problem]:
+def _freeze_nothing(cfg: RunConfig) -> Iterator[Problem]:
     f = cfg.freeze
     if f.policy == "last_layers" and f.trainable_layers == 0:
         yield Problem("freeze.trainable_layers", "0 layers leaves nothing trainable",
@@ -171,6 +325,11 @@ def _freeze(cfg: RunConfig) -> Iterator[Problem]:
     if f.policy == "patterns" and not f.train and not f.also_train:
         yield Problem("freeze.train", "policy patterns with no train patterns and no also_train "
                       "leaves nothing trainable", "add regexes of what trains, e.g. ['layers\\.3\\.']")
+
+
+@rule
+def _freeze_lists(cfg: RunConfig) -> Iterator[Problem]:
+    f = cfg.freeze
     if f.policy != "patterns":
         for key, val in (("freeze.train", f.train), ("freeze.freeze", f.freeze)):
             if val:
@@ -179,15 +338,28 @@ def _freeze(cfg: RunConfig) -> Iterator[Problem]:
     if f.policy == "full" and f.also_train:
         yield Problem("freeze.also_train", "policy full already trains everything",
                       "remove also_train or choose last_layers / patterns / lora")
-    import re
+
+
+@rule
+def _freeze_regexes(cfg: RunConfig) -> Iterator[Problem]:
+    f = cfg.freeze
     for key, pats in (("freeze.train", f.train), ("freeze.freeze", f.freeze),
                       ("freeze.lora.target_modules", f.lora.target_modules)):
         for i, pat in enumerate(pats):
             try:
-                re.compile(pat)
+                rx = re.compile(pat)
             except re.error as exc:
                 yield Problem(f"{key}[{i}]", f"not a valid regex {pat!r}: {exc}", "fix the pattern")
-    if cfg.output.merge_lora and f.policy != "lora":
+                continue
+            if key == "freeze.freeze" and f.policy == "patterns" and rx.search(""):
+                yield Problem(f"{key}[{i}]", f"{pat!r} matches every parameter name (it matches the "
+                              "empty string), and freeze wins: nothing would be trainable",
+                              "anchor the pattern to what should stay frozen, e.g. 'embed_tokens'")
+
+
+@rule
+def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
+    if cfg.output.merge_lora and cfg.freeze.policy != "lora":
         yield Problem("output.merge_lora", "merging needs LoRA adapters", "set freeze.policy: lora")
 
 
@@ -196,45 +368,91 @@ def model_config(path: str) -> dict | None:
     """The model's config.json as a dict, or None if unreadable (no torch needed)."""
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
-def max_positions(model_cfg: dict) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = model_cfg.get(key) or (model_cfg.get("text_config") or {}).get(key)
-        if isinstance(v, int) and v > 0:
+def _model_value(model_cfg: dict, keys: tuple[str, ...]) -> int | None:
+    for key in keys:
+        v = model_cfg.get(key)
+        if v is None and isinstance(model_cfg.get("text_config"), dict):
+            v = model_cfg["text_config"].get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
 
 
+def max_positions(model_cfg: dict) -> int | None:
+    """Longest sequence the model takes, from its config.json (None if it does not say)."""
+    return _model_value(model_cfg, ("max_position_embeddings", "n_positions",
+                                    "max_sequence_length", "seq_length"))
+
+
+def num_layers(model_cfg: dict) -> int | None:
+    """Transformer blocks, from config.json (None if it does not say)."""
+    return _model_value(model_cfg, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+
+
 @rule
-def _paths(cfg: RunConfig) -> Iterator[Problem]:
+def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
     m = cfg.model
     if not os.path.isdir(m.path):
         yield Problem("model.path", f"no such folder: {m.path}", "point it at a save_pretrained "
                       "folder (with config.json)")
-    else:
-        mc = model_config(m.path)
-        if mc is None:
-            yield Problem("model.path", f"{m.path} has no readable config.json",
-                          "point it at a Hugging Face model folder")
-        else:
-            limit = max_positions(mc)
-            if limit is not None and cfg.data.max_seq_len > limit:
-                yield Problem("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds the model's "
-                              f"{limit} positions", f"use data.max_seq_len <= {limit}")
-    if m.tokenizer and not os.path.isdir(m.tokenizer):
-        yield Problem("model.tokenizer", f"no such folder: {m.tokenizer}", "give the tokenizer folder "
+    elif model_config(m.path) is None:
+        yield Problem("model.path", f"{m.path} has no readable config.json",
+                      "point it at a Hugging Face model folder")
+
+
+@rule
+def _seq_len(cfg: RunConfig) -> Iterator[Problem]:
+    mc = model_config(cfg.model.path)
+    limit = max_positions(mc) if mc else None
+    if limit is not None and cfg.data.max_seq_len > limit:
+        yield Problem("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds the model's "
+                      f"{limit} positions", f"use data.max_seq_len <= {limit}")
+
+
+@rule
+def _layer_count(cfg: RunConfig) -> Iterator[Problem]:
+    f = cfg.freeze
+    if f.policy != "last_layers":
+        return
+    mc = model_config(cfg.model.path)
+    layers = num_layers(mc) if mc else None
+    if layers is not None and abs(f.trainable_layers) > layers:
+        yield Problem("freeze.trainable_layers", f"{f.trainable_layers} blocks asked for, the model "
+                      f"has {layers}", f"use at most {layers} (or freeze.policy: full to train all)")
+
+
+@rule
+def _tokenizer(cfg: RunConfig) -> Iterator[Problem]:
+    tok = cfg.model.tokenizer
+    if tok and not os.path.isdir(tok):
+        yield Problem("model.tokenizer", f"no such folder: {tok}", "give the tokenizer folder "
                       "or null to use model.path")
+
+
+@rule
+def _data_files(cfg: RunConfig) -> Iterator[Problem]:
     for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
         if path and not os.path.exists(path):
             yield Problem(key, f"no such file or folder: {path}", "check the path")
+
+
+@rule
+def _data_fields(cfg: RunConfig) -> Iterator[Problem]:
     d = cfg.data
     if (d.prompt_field is None) != (d.response_field is None):
         yield Problem("data.response_field" if d.response_field is None else "data.prompt_field",
                       "prompt_field and response_field go together", "set both, or neither for plain text")
+
+
+@rule
+def _eval_sources(cfg: RunConfig) -> Iterator[Problem]:
+    d = cfg.data
     if d.eval_path and d.eval_fraction:
         yield Problem("data.eval_fraction", "both eval_path and eval_fraction are set",
                       "use one source of eval data")
@@ -245,6 +463,23 @@ def _paths(cfg: RunConfig) -> Iterator[Problem]:
 def _overrides(cfg: RunConfig) -> Iterator[Problem]:
     from launcher.ds_config import override_problems
     yield from override_problems(cfg)
+
+
+@rule
+def _override_combinations(cfg: RunConfig) -> Iterator[Problem]:
+    from launcher.ds_config import override_cross_problems
+    yield from override_cross_problems(cfg)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@rule
+def _env_names(cfg: RunConfig) -> Iterator[Problem]:
+    for name in cfg.cluster.env:
+        if not _ENV_NAME.fullmatch(name):
+            yield Problem(f"cluster.env.{name}", "not a valid environment variable name",
+                          "use letters, digits and _ (not starting with a digit)")
 
 
 @rule
