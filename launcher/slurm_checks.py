@@ -1,16 +1,108 @@
-"""Cluster-section rules that keep every value safe to put in an sbatch script."""
+"""Cluster-section rules: every value must be safe to put in an sbatch script, and make sense to Slurm.
+
+These run with every other cross-field rule (`launcher/validate.py`), so `ftlaunch validate`
+reports them before anything is rendered; `launcher/shell.py` refuses the same values again at
+render time for jobs built in code.
+"""
 from __future__ import annotations
 
+import re
+import shlex
 from typing import Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import Problem
+
+# Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
+MANAGED = {
+    "--nodes": "cluster.nodes", "--ntasks": "one task per node (fixed)",
+    "--ntasks-per-node": "one task per node (fixed)", "--gpus-per-node": "cluster.gpus_per_node",
+    "--cpus-per-task": "cluster.cpus_per_task", "--mem": "cluster.mem", "--time": "cluster.time",
+    "--partition": "cluster.partition", "--account": "cluster.account", "--qos": "cluster.qos",
+    "--constraint": "cluster.constraint", "--reservation": "cluster.reservation",
+    "--exclusive": "cluster.exclusive", "--job-name": "name", "--output": "the run directory's logs/",
+    "--error": "the run directory's logs/", "--open-mode": "append (fixed)",
+    "--signal": "cluster.grace_s", "--requeue": "cluster.requeue", "--no-requeue": "cluster.requeue",
+    "--chdir": "the directory `ftlaunch slurm` runs in",
+}
+# Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
+RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                "NODE_RANK", "GROUP_RANK"}
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_EXTRA = re.compile(r"(--[A-Za-z][A-Za-z0-9-]*)(=.*)?", re.S)
+_TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
+
+
+def time_limit_s(text: str) -> int | None:
+    """Seconds in a Slurm time limit: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (None if unreadable)."""
+    m = _TIME.fullmatch(text)
+    if not m:
+        return None
+    days, a, b, c = m.groups()
+    nums = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:   # D-H, D-H:M, D-H:M:S
+        h, mi, s = (nums + [0, 0])[:3]
+        return int(days) * 86400 + h * 3600 + mi * 60 + s
+    if len(nums) == 3:     # H:M:S
+        return nums[0] * 3600 + nums[1] * 60 + nums[2]
+    return nums[0] * 60 + (nums[1] if len(nums) == 2 else 0)   # M or M:S
+
+
+def _breaks(v: str) -> bool:
+    return "\n" in v or "\r" in v or "\0" in v
 
 
 def problems(cfg: RunConfig) -> Iterator[Problem]:
     c = cfg.cluster
     for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python"):
         v = getattr(c, name)
-        if isinstance(v, str) and ("\n" in v or "\r" in v or "\0" in v):
+        if isinstance(v, str) and _breaks(v):
             yield Problem(f"cluster.{name}", "contains a line break, which cannot be made safe in "
                           "an #SBATCH line", "remove the line break")
+        elif isinstance(v, str) and not v.strip():
+            yield Problem(f"cluster.{name}", "is empty", f"give a value or remove cluster.{name}")
+    run_dir = cfg.run_dir
+    if _breaks(run_dir) or "\\" in run_dir:
+        yield Problem("output.dir", f"{run_dir!r} contains a line break or a backslash, which Slurm "
+                      "log file names cannot hold (a backslash switches off %j)",
+                      "choose a run directory without them")
+    limit = time_limit_s(c.time)
+    if limit and c.grace_s >= limit:   # 0: no time limit
+        yield Problem("cluster.grace_s", f"grace_s {c.grace_s} s is not shorter than the time limit "
+                      f"{c.time} ({limit} s): the job would be told to stop as it starts",
+                      "lower grace_s or raise cluster.time")
+    for i, item in enumerate(c.sbatch_extra):
+        key = f"cluster.sbatch_extra[{i}]"
+        m = _EXTRA.fullmatch(item)
+        if _breaks(item):
+            yield Problem(key, f"{item!r} contains a line break, which cannot be made safe in an "
+                          "#SBATCH line", "remove the line break")
+        elif not m:
+            yield Problem(key, f"{item!r} is not an sbatch long option", "write --name=value or --flag "
+                          "(short options like -N are not accepted)")
+        elif m.group(1) in MANAGED:
+            source = MANAGED[m.group(1)]
+            yield Problem(key, f"{m.group(1)} is set by the launcher (from {source})",
+                          "remove it from sbatch_extra" + (f" and set {source}" if
+                                                           source.startswith(("cluster.", "name")) else ""))
+    for name, value in c.env.items():
+        key = f"cluster.env.{name}"
+        if not _ENV_NAME.fullmatch(name):
+            yield Problem(key, f"{name!r} is not a valid environment variable name",
+                          "use letters, digits and _, not starting with a digit")
+        elif name in RESERVED_ENV:
+            yield Problem(key, f"{name} is set by the launcher for every rank",
+                          f"remove {name} from cluster.env")
+        if isinstance(value, str) and "\0" in value:
+            yield Problem(key, "contains a NUL byte, which no environment variable can hold",
+                          "remove it")
+    for i, line in enumerate(c.setup):
+        key = f"cluster.setup[{i}]"
+        if "\0" in line:
+            yield Problem(key, "contains a NUL byte", "remove it")
+            continue
+        try:
+            shlex.split(line, comments=True)
+        except ValueError as exc:
+            yield Problem(key, f"{line!r} is not complete shell ({exc}); it would swallow the rest "
+                          "of the job script", "close the quote or escape it")

@@ -1,0 +1,252 @@
+"""Slurm jobs in three separate steps: build a job description, render its script, submit it.
+
+`build(cfg, workdir=...)` turns a run config into a `Job` (every sbatch option, the environment,
+the setup lines, the per-node launch); `render(job)` fills slurm/job.sbatch with it, strictly (a
+placeholder without a value, or a value without a placeholder, is an error) and without touching
+any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(args)` is
+`ftlaunch slurm`. The script's variables are listed in slurm/README.md; what it does at run time
+(rendezvous, stop protocol, requeue) in docs/slurm.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from launcher import __version__, layout
+from launcher.config import RunConfig
+from launcher.shell import Raw, comment, join, quote, sbatch_line, slurm_filename, export
+
+TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm",
+                        "job.sbatch")
+_PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+_EXTRA = re.compile(r"(--[A-Za-z][A-Za-z0-9-]*)(?:=(.*))?", re.S)
+
+
+class TemplateError(Exception):
+    """The template and the values given for it do not match."""
+
+
+class SubmitError(Exception):
+    """sbatch refused the job (or is not there); the message is sbatch's own."""
+
+
+@dataclass(frozen=True)
+class SbatchOption:
+    option: str                 # --name
+    value: Optional[str]        # None: a flag
+    key: str                    # the config key it comes from (named in errors)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything the job script says, decided before rendering."""
+    name: str
+    run_dir: str
+    workdir: str                                # the job's working directory (--chdir)
+    source: str                                 # the run file it was made from (header only)
+    nodes: int
+    nproc_per_node: int
+    sbatch: tuple[SbatchOption, ...]
+    setup: tuple[Raw, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    launcher: str = "torchrun"                  # torchrun | deepspeed
+    python: str = "python"
+    command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
+    requeue: bool = True
+    max_restarts: int = 3
+
+    @property
+    def job_script(self) -> str:
+        return os.path.join(self.run_dir, layout.JOB_SCRIPT)
+
+
+# ------------------------------------------------------------------ build
+def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
+    """The job for cfg; workdir is where it runs (the directory `ftlaunch slurm` ran in)."""
+    c = cfg.cluster
+    run_dir = cfg.run_dir
+    logs = slurm_filename(os.path.join(run_dir, layout.LOGS), "output.dir")
+    opts = [SbatchOption("--job-name", cfg.name, "name"),
+            SbatchOption("--chdir", workdir, "working directory"),
+            SbatchOption("--nodes", str(c.nodes), "cluster.nodes"),
+            SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
+    if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
+        opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
+    for name, option in (("cpus_per_task", "--cpus-per-task"), ("mem", "--mem"), ("time", "--time"),
+                         ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
+                         ("constraint", "--constraint"), ("reservation", "--reservation")):
+        value = getattr(c, name)
+        if value is not None:
+            opts.append(SbatchOption(option, str(value), f"cluster.{name}"))
+    if c.exclusive:
+        opts.append(SbatchOption("--exclusive", None, "cluster.exclusive"))
+    opts += [SbatchOption("--output", f"{logs}/job-%j.out", "output.dir"),
+             SbatchOption("--error", f"{logs}/job-%j.err", "output.dir"),
+             SbatchOption("--open-mode", "append", "output.dir"),
+             SbatchOption("--signal", f"B:USR1@{c.grace_s}", "cluster.grace_s"),
+             SbatchOption("--requeue" if c.requeue else "--no-requeue", None, "cluster.requeue")]
+    for i, item in enumerate(c.sbatch_extra):
+        m = _EXTRA.fullmatch(item)
+        option, value = (m.group(1), m.group(2)) if m else (item, None)
+        opts.append(SbatchOption(option, value, f"cluster.sbatch_extra[{i}]"))
+    return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
+               nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
+               setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
+               launcher=c.launcher, python=c.python,
+               command=("launcher", "train", os.path.join(run_dir, layout.RESOLVED)),
+               requeue=c.requeue, max_restarts=c.max_restarts)
+
+
+# ------------------------------------------------------------------ render
+def fill(template: str, values: dict[str, str], name: str = "template") -> str:
+    """template with every {{name}} replaced; any placeholder without a value, value without a
+    placeholder, or malformed {{...}} is a TemplateError (nothing renders as empty by accident)."""
+    used = set(_PLACEHOLDER.findall(template))
+    stray = re.findall(r"\{\{.*?\}\}|\{\{|\}\}", _PLACEHOLDER.sub("", template))
+    missing, unknown = sorted(used - values.keys()), sorted(values.keys() - used)
+    if missing or unknown or stray:
+        raise TemplateError(f"{name}: " + "; ".join(
+            part for part in (f"no value for {missing}" if missing else "",
+                              f"no placeholder for {unknown}" if unknown else "",
+                              f"malformed placeholders {stray}" if stray else "") if part))
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def _node_launch(job: Job) -> tuple[str, str]:
+    """(node_setup lines, NODE_LAUNCH array words): python, its module, the launcher's options,
+    then the rank command. The node rank is added inside each task (see the template)."""
+    rank_cmd = ["--module", *job.command]
+    if job.launcher == "deepspeed":
+        setup = "\n".join([
+            'HOSTFILE="$RUN_DIR/logs/hostfile-$SLURM_JOB_ID"   # deepspeed\'s launcher: a line per node',
+            'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\\$/ slots=$NPROC_PER_NODE/" > "$HOSTFILE"'])
+        words = [job.python, "deepspeed.launcher.runner", Raw('--hostfile="$HOSTFILE"'), "--no_ssh",
+                 Raw('--num_nodes="$NNODES"'), Raw('--num_gpus="$NPROC_PER_NODE"'),
+                 Raw('--master_addr="$MASTER_ADDR"'), Raw('--master_port="$MASTER_PORT"'),
+                 "--no_local_rank", *rank_cmd]
+    else:
+        setup = "# torchrun (python -m torch.distributed.run): static rendezvous, ranks numbered node by node"
+        words = [job.python, "torch.distributed.run", Raw('--nnodes="$NNODES"'),
+                 Raw('--nproc-per-node="$NPROC_PER_NODE"'), "--rdzv-backend=static",
+                 Raw('--rdzv-id="$SLURM_JOB_ID"'), Raw('--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"'),
+                 "--max-restarts=0", *rank_cmd]
+    lines = [join(words[:2], "cluster.python")] + [quote(w, "command") for w in words[2:-len(rank_cmd)]]
+    lines.append(join(rank_cmd, "command"))
+    return setup, "\n  ".join(lines)
+
+
+def _export(name: str, value: str) -> str:
+    line = export(name, value, f"cluster.env.{name}")
+    if "$" in value or "`" in value:   # literal on purpose: tell shellcheck so
+        return "# shellcheck disable=SC2016  # literal value, not expanded\n" + line
+    return line
+
+
+def _header(job: Job) -> str:
+    resolved = os.path.join(job.run_dir, layout.RESOLVED)
+    lines = [f"Generated by ftlaunch {__version__} (`ftlaunch slurm`) from {job.source or resolved}.",
+             "Edits are lost when it is generated again; change the run file instead.",
+             f"Run directory: {job.run_dir}",
+             f"Submit (again; a restart resumes from the newest complete checkpoint): "
+             f"sbatch {quote(job.job_script)}",
+             f"Generate again: ftlaunch slurm {quote(resolved)} --resume"]
+    return "\n".join("# " + comment(line) for line in lines)
+
+
+def render(job: Job, template: str | None = None) -> str:
+    """The job script's text. Pure: reads only the template file."""
+    name = "job template"
+    if template is None:
+        name = TEMPLATE
+        with open(TEMPLATE, encoding="utf-8") as fh:
+            template = fh.read()
+    node_setup, node_launch = _node_launch(job)
+    values = {
+        "header": _header(job),
+        "sbatch_options": "\n".join(sbatch_line(o.option, o.value, o.key) for o in job.sbatch),
+        "run_dir": quote(job.run_dir, "output.dir"),
+        "job_script": quote(job.job_script, "output.dir"),
+        "stop_file": quote(os.path.join(job.run_dir, layout.STOP_REQUEST), "output.dir"),
+        "node_log": quote(slurm_filename(os.path.join(job.run_dir, layout.LOGS), "output.dir")
+                          + "/job-%j-node%n.log", "output.dir"),
+        "nodes": quote(job.nodes), "nproc_per_node": quote(job.nproc_per_node),
+        "requeue": "1" if job.requeue else "0", "max_restarts": quote(job.max_restarts),
+        "exit_stopped": quote(layout.EXIT_STOPPED),
+        "setup": "\n".join(quote(line, f"cluster.setup[{i}]") for i, line in enumerate(job.setup))
+                 or "# (no setup lines)",
+        "exports": "\n".join(_export(k, v) for k, v in job.env) or "# (no variables)",
+        "node_setup": node_setup,
+        "node_launch": node_launch,
+    }
+    return fill(template, values, name)
+
+
+# ------------------------------------------------------------------ submit
+def submit(script_path: str, test_only: bool = False) -> str:
+    """Run sbatch on the script: the job id, or (test_only) the scheduler's answer. SubmitError
+    carries sbatch's own words when it refuses."""
+    cmd = ["sbatch", "--test-only", script_path] if test_only else ["sbatch", "--parsable", script_path]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except FileNotFoundError:
+        raise SubmitError("sbatch not found: run this on a Slurm login node (the script is "
+                          f"ready: {script_path})") from None
+    except subprocess.TimeoutExpired:
+        raise SubmitError(f"sbatch did not answer within 300 s ({join(cmd)})") from None
+    answer = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise SubmitError(f"{join(cmd)} failed (exit {proc.returncode}):\n{answer}")
+    if test_only:
+        return answer
+    return proc.stdout.strip().split(";")[0]
+
+
+# ------------------------------------------------------------------ ftlaunch slurm
+def _memory_plan(cfg: RunConfig, force: bool) -> str | None:
+    """The plan text (None when launcher.memory is not there); ConfigError when it does not fit."""
+    try:
+        from launcher import memory
+    except ModuleNotFoundError as exc:
+        if exc.name == "launcher.memory":
+            return None
+        raise
+    from launcher.errors import ConfigError, Problem
+    plan = memory.plan(cfg)
+    text = memory.plan_text(cfg)
+    if not plan.fits and not force:
+        raise ConfigError([Problem("cluster", "the memory plan says the job does not fit:\n"
+                                   + text, "change what the plan suggests, or pass --force "
+                                   "to submit anyway")], "memory plan")
+    return text
+
+
+def main(args: argparse.Namespace) -> int:
+    from launcher import ds_config, rundir
+    from launcher.cli import on_existing
+    from launcher.runfile import load
+    cfg = load(args.run_file, args.overrides)
+    plan_text = _memory_plan(cfg, args.force) if args.submit else None
+    run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
+                             on_existing=on_existing(args))
+    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
+    text = render(job)
+    rundir.write_atomic(job.job_script, text)
+    os.chmod(job.job_script, 0o755)
+    print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
+    print(f"submit with: sbatch {quote(job.job_script)}")
+    try:
+        if args.test_only:
+            print(submit(job.job_script, test_only=True))
+        if args.submit:
+            job_id = submit(job.job_script)
+            print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
+            print(job_id)
+    except SubmitError as exc:
+        print(f"ftlaunch: {exc}\nthe run directory is kept: {run_dir}", file=sys.stderr)
+        return 1
+    return 0
