@@ -279,9 +279,14 @@ def _paged_on_cpu(cfg: RunConfig) -> Iterator[Problem]:
 # ------------------------------------------------------------------ quantization and freezing
 @rule
 def _quant_installed(cfg: RunConfig) -> Iterator[Problem]:
-    if cfg.quantization.mode != "none" and importlib.util.find_spec("bitsandbytes") is None:
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        return
+    if cfg.quantization.mode != "none":
         yield Problem("quantization.mode", "bitsandbytes is not installed",
                       "pip install bitsandbytes (or quantization.mode: none)")
+    if cfg.train.optimizer != "adamw":
+        yield Problem("train.optimizer", f"{cfg.train.optimizer} is bitsandbytes' optimizer and "
+                      "bitsandbytes is not installed", "pip install bitsandbytes (or optimizer: adamw)")
 
 
 @rule
@@ -290,8 +295,8 @@ def _quant_full(cfg: RunConfig) -> Iterator[Problem]:
     if q.mode != "none" and cfg.freeze.policy == "full":
         yield Problem("freeze.policy", f"quantized ({q.mode}) weights cannot be trained, so a full "
                       "fine-tune of a quantized model is impossible",
-                      "use freeze.policy: lora, or last_layers / patterns training only "
-                      "unquantized modules (norms, lm_head)")
+                      "use freeze.policy: lora, or patterns with also_train: [norms, lm_head] "
+                      "(the modules that stay unquantized)")
 
 
 @rule
@@ -311,9 +316,46 @@ def _quant_4bit_storage(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("quantization.storage_dtype", f"ZeRO-3 partitions floating-point tensors of "
                       f"one dtype; 4-bit weights stored as {q.storage_dtype} cannot be partitioned "
                       f"with {dtype} parameters", f"set quantization.storage_dtype: {dtype}")
+    elif dtype in ("bf16", "fp16") and q.storage_dtype not in ("uint8", dtype):
+        yield Problem("quantization.storage_dtype", f"4-bit weights stored as {q.storage_dtype} with "
+                      f"model.dtype {dtype}: deepspeed.initialize casts every floating-point parameter "
+                      f"to {dtype}, which rewrites the packed 4-bit bytes (the model breaks)",
+                      f"use storage_dtype: uint8 (or {dtype}, which ZeRO-3 needs)")
     elif dtype == "fp32" and q.storage_dtype in ("bf16", "fp16"):
         yield Problem("quantization.storage_dtype", "a 16-bit storage dtype with fp32 parameters "
                       "mixes dtypes", "use uint8 or fp32")
+
+
+def _skips(key: str, name: str) -> bool:
+    """transformers' rule for llm_int8_skip_modules (quantizers_utils.should_convert_module)."""
+    return re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", name) is not None or name.endswith(key)
+
+
+@rule
+def _quant_skip_modules(cfg: RunConfig) -> Iterator[Problem]:
+    q, f = cfg.quantization, cfg.freeze
+    if q.mode == "none":
+        return
+    ok = []
+    for i, key in enumerate(q.skip_modules):
+        try:
+            re.compile(key)
+            ok.append(key)
+        except re.error as exc:
+            yield Problem(f"quantization.skip_modules[{i}]", f"not a valid regex {key!r} "
+                          f"(transformers matches the entries as regexes): {exc}",
+                          "use a module name such as lm_head or model.layers.0.mlp")
+    if "lm_head" in f.also_train and f.policy != "full" and \
+            not any(_skips(k, h) for k in ok for h in ("lm_head", "embed_out")):
+        yield Problem("freeze.also_train", f"lm_head is trained but not in quantization.skip_modules "
+                      f"({q.skip_modules}), so it is loaded quantized and cannot train",
+                      "add lm_head to quantization.skip_modules")
+    if f.policy == "last_layers" and not any(any(c.isdigit() for c in k) for k in ok):
+        yield Problem("freeze.policy", f"last_layers trains whole blocks, whose linear weights are "
+                      f"loaded quantized ({q.mode}) and cannot train",
+                      "use policy lora, or policy patterns with also_train: [norms, lm_head] "
+                      "(the modules that stay 16-bit), or keep those blocks 16-bit with "
+                      "quantization.skip_modules (e.g. model.layers.31)")
 
 
 @rule
