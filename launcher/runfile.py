@@ -57,6 +57,7 @@ _UNREADABLE = object()  # a scalar whose construction failed (already reported)
 @dataclass
 class _Ctx:
     problems: list[Problem]
+    source: str = "run file"
     lines: dict[str, str] = field(default_factory=dict)  # dotted key -> where it was written
     suspect: set[str] = field(default_factory=set)        # keys whose value is not what was meant
 
@@ -414,7 +415,8 @@ def _section(cls: type, node: dict, prefix: str, ctx: _Ctx) -> Any:
         key = f"{prefix}.{name}" if prefix else name
         if name not in node:
             if _required(f):
-                ctx.add(key, "required key is missing", f"add {key}: ...")
+                ctx.add(key, "required key is missing", f"add {key}: ...",
+                        ctx.lines.get(prefix, ctx.source))
                 failed = True
             continue
         sub = node[name]
@@ -453,7 +455,7 @@ def parse(text: str, overrides: Sequence[str] = (), *, source: str = "run file",
           base_dir: str | None = None) -> tuple[RunConfig | None, list[Problem]]:
     """Parse run-file text plus overrides into (config or None, problems), cross-field rules
     (launcher/validate.py) included for every rule whose inputs could all be read."""
-    ctx = _Ctx([])
+    ctx = _Ctx([], source)
     cfg = _parse(text, overrides, source, base_dir, ctx)
     problems = ctx.problems
     if cfg is not None:

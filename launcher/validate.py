@@ -513,17 +513,6 @@ def _override_combinations(cfg: RunConfig) -> Iterator[Problem]:
     yield from override_cross_problems(cfg)
 
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-@rule
-def _env_names(cfg: RunConfig) -> Iterator[Problem]:
-    for name in cfg.cluster.env:
-        if not _ENV_NAME.fullmatch(name):
-            yield Problem(f"cluster.env.{name}", "not a valid environment variable name",
-                          "use letters, digits and _ (not starting with a digit)")
-
-
 @rule
 def _cluster(cfg: RunConfig) -> Iterator[Problem]:
     from launcher import slurm_checks
