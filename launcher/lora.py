@@ -9,6 +9,7 @@ and norms as peft `modules_to_save`, so they are saved with the adapter; biases 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Any, Iterable
@@ -150,10 +151,33 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
+def _writer() -> bool:
+    """True on the rank that writes files: global rank 0, or a process without a process group."""
+    import torch.distributed as dist
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _gathered(model: Any):
+    """Full parameters inside the block: under ZeRO-3 (partitioned parameters carry `ds_id`) they
+    are gathered on every rank, a collective, so every rank must enter; otherwise a no-op."""
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
 def export_adapter(model: Any, out_dir: str) -> None:
     """Write the adapter (adapter_config.json + adapter_model.safetensors, with modules_to_save);
-    `PeftModel.from_pretrained(base, out_dir)` loads it. Call on one rank (full weights: ZeRO 0-2)."""
-    _unwrap(model).save_pretrained(out_dir)
+    `PeftModel.from_pretrained(base, out_dir)` loads it. Call on every rank (ZeRO-3 gathers the
+    partitioned adapter); rank 0 writes. Under ZeRO 0-2 calling on rank 0 alone is enough."""
+    peft_model = _unwrap(model)
+    with _gathered(peft_model):
+        if _writer():
+            peft_model.save_pretrained(out_dir)
 
 
 def _unpack_cpu_4bit(layer: Any) -> None:
@@ -205,9 +229,10 @@ def merged_state_dict(model: Any, dtype: Any) -> dict[str, Any]:
 
 
 def export_merged(model: Any, cfg: RunConfig, out_dir: str, tokenizer: Any = None) -> None:
-    """A merged 16-bit Hugging Face folder (dequantized base + adapters, model.dtype; bf16 for an
-    fp32 run would lose nothing it trained, but fp32 runs keep fp32) that `from_pretrained` loads
-    without bitsandbytes or peft. Call on one rank (full weights: ZeRO 0-2)."""
+    """A merged Hugging Face folder in model.dtype (16-bit; an fp32 run stays fp32): the base
+    dequantized, the adapter deltas added, the also_train copies in place. `from_pretrained`
+    loads it without bitsandbytes or peft. Call on every rank (ZeRO-3 gathers); rank 0 writes.
+    Under ZeRO 0-2 calling on rank 0 alone is enough."""
     import copy
 
     import torch
@@ -215,7 +240,10 @@ def export_merged(model: Any, cfg: RunConfig, out_dir: str, tokenizer: Any = Non
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
     base = _unwrap(model).get_base_model()
-    state = merged_state_dict(model, dtype)
+    with _gathered(base):
+        state = merged_state_dict(model, dtype) if _writer() else None
+    if state is None:
+        return
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

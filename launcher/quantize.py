@@ -157,18 +157,3 @@ def build_8bit_optimizer(cfg: RunConfig, params: Iterable[Any]):
     cls = bnb.optim.PagedAdamW8bit if t.optimizer == "paged_adamw_8bit" else bnb.optim.AdamW8bit
     return cls(list(params), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
-
-def optimizer_state_bytes(optimizer: Any) -> int:
-    """Bytes of every tensor in an optimizer's state (DeepSpeed wrappers unwrapped), shared
-    tensors counted once."""
-    opt = optimizer
-    while getattr(opt, "optimizer", None) is not None and opt.optimizer is not opt:
-        opt = opt.optimizer  # DeepSpeed's ZeRO / BF16 wrappers keep the real one here
-    seen: set[int] = set()
-    total = 0
-    for state in opt.state.values():
-        for v in state.values():
-            if hasattr(v, "numel") and hasattr(v, "element_size") and id(v) not in seen:
-                seen.add(id(v))
-                total += v.numel() * v.element_size()
-    return total
