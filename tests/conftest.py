@@ -43,3 +43,36 @@ def fake_model(tmp_path) -> str:
     (d / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
     return str(d)
+
+
+# ------------------------------------------------------------------ the local Slurm cluster
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real Slurm cluster on this machine (tests/cluster/start.sh), started once per session:
+    slurmctld + node1, node2 (2 CPUs, 2048 MiB, 2 fake GPUs each), partition `debug`.
+
+    Yields {"dir": state folder (logs in dir/log), "partition": ..., "env": {"SLURM_CONF": ...}}.
+    Skipped with the reason where Slurm is not installed or this is not root, except with CI=true,
+    where that is a failure: the cluster tests never skip in CI."""
+    import shutil
+    import subprocess
+    tools = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo", "srun")
+    missing = [t for t in tools if shutil.which(t) is None]
+    why = (f"Slurm is not installed (missing: {', '.join(missing)}); install with apt-get install "
+           "slurmctld slurmd slurm-client munge" if missing else
+           "the local Slurm cluster must run as root" if os.geteuid() != 0 else "")
+    if why:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{why}. CI=true: the Slurm tests must run in CI, not skip")
+        pytest.skip(why)
+    state = str(tmp_path_factory.mktemp("slurm"))
+    scripts = os.path.join(ROOT, "tests", "cluster")
+    started = subprocess.run([os.path.join(scripts, "start.sh"), state], capture_output=True,
+                             text=True, timeout=300)
+    if started.returncode != 0:
+        subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)
+        pytest.fail(f"tests/cluster/start.sh {state} failed:\n{started.stdout}{started.stderr}")
+    try:
+        yield {"dir": state, "partition": "debug", "env": {"SLURM_CONF": os.path.join(state, "slurm.conf")}}
+    finally:
+        subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)

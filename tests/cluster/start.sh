@@ -31,15 +31,12 @@ if [ -f "$DIR/run/slurmctld.pid" ] && kill -0 "$(cat "$DIR/run/slurmctld.pid")" 
   die "$DIR already holds a running cluster; stop it first: tests/cluster/stop.sh $DIR"
 fi
 
-# Every folder on the way to the munge socket must be traversable by all, or Slurm refuses it.
-chmod 755 "$DIR"
-p=$DIR
-while [ "$p" != / ]; do
-  [ "$(( 0$(stat -c %a "$p") & 1 ))" -eq 1 ] || [ -k "$p" ] || chmod o+x "$p"
-  p=$(dirname "$p")
-done
+# The munge socket gets its own folder in /tmp: Slurm refuses a socket whose path is not
+# traversable by all (pytest's temporary folders are 0700), and socket paths must stay short.
 mkdir -p "$DIR"/{munge,state,spool,run,log,dev}
-chmod 755 "$DIR"/{munge,state,spool,run,log,dev}
+SOCKET_DIR=$(mktemp -d /tmp/ftlaunch-munge.XXXXXX)
+chmod 755 "$SOCKET_DIR"
+echo "$SOCKET_DIR" > "$DIR/run/munge-socket-dir"
 
 # A free port range: NODES+1 consecutive ports nobody listens on.
 if [ -n "${FTL_SLURM_PORT:-}" ]; then
@@ -69,7 +66,7 @@ LAST_NODE_PORT=$((PORT + NODES))
 # munge: own key, socket, pid and log.
 dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
 chmod 400 "$DIR/munge/munge.key"
-munged --key-file="$DIR/munge/munge.key" --socket="$DIR/munge/munge.socket" \
+munged --key-file="$DIR/munge/munge.key" --socket="$SOCKET_DIR/munge.socket" \
   --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/seed" \
   || die "munged failed: $(tail -5 "$DIR/log/munged.log" 2>/dev/null)"
 
@@ -92,7 +89,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=$CRED_EXPIRE
+AuthInfo=socket=$SOCKET_DIR/munge.socket,cred_expire=$CRED_EXPIRE
 $COMM
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n

@@ -19,17 +19,26 @@ if alive "$DIR/run/slurmctld.pid"; then
   done
 fi
 
-stop() {  # stop PIDFILE: TERM, wait up to 10 s, then KILL
-  local pidfile=$1 pid
-  alive "$pidfile" || return 0
-  pid=$(cat "$pidfile")
-  kill -TERM "$pid" 2>/dev/null
-  for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-  echo "stop.sh: $pidfile ($pid) ignored TERM; killing" >&2
-  kill -KILL "$pid" 2>/dev/null
+stop() {  # stop PIDFILE...: TERM to all, wait up to 15 s for each, then KILL
+  local pidfile pid pids=()
+  for pidfile in "$@"; do
+    alive "$pidfile" && pids+=("$(cat "$pidfile")")
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for pid in "${pids[@]}"; do
+    for ((i = 0; i < 150; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "stop.sh: process $pid ignored TERM for 15 s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null
+    fi
+  done
 }
 
-for f in "$DIR"/run/slurmd-*.pid; do stop "$f"; done
-stop "$DIR/run/slurmctld.pid"
+stop "$DIR"/run/slurmd-*.pid "$DIR/run/slurmctld.pid"
 stop "$DIR/run/munged.pid"
+if [ -f "$DIR/run/munge-socket-dir" ]; then
+  socket_dir=$(cat "$DIR/run/munge-socket-dir")
+  case $socket_dir in /tmp/ftlaunch-munge.*) rm -rf -- "$socket_dir" ;; esac
+fi
 echo "stop.sh: stopped the cluster in $DIR"
