@@ -1,0 +1,283 @@
+"""Cross-field rules: each rule in launcher/validate.py refuses its case with its message."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import re
+import textwrap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from launcher import runfile, validate
+from launcher.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.errors import ConfigError
+
+BASE = {
+    "name": "name: t\n",
+    "model": "model: {path: model}\n",
+    "data": "data: {path: train.jsonl, max_seq_len: 64}\n",
+    "train": "train: {max_steps: 10}\n",
+}
+
+
+def run_text(extra: str) -> str:
+    """BASE with its sections replaced by the top-level sections written in extra."""
+    extra = textwrap.dedent(extra)
+    given_ = set(re.findall(r"^([A-Za-z_]\w*):", extra, re.M))
+    return "".join(v for k, v in BASE.items() if k not in given_) + extra
+
+
+LORA = "freeze: {policy: lora}\n"
+
+# (rule, extra YAML, overrides, key, message regex)
+CASES = [
+    ("_batch", "cluster: {nodes: 2, gpus_per_node: 4}\ntrain: {max_steps: 10, micro_batch_size: 4, "
+     "global_batch_size: 100}", [], "train.global_batch_size",
+     r"global_batch_size 100 is not a multiple of micro_batch_size x nodes x gpus_per_node "
+     r"= 4 x 2 x 4 = 32"),
+    ("_batch", "cluster: {gpus_per_node: 8}\ntrain: {max_steps: 10, micro_batch_size: 2, grad_accum: 4,"
+     " global_batch_size: 48}", [], "train.global_batch_size",
+     r"global_batch_size 48 != micro_batch_size x grad_accum x nodes x gpus_per_node "
+     r"= 2 x 4 x 1 x 8 = 64"),
+    ("_min_lr", "train: {max_steps: 10, scheduler: constant, min_lr_ratio: 0.1}", [],
+     "train.min_lr_ratio", r"only the cosine scheduler has a floor \(scheduler is constant\)"),
+    ("_warmup", "train: {max_steps: 10, warmup_steps: 10}", [], "train.warmup_steps",
+     r"warmup_steps 10 >= max_steps 10: the learning rate would never reach lr"),
+    ("_betas", "train: {max_steps: 10, betas: [0.9]}", [], "train.betas",
+     r"expected two numbers in \[0, 1\), got \[0.9\]"),
+    ("_betas", "train: {max_steps: 10, betas: [0.9, 1.0]}", [], "train.betas",
+     r"expected two numbers in \[0, 1\)"),
+    ("_eval_data", "train: {max_steps: 10, eval_every: 5}", [], "train.eval_every",
+     r"evaluation requested but there is no eval data"),
+    ("_cpu_fp16", "train: {max_steps: 10, device: cpu}", ["model.dtype=fp16"], "model.dtype",
+     r"fp16 is not supported on CPU ranks"),
+    ("_cpu_compute", LORA + "train: {max_steps: 10, device: cpu}\n"
+     "quantization: {mode: 4bit, compute_dtype: fp16}", [], "quantization.compute_dtype",
+     r"fp16 compute is not supported on CPU ranks"),
+    ("_precision_overrides", "", ["deepspeed.overrides.fp16.enabled=true"],
+     "deepspeed.overrides.fp16.enabled",
+     r"fp16.enabled: true with model.dtype bf16: fp16 and bf16 are exclusive"),
+    ("_precision_overrides", "", ["model.dtype=fp16", "deepspeed.overrides.bf16.enabled=true"],
+     "deepspeed.overrides.bf16.enabled",
+     r"bf16.enabled: true with model.dtype fp16: fp16 and bf16 are exclusive"),
+    ("_precision_overrides", "", ["deepspeed.overrides.bfloat16.enabled=false"],
+     "deepspeed.overrides.bf16.enabled", r"bf16.enabled: false contradicts model.dtype bf16"),
+    ("_precision_overrides", "", ["model.dtype=fp32", "deepspeed.overrides.fp16.enabled=true"],
+     "deepspeed.overrides.fp16.enabled", r"fp16.enabled: true contradicts model.dtype fp32"),
+    ("_offload_param", "deepspeed: {zero_stage: 2, offload_param: cpu}", [],
+     "deepspeed.offload_param", r"parameter offload needs ZeRO-3, zero_stage is 2"),
+    ("_offload_optimizer", "deepspeed: {zero_stage: 0, offload_optimizer: cpu}", [],
+     "deepspeed.offload_optimizer", r"optimizer offload needs ZeRO stage 1, 2 or 3"),
+    ("_offload_optimizer", "deepspeed: {zero_stage: 2, offload_optimizer: nvme, nvme_path: /nvme}", [],
+     "deepspeed.offload_optimizer", r"nvme optimizer offload needs ZeRO-3: at stage 2 DeepSpeed "
+     r"silently keeps the optimizer state in CPU memory"),
+    ("_nvme_path", "deepspeed: {zero_stage: 3, offload_param: nvme}", [], "deepspeed.nvme_path",
+     r"nvme offload needs a path on a local NVMe drive"),
+    ("_optimizer", "deepspeed: {zero_stage: 2, offload_optimizer: cpu}\n"
+     "train: {max_steps: 10, optimizer: adamw_8bit}", [], "train.optimizer",
+     r"adamw_8bit cannot be offloaded: optimizer offload runs DeepSpeed's own CPU Adam"),
+    ("_paged_on_cpu", "train: {max_steps: 10, device: cpu, optimizer: paged_adamw_8bit}", [],
+     "train.optimizer", r"paged optimizers page GPU memory and need a GPU"),
+    ("_quant_installed", LORA + "quantization: {mode: 8bit}", [], "quantization.mode",
+     r"bitsandbytes is not installed"),
+    ("_quant_full", "quantization: {mode: 8bit}", [], "freeze.policy",
+     r"quantized \(8bit\) weights cannot be trained, so a full fine-tune of a quantized model "
+     r"is impossible"),
+    ("_quant_8bit_zero3", LORA + "quantization: {mode: 8bit}\ndeepspeed: {zero_stage: 3}", [],
+     "quantization.mode", r"8-bit loading with ZeRO-3 saves no memory \(every rank reads a full "
+     r"int8 copy in the forward\) and gives wrong losses on GPUs"),
+    ("_quant_4bit_storage", LORA + "quantization: {mode: 4bit}\ndeepspeed: {zero_stage: 3}", [],
+     "quantization.storage_dtype", r"ZeRO-3 partitions floating-point tensors of one dtype"),
+    ("_quant_skip_modules", "freeze: {policy: lora, also_train: [lm_head]}\n"
+     "quantization: {mode: 8bit, skip_modules: []}", [], "freeze.also_train",
+     r"lm_head is trained but not in quantization.skip_modules"),
+    ("_freeze_nothing", "freeze: {policy: last_layers, trainable_layers: 0}", [],
+     "freeze.trainable_layers", r"0 layers leaves nothing trainable"),
+    ("_freeze_nothing", "freeze: {policy: patterns}", [], "freeze.train",
+     r"policy patterns with no train patterns and no also_train leaves nothing trainable"),
+    ("_freeze_lists", "freeze: {policy: full, train: [layers]}", [], "freeze.train",
+     r"only used by policy patterns \(policy is full\)"),
+    ("_freeze_lists", "freeze: {policy: full, also_train: [norms]}", [], "freeze.also_train",
+     r"policy full already trains everything"),
+    ("_freeze_regexes", "freeze: {policy: patterns, train: ['layers\\.(']}", [], "freeze.train[0]",
+     r"not a valid regex"),
+    ("_freeze_regexes", "freeze: {policy: patterns, train: [lm_head], freeze: [embed, '.*']}", [],
+     "freeze.freeze[1]", r"'\.\*' matches every parameter name .* nothing would be trainable"),
+    ("_merge_lora", "output: {merge_lora: true}", [], "output.merge_lora",
+     r"merging needs LoRA adapters"),
+    ("_model_folder", "model: {path: nowhere}", [], "model.path", r"no such folder: .*nowhere"),
+    ("_model_folder", "model: {path: empty_model}", [], "model.path", r"has no readable config.json"),
+    ("_seq_len", "data: {path: train.jsonl, max_seq_len: 1024}", [], "data.max_seq_len",
+     r"1024 exceeds the model's 512 positions"),
+    ("_layer_count", "model: {path: two_layers}\nfreeze: {policy: last_layers, trainable_layers: -3}",
+     [], "freeze.trainable_layers", r"-3 blocks asked for, the model has 2"),
+    ("_tokenizer", "model: {path: model, tokenizer: no_tok}", [], "model.tokenizer",
+     r"no such folder: .*no_tok"),
+    ("_data_files", "data: {path: missing.jsonl, max_seq_len: 64}", [], "data.path",
+     r"no such file or folder: .*missing.jsonl"),
+    ("_data_fields", "data: {path: train.jsonl, max_seq_len: 64, prompt_field: q}", [],
+     "data.response_field", r"prompt_field and response_field go together"),
+    ("_eval_sources", "data: {path: train.jsonl, max_seq_len: 64, eval_path: train.jsonl, "
+     "eval_fraction: 0.1}", [], "data.eval_fraction", r"both eval_path and eval_fraction are set"),
+    ("_overrides", "deepspeed: {overrides: {steps_per_prnt: 10}}", [],
+     "deepspeed.overrides.steps_per_prnt", r"not a DeepSpeed config key"),
+    ("_override_combinations", "deepspeed: {zero_stage: 3, overrides: {zero_optimization: "
+     "{compute_grad_norm: false}}}", [], "deepspeed.overrides.zero_optimization.compute_grad_norm",
+     r"false is supported only with ZeRO stage 1 or 2 \(zero_stage is 3\)"),
+    ("_cluster", "cluster: {partition: \"gpu\\nrm -rf /\"}", [], "cluster.partition",
+     r"line break"),
+]
+
+
+@pytest.fixture
+def folder(tmp_path, fake_model, monkeypatch):
+    """tmp_path with model/ (512 positions), two_layers/, empty_model/ and train.jsonl."""
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "two_layers").mkdir()
+    (tmp_path / "two_layers" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "num_hidden_layers": 2, "max_position_embeddings": 128}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("rule_name, extra, overrides, key, match", CASES,
+                         ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
+def test_rule_refuses_with_its_message(folder, monkeypatch, rule_name, extra, overrides, key, match):
+    if rule_name == "_quant_installed":
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    text = run_text(extra)
+    (folder / "run.yaml").write_text(text)
+    cfg, problems = runfile.parse(text, overrides, source="run.yaml", base_dir=str(folder))
+    assert cfg is not None, problems
+    rule = {r.__name__: r for r in validate.RULES}[rule_name]
+    found = list(rule(cfg))
+    assert [p for p in found if p.key == key and re.search(match, p.message) and p.fix], found
+    with pytest.raises(ConfigError, match=match) as exc:
+        runfile.load(str(folder / "run.yaml"), overrides)
+    assert key in exc.value.keys
+
+
+def test_every_rule_has_a_case():
+    names = {r.__name__ for r in validate.RULES}
+    covered = {c[0] for c in CASES}
+    assert names - covered == set(), "add a case to CASES in tests/test_validate.py for these rules"
+    assert covered - names == set()
+
+
+def test_a_valid_file_passes_every_rule(folder):
+    cfg, problems = runfile.parse(run_text(""), base_dir=str(folder))
+    assert problems == [] and validate.check(cfg) == []
+
+
+@pytest.mark.parametrize("extra", [
+    LORA + "quantization: {mode: 4bit, storage_dtype: bf16}\ndeepspeed: {zero_stage: 3}",
+    LORA + "quantization: {mode: 8bit}\ndeepspeed: {zero_stage: 2}",
+    "deepspeed: {zero_stage: 3, offload_optimizer: nvme, offload_param: nvme, nvme_path: /nvme}",
+    "deepspeed: {zero_stage: 1, offload_optimizer: cpu}",
+    "train: {max_steps: 10, device: cpu}\nmodel: {path: model, dtype: fp32}",
+    "freeze: {policy: patterns, train: ['layers\\.1\\.'], freeze: ['bias$']}",
+    "cluster: {nodes: 2, gpus_per_node: 4}\ntrain: {max_steps: 10, micro_batch_size: 4, "
+    "global_batch_size: 128}",
+    "deepspeed: {overrides: {fp16: {enabled: false}, bf16: {enabled: true}}}",
+])
+def test_valid_combinations_are_accepted(folder, extra):
+    cfg, problems = runfile.parse(run_text(extra), base_dir=str(folder))
+    assert problems == []
+
+
+# ------------------------------------------------------------------ batch arithmetic
+def test_batch_fix_names_the_numbers_that_divide(folder):
+    text = run_text("cluster: {nodes: 2, gpus_per_node: 4}\n"
+                    "train: {max_steps: 10, micro_batch_size: 4, global_batch_size: 100}")
+    _, problems = runfile.parse(text, base_dir=str(folder))
+    (p,) = problems
+    assert p.fix == ("use one of: global_batch_size: 96 (grad_accum 3); "
+                     "global_batch_size: 128 (grad_accum 4)")
+
+
+def test_batch_fix_suggests_micro_batches_that_divide(folder):
+    text = run_text("cluster: {gpus_per_node: 4}\n"
+                    "train: {max_steps: 10, micro_batch_size: 4, global_batch_size: 72}")
+    _, problems = runfile.parse(text, base_dir=str(folder))
+    (p,) = problems
+    assert "micro_batch_size: 3 (grad_accum 6)" in p.fix and "micro_batch_size: 6 (grad_accum 3)" in p.fix
+    assert "global_batch_size: 64 (grad_accum 4)" in p.fix
+
+
+def test_batch_message_says_when_the_global_batch_cannot_split_over_the_ranks(folder):
+    text = run_text("cluster: {gpus_per_node: 8}\ntrain: {max_steps: 10, global_batch_size: 12}")
+    _, problems = runfile.parse(text, base_dir=str(folder))
+    assert problems[0].message.endswith("(a global batch must be a multiple of the 8 ranks)")
+
+
+def test_batch_fix_with_grad_accum_given(folder):
+    text = run_text("cluster: {gpus_per_node: 8}\ntrain: {max_steps: 10, micro_batch_size: 2, "
+                    "grad_accum: 4, global_batch_size: 48}")
+    _, problems = runfile.parse(text, base_dir=str(folder))
+    assert problems[0].fix == ("use one of: global_batch_size: 64; grad_accum: 3; remove "
+                               "global_batch_size (it is then micro x grad_accum x ranks)")
+
+
+def test_batch_sizes_derives_grad_accum(folder):
+    text = run_text("cluster: {nodes: 2, gpus_per_node: 4}\n"
+                    "train: {max_steps: 10, micro_batch_size: 2, global_batch_size: 64}")
+    cfg, problems = runfile.parse(text, base_dir=str(folder))
+    assert problems == []
+    assert validate.batch_sizes(cfg) == (2, 4, 64)
+    assert validate.batch_sizes(cfg, world_size=4) == (2, 8, 64)
+    with pytest.raises(ValueError, match=r"not a multiple of micro_batch_size x world size = 2 x 3 = 6"):
+        validate.batch_sizes(cfg, world_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(g=st.integers(1, 512), m=st.integers(1, 16), a=st.one_of(st.none(), st.integers(1, 16)),
+       nodes=st.integers(1, 4), gpus=st.integers(1, 8))
+def test_every_suggested_batch_fix_works(g, m, a, nodes, gpus):
+    cfg = RunConfig(name="t", model=ModelConfig(path="/m"), data=DataConfig(path="/d"),
+                    train=TrainConfig(max_steps=1, micro_batch_size=m, grad_accum=a, global_batch_size=g),
+                    cluster=ClusterConfig(nodes=nodes, gpus_per_node=gpus))
+    problem = validate.batch_problem(cfg)
+    try:
+        validate.batch_sizes(cfg)
+        assert problem is None
+        return
+    except ValueError:
+        assert problem is not None
+    options = validate.batch_options(cfg, cfg.world_size)
+    assert options, "a failing batch must come with at least one fix"
+    for opt in options:
+        fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **opt))
+        micro, accum, total = validate.batch_sizes(fixed)
+        assert micro * accum * nodes * gpus == total
+
+
+# ------------------------------------------------------------------ check() and unreliable keys
+def test_check_skips_rules_that_read_an_unreliable_key(folder):
+    text = run_text("deepspeed: {zero_stage: 2, offload_param: nvme}")
+    cfg, _ = runfile.parse(text, base_dir=str(folder))
+    keys = {p.key for p in validate.check(cfg)}
+    assert keys == {"deepspeed.offload_param", "deepspeed.nvme_path"}
+    keys = {p.key for p in validate.check(cfg, {"deepspeed.zero_stage"})}
+    assert keys == {"deepspeed.nvme_path"}
+
+
+def test_check_treats_a_section_and_list_items_as_overlapping(folder):
+    cfg, _ = runfile.parse(run_text("freeze: {policy: patterns}"), base_dir=str(folder))
+    assert "freeze.train" in {p.key for p in validate.check(cfg)}
+    assert "freeze.train" not in {p.key for p in validate.check(cfg, {"freeze"})}
+    assert "freeze.train" not in {p.key for p in validate.check(cfg, {"freeze.also_train[0]"})}
+
+
+def test_model_config_helpers(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"text_config": {"max_position_embeddings": 4096, "num_hidden_layers": 30}}))
+    mc = validate.model_config(str(tmp_path))
+    assert validate.max_positions(mc) == 4096 and validate.num_layers(mc) == 30
+    assert validate.max_positions({"n_positions": 1024, "n_layer": True}) == 1024
+    assert validate.num_layers({"n_layer": True}) is None
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert validate.model_config(str(tmp_path)) is None
