@@ -110,11 +110,11 @@ def prepare(model: Any, cfg: RunConfig) -> None:
     train_dtype = _torch_dtype(cfg.model.dtype)
     bad = sorted(n for n, p in model.named_parameters()
                  if n in names and p.is_floating_point() and p.dtype != train_dtype)
-    if bad:
+    if bad and cfg.model.dtype in ("bf16", "fp16"):
         raise ConfigError([Problem("quantization.storage_dtype", f"{len(bad)} quantized tensors "
                                    f"(e.g. {bad[0]}) are stored as {cfg.quantization.storage_dtype}; "
-                                   f"DeepSpeed casts floating parameters to {cfg.model.dtype} and "
-                                   "would corrupt the packed weights",
+                                   f"deepspeed.initialize casts floating parameters to "
+                                   f"{cfg.model.dtype} and would corrupt the packed weights",
                                    f"use storage_dtype: uint8 or {cfg.model.dtype}")])
     for n, p in model.named_parameters():
         if n in names:
