@@ -34,7 +34,7 @@ FILLED: dict[str, str] = {
     "gradient_clipping": "train.grad_clip",
     "fp16.enabled": "model.dtype",
     "bf16.enabled": "model.dtype",
-    "optimizer": "train.optimizer / lr / betas / eps / weight_decay",
+    "optimizer": "train.optimizer / lr / betas / eps / weight_decay (+ torch_adam on CPU ranks)",
     "scheduler": "train.scheduler / warmup_steps / max_steps / min_lr_ratio",
     "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
@@ -51,7 +51,6 @@ LAUNCHER_DEFAULTS: dict[str, Any] = {
     "zero_optimization.offload_optimizer.pin_memory": True,
     "zero_optimization.offload_param.pin_memory": True,
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": True,
-    "optimizer.params.torch_adam": "true on CPU ranks without optimizer offload",
 }
 
 # Value specs: kind [?=null allowed] [bounds]; kinds: bool int float str path mapping choice(a|b).
