@@ -265,11 +265,16 @@ def _read_columns(path: str, key: str, fmt: str, columns: list[str]) -> tuple[di
                 link = os.path.join(tmp, "data." + {"jsonl": "jsonl", "json": "json", "csv": "csv",
                                                     "parquet": "parquet", "text": "txt"}[fmt] + comp)
                 os.symlink(os.path.realpath(path), link)
+                # csv: the text columns as written ("12", not 12.0)
+                extra = {"converters": {c: str for c in columns}} if fmt == "csv" else {}
                 ds = datasets.load_dataset(_BUILDER[fmt], data_files=link, split="train",
-                                           cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True)
+                                           cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True,
+                                           **extra)
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a named problem
+            if "corresponds to no data" in str(exc):
+                raise _fail(key, f"{path} holds no rows", "point it at a file with examples") from None
             detail = _first_bad_json(path, fmt) if fmt in ("json", "jsonl") else None
             if detail is None:
                 cause = _root_cause(exc)
