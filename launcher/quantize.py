@@ -24,6 +24,13 @@ block whose inputs come from frozen embeddings still propagates gradients into t
 (transformers 5 defaults to non-reentrant checkpoints, where the hook is harmless). It also checks
 that no quantized tensor is stored in a floating dtype other than the training dtype, because
 DeepSpeed's cast would rewrite the packed 4-bit bytes (a bf16 run with `storage_dtype: fp32`).
+
+4-bit on CPU: on CPUs with AVX512-bf16, bitsandbytes repacks a Linear4bit's weight for its CPU
+kernel at the first eval-mode forward without grad, rounding the block scales (absmax) to bf16;
+a state_dict undoes the layout only approximately. The frozen base would then change on the first
+evaluation (logits moved by about 4e-3 on the tiny test model). `prepare` switches that path off
+(`support_avx512bf16_for_cpu = False`) so the base stays bit-identical through evaluation and
+checkpoints; CPU evaluation is a little slower, GPUs are unaffected.
 """
 from __future__ import annotations
 
@@ -119,6 +126,9 @@ def prepare(model: Any, cfg: RunConfig) -> None:
     for n, p in model.named_parameters():
         if n in names:
             p.requires_grad_(False)
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False  # see the module docstring (4-bit on CPU)
     if cfg.model.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
 

@@ -83,6 +83,14 @@ def test_load_quantizes_the_block_linears_only(tiny, mode, cls):
     assert {type(params[n]).__name__ for n in names} == {cls}
     quantize.prepare(model, cfg)
     assert not any(params[n].requires_grad for n in names)
+    import torch
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():  # an evaluation pass leaves every stored tensor bit-identical
+        model(input_ids=torch.tensor([[3, 4, 5, 6]]))
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
     assert params["lm_head.weight"].dtype.is_floating_point
     assert 0 < quantize.quantized_bytes(model) < sum(p.numel() for n, p in params.items() if n in names) * 2
 
