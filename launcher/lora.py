@@ -160,9 +160,15 @@ def _writer() -> bool:
 @contextlib.contextmanager
 def _gathered(model: Any):
     """Full parameters inside the block: under ZeRO-3 (partitioned parameters carry `ds_id`) they
-    are gathered on every rank, a collective, so every rank must enter; otherwise a no-op."""
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    if not params:
+    are gathered on every rank, a collective, so every rank must enter; a no-op when nothing is
+    partitioned or the caller gathered them already."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    params = [p for p in model.parameters()
+              if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not params:  # not ZeRO-3, or gathered already by the caller
         yield
         return
     import deepspeed
