@@ -203,19 +203,47 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _first_bad_json(path: str, fmt: str) -> str | None:
-    """For a file datasets could not read: the first bad line of jsonl, or json's own message."""
-    if path.endswith(_COMPRESSED):
+def _open_text(path: str):
+    """Open a possibly compressed data file as UTF-8 text (a BOM is skipped); None for zstd."""
+    import bz2
+    import gzip
+    import lzma
+
+    low = path.lower()
+    if low.endswith(".zst"):
         return None
+    opener = (gzip.open if low.endswith(".gz") else bz2.open if low.endswith(".bz2")
+              else lzma.open if low.endswith(".xz") else open)
+    return opener(path, "rt", encoding="utf-8-sig")
+
+
+def _json_kind(value: Any) -> str:
+    return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
+            list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _first_bad_json(path: str, fmt: str, *, first_only: bool = False) -> str | None:
+    """What is wrong with a json/jsonl file: its first bad line (jsonl) or its top level (json);
+    None when nothing is found. first_only: look only at the first value (cheap; run before
+    datasets, whose JSON reader crashes the process on a file starting with `null`)."""
+    import lzma
+
     try:
-        with open(path, encoding="utf-8") as fh:
+        fh = _open_text(path)
+        if fh is None:
+            return None
+        with fh:
             if fmt == "json":
+                if first_only:
+                    head = fh.read(4096).lstrip()
+                    if not head or head[0] in "[{":
+                        return None
                 try:
-                    data = json.load(fh)
+                    data = json.loads(head + fh.read()) if first_only else json.load(fh)
                 except ValueError as exc:
                     return f"not valid JSON: {exc}"
                 if not isinstance(data, list):
-                    return f"the top level is a JSON {type(data).__name__}, not a list of records"
+                    return (f"the top level is a JSON {_json_kind(data)}, not a list of records")
                 return None
             for n, line in enumerate(fh, 1):
                 if not line.strip():
@@ -225,12 +253,37 @@ def _first_bad_json(path: str, fmt: str) -> str | None:
                 except ValueError as exc:
                     return f"line {n} is not valid JSON ({exc}): {line.strip()[:80]!r}"
                 if not isinstance(row, dict):
-                    return f"line {n} is a JSON {type(row).__name__}, not an object with fields"
+                    return f"line {n} is a JSON {_json_kind(row)}, not an object with fields"
+                if first_only:
+                    return None
     except UnicodeDecodeError as exc:
         return f"not UTF-8 text ({exc})"
-    except OSError:
-        return None
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        return f"cannot decompress: {exc}"
     return None
+
+
+_FIX = {"saved": "point it at a folder written by Dataset.save_to_disk",
+        "jsonl": "one JSON object per line (fix or remove that line)",
+        "json": "a JSON list of records, e.g. [{\"text\": ...}, ...] (or use jsonl)",
+        "csv": "a comma-separated file with a header row",
+        "parquet": "a parquet file (pandas.DataFrame.to_parquet)",
+        "text": "a UTF-8 text file, one example per line"}
+
+
+def _unreadable(path: str, key: str, fmt: str, exc: BaseException) -> ConfigError:
+    """A library failure while reading, as a ConfigError naming the file and the cause."""
+    if "corresponds to no data" in str(exc):
+        return _fail(key, f"{path} holds no rows", "point it at a file with examples")
+    detail = _first_bad_json(path, fmt) if fmt in ("json", "jsonl") else None
+    if detail is None:
+        cause = _root_cause(exc)
+        if isinstance(cause, UnicodeDecodeError):
+            detail = f"not UTF-8 text ({cause})"
+        else:
+            text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            detail = f"{type(cause).__name__}: {text[:300]}"
+    return _fail(key, f"cannot read {path} as {fmt}: {detail}", _FIX[fmt])
 
 
 def _read_columns(path: str, key: str, fmt: str, columns: list[str]) -> tuple[dict[str, list], list[str]]:
@@ -265,30 +318,21 @@ def _read_columns(path: str, key: str, fmt: str, columns: list[str]) -> tuple[di
                 link = os.path.join(tmp, "data." + {"jsonl": "jsonl", "json": "json", "csv": "csv",
                                                     "parquet": "parquet", "text": "txt"}[fmt] + comp)
                 os.symlink(os.path.realpath(path), link)
+                if fmt in ("json", "jsonl"):
+                    bad = _first_bad_json(path, fmt, first_only=True)
+                    if bad:
+                        raise _fail(key, f"cannot read {path} as {fmt}: {bad}", _FIX[fmt])
                 # csv: the text columns as written ("12", not 12.0)
                 extra = {"converters": {c: str for c in columns}} if fmt == "csv" else {}
                 ds = datasets.load_dataset(_BUILDER[fmt], data_files=link, split="train",
                                            cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True,
                                            **extra)
+            names = list(ds.column_names)
+            return {c: ds[c] for c in columns if c in names}, names
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a named problem
-            if "corresponds to no data" in str(exc):
-                raise _fail(key, f"{path} holds no rows", "point it at a file with examples") from None
-            detail = _first_bad_json(path, fmt) if fmt in ("json", "jsonl") else None
-            if detail is None:
-                cause = _root_cause(exc)
-                text = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-                detail = f"{type(cause).__name__}: {text[:300]}"
-            fix = {"saved": "point it at a folder written by Dataset.save_to_disk",
-                   "jsonl": "one JSON object per line (fix or remove that line)",
-                   "json": "a JSON list of records, e.g. [{\"text\": ...}, ...] (or use jsonl)",
-                   "csv": "a comma-separated file with a header row",
-                   "parquet": "a parquet file (pandas.DataFrame.to_parquet)",
-                   "text": "a UTF-8 text file, one example per line"}[fmt]
-            raise _fail(key, f"cannot read {path} as {fmt}: {detail}", fix) from None
-        names = list(ds.column_names)
-        return {c: ds[c] for c in columns if c in names}, names
+            raise _unreadable(path, key, fmt, exc) from None
     finally:
         ds_logging.set_verbosity(level)
         import shutil

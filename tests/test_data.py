@@ -330,6 +330,27 @@ def test_corrupt_json_line_is_named(tok, tmp_path):
         load(tok, j)
 
 
+def test_json_files_that_crash_the_reader_get_a_clear_error(tok, tmp_path):
+    """datasets' JSON reader kills the process (SIGSEGV) on a file whose first value is null:
+    the first value is checked before it is called."""
+    cases = {"n.jsonl": (b"\n\nnull\n{\"text\": \"a\"}\n", r"line 3 is a JSON null, not an object"),
+             "n.json": (b"null", r"the top level is a JSON null, not a list of records"),
+             "s.jsonl": (b'"just text"\n', r"line 1 is a JSON string, not an object"),
+             "l.jsonl": (b"[1, 2]\n", r"line 1 is a JSON list, not an object"),
+             "n.jsonl.gz": (gzip.compress(b"null\n"), r"line 1 is a JSON null"),
+             "bad.jsonl.gz": (b"not gzip at all", r"cannot decompress: Not a gzipped file"),
+             "latin1.jsonl": ('{"text": "caf\xe9"}\n'.encode("latin-1"), r"not UTF-8 text"),
+             "latin1.txt": ("caf\xe9\n".encode("latin-1"), r"not UTF-8 text")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"data\.path: cannot read .*{name.replace('.', '[.]')} "
+                           rf"as \w+: {message}"):
+            load(tok, tmp_path / name)
+    (tmp_path / "nullrow.jsonl").write_text('{"text": "a b"}\nnull\n')
+    splits = load(tok, tmp_path / "nullrow.jsonl")
+    assert len(splits.train) == 1 and "dropped 1 of 2 rows" in splits.warnings[0]
+
+
 def test_other_unreadable_inputs(tok, tmp_path):
     pq = tmp_path / "fake.parquet"
     pq.write_text("this is not parquet")
@@ -353,6 +374,39 @@ def test_other_unreadable_inputs(tok, tmp_path):
     txt.write_text("a\n")
     with pytest.raises(ConfigError, match=r"data\.prompt_field: a text file has one example per line"):
         load(tok, txt, prompt_field="q", response_field="a")
+
+
+def test_saved_folder_without_a_train_split(tok, tmp_path):
+    import datasets
+    ds = datasets.Dataset.from_list([{"text": "a"}])
+    datasets.DatasetDict({"first": ds, "second": ds}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ConfigError, match=r"two holds the splits first, second and no 'train'"):
+        load(tok, tmp_path / "two")
+
+
+def test_loading_leaves_no_cache_behind(tok, tiny, tmp_path, monkeypatch):
+    import datasets
+    import tempfile
+    home_cache = tmp_path / "hf-cache"
+    home_cache.mkdir()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(home_cache))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert len(load(tok, tiny["text"]).train) == 400
+    with pytest.raises(ConfigError, match=r"no column 'nope'"):
+        load(tok, tiny["text"], text_field="nope")
+    assert list(home_cache.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_warnings_print_on_rank_zero_only(tok, tmp_path, monkeypatch, capsys):
+    p = write_jsonl(tmp_path / "h.jsonl", [{"text": "a b"}, {"text": ""}])
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        splits = data.load(cfg(p), tok)
+        assert len(splits.warnings) == 1
+        assert ("ftlaunch: warning: data.path: dropped 1 of 2 rows" in capsys.readouterr().err) \
+            is printed
 
 
 def test_tokenizer_without_pad_or_eos(tok, tiny):
