@@ -115,8 +115,9 @@ class TrainConfig:
     scheduler: Literal["constant", "linear", "cosine"] = opt(
         "cosine", "After warmup: constant, linear decay to 0, or cosine decay to min_lr_ratio "
         "(DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR).")
-    warmup_steps: int = opt(0, "Linear warmup steps (DeepSpeed's schedulers warm up over at "
-                            "least 2 steps, the first at lr 0).", ge=0)
+    warmup_steps: int = opt(0, "Linear warmup steps. DeepSpeed's schedulers run the first 2 steps "
+                            "at lr 0 and reach lr at step max(2, warmup_steps) + 2 (docs/config.md).",
+                            ge=0)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
         "adamw", "adamw (DeepSpeed's), or bitsandbytes' 8-bit AdamW (paged: GPU only).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.", ge=0)
