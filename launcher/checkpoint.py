@@ -1,0 +1,429 @@
+"""Checkpoints that can be trusted: atomic save, verified resume, keep the last K; final export.
+
+A checkpoint is a folder `checkpoints/step-00000020/`:
+
+    ds/                      DeepSpeed's save_checkpoint output (tag "ds": model, ZeRO partitions,
+                             optimizer and LR scheduler state of every rank)
+    zero_to_fp32.py          DeepSpeed's consolidation script (copied by DeepSpeed)
+    trainer_state.json       step, epoch, sampler position, metrics.jsonl offset, tokens, time
+    rank/rank-00003.pt       per rank: RNG states (python, numpy, torch[, cuda]) and sampler state
+    MANIFEST.json            written LAST: every file with its size and sha256
+
+How a save stays atomic: every rank writes into `checkpoints/.tmp-step-00000020/`; the ranks
+then report success to each other (one all_gather); each hashes an interleaved share of the files
+(so the hashing is spread over the ranks); rank 0 writes MANIFEST.json and renames the folder to
+`step-00000020`. A crash or a full disk at any point before the rename leaves only a `.tmp-`
+folder, which is ignored (and removed by the next successful save); the newest good checkpoint
+is never touched, and a failed save raises `CheckpointError` naming the rank, the cause and the
+checkpoint that is still good. Only after the rename are older checkpoints beyond
+`train.keep_checkpoints` deleted (renamed to `.trash-...` first, then removed).
+
+Resume: `latest_complete` returns the newest folder whose manifest parses and whose files all
+exist with their recorded sizes (an incomplete or corrupt one is skipped with a warning);
+`choose_resume` (collective) also checks the sha256 of every file, each rank a share.
+
+Fault injection (for tests, inert unless set): `FTLAUNCH_FAULT=point@step[:action]` with point
+`ckpt-write` (after DeepSpeed's files, before this rank's own files), `ckpt-manifest` (after
+every rank wrote, before the manifest) or `step` (in the training loop, after optimizer step
+`step`); action `exit` (os._exit(17), a crash: default), `raise` (RuntimeError), `enospc`
+(OSError ENOSPC, a full disk) or `kill` (SIGKILL to itself). `FTLAUNCH_FAULT_RANK=r` limits it
+to one rank.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+from launcher import layout
+from launcher.rundir import write_atomic
+
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+DS_TAG = "ds"
+RANK_DIR = "rank"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message says what is still good."""
+
+
+# ------------------------------------------------------------------ faults (tests)
+def fault(point: str, step: int, rank: int) -> None:
+    """Trigger the fault FTLAUNCH_FAULT asks for at (point, step) on this rank, else nothing."""
+    spec = os.environ.get("FTLAUNCH_FAULT", "")
+    only = os.environ.get("FTLAUNCH_FAULT_RANK")
+    if not spec or (only not in (None, "") and int(only) != rank):
+        return
+    for item in spec.split(","):
+        where, _, action = item.strip().partition(":")
+        name, _, at = where.partition("@")
+        if name != point or (at and int(at) != step):
+            continue
+        action = action or "exit"
+        msg = f"injected fault {point}@{step} ({action}) on rank {rank}"
+        print(f"ftlaunch: {msg}", file=sys.stderr, flush=True)
+        if action == "exit":
+            os._exit(17)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device ({msg})")
+        raise RuntimeError(msg)
+
+
+# ------------------------------------------------------------------ names and listing
+def root(run_dir: str) -> str:
+    return os.path.join(run_dir, layout.CHECKPOINTS)
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def step_of(path: str) -> int | None:
+    base = os.path.basename(os.path.normpath(path))
+    if not base.startswith(PREFIX) or not base[len(PREFIX):].isdigit():
+        return None
+    return int(base[len(PREFIX):])
+
+
+def listing(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of every step-N folder (complete or not), oldest first."""
+    if not os.path.isdir(ckpt_root):
+        return []
+    out = []
+    for name in os.listdir(ckpt_root):
+        step = step_of(name)
+        if step is not None and os.path.isdir(os.path.join(ckpt_root, name)):
+            out.append((step, os.path.join(ckpt_root, name)))
+    return sorted(out)
+
+
+def _files(folder: str) -> list[str]:
+    """Relative paths of every file under folder except the manifest, sorted."""
+    out = []
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            rel = os.path.relpath(os.path.join(dirpath, n), folder)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: str) -> dict:
+    with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
+        man = json.load(fh)
+    if not isinstance(man, dict) or not isinstance(man.get("files"), dict):
+        raise ValueError("manifest has no file table")
+    return man
+
+
+def problem(path: str, *, hashes: bool = False, share: tuple[int, int] = (0, 1)) -> str | None:
+    """Why the checkpoint at path cannot be used (None if it can).
+
+    Checks the manifest, that every listed file exists with its size, and with hashes=True the
+    sha256 of the files in `share` = (index, count): files i with i % count == index."""
+    try:
+        man = read_manifest(path)
+    except FileNotFoundError:
+        return "no MANIFEST.json (incomplete: the save did not finish)"
+    except (OSError, ValueError) as exc:
+        return f"unreadable MANIFEST.json ({exc})"
+    files = man["files"]
+    for rel, meta in files.items():
+        full = os.path.join(path, rel)
+        try:
+            size = os.path.getsize(full)
+        except OSError:
+            return f"missing file {rel}"
+        if size != meta.get("size"):
+            return f"{rel} has {size} bytes, the manifest says {meta.get('size')}"
+    if hashes:
+        index, count = share
+        for i, rel in enumerate(sorted(files)):
+            if i % count == index and sha256(os.path.join(path, rel)) != files[rel].get("sha256"):
+                return f"{rel} does not match its sha256 (corrupt)"
+    return None
+
+
+def _warn(message: str) -> None:
+    print(f"ftlaunch: warning: {message}", file=sys.stderr, flush=True)
+
+
+def latest_complete(ckpt_root: str, *, hashes: bool = False,
+                    warn: Callable[[str], None] = _warn) -> str | None:
+    """The newest usable checkpoint folder under ckpt_root, or None. Incomplete or corrupt ones
+    are skipped with a warning (hashes=True also checks every file's sha256)."""
+    for step, path in reversed(listing(ckpt_root)):
+        why = problem(path, hashes=hashes)
+        if why is None:
+            return path
+        warn(f"skipping checkpoint {path}: {why}")
+    return None
+
+
+def complete(ckpt_root: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints (manifest and sizes check out), oldest first."""
+    return [(s, p) for s, p in listing(ckpt_root) if problem(p) is None]
+
+
+# ------------------------------------------------------------------ RNG
+def rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------ collectives
+def _gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_all(ok: bool, message: str, what: str, good: str | None) -> None:
+    """Raise CheckpointError on every rank if any rank failed (all ranks call it)."""
+    results = _gather((ok, message))
+    bad = [(r, m) for r, (o, m) in enumerate(results) if not o]
+    if bad:
+        causes = "; ".join(f"rank {r}: {m}" for r, m in bad)
+        keep = f"the previous checkpoint {good} is untouched" if good else \
+            "there is no earlier checkpoint"
+        raise CheckpointError(f"{what} failed ({causes}); {keep}")
+
+
+# ------------------------------------------------------------------ save
+def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: dict, *,
+         keep: int) -> str:
+    """Write the checkpoint of `step` atomically (collective: every rank calls it). Returns its
+    folder. trainer_state: JSON-able, written by rank 0; rank_state: this rank's (sampler ...),
+    saved with its RNG states. Raises CheckpointError if any rank failed (nothing replaced)."""
+    import torch
+
+    rank, world = _rank_world()
+    ckpt_root = root(run_dir)
+    final = os.path.join(ckpt_root, step_name(step))
+    if _broadcast(os.path.isdir(final) and problem(final) is None):
+        return final  # this step is saved already (a stop right after a resume)
+    good = latest_complete(ckpt_root, warn=lambda m: None)
+    tmp = os.path.join(ckpt_root, TMP_PREFIX + step_name(step))
+    ok, msg = True, ""
+    if rank == 0:
+        try:
+            os.makedirs(ckpt_root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.makedirs(os.path.join(tmp, RANK_DIR))
+        except OSError as exc:
+            ok, msg = False, str(exc)
+    _check_all(ok, msg, f"checkpoint at step {step}", good)
+    try:
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        fault("ckpt-write", step, rank)
+        torch.save({"rng": rng_state(), **rank_state},
+                   os.path.join(tmp, RANK_DIR, f"rank-{rank:05d}.pt"))
+        if rank == 0:
+            state = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
+            write_atomic(os.path.join(tmp, TRAINER_STATE), json.dumps(state, indent=2) + "\n")
+        fault("ckpt-manifest", step, rank)
+        ok, msg = True, ""
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below
+        ok, msg = False, f"{type(exc).__name__}: {exc}"
+    _check_all(ok, msg, f"writing the checkpoint at step {step}", good)
+    files = _files(tmp)
+    mine = {rel: {"size": os.path.getsize(os.path.join(tmp, rel)),
+                  "sha256": sha256(os.path.join(tmp, rel))}
+            for i, rel in enumerate(files) if i % world == rank}
+    tables = _gather(mine)
+    ok, msg = True, ""
+    if rank == 0:
+        try:
+            table: dict[str, Any] = {}
+            for t in tables:
+                table.update(t)
+            manifest = {"format": FORMAT, "step": step, "world_size": world,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "files": table}
+            write_atomic(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+            _fsync_dir(tmp)
+            if os.path.exists(final):  # an incomplete leftover of this step
+                os.rename(final, os.path.join(ckpt_root, f"{TRASH_PREFIX}{step_name(step)}-{time.time_ns()}"))
+            os.rename(tmp, final)
+            _fsync_dir(ckpt_root)
+        except OSError as exc:
+            ok, msg = False, str(exc)
+    _check_all(ok, msg, f"completing the checkpoint at step {step}", good)
+    if rank == 0:
+        prune(ckpt_root, keep)
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune(ckpt_root: str, keep: int) -> list[str]:
+    """Delete complete checkpoints beyond the newest `keep`, leftover `.tmp-`/`.trash-` folders.
+    Returns the removed paths. Call on one rank, after a successful save."""
+    removed = []
+    done = complete(ckpt_root)
+    doomed = [p for _, p in done[:-keep]] if keep > 0 else []
+    for p in doomed:
+        trash = os.path.join(ckpt_root, f"{TRASH_PREFIX}{os.path.basename(p)}-{time.time_ns()}")
+        os.rename(p, trash)  # no half-deleted step-N folder is ever visible
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(p)
+    for name in os.listdir(ckpt_root):
+        if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+            shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+            removed.append(os.path.join(ckpt_root, name))
+    return removed
+
+
+# ------------------------------------------------------------------ resume
+def choose_resume(run_dir: str, *, warn: Callable[[str], None] = _warn) -> str | None:
+    """The newest checkpoint whose manifest, sizes and sha256 all check out (collective: every
+    rank hashes a share of the files). Skipped ones are reported with a warning on rank 0."""
+    rank, world = _rank_world()
+    candidates = _broadcast([p for _, p in listing(root(run_dir))] if rank == 0 else None)
+    for path in reversed(candidates):
+        why = problem(path, hashes=True, share=(rank, world))
+        whys = [w for w in _gather(why) if w]
+        if not whys:
+            return path
+        if rank == 0:
+            warn(f"skipping checkpoint {path}: {whys[0]}")
+    return None
+
+
+def load(engine: Any, path: str) -> tuple[dict, dict]:
+    """Load a checkpoint into the engine (collective). Returns (trainer_state, this rank's state)
+    and restores this rank's RNG states."""
+    import torch
+
+    rank, world = _rank_world()
+    with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
+        trainer_state = json.load(fh)
+    if trainer_state.get("world_size") != world:
+        raise CheckpointError(f"{path} was written by {trainer_state.get('world_size')} ranks, "
+                              f"this run has {world}; resume with the same number of ranks, or "
+                              f"consolidate it with {path}/zero_to_fp32.py and start a new run "
+                              "from the result")
+    load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {path}/{DS_TAG}")
+    rank_state = torch.load(os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt"), weights_only=False)
+    set_rng_state(rank_state.pop("rng"))
+    return trainer_state, rank_state
+
+
+# ------------------------------------------------------------------ export
+def export(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[str]:
+    """Write the trained model as a Hugging Face folder (collective). ZeRO-3 shards are gathered
+    (stage3_gather_16bit_weights_on_model_save); LoRA runs write the adapter (and `merged/` with
+    output.merge_lora). Written to `out_dir.tmp` and renamed. Returns out_dir on rank 0."""
+    import torch.distributed as dist
+
+    rank, _ = _rank_world()
+    tmp = f"{out_dir}.tmp"
+    stage3 = engine.zero_optimization_partition_weights()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if cfg.freeze.policy == "lora":
+        import contextlib
+
+        import deepspeed
+        from launcher import lora
+        params = list(engine.module.parameters())
+        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else \
+            contextlib.nullcontext()
+        with ctx:
+            if rank == 0:
+                lora.export_adapter(engine.module, tmp)
+                tokenizer.save_pretrained(tmp)
+                if cfg.output.merge_lora:
+                    lora.export_merged(engine.module, cfg, os.path.join(tmp, "merged"), tokenizer)
+    else:
+        state = engine._zero3_consolidated_16bit_state_dict() if stage3 else None
+        if rank == 0:
+            module = engine.module
+            if state is not None:
+                module.save_pretrained(tmp, state_dict=state)
+            else:
+                module.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if rank != 0:
+        return None
+    if os.path.exists(out_dir):
+        old = f"{out_dir}.old-{time.time_ns()}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,208 @@
+"""`ftlaunch run RUN.yaml`: the whole job on this machine, ranks started for you.
+
+    ftlaunch run RUN.yaml                  # all local GPUs, or 2 CPU ranks where there is none
+    ftlaunch run RUN.yaml --nproc 4        # 4 ranks
+    ftlaunch run RUN.yaml --max-steps 10   # train.max_steps=10 (the LR schedule follows it)
+    ftlaunch run RUN.yaml --dry-run        # check everything, 3 steps in a temporary folder
+    ftlaunch run RUN.yaml --resume         # continue a run whose config changed
+
+Before any rank starts: the run file is loaded and checked (exit 2 on a problem), the device
+resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
+with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
+(global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
+data are loaded here once, so bad data fails in seconds with the data's own error. The memory
+plan is printed and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
+-m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
+
+Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
+exit 75; a second Ctrl-C sends SIGTERM to the ranks, a third SIGKILL. The exit code is the
+ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any failure as 1).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from launcher import layout
+from launcher.config import RunConfig
+from launcher.errors import ConfigError, Problem
+
+DRY_RUN_STEPS = 3
+DEFAULT_CPU_RANKS = 2
+
+
+def resolve_device(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
+    """(device, ranks) for this machine: cuda with all (or nproc) GPUs, else cpu with nproc or 2."""
+    device = cfg.train.device
+    if device == "auto" or device == "cuda":
+        import torch
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device == "cuda" and gpus == 0:
+            raise ConfigError([Problem("train.device", "cuda asked but no GPU is visible here",
+                                       "use train.device: auto or cpu to run on CPU ranks")])
+        device = "cuda" if gpus else "cpu"
+        if device == "cuda":
+            n = nproc or gpus
+            if n > gpus:
+                raise ConfigError([Problem("--nproc", f"{n} ranks asked, {gpus} GPUs here",
+                                           f"use --nproc {gpus} or fewer")])
+            return device, n
+    n = nproc or DEFAULT_CPU_RANKS
+    if n < 1:
+        raise ConfigError([Problem("--nproc", f"{n} ranks", "use --nproc 1 or more")])
+    return "cpu", n
+
+
+def local_overrides(cfg: RunConfig, device: str, nproc: int) -> list[str]:
+    """Overrides that make the resolved config describe this machine's run."""
+    out = [f"train.device={device}", "cluster.nodes=1", f"cluster.gpus_per_node={nproc}"]
+    t = cfg.train
+    if t.global_batch_size is not None:
+        per_step = t.micro_batch_size * nproc
+        if t.global_batch_size % per_step:
+            options = [n for n in range(1, 65) if t.global_batch_size % (t.micro_batch_size * n) == 0]
+            raise ConfigError([Problem(
+                "train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
+                f"micro_batch_size x ranks = {t.micro_batch_size} x {nproc} on this machine",
+                f"use --nproc {' or '.join(map(str, options[-3:]))}, or override "
+                "train.global_batch_size for the local run")])
+        out.append("train.grad_accum=null")
+    return out
+
+
+def check_data(cfg: RunConfig) -> Any:
+    """Load the tokenizer and the data once here: a problem stops the run before any rank."""
+    from launcher import data, validate
+    from launcher.train import load_tokenizer
+    tok = load_tokenizer(cfg)
+    splits = data.load(cfg, tok, max_positions=validate.max_positions(
+        validate.model_config(cfg.model.path) or {}))
+    print(f"data: {splits.stats.get('train_examples')} training sequences, "
+          f"{splits.stats.get('train_tokens')} tokens"
+          + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else ""),
+          flush=True)
+    return splits
+
+
+def plan_text(cfg: RunConfig) -> str | None:
+    """The memory plan, or None where it cannot be made (printed as a warning)."""
+    try:
+        from launcher.memory import plan_text as make
+    except ImportError:
+        return None
+    try:
+        return make(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the plan is advice; the run does not depend on it
+        print(f"ftlaunch: warning: no memory plan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+
+
+def rank_command(resolved: str, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(nproc), "-m", "launcher", "train", resolved]
+
+
+def rank_environ(device: str, nproc: int, *, dry_run: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    if device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if dry_run:
+        env["FTLAUNCH_NO_SAVE"] = "1"
+    # the ranks import this package: make sure they find the same one
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
+    """Run the ranks in their own process group; Ctrl-C asks them to stop (see module doc)."""
+    stop_file = os.path.join(run_dir, layout.STOP_REQUEST)
+    started = time.time()
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    presses = 0
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            open(stop_file, "a").close()
+            print(f"\nftlaunch: {signal.Signals(signum).name}: the ranks stop after this step and "
+                  "checkpoint (Ctrl-C again to terminate them)", file=sys.stderr, flush=True)
+        else:
+            sig = signal.SIGTERM if presses == 2 else signal.SIGKILL
+            print(f"\nftlaunch: sending {sig.name} to the ranks", file=sys.stderr, flush=True)
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return exit_code(rc, run_dir, started)
+
+
+def exit_code(rc: int, run_dir: str, since: float) -> int:
+    """The ranks' exit code: torchrun says 1 for any failed rank; rank 0's exit_status.json
+    (written during this launch) says which."""
+    if rc == 0:
+        return 0
+    path = os.path.join(run_dir, layout.EXIT_STATUS)
+    try:
+        if os.path.getmtime(path) >= since - 1:
+            with open(path, encoding="utf-8") as fh:
+                code = int(json.load(fh)["code"])
+            if code != 0:
+                return code
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return rc if rc > 0 else 128 - rc  # killed by a signal: shell convention
+
+
+def main(args: Any) -> int:
+    from launcher import ds_config, rundir, runfile
+    from launcher.cli import on_existing
+    base = runfile.load(args.run_file, args.overrides)
+    device, nproc = resolve_device(base, args.nproc)
+    extra = local_overrides(base, device, nproc)
+    if args.max_steps is not None:
+        extra.append(f"train.max_steps={args.max_steps}")
+    tmp = None
+    if args.dry_run:
+        tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
+        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.warmup_steps=0",
+                  "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
+                  f"output.dir={tmp}"]
+    cfg = runfile.load(args.run_file, list(args.overrides) + extra)
+    try:
+        plan = plan_text(cfg)
+        if plan:
+            print(plan, end="", flush=True)
+        check_data(cfg)
+        ds = ds_config.build(cfg, nproc, device)
+        run_dir = rundir.prepare(cfg, ds, plan_text=plan,
+                                 on_existing="overwrite" if args.dry_run else on_existing(args))
+        stale = os.path.join(run_dir, layout.STOP_REQUEST)
+        if os.path.exists(stale):
+            os.remove(stale)  # a stop asked of an earlier launch is not a stop for this one
+        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, run directory {run_dir}"
+              + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
+        cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
+        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run), run_dir)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
