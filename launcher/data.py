@@ -328,7 +328,8 @@ def _read_columns(path: str, key: str, fmt: str, columns: list[str]) -> tuple[di
                                            cache_dir=os.path.join(tmp, "cache"), keep_in_memory=True,
                                            **extra)
             names = list(ds.column_names)
-            return {c: ds[c] for c in columns if c in names}, names
+            table = ds.with_format("arrow")  # whole columns at once (row iteration is slow)
+            return {c: table[c].to_pylist() for c in columns if c in names}, names
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 - any library failure becomes a named problem
@@ -432,8 +433,9 @@ def _subset(rec: _Records, idx: list[int]) -> _Records:
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     out: list[list[int]] = []
     for a in range(0, len(texts), _TOKENIZE_CHUNK):
-        enc = tokenizer(texts[a:a + _TOKENIZE_CHUNK], add_special_tokens=False, verbose=False)
-        out.extend(list(x) for x in enc["input_ids"])
+        enc = tokenizer(texts[a:a + _TOKENIZE_CHUNK], add_special_tokens=False, verbose=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        out.extend(enc["input_ids"])
     return out
 
 
