@@ -8,7 +8,7 @@
 Reading. `data.path` is a jsonl/json/csv/parquet/text file (format from the extension unless
 `data.format` says; `.gz`/`.bz2`/`.xz`/`.zst` compressed files too) or a folder written by
 `datasets.save_to_disk` (its `train` split, or its only split). A json file is a list of
-records; a text file is one example per line. Files are read through a link with a plain name in
+records; a text file is one example per line (its lines are the text, whatever text_field says). Files are read through a link with a plain name in
 a private temporary folder, so symlinks, unicode, spaces and glob characters (`[`, `*`) in paths
 all work, and the `datasets` cache lives there too (never in the user's home); it is removed
 after reading.
@@ -560,6 +560,9 @@ def load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
                     "prompt_field and response_field go together",
                     "set both, or neither for plain text")
     warnings: list[str] = []
+    if d.packing and not d.add_eos:
+        warnings.append("data.packing without data.add_eos: packed documents run together with "
+                        "no EOS between them")
     rec = _records(cfg, d.path, "data.path", warnings)
     ev_rec = None
     if d.eval_path:

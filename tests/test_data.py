@@ -139,8 +139,13 @@ def test_numbers_in_a_csv_text_column_are_text(tok, tmp_path):
 
 
 def test_add_eos_false(tok, tmp_path):
-    splits = load(tok, _write("jsonl", tmp_path, TEXTS), add_eos=False)
-    assert splits.train[0]["input_ids"] == encode(tok, TEXTS[0])
+    path = _write("jsonl", tmp_path, TEXTS)
+    splits = load(tok, path, add_eos=False)
+    assert splits.train[0]["input_ids"] == encode(tok, TEXTS[0]) and splits.warnings == []
+    packed = load(tok, path, add_eos=False, packing=True, max_seq_len=8)
+    assert [t for e in packed.train for t in e["input_ids"]] == \
+        [t for x in TEXTS for t in encode(tok, x)][: 8 * len(packed.train)]
+    assert "packed documents run together" in packed.warnings[0]
 
 
 # ----------------------------------------------------------------------------- prompt / response
