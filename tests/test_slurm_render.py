@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -125,10 +126,13 @@ def test_no_variables_in_sbatch_lines_and_node_rank_only_inside_the_task(fake_mo
     for line in text.splitlines():
         if line.startswith("#SBATCH"):
             assert "$" not in line, line
-    # SLURM_NODEID appears only inside the single-quoted per-task script.
-    uses = [line for line in text.splitlines() if "SLURM_NODEID" in line and not line.startswith("#")]
-    assert uses == ["  bash -c 'exec \"$0\" -m \"$1\" --node_rank=\"$SLURM_NODEID\" \"${@:2}\"' "
-                    "\"${NODE_LAUNCH[@]}\" &"]
+    # SLURM_NODEID appears only inside the single-quoted per-task script, which srun runs.
+    task = re.search(r"^NODE_TASK='([^']*)'$", text, re.M)
+    assert task and '--node_rank="$SLURM_NODEID"' in task.group(1)
+    outside = text.replace(task.group(0), "")
+    assert [line for line in outside.splitlines()
+            if "SLURM_NODEID" in line and not line.lstrip().startswith("#")] == []
+    assert '  bash -c "$NODE_TASK" "$STOP_FILE" "${NODE_LAUNCH[@]}" &' in text.splitlines()
 
 
 # ------------------------------------------------------------------ hostile values
@@ -274,7 +278,7 @@ def test_script_runs_every_node_with_its_own_rank_exact_env_and_paths(tmp_path, 
     logs = os.path.join(job.run_dir, "logs").replace("%", "%%")
     assert srun_args[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1",
                              f"--output={logs}/job-%j-node%n.log", "--open-mode=append"]
-    assert "ranks finished, srun exit 0" in out.stdout
+    assert "ranks finished" in out.stdout
 
 
 def test_deepspeed_launcher_gets_a_hostfile_and_its_node_rank(tmp_path, fake_model):
@@ -319,6 +323,8 @@ def test_usr1_stops_the_ranks_then_requeues_within_max_restarts(
     assert os.path.exists(stop_file), out
     for node in (0, 1):
         assert os.path.exists(os.path.join(fake, f"stopped.{node}")), out
+        assert os.path.exists(f"{stop_file}.node{node}"), out   # the task's marker
+    assert "ranks stopped on request on 2 of 2 nodes" in out
     requeued = os.path.join(fake, "requeued")
     if expect_requeue:
         assert rc == 0, out
@@ -348,7 +354,16 @@ def test_a_signal_as_the_ranks_finish_does_not_requeue(tmp_path, fake_model):
     out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
     assert "USR1 received" in out.stderr
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ranks finished, srun exit 0" in out.stdout
+    assert "ranks finished" in out.stdout
+    assert not os.path.exists(os.path.join(fake, "requeued"))
+
+
+def test_a_failing_node_fails_the_job_without_requeue(tmp_path, fake_model):
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {})
+    env = {**env, "FAKE_STEPS": "5", "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "2"}
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "ranks failed (srun exit 3)" in out.stderr
     assert not os.path.exists(os.path.join(fake, "requeued"))
 
 

@@ -95,23 +95,35 @@ case "$1 $2" in
 esac
 """
 
-# A fake `python`: the per-node launcher's place. Records argv and environment as NUL-separated
-# files per node, then behaves like ranks that train FAKE_STEPS steps, checking the STOP file
-# (the last argument's folder) at every step and exiting 75 when it is there.
+# A fake `python`: the per-node launcher's place. Records argv and environment (NUL-separated, per
+# node), then behaves like ranks that train FAKE_STEPS steps, resuming from their progress file,
+# checking the STOP file (next to the last argument, resolved.yaml) before every step and exiting
+# 75 when it is there (node FAKE_SLOW_NODE after FAKE_SLOW_S more seconds: a slow checkpoint).
+# Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank.
 FAKE_PYTHON = r"""#!/bin/bash
 node=$SLURM_NODEID
 printf '%s\0' "$@" > "$FAKE_DIR/argv.$node"
 env -0 > "$FAKE_DIR/env.$node"
+echo "${SLURM_RESTART_COUNT:-0}" >> "$FAKE_DIR/starts.$node"
 run_dir=$(dirname "${@: -1}")
-for ((step = 1; step <= ${FAKE_STEPS:-3}; step++)); do
+progress="$FAKE_DIR/progress.$node"
+start=1
+[ -f "$progress" ] && start=$(( $(cat "$progress") + 1 ))
+for ((step = start; step <= ${FAKE_STEPS:-3}; step++)); do
   if [ -e "$run_dir/STOP" ]; then
-    echo "$step" > "$FAKE_DIR/stopped.$node"
+    [ "$node" = "${FAKE_SLOW_NODE:-}" ] && sleep "${FAKE_SLOW_S:-0}"
+    echo "$step" >> "$FAKE_DIR/stopped.$node"
     exit 75
   fi
-  [ "$node" = 0 ] && [ "$step" = 1 ] && : > "$FAKE_DIR/running"
+  if [ "$node" = "${FAKE_CRASH_NODE:-}" ] && [ "$step" = "${FAKE_CRASH_STEP:-}" ]; then
+    echo "fake rank on node $node: crashing at step $step" >&2
+    exit 3
+  fi
+  [ "$node" = 0 ] && : > "$FAKE_DIR/running"
   sleep "${FAKE_STEP_S:-0.05}"
+  echo "$step" > "$progress"
 done
-echo done > "$FAKE_DIR/done.$node"
+echo "${SLURM_RESTART_COUNT:-0}" > "$FAKE_DIR/done.$node"
 """
 
 
@@ -138,7 +150,7 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
 
 
 def job_info(job_id: str, env: dict) -> dict[str, str]:
-    """`scontrol show job -o` as a dict (JobState, RestartCnt, ExitCode, Reason, ...)."""
+    """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, Reason, ...)."""
     out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                          env={**os.environ, **env}, timeout=60)
     if out.returncode != 0:
@@ -165,7 +177,7 @@ def wait_until(job_id: str, env: dict, done, timeout: float, run_dir: str, what:
         if time.monotonic() > end:
             raise AssertionError(f"job {job_id}: no {what} within {timeout:.0f} s; state "
                                  f"{info.get('JobState')} ({info.get('Reason')}), restarts "
-                                 f"{info.get('RestartCnt')}\n{logs(run_dir)}")
+                                 f"{info.get('Restarts')}\n{logs(run_dir)}")
         time.sleep(0.2)
         info = job_info(job_id, env)
     return info
