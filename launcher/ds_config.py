@@ -68,7 +68,7 @@ TOP_KEYS: dict[str, str] = {
     "seq_parallel_communication_data_type": "choice(fp32|fp16|bf16)?",
     "dataloader_drop_last": "bool", "log_level": "choice(debug|info|warning|error|critical)?",
     "use_data_before_expert_parallelism": "bool", "disable_python_gc": "bool",
-    "zero_force_ds_cpu_optimizer": "bool", "vocabulary_size": "int>0?",
+    "zero_force_ds_cpu_optimizer": "bool", "vocabulary_size": "int?>0",
     "managed_gradient_accumulation": "bool",
     # blocks whose contents DeepSpeed checks itself (on the ranks)
     **{k: "mapping" for k in (
@@ -357,7 +357,7 @@ def _key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
                 yield Problem(key, f"expected a mapping, got {v!r}", f"write {canonical}: {{key: value}}")
             else:
                 yield from _key_problems(v, sub)
-        else:
+        elif not (isinstance(v, str) and v.strip().lower() == "auto"):  # "auto": reported already
             msg = check_value(spec, v)
             if msg:
                 yield Problem(key, msg, f"give {_spec_words(spec)}")

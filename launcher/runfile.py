@@ -189,13 +189,14 @@ def _apply_override(tree: dict, text: str, ctx: _Ctx) -> None:
     shown = text if len(text) <= 60 else text[:text.find("=") + 1] + "..." if "=" in text[:60] else text[:57] + "..."
     where = f"override '{shown}'"
     if "=" not in text:
-        ctx.add(text or "<empty>", "an override must be key.sub=value", "add '=value'", where)
+        ctx.add("<override>", "an override must be key.sub=value", "add '=value'", where)
         return
     key, _, raw = text.partition("=")  # split on the first '=' only
     key = key.strip()
     parts = key.split(".")
     if not key or any(not p for p in parts):
-        ctx.add(key or "<empty>", "empty key in override", "write key.sub=value", where)
+        ctx.add("<override>", f"empty key in override {key!r}" if key else "empty key in override",
+                "write key.sub=value", where)
         return
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""

@@ -256,9 +256,9 @@ def test_override_wins_over_the_file_and_creates_sections(run):
 
 
 @pytest.mark.parametrize("override, key, message", [
-    ("train.lr", "train.lr", "an override must be key.sub=value"),
-    ("=3", "<empty>", "empty key in override"),
-    ("train..lr=3", "train..lr", "empty key in override"),
+    ("train.lr", "<override>", "an override must be key.sub=value"),
+    ("=3", "<override>", "empty key in override"),
+    ("train..lr=3", "<override>", "empty key in override 'train..lr'"),
     ("train.lrr=3", "train.lrr", "unknown key"),
     ("train.lr=abc", "train.lr", "expected a number, got 'abc'"),
     ("model=foo", "model", "expected a mapping (section), got 'foo'"),

@@ -233,7 +233,7 @@ def test_batch_sizes_derives_grad_accum(folder):
         validate.batch_sizes(cfg, world_size=3)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(g=st.integers(1, 512), m=st.integers(1, 16), a=st.one_of(st.none(), st.integers(1, 16)),
        nodes=st.integers(1, 4), gpus=st.integers(1, 8))
 def test_every_suggested_batch_fix_works(g, m, a, nodes, gpus):
