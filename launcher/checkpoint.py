@@ -26,8 +26,9 @@ Fault injection (for tests, inert unless set): `FTLAUNCH_FAULT=point@step[:actio
 `ckpt-write` (after DeepSpeed's files, before this rank's own files), `ckpt-manifest` (after
 every rank wrote, before the manifest) or `step` (in the training loop, after optimizer step
 `step`); action `exit` (os._exit(17), a crash: default), `raise` (RuntimeError), `enospc`
-(OSError ENOSPC, a full disk) or `kill` (SIGKILL to itself). `FTLAUNCH_FAULT_RANK=r` limits it
-to one rank.
+(OSError ENOSPC, a full disk), `kill` (SIGKILL to itself), `sigterm` / `sigint` / `sigusr1`
+(that signal to itself: the stop protocol) or `stop` (create RUN_DIR/STOP). Several faults are
+separated by commas. `FTLAUNCH_FAULT_RANK=r` limits them to one rank.
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ class CheckpointError(RuntimeError):
 
 
 # ------------------------------------------------------------------ faults (tests)
-def fault(point: str, step: int, rank: int) -> None:
+def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
     """Trigger the fault FTLAUNCH_FAULT asks for at (point, step) on this rank, else nothing."""
     spec = os.environ.get("FTLAUNCH_FAULT", "")
     only = os.environ.get("FTLAUNCH_FAULT_RANK")
@@ -78,6 +79,14 @@ def fault(point: str, step: int, rank: int) -> None:
             os._exit(17)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action in ("sigterm", "sigint", "sigusr1"):
+            os.kill(os.getpid(), getattr(signal, action.upper()))
+            return
+        if action == "stop":
+            if run_dir is None:
+                raise ValueError(f"fault action stop needs the run directory ({point})")
+            open(os.path.join(run_dir, layout.STOP_REQUEST), "a").close()
+            return
         if action == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device ({msg})")
         raise RuntimeError(msg)

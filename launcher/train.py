@@ -419,7 +419,7 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
             loss_sum += float(loss.detach().float())
             tokens += float(batch["attention_mask"].sum())
         step += 1
-        checkpoint.fault("step", step, env.rank)
+        checkpoint.fault("step", step, env.rank, run_dir)
         local_stop = float(stop.requested or (main and os.path.exists(stop_file)))
         loss_all, micro_all, tokens_all, stop_all = _all_reduce_sum(
             [loss_sum, float(accum), tokens, local_stop])
