@@ -27,10 +27,11 @@ def test_check_fails_on_a_stale_copy_and_the_update_fixes_it(tmp_path, monkeypat
     for name, src in (("README.md", reference.README), ("DS.md", reference.DS_README)):
         shutil.copy(src, tmp_path / name)
     readme, ds_readme = str(tmp_path / "README.md"), str(tmp_path / "DS.md")
+    markers = {readme: reference.MARKERS[reference.README],
+               ds_readme: reference.MARKERS[reference.DS_README]}
     monkeypatch.setattr(reference, "README", readme)
     monkeypatch.setattr(reference, "DS_README", ds_readme)
-    monkeypatch.setattr(reference, "MARKERS", {readme: reference.MARKERS[reference.README],
-                                               ds_readme: reference.MARKERS[reference.DS_README]})
+    monkeypatch.setattr(reference, "MARKERS", markers)
     text = (tmp_path / "README.md").read_text()
     (tmp_path / "README.md").write_text(text.replace("| `name` |", "| `old_name` |"))
     assert reference.main(["--check"]) == 1
