@@ -247,3 +247,28 @@ def test_validate_names_the_key_in_process(tiny, write_run, capsys):
     assert cli.main(["validate", path]) == 2
     err = capsys.readouterr().err
     assert "quantization.mode" in err and "fix: use deepspeed.zero_stage: 2 with 8bit" in err
+
+
+@pytest.mark.slow
+def test_gpu_check_quant_runs_its_code_path_on_cpu(tmp_path):
+    """bench/gpu_check_quant.py --cpu-dry: the GPU section's code path with a tiny model on CPU,
+    so a GPU session is not spent on a typo."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env.pop("RANK", None)
+    out_file = tmp_path / "quant.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check_quant.py"),
+                           "--cpu-dry", "--out", str(out_file)], cwd=str(tmp_path), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    section = json.loads(out_file.read_text())["quantization"]
+    assert section["model"]["params"] == 131392
+    runs = section["runs"]
+    assert [(r["mode"], r["optimizer"]) for r in runs] == [
+        ("8bit", "adamw"), ("4bit", "adamw"), ("4bit", "adamw_8bit")]
+    for r in runs:
+        assert "error" not in r and r["quantized_tensors"] == 14 and r["tokens_per_s"] > 0
+        assert r["trainable_params"] == 16 * 2 * 1088 and len(r["losses"]) == 4  # r=16 LoRA
+        assert r["optimizer_state_bytes"] > 0
+    # 4-bit holds about half the bytes of 8-bit; AdamW8bit about a quarter of AdamW's state
+    assert runs[1]["quantized_bytes"] < 0.6 * runs[0]["quantized_bytes"]
+    assert runs[2]["optimizer_state_bytes"] < 0.3 * runs[1]["optimizer_state_bytes"]
