@@ -82,6 +82,15 @@ def config_changes(old: dict, new: dict) -> list[str]:
         k == v or (v.endswith(".") and k.startswith(v)) for v in _VOLATILE)]
 
 
+# Entries a run directory may hold (launcher/layout.py), e.g. logs/ made by Slurm before the
+# job wrote resolved.yaml: a folder holding only these is a run directory.
+_LAYOUT = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str)}
+
+
+def _ours(folder: str) -> bool:
+    return all(name in _LAYOUT or name.startswith(".") for name in os.listdir(folder))
+
+
 def _refuse(message: str, fix: str) -> ConfigError:
     return ConfigError([Problem("output.dir", message, fix)], "run directory")
 
@@ -93,7 +102,8 @@ def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
     An existing run directory made from the same config (volatile fields aside) is reused.
     One made from a different config is refused, unless on_existing is "resume" (keep it,
     write the new config) or "overwrite" (move it aside to <dir>.old-<time>, start fresh).
-    A non-empty folder that is not a run directory is only ever moved aside (overwrite).
+    A folder holding anything but run-directory entries (launcher/layout.py) is only ever
+    moved aside (overwrite), never written into.
     Nothing is deleted.
     """
     if on_existing not in ("refuse", "resume", "overwrite"):
@@ -119,7 +129,7 @@ def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
                           "the old run aside, or set output.dir")
         if on_existing == "overwrite":
             move_aside(run_dir)
-    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+    elif os.path.isdir(run_dir) and not _ours(run_dir):
         if on_existing == "overwrite":
             move_aside(run_dir)
         else:

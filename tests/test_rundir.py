@@ -127,6 +127,14 @@ def test_an_empty_existing_folder_is_used(cfg):
     assert layout.RESOLVED in os.listdir(cfg.run_dir)
 
 
+def test_a_folder_with_only_run_directory_entries_is_used(cfg):
+    os.makedirs(os.path.join(cfg.run_dir, layout.LOGS))  # e.g. made by Slurm for its log files
+    with open(os.path.join(cfg.run_dir, layout.LOGS, "job-1.out"), "w") as fh:
+        fh.write("log")
+    rundir.prepare(cfg, DS)
+    assert tree(cfg.run_dir)[os.path.join(layout.LOGS, "job-1.out")] == "log"
+
+
 def test_a_file_in_the_way_is_refused(cfg):
     with open(cfg.run_dir, "w") as fh:
         fh.write("x")
