@@ -1,0 +1,311 @@
+"""`ftlaunch plan`: memory per GPU and per node, whether it fits, and what to change if not.
+
+    plan(cfg, gpu_memory=None, world_size=None) -> Plan     # .fits, .total_per_gpu, .terms
+    plan_text(cfg) -> str                                    # what `run --dry-run` / plan.txt show
+    main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
+
+The parameters come from a meta-device model built from config.json (launcher/memory_model.py),
+the formulas from launcher/memory_terms.py, the alternatives from launcher/memory_advice.py.
+On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its
+baseline (see docs/memory.md for how that is measured and what it can and cannot verify).
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from launcher.config import RunConfig
+from launcher.errors import ConfigError, Problem
+from launcher.memory_model import Inventory, inventory, meta_model
+from launcher.memory_terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
+                                   CUDA_FRAGMENTATION, DS_SRC, Term, activations, gib, states)
+
+DEFAULT_GPU_MEMORY = 80 * 2**30
+# launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
+LOGITS_HELD = False
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_size(text: str, key: str = "--gpu-memory") -> int:
+    """'80GiB', '80 GB', '40G', '81920MiB' -> bytes (GB and GiB both binary, as GPUs are sold)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
+    if not m:
+        raise ConfigError([Problem(key, f"not a memory size: {text!r}", "write e.g. 80GiB or 24GB")])
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass
+class Plan:
+    """A memory plan for one run configuration on world_size ranks."""
+
+    cfg: RunConfig
+    inv: Inventory
+    world_size: int
+    device: str                      # "cuda" or "cpu"
+    gpu_memory: int
+    gpu_memory_source: str
+    terms: list[Term]
+    peak_allocated: int              # tensor bytes at the worst moment (max_memory_allocated)
+    total_per_gpu: int               # + runtime overhead and allocator slack
+    node_terms: list[Term]
+    node_cpu: int
+    states: Any = None               # memory_terms.States: model states before offload
+    advice: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.total_per_gpu <= self.gpu_memory
+
+    @property
+    def headroom(self) -> int:
+        return self.gpu_memory - self.total_per_gpu
+
+    def term(self, key: str) -> int:
+        return sum(t.bytes for t in self.terms if t.key == key)
+
+    def to_dict(self) -> dict[str, Any]:
+        inv = self.inv
+        return {
+            "model": {"path": self.cfg.model.path, **vars(inv.shape)},
+            "parameters": {"total": inv.total, "trainable": inv.trainable, "frozen": inv.frozen,
+                           "quantized": inv.quantized, "weight_bytes": inv.weight_bytes,
+                           "groups": inv.groups()},
+            "world_size": self.world_size, "device": self.device,
+            "gpu_memory": self.gpu_memory, "gpu_memory_source": self.gpu_memory_source,
+            "per_gpu": [t.to_dict() for t in self.terms],
+            "peak_allocated": self.peak_allocated, "total_per_gpu": self.total_per_gpu,
+            "headroom": self.headroom, "fits": self.fits,
+            "per_node": [t.to_dict() for t in self.node_terms], "node_cpu": self.node_cpu,
+            "advice": self.advice, "notes": self.notes,
+        }
+
+
+# ------------------------------------------------------------------ building a plan
+def meta_model_for(cfg: RunConfig):
+    """The run's model on the meta device (cached): for other name-based checks."""
+    return meta_model(cfg.model.path, cfg.model.trust_remote_code)
+
+
+def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
+    if isinstance(given, int):
+        return given, "given"
+    if given:
+        return parse_size(given), "--gpu-memory"
+    if cfg.cluster.gpu_memory:
+        return parse_size(cfg.cluster.gpu_memory, "cluster.gpu_memory"), "cluster.gpu_memory"
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory, "local GPU"
+    except Exception:  # pragma: no cover - a broken CUDA install must not break planning
+        pass
+    return DEFAULT_GPU_MEMORY, "default (no --gpu-memory, cluster.gpu_memory or local GPU)"
+
+
+def _zero_section(cfg: RunConfig, world: int, device: str) -> dict[str, Any]:
+    from launcher import ds_config
+    return ds_config.build(cfg, world, device=device).get("zero_optimization", {})
+
+
+def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | None = None,
+         advise: bool = True) -> Plan:
+    """The memory plan of cfg on world_size ranks (default: the cluster's nodes x GPUs)."""
+    world = world_size or cfg.world_size
+    device = "cpu" if cfg.train.device == "cpu" else "cuda"
+    mem, mem_src = _gpu_memory(cfg, gpu_memory)
+    inv = inventory(cfg)
+    zero = _zero_section(cfg, world, device)
+    stage = cfg.deepspeed.zero_stage
+    lp = inv.lp_bytes
+    st = states(inv, stage, world, zero, cfg.train.optimizer)
+    T = inv.trainable
+    off_opt = cfg.deepspeed.offload_optimizer != "none"
+    off_par = cfg.deepspeed.offload_param != "none"
+    s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    attn = cfg.model.attn_implementation or "sdpa"
+    act = activations(inv.shape, b, s, lp, "eager" if attn == "eager" else "sdpa",
+                      cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
+                      logits_held=LOGITS_HELD)
+    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
+    overlap = bool(zero.get("overlap_comm", stage == 3))
+    contiguous = bool(zero.get("contiguous_gradients", True))
+    where = "CPU" if device == "cpu" else "GPU"
+    terms: list[Term] = []
+
+    def add(key, label, n, phase, formula, source):
+        terms.append(Term(key, label, int(n), phase, formula, source))
+
+    w_on_gpu = st.weights if not off_par else inv.buffer_bytes
+    add("weights", "weights", w_on_gpu, "static",
+        st.weights_f if not off_par else "offload_param: partitions on CPU, gathered below", DS_SRC)
+    grads_gpu = st.grads if not (off_opt and stage in (1, 2)) else 0
+    add("gradients", "gradients", grads_gpu, "static",
+        st.grads_f if grads_gpu or not st.grads else "offload_optimizer: reduced into CPU fp32 slices",
+        DS_SRC)
+    add("masters", "fp32 master weights", 0 if off_opt else st.masters, "static",
+        "offloaded to CPU" if off_opt else
+        ("none: fp32 parameters are optimized in place" if stage == 0 and lp == 4 else
+         "4 B x optimizer elements (T at ZeRO-0, this rank's slice at ZeRO-1/2/3)"), DS_SRC)
+    add("optimizer", f"optimizer state ({cfg.train.optimizer})", 0 if off_opt else st.optim,
+        "static", "offloaded to CPU" if off_opt else st.optim_f,
+        "torch AdamW / bitsandbytes Optimizer2State.init_state")
+    # DeepSpeed gradient buckets
+    if stage in (1, 2) and contiguous:
+        n_buf = 2 if overlap else 1
+        elems = bucket if device == "cuda" else min(bucket, T) + (min(bucket, max(T - bucket, 0)) if overlap else 0)
+        nb = n_buf * bucket * lp if device == "cuda" else elems * lp
+        add("buckets", "DeepSpeed reduce buckets", nb, "backward",
+            f"{n_buf} x reduce_bucket_size {bucket:,} x lp" + (
+                "" if device == "cuda" else " (CPU: only the pages written, <= T elements)"),
+            "stage_1_and_2.py setup_buckets (torch.empty per backward)")
+    elif stage == 3:
+        nb = bucket * lp if device == "cuda" else min(bucket, T) * lp
+        add("buckets", "DeepSpeed reduce bucket", nb, "static",
+            f"reduce_bucket_size {bucket:,} x lp" + ("" if device == "cuda" else " (CPU: written pages)"),
+            "stage3.py (allocated at initialize)")
+        add("gathered", "ZeRO-3 gathered parameters", st.gather, "backward", st.gather_f,
+            "stage3 prefetch / max_live_parameters")
+    add("activations", "activations", act.saved, "backward",
+        f"b={b}, s={s}, {attn}{', checkpointing' if cfg.model.gradient_checkpointing else ''}: "
+        + act.formula, act.source)
+    add("loss_backward", "backward temporaries", act.backward_extra, "backward",
+        "fp32 gradients of the loss (8bsV) or a recomputed block", act.source)
+    # optimizer step transients
+    if not off_opt:
+        if stage == 0:
+            fp32_grads = 4 * T if lp < 4 else 0
+            fmt = "4T (fp32 copies of the gradients)" if lp < 4 else "0"
+        else:
+            fp32_grads = 4 * st.opt_elems
+            fmt = "4 B x this rank's slice (fp32 gradient for the step)"
+        add("step_grads", "fp32 gradients at the step", fp32_grads, "step", fmt, DS_SRC)
+        if cfg.train.optimizer == "adamw" and device == "cpu":
+            biggest = st.opt_elems if stage else max((p.numel for p in inv.params if p.trainable), default=0)
+            add("step_temp", "optimizer temporaries", 8 * biggest, "step",
+                "torch AdamW (single tensor): sqrt and division of the largest state tensor, 2 x 4 B",
+                "torch/optim/adamw.py _single_tensor_adamw")
+    static = sum(t.bytes for t in terms if t.phase == "static")
+    bwd = sum(t.bytes for t in terms if t.phase == "backward")
+    step = sum(t.bytes for t in terms if t.phase == "step")
+    peak = static + max(bwd, step)
+    if device == "cuda":
+        slack = int(CUDA_FRAGMENTATION * peak)
+        add("runtime", "CUDA context and workspaces", CUDA_CONTEXT, "overhead",
+            "constant (outside torch's allocator; not in max_memory_allocated)", "typical A100/H100")
+        add("allocator", "allocator slack", slack, "overhead",
+            f"{CUDA_FRAGMENTATION:.0%} of the tensor peak (caching allocator fragmentation)",
+            "estimate")
+    else:
+        slack = int(CPU_FRAGMENTATION * peak)
+        add("runtime", "rank runtime (shm, gloo, lazy imports)", CPU_RUNTIME, "overhead",
+            "constant measured on a tiny model (docs/memory.md)", "bench/plan_vs_measured.py")
+        add("allocator", "malloc slack", slack, "overhead",
+            f"{CPU_FRAGMENTATION:.0%} of the tensor peak (glibc arenas)", "bench/plan_vs_measured.py")
+    total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
+
+    node, notes = _node_terms(cfg, inv, st, world, device), list(inv.notes)
+    if device == "cpu":
+        notes.append(f"train.device cpu: per-rank figures are each rank process's {where} memory "
+                     "above its baseline (after imports, before loading)")
+    if cfg.quantization.mode != "none" and stage == 3:
+        notes.append("ZeRO-3 with a quantized base: weights counted as partitioned")
+    result = Plan(cfg, inv, world, device, mem, mem_src, terms, peak, total, node,
+                  sum(t.bytes for t in node), states=st, notes=notes)
+    if advise and not result.fits:
+        from launcher.memory_advice import advise as _advise
+        result.advice = _advise(result)
+    return result
+
+
+def _node_terms(cfg: RunConfig, inv: Inventory, st, world: int, device: str) -> list[Term]:
+    per_node = max(1, min(cfg.cluster.gpus_per_node, world))
+    out: list[Term] = []
+    if cfg.deepspeed.offload_optimizer != "none":
+        n = st.masters + st.optim + 4 * st.opt_elems
+        out.append(Term("offload", "offloaded optimizer (masters, state, fp32 grads)", n * per_node,
+                        "node", f"{per_node} ranks x (masters + state + 4 B fp32 grad) per rank", DS_SRC))
+    if cfg.deepspeed.offload_param != "none":
+        out.append(Term("offload_param", "offloaded parameters", st.weights * per_node, "node",
+                        f"{per_node} ranks x this rank's parameter partitions", DS_SRC))
+    load = inv.total * inv.lp_bytes if cfg.quantization.mode == "none" else inv.weight_bytes
+    if device == "cuda":
+        out.append(Term("loading", "from_pretrained (each rank loads a full copy on CPU)",
+                        load * per_node, "node",
+                        f"{per_node} ranks x P x lp (the weights pass through CPU memory once)",
+                        "transformers from_pretrained"))
+    return out
+
+
+# ------------------------------------------------------------------ output
+def _explain(t: Term) -> str:
+    return f"      = {t.formula}\n        source: {t.source}"
+
+
+def render(p: Plan, explain: bool = False) -> str:
+    inv, c = p.inv, p.cfg
+    sh = inv.shape
+    lines = [f"model {sh.model_type}: {sh.layers} blocks, hidden {sh.hidden}, {sh.heads} heads "
+             f"({sh.kv_heads} kv), MLP {sh.intermediate}, vocab {sh.vocab}"
+             f"{', tied embeddings' if sh.tied else ''}",
+             f"parameters {inv.total:,}: trainable {inv.trainable:,}, frozen {inv.frozen:,}, "
+             f"quantized {inv.quantized:,} ({c.freeze.policy}, {c.quantization.mode}, {c.model.dtype})"]
+    head = f"  {'group':<11}{'trainable':>14}{'frozen':>14}{'quantized':>14}{'bytes':>12}"
+    lines.append(head)
+    for g in inv.groups():
+        nbytes = g["trainable_bytes"] + g["frozen_bytes"] + g["quantized_bytes"]
+        lines.append(f"  {g['group']:<11}{g['trainable']:>14,}{g['frozen']:>14,}{g['quantized']:>14,}"
+                     f"{gib(nbytes):>12}")
+    unit = "GPU" if p.device == "cuda" else "CPU rank"
+    lines.append(f"per {unit} (ZeRO-{c.deepspeed.zero_stage}, {p.world_size} ranks, micro batch "
+                 f"{c.train.micro_batch_size} x {c.data.max_seq_len} tokens):")
+    for phase, title in (("static", None), ("backward", "at the backward's peak, one of"),
+                         ("step", "at the optimizer step, the other"), ("overhead", None)):
+        rows = [t for t in p.terms if t.phase == phase]
+        if title and rows:
+            lines.append(f"  {title}:")
+        for t in rows:
+            lines.append(f"  {'  ' if title else ''}{t.label:<38}{gib(t.bytes):>12}")
+            if explain:
+                lines.append(_explain(t))
+    lines.append(f"  {'tensor peak (max_memory_allocated)':<38}{gib(p.peak_allocated):>12}")
+    lines.append(f"  {'total':<38}{gib(p.total_per_gpu):>12}")
+    lines.append(f"  {'headroom':<38}{gib(p.headroom):>12}  of {gib(p.gpu_memory)} "
+                 f"({p.gpu_memory_source})")
+    if p.node_terms:
+        lines.append("per node (CPU memory):")
+        for t in p.node_terms:
+            lines.append(f"  {t.label:<38}{gib(t.bytes):>12}")
+            if explain:
+                lines.append(_explain(t))
+    for n in p.notes:
+        lines.append(f"note: {n}")
+    verdict = "fits" if p.fits else "does NOT fit"
+    lines.append(f"verdict: {verdict} in {gib(p.gpu_memory)} per {unit}")
+    if not p.fits:
+        if p.advice:
+            lines.append("cheapest changes that fit (least slowdown first):")
+            for a in p.advice:
+                lines.append(f"  {a['change']:<52}{gib(a['total_per_gpu']):>12}  ({a['cost']})")
+        else:
+            lines.append("no single change or combination tried fits: more GPUs, or a smaller model")
+    return "\n".join(lines) + "\n"
+
+
+def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
+              world_size: int | None = None) -> str:
+    return render(plan(cfg, gpu_memory, world_size))
+
+
+def main(args: Any) -> int:
+    from launcher.runfile import load
+    cfg = load(args.run_file, args.overrides)
+    p = plan(cfg, getattr(args, "gpu_memory", None))
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+    else:
+        sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
+    return 0 if p.fits else 1
