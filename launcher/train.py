@@ -382,7 +382,7 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
         last_ckpt_step = at
         return last_ckpt
 
-    def stopped(at: int) -> int:
+    def stopped(at: int, signalled: float) -> int:
         if last_ckpt_step == at or (at == 0 and last_ckpt is None):
             path = last_ckpt  # nothing new to save
         else:
@@ -390,7 +390,7 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
         if main:
             if os.path.exists(stop_file):
                 os.remove(stop_file)  # honoured: a resumed run must not stop again at once
-            why = stop.signal or "STOP file"
+            why = stop.signal or ("a signal to another rank" if signalled else "STOP file")
             print(f"stopped at step {at} ({why}); checkpoint {path}; resume with: "
                   f"{resume_command(cfg)}", flush=True)
         _write_status(cfg, env, layout.EXIT_STOPPED, at, path, "stopped on request")
@@ -403,10 +403,11 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
     window_t, window_tokens = time.time(), 0.0
     engine.train()
     # agree on a stop before the first step too (a signal while loading, a STOP left behind)
-    local_stop = float(stop.requested or (main and os.path.exists(stop_file)))
-    if _all_reduce_sum([local_stop])[0] > 0:
+    signalled, stop_file_seen = _all_reduce_sum([float(stop.requested),
+                                                 float(main and os.path.exists(stop_file))])
+    if signalled or stop_file_seen:
         bar.close()
-        return stopped(step)
+        return stopped(step, signalled)
     while step < t.max_steps:
         lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
         loss_sum, tokens = 0.0, 0.0
@@ -420,9 +421,10 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
             tokens += float(batch["attention_mask"].sum())
         step += 1
         checkpoint.fault("step", step, env.rank, run_dir)
-        local_stop = float(stop.requested or (main and os.path.exists(stop_file)))
-        loss_all, micro_all, tokens_all, stop_all = _all_reduce_sum(
-            [loss_sum, float(accum), tokens, local_stop])
+        # one collective a step: the loss for the log and the stop agreement
+        loss_all, micro_all, tokens_all, signalled, stop_file_seen = _all_reduce_sum(
+            [loss_sum, float(accum), tokens, float(stop.requested),
+             float(main and os.path.exists(stop_file))])
         tokens_seen += int(tokens_all)
         window_tokens += tokens_all
         if step % t.log_every == 0 or step == t.max_steps:
@@ -442,9 +444,9 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
                            "elapsed_s": round(elapsed_before + time.time() - start, 3)})
         if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
             save(step)
-        if stop_all > 0 and step < t.max_steps:
+        if (signalled or stop_file_seen) and step < t.max_steps:
             bar.close()
-            return stopped(step)
+            return stopped(step, signalled)
     bar.close()
     if s.splits.eval is not None:
         ev = evaluate(s)

@@ -1,0 +1,149 @@
+"""`ftlaunch run`: checks before any rank starts, the local config, dry run, Ctrl-C, exit codes."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from launcher import local_run
+from launcher.errors import ConfigError
+from launcher.runfile import load
+from test_train_engine import ROOT, rank_env
+
+
+def run_text(tiny: dict, tmp_path, **over) -> str:
+    data = over.get("data", f"{{path: {tiny['text']}, max_seq_len: 32, packing: true}}")
+    train = over.get("train", "{max_steps: 4, micro_batch_size: 4, lr: 3.0e-3, device: cpu}")
+    return textwrap.dedent(f"""\
+        name: local
+        model: {{path: {tiny['model']}, dtype: fp32}}
+        data: {data}
+        train: {train}
+        freeze: {{policy: last_layers, trainable_layers: 1, also_train: [lm_head]}}
+        deepspeed: {{zero_stage: 1}}
+        output: {{dir: {tmp_path}/run}}
+        """)
+
+
+def args(run_file: str, **kw) -> argparse.Namespace:
+    base = dict(run_file=run_file, overrides=[], nproc=None, max_steps=None, dry_run=False,
+                resume=False, overwrite=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+# ---------------------------------------------------------------- before any rank
+@pytest.fixture
+def no_launch(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("ranks were started")
+    monkeypatch.setattr(local_run, "launch", refuse)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_column", r"data.text_field"),
+    ("empty", r"data.path: .*(no rows|empty|no examples)"),
+    ("too_long", r"data.max_seq_len .*4096 exceeds the model's 256 positions"),
+    ("missing_file", r"data.path.*no such file"),
+])
+def test_bad_data_fails_before_ranks(case, match, tiny, tmp_path, write_run, no_launch):
+    bad = tmp_path / "bad.jsonl"
+    if case == "missing_column":
+        bad.write_text('{"body": "the cat sees a dog."}\n' * 20)
+    elif case == "empty":
+        bad.write_text("")
+    data = {"missing_column": f"{{path: {bad}, max_seq_len: 32}}",
+            "empty": f"{{path: {bad}, max_seq_len: 32}}",
+            "too_long": f"{{path: {tiny['text']}, max_seq_len: 4096}}",
+            "missing_file": f"{{path: {tmp_path}/nope.jsonl, max_seq_len: 32}}"}[case]
+    path = write_run(run_text(tiny, tmp_path, data=data))
+    with pytest.raises(ConfigError, match=match):
+        local_run.main(args(path))
+    assert not (tmp_path / "run").exists()  # no half-written run directory either
+
+
+def test_local_overrides_keep_global_batch(tiny, tmp_path, write_run):
+    path = write_run(run_text(tiny, tmp_path, train="{max_steps: 4, micro_batch_size: 2, "
+                                                      "global_batch_size: 16, device: cpu}"))
+    cfg = load(path)
+    extra = local_run.local_overrides(cfg, "cpu", 2)
+    assert extra == ["train.device=cpu", "cluster.nodes=1", "cluster.gpus_per_node=2",
+                     "train.grad_accum=null"]
+    local = load(path, extra)
+    from launcher.validate import batch_sizes
+    assert batch_sizes(local) == (2, 4, 16)
+    with pytest.raises(ConfigError, match=r"16 is not a multiple of micro_batch_size x ranks = 2 x 3"):
+        local_run.local_overrides(cfg, "cpu", 3)
+
+
+def test_cpu_device_and_default_ranks(tiny, tmp_path, write_run):
+    cfg = load(write_run(run_text(tiny, tmp_path)))
+    assert local_run.resolve_device(cfg, None) == ("cpu", 2)
+    assert local_run.resolve_device(cfg, 3) == ("cpu", 3)
+
+
+def test_exit_code_from_rank_status(tmp_path):
+    since = time.time()
+    assert local_run.exit_code(0, str(tmp_path), since) == 0
+    assert local_run.exit_code(1, str(tmp_path), since) == 1  # no status: torchrun's code
+    (tmp_path / "exit_status.json").write_text(json.dumps({"code": 75}))
+    assert local_run.exit_code(1, str(tmp_path), since) == 75
+    assert local_run.exit_code(-9, str(tmp_path), since + 3600) == 137  # stale status ignored
+
+
+# ---------------------------------------------------------------- real ranks
+def ftlaunch(*argv: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launcher", *argv], env=rank_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_dry_run_trains_three_steps_and_keeps_nothing(tiny, tmp_path, write_run):
+    path = write_run(run_text(tiny, tmp_path))
+    p = ftlaunch("run", path, "--dry-run")
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-4000:]
+    assert "freeze policy last_layers:" in out       # the report, printed by rank 0
+    assert "done: 3 steps; checkpoint (not saved: dry run)" in out
+    assert "dry run: nothing is kept" in out
+    assert not (tmp_path / "run").exists()
+    leftovers = [n for n in os.listdir(os.path.dirname(str(tmp_path)) or ".")
+                 if n.startswith("ftlaunch-dry-")]
+    assert not leftovers
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_exits_75(tiny, tmp_path, write_run):
+    path = write_run(run_text(tiny, tmp_path, train="{max_steps: 5000, micro_batch_size: 4, "
+                                                      "lr: 1.0e-3, device: cpu}"))
+    p = ftlaunch("run", path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()[1][-4000:]
+    p.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 75, err[-4000:]
+    assert "the ranks stop after this step and checkpoint" in err
+    line = [x for x in out.splitlines() if x.startswith("stopped at step")]
+    assert len(line) == 1 and "(STOP file)" in line[0] and "--resume" in line[0]
+    step = int(line[0].split()[3])
+    assert 3 <= step < 5000
+    from launcher import checkpoint as ck
+    ckpts = str(tmp_path / "run" / "checkpoints")
+    assert ck.latest_complete(ckpts) == os.path.join(ckpts, ck.step_name(step))
+    assert not (tmp_path / "run" / "STOP").exists()  # honoured and removed
+    with open(tmp_path / "run" / "exit_status.json") as fh:
+        assert json.load(fh)["code"] == 75
