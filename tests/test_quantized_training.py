@@ -35,7 +35,7 @@ def run_yaml(tiny, out: str, *, mode: str, freeze: str, zero: int, optimizer: st
         data: {{path: {tiny["text"]}, max_seq_len: 32, packing: true}}
         train: {{max_steps: {steps}, micro_batch_size: 4, lr: 1.0e-2, warmup_steps: 0,
                  scheduler: constant, device: cpu, optimizer: {optimizer}}}
-        quantization: {{mode: {mode}}}
+        quantization: {{mode: {mode}{", storage_dtype: bf16" if zero == 3 else ""}}}
         freeze: {FREEZES[freeze]}
         deepspeed: {{zero_stage: {zero}}}
         cluster: {{gpus_per_node: 2}}
@@ -67,12 +67,23 @@ for path in sys.argv[2:]:
     s = train.setup(cfg, env)
     os.makedirs(cfg.run_dir, exist_ok=True)
     module = s.engine.module
-    trainable = {n: p.numel() for n, p in module.named_parameters() if p.requires_grad}
+    trainable = {n: getattr(p, "ds_numel", p.numel())
+                 for n, p in module.named_parameters() if p.requires_grad}
     quantized = quantize.quantized_names(module)
-    before = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    stage3 = s.engine.zero_optimization_partition_weights()
+    def full_state():  # ZeRO-3: gather the partitioned tensors (every rank takes part)
+        import contextlib, deepspeed
+        ctx = deepspeed.zero.GatheredParameters(list(module.parameters())) if stage3 else \
+            contextlib.nullcontext()
+        with ctx:
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    before = full_state()
     code = train.train_loop(s)
-    after = module.state_dict()
-    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    after = full_state()
+    def same(a, b):  # bitwise: packed 4-bit bytes seen as bf16 include NaN patterns
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    changed = sorted(k for k in before if not same(before[k], after[k]))
     opt = engine_stats.base_optimizer(s.engine)
     results.append({
         "run": path, "code": code, "rank": env.rank, "trainable": trainable,
@@ -91,6 +102,7 @@ MATRIX = [  # (mode, freeze, zero stage, optimizer)
     ("4bit", "lora", 0, "adamw"), ("4bit", "lora", 2, "adamw"),
     ("4bit", "norms_head", 0, "adamw"), ("4bit", "norms_head", 2, "adamw"),
     ("4bit", "norms_head", 2, "adamw_8bit"), ("8bit", "lora", 0, "adamw_8bit"),
+    ("4bit", "lora", 3, "adamw"),  # storage_dtype bf16: ZeRO-3 partitions the 4-bit weights too
 ]
 
 
@@ -154,7 +166,7 @@ def test_quantized_bases_train_only_what_they_should(tiny, tmp_path):
         # the optimizer holds the trainable elements only
         n = sum(trainable.values())
         if optimizer == "adamw":
-            per_rank = n if zero == 0 else n // 2  # ZeRO-2 partitions state and masters
+            per_rank = n if zero == 0 else n // 2  # ZeRO-2/3 partition state and masters
             for r in (r0, r1):
                 assert r["optimizer_state_bytes"] == 2 * 4 * per_rank, (case, r, n)
                 assert r["fp32_master_bytes"] == 4 * per_rank, (case, r, n)
