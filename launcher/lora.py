@@ -79,18 +79,22 @@ def output_head_name(model: Any) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
-def _in_out(module: Any) -> tuple[int, int]:
+def in_out(module: Any) -> tuple[int, int]:
+    """(in, out) features of a linear module: nn.Linear (bitsandbytes' too), or Conv1D."""
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.in_features), int(module.out_features)
     rows, cols = module.weight.shape  # Conv1D: (in, out)
     return int(rows), int(cols)
 
 
+_in_out = in_out  # the memory planner's earlier name
+
+
 def adapter_param_count(model: Any, lora_cfg: LoraConfig) -> int:
     """Parameters the LoRA adapters add: r x (in + out) per target (works on a meta model, no peft)."""
     modules = dict(model.named_modules())
     names = target_modules(modules.items(), list(lora_cfg.target_modules), head=output_head_name(model))
-    return sum(lora_cfg.r * sum(_in_out(modules[n])) for n in names)
+    return sum(lora_cfg.r * sum(in_out(modules[n])) for n in names)
 
 
 def _also_train_modules(model: Any, cfg: RunConfig, quantized: set[str]) -> list[str]:
