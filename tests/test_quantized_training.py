@@ -43,9 +43,10 @@ def run_yaml(tiny, out: str, *, mode: str, freeze: str, zero: int, optimizer: st
         """)
 
 
-def torchrun(args: list[str], cwd: str, timeout: int = 400) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd: str, timeout: int = 400, **extra_env: str
+             ) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -131,11 +132,8 @@ def test_quantized_bases_train_only_what_they_should(tiny, tmp_path):
         files.append(str(path))
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
-    os.environ["FTLAUNCH_NO_SAVE"] = "1"  # no checkpoints or export: the second test does those
-    try:
-        torchrun([str(script), str(tmp_path), *files], cwd=str(tmp_path))
-    finally:
-        del os.environ["FTLAUNCH_NO_SAVE"]
+    # FTLAUNCH_NO_SAVE: no checkpoints or export here; the second test does those
+    torchrun([str(script), str(tmp_path), *files], cwd=str(tmp_path), FTLAUNCH_NO_SAVE="1")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     for i, ((mode, freeze, zero, optimizer), r0, r1) in enumerate(zip(MATRIX, *ranks)):
