@@ -132,7 +132,7 @@ def test_no_variables_in_sbatch_lines_and_node_rank_only_inside_the_task(fake_mo
     outside = text.replace(task.group(0), "")
     assert [line for line in outside.splitlines()
             if "SLURM_NODEID" in line and not line.lstrip().startswith("#")] == []
-    assert '  bash -c "$NODE_TASK" "$STOP_FILE" "${NODE_LAUNCH[@]}" &' in text.splitlines()
+    assert '  bash -c "$NODE_TASK" "$STOP_MARK" "${NODE_LAUNCH[@]}" &' in text.splitlines()
 
 
 # ------------------------------------------------------------------ hostile values
@@ -320,10 +320,11 @@ def test_usr1_stops_the_ranks_then_requeues_within_max_restarts(
     with open(stop_file, "w"):
         pass   # left from an earlier start: must not stop this one
     rc, out = start_and_signal(script, env, fake, signal.SIGUSR1, tmp_path)
-    assert os.path.exists(stop_file), out
+    assert not os.path.exists(stop_file), out   # rank 0 removed it once honoured
+    assert os.path.exists(os.path.join(job.run_dir, "logs", "stop-4242.asked")), out
     for node in (0, 1):
         assert os.path.exists(os.path.join(fake, f"stopped.{node}")), out
-        assert os.path.exists(f"{stop_file}.node{node}"), out   # the task's marker
+        assert os.path.exists(os.path.join(job.run_dir, "logs", f"stop-4242.node{node}")), out
     assert "ranks stopped on request on 2 of 2 nodes" in out
     requeued = os.path.join(fake, "requeued")
     if expect_requeue:

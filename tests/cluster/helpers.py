@@ -73,7 +73,7 @@ printf '%s\0' "$@" > "$FAKE_DIR/srun.args"
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
 pids=()
 for ((n = 0; n < ${FAKE_NNODES:-1}; n++)); do
-  SLURM_NODEID=$n SLURMD_NODENAME=node$((n + 1)) SLURM_PROCID=$n "$@" &
+  SLURM_NODEID=$n SLURMD_NODENAME=node$((n + 1)) SLURM_PROCID=$n SLURM_NNODES=${FAKE_NNODES:-1} "$@" &
   pids+=($!)
 done
 rc=0
@@ -97,8 +97,10 @@ esac
 
 # A fake `python`: the per-node launcher's place. Records argv and environment (NUL-separated, per
 # node), then behaves like ranks that train FAKE_STEPS steps, resuming from their progress file,
-# checking the STOP file (next to the last argument, resolved.yaml) before every step and exiting
-# 75 when it is there (node FAKE_SLOW_NODE after FAKE_SLOW_S more seconds: a slow checkpoint).
+# checking the STOP file (next to the last argument, resolved.yaml) before every step; when it is
+# there it stops like launcher/train.py under torchrun: node 0 (rank 0) removes STOP, and the
+# launcher exits 1 (torchrun's code for any failed rank). Node FAKE_SLOW_NODE takes FAKE_SLOW_S
+# more seconds to stop (a slow checkpoint).
 # Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank.
 FAKE_PYTHON = r"""#!/bin/bash
 node=$SLURM_NODEID
@@ -113,7 +115,14 @@ for ((step = start; step <= ${FAKE_STEPS:-3}; step++)); do
   if [ -e "$run_dir/STOP" ]; then
     [ "$node" = "${FAKE_SLOW_NODE:-}" ] && sleep "${FAKE_SLOW_S:-0}"
     echo "$step" >> "$FAKE_DIR/stopped.$node"
-    exit 75
+    if [ "$node" = 0 ]; then   # the ranks agree on a stop; then rank 0 removes STOP
+      for ((i = 0; i < 100; i++)); do
+        [ "$(ls "$FAKE_DIR" | grep -c '^stopped\.')" -ge "$SLURM_NNODES" ] && break
+        sleep 0.1
+      done
+      rm -f "$run_dir/STOP"
+    fi
+    exit 1
   fi
   if [ "$node" = "${FAKE_CRASH_NODE:-}" ] && [ "$step" = "${FAKE_CRASH_STEP:-}" ]; then
     echo "fake rank on node $node: crashing at step $step" >&2
