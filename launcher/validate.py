@@ -1,7 +1,10 @@
 """Cross-field rules: everything checkable on the login node before a job is queued.
 
 `check(cfg)` returns every problem (it never stops at the first); each names the key, says why
-and how to fix it. Rules needing parameter names (pattern matches, LoRA targets) run where a
+and how to fix it. A rule is a generator registered with `@rule`; it receives a read-only view
+of the config that records which fields it reads (plain attribute access only), so that a rule
+reading a field with its own problem can be skipped. Keep rules small: one concern each, so
+one bad field silences as little as possible. Rules needing parameter names (pattern matches, LoRA targets) run where a
 meta-device model exists: `ftlaunch plan` and the ranks.
 """
 from __future__ import annotations
