@@ -4,8 +4,8 @@
 and how to fix it. A rule is a generator registered with `@rule`; it receives a read-only view
 of the config that records which fields it reads (plain attribute access only), so that a rule
 reading a field with its own problem can be skipped. Keep rules small: one concern each, so
-one bad field silences as little as possible. Rules needing parameter names (pattern matches, LoRA targets) run where a
-meta-device model exists: `ftlaunch plan` and the ranks.
+one bad field silences as little as possible. Rules needing parameter names (pattern matches,
+LoRA targets) run where a meta-device model exists: `ftlaunch plan` and the ranks.
 """
 from __future__ import annotations
 
