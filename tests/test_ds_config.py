@@ -529,11 +529,13 @@ JUNK = st.one_of(st.text(max_size=6), st.integers(-5, 10**6), st.floats(allow_na
 
 
 def mostly(valid, junk=JUNK, one_in: int = 12):
-    return st.integers(0, one_in - 1).flatmap(lambda i: junk if i == 0 else valid)
+    """valid, or junk once in `one_in` draws (sampled_from draws its index uniformly; an
+    integer draw would favour the bounds)."""
+    return st.sampled_from(range(one_in)).flatmap(lambda i: junk if i == one_in - 1 else valid)
 
 
 def present(p_in_10: int = 2):
-    return st.integers(0, 9).map(lambda i: i < p_in_10)
+    return st.sampled_from(range(10)).map(lambda i: i < p_in_10)
 
 
 def _valid_for(key: str, tp, meta) -> st.SearchStrategy:
@@ -589,7 +591,8 @@ def section_strategy(cls, prefix: str = "") -> st.SearchStrategy:
             value = mostly(_valid_for(key, tp, f.metadata))
             FIELD_STRATEGIES[key] = value
         is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        (required if is_required else optional)[f.name] = value
+        # max_seq_len always: its default (2048) is longer than the test model's 512 positions
+        (required if is_required or key == "data.max_seq_len" else optional)[f.name] = value
     return st.fixed_dictionaries(
         {k: v for k, v in required.items()},
         optional={k: v for k, v in optional.items()}).flatmap(_thin)
@@ -599,7 +602,8 @@ def _thin(d: dict) -> st.SearchStrategy:
     """Keep each optional value with a small probability, so many files are valid."""
     return st.tuples(*[present() for _ in d]).map(
         lambda keep: {k: v for (k, v), kept in zip(d.items(), keep)
-                      if kept or k in ("name", "model", "data", "train", "path", "max_steps", "max_seq_len")})
+                      if kept or k in ("name", "model", "data", "train", "path", "max_steps",
+                                       "max_seq_len")})
 
 
 DS_SPEC_KEYS = [(section, key, table[spec[6:]] if spec.startswith("alias:") else spec)
@@ -615,8 +619,9 @@ def _ds_value(spec: str) -> st.SearchStrategy:
     kind = m.group(1)
     good = st.sampled_from(m.group(2).split("|")) if kind.startswith("choice") else valid[kind]
     if kind == "mapping":  # pass-through blocks: DeepSpeed checks their contents on the ranks
-        return st.one_of(good, st.just("auto"), st.integers(), st.text(max_size=3), st.none())
-    return st.one_of(good, good, st.just("auto"), JUNK)
+        return mostly(good, st.one_of(st.just("auto"), st.integers(), st.text(max_size=3), st.none()),
+                      one_in=4)
+    return mostly(good, st.one_of(st.just("auto"), JUNK), one_in=4)
 
 
 @st.composite
