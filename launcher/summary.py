@@ -35,7 +35,11 @@ def summary(cfg: RunConfig) -> str:
         ("schedule", f"{t.max_steps} steps, {t.optimizer} lr {t.lr:g}, {t.scheduler}, "
                      f"warmup {t.warmup_steps}"),
         ("deepspeed", f"ZeRO-{ds.zero_stage}, preset {ds_config.preset_name(cfg)}"
-                      f"{', offload ' + ', '.join(offload) if offload else ''}"),
+                      f"{', offload ' + ', '.join(offload) if offload else ''}"
+                      f"{', overrides ' + ', '.join(ds.overrides) if ds.overrides else ''}"),
+        ("slurm", ", ".join(x for x in (
+            f"partition {c.partition}" if c.partition else "", f"time {c.time}",
+            f"requeue up to {c.max_restarts}x" if c.requeue else "no requeue") if x)),
         ("run dir", cfg.run_dir),
     ]
     width = max(len(k) for k, _ in rows)
