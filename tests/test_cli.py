@@ -52,6 +52,7 @@ def test_validate_prints_ok_and_a_one_screen_summary(files):
     assert "2 node(s) x 4 GPU(s) = 8" in text
     assert "2 micro x 2 accum x 8 ranks = 32 sequences = 2,048 tokens/step" in text
     assert "ZeRO-3, preset zero3_offload, offload optimizer->cpu" in text
+    assert "slurm         time 24:00:00, requeue up to 3x" in text
     assert res.stderr == ""
 
 
