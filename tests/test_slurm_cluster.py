@@ -198,9 +198,11 @@ def tiny_tree(tiny, run_dir, cluster_partition):
             "output": {"dir": str(run_dir)}}
 
 
-def submit_tiny(tmp_path, tiny, cluster, name, capsys):
+def submit_tiny(tmp_path, tiny, cluster, name, capsys, **cluster_fields):
     run_dir = tmp_path / name
-    run_file = write_runfile(tmp_path / f"{name}.yaml", tiny_tree(tiny, run_dir, cluster["partition"]))
+    tree = tiny_tree(tiny, run_dir, cluster["partition"])
+    tree["cluster"].update(cluster_fields)
+    run_file = write_runfile(tmp_path / f"{name}.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert job_id.isdigit(), job_id
@@ -226,10 +228,13 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
     (a) runs to completion and leaves checkpoints, metrics and the export;
     (b) gets USR1 in its batch shell mid-run: the ranks checkpoint and stop, the job requeues
         itself, restarts, resumes from that checkpoint and ends at the same step with the same
-        losses as (a)."""
+        losses as (a);
+    (c) is (a) with the deepspeed launcher instead of torchrun: the same losses."""
     monkeypatch.chdir(tmp_path)
     job_a, run_a = submit_tiny(tmp_path, tiny, cluster, "unpreempted", capsys)
     job_b, run_b = submit_tiny(tmp_path, tiny, cluster, "preempted", capsys)
+    job_c, run_c = submit_tiny(tmp_path, tiny, cluster, "deepspeed-launcher", capsys,
+                               launcher="deepspeed")
     rb = str(run_b)
     wait_until(job_b, cluster["env"], lambda i: (run_b / layout.METRICS).exists()
                and len(metrics(run_b)) >= 10 or i.get("JobState") not in ("PENDING", "RUNNING"),
@@ -267,6 +272,15 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
     status = json.loads((run_b / layout.EXIT_STATUS).read_text())
     assert status["code"] == 0 and status["step"] == STEPS
     rows = metrics(run_b)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for got, want in zip(rows, ref):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (got, want)
+
+    # (c)
+    info = wait_final(job_c, cluster["env"], 600, str(run_c))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs(str(run_c))}"
+    assert "deepspeed.launcher.launch" in node_logs(run_c, job_c)[1]
+    rows = metrics(run_c)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for got, want in zip(rows, ref):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (got, want)
