@@ -154,7 +154,8 @@ class DeepSpeedSection:
 @dataclass(frozen=True)
 class ClusterConfig:
     nodes: int = opt(1, "Nodes.", ge=1, le=4096)
-    gpus_per_node: int = opt(1, "GPUs (ranks) per node.", ge=1, le=64)
+    gpus_per_node: int = opt(1, "GPUs (ranks) per node; with train.device cpu, CPU ranks per node "
+                             "(no GPUs requested).", ge=1, le=64)
     cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`).", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
@@ -167,8 +168,9 @@ class ClusterConfig:
     reservation: Optional[str] = opt(None, "Reservation (`--reservation`).")
     exclusive: bool = opt(False, "Whole nodes (`--exclusive`).")
     sbatch_extra: list[str] = opt([], "More `#SBATCH` options, each `--name=value` or `--flag`.")
-    setup: list[str] = opt([], "Shell lines run before launch on every node (module load, "
-                           "source .venv/bin/activate). Your own shell, run as written.")
+    setup: list[str] = opt([], "Shell lines run in the job's batch shell before launch (module "
+                           "load, source .venv/bin/activate); srun carries the environment they "
+                           "set to every node. Your own shell, run as written.")
     env: dict[str, str] = opt({}, "Environment variables for every rank (NCCL_*, HF_HOME, ...).")
     launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
     python: str = opt("python", "Python on the compute nodes (after setup).")
