@@ -486,3 +486,11 @@ print('OK')
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr
+
+
+def test_slurm_readme_lists_exactly_the_template_placeholders():
+    with open(slurm.TEMPLATE) as fh:
+        used = set(re.findall(r"\{\{([a-z_]+)\}\}", fh.read()))
+    with open(os.path.join(os.path.dirname(slurm.TEMPLATE), "README.md")) as fh:
+        documented = set(re.findall(r"^\| `\{\{([a-z_]+)\}\}` \|", fh.read(), re.M))
+    assert documented == used
