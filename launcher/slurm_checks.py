@@ -24,6 +24,8 @@ MANAGED = {
     "--error": "the run directory's logs/", "--open-mode": "append (fixed)",
     "--signal": "cluster.grace_s", "--requeue": "cluster.requeue", "--no-requeue": "cluster.requeue",
     "--chdir": "the directory `ftlaunch slurm` runs in",
+    "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
+    "--array": "one run directory per job: array jobs would share it",
 }
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
 RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
