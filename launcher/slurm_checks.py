@@ -15,17 +15,18 @@ from launcher.errors import Problem
 
 # Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
 MANAGED = {
-    "--nodes": "cluster.nodes", "--ntasks": "one task per node (fixed)",
-    "--ntasks-per-node": "one task per node (fixed)", "--gpus-per-node": "cluster.gpus_per_node",
+    "--nodes": "cluster.nodes", "--ntasks": "one task per node, fixed",
+    "--ntasks-per-node": "one task per node, fixed", "--gpus-per-node": "cluster.gpus_per_node",
     "--cpus-per-task": "cluster.cpus_per_task", "--mem": "cluster.mem", "--time": "cluster.time",
     "--partition": "cluster.partition", "--account": "cluster.account", "--qos": "cluster.qos",
     "--constraint": "cluster.constraint", "--reservation": "cluster.reservation",
-    "--exclusive": "cluster.exclusive", "--job-name": "name", "--output": "the run directory's logs/",
-    "--error": "the run directory's logs/", "--open-mode": "append (fixed)",
+    "--exclusive": "cluster.exclusive", "--job-name": "name",
+    "--output": "logs go to the run directory's logs/",
+    "--error": "logs go to the run directory's logs/", "--open-mode": "append, fixed",
     "--signal": "cluster.grace_s", "--requeue": "cluster.requeue", "--no-requeue": "cluster.requeue",
-    "--chdir": "the directory `ftlaunch slurm` runs in",
+    "--chdir": "the job runs where `ftlaunch slurm` ran",
     "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
-    "--array": "one run directory per job: array jobs would share it",
+    "--array": "array jobs would share one run directory",
 }
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
 RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
@@ -84,9 +85,12 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                           "(short options like -N are not accepted)")
         elif m.group(1) in MANAGED:
             source = MANAGED[m.group(1)]
-            yield Problem(key, f"{m.group(1)} is set by the launcher (from {source})",
-                          "remove it from sbatch_extra" + (f" and set {source}" if
-                                                           source.startswith(("cluster.", "name")) else ""))
+            if source.startswith(("cluster.", "name")):
+                yield Problem(key, f"{m.group(1)} is set by the launcher from {source}",
+                              f"remove it from sbatch_extra and set {source}")
+            else:
+                yield Problem(key, f"{m.group(1)} is set or ruled out by the launcher ({source})",
+                              "remove it from sbatch_extra")
     for name, value in c.env.items():
         key = f"cluster.env.{name}"
         if not _ENV_NAME.fullmatch(name):
