@@ -494,3 +494,14 @@ def test_slurm_readme_lists_exactly_the_template_placeholders():
     with open(os.path.join(os.path.dirname(slurm.TEMPLATE), "README.md")) as fh:
         documented = set(re.findall(r"^\| `\{\{([a-z_]+)\}\}` \|", fh.read(), re.M))
     assert documented == used
+
+
+def test_without_sbatch_the_script_is_kept_and_the_message_says_where(tmp_path, fake_model, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    run_file = write_runfile(tmp_path, fake_model)
+    assert slurm.main(args(run_file, "test_only")) == 1
+    err = capsys.readouterr().err
+    script = tmp_path / "runs" / "demo" / layout.JOB_SCRIPT
+    assert f"sbatch not found: run this on a Slurm login node (the script is ready: {script})" in err
+    assert script.is_file()
