@@ -505,3 +505,16 @@ def test_without_sbatch_the_script_is_kept_and_the_message_says_where(tmp_path, 
     script = tmp_path / "runs" / "demo" / layout.JOB_SCRIPT
     assert f"sbatch not found: run this on a Slurm login node (the script is ready: {script})" in err
     assert script.is_file()
+
+
+@pytest.mark.parametrize("field", ["mem", "time"])
+@pytest.mark.parametrize("value", ["1G; rm -rf ~", "$(id)", "`id`", "10 G", "-1", "é"])
+def test_hostile_mem_and_time_are_refused_by_their_form(field, value, fake_model):
+    with pytest.raises(ConfigError, match=rf"cluster\.{field}[\s\S]*does not match the expected form"):
+        make_cfg(fake_model, {field: value})
+
+
+@pytest.mark.parametrize("name", ["a b", "$(id)", "x;y", "-lead", "é", "a/b"])
+def test_hostile_names_are_refused(name, fake_model):
+    with pytest.raises(ConfigError, match=r"name[\s\S]*does not match the expected form"):
+        make_cfg(fake_model, name=name)
