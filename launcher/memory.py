@@ -21,11 +21,14 @@ from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem
 from launcher.memory_model import Inventory, inventory, meta_model
 from launcher.memory_terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
-                                   CUDA_FRAGMENTATION, DS_SRC, Term, activations, gib, states)
+                                   CUDA_FRAGMENTATION, DS_SRC, Term, activations, gib, grads_map,
+                                   states)
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
+MOMENTS = ("fwd", "bwd", "step")
+MOMENT_NAMES = {"fwd": "end of forward", "bwd": "end of backward", "step": "optimizer step"}
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -48,6 +51,7 @@ class Plan:
     gpu_memory: int
     gpu_memory_source: str
     terms: list[Term]
+    worst_moment: str                # fwd, bwd or step: when the peak happens
     peak_allocated: int              # tensor bytes at the worst moment (max_memory_allocated)
     total_per_gpu: int               # + runtime overhead and allocator slack
     node_terms: list[Term]
@@ -77,7 +81,7 @@ class Plan:
             "world_size": self.world_size, "device": self.device,
             "gpu_memory": self.gpu_memory, "gpu_memory_source": self.gpu_memory_source,
             "per_gpu": [t.to_dict() for t in self.terms],
-            "peak_allocated": self.peak_allocated, "total_per_gpu": self.total_per_gpu,
+            "peak_allocated": self.peak_allocated, "peak_at": self.worst_moment, "total_per_gpu": self.total_per_gpu,
             "headroom": self.headroom, "fits": self.fits,
             "per_node": [t.to_dict() for t in self.node_terms], "node_cpu": self.node_cpu,
             "advice": self.advice, "notes": self.notes,
@@ -106,19 +110,18 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     return DEFAULT_GPU_MEMORY, "default (no --gpu-memory, cluster.gpu_memory or local GPU)"
 
 
-def _zero_section(cfg: RunConfig, world: int, device: str) -> dict[str, Any]:
-    from launcher import ds_config
-    return ds_config.build(cfg, world, device=device).get("zero_optimization", {})
-
-
 def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | None = None,
-         advise: bool = True) -> Plan:
-    """The memory plan of cfg on world_size ranks (default: the cluster's nodes x GPUs)."""
+         advise: bool = True, ds: dict[str, Any] | None = None) -> Plan:
+    """The memory plan of cfg on world_size ranks (default: the cluster's nodes x GPUs).
+
+    ds: the DeepSpeed config the ranks will use (default: `ds_config.build(cfg, ...)`)."""
+    from launcher import ds_config
     world = world_size or cfg.world_size
     device = "cpu" if cfg.train.device == "cpu" else "cuda"
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     inv = inventory(cfg)
-    zero = _zero_section(cfg, world, device)
+    ds = ds if ds is not None else ds_config.build(cfg, world, device=device)
+    zero = ds.get("zero_optimization", {})
     stage = cfg.deepspeed.zero_stage
     lp = inv.lp_bytes
     st = states(inv, stage, world, zero, cfg.train.optimizer)
@@ -127,9 +130,11 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     off_par = cfg.deepspeed.offload_param != "none"
     s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
     attn = cfg.model.attn_implementation or "sdpa"
+    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r) \
+        if inv.shape.known else (None, None)
     act = activations(inv.shape, b, s, lp, "eager" if attn == "eager" else "sdpa",
                       cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
-                      logits_held=LOGITS_HELD)
+                      logits_held=LOGITS_HELD, blocks=blocks, head=head)
     bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
     overlap = bool(zero.get("overlap_comm", stage == 3))
     contiguous = bool(zero.get("contiguous_gradients", True))
@@ -139,12 +144,16 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     def add(key, label, n, phase, formula, source):
         terms.append(Term(key, label, int(n), phase, formula, source))
 
+    # Moments of a step: "fwd" end of forward / start of backward (activations all alive),
+    # "bwd" end of backward (gradients reduced), "step" the optimizer step. A term lists the
+    # moments it is alive at; "static" terms are alive throughout.
     w_on_gpu = st.weights if not off_par else inv.buffer_bytes
     add("weights", "weights", w_on_gpu, "static",
         st.weights_f if not off_par else "offload_param: partitions on CPU, gathered below", DS_SRC)
     grads_gpu = st.grads if not (off_opt and stage in (1, 2)) else 0
-    add("gradients", "gradients", grads_gpu, "static",
-        st.grads_f if grads_gpu or not st.grads else "offload_optimizer: reduced into CPU fp32 slices",
+    add("gradients", "gradients", grads_gpu, "static" if stage == 3 else "bwd step",
+        (st.grads_f if grads_gpu or not st.grads else "offload_optimizer: reduced into CPU fp32 slices")
+        + (" (allocated at initialize)" if stage == 3 else " (from the backward to the step)"),
         DS_SRC)
     add("masters", "fp32 master weights", 0 if off_opt else st.masters, "static",
         "offloaded to CPU" if off_opt else
@@ -153,26 +162,36 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     add("optimizer", f"optimizer state ({cfg.train.optimizer})", 0 if off_opt else st.optim,
         "static", "offloaded to CPU" if off_opt else st.optim_f,
         "torch AdamW / bitsandbytes Optimizer2State.init_state")
+    if device == "cpu" and cfg.quantization.mode == "8bit":
+        add("bnb_cpu", "bitsandbytes 8-bit CPU path", 2 * inv.quantized, "static",
+            "2 B x quantized elements: measured on CPU ranks after the first step (MatMul8bitFp "
+            "dequantizes per call; the memory is not held by Python-visible tensors)",
+            "bench/plan_vs_measured.py (20M Llama, 6.4M and 19.5M quantized elements)")
     # DeepSpeed gradient buckets
     if stage in (1, 2) and contiguous:
         n_buf = 2 if overlap else 1
-        elems = bucket if device == "cuda" else min(bucket, T) + (min(bucket, max(T - bucket, 0)) if overlap else 0)
-        nb = n_buf * bucket * lp if device == "cuda" else elems * lp
-        add("buckets", "DeepSpeed reduce buckets", nb, "backward",
-            f"{n_buf} x reduce_bucket_size {bucket:,} x lp" + (
-                "" if device == "cuda" else " (CPU: only the pages written, <= T elements)"),
-            "stage_1_and_2.py setup_buckets (torch.empty per backward)")
+        if device == "cuda":
+            add("buckets", "DeepSpeed reduce buckets", n_buf * bucket * lp, "fwd bwd",
+                f"{n_buf} x reduce_bucket_size {bucket:,} x lp, from the first gradient of the "
+                "backward to its end", "stage_1_and_2.py setup_buckets / _release_ipg_buffers")
+        else:
+            elems = min(bucket, T) + (min(bucket, max(T - bucket, 0)) if overlap else 0)
+            add("buckets", "DeepSpeed reduce buckets", elems * lp, "bwd",
+                "lp x gradient elements written into the buckets (CPU: untouched pages of "
+                f"torch.empty({bucket:,}) are not resident; filled as activations are freed)",
+                "stage_1_and_2.py setup_buckets")
     elif stage == 3:
         nb = bucket * lp if device == "cuda" else min(bucket, T) * lp
         add("buckets", "DeepSpeed reduce bucket", nb, "static",
-            f"reduce_bucket_size {bucket:,} x lp" + ("" if device == "cuda" else " (CPU: written pages)"),
+            f"reduce_bucket_size {bucket:,} x lp" + ("" if device == "cuda" else
+                                                    " (CPU: pages written, <= T elements)"),
             "stage3.py (allocated at initialize)")
-        add("gathered", "ZeRO-3 gathered parameters", st.gather, "backward", st.gather_f,
-            "stage3 prefetch / max_live_parameters")
-    add("activations", "activations", act.saved, "backward",
+        add("gathered", "ZeRO-3 gathered parameters", st.gather, "fwd", st.gather_f,
+            "stage3 max_live_parameters / max_reuse_distance; 2 copies measured at the peak")
+    add("activations", "activations", act.saved, "fwd",
         f"b={b}, s={s}, {attn}{', checkpointing' if cfg.model.gradient_checkpointing else ''}: "
         + act.formula, act.source)
-    add("loss_backward", "backward temporaries", act.backward_extra, "backward",
+    add("loss_backward", "backward temporaries", act.backward_extra, "fwd",
         "fp32 gradients of the loss (8bsV) or a recomputed block", act.source)
     # optimizer step transients
     if not off_opt:
@@ -183,15 +202,20 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
             fp32_grads = 4 * st.opt_elems
             fmt = "4 B x this rank's slice (fp32 gradient for the step)"
         add("step_grads", "fp32 gradients at the step", fp32_grads, "step", fmt, DS_SRC)
-        if cfg.train.optimizer == "adamw" and device == "cpu":
+        torch_adam = bool(ds.get("optimizer", {}).get("params", {}).get("torch_adam"))
+        if cfg.train.optimizer == "adamw" and torch_adam and device == "cpu":
             biggest = st.opt_elems if stage else max((p.numel for p in inv.params if p.trainable), default=0)
             add("step_temp", "optimizer temporaries", 8 * biggest, "step",
                 "torch AdamW (single tensor): sqrt and division of the largest state tensor, 2 x 4 B",
                 "torch/optim/adamw.py _single_tensor_adamw")
+        elif cfg.train.optimizer == "adamw" and torch_adam:
+            add("step_temp", "optimizer temporaries", 4 * st.opt_elems, "step",
+                "torch AdamW (foreach on GPU): one fp32 temporary per state tensor (sqrt of v)",
+                "torch/optim/adamw.py _multi_tensor_adamw")
     static = sum(t.bytes for t in terms if t.phase == "static")
-    bwd = sum(t.bytes for t in terms if t.phase == "backward")
-    step = sum(t.bytes for t in terms if t.phase == "step")
-    peak = static + max(bwd, step)
+    moments = {m: sum(t.bytes for t in terms if m in t.phase.split()) for m in MOMENTS}
+    worst = max(moments, key=lambda m: moments[m])
+    peak = static + moments[worst]
     if device == "cuda":
         slack = int(CUDA_FRAGMENTATION * peak)
         add("runtime", "CUDA context and workspaces", CUDA_CONTEXT, "overhead",
@@ -200,11 +224,12 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
             f"{CUDA_FRAGMENTATION:.0%} of the tensor peak (caching allocator fragmentation)",
             "estimate")
     else:
-        slack = int(CPU_FRAGMENTATION * peak)
-        add("runtime", "rank runtime (shm, gloo, lazy imports)", CPU_RUNTIME, "overhead",
-            "constant measured on a tiny model (docs/memory.md)", "bench/plan_vs_measured.py")
-        add("allocator", "malloc slack", slack, "overhead",
-            f"{CPU_FRAGMENTATION:.0%} of the tensor peak (glibc arenas)", "bench/plan_vs_measured.py")
+        rt = CPU_RUNTIME[cfg.model.dtype]
+        add("runtime", "rank runtime (kernels, gloo)", rt, "overhead",
+            f"constant for {cfg.model.dtype} CPU ranks, measured (docs/memory.md); code loaded "
+            "on first use is not counted", "bench/plan_vs_measured.py")
+        add("allocator", "malloc slack", slack := int(CPU_FRAGMENTATION * peak), "overhead",
+            f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
 
     node, notes = _node_terms(cfg, inv, st, world, device), list(inv.notes)
@@ -213,7 +238,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
                      "above its baseline (after imports, before loading)")
     if cfg.quantization.mode != "none" and stage == 3:
         notes.append("ZeRO-3 with a quantized base: weights counted as partitioned")
-    result = Plan(cfg, inv, world, device, mem, mem_src, terms, peak, total, node,
+    result = Plan(cfg, inv, world, device, mem, mem_src, terms, worst, peak, total, node,
                   sum(t.bytes for t in node), states=st, notes=notes)
     if advise and not result.fits:
         from launcher.memory_advice import advise as _advise
@@ -262,16 +287,15 @@ def render(p: Plan, explain: bool = False) -> str:
     unit = "GPU" if p.device == "cuda" else "CPU rank"
     lines.append(f"per {unit} (ZeRO-{c.deepspeed.zero_stage}, {p.world_size} ranks, micro batch "
                  f"{c.train.micro_batch_size} x {c.data.max_seq_len} tokens):")
-    for phase, title in (("static", None), ("backward", "at the backward's peak, one of"),
-                         ("step", "at the optimizer step, the other"), ("overhead", None)):
-        rows = [t for t in p.terms if t.phase == phase]
-        if title and rows:
-            lines.append(f"  {title}:")
-        for t in rows:
-            lines.append(f"  {'  ' if title else ''}{t.label:<38}{gib(t.bytes):>12}")
-            if explain:
-                lines.append(_explain(t))
-    lines.append(f"  {'tensor peak (max_memory_allocated)':<38}{gib(p.peak_allocated):>12}")
+    lines.append(f"  {'':<38}{'bytes':>12}  alive at")
+    for t in p.terms:
+        when = ("throughout" if t.phase == "static" else "" if t.phase == "overhead" else
+                ", ".join(MOMENT_NAMES[m] for m in t.phase.split()))
+        lines.append(f"  {t.label:<38}{gib(t.bytes):>12}  {when}".rstrip())
+        if explain:
+            lines.append(_explain(t))
+    lines.append(f"  {'tensor peak (max_memory_allocated)':<38}{gib(p.peak_allocated):>12}  at the "
+                 f"{MOMENT_NAMES[p.worst_moment]}")
     lines.append(f"  {'total':<38}{gib(p.total_per_gpu):>12}")
     lines.append(f"  {'headroom':<38}{gib(p.headroom):>12}  of {gib(p.gpu_memory)} "
                  f"({p.gpu_memory_source})")
