@@ -130,7 +130,8 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     off_par = cfg.deepspeed.offload_param != "none"
     s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
     attn = cfg.model.attn_implementation or "sdpa"
-    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r) \
+    linear3 = stage == 3 and bool(zero.get("memory_efficient_linear", True))
+    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
         if inv.shape.known else (None, None)
     act = activations(inv.shape, b, s, lp, "eager" if attn == "eager" else "sdpa",
                       cfg.model.gradient_checkpointing, padded=not cfg.data.packing,

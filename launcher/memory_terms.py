@@ -225,13 +225,17 @@ def activations(shape: Shape, b: int, s: int, lp: int, attn: str, checkpointing:
                        if shape.known else KORTHIKANTI)
 
 
-def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0
+def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3: bool = False
               ) -> tuple[list[BlockGrads], HeadGrads]:
-    """BlockGrads per block and HeadGrads from the inventory's trainable / quantized names."""
+    """BlockGrads per block and HeadGrads from the inventory's trainable / quantized names.
+
+    zero3: DeepSpeed ZeRO-3 runs every linear layer through its own autograd function
+    (`zero3_linear_wrap`, memory_efficient_linear), which keeps the input whether the weight
+    trains or not."""
     from launcher.freeze import find_layers
     names = [p.name for p in inv.params if p.group not in ("adapters", "copies")]
     layers = find_layers(names)
-    keep = {p.name for p in inv.params if p.trainable or p.quant != "none"}
+    keep = {p.name for p in inv.params if p.trainable or p.quant != "none" or zero3}
     trains = {p.name for p in inv.params if p.trainable}
     copies = {p.name[: -len(" (trained copy)")] for p in inv.params if p.group == "copies"}
     keep |= copies
