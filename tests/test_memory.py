@@ -43,6 +43,11 @@ def run_cfg(tmp_path, model, *overrides, dtype="bf16", gc="false", seq=256, micr
     return str(path), load(str(path), list(overrides))
 
 
+def memory_model_cache_clear() -> None:
+    from launcher import memory_model
+    memory_model._meta_model_cached.cache_clear()
+
+
 def real_count(model_dir: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,7 +59,12 @@ def real_count(model_dir: str) -> int:
 def test_plan_from_config_json_only(tmp_path):
     model = llama_folder(tmp_path)
     _, cfg = run_cfg(tmp_path, model)
+    p0 = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
+    # weight files are never opened: a corrupt one changes nothing
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
+    memory_model_cache_clear()
     p = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
+    assert p.total_per_gpu == p0.total_per_gpu
     # embed + head 2 x 1000 x 128, 4 blocks of q,o 128x128, k,v 64x128, MLP 3 x 128x344, 2 norms
     per_block = 2 * 128 * 128 + 2 * 64 * 128 + 3 * 128 * 344 + 2 * 128
     assert p.inv.total == 2 * 1000 * 128 + 4 * per_block + 128 == real_count(model)
