@@ -406,6 +406,30 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    x = range(len(rows))
+    mib = [r["plan_total"] / 2**20 for r in rows]
+    ax.bar([i - 0.2 for i in x], mib, 0.4, label="plan")
+    ax.bar([i + 0.2 for i in x], [r["measured_peak"] / 2**20 for r in rows], 0.4,
+           label="measured peak RSS above baseline")
+    if any(r.get("default_malloc_peak") for r in rows):
+        ax.scatter(list(x), [(r.get("default_malloc_peak") or 0) / 2**20 for r in rows], color="k",
+                   marker="_", s=200, label="measured, glibc default malloc")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([f"{r['model']}\n{r['setting']}" for r in rows], rotation=60, ha="right",
+                       fontsize=7)
+    ax.set_ylabel("MiB per rank")
+    ax.set_yscale("log")
+    ax.set_title("Memory plan vs a CPU rank's peak (2 ranks, DeepSpeed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def write_doc(doc: str, text: str, begin: str = BEGIN, end: str = END) -> None:
     with open(doc, encoding="utf-8") as fh:
         old = fh.read()
@@ -427,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", help="folder for models and run files (default: a temporary one)")
     ap.add_argument("--doc", help="write the table into this markdown file between the markers")
     ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--plot", help="write a PNG bar chart of plan vs measured here")
     ap.add_argument("--default-malloc-too", action="store_true",
                     help="also measure with glibc's default (dynamic) mmap threshold")
     a = ap.parse_args(argv)
@@ -448,8 +473,14 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, indent=1)
+    if a.plot:
+        plot(rows, a.plot)
     if a.doc:
-        cmd = "    .venv/bin/python bench/plan_vs_measured.py --doc docs/memory.md\n"
+        flags = [f"--models {a.models}"] if a.models != "tiny,20m" else []
+        flags += ["--default-malloc-too"] if a.default_malloc_too else []
+        flags += ["--json rows.json"] if a.json else []
+        flags += [f"--plot {a.plot}"] if a.plot else []
+        cmd = f"    .venv/bin/python bench/plan_vs_measured.py {' '.join(flags + ['--doc', a.doc])}\n"
         write_doc(a.doc, f"Written by `bench/plan_vs_measured.py` ({time.strftime('%Y-%m-%d')}, "
                          f"{a.steps} steps, 2 CPU ranks):\n\n{cmd}\n{text}")
     return 0

@@ -229,14 +229,17 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
         add("runtime", "rank runtime (kernels, gloo)", rt, "overhead",
             f"constant for {cfg.model.dtype} CPU ranks, measured (docs/memory.md); code loaded "
             "on first use is not counted", "bench/plan_vs_measured.py")
-        add("allocator", "malloc slack", slack := int(CPU_FRAGMENTATION * peak), "overhead",
-            f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
+        if CPU_FRAGMENTATION:
+            add("allocator", "malloc slack", int(CPU_FRAGMENTATION * peak), "overhead",
+                f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
 
     node, notes = _node_terms(cfg, inv, st, world, device), list(inv.notes)
     if device == "cpu":
-        notes.append(f"train.device cpu: per-rank figures are each rank process's {where} memory "
-                     "above its baseline (after imports, before loading)")
+        notes.append("train.device cpu: per-rank figures are each rank process's memory above "
+                     "its baseline (after imports and first use of the code); measured with "
+                     "MALLOC_MMAP_THRESHOLD_=65536, without it glibc keeps freed activations and "
+                     "ranks peak up to 2x higher (docs/memory.md)")
     if cfg.quantization.mode != "none" and stage == 3:
         notes.append("ZeRO-3 with a quantized base: weights counted as partitioned")
     result = Plan(cfg, inv, world, device, mem, mem_src, terms, worst, peak, total, node,
