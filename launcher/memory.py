@@ -5,7 +5,8 @@
     main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
 
 The parameters come from a meta-device model built from config.json (launcher/memory_model.py),
-the formulas from launcher/memory_terms.py, the alternatives from launcher/memory_advice.py.
+the formulas from launcher/memory_terms.py (model states) and launcher/memory_activations.py,
+the alternatives from launcher/memory_advice.py, the text from launcher/memory_render.py.
 On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its
 baseline (see docs/memory.md for how that is measured and what it can and cannot verify).
 """
@@ -20,15 +21,15 @@ from typing import Any
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem
 from launcher.memory_model import Inventory, inventory, meta_model
+from launcher.memory_activations import activations, grads_map
+from launcher.memory_render import render
 from launcher.memory_terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
-                                   CUDA_FRAGMENTATION, DS_SRC, Term, activations, gib, grads_map,
-                                   states)
+                                   CUDA_FRAGMENTATION, DS_SRC, Term, states)
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
 MOMENTS = ("fwd", "bwd", "step")
-MOMENT_NAMES = {"fwd": "end of forward", "bwd": "end of backward", "step": "optimizer step"}
 _UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -139,7 +140,6 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
     overlap = bool(zero.get("overlap_comm", stage == 3))
     contiguous = bool(zero.get("contiguous_gradients", True))
-    where = "CPU" if device == "cpu" else "GPU"
     terms: list[Term] = []
 
     def add(key, label, n, phase, formula, source):
@@ -267,60 +267,6 @@ def _node_terms(cfg: RunConfig, inv: Inventory, st, world: int, device: str) -> 
                         f"{per_node} ranks x P x lp (the weights pass through CPU memory once)",
                         "transformers from_pretrained"))
     return out
-
-
-# ------------------------------------------------------------------ output
-def _explain(t: Term) -> str:
-    return f"      = {t.formula}\n        source: {t.source}"
-
-
-def render(p: Plan, explain: bool = False) -> str:
-    inv, c = p.inv, p.cfg
-    sh = inv.shape
-    lines = [f"model {sh.model_type}: {sh.layers} blocks, hidden {sh.hidden}, {sh.heads} heads "
-             f"({sh.kv_heads} kv), MLP {sh.intermediate}, vocab {sh.vocab}"
-             f"{', tied embeddings' if sh.tied else ''}",
-             f"parameters {inv.total:,}: trainable {inv.trainable:,}, frozen {inv.frozen:,}, "
-             f"quantized {inv.quantized:,} ({c.freeze.policy}, {c.quantization.mode}, {c.model.dtype})"]
-    head = f"  {'group':<11}{'trainable':>14}{'frozen':>14}{'quantized':>14}{'bytes':>12}"
-    lines.append(head)
-    for g in inv.groups():
-        nbytes = g["trainable_bytes"] + g["frozen_bytes"] + g["quantized_bytes"]
-        lines.append(f"  {g['group']:<11}{g['trainable']:>14,}{g['frozen']:>14,}{g['quantized']:>14,}"
-                     f"{gib(nbytes):>12}")
-    unit = "GPU" if p.device == "cuda" else "CPU rank"
-    lines.append(f"per {unit} (ZeRO-{c.deepspeed.zero_stage}, {p.world_size} ranks, micro batch "
-                 f"{c.train.micro_batch_size} x {c.data.max_seq_len} tokens):")
-    lines.append(f"  {'':<38}{'bytes':>12}  alive at")
-    for t in p.terms:
-        when = ("throughout" if t.phase == "static" else "" if t.phase == "overhead" else
-                ", ".join(MOMENT_NAMES[m] for m in t.phase.split()))
-        lines.append(f"  {t.label:<38}{gib(t.bytes):>12}  {when}".rstrip())
-        if explain:
-            lines.append(_explain(t))
-    lines.append(f"  {'tensor peak (max_memory_allocated)':<38}{gib(p.peak_allocated):>12}  at the "
-                 f"{MOMENT_NAMES[p.worst_moment]}")
-    lines.append(f"  {'total':<38}{gib(p.total_per_gpu):>12}")
-    lines.append(f"  {'headroom':<38}{gib(p.headroom):>12}  of {gib(p.gpu_memory)} "
-                 f"({p.gpu_memory_source})")
-    if p.node_terms:
-        lines.append("per node (CPU memory):")
-        for t in p.node_terms:
-            lines.append(f"  {t.label:<38}{gib(t.bytes):>12}")
-            if explain:
-                lines.append(_explain(t))
-    for n in p.notes:
-        lines.append(f"note: {n}")
-    verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"verdict: {verdict} in {gib(p.gpu_memory)} per {unit}")
-    if not p.fits:
-        if p.advice:
-            lines.append("cheapest changes that fit (least slowdown first):")
-            for a in p.advice:
-                lines.append(f"  {a['change']:<52}{gib(a['total_per_gpu']):>12}  ({a['cost']})")
-        else:
-            lines.append("no single change or combination tried fits: more GPUs, or a smaller model")
-    return "\n".join(lines) + "\n"
 
 
 def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,

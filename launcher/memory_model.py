@@ -213,7 +213,7 @@ def inventory(cfg: RunConfig) -> Inventory:
     Raises ConfigError (naming the key) for freeze patterns or LoRA targets matching nothing,
     too many layers, quantized parameters selected for training.
     """
-    from launcher import freeze, lora
+    from launcher import freeze
     model = meta_model(cfg.model.path, cfg.model.trust_remote_code)
     shape = shape_of(model)
     lp = DTYPE_BYTES[cfg.model.dtype]
