@@ -389,6 +389,23 @@ def load(engine: Any, path: str) -> tuple[dict, dict]:
 
 
 # ------------------------------------------------------------------ export
+class _hf_zero3_off:
+    """Hide the run's HfDeepSpeedConfig from transformers for a moment: a model built on one
+    rank (the merged LoRA export) must not go through zero.Init, whose broadcasts would wait
+    for the other ranks forever."""
+
+    def __enter__(self):
+        from transformers.integrations import deepspeed as hf_ds
+        self.saved = hf_ds._hf_deepspeed_config_weak_ref
+        hf_ds.unset_hf_deepspeed_config()
+        return self
+
+    def __exit__(self, *exc):
+        from transformers.integrations import deepspeed as hf_ds
+        hf_ds._hf_deepspeed_config_weak_ref = self.saved
+        return False
+
+
 def export(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[str]:
     """Write the trained model as a Hugging Face folder (collective). ZeRO-3 shards are gathered
     (stage3_gather_16bit_weights_on_model_save); LoRA runs write the adapter (and `merged/` with
@@ -409,7 +426,7 @@ def export(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[str]
         params = list(engine.module.parameters())
         ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else \
             contextlib.nullcontext()
-        with ctx:
+        with ctx, _hf_zero3_off():
             if rank == 0:
                 lora.export_adapter(engine.module, tmp)
                 tokenizer.save_pretrained(tmp)

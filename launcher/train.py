@@ -474,6 +474,16 @@ def _ensure_run_dir(cfg: RunConfig, env: RankEnv, ds_config_dict: dict) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
 
 
+def shutdown(*, barrier: bool) -> None:
+    """Leave the process group cleanly (a rank that exits while a peer still talks to it can
+    make gloo abort the peer)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(args: Any) -> int:
     from launcher import runfile
     cfg = runfile.load(args.run_file, args.overrides)
@@ -487,7 +497,9 @@ def main(args: Any) -> int:
             from launcher.rundir import write_atomic
             write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
             print(text, end="", flush=True)
-        return train_loop(s, stop)
+        code = train_loop(s, stop)
+        shutdown(barrier=True)
+        return code
     except ConfigError as exc:
         if env.is_main:
             print(exc.render(), file=sys.stderr, flush=True)

@@ -100,7 +100,8 @@ def test_exit_code_from_rank_status(tmp_path):
 
 # ---------------------------------------------------------------- real ranks
 def ftlaunch(*argv: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launcher", *argv], env=rank_env(), cwd=ROOT,
+    kw.setdefault("env", rank_env())
+    return subprocess.Popen([sys.executable, "-m", "launcher", *argv], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -108,16 +109,16 @@ def ftlaunch(*argv: str, **kw) -> subprocess.Popen:
 @pytest.mark.slow
 def test_dry_run_trains_three_steps_and_keeps_nothing(tiny, tmp_path, write_run):
     path = write_run(run_text(tiny, tmp_path))
-    p = ftlaunch("run", path, "--dry-run")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    p = ftlaunch("run", path, "--dry-run", env={**rank_env(), "TMPDIR": str(scratch)})
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-4000:]
     assert "freeze policy last_layers:" in out       # the report, printed by rank 0
     assert "done: 3 steps; checkpoint (not saved: dry run)" in out
     assert "dry run: nothing is kept" in out
     assert not (tmp_path / "run").exists()
-    leftovers = [n for n in os.listdir(os.path.dirname(str(tmp_path)) or ".")
-                 if n.startswith("ftlaunch-dry-")]
-    assert not leftovers
+    assert not [n for n in os.listdir(scratch) if n.startswith("ftlaunch-dry-")]  # gone too
 
 
 @pytest.mark.multirank

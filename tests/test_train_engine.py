@@ -54,7 +54,9 @@ def trained(request, tiny, tmp_path_factory):
     run_file = out / "run.yaml"
     run_file.write_text(run_yaml(tiny, str(out), stage))
     proc = torchrun([__file__, str(run_file), str(out)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    (out / "ranks.log").write_text(proc.stdout + "\n----- stderr\n" + proc.stderr)
+    errors = [x for x in proc.stderr.splitlines() if "Error" in x or "what()" in x]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + proc.stderr[-3000:]
     import torch
     result = torch.load(out / "result.pt", weights_only=False)
     result.update(stage=stage, out=str(out), stdout=proc.stdout, run_dir=str(out / "run"))
@@ -182,7 +184,7 @@ def rank_main(run_file: str, out: str) -> None:
                     "total_params": s.report.total_params, "stats": gathered,
                     "control": control, "probe_ids": probe_ids, "engine_logits": logits},
                    os.path.join(out, "result.pt"))
-    dist.barrier()
+    train.shutdown(barrier=True)
 
 
 if __name__ == "__main__":
