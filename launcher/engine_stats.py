@@ -12,7 +12,8 @@ benchmarks can compare them with the plan. Where DeepSpeed 0.19 keeps them:
 
 The optimizer state is the innermost torch optimizer's `state` (DeepSpeed's wrappers unwrapped):
 for AdamW, `exp_avg` and `exp_avg_sq` per master partition. 0-dim tensors (the `step` counters)
-are not counted. Every figure is this rank's; sum over ranks with an all_reduce if needed.
+are not counted; torch optimizers create their state at the first `step`, so read it after
+one. Every figure is this rank's; sum over ranks with an all_reduce if needed.
 torch is imported lazily.
 """
 from __future__ import annotations

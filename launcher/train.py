@@ -391,8 +391,9 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
             if os.path.exists(stop_file):
                 os.remove(stop_file)  # honoured: a resumed run must not stop again at once
             why = stop.signal or ("a signal to another rank" if signalled else "STOP file")
-            print(f"stopped at step {at} ({why}); checkpoint {path}; resume with: "
-                  f"{resume_command(cfg)}", flush=True)
+            where = f"checkpoint {path}" if path else "nothing trained yet, no checkpoint"
+            print(f"stopped at step {at} ({why}); {where}; resume with: {resume_command(cfg)}",
+                  flush=True)
         _write_status(cfg, env, layout.EXIT_STOPPED, at, path, "stopped on request")
         return layout.EXIT_STOPPED
 
@@ -459,6 +460,8 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
         final = checkpoint.export(engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
         if main:
             print(f"ftlaunch: exported {final}", file=sys.stderr, flush=True)
+    if main and os.path.exists(stop_file):
+        os.remove(stop_file)  # asked too late to matter: the run is complete
     _write_status(cfg, env, layout.EXIT_OK, step, path, "done")
     if main:
         print(f"done: {step} steps; checkpoint {path}", flush=True)
