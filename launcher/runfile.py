@@ -77,8 +77,9 @@ class _Reported(Exception):
 
 # ---------------------------------------------------------------- YAML -> tree of Scalars
 def _read_yaml(text: str, source: str, base_dir: str, ctx: _Ctx) -> Any:
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # its reader refuses control characters here already
         node = loader.get_single_node()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -87,7 +88,8 @@ def _read_yaml(text: str, source: str, base_dir: str, ctx: _Ctx) -> Any:
                 "fix the YAML syntax at that line", where)
         return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if node is None:
         return {}
 
