@@ -200,17 +200,12 @@ def submit(script_path: str, test_only: bool = False) -> str:
 
 
 # ------------------------------------------------------------------ ftlaunch slurm
-def _memory_plan(cfg: RunConfig, force: bool) -> str | None:
-    """The plan text (None when launcher.memory is not there); ConfigError when it does not fit."""
-    try:
-        from launcher import memory
-    except ModuleNotFoundError as exc:
-        if exc.name == "launcher.memory":
-            return None
-        raise
+def _memory_plan(cfg: RunConfig, force: bool) -> str:
+    """The plan text; ConfigError when the plan does not fit and force is off."""
+    from launcher import memory
     from launcher.errors import ConfigError, Problem
     plan = memory.plan(cfg)
-    text = memory.plan_text(cfg)
+    text = memory.render(plan)
     if not plan.fits and not force:
         raise ConfigError([Problem("cluster", "the memory plan says the job does not fit:\n"
                                    + text, "change what the plan suggests, or pass --force "
