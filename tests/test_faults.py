@@ -1,6 +1,7 @@
 """Faults on 2 real DeepSpeed CPU ranks through `ftlaunch run --nproc 2`: a rank SIGKILLed mid
 training or raising ends the whole run, bounded in time, non-zero, naming the rank (and the cause
-where there is one); SIGTERM to a rank leaves a checkpoint a resume continues from to the end.
+where there is one); a frozen rank (SIGSTOP) is ended by train.dist_timeout_s; SIGTERM to a rank
+stops both at a step boundary with a verified checkpoint.
 
 Also keeps docs/faults.md honest: every test the table cites must exist.
 
@@ -13,6 +14,7 @@ import ast
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,18 +26,19 @@ from launcher import checkpoint as ck
 from test_train_engine import ROOT, rank_env
 
 TIMEOUT_S = 20      # train.dist_timeout_s for these runs
+HUNG_TIMEOUT_S = 10  # the smallest allowed: the hung-rank test waits for it
 MARGIN_S = 90       # startup (imports, ~10 s a rank) + a loaded machine
 STEPS = 6
 
 
-def run_file(tiny: dict, folder, steps: int = STEPS) -> str:
+def run_file(tiny: dict, folder, steps: int = STEPS, timeout: int = TIMEOUT_S) -> str:
     path = folder / "run.yaml"
     path.write_text(textwrap.dedent(f"""\
         name: faults
         model: {{path: {tiny['model']}, dtype: fp32}}
         data: {{path: {tiny['text']}, max_seq_len: 32, packing: true}}
         train: {{max_steps: {steps}, micro_batch_size: 4, lr: 3.0e-3, warmup_steps: 0,
-                 checkpoint_every: 2, device: cpu, dist_timeout_s: {TIMEOUT_S}, log_every: 1}}
+                 checkpoint_every: 2, device: cpu, dist_timeout_s: {timeout}, log_every: 1}}
         freeze: {{policy: last_layers, trainable_layers: 1, also_train: [lm_head]}}
         deepspeed: {{zero_stage: 2}}
         output: {{dir: {folder}/run, save_final: false}}
@@ -53,6 +56,13 @@ def ftlaunch_run(path: str, fault: str = "", rank: str = "", *extra: str):
     return p, time.monotonic() - started
 
 
+def root_cause(log: str) -> str:
+    """The "Root Cause (first observed failure)" block of torchrun's failure summary."""
+    m = re.search(r"Root Cause \(first observed failure\):\n(.*?)\n=+", log, re.S)
+    assert m, log[-4000:]
+    return m.group(1)
+
+
 def status(folder) -> dict:
     with open(folder / "run" / "exit_status.json") as fh:
         return json.load(fh)
@@ -67,9 +77,11 @@ def test_sigkill_of_one_rank_ends_the_run(tiny, tmp_path):
     assert p.returncode != 0, log[-4000:]
     assert took < TIMEOUT_S + MARGIN_S, f"{took:.0f} s: a rank waited for the dead one"
     assert "injected fault step@3 (kill) on rank 1" in p.stderr
-    # torchrun's failure summary names the rank and the signal
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", log), log[-4000:]
-    assert re.search(r"exitcode\s*:\s*-9", log) and "SIGKILL" in log, log[-4000:]
+    # torchrun's failure summary: the root cause is rank 1 on this host, killed by SIGKILL
+    cause = root_cause(log)
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", cause), log[-4000:]
+    assert re.search(r"exitcode\s*:\s*-9 .*SIGKILL", cause), log[-4000:]
+    assert re.search(r"host\s*:\s*\S+", cause), log[-4000:]
     # step 2's checkpoint is still there and good
     ckpts = str(tmp_path / "run" / "checkpoints")
     assert ck.latest_complete(ckpts) == os.path.join(ckpts, ck.step_name(2))
@@ -86,13 +98,15 @@ def test_exception_in_one_rank_ends_the_run(tiny, tmp_path):
     assert took < TIMEOUT_S + MARGIN_S, f"{took:.0f} s: a rank waited for the failed one"
     # the cause, from the rank itself, and the rank in torchrun's summary
     assert "RuntimeError: injected fault step@3 (raise) on rank 1" in log, log[-4000:]
-    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", log), log[-4000:]
+    cause = root_cause(log)
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", cause), log[-4000:]
+    assert re.search(r"host\s*:\s*\S+", cause), log[-4000:]
     assert ck.latest_complete(str(tmp_path / "run" / "checkpoints")) is not None
 
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_sigterm_to_a_rank_checkpoints_and_resume_finishes(tiny, tmp_path):
+def test_sigterm_to_a_rank_stops_at_a_step_with_a_checkpoint(tiny, tmp_path):
     path = run_file(tiny, tmp_path)
     p, _ = ftlaunch_run(path, "step@3:sigterm", "0")
     assert p.returncode == 75, (p.stdout + p.stderr)[-4000:]
@@ -102,13 +116,67 @@ def test_sigterm_to_a_rank_checkpoints_and_resume_finishes(tiny, tmp_path):
     assert ck.problem(os.path.join(ckpts, ck.step_name(3)), hashes=True) is None
     assert status(tmp_path)["code"] == 75 and status(tmp_path)["step"] == 3
 
-    p, _ = ftlaunch_run(path, "", "", "--resume")
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    assert f"resumed from {ckpts}/step-00000003 (step 3)" in p.stderr
-    with open(tmp_path / "run" / "metrics.jsonl") as fh:
-        steps = [r["step"] for r in map(json.loads, fh) if "loss" in r]
-    assert steps == list(range(1, STEPS + 1))  # continued, nothing logged twice
-    assert status(tmp_path)["code"] == 0 and status(tmp_path)["step"] == STEPS
+    # resuming from a checkpoint written on a stop request to the end:
+    # tests/test_train_resume.py::test_interrupted_run_matches_uninterrupted (same stop path)
+
+
+def rank_pid(parent: int, local_rank: int) -> int | None:
+    """The pid of the rank process with LOCAL_RANK=local_rank below parent (via /proc)."""
+    todo, seen = [parent], set()
+    while todo:
+        pid = todo.pop()
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                todo += [int(c) for c in fh.read().split() if int(c) not in seen]
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if pid != parent and f"LOCAL_RANK={local_rank}".encode() in env:
+            return pid  # torchrun sets LOCAL_RANK in the ranks' environment only
+    return None
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path):
+    """Rank 1 frozen (SIGSTOP): nothing dies, so only train.dist_timeout_s can end the run."""
+    path = run_file(tiny, tmp_path, steps=100000, timeout=HUNG_TIMEOUT_S)
+    env = dict(rank_env(), FTLAUNCH_FAULT="", FTLAUNCH_FAULT_RANK="")
+    p = subprocess.Popen([sys.executable, "-m", "launcher", "run", path, "--nproc", "2"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    frozen = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and p.poll() is None:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                frozen = rank_pid(p.pid, 1)
+                break
+            time.sleep(0.2)
+        assert frozen is not None and p.poll() is None, "the ranks did not start training"
+        os.kill(frozen, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        out, err = p.communicate(timeout=HUNG_TIMEOUT_S + MARGIN_S + 60)
+        took = time.monotonic() - stopped_at
+        print(f"rank 1 frozen: the run ended {took:.1f} s later (dist_timeout_s {HUNG_TIMEOUT_S})")
+    finally:
+        if frozen is not None:
+            try:
+                os.kill(frozen, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    log = out + err
+    assert p.returncode != 0, log[-4000:]
+    assert took < HUNG_TIMEOUT_S + MARGIN_S, f"{took:.0f} s: rank 0 waited past the collective timeout"
+    assert re.search(r"[Tt]imed out|[Tt]imeout", log), log[-4000:]
+    assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)", root_cause(log)), log[-4000:]
+    with open(tmp_path / "hung.log", "w") as fh:
+        fh.write(log)
 
 
 # ---------------------------------------------------------------- docs/faults.md stays current
