@@ -10,7 +10,8 @@ a step). Each contender runs as its own `torch.distributed.run` job with OMP_NUM
 - ftlaunch: the real command, `ftlaunch run RUN.yaml --nproc 2` (FTLAUNCH_NO_SAVE=1: no
   checkpoint or export, as `--dry-run`); tokens/s from its metrics.jsonl.
 - deepspeed loop: this file with `--peer ds`: tokenize, pack, shard, `deepspeed.initialize` with
-  the DeepSpeed config ftlaunch wrote (launcher.ds_config.build), forward/backward/step.
+  the DeepSpeed config ftlaunch wrote (launcher.ds_config.build), forward (input_ids,
+  attention_mask, labels, as a data collator gives them) / backward / step.
 - HF Trainer: this file with `--peer hf`: transformers' Trainer with the same DeepSpeed config
   file, the same packed data and batch.
 
@@ -35,6 +36,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 WORLD, MICRO, SEQ, WARM = 2, 4, 64, 5
+PEERS = {"deepspeed": "ds", "hf_trainer": "hf"}
 RUN = """\
 name: overhead
 model: {{path: {model}, dtype: bf16}}
@@ -87,7 +89,7 @@ def peer_ds(model_path: str, data: str, ds_json: str, steps: int, log: str) -> N
     for step in range(1, steps + 1):
         i = ((step - 1) * MICRO) % (len(mine) - MICRO)
         ids = torch.tensor(mine[i:i + MICRO])
-        loss = engine(input_ids=ids, labels=ids).loss
+        loss = engine(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         engine.backward(loss)
         engine.step()
         if rank == 0:
@@ -108,7 +110,7 @@ def peer_hf(model_path: str, data: str, ds_json: str, steps: int, log: str) -> N
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.manual_seed(0)
     blocks = packed_blocks(model_path, data, SEQ)
-    rows = [{"input_ids": b, "labels": b} for b in blocks]
+    rows = [{"input_ids": b, "attention_mask": [1] * len(b), "labels": b} for b in blocks]
 
     class Log(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -120,9 +122,15 @@ def peer_hf(model_path: str, data: str, ds_json: str, steps: int, log: str) -> N
     args = TrainingArguments(output_dir=os.path.join(os.path.dirname(log), "hf-out"),
                              per_device_train_batch_size=MICRO, gradient_accumulation_steps=1,
                              max_steps=steps, learning_rate=ds["optimizer"]["params"]["lr"],
+                             warmup_steps=ds["scheduler"]["params"]["warmup_num_steps"],
+                             weight_decay=ds["optimizer"]["params"]["weight_decay"],
+                             adam_beta1=ds["optimizer"]["params"]["betas"][0],
+                             adam_beta2=ds["optimizer"]["params"]["betas"][1],
+                             adam_epsilon=ds["optimizer"]["params"]["eps"],
+                             max_grad_norm=ds["gradient_clipping"],
                              bf16=True, deepspeed=ds, logging_steps=steps, save_strategy="no",
                              report_to=[], dataloader_num_workers=0, disable_tqdm=True,
-                             remove_unused_columns=False)
+                             remove_unused_columns=False, use_cpu=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
     trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[Log()])
     trainer.train()
@@ -159,7 +167,9 @@ def timed(cmd: list[str], log: str, timeout: float, out_path: str) -> dict:
     total = time.time() - t0
     if proc.returncode != 0:
         with open(out_path, encoding="utf-8") as fh:
-            tail = fh.read()[-3000:]
+            text = fh.read()
+        errs = [x for x in text.splitlines() if "Error" in x and "ChildFailedError" not in x]
+        tail = "\n".join(dict.fromkeys(errs)) or text[-3000:]
         raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {proc.returncode}:\n{tail}")
     return {"first_step_s": first, "total_s": total}
 
@@ -221,24 +231,51 @@ def prepare(work: str, steps: int) -> tuple[dict, str]:
     return paths, ds_json
 
 
-def measure(steps: int = 30, hf: bool = True) -> dict:
+def measure(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
+    """`rounds` rounds, the contenders interleaved in each (the machine is shared: load drifts);
+    per contender the median tokens/s and median time to first step of the runs that finished."""
+    import statistics
+    kinds = ["ftlaunch", "deepspeed"] + (["hf_trainer"] if hf else [])
+    runs: dict[str, list] = {k: [] for k in kinds}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="overhead-") as work:
         paths, ds_json = prepare(work, steps)
-        res: dict = {"steps": steps, "world": WORLD, "micro": MICRO, "seq": SEQ, "warm": WARM}
-        res["ftlaunch"] = run_ftlaunch(paths, work, steps)
-        res["deepspeed"] = run_peer("ds", paths, work, ds_json, steps)
-        if hf:
-            try:
-                res["hf_trainer"] = run_peer("hf", paths, work, ds_json, steps)
-            except Exception as exc:  # recorded, shown in the doc
-                res["hf_trainer"] = {"error": str(exc)[-1500:]}
+        for rnd in range(rounds):
+            for kind in kinds:
+                try:
+                    if kind == "ftlaunch":
+                        import shutil
+                        shutil.rmtree(os.path.join(work, "ftlaunch"), ignore_errors=True)
+                        runs[kind].append(run_ftlaunch(paths, work, steps))
+                    else:
+                        peer = PEERS[kind]
+                        log = os.path.join(work, f"{peer}.jsonl")
+                        if os.path.exists(log):
+                            os.remove(log)
+                        runs[kind].append(run_peer(peer, paths, work, ds_json, steps))
+                except Exception as exc:  # recorded, shown in the doc
+                    errors[kind] = str(exc)[-1500:]
+    res: dict = {"steps": steps, "world": WORLD, "micro": MICRO, "seq": SEQ, "warm": WARM,
+                 "rounds": rounds}
+    for kind in kinds:
+        ok = runs[kind]
+        if not ok:
+            res[kind] = {"error": errors.get(kind, "no run finished")}
+            continue
+        res[kind] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in ok),
+                     "first_step_s": statistics.median(r["first_step_s"] for r in ok),
+                     "runs": ok, "failed_runs": rounds - len(ok)}
+        if kind in errors:
+            res[kind]["last_error"] = errors[kind]
     return res
 
 
 def table(res: dict) -> str:
     ours = res["ftlaunch"]
-    lines = ["| contender | tokens/s (steps > %d) | ftlaunch / contender (tokens/s) "
-             "| time to first step s | ftlaunch / contender (time to first step) |" % res["warm"],
+    if "error" in ours:
+        raise RuntimeError(f"ftlaunch run failed: {ours['error']}")
+    lines = ["| contender | median tokens/s (steps > %d) | ftlaunch / contender (tokens/s) "
+             "| median time to first step s | ftlaunch / contender (time to first step) |" % res["warm"],
              "|---|---|---|---|---|"]
     for key, name in (("ftlaunch", "ftlaunch run"), ("deepspeed", "hand-written DeepSpeed loop"),
                       ("hf_trainer", "HF Trainer + DeepSpeed")):
@@ -253,8 +290,8 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(steps: int = 30, hf: bool = True) -> dict:
-    res = measure(steps, hf)
+def main(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
+    res = measure(steps, hf, rounds)
     print(table(res))
     ds = res["deepspeed"]
     print(f"tokens/s ftlaunch / deepspeed loop = {res['ftlaunch']['tokens_per_s'] / ds['tokens_per_s']:.3f} "
@@ -271,10 +308,11 @@ if __name__ == "__main__":
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (median)")
     ap.add_argument("--skip-hf", action="store_true", help="do not run the Hugging Face Trainer")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
-    out = main(a.steps, not a.skip_hf)
+    out = main(a.steps, not a.skip_hf, a.rounds)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)
