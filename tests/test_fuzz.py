@@ -1,6 +1,7 @@
 """Hostile input, generated: run files (YAML mappings with every field given hostile values, raw
 text mutations) and CLI override lists. Every input must give either a RunConfig whose DeepSpeed
-config builds and whose Slurm script renders, or a ConfigError; never another exception.
+config builds, whose Slurm script renders and whose memory plan is made, or a ConfigError; never
+another exception.
 
 Deterministic for CI (derandomize=True): FUZZ_CASES examples in all (see docs/faults.md).
 """
@@ -14,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import ds_config, runfile, slurm
+from launcher import ds_config, memory, runfile, slurm
 from launcher.errors import ConfigError
 
 TREE_CASES, TEXT_CASES, OVERRIDE_CASES = 150, 60, 90
@@ -63,6 +64,8 @@ def outcome(text: str, overrides, folder) -> str:
         assert isinstance(ds, dict) and ds["train_batch_size"] >= 1
         script = slurm.render(slurm.build(cfg, workdir=str(folder), source=str(path)))
         assert script.startswith("#!") and "#SBATCH" in script
+        plan = memory.plan_text(cfg)  # what `ftlaunch plan` prints
+        assert "verdict:" in plan
     except ConfigError as exc:
         assert exc.problems and all(p.key and p.message for p in exc.problems)
         exc.render()  # the message itself must not fail
