@@ -163,3 +163,11 @@ def test_missing_and_dangling_model_paths_are_config_errors(base, tmp_path, whic
     path.write_text(dump(tree))
     with pytest.raises(ConfigError, match=r"model\.path .*no such folder"):
         runfile.load(str(path))
+
+
+def test_the_docs_state_the_number_of_cases():
+    with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "faults.md"),
+              encoding="utf-8") as fh:
+        text = fh.read()
+    assert f"{FUZZ_CASES} generated cases in all ({TREE_CASES} + {TEXT_CASES} + {OVERRIDE_CASES}" \
+        in text.replace("\n  ", " ")
