@@ -1,0 +1,82 @@
+"""Benchmark scripts: the GPU check's CPU dry mode end to end, and the pure helpers they use."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+
+def test_flops_per_token_formulas():
+    import gpu_check
+    n, t = 1000, 100
+    assert gpu_check.flops_per_token(n, n, "full") == 6 * n
+    assert gpu_check.flops_per_token(n, t, "last_layers") == 2 * n + 4 * t
+    assert gpu_check.flops_per_token(n, t, "lora") == 4 * n + 2 * t
+
+
+def test_peak_flops_lookup():
+    import gpu_check
+    assert gpu_check.peak_flops("NVIDIA H200") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_check.peak_flops("Some Unknown Accelerator") is None
+
+
+def test_steady_rate_skips_warm_steps():
+    import train_overhead as to
+    # 5 slow warm-up steps, then 10 steps of 100 tokens in 1 s each
+    rows = [{"step": i, "t": 10.0 * i, "tokens": 100} for i in range(1, to.WARM + 1)]
+    last = rows[-1]["t"]
+    rows += [{"step": to.WARM + i, "t": last + i, "tokens": 100} for i in range(1, 11)]
+    assert to.steady_rate(rows, "t") == pytest.approx(100.0)
+    with pytest.raises(RuntimeError, match="only 3 steps logged"):
+        to.steady_rate(rows[:3], "t")
+
+
+def test_gpu_markdown_reports_errors_and_rows():
+    import gpu_check
+    res = {"date": "2026-01-01 00:00 UTC", "device_name": "NVIDIA H200", "torch": "2.x",
+           "command": "python bench/gpu_check.py", "seconds": 12.0, "dry": False,
+           "throughput": {"micro_batch": 4, "seq": 1024, "rows": {
+               "zero2 full": {"trainable": 10, "tokens_per_s": 123.0, "flops_per_token": 60,
+                              "mfu": 0.5, "max_memory_allocated": 2**30},
+               "zero3 lora": {"skipped": "deadline reached"}}},
+           "errors": {"quantization": "Traceback ...\nModuleNotFoundError: No module named 'bitsandbytes'"}}
+    text = gpu_check.markdown(res)
+    assert "NVIDIA H200" in text and "| zero2 full | 10 | 123 | 60 | 0.500 | 1.00 |" in text
+    assert "deadline reached" in text
+    assert "No module named 'bitsandbytes'" in text
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_dry_end_to_end(tmp_path):
+    """The GPU script's every part on CPU with a tiny model: no typo waits for a GPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--cpu-dry",
+                           "--out", str(tmp_path)], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert res["dry"] is True and res["errors"] == {}
+    mem = res["memory"]["rows"]
+    assert set(mem) >= {"zero2 full", "zero2 lora", "zero3 full"}
+    assert all(r["measured"] > 0 and r["plan_peak_allocated"] > 0 for r in mem.values())
+    tp = res["throughput"]["rows"]
+    assert set(tp) == {"zero2 full", "zero2 frozen", "zero2 lora", "zero2 full 8-bit adam",
+                       "zero3 full", "zero3 frozen", "zero3 lora"}
+    for name, r in tp.items():
+        assert r["tokens_per_s"] > 0, (name, r)
+        assert 0 < r["trainable"] <= r["params"]
+    assert tp["zero2 frozen"]["trainable"] < tp["zero2 full"]["trainable"]
+    assert tp["zero2 lora"]["flops_per_token"] < tp["zero2 full"]["flops_per_token"]
+    quant = res["quantization"]["runs"]
+    assert quant and all("error" not in r for r in quant), quant
+    md = (tmp_path / "gpu-results.md").read_text()
+    assert "CPU dry run" in md and "| zero3 lora |" in md
