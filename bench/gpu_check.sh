@@ -18,6 +18,14 @@ mkdir -p "$OUT_DIR"
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 "$PY" -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())' \
     | tee "$OUT_DIR/env.txt"
+"$PY" - <<'PYEOF' 2>&1 | tee -a "$OUT_DIR/env.txt"
+import importlib
+for name in ("transformers", "accelerate", "deepspeed", "bitsandbytes", "peft", "datasets"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except Exception as exc:  # the part needing it records the error; the others still run
+        print(name, "MISSING:", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+PYEOF
 # 470 s wall at most: the parts stop starting new settings after 420 s
 timeout 470 "$PY" bench/gpu_check.py --out "$OUT_DIR" --budget-s 420 "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
 exit "${PIPESTATUS[0]}"
