@@ -9,6 +9,8 @@ a step). Each contender runs as its own `torch.distributed.run` job with OMP_NUM
 
 - ftlaunch: the real command, `ftlaunch run RUN.yaml --nproc 2` (FTLAUNCH_NO_SAVE=1: no
   checkpoint or export, as `--dry-run`); tokens/s from its metrics.jsonl.
+- ftlaunch train: the rank half alone, `torch.distributed.run ... -m launcher train RUN.yaml`
+  (no plan, no data check up front): where `ftlaunch run`'s start-up time goes.
 - deepspeed loop: this file with `--peer ds`: tokenize, pack, shard, `deepspeed.initialize` with
   the DeepSpeed config ftlaunch wrote (launcher.ds_config.build), forward (input_ids,
   attention_mask, labels, as a data collator gives them) / backward / step.
@@ -184,12 +186,20 @@ def steady_rate(rows: list[dict], time_key: str) -> float:
     return tokens / (rows[-1][time_key] - base[time_key])
 
 
-def run_ftlaunch(paths: dict, work: str, steps: int) -> dict:
+def run_ftlaunch(paths: dict, work: str, steps: int, *, rank_half: bool = False) -> dict:
+    """`ftlaunch run` (plan, data check, run directory, then the ranks), or with rank_half
+    the ranks alone: `torch.distributed.run ... -m launcher train RUN.yaml`."""
+    import shutil
+
     from launcher import layout, runfile
     run_file = os.path.join(work, "run.yaml")
-    metrics = os.path.join(runfile.load(run_file).run_dir, layout.METRICS)
-    r = timed([sys.executable, "-m", "launcher", "run", run_file, "--nproc", str(WORLD)],
-              metrics, 900, os.path.join(work, "ftlaunch.out"))
+    run_dir = runfile.load(run_file).run_dir
+    shutil.rmtree(run_dir, ignore_errors=True)
+    metrics = os.path.join(run_dir, layout.METRICS)
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(WORLD), "-m", "launcher", "train", run_file] if rank_half else
+           [sys.executable, "-m", "launcher", "run", run_file, "--nproc", str(WORLD)])
+    r = timed(cmd, metrics, 900, os.path.join(work, "ftlaunch.out"))
     rows = [x for x in _read_lines(metrics) if "loss" in x]
     prev = 0.0
     for x in rows:  # tokens of the step from its rate and duration (log_every 1)
@@ -235,7 +245,7 @@ def measure(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
     """`rounds` rounds, the contenders interleaved in each (the machine is shared: load drifts);
     per contender the median tokens/s and median time to first step of the runs that finished."""
     import statistics
-    kinds = ["ftlaunch", "deepspeed"] + (["hf_trainer"] if hf else [])
+    kinds = ["ftlaunch", "ftlaunch_train", "deepspeed"] + (["hf_trainer"] if hf else [])
     runs: dict[str, list] = {k: [] for k in kinds}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="overhead-") as work:
@@ -243,10 +253,9 @@ def measure(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
         for rnd in range(rounds):
             for kind in kinds:
                 try:
-                    if kind == "ftlaunch":
-                        import shutil
-                        shutil.rmtree(os.path.join(work, "ftlaunch"), ignore_errors=True)
-                        runs[kind].append(run_ftlaunch(paths, work, steps))
+                    if kind.startswith("ftlaunch"):
+                        runs[kind].append(run_ftlaunch(paths, work, steps,
+                                                       rank_half=kind == "ftlaunch_train"))
                     else:
                         peer = PEERS[kind]
                         log = os.path.join(work, f"{peer}.jsonl")
@@ -277,7 +286,9 @@ def table(res: dict) -> str:
     lines = ["| contender | median tokens/s (steps > %d) | ftlaunch / contender (tokens/s) "
              "| median time to first step s | ftlaunch / contender (time to first step) |" % res["warm"],
              "|---|---|---|---|---|"]
-    for key, name in (("ftlaunch", "ftlaunch run"), ("deepspeed", "hand-written DeepSpeed loop"),
+    for key, name in (("ftlaunch", "ftlaunch run"),
+                      ("ftlaunch_train", "ftlaunch train (the ranks alone, via torch.distributed.run)"),
+                      ("deepspeed", "hand-written DeepSpeed loop"),
                       ("hf_trainer", "HF Trainer + DeepSpeed")):
         r = res.get(key)
         if not r:
