@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     head = (f"# Benchmarks\n\nWritten by `.venv/bin/python bench/run_all.py` (`make bench`) on "
             f"{time.strftime('%Y-%m-%d %H:%M %Z')}. Machine: {machine()}. Every result is a ratio "
             "against a peer measured in the same run; the machine is shared, so absolute "
-            "timings are noisy.\n")
+            "timings are noisy. GPU measurements (memory vs plan, tokens/s, MFU) come from a separate "
+            "script: see docs/gpu-results.md.\n")
     sections, failed = [], []
     t_all = time.time()
     for part in parts:
