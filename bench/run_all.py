@@ -124,7 +124,9 @@ def part_train_overhead(docs: str) -> str:
             "\"ftlaunch train\" row is the rank half alone, started the way the peers are: its "
             "start-up is comparable to the hand-written loop's. Tokens/s ratios within a few "
             "percent either way are within this shared machine's run-to-run noise (the dots in "
-            "the plot are the single runs)."
+            "the plot are the single runs). The HF Trainer runs here with `use_cpu=True` and "
+            "TrainingArguments set to the DeepSpeed config's values (warmup, lr, betas, eps, "
+            "weight decay, clipping): transformers refuses a config that disagrees with them."
             f"{hf_note}\n\n![training overhead]({os.path.basename(png)})\n\n"
             "Command: `.venv/bin/python bench/train_overhead.py --steps 30 --rounds 3`\n")
 
