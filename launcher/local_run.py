@@ -93,10 +93,7 @@ def check_data(cfg: RunConfig) -> Any:
 
 def plan_text(cfg: RunConfig) -> str | None:
     """The memory plan, or None where it cannot be made (printed as a warning)."""
-    try:
-        from launcher.memory import plan_text as make
-    except ImportError:
-        return None
+    from launcher.memory import plan_text as make
     try:
         return make(cfg)
     except ConfigError:
