@@ -24,10 +24,12 @@ exist with their recorded sizes (an incomplete or corrupt one is skipped with a 
 
 Fault injection (for tests, inert unless set): `FTLAUNCH_FAULT=point@step[:action]` with point
 `ckpt-write` (after DeepSpeed's files, before this rank's own files), `ckpt-manifest` (after
-every rank wrote, before the manifest) or `step` (in the training loop, after optimizer step
-`step`); action `exit` (os._exit(17), a crash: default), `raise` (RuntimeError), `enospc`
-(OSError ENOSPC, a full disk), `kill` (SIGKILL to itself), `sigterm` / `sigint` / `sigusr1`
-(that signal to itself: the stop protocol) or `stop` (create RUN_DIR/STOP). Several faults are
+every rank wrote, before the manifest), `step` (in the training loop, after optimizer step
+`step`) or `backward` (in step `step`, before the first backward: the peers are about to
+reduce gradients); action `exit` (os._exit(17), a crash: default), `raise` (RuntimeError),
+`enospc` (OSError ENOSPC, a full disk), `kill` (SIGKILL to itself), `freeze` (SIGSTOP to
+itself: a hung rank), `sigterm` / `sigint` / `sigusr1` (that signal to itself: the stop
+protocol) or `stop` (create RUN_DIR/STOP). Several faults are
 separated by commas. `FTLAUNCH_FAULT_RANK=r` limits them to one rank.
 """
 from __future__ import annotations
@@ -79,6 +81,9 @@ def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
             os._exit(17)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         if action in ("sigterm", "sigint", "sigusr1"):
             os.kill(os.getpid(), getattr(signal, action.upper()))
             return

@@ -101,6 +101,16 @@ def skip_cpu_shm_op() -> None:
         mod.build_shm_op = lambda: None
 
 
+def inherit_timeout(timeout: Any) -> None:
+    """Make every process group created from now on use `timeout`. DeepSpeed reduces gradients
+    on groups of its own (`dist.new_group` without a timeout), which torch would give its 30-min
+    default: a rank frozen mid-backward would then hang the job for half an hour instead of
+    train.dist_timeout_s."""
+    from torch.distributed import distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
+
+
 def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     """Export the rank variables, start the process group (gloo on CPU, nccl on GPUs) with the
     collective timeout train.dist_timeout_s. Returns the device string ("cpu" or "cuda:N")."""
@@ -122,9 +132,10 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
         skip_cpu_shm_op()
     else:
         torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
-                               auto_mpi_discovery=False, verbose=False,
-                               timeout=datetime.timedelta(seconds=cfg.train.dist_timeout_s))
+                               auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    inherit_timeout(timeout)
     return "cpu" if device == "cpu" else f"cuda:{env.local_rank}"
 
 
@@ -412,10 +423,12 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
     while step < t.max_steps:
         lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
         loss_sum, tokens = 0.0, 0.0
-        for _ in range(accum):
+        for micro in range(accum):
             batch = _to_device(data.collate([train_set[i] for i in next(batches)], s.pad_id),
                                s.device)
             loss = engine(**batch).loss
+            if micro == 0:
+                checkpoint.fault("backward", step + 1, env.rank, run_dir)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach().float())

@@ -138,45 +138,75 @@ def rank_pid(parent: int, local_rank: int) -> int | None:
     return None
 
 
+def descendants(parent: int) -> list[int]:
+    """Every process below parent (via /proc), for cleaning up after a failed test."""
+    todo, found = [parent], []
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as fh:
+                kids = [int(c) for c in fh.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path):
+@pytest.mark.parametrize("fault", [
+    # frozen between steps: rank 0 waits in the per-step loss all-reduce (the world group)
+    "step@3:freeze",
+    # frozen before its backward: rank 0 waits in ZeRO's gradient reduction, on the process
+    # group DeepSpeed creates for itself (which must get the same timeout)
+    "backward@4:freeze",
+])
+def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path, fault):
     """Rank 1 frozen (SIGSTOP): nothing dies, so only train.dist_timeout_s can end the run."""
     path = run_file(tiny, tmp_path, steps=100000, timeout=HUNG_TIMEOUT_S)
-    env = dict(rank_env(), FTLAUNCH_FAULT="", FTLAUNCH_FAULT_RANK="")
-    p = subprocess.Popen([sys.executable, "-m", "launcher", "run", path, "--nproc", "2"], cwd=ROOT,
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    frozen = None
+    # no checkpoint collectives in the way: the fault decides where rank 0 waits
+    env = dict(rank_env(), FTLAUNCH_FAULT=fault, FTLAUNCH_FAULT_RANK="1")
+    p = subprocess.Popen([sys.executable, "-m", "launcher", "run", path,
+                          "train.checkpoint_every=0", "--nproc", "2"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    frozen_at = None
+    out = err = ""
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and p.poll() is None:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                frozen = rank_pid(p.pid, 1)
-                break
+        while time.monotonic() < deadline and p.poll() is None and frozen_at is None:
+            pid = rank_pid(p.pid, 1)
+            if pid is not None:
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        if fh.read().rsplit(")", 1)[1].split()[0] == "T":
+                            frozen_at = time.monotonic()
+                except OSError:
+                    pass
             time.sleep(0.2)
-        assert frozen is not None and p.poll() is None, "the ranks did not start training"
-        os.kill(frozen, signal.SIGSTOP)
-        stopped_at = time.monotonic()
+        if frozen_at is None or p.poll() is not None:
+            p.kill()
+            out, err = p.communicate()
+            pytest.fail(f"rank 1 did not reach the fault: {(out + err)[-4000:]}")
         out, err = p.communicate(timeout=HUNG_TIMEOUT_S + MARGIN_S + 60)
-        took = time.monotonic() - stopped_at
-        print(f"rank 1 frozen: the run ended {took:.1f} s later (dist_timeout_s {HUNG_TIMEOUT_S})")
+        took = time.monotonic() - frozen_at
+        print(f"rank 1 frozen ({fault}): the run ended {took:.1f} s later "
+              f"(dist_timeout_s {HUNG_TIMEOUT_S})")
     finally:
-        if frozen is not None:
-            try:
-                os.kill(frozen, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if p.poll() is None:
+            for pid in descendants(p.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             p.kill()
             p.communicate()
     log = out + err
+    assert f"injected fault {fault.split(':')[0]} (freeze) on rank 1" in err, log[-4000:]
     assert p.returncode != 0, log[-4000:]
     assert took < HUNG_TIMEOUT_S + MARGIN_S, f"{took:.0f} s: rank 0 waited past the collective timeout"
     assert re.search(r"[Tt]imed out|[Tt]imeout", log), log[-4000:]
     assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)", root_cause(log)), log[-4000:]
-    with open(tmp_path / "hung.log", "w") as fh:
-        fh.write(log)
 
 
 # ---------------------------------------------------------------- docs/faults.md stays current

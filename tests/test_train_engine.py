@@ -120,6 +120,17 @@ def test_control_freezing_after_initialize_keeps_full_state(trained):
 
 @pytest.mark.multirank
 @pytest.mark.slow
+def test_every_process_group_has_the_run_timeout(trained):
+    """DeepSpeed reduces gradients on process groups it creates itself; each must time out after
+    train.dist_timeout_s like the world group, not torch's 30-min default (a rank frozen
+    mid-backward would hang the job that long: tests/test_faults.py shows the whole run)."""
+    timeouts = trained["timeouts"]
+    assert len(timeouts) >= 2, f"only the world group: {timeouts}"
+    assert set(timeouts) == {float(trained["dist_timeout_s"])}, timeouts
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_export_loads_and_matches_engine_logits(trained):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -178,8 +189,12 @@ def rank_main(run_file: str, out: str) -> None:
             engine2.step()
         control = [None] * dist.get_world_size()
         dist.all_gather_object(control, engine_stats.optimizer_state_bytes(engine2))
+    from torch.distributed import distributed_c10d as c10d
+    timeouts = [pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for pg in c10d._world.pg_map]
     if dist.get_rank() == 0:
-        torch.save({"before": before, "after": after, "trainable": sorted(s.report.trainable),
+        torch.save({"timeouts": timeouts, "dist_timeout_s": cfg.train.dist_timeout_s,
+                    "before": before, "after": after, "trainable": sorted(s.report.trainable),
                     "trainable_params": s.report.trainable_params,
                     "total_params": s.report.total_params, "stats": gathered,
                     "control": control, "probe_ids": probe_ids, "engine_logits": logits},
