@@ -10,7 +10,7 @@ CHECKPOINTS = "checkpoints"       # checkpoints/step-00000100/ ... each complete
 FINAL = "final"                   # exported Hugging Face folder (or LoRA adapter + merged/)
 LOGS = "logs"                     # per-job / per-node logs
 STOP_REQUEST = "STOP"             # file: its presence asks every rank to checkpoint now and exit
-EXIT_STATUS = "exit_status.json"  # written by rank 0 as it exits: {"code", "step", "checkpoint", "message"}
+EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
 
 EXIT_OK = 0
 EXIT_CONFIG = 2                   # bad run file / bad input, nothing ran

@@ -22,7 +22,8 @@ The order is the point of the project:
 Stopping: SIGTERM, SIGINT and SIGUSR1 set a flag, and the file RUN_DIR/STOP asks for a stop too.
 At every optimizer-step boundary the ranks agree (one all_reduce that also carries the loss),
 write a checkpoint, print `stopped at step N; checkpoint PATH; resume with: ...`, remove STOP and
-exit with 75 (layout.EXIT_STOPPED). Rank 0 writes RUN_DIR/exit_status.json as it exits. A dead
+exit with 75 (layout.EXIT_STOPPED). Rank 0 writes RUN_DIR/exit_status.json as it exits (a rank
+that fails first writes it with its own error: see _write_status). A dead
 peer ends the job: every collective times out after train.dist_timeout_s.
 
 Resume (train.resume: auto): the newest complete checkpoint whose files check out (size and
@@ -328,16 +329,43 @@ class Metrics:
 
 
 def _write_status(cfg: RunConfig, env: RankEnv, code: int, step: int, ckpt: Optional[str],
-                  message: str) -> None:
-    if not env.is_main:
+                  message: str, *, since: Optional[float] = None) -> None:
+    """RUN_DIR/exit_status.json: how the run ended. Rank 0 records every ending; any rank records
+    its own failure (code not 0 or 75), and the first failure recorded since `since` (this
+    launch's start) stands: a peer's consequent error (a closed connection, a timeout) never
+    replaces the root cause."""
+    failed = code not in (layout.EXIT_OK, layout.EXIT_STOPPED)
+    if not (env.is_main or failed):
         return
+    import socket
+
     from launcher.rundir import write_atomic
+    path = os.path.join(cfg.run_dir, layout.EXIT_STATUS)
+    if failed and since is not None:
+        first = _failure_since(path, since)
+        if first is not None and first.get("rank") != env.rank:
+            return
     try:
-        write_atomic(os.path.join(cfg.run_dir, layout.EXIT_STATUS), json.dumps(
+        write_atomic(path, json.dumps(
             {"code": code, "step": step, "checkpoint": ckpt, "message": message,
+             "rank": env.rank, "host": socket.gethostname(),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     except OSError:
         pass
+
+
+def _failure_since(path: str, since: float) -> Optional[dict]:
+    """The failure recorded in `path` at or after `since`, if any."""
+    try:
+        if os.path.getmtime(path) < since:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("code") in (layout.EXIT_OK, layout.EXIT_STOPPED):
+        return None
+    return rec
 
 
 def resume_command(cfg: RunConfig) -> str:
@@ -504,6 +532,7 @@ def main(args: Any) -> int:
     from launcher import runfile
     cfg = runfile.load(args.run_file, args.overrides)
     env = dist_env.from_environ()
+    started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
     stop = StopRequest().install()
     try:
         s = setup(cfg, env)
@@ -517,14 +546,16 @@ def main(args: Any) -> int:
         shutdown(barrier=True)
         return code
     except ConfigError as exc:
-        if env.is_main:
+        if env.is_main:  # every rank has the same problem: rank 0 speaks for them
             print(exc.render(), file=sys.stderr, flush=True)
-        _write_status(cfg, env, layout.EXIT_CONFIG, -1, None, exc.render())
+            _write_status(cfg, env, layout.EXIT_CONFIG, -1, None, exc.render())
         return layout.EXIT_CONFIG
     except checkpoint.CheckpointError as exc:
         print(f"ftlaunch: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
-        _write_status(cfg, env, 1, -1, None, str(exc))
+        if env.is_main:  # checkpoint errors are agreed collectively and name the rank
+            _write_status(cfg, env, 1, -1, None, str(exc))
         return 1
     except Exception as exc:
-        _write_status(cfg, env, 1, -1, None, f"rank {env.rank}: {type(exc).__name__}: {exc}")
+        _write_status(cfg, env, 1, -1, None, f"rank {env.rank}: {type(exc).__name__}: {exc}",
+                      since=started)
         raise

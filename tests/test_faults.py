@@ -15,10 +15,12 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -101,6 +103,10 @@ def test_exception_in_one_rank_ends_the_run(tiny, tmp_path):
     cause = root_cause(log)
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", cause), log[-4000:]
     assert re.search(r"host\s*:\s*\S+", cause), log[-4000:]
+    # exit_status.json keeps the root cause, not rank 0's consequent connection error
+    st = status(tmp_path)
+    assert (st["code"], st["rank"], st["host"]) == (1, 1, socket.gethostname()), st
+    assert st["message"] == "rank 1: RuntimeError: injected fault step@3 (raise) on rank 1", st
     assert ck.latest_complete(str(tmp_path / "run" / "checkpoints")) is not None
 
 
@@ -207,6 +213,39 @@ def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path, fault):
     assert took < HUNG_TIMEOUT_S + MARGIN_S, f"{took:.0f} s: rank 0 waited past the collective timeout"
     assert re.search(r"[Tt]imed out|[Tt]imeout", log), log[-4000:]
     assert re.search(r"rank\s*:\s*0 \(local_rank: 0\)", root_cause(log)), log[-4000:]
+    st = status(tmp_path)  # the frozen rank wrote nothing: rank 0's timeout is the record
+    assert (st["code"], st["rank"]) == (1, 0), st
+    assert re.search(r"[Tt]imeout|[Tt]imed out", st["message"]), st
+
+
+# ---------------------------------------------------------------- exit_status.json, first failure wins
+def test_the_first_failure_of_a_launch_is_the_recorded_one(tmp_path):
+    from launcher import train
+    from launcher.dist_env import RankEnv
+    cfg = SimpleNamespace(run_dir=str(tmp_path))
+
+    def env(rank: int) -> RankEnv:
+        return RankEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, node_rank=0,
+                       nnodes=1, master_addr="127.0.0.1", master_port=0, launcher="torchrun")
+
+    def record() -> dict:
+        return json.loads((tmp_path / "exit_status.json").read_text())
+
+    train._write_status(cfg, env(1), 0, 5, None, "done")            # only rank 0 reports success
+    assert not (tmp_path / "exit_status.json").exists()
+    train._write_status(cfg, env(0), 0, 5, "ck5", "done")
+    assert (record()["code"], record()["rank"]) == (0, 0)
+    os.utime(tmp_path / "exit_status.json", (1, 1))                     # an earlier launch's
+    since = time.time() - 1
+    train._write_status(cfg, env(1), 1, -1, None, "rank 1: ValueError: bad", since=since)
+    assert record()["message"] == "rank 1: ValueError: bad"             # replaces the stale one
+    train._write_status(cfg, env(0), 1, -1, None, "rank 0: RuntimeError: Connection closed",
+                        since=since)
+    assert (record()["rank"], record()["message"]) == (1, "rank 1: ValueError: bad")
+    # without a failure from another rank in this launch, rank 0's own error is the record
+    os.utime(tmp_path / "exit_status.json", (1, 1))
+    train._write_status(cfg, env(0), 1, -1, None, "rank 0: RuntimeError: timeout", since=since)
+    assert (record()["rank"], record()["message"]) == (0, "rank 0: RuntimeError: timeout")
 
 
 # ---------------------------------------------------------------- docs/faults.md stays current
