@@ -126,26 +126,8 @@ def test_sigterm_to_a_rank_stops_at_a_step_with_a_checkpoint(tiny, tmp_path):
     # tests/test_train_resume.py::test_interrupted_run_matches_uninterrupted (same stop path)
 
 
-def rank_pid(parent: int, local_rank: int) -> int | None:
-    """The pid of the rank process with LOCAL_RANK=local_rank below parent (via /proc)."""
-    todo, seen = [parent], set()
-    while todo:
-        pid = todo.pop()
-        seen.add(pid)
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as fh:
-                todo += [int(c) for c in fh.read().split() if int(c) not in seen]
-            with open(f"/proc/{pid}/environ", "rb") as fh:
-                env = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if pid != parent and f"LOCAL_RANK={local_rank}".encode() in env:
-            return pid  # torchrun sets LOCAL_RANK in the ranks' environment only
-    return None
-
-
 def descendants(parent: int) -> list[int]:
-    """Every process below parent (via /proc), for cleaning up after a failed test."""
+    """Every process below parent (via /proc)."""
     todo, found = [parent], []
     while todo:
         pid = todo.pop()
@@ -157,6 +139,19 @@ def descendants(parent: int) -> list[int]:
         found += kids
         todo += kids
     return found
+
+
+def rank_pid(parent: int, local_rank: int) -> int | None:
+    """The pid of the rank process with LOCAL_RANK=local_rank below parent."""
+    for pid in descendants(parent):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                env = fh.read().split(b"\0")
+        except OSError:
+            continue
+        if f"LOCAL_RANK={local_rank}".encode() in env:
+            return pid  # torchrun sets LOCAL_RANK in the ranks' environment only
+    return None
 
 
 @pytest.mark.multirank
