@@ -22,19 +22,8 @@ def _bench():
     return mod
 
 
-RUN = """\
-name: {name}
-model: {{path: {model}, dtype: {dtype}}}
-data: {{path: {data}, max_seq_len: 32, packing: true}}
-train: {{max_steps: 10, micro_batch_size: 2, device: cpu}}
-quantization: {{mode: {quant}}}
-freeze: {freeze}
-deepspeed: {{zero_stage: {stage}, offload_optimizer: {offload}}}
-cluster: {{gpus_per_node: 2}}
-output: {{dir: {out}}}
-"""
-LAST = "{policy: last_layers, trainable_layers: 1, also_train: [norms, lm_head]}"
-HEAD = "{policy: patterns, also_train: [norms, lm_head]}"
+BENCH = _bench()  # the rank side, and the run template it shares with these tests
+LAST, HEAD = BENCH.LAST, BENCH.HEAD
 FULL = "{policy: full}"
 ENGINES = [  # (stage, dtype, freeze, quantization, offload)
     (0, "fp32", FULL, "none", "none"),
@@ -50,9 +39,10 @@ ENGINES = [  # (stage, dtype, freeze, quantization, offload)
 
 def _write(tmp_path, tiny, i, stage, dtype, freeze, quant, offload) -> str:
     path = tmp_path / f"run{i}.yaml"
-    path.write_text(RUN.format(name=f"e{i}", model=tiny["model"], data=tiny["text"], dtype=dtype,
-                               freeze=freeze, quant=quant, stage=stage, offload=offload,
-                               out=tmp_path / "runs"))
+    path.write_text(BENCH.RUN.format(
+        name=f"e{i}", model=tiny["model"], data=tiny["text"], dtype=dtype, gc="false", seq=32,
+        micro=2, optimizer="adamw", freeze=freeze, quant=quant, stage=stage, offload=offload,
+        out=tmp_path / "runs"))
     return str(path)
 
 
@@ -60,9 +50,8 @@ def _write(tmp_path, tiny, i, stage, dtype, freeze, quant, offload) -> str:
 @pytest.mark.slow
 def test_planned_model_states_equal_engine_bytes(tiny, tmp_path):
     from launcher import memory, runfile
-    bench = _bench()
     runs = [_write(tmp_path, tiny, i, *e) for i, e in enumerate(ENGINES)]
-    results = bench.run_ranks(runs, str(tmp_path / "out.json"), steps=2,
+    results = BENCH.run_ranks(runs, str(tmp_path / "out.json"), steps=2,
                               extra_env={"PVM_TORCH_ADAM_OFFLOAD": "1"})
     assert len(results) == len(runs)
     rows = []
@@ -89,11 +78,10 @@ def test_planned_model_states_equal_engine_bytes(tiny, tmp_path):
 @pytest.mark.slow
 def test_peak_rss_within_15_percent_of_plan(tiny, tmp_path):
     from launcher import memory, runfile
-    bench = _bench()
     for i, setting in enumerate([(2, "bf16", FULL, "none", "none"), (3, "fp32", LAST, "none", "none")]):
         run = _write(tmp_path, tiny, 10 + i, *setting)
         p = memory.plan(runfile.load(run), world_size=2, advise=False)
-        ranks = bench.run_ranks([run], str(tmp_path / f"rss{i}.json"), steps=3)[0]
+        ranks = BENCH.run_ranks([run], str(tmp_path / f"rss{i}.json"), steps=3)[0]
         assert all(r["peak_reset"] for r in ranks)
         for r in ranks:
             assert abs(r["peak"] / p.total_per_gpu - 1) <= 0.15, (setting, r["peak"], p.total_per_gpu)
@@ -102,8 +90,7 @@ def test_peak_rss_within_15_percent_of_plan(tiny, tmp_path):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_peak_rss_within_15_percent_for_a_20m_llama(tmp_path):
-    bench = _bench()
-    rows = bench.measure("20m", ["z2 bf16 full"], str(tmp_path), steps=3)
+    rows = BENCH.measure("20m", ["z2 bf16 full"], str(tmp_path), steps=3)
     assert rows[0]["params"] > 19_000_000
     assert abs(rows[0]["ratio"] - 1) <= 0.15, rows[0]
     # the model states inside that peak are the engine's, to the byte
