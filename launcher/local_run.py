@@ -20,7 +20,6 @@ ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any fa
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -154,19 +153,18 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
 
 
 def exit_code(rc: int, run_dir: str, since: float) -> int:
-    """The ranks' exit code: torchrun says 1 for any failed rank; rank 0's exit_status.json
+    """The ranks' exit code: torchrun says 1 for any failed rank; exit_status.json
     (written during this launch) says which."""
     if rc == 0:
         return 0
-    path = os.path.join(run_dir, layout.EXIT_STATUS)
+    from launcher.rundir import read_exit_status
+    rec = read_exit_status(run_dir, since - 1)
     try:
-        if os.path.getmtime(path) >= since - 1:
-            with open(path, encoding="utf-8") as fh:
-                code = int(json.load(fh)["code"])
-            if code != 0:
-                return code
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+        code = int(rec["code"]) if rec else 0
+    except (KeyError, TypeError, ValueError):
+        code = 0
+    if code != 0:
+        return code
     return rc if rc > 0 else 128 - rc  # killed by a signal: shell convention
 
 

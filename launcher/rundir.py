@@ -46,6 +46,20 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
+def read_exit_status(run_dir: str, since: float) -> dict | None:
+    """RUN_DIR/exit_status.json if it was written at or after `since` (an earlier launch's
+    record is not this one's), else None."""
+    path = os.path.join(run_dir, layout.EXIT_STATUS)
+    try:
+        if os.path.getmtime(path) < since:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)

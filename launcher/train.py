@@ -339,33 +339,19 @@ def _write_status(cfg: RunConfig, env: RankEnv, code: int, step: int, ckpt: Opti
         return
     import socket
 
-    from launcher.rundir import write_atomic
-    path = os.path.join(cfg.run_dir, layout.EXIT_STATUS)
+    from launcher.rundir import read_exit_status, write_atomic
     if failed and since is not None:
-        first = _failure_since(path, since)
-        if first is not None and first.get("rank") != env.rank:
+        first = read_exit_status(cfg.run_dir, since)  # this launch's, if any
+        if (first is not None and first.get("code") not in (layout.EXIT_OK, layout.EXIT_STOPPED)
+                and first.get("rank") != env.rank):
             return
     try:
-        write_atomic(path, json.dumps(
+        write_atomic(os.path.join(cfg.run_dir, layout.EXIT_STATUS), json.dumps(
             {"code": code, "step": step, "checkpoint": ckpt, "message": message,
              "rank": env.rank, "host": socket.gethostname(),
              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
     except OSError:
         pass
-
-
-def _failure_since(path: str, since: float) -> Optional[dict]:
-    """The failure recorded in `path` at or after `since`, if any."""
-    try:
-        if os.path.getmtime(path) < since:
-            return None
-        with open(path, encoding="utf-8") as fh:
-            rec = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(rec, dict) or rec.get("code") in (layout.EXIT_OK, layout.EXIT_STOPPED):
-        return None
-    return rec
 
 
 def resume_command(cfg: RunConfig) -> str:
