@@ -184,22 +184,9 @@ def warm_bnb() -> None:
 
 
 def warm_code() -> None:
-    """Run each kind of kernel once on a few bytes of data, before the baseline: the first
-    AdamW step alone maps ~75 MB of lazily imported code (torch._dynamo and friends), the first
-    bf16 matmul loads oneDNN kernels. That is code, not the run's data."""
-    import torch
-    import torch.utils.checkpoint
-    for dt in (torch.float32, torch.bfloat16):
-        w = torch.nn.Parameter(torch.randn(8, 8, dtype=dt))
-        q = torch.randn(1, 2, 4, 4, dtype=dt, requires_grad=True)
-        out = (torch.randn(2, 8, dtype=dt) @ w).float()
-        att = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-        ckpt = torch.utils.checkpoint.checkpoint(torch.nn.functional.silu, out, use_reentrant=False)
-        loss = torch.nn.functional.cross_entropy(out, torch.tensor([1, 2])) + att.float().sum() \
-            + ckpt.sum()
-        loss.backward()
-        for foreach in (False, True):
-            torch.optim.AdamW([w], foreach=foreach).step()
+    """The code warm-up before the baseline (launcher.runtime_probe.warm_code): code, not data."""
+    from launcher.runtime_probe import warm_code as warm
+    warm()
 
 
 def rank_main(run_files: list[str], out: str, steps: int) -> None:
@@ -230,6 +217,10 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
             warm_bnb()
         train.init_distributed(cfg, env)
         warm_code()
+        if os.environ.get("PVM_WARM_SHAPES") == "1":  # the run's own kernels below the baseline
+            from launcher.runtime_probe import kernel_bytes
+            kernel_bytes(cfg.model.path, cfg.model.dtype, cfg.train.micro_batch_size,
+                         cfg.data.max_seq_len, cfg.model.attn_implementation)
         warm_engine(train.build_ds_config(cfg, env, "cpu"))
         gc.collect()
         base = _status("VmRSS")
@@ -361,12 +352,14 @@ def write_run(work: str, model: str, setting: str, paths: dict) -> str:
 def measure(model: str, settings: list[str], work: str, steps: int = 3,
             default_malloc_too: bool = False) -> list[dict]:
     """Plan and measure each setting in its own pair of rank processes (clean RSS)."""
-    from launcher import memory, runfile
+    from launcher import memory, runfile, runtime_probe
     paths = build_model(work, model)
     rows = []
     for setting in settings:
         run = write_run(work, model, setting, paths)
-        p = memory.plan(runfile.load(run), world_size=2)
+        cfg = runfile.load(run)
+        # the kernels are measured on this machine, in this run (launcher/runtime_probe.py)
+        p = memory.plan(cfg, world_size=2, kernels=runtime_probe.measure(cfg))
         t0 = time.time()
         ranks = run_ranks([run], os.path.join(work, "out.json"), steps)[0]
         peak = max(r["peak"] for r in ranks)

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default: cluster.gpu_memory)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", action="store_true", help="show the formula behind every term")
+    p.add_argument("--probe", action="store_true",
+                   help="train.device cpu: measure the ranks' kernel memory on this machine "
+                        "(a few seconds, cached) instead of planning its range")
 
     p = sub.add_parser("slurm", help="write the run directory and sbatch script; optionally submit")
     _add_run(p)

@@ -94,7 +94,11 @@ def plan_text(cfg: RunConfig) -> str | None:
     """The memory plan, or None where it cannot be made (printed as a warning)."""
     from launcher.memory import plan_text as make
     try:
-        return make(cfg)
+        kernels = None
+        if cfg.train.device == "cpu":  # these ranks run here: measure what the plan cannot derive
+            from launcher.runtime_probe import measure
+            kernels = measure(cfg)
+        return make(cfg, kernels=kernels)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - the plan is advice; the run does not depend on it

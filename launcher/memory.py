@@ -23,8 +23,9 @@ from launcher.errors import ConfigError, Problem
 from launcher.memory_model import Inventory, inventory, meta_model
 from launcher.memory_activations import activations, grads_map
 from launcher.memory_render import render
-from launcher.memory_terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
-                                   CUDA_FRAGMENTATION, DS_SRC, Term, states)
+from launcher.memory_terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
+                                   Term, gib, states)
+from launcher.runtime_probe import BOOKKEEPING, KERNELS_RANGE
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
@@ -72,6 +73,11 @@ class Plan:
     def term(self, key: str) -> int:
         return sum(t.bytes for t in self.terms if t.key == key)
 
+    @property
+    def total_low(self) -> int:
+        """The total with every term known only as a range at its lower end."""
+        return self.total_per_gpu - sum(t.bytes - t.low for t in self.terms if t.low is not None)
+
     def to_dict(self) -> dict[str, Any]:
         inv = self.inv
         return {
@@ -83,6 +89,7 @@ class Plan:
             "gpu_memory": self.gpu_memory, "gpu_memory_source": self.gpu_memory_source,
             "per_gpu": [t.to_dict() for t in self.terms],
             "peak_allocated": self.peak_allocated, "peak_at": self.worst_moment, "total_per_gpu": self.total_per_gpu,
+            "total_per_gpu_low": self.total_low,
             "headroom": self.headroom, "fits": self.fits,
             "per_node": [t.to_dict() for t in self.node_terms], "node_cpu": self.node_cpu,
             "advice": self.advice, "notes": self.notes,
@@ -112,10 +119,12 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
 
 
 def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | None = None,
-         advise: bool = True, ds: dict[str, Any] | None = None) -> Plan:
+         advise: bool = True, ds: dict[str, Any] | None = None, kernels: int | None = None) -> Plan:
     """The memory plan of cfg on world_size ranks (default: the cluster's nodes x GPUs).
 
-    ds: the DeepSpeed config the ranks will use (default: `ds_config.build(cfg, ...)`)."""
+    ds: the DeepSpeed config the ranks will use (default: `ds_config.build(cfg, ...)`).
+    kernels: CPU ranks only, the oneDNN kernel bytes measured on the machine that will run
+    (`launcher.runtime_probe.measure`); None plans them as the stated range, at its upper end."""
     from launcher import ds_config
     world = world_size or cfg.world_size
     device = "cpu" if cfg.train.device == "cpu" else "cuda"
@@ -225,10 +234,23 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
             f"{CUDA_FRAGMENTATION:.0%} of the tensor peak (caching allocator fragmentation)",
             "estimate")
     else:
-        rt = CPU_RUNTIME[cfg.model.dtype]
-        add("runtime", "rank runtime (kernels, gloo)", rt, "overhead",
-            f"constant for {cfg.model.dtype} CPU ranks, measured (docs/memory.md); code loaded "
-            "on first use is not counted", "bench/plan_vs_measured.py")
+        book = BOOKKEEPING[stage]
+        add("runtime", "rank runtime (DeepSpeed, gloo)", book, "overhead",
+            f"constant for ZeRO-{stage} CPU ranks: the peak above the baseline minus the plan's "
+            "tensors, with the kernels warmed below the baseline (the same on every processor)",
+            "bench/plan_vs_measured.py --warm-shapes")
+        if kernels is None:
+            lo, hi = KERNELS_RANGE[cfg.model.dtype]
+            terms.append(Term(
+                "kernels", f"oneDNN kernels ({gib(lo)}-{gib(hi)}, not measured)", hi, "overhead",
+                f"range for {cfg.model.dtype} across processors (high with AVX512-BF16/AMX), "
+                "counted at its upper end; `ftlaunch plan --probe` and `ftlaunch run` measure it "
+                "on this machine", "launcher/runtime_probe.py KERNELS_RANGE", low=lo))
+        else:
+            add("kernels", "oneDNN kernels (measured here)", kernels, "overhead",
+                "measured on this machine: resident bytes left by the first forward and backward "
+                "of one block at the run's micro batch and sequence length",
+                "launcher/runtime_probe.py")
         if CPU_FRAGMENTATION:
             add("allocator", "malloc slack", int(CPU_FRAGMENTATION * peak), "overhead",
                 f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
@@ -270,14 +292,18 @@ def _node_terms(cfg: RunConfig, inv: Inventory, st, world: int, device: str) -> 
 
 
 def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
-              world_size: int | None = None) -> str:
-    return render(plan(cfg, gpu_memory, world_size))
+              world_size: int | None = None, kernels: int | None = None) -> str:
+    return render(plan(cfg, gpu_memory, world_size, kernels=kernels))
 
 
 def main(args: Any) -> int:
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides)
-    p = plan(cfg, getattr(args, "gpu_memory", None))
+    kernels = None
+    if getattr(args, "probe", False) and cfg.train.device == "cpu":
+        from launcher.runtime_probe import measure
+        kernels = measure(cfg)
+    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels)
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:

@@ -42,6 +42,9 @@ def render(p: Any, explain: bool = False) -> str:
     lines.append(f"  {'tensor peak (max_memory_allocated)':<38}{gib(p.peak_allocated):>12}  at the "
                  f"{MOMENT_NAMES[p.worst_moment]}")
     lines.append(f"  {'total':<38}{gib(p.total_per_gpu):>12}")
+    if p.total_low != p.total_per_gpu:
+        lines.append(f"  {'  (range: a term is not measured)':<38}{gib(p.total_low):>12}  "
+                     f"to {gib(p.total_per_gpu)}; the verdict counts the upper end")
     lines.append(f"  {'headroom':<38}{gib(p.headroom):>12}  of {gib(p.gpu_memory)} "
                  f"({p.gpu_memory_source})")
     if p.node_terms:

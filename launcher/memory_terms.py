@@ -29,9 +29,9 @@ BNB_ADAM8_MIN_SIZE = 4096  # min_8bit_size: smaller tensors keep fp32 state
 # Allocator and runtime overheads (constants, stated as such in the explain view).
 CUDA_CONTEXT = 600 * 2**20       # CUDA context + cuBLAS/NCCL workspaces, outside torch's allocator
 CUDA_FRAGMENTATION = 0.05        # caching-allocator slack over the tensor peak
-# CPU ranks, above a baseline taken after imports and a code warm-up (bench/plan_vs_measured.py):
-# oneDNN kernels, gloo and DeepSpeed bookkeeping, measured on the tiny model.
-CPU_RUNTIME = {"fp32": 8 * 2**20, "bf16": 20 * 2**20, "fp16": 20 * 2**20}
+# CPU ranks, above a baseline taken after imports and a code warm-up: DeepSpeed and gloo
+# bookkeeping (a constant) and oneDNN kernels (measured on this machine, or a stated range):
+# launcher/runtime_probe.py.
 CPU_FRAGMENTATION = 0.0          # with a fixed mmap threshold freed tensors leave RSS at once
 
 
@@ -46,10 +46,14 @@ class Term:
     phase: str      # "static", "overhead", "node", or the moments it is alive at: "fwd bwd step"
     formula: str
     source: str
+    low: int | None = None   # a term known only as a range: its lower end (bytes is the upper)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "bytes": self.bytes, "phase": self.phase,
-                "formula": self.formula, "source": self.source}
+        out = {"key": self.key, "label": self.label, "bytes": self.bytes, "phase": self.phase,
+               "formula": self.formula, "source": self.source}
+        if self.low is not None:
+            out["low"] = self.low
+        return out
 
 
 def gib(n: float) -> str:

@@ -260,3 +260,41 @@ def test_plan_text_is_what_run_and_slurm_print(tmp_path):
     _, cfg = run_cfg(tmp_path, model)
     text = memory.plan_text(cfg)
     assert text.startswith("model llama: 4 blocks") and "verdict: fits" in text
+
+
+def test_cpu_kernels_are_a_stated_range_unless_measured(tmp_path):
+    """The processor-dependent kernels term: a range counted at its upper end where it is not
+    measured, the measured figure where it is; the other CPU overhead is the stage's constant."""
+    from launcher.runtime_probe import BOOKKEEPING, KERNELS_RANGE
+    model = llama_folder(tmp_path)
+    _, cpu = run_cfg(tmp_path, model, device="cpu", gpus=2)
+    p = memory.plan(cpu, world_size=2)
+    lo, hi = KERNELS_RANGE["bf16"]
+    (k,) = [t for t in p.terms if t.key == "kernels"]
+    assert (k.low, k.bytes) == (lo, hi) and "not measured" in k.label
+    assert p.total_per_gpu - p.total_low == hi - lo
+    assert p.term("runtime") == BOOKKEEPING[2]
+    text = memory.render(p, explain=True)
+    assert "range: a term is not measured" in text and "plan --probe" in text
+    m = memory.plan(cpu, world_size=2, kernels=3 * 2**20)
+    assert m.term("kernels") == 3 * 2**20 and m.total_low == m.total_per_gpu
+    assert m.total_per_gpu == p.total_per_gpu - hi + 3 * 2**20
+    assert "measured here" in memory.render(m)
+    assert "total_per_gpu_low" in m.to_dict()
+    _, gpu = run_cfg(tmp_path, model, gpus=2)
+    assert memory.plan(gpu, world_size=2).term("kernels") == 0  # GPUs: CUDA context instead
+
+
+def test_plan_probe_measures_kernels_here_and_caches_them(tmp_path, capsys, monkeypatch):
+    from launcher import runtime_probe
+    monkeypatch.setattr(runtime_probe, "CACHE", str(tmp_path / "cache" / "probe.json"))
+    model = llama_folder(tmp_path, num_hidden_layers=2)
+    run, cfg = run_cfg(tmp_path, model, device="cpu", gpus=2, seq=64)
+    assert cli.main(["plan", run, "--probe", "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    (k,) = [t for t in measured["per_gpu"] if t["key"] == "kernels"]
+    assert "low" not in k and k["bytes"] > 0 and "measured here" in k["label"]
+    cached = json.loads((tmp_path / "cache" / "probe.json").read_text())
+    assert list(cached.values()) == [k["bytes"]]
+    monkeypatch.setattr(runtime_probe.subprocess, "run", None)  # a second plan runs no probe
+    assert runtime_probe.measure(cfg) == k["bytes"]
