@@ -1,4 +1,4 @@
-"""Checkpoints that can be trusted: atomic save, verified resume, keep the last K; final export.
+"""Checkpoints that can be trusted: atomic save, verified resume, keep the last K.
 
 A checkpoint is a folder `checkpoints/step-00000020/`:
 
@@ -22,30 +22,21 @@ Resume: `latest_complete` returns the newest folder whose manifest parses and wh
 exist with their recorded sizes (an incomplete or corrupt one is skipped with a warning);
 `choose_resume` (collective) also checks the sha256 of every file, each rank a share.
 
-Fault injection (for tests, inert unless set): `FTLAUNCH_FAULT=point@step[:action]` with point
-`ckpt-write` (after DeepSpeed's files, before this rank's own files), `ckpt-manifest` (after
-every rank wrote, before the manifest), `step` (in the training loop, after optimizer step
-`step`) or `backward` (in step `step`, before the first backward: the peers are about to
-reduce gradients); action `exit` (os._exit(17), a crash: default), `raise` (RuntimeError),
-`enospc` (OSError ENOSPC, a full disk), `kill` (SIGKILL to itself), `freeze` (SIGSTOP to
-itself: a hung rank), `sigterm` / `sigint` / `sigusr1` (that signal to itself: the stop
-protocol) or `stop` (create RUN_DIR/STOP). Several faults are
-separated by commas. `FTLAUNCH_FAULT_RANK=r` limits them to one rank.
+Fault injection for tests (`FTLAUNCH_FAULT`, points `ckpt-write` and `ckpt-manifest` here):
+launcher/faults.py. The final export of the trained model: launcher/export.py.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from launcher import layout
+from launcher import faults, layout
 from launcher.rundir import write_atomic
 
 PREFIX = "step-"
@@ -60,41 +51,6 @@ FORMAT = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message says what is still good."""
-
-
-# ------------------------------------------------------------------ faults (tests)
-def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
-    """Trigger the fault FTLAUNCH_FAULT asks for at (point, step) on this rank, else nothing."""
-    spec = os.environ.get("FTLAUNCH_FAULT", "")
-    only = os.environ.get("FTLAUNCH_FAULT_RANK")
-    if not spec or (only not in (None, "") and int(only) != rank):
-        return
-    for item in spec.split(","):
-        where, _, action = item.strip().partition(":")
-        name, _, at = where.partition("@")
-        if name != point or (at and int(at) != step):
-            continue
-        action = action or "exit"
-        msg = f"injected fault {point}@{step} ({action}) on rank {rank}"
-        print(f"ftlaunch: {msg}", file=sys.stderr, flush=True)
-        if action == "exit":
-            os._exit(17)
-        if action == "kill":
-            os.kill(os.getpid(), signal.SIGKILL)
-        if action == "freeze":
-            os.kill(os.getpid(), signal.SIGSTOP)
-            return
-        if action in ("sigterm", "sigint", "sigusr1"):
-            os.kill(os.getpid(), getattr(signal, action.upper()))
-            return
-        if action == "stop":
-            if run_dir is None:
-                raise ValueError(f"fault action stop needs the run directory ({point})")
-            open(os.path.join(run_dir, layout.STOP_REQUEST), "a").close()
-            return
-        if action == "enospc":
-            raise OSError(errno.ENOSPC, f"No space left on device ({msg})")
-        raise RuntimeError(msg)
 
 
 # ------------------------------------------------------------------ names and listing
@@ -125,7 +81,7 @@ def listing(ckpt_root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def _files(folder: str) -> list[str]:
+def content_files(folder: str) -> list[str]:
     """Relative paths of every file under folder except the manifest, sorted."""
     out = []
     for dirpath, _, names in os.walk(folder):
@@ -241,7 +197,7 @@ def _broadcast(obj: Any) -> Any:
     return box[0]
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -267,7 +223,7 @@ def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: 
     saved with its RNG states. Raises CheckpointError if any rank failed (nothing replaced)."""
     import torch
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     ckpt_root = root(run_dir)
     final = os.path.join(ckpt_root, step_name(step))
     if _broadcast(os.path.isdir(final) and problem(final) is None):
@@ -286,18 +242,18 @@ def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: 
     _check_all(ok, msg, f"checkpoint at step {step}", good)
     try:
         engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
-        fault("ckpt-write", step, rank)
+        faults.fault("ckpt-write", step, rank)
         torch.save({"rng": rng_state(), **rank_state},
                    os.path.join(tmp, RANK_DIR, f"rank-{rank:05d}.pt"))
         if rank == 0:
             state = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
             write_atomic(os.path.join(tmp, TRAINER_STATE), json.dumps(state, indent=2) + "\n")
-        fault("ckpt-manifest", step, rank)
+        faults.fault("ckpt-manifest", step, rank)
         ok, msg = True, ""
     except Exception as exc:  # noqa: BLE001 - reported to every rank below
         ok, msg = False, f"{type(exc).__name__}: {exc}"
     _check_all(ok, msg, f"writing the checkpoint at step {step}", good)
-    files = _files(tmp)
+    files = content_files(tmp)
     mine = {rel: {"size": os.path.getsize(os.path.join(tmp, rel)),
                   "sha256": sha256(os.path.join(tmp, rel))}
             for i, rel in enumerate(files) if i % world == rank}
@@ -359,7 +315,7 @@ def prune(ckpt_root: str, keep: int) -> list[str]:
 def choose_resume(run_dir: str, *, warn: Callable[[str], None] = _warn) -> str | None:
     """The newest checkpoint whose manifest, sizes and sha256 all check out (collective: every
     rank hashes a share of the files). Skipped ones are reported with a warning on rank 0."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     candidates = _broadcast([p for _, p in listing(root(run_dir))] if rank == 0 else None)
     for path in reversed(candidates):
         why = problem(path, hashes=True, share=(rank, world))
@@ -376,7 +332,7 @@ def load(engine: Any, path: str) -> tuple[dict, dict]:
     and restores this rank's RNG states."""
     import torch
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
         trainer_state = json.load(fh)
     if trainer_state.get("world_size") != world:
@@ -391,70 +347,3 @@ def load(engine: Any, path: str) -> tuple[dict, dict]:
     rank_state = torch.load(os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt"), weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return trainer_state, rank_state
-
-
-# ------------------------------------------------------------------ export
-class _hf_zero3_off:
-    """Hide the run's HfDeepSpeedConfig from transformers for a moment: a model built on one
-    rank (the merged LoRA export) must not go through zero.Init, whose broadcasts would wait
-    for the other ranks forever."""
-
-    def __enter__(self):
-        from transformers.integrations import deepspeed as hf_ds
-        self.saved = hf_ds._hf_deepspeed_config_weak_ref
-        hf_ds.unset_hf_deepspeed_config()
-        return self
-
-    def __exit__(self, *exc):
-        from transformers.integrations import deepspeed as hf_ds
-        hf_ds._hf_deepspeed_config_weak_ref = self.saved
-        return False
-
-
-def export(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[str]:
-    """Write the trained model as a Hugging Face folder (collective). ZeRO-3 shards are gathered
-    (stage3_gather_16bit_weights_on_model_save); LoRA runs write the adapter (and `merged/` with
-    output.merge_lora). Written to `out_dir.tmp` and renamed. Returns out_dir on rank 0."""
-    import torch.distributed as dist
-
-    rank, _ = _rank_world()
-    tmp = f"{out_dir}.tmp"
-    stage3 = engine.zero_optimization_partition_weights()
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    if cfg.freeze.policy == "lora":
-        import contextlib
-
-        import deepspeed
-        from launcher import lora
-        params = list(engine.module.parameters())
-        ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else \
-            contextlib.nullcontext()
-        with ctx, _hf_zero3_off():
-            if rank == 0:
-                lora.export_adapter(engine.module, tmp)
-                tokenizer.save_pretrained(tmp)
-                if cfg.output.merge_lora:
-                    lora.export_merged(engine.module, cfg, os.path.join(tmp, "merged"), tokenizer)
-    else:
-        state = engine._zero3_consolidated_16bit_state_dict() if stage3 else None
-        if rank == 0:
-            module = engine.module
-            if state is not None:
-                module.save_pretrained(tmp, state_dict=state)
-            else:
-                module.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        return None
-    if os.path.exists(out_dir):
-        old = f"{out_dir}.old-{time.time_ns()}"
-        os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out_dir)
-    return out_dir

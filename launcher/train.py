@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import checkpoint, data, dist_env, layout
+from launcher import checkpoint, data, dist_env, export, faults, layout
 from launcher.config import RunConfig
 from launcher.dist_env import RankEnv
 from launcher.errors import ConfigError, Problem
@@ -442,13 +442,13 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
                                s.device)
             loss = engine(**batch).loss
             if micro == 0:
-                checkpoint.fault("backward", step + 1, env.rank, run_dir)
+                faults.fault("backward", step + 1, env.rank, run_dir)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach().float())
             tokens += float(batch["attention_mask"].sum())
         step += 1
-        checkpoint.fault("step", step, env.rank, run_dir)
+        faults.fault("step", step, env.rank, run_dir)
         # one collective a step: the loss for the log and the stop agreement
         loss_all, micro_all, tokens_all, signalled, stop_file_seen = _all_reduce_sum(
             [loss_sum, float(accum), tokens, float(stop.requested),
@@ -484,7 +484,7 @@ def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
             print(f"ftlaunch: eval loss {ev:.4f} at step {step}", file=sys.stderr, flush=True)
     path = save(step) if last_ckpt_step != step else last_ckpt
     if saving and cfg.output.save_final:
-        final = checkpoint.export(engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
+        final = export.save_final(engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
         if main:
             print(f"ftlaunch: exported {final}", file=sys.stderr, flush=True)
     if main and os.path.exists(stop_file):

@@ -1,11 +1,10 @@
-"""Checkpoint folders without DeepSpeed: manifest, completeness, corruption, pruning, faults.
-(Saving and loading through real DeepSpeed ranks: tests/test_train_resume.py.)"""
+"""Checkpoint folders without DeepSpeed: manifest, completeness, corruption, pruning, RNG state.
+(Saving and loading through real DeepSpeed ranks: tests/test_train_resume.py; fault injection:
+tests/test_faults.py.)"""
 from __future__ import annotations
 
 import json
 import os
-
-import pytest
 
 from launcher import checkpoint as ck
 
@@ -20,7 +19,8 @@ def fake_checkpoint(root: str, step: int, *, manifest: bool = True, payload: byt
         json.dump({"step": step}, fh)
     if manifest:
         files = {rel: {"size": os.path.getsize(os.path.join(path, rel)),
-                       "sha256": ck.sha256(os.path.join(path, rel))} for rel in ck._files(path)}
+                       "sha256": ck.sha256(os.path.join(path, rel))}
+                 for rel in ck.content_files(path)}
         with open(os.path.join(path, ck.MANIFEST), "w") as fh:
             json.dump({"format": 1, "step": step, "files": files}, fh)
     return path
@@ -93,24 +93,6 @@ def test_prune_keeps_newest_complete_and_clears_leftovers(tmp_path):
     assert not os.path.exists(os.path.join(root, ".tmp-step-00000010"))
     assert len(removed) == 3
     assert not [n for n in os.listdir(root) if n.startswith(ck.TRASH_PREFIX)]
-
-
-def test_fault_spec(monkeypatch):
-    monkeypatch.setenv("FTLAUNCH_FAULT", "step@3:raise,ckpt-write@4:enospc")
-    ck.fault("step", 2, 0)  # other step: nothing
-    ck.fault("ckpt-manifest", 3, 0)  # other point: nothing
-    with pytest.raises(RuntimeError, match=r"injected fault step@3 \(raise\) on rank 0"):
-        ck.fault("step", 3, 0)
-    with pytest.raises(OSError, match="No space left on device"):
-        ck.fault("ckpt-write", 4, 1)
-    monkeypatch.setenv("FTLAUNCH_FAULT_RANK", "1")
-    ck.fault("step", 3, 0)  # limited to rank 1
-
-
-def test_fault_stop_creates_stop_file(monkeypatch, tmp_path):
-    monkeypatch.setenv("FTLAUNCH_FAULT", "step@5:stop")
-    ck.fault("step", 5, 0, str(tmp_path))
-    assert (tmp_path / "STOP").exists()
 
 
 def test_rng_roundtrip():

@@ -1,5 +1,6 @@
-"""launcher/data.py: reading every format, masking, truncation, packing, eval splits, the
-distributed sampler, collate, and a clear ConfigError for every kind of bad data."""
+"""launcher/data/ (reading, tokenize, batching): reading every format, masking, truncation,
+packing, eval splits, the distributed sampler, collate, and a clear ConfigError for every kind of
+bad data."""
 from __future__ import annotations
 
 import copy

@@ -3,7 +3,8 @@ training or raising ends the whole run, bounded in time, non-zero, naming the ra
 where there is one); a frozen rank (SIGSTOP) is ended by train.dist_timeout_s; SIGTERM to a rank
 stops both at a step boundary with a verified checkpoint.
 
-Also keeps docs/faults.md honest: every test the table cites must exist.
+Also: the FTLAUNCH_FAULT spec itself (launcher/faults.py), and docs/faults.md kept honest: every
+test the table cites must exist.
 
 The elapsed-time bounds are hang detectors (timeout + a wide margin on a loaded machine), not
 speed claims.
@@ -25,6 +26,7 @@ from types import SimpleNamespace
 import pytest
 
 from launcher import checkpoint as ck
+from launcher import faults
 from test_train_engine import ROOT, rank_env
 
 TIMEOUT_S = 20      # train.dist_timeout_s for these runs
@@ -211,6 +213,25 @@ def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path, fault):
     st = status(tmp_path)  # the frozen rank wrote nothing: rank 0's timeout is the record
     assert (st["code"], st["rank"]) == (1, 0), st
     assert re.search(r"[Tt]imeout|[Tt]imed out", st["message"]), st
+
+
+# ---------------------------------------------------------------- FTLAUNCH_FAULT (launcher/faults.py)
+def test_fault_spec(monkeypatch):
+    monkeypatch.setenv("FTLAUNCH_FAULT", "step@3:raise,ckpt-write@4:enospc")
+    faults.fault("step", 2, 0)  # other step: nothing
+    faults.fault("ckpt-manifest", 3, 0)  # other point: nothing
+    with pytest.raises(RuntimeError, match=r"injected fault step@3 \(raise\) on rank 0"):
+        faults.fault("step", 3, 0)
+    with pytest.raises(OSError, match="No space left on device"):
+        faults.fault("ckpt-write", 4, 1)
+    monkeypatch.setenv("FTLAUNCH_FAULT_RANK", "1")
+    faults.fault("step", 3, 0)  # limited to rank 1
+
+
+def test_fault_stop_creates_stop_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("FTLAUNCH_FAULT", "step@5:stop")
+    faults.fault("step", 5, 0, str(tmp_path))
+    assert (tmp_path / "STOP").exists()
 
 
 # ---------------------------------------------------------------- exit_status.json, first failure wins

@@ -1,0 +1,201 @@
+"""Tokenising the records: token ids, loss masks, truncation; the pad id.
+
+Tokens. Each example is `start + text + [eos]`: `start` is what the tokenizer itself puts at the
+start of a sequence (BOS for Llama-style tokenizers, nothing for GPT-2 style), EOS is appended
+when `data.add_eos`. Prompt/response records are tokenised separately, prompt then response
+(both without special tokens), and concatenated: `start + prompt + response + [eos]`; the labels
+are -100 on `start + prompt`, so the loss boundary is exact at the token where the response
+begins, and the model is trained on the same token sequence it will see when the prompt is
+tokenised alone at inference and the response generated after it. Labels are not shifted (Hugging
+Face causal LMs shift them inside the model).
+
+Length. Without packing each example is cut to `max_seq_len` (its start kept); a prompt/response
+example left with no response token is dropped (counted in a warning). With packing the examples
+are kept whole here and cut into rows by `launcher.data.batching.pack`.
+
+Tokenised data is held compactly (two int32 arrays and offsets, 8 bytes a token), not as Python
+lists; `Tokens[i]` builds the lists of one example on demand.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from launcher.data.reading import Records, fail, print_warning
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+    from launcher.config import RunConfig
+
+IGNORE = -100  # label of a position without loss (the value Hugging Face losses ignore)
+
+_TOKENIZE_CHUNK = 2048
+
+
+class Tokens(Sequence):
+    """Tokenised examples: `self[i]` is {"input_ids": [...], "labels": [...]} (labels -100 where
+    no loss). Stored as flat int32 arrays `ids`, `labels` and int64 `offsets` (n + 1 entries)."""
+
+    def __init__(self, ids: "np.ndarray", labels: "np.ndarray", offsets: "np.ndarray"):
+        self.ids, self.labels, self.offsets = ids, labels, offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:  # type: ignore[override]
+        n = len(self)
+        if isinstance(i, slice):
+            raise TypeError("Tokens takes an integer index")
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"example {i} out of range (0..{n - 1})")
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def tokenizer_pad_id(tokenizer, *, warn: Callable[[str], None] = print_warning) -> int:
+    """The id to pad with: the pad token, else EOS (with a warning), else a ConfigError.
+    Padded positions are masked by `collate` (attention 0, label -100), so padding with EOS
+    never teaches the model anything."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        return int(pad)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        warn(f"the tokenizer has no pad token; padding with its EOS token (id {eos}); padded "
+             "positions are masked out of attention and loss")
+        return int(eos)
+    raise fail("model.tokenizer", "the tokenizer has neither a pad token nor an EOS token, so "
+               "batches cannot be padded",
+               "add one and save the tokenizer: tok.add_special_tokens({'pad_token': '<pad>'}); "
+               "tok.save_pretrained(DIR), then set model.tokenizer: DIR (resize the model's "
+               "embeddings if the vocabulary grew)")
+
+
+def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for a in range(0, len(texts), _TOKENIZE_CHUNK):
+        enc = tokenizer(texts[a:a + _TOKENIZE_CHUNK], add_special_tokens=False, verbose=False,
+                        return_attention_mask=False, return_token_type_ids=False)
+        out.extend(enc["input_ids"])
+    return out
+
+
+def _start_tokens(tokenizer) -> list[int]:
+    """What the tokenizer puts before a sequence by itself (BOS for Llama-style), found by
+    comparing an encoding with and without special tokens."""
+    probe = "a b"
+    full = list(tokenizer(probe, add_special_tokens=True, verbose=False)["input_ids"])
+    bare = list(tokenizer(probe, add_special_tokens=False, verbose=False)["input_ids"])
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i]
+    return []
+
+
+def _end_tokens(cfg: "RunConfig", tokenizer) -> list[int]:
+    if not cfg.data.add_eos:
+        return []
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise fail("data.add_eos", "the tokenizer has no EOS token to append",
+                   "set data.add_eos: false, or give a tokenizer with an eos_token")
+    return [int(eos)]
+
+
+@dataclass
+class _Examples:
+    """Token ids and labels of the kept examples, and what happened to the others."""
+
+    ids: list[list[int]] = field(default_factory=list)
+    labels: list[list[int]] = field(default_factory=list)
+    total: int = 0
+    empty: int = 0
+    truncated: int = 0
+    no_response: int = 0
+    longest: int = 0
+
+
+def _mask_and_cut(body: list[list[int]], heads: list[list[int]] | None, start: list[int],
+                  end: list[int], max_len: int, packing: bool) -> _Examples:
+    """Each example's ids and labels (-100 on start + prompt), cut to max_len unless packing."""
+    out = _Examples(total=len(body))
+    for i, toks in enumerate(body):
+        if not toks:
+            out.empty += 1
+            continue
+        head = start + (heads[i] if heads is not None else [])
+        ids = head + toks + end
+        if heads is not None:
+            labels = [IGNORE] * len(head) + toks + end
+        else:
+            labels = list(ids)
+        out.longest = max(out.longest, len(ids))
+        if not packing and len(ids) > max_len:
+            out.truncated += 1
+            ids, labels = ids[:max_len], labels[:max_len]
+            if heads is not None and all(x == IGNORE for x in labels):
+                out.no_response += 1
+                continue
+        out.ids.append(ids)
+        out.labels.append(labels)
+    return out
+
+
+def _report(ex: _Examples, key: str, what: str, max_len: int, warnings: list[str]) -> None:
+    """Warnings for the dropped and cut examples; a ConfigError when none is left."""
+    if ex.empty:
+        warnings.append(f"{key}: dropped {ex.empty} {what} examples whose text gives no tokens")
+    if ex.truncated:
+        warnings.append(f"{key}: {ex.truncated} of {ex.total} {what} examples are longer than "
+                        f"data.max_seq_len={max_len} and were cut (longest: {ex.longest} tokens)")
+    if ex.no_response:
+        warnings.append(f"{key}: dropped {ex.no_response} {what} examples whose prompt fills all "
+                        f"{max_len} tokens, leaving no response to learn")
+    if not ex.ids:
+        if ex.no_response:
+            raise fail("data.max_seq_len", f"every {what} example's prompt is at least "
+                       f"max_seq_len={max_len} tokens, so no response token is left",
+                       "raise data.max_seq_len or shorten the prompts")
+        raise fail(key, f"no {what} example gives any token", "check the text column")
+
+
+def _flatten(ex: _Examples) -> Tokens:
+    import numpy as np
+
+    lengths = np.fromiter((len(x) for x in ex.ids), dtype=np.int64, count=len(ex.ids))
+    total = int(lengths.sum())
+    flat_ids = np.fromiter((t for x in ex.ids for t in x), dtype=np.int32, count=total)
+    flat_lab = np.fromiter((t for x in ex.labels for t in x), dtype=np.int32, count=total)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Tokens(flat_ids, flat_lab, offsets)
+
+
+def tokenize_records(cfg: "RunConfig", tokenizer, rec: Records, key: str, split: str,
+                     warnings: list[str]) -> Tokens:
+    """One Tokens example per record (`split`: "train" or "eval"), masked, and cut to
+    max_seq_len unless data.packing; warnings for what was dropped or cut go to `warnings`."""
+    d = cfg.data
+    start = _start_tokens(tokenizer)
+    end = _end_tokens(cfg, tokenizer)
+    body = _encode(tokenizer, rec.texts)
+    heads = _encode(tokenizer, rec.prompts) if rec.prompts is not None else None
+    ex = _mask_and_cut(body, heads, start, end, d.max_seq_len, d.packing)
+    _report(ex, key, "train" if split == "train" else "eval", d.max_seq_len, warnings)
+    return _flatten(ex)

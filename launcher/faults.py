@@ -1,0 +1,55 @@
+"""Fault injection for tests: inert unless FTLAUNCH_FAULT is set.
+
+`FTLAUNCH_FAULT=point@step[:action]` with point `ckpt-write` (in checkpoint.save: after
+DeepSpeed's files, before this rank's own files), `ckpt-manifest` (after every rank wrote, before
+the manifest), `step` (in the training loop, after optimizer step `step`) or `backward` (in step
+`step`, before the first backward: the peers are about to reduce gradients); action `exit`
+(os._exit(17), a crash: default), `raise` (RuntimeError), `enospc` (OSError ENOSPC, a full disk),
+`kill` (SIGKILL to itself), `freeze` (SIGSTOP to itself: a hung rank), `sigterm` / `sigint` /
+`sigusr1` (that signal to itself: the stop protocol) or `stop` (create RUN_DIR/STOP). Several
+faults are separated by commas. `FTLAUNCH_FAULT_RANK=r` limits them to one rank.
+
+What each fault does to a run, and the test that shows it: docs/faults.md.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+
+from launcher import layout
+
+
+def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
+    """Trigger the fault FTLAUNCH_FAULT asks for at (point, step) on this rank, else nothing."""
+    spec = os.environ.get("FTLAUNCH_FAULT", "")
+    only = os.environ.get("FTLAUNCH_FAULT_RANK")
+    if not spec or (only not in (None, "") and int(only) != rank):
+        return
+    for item in spec.split(","):
+        where, _, action = item.strip().partition(":")
+        name, _, at = where.partition("@")
+        if name != point or (at and int(at) != step):
+            continue
+        action = action or "exit"
+        msg = f"injected fault {point}@{step} ({action}) on rank {rank}"
+        print(f"ftlaunch: {msg}", file=sys.stderr, flush=True)
+        if action == "exit":
+            os._exit(17)
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if action == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
+        if action in ("sigterm", "sigint", "sigusr1"):
+            os.kill(os.getpid(), getattr(signal, action.upper()))
+            return
+        if action == "stop":
+            if run_dir is None:
+                raise ValueError(f"fault action stop needs the run directory ({point})")
+            open(os.path.join(run_dir, layout.STOP_REQUEST), "a").close()
+            return
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device ({msg})")
+        raise RuntimeError(msg)
