@@ -7,8 +7,7 @@ import os
 import pytest
 
 from launcher import cli, memory
-from launcher.errors import ConfigError
-from launcher.memory_terms import adam8_state_bytes, flat_partition, zero3_partition
+from launcher.memory.terms import adam8_state_bytes, flat_partition, zero3_partition
 
 RUN = """\
 name: plan-test
@@ -43,11 +42,6 @@ def run_cfg(tmp_path, model, *overrides, dtype="bf16", gc="false", seq=256, micr
     return str(path), load(str(path), list(overrides))
 
 
-def memory_model_cache_clear() -> None:
-    from launcher import memory_model
-    memory_model._meta_model_cached.cache_clear()
-
-
 def real_count(model_dir: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -62,7 +56,7 @@ def test_plan_from_config_json_only(tmp_path):
     p0 = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
     # weight files are never opened: a corrupt one changes nothing
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
-    memory_model_cache_clear()
+    memory.clear_meta_cache()
     p = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
     assert p.total_per_gpu == p0.total_per_gpu
     # embed + head 2 x 1000 x 128, 4 blocks of q,o 128x128, k,v 64x128, MLP 3 x 128x344, 2 norms
@@ -221,9 +215,25 @@ def test_gpu_memory_from_cluster_section(tmp_path):
     _, cfg = run_cfg(tmp_path, model, "cluster.gpu_memory=24GiB")
     p = memory.plan(cfg, world_size=1)
     assert p.gpu_memory == 24 * 2**30 and p.gpu_memory_source == "cluster.gpu_memory"
-    assert memory.parse_size("40 GB") == 40 * 2**30
-    with pytest.raises(ConfigError, match="not a memory size"):
-        memory.parse_size("lots")
+
+
+def test_cluster_gpu_memory_and_the_flag_read_sizes_alike(tmp_path, capsys):
+    model = llama_folder(tmp_path)
+    _, cfg = run_cfg(tmp_path, model, "cluster.gpu_memory=40G")  # once refused by the loader
+    from_file = memory.plan(cfg, world_size=1, advise=False)
+    run, plain = run_cfg(tmp_path, model)
+    from_flag = memory.plan(plain, gpu_memory="40G", world_size=1, advise=False)
+    assert from_file.gpu_memory == from_flag.gpu_memory == 40 * 2**30
+    assert cli.main(["plan", run, "--json", "--gpu-memory", "80"]) == 0  # GiB, not 80 bytes
+    assert json.loads(capsys.readouterr().out)["gpu_memory"] == 80 * 2**30
+
+
+def test_bad_gpu_memory_flag_names_the_flag_and_the_fix(tmp_path, capsys):
+    run, _ = run_cfg(tmp_path, llama_folder(tmp_path))
+    assert cli.main(["plan", run, "--gpu-memory", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-memory: a memory size must be more than 0 bytes, got '0'" in err
+    assert "fix: write a size such as 80GiB" in err
 
 
 def test_freeze_pattern_matching_nothing_is_config_error(tmp_path, capsys):

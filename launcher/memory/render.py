@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.memory_terms import MOMENT_NAMES, Term, gib
+from launcher.memory.terms import MOMENT_NAMES, Term, gib
 
 
 def _explain(t: Term) -> str:

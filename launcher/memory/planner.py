@@ -1,44 +1,24 @@
-"""`ftlaunch plan`: memory per GPU and per node, whether it fits, and what to change if not.
-
-    plan(cfg, gpu_memory=None, world_size=None) -> Plan     # .fits, .total_per_gpu, .terms
-    plan_text(cfg) -> str                                    # what `run --dry-run` / plan.txt show
-    main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
-
-The parameters come from a meta-device model built from config.json (launcher/memory_model.py),
-the formulas from launcher/memory_terms.py (model states) and launcher/memory_activations.py,
-the alternatives from launcher/memory_advice.py, the text from launcher/memory_render.py.
-On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its
-baseline (see docs/memory.md for how that is measured and what it can and cannot verify).
-"""
+"""The memory plan of a run: the `Plan` and `plan()`, which add up the terms of
+inventory.py, terms.py and activations.py at each moment of a training step."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 from launcher.config import RunConfig
-from launcher.errors import ConfigError, Problem
-from launcher.memory_model import Inventory, inventory, meta_model
-from launcher.memory_activations import activations, grads_map
-from launcher.memory_render import render
-from launcher.memory_terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
+from launcher.memory.inventory import Inventory, inventory
+from launcher.memory.activations import activations, grads_map
+from launcher.memory.render import render
+from launcher.sizes import parse_size
+from launcher.memory.terms import (CPU_FRAGMENTATION, CPU_RUNTIME, CUDA_CONTEXT,
                                    CUDA_FRAGMENTATION, DS_SRC, Term, states)
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
 MOMENTS = ("fwd", "bwd", "step")
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_size(text: str, key: str = "--gpu-memory") -> int:
-    """'80GiB', '80 GB', '40G', '81920MiB' -> bytes (GB and GiB both binary, as GPUs are sold)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
-    if not m:
-        raise ConfigError([Problem(key, f"not a memory size: {text!r}", "write e.g. 80GiB or 24GB")])
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 @dataclass
@@ -57,7 +37,7 @@ class Plan:
     total_per_gpu: int               # + runtime overhead and allocator slack
     node_terms: list[Term]
     node_cpu: int
-    states: Any = None               # memory_terms.States: model states before offload
+    states: Any = None               # terms.States: model states before offload
     advice: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -90,11 +70,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ building a plan
-def meta_model_for(cfg: RunConfig):
-    """The run's model on the meta device (cached): for other name-based checks."""
-    return meta_model(cfg.model.path, cfg.model.trust_remote_code)
-
-
 def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     if isinstance(given, int):
         return given, "given"
@@ -245,7 +220,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     result = Plan(cfg, inv, world, device, mem, mem_src, terms, worst, peak, total, node,
                   sum(t.bytes for t in node), states=st, notes=notes)
     if advise and not result.fits:
-        from launcher.memory_advice import advise as _advise
+        from launcher.memory.advice import advise as _advise
         result.advice = _advise(result)
     return result
 
