@@ -270,3 +270,31 @@ def test_plan_text_is_what_run_and_slurm_print(tmp_path):
     _, cfg = run_cfg(tmp_path, model)
     text = memory.plan_text(cfg)
     assert text.startswith("model llama: 4 blocks") and "verdict: fits" in text
+
+
+def _imported(tree) -> set[str]:
+    """Modules an AST imports, at any level; `from a import b` counts a and a.b."""
+    import ast
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_planner_modules_import_each_other_without_cycles():
+    """Every import between launcher/memory/ modules, function-level ones included, goes one way."""
+    import ast
+    import glob
+    graph: dict[str, set[str]] = {}
+    for path in glob.glob(os.path.join(os.path.dirname(memory.__file__), "*.py")):
+        name = ("launcher.memory." + os.path.basename(path)[:-3]).removesuffix(".__init__")
+        graph[name] = _imported(ast.parse(open(path, encoding="utf-8").read()))
+    assert {"launcher.memory", "launcher.memory.planner", "launcher.memory.advice"} <= set(graph)
+    done: set[str] = set()
+    while len(done) < len(graph):  # peel off the modules whose imports are all peeled off
+        ready = {m for m, deps in graph.items() if m not in done and deps & set(graph) <= done}
+        assert ready, f"import cycle among {sorted(set(graph) - done)}"
+        done |= ready
