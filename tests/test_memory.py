@@ -298,3 +298,25 @@ def test_planner_modules_import_each_other_without_cycles():
         ready = {m for m, deps in graph.items() if m not in done and deps & set(graph) <= done}
         assert ready, f"import cycle among {sorted(set(graph) - done)}"
         done |= ready
+
+
+def _cell_ends(line: str) -> list[int]:
+    """Where each cell of a table line ends (cells are two or more spaces apart)."""
+    import re
+    return [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+def test_tables_keep_twelve_digit_counts_apart(tmp_path):
+    # 14 blocks of Llama-70B's shape (meta device, nothing allocated): 2 trained beside 12 frozen
+    model = llama_folder(tmp_path, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                         num_hidden_layers=14, num_attention_heads=64, num_key_value_heads=8)
+    _, cfg = run_cfg(tmp_path, model, freeze="{policy: last_layers, trainable_layers: 2}")
+    lines = memory.render(memory.plan(cfg, world_size=8, advise=False)).splitlines()
+    head = next(x for x in lines if x.split()[:2] == ["group", "trainable"])
+    row = next(x for x in lines if x.split()[:1] == ["layers"])
+    assert row.split()[:4] == ["layers", "1,711,276,032", "10,267,656,192", "0"]
+    assert "1,711,276,032  10,267,656,192" in row  # two spaces at least between columns
+    assert _cell_ends(row)[1:] == _cell_ends(head)[1:]  # numbers right-aligned under headers
+    per_gpu = lines.index(next(x for x in lines if x.startswith("per GPU")))
+    terms = lines[per_gpu + 2:lines.index("per node (CPU memory):")]  # below the header
+    assert len({_cell_ends(x)[1] for x in terms}) == 1  # one bytes column for every term
