@@ -184,8 +184,8 @@ def warm_bnb() -> None:
 
 
 def warm_code() -> None:
-    """The code warm-up before the baseline (launcher.runtime_probe.warm_code): code, not data."""
-    from launcher.runtime_probe import warm_code as warm
+    """The code warm-up before the baseline (launcher.memory.probe.warm_code): code, not data."""
+    from launcher.memory.probe import warm_code as warm
     warm()
 
 
@@ -218,7 +218,7 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
         train.init_distributed(cfg, env)
         warm_code()
         if os.environ.get("PVM_WARM_SHAPES") == "1":  # the run's own kernels below the baseline
-            from launcher.runtime_probe import kernel_bytes
+            from launcher.memory.probe import kernel_bytes
             kernel_bytes(cfg.model.path, cfg.model.dtype, cfg.train.micro_batch_size,
                          cfg.data.max_seq_len, cfg.model.attn_implementation)
         warm_engine(train.build_ds_config(cfg, env, "cpu"))
@@ -352,13 +352,14 @@ def write_run(work: str, model: str, setting: str, paths: dict) -> str:
 def measure(model: str, settings: list[str], work: str, steps: int = 3,
             default_malloc_too: bool = False) -> list[dict]:
     """Plan and measure each setting in its own pair of rank processes (clean RSS)."""
-    from launcher import memory, runfile, runtime_probe
+    from launcher import memory, runfile
+    from launcher.memory import probe as runtime_probe
     paths = build_model(work, model)
     rows = []
     for setting in settings:
         run = write_run(work, model, setting, paths)
         cfg = runfile.load(run)
-        # the kernels are measured on this machine, in this run (launcher/runtime_probe.py)
+        # the kernels are measured on this machine, in this run (launcher/memory/probe.py)
         p = memory.plan(cfg, world_size=2, kernels=runtime_probe.measure(cfg))
         t0 = time.time()
         ranks = run_ranks([run], os.path.join(work, "out.json"), steps)[0]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
+
+from launcher.sizes import parse_size
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -20,9 +22,13 @@ Offload = Literal["none", "cpu", "nvme"]
 
 
 def opt(default: Any, doc: str, *, ge=None, gt=None, le=None, lt=None, path: bool = False,
-        pattern: str | None = None) -> Any:
-    """A schema field: its default (REQUIRED for none), its documentation and its checks."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path, "pattern": pattern}
+        pattern: str | None = None, parse: Callable[[str, str], Any] | None = None) -> Any:
+    """A schema field: its default (REQUIRED for none), its documentation and its checks.
+
+    parse: for a string field, the function (value, key) that reads it where it is used; the
+    loader calls it too, so a value it refuses (ConfigError) is refused at load time."""
+    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path, "pattern": pattern,
+            "parse": parse}
     if default is REQUIRED:
         return field(metadata=meta)
     if isinstance(default, (list, dict)):
@@ -178,8 +184,9 @@ class ClusterConfig:
                        "requeues (`--signal=B:USR1@grace_s`).", ge=10, le=3600)
     requeue: bool = opt(True, "Requeue after preemption or the time limit, resuming.")
     max_restarts: int = opt(3, "Requeues allowed (SLURM_RESTART_COUNT).", ge=0, le=1000)
-    gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan (e.g. 80GiB); null: "
-                                    "the local GPU's, else 80GiB.", pattern=r"[0-9.]+ *[KMGT]i?B")
+    gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan: 80GiB, 80GB, 40G, "
+                                    "81920MiB, 1.5T (binary units, GB = GiB); a bare number is "
+                                    "GiB. null: the local GPU's, else 80GiB.", parse=parse_size)
 
 
 @dataclass(frozen=True)

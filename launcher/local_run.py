@@ -96,7 +96,7 @@ def plan_text(cfg: RunConfig) -> str | None:
     try:
         kernels = None
         if cfg.train.device == "cpu":  # these ranks run here: measure what the plan cannot derive
-            from launcher.runtime_probe import measure
+            from launcher.memory.probe import measure
             kernels = measure(cfg)
         return make(cfg, kernels=kernels)
     except ConfigError:

@@ -87,9 +87,6 @@ def in_out(module: Any) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-_in_out = in_out  # the memory planner's earlier name
-
-
 def adapter_param_count(model: Any, lora_cfg: LoraConfig) -> int:
     """Parameters the LoRA adapters add: r x (in + out) per target (works on a meta model, no peft)."""
     modules = dict(model.named_modules())

@@ -379,9 +379,14 @@ def _where(node: Any) -> str:
     return ""
 
 
-def _check_field(value: Any, meta: Mapping[str, Any]) -> None:
+def _check_field(value: Any, meta: Mapping[str, Any], key: str) -> None:
     if value is None or isinstance(value, bool):
         return
+    if isinstance(value, str) and meta.get("parse"):
+        try:
+            meta["parse"](value, key)
+        except ConfigError as exc:
+            raise _Bad(exc.problems[0].message, exc.problems[0].fix) from None
     if isinstance(value, (int, float)):
         for name, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
                                ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
@@ -425,7 +430,7 @@ def _section(cls: type, node: dict, prefix: str, ctx: _Ctx) -> Any:
         sub = node[name]
         try:
             value = _convert(sub, hints[name], key, ctx)
-            _check_field(value, f.metadata)
+            _check_field(value, f.metadata, key)
             if f.metadata.get("path") and isinstance(value, str) and isinstance(sub, Scalar):
                 value = os.path.normpath(os.path.join(sub.base_dir, os.path.expanduser(value)))
             kwargs[name] = value

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from launcher import cli, memory
-from launcher.errors import ConfigError
-from launcher.memory_terms import adam8_state_bytes, flat_partition, zero3_partition
+from launcher.memory.terms import adam8_state_bytes, flat_partition, zero3_partition
 
 RUN = """\
 name: plan-test
@@ -43,11 +42,6 @@ def run_cfg(tmp_path, model, *overrides, dtype="bf16", gc="false", seq=256, micr
     return str(path), load(str(path), list(overrides))
 
 
-def memory_model_cache_clear() -> None:
-    from launcher import memory_model
-    memory_model._meta_model_cached.cache_clear()
-
-
 def real_count(model_dir: str) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -62,7 +56,7 @@ def test_plan_from_config_json_only(tmp_path):
     p0 = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
     # weight files are never opened: a corrupt one changes nothing
     (tmp_path / "m" / "model.safetensors").write_bytes(b"not a safetensors file")
-    memory_model_cache_clear()
+    memory.clear_meta_cache()
     p = memory.plan(cfg, gpu_memory="80GiB", world_size=1)
     assert p.total_per_gpu == p0.total_per_gpu
     # embed + head 2 x 1000 x 128, 4 blocks of q,o 128x128, k,v 64x128, MLP 3 x 128x344, 2 norms
@@ -221,9 +215,25 @@ def test_gpu_memory_from_cluster_section(tmp_path):
     _, cfg = run_cfg(tmp_path, model, "cluster.gpu_memory=24GiB")
     p = memory.plan(cfg, world_size=1)
     assert p.gpu_memory == 24 * 2**30 and p.gpu_memory_source == "cluster.gpu_memory"
-    assert memory.parse_size("40 GB") == 40 * 2**30
-    with pytest.raises(ConfigError, match="not a memory size"):
-        memory.parse_size("lots")
+
+
+def test_cluster_gpu_memory_and_the_flag_read_sizes_alike(tmp_path, capsys):
+    model = llama_folder(tmp_path)
+    _, cfg = run_cfg(tmp_path, model, "cluster.gpu_memory=40G")  # once refused by the loader
+    from_file = memory.plan(cfg, world_size=1, advise=False)
+    run, plain = run_cfg(tmp_path, model)
+    from_flag = memory.plan(plain, gpu_memory="40G", world_size=1, advise=False)
+    assert from_file.gpu_memory == from_flag.gpu_memory == 40 * 2**30
+    assert cli.main(["plan", run, "--json", "--gpu-memory", "80"]) == 0  # GiB, not 80 bytes
+    assert json.loads(capsys.readouterr().out)["gpu_memory"] == 80 * 2**30
+
+
+def test_bad_gpu_memory_flag_names_the_flag_and_the_fix(tmp_path, capsys):
+    run, _ = run_cfg(tmp_path, llama_folder(tmp_path))
+    assert cli.main(["plan", run, "--gpu-memory", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-memory: a memory size must be more than 0 bytes, got '0'" in err
+    assert "fix: write a size such as 80GiB" in err
 
 
 def test_freeze_pattern_matching_nothing_is_config_error(tmp_path, capsys):
@@ -265,7 +275,7 @@ def test_plan_text_is_what_run_and_slurm_print(tmp_path):
 def test_cpu_kernels_are_a_stated_range_unless_measured(tmp_path):
     """The processor-dependent kernels term: a range counted at its upper end where it is not
     measured, the measured figure where it is; the other CPU overhead is the stage's constant."""
-    from launcher.runtime_probe import BOOKKEEPING, KERNELS_RANGE
+    from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
     model = llama_folder(tmp_path)
     _, cpu = run_cfg(tmp_path, model, device="cpu", gpus=2)
     p = memory.plan(cpu, world_size=2)
@@ -286,7 +296,7 @@ def test_cpu_kernels_are_a_stated_range_unless_measured(tmp_path):
 
 
 def test_plan_probe_measures_kernels_here_and_caches_them(tmp_path, capsys, monkeypatch):
-    from launcher import runtime_probe
+    from launcher.memory import probe as runtime_probe
     monkeypatch.setattr(runtime_probe, "CACHE", str(tmp_path / "cache" / "probe.json"))
     model = llama_folder(tmp_path, num_hidden_layers=2)
     run, cfg = run_cfg(tmp_path, model, device="cpu", gpus=2, seq=64)
@@ -298,3 +308,53 @@ def test_plan_probe_measures_kernels_here_and_caches_them(tmp_path, capsys, monk
     assert list(cached.values()) == [k["bytes"]]
     monkeypatch.setattr(runtime_probe.subprocess, "run", None)  # a second plan runs no probe
     assert runtime_probe.measure(cfg) == k["bytes"]
+
+
+def _imported(tree) -> set[str]:
+    """Modules an AST imports, at any level; `from a import b` counts a and a.b."""
+    import ast
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_planner_modules_import_each_other_without_cycles():
+    """Every import between launcher/memory/ modules, function-level ones included, goes one way."""
+    import ast
+    import glob
+    graph: dict[str, set[str]] = {}
+    for path in glob.glob(os.path.join(os.path.dirname(memory.__file__), "*.py")):
+        name = ("launcher.memory." + os.path.basename(path)[:-3]).removesuffix(".__init__")
+        graph[name] = _imported(ast.parse(open(path, encoding="utf-8").read()))
+    assert {"launcher.memory", "launcher.memory.planner", "launcher.memory.advice"} <= set(graph)
+    done: set[str] = set()
+    while len(done) < len(graph):  # peel off the modules whose imports are all peeled off
+        ready = {m for m, deps in graph.items() if m not in done and deps & set(graph) <= done}
+        assert ready, f"import cycle among {sorted(set(graph) - done)}"
+        done |= ready
+
+
+def _cell_ends(line: str) -> list[int]:
+    """Where each cell of a table line ends (cells are two or more spaces apart)."""
+    import re
+    return [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)]
+
+
+def test_tables_keep_twelve_digit_counts_apart(tmp_path):
+    # 14 blocks of Llama-70B's shape (meta device, nothing allocated): 2 trained beside 12 frozen
+    model = llama_folder(tmp_path, vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                         num_hidden_layers=14, num_attention_heads=64, num_key_value_heads=8)
+    _, cfg = run_cfg(tmp_path, model, freeze="{policy: last_layers, trainable_layers: 2}")
+    lines = memory.render(memory.plan(cfg, world_size=8, advise=False)).splitlines()
+    head = next(x for x in lines if x.split()[:2] == ["group", "trainable"])
+    row = next(x for x in lines if x.split()[:1] == ["layers"])
+    assert row.split()[:4] == ["layers", "1,711,276,032", "10,267,656,192", "0"]
+    assert "1,711,276,032  10,267,656,192" in row  # two spaces at least between columns
+    assert _cell_ends(row)[1:] == _cell_ends(head)[1:]  # numbers right-aligned under headers
+    per_gpu = lines.index(next(x for x in lines if x.startswith("per GPU")))
+    terms = lines[per_gpu + 2:lines.index("per node (CPU memory):")]  # below the header
+    assert len({_cell_ends(x)[1] for x in terms}) == 1  # one bytes column for every term

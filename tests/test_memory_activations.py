@@ -57,8 +57,8 @@ CASES = list(itertools.product(["sdpa", "eager"], ["bf16", "fp32"], [4, 2], [Fal
 
 @pytest.mark.parametrize("attn,dtype,kv,gc", CASES)
 def test_saved_activations_match_formula(attn, dtype, kv, gc):
-    from launcher.memory_model import shape_of
-    from launcher.memory_activations import activations
+    from launcher.memory.inventory import shape_of
+    from launcher.memory.activations import activations
     m = _model(attn, getattr(torch, {"bf16": "bfloat16", "fp32": "float32"}[dtype]), kv, gc)
     b, s = 3, 48
     x = torch.randint(3, 320, (b, s))
@@ -74,8 +74,8 @@ def test_saved_activations_match_formula(attn, dtype, kv, gc):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_padded_batches_add_the_mask_and_repeat_kv(attn):
-    from launcher.memory_model import shape_of
-    from launcher.memory_activations import activations
+    from launcher.memory.inventory import shape_of
+    from launcher.memory.activations import activations
     m = _model(attn, torch.bfloat16, 2, False)
     b, s = 2, 40
     x = torch.randint(3, 320, (b, s))
@@ -92,8 +92,8 @@ def test_padded_batches_add_the_mask_and_repeat_kv(attn):
 
 
 def test_unknown_family_falls_back_to_korthikanti():
-    from launcher.memory_model import Shape
-    from launcher.memory_activations import activations
+    from launcher.memory.inventory import Shape
+    from launcher.memory.activations import activations
     sh = Shape("gpt2", hidden=768, layers=12, heads=12, kv_heads=12, head_dim=64, intermediate=3072,
                vocab=50257, tied=True, gated_mlp=False, known=False)
     a = activations(sh, 1, 1024, 2, "sdpa", False, padded=False, logits_held=False)

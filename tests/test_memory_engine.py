@@ -98,7 +98,8 @@ def test_cold_rank_within_15_percent_of_plan_with_kernels_probed_here(tiny, tmp_
     """Kernels included: a cold rank (no shape warm-up) against the plan whose kernels term is
     measured on this machine, in this run, by the probe `ftlaunch run` and `plan --probe` use;
     bf16, where the kernels are the largest share on any processor."""
-    from launcher import memory, runfile, runtime_probe
+    from launcher import memory, runfile
+    from launcher.memory import probe as runtime_probe
     run = _write(tmp_path, tiny, 20, 2, "bf16", FULL, "none", "none")
     cfg = runfile.load(run)
     kernels = runtime_probe.measure(cfg)

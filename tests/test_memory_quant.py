@@ -57,7 +57,7 @@ def test_quantized_bytes_equal_loaded_model(tiny, tmp_path, quant):
 def test_adam8bit_state_bytes_equal_bitsandbytes():
     import bitsandbytes as bnb
 
-    from launcher.memory_terms import adam8_state_bytes
+    from launcher.memory.terms import adam8_state_bytes
     shapes = [(64,), (64, 64), (100, 300), (4097,), (1000, 1000)]
     params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
     opt = bnb.optim.AdamW8bit(params, lr=1e-3)

@@ -136,6 +136,16 @@ def meta_model(path: str, trust_remote_code: bool = False):
                                    "model.trust_remote_code: true for custom code")]) from exc
 
 
+def meta_model_for(cfg: RunConfig):
+    """The run's model on the meta device (cached): for other name-based checks."""
+    return meta_model(cfg.model.path, cfg.model.trust_remote_code)
+
+
+def clear_meta_cache() -> None:
+    """Forget the cached meta-device models (the next plan reads config.json again)."""
+    _meta_model_cached.cache_clear()
+
+
 def _text_config(hf: Any) -> Any:
     get = getattr(hf, "get_text_config", None)
     return get() if get else hf
@@ -279,7 +289,7 @@ def _lora_params(model: Any, cfg: RunConfig, base: list[Param], lp: int,
         else:
             out.append(p)
     for t in targets:
-        i, o = lora._in_out(modules[t])
+        i, o = lora.in_out(modules[t])
         out.append(Param(f"{t}.lora_A", lc.r * i, "adapters", True, "none", lc.r * i * lp, lc.r * i))
         out.append(Param(f"{t}.lora_B", o * lc.r, "adapters", True, "none", o * lc.r * lp, o * lc.r))
     if copied:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.memory_model import Inventory, Shape
+from launcher.memory.inventory import Inventory, Shape
 
 KORTHIKANTI = "Korthikanti et al. 2022, eq. 1"
 

@@ -17,7 +17,7 @@ answer is cached per processor, torch version, model config and shape, so a seco
 nothing. Where it is not measured (a Slurm job plans for other machines), the plan states the
 range `KERNELS_RANGE` and counts its upper end.
 
-    python -m launcher.runtime_probe MODEL_DIR DTYPE MICRO SEQ [ATTN]   # prints {"kernels": N}
+    python -m launcher.memory.probe MODEL_DIR DTYPE MICRO SEQ [ATTN]   # prints {"kernels": N}
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def measure(cfg: Any, timeout: float = 300) -> int | None:
     if m.trust_remote_code:
         args.append("--trust-remote-code")
     try:
-        proc = subprocess.run([sys.executable, "-m", "launcher.runtime_probe", *args], env=env,
+        proc = subprocess.run([sys.executable, "-m", "launcher.memory.probe", *args], env=env,
                               capture_output=True, text=True, timeout=timeout)
         value = int(json.loads(proc.stdout.strip().splitlines()[-1])["kernels"])
     except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, IndexError):

@@ -1,7 +1,8 @@
 """What to change when a plan does not fit: candidate changes, ranked by their cost in speed.
 
 Each candidate is the run config with one change (`dataclasses.replace`), planned again with the
-same formulas. Order (least slowdown first, the usual ranking on GPUs):
+same formulas through the `replan` callable the planner passes in (so this module never imports
+the planner). Order (least slowdown first, the usual ranking on GPUs):
 
 1. ZeRO-2 from ZeRO-0/1: partitions gradients too; same communication volume as data parallel.
 2. Gradient checkpointing: recomputes each block's forward, about +30% compute.
@@ -22,8 +23,10 @@ from typing import Any, Callable, Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.validate import check
 
 Change = tuple[str, str, Callable[[RunConfig], RunConfig]]
+Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigError if it cannot)
 
 
 def _rep(obj: Any, **kw: Any) -> Any:
@@ -71,23 +74,23 @@ def candidates(c: RunConfig) -> Iterator[Change]:
                               deepspeed=_rep(c.deepspeed, zero_stage=min(c.deepspeed.zero_stage, 2))))
 
 
-def _try(base, cfg: RunConfig):
-    from launcher.memory import plan
-    from launcher.validate import check
+def _try(replan: Replan, cfg: RunConfig) -> Any:
     if [p for p in check(cfg) if not p.key.startswith(("model.path", "data.", "cluster."))]:
         return None
     try:
-        return plan(cfg, base.gpu_memory, base.world_size, advise=False)
+        return replan(cfg)
     except (ConfigError, ValueError):
         return None
 
 
-def advise(base) -> list[dict[str, Any]]:
-    """Changes that make `base` (a Plan that does not fit) fit, least slowdown first."""
+def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
+    """Changes that make `base` (a Plan that does not fit) fit, least slowdown first.
+
+    replan(cfg) plans a changed config on base's GPU memory and ranks (without advice)."""
     out: list[dict[str, Any]] = []
     tried: list[tuple[str, str, Any]] = []
     for name, cost, fn in candidates(base.cfg):
-        p = _try(base, fn(base.cfg))
+        p = _try(replan, fn(base.cfg))
         if p is None:
             continue
         tried.append((name, cost, fn))
@@ -99,7 +102,7 @@ def advise(base) -> list[dict[str, Any]]:
     cfg, names = base.cfg, []
     for name, cost, fn in tried:  # stack in order of cost until it fits
         nxt = fn(cfg)
-        p = _try(base, nxt)
+        p = _try(replan, nxt)
         if p is None:
             continue
         cfg = nxt

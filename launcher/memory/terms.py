@@ -14,14 +14,14 @@ live engines in tests/test_memory_engine.py):
 | ZeRO-1/2 | all, lp | lp x elements of the params overlapping this rank's slice of the flat group | 4 x slice | 8 x slice |
 | ZeRO-3 | lp x ceil(numel/N) per param + full copies of persistent params | lp x sum ceil(numel/N) trainable | 4 x same | 8 x same |
 
-Activations live in launcher/memory_activations.py.
+Activations live in launcher/memory/activations.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from launcher.memory_model import Inventory
+from launcher.memory.inventory import Inventory
 
 DS_SRC = "deepspeed 0.19 runtime/zero"
 BNB_ADAM8_BLOCK = 256      # bitsandbytes Optimizer2State.init_state: blockwise absmax per 256
@@ -31,7 +31,7 @@ CUDA_CONTEXT = 600 * 2**20       # CUDA context + cuBLAS/NCCL workspaces, outsid
 CUDA_FRAGMENTATION = 0.05        # caching-allocator slack over the tensor peak
 # CPU ranks, above a baseline taken after imports and a code warm-up: DeepSpeed and gloo
 # bookkeeping (a constant) and oneDNN kernels (measured on this machine, or a stated range):
-# launcher/runtime_probe.py.
+# launcher/memory/probe.py.
 CPU_FRAGMENTATION = 0.0          # with a fixed mmap threshold freed tensors leave RSS at once
 
 

@@ -1,45 +1,27 @@
-"""`ftlaunch plan`: memory per GPU and per node, whether it fits, and what to change if not.
-
-    plan(cfg, gpu_memory=None, world_size=None) -> Plan     # .fits, .total_per_gpu, .terms
-    plan_text(cfg) -> str                                    # what `run --dry-run` / plan.txt show
-    main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
-
-The parameters come from a meta-device model built from config.json (launcher/memory_model.py),
-the formulas from launcher/memory_terms.py (model states) and launcher/memory_activations.py,
-the alternatives from launcher/memory_advice.py, the text from launcher/memory_render.py.
-On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its
-baseline (see docs/memory.md for how that is measured and what it can and cannot verify).
-"""
+"""The memory plan of a run: the `Plan` and `plan()`, which add up the terms of
+inventory.py, terms.py and activations.py at each moment of a training step."""
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from launcher import ds_config, runfile
 from launcher.config import RunConfig
-from launcher.errors import ConfigError, Problem
-from launcher.memory_model import Inventory, inventory, meta_model
-from launcher.memory_activations import activations, grads_map
-from launcher.memory_render import render
-from launcher.memory_terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
-                                   Term, gib, states)
-from launcher.runtime_probe import BOOKKEEPING, KERNELS_RANGE
+from launcher.memory.activations import activations, grads_map
+from launcher.memory.advice import advise as changes_that_fit
+from launcher.memory.inventory import Inventory, inventory
+from launcher.memory.render import render
+from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
+from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
+                                   States, Term, gib, states)
+from launcher.sizes import parse_size
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
 MOMENTS = ("fwd", "bwd", "step")
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_size(text: str, key: str = "--gpu-memory") -> int:
-    """'80GiB', '80 GB', '40G', '81920MiB' -> bytes (GB and GiB both binary, as GPUs are sold)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
-    if not m:
-        raise ConfigError([Problem(key, f"not a memory size: {text!r}", "write e.g. 80GiB or 24GB")])
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 @dataclass
@@ -58,7 +40,7 @@ class Plan:
     total_per_gpu: int               # + runtime overhead and allocator slack
     node_terms: list[Term]
     node_cpu: int
-    states: Any = None               # memory_terms.States: model states before offload
+    states: States | None = None     # model states on one rank, before offload
     advice: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -97,11 +79,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ building a plan
-def meta_model_for(cfg: RunConfig):
-    """The run's model on the meta device (cached): for other name-based checks."""
-    return meta_model(cfg.model.path, cfg.model.trust_remote_code)
-
-
 def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     if isinstance(given, int):
         return given, "given"
@@ -124,39 +101,68 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
 
     ds: the DeepSpeed config the ranks will use (default: `ds_config.build(cfg, ...)`).
     kernels: CPU ranks only, the oneDNN kernel bytes measured on the machine that will run
-    (`launcher.runtime_probe.measure`); None plans them as the stated range, at its upper end."""
-    from launcher import ds_config
+    (`launcher.memory.probe.measure`); None plans them as the stated range, at its upper end."""
     world = world_size or cfg.world_size
     device = "cpu" if cfg.train.device == "cpu" else "cuda"
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
+    r = _setting(cfg, world, device, ds)
+    terms = _model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
+    worst, peak = _peak(terms)
+    terms += _overhead_terms(cfg, device, peak, kernels)
+    total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
+    node = _node_terms(r)
+    result = Plan(cfg, r.inv, world, device, mem, mem_src, terms, worst, peak, total, node,
+                  sum(t.bytes for t in node), states=r.st, notes=_notes(r))
+    if advise and not result.fits:
+        result.advice = changes_that_fit(
+            result, lambda changed: plan(changed, mem, world, advise=False, kernels=kernels))
+    return result
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every term depends on: the run, its parameters, DeepSpeed's config and model states."""
+
+    cfg: RunConfig
+    inv: Inventory
+    st: States                       # model states on one rank, before offload
+    ds: dict[str, Any]
+    zero: dict[str, Any]             # ds["zero_optimization"]
+    world: int
+    device: str                      # "cuda" or "cpu"
+
+    @property
+    def stage(self) -> int:
+        return self.cfg.deepspeed.zero_stage
+
+    @property
+    def off_opt(self) -> bool:
+        return self.cfg.deepspeed.offload_optimizer != "none"
+
+
+def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None) -> _Setting:
     inv = inventory(cfg)
     ds = ds if ds is not None else ds_config.build(cfg, world, device=device)
     zero = ds.get("zero_optimization", {})
-    stage = cfg.deepspeed.zero_stage
-    lp = inv.lp_bytes
-    st = states(inv, stage, world, zero, cfg.train.optimizer)
-    T = inv.trainable
-    off_opt = cfg.deepspeed.offload_optimizer != "none"
-    off_par = cfg.deepspeed.offload_param != "none"
-    s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
-    attn = cfg.model.attn_implementation or "sdpa"
-    linear3 = stage == 3 and bool(zero.get("memory_efficient_linear", True))
-    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
-        if inv.shape.known else (None, None)
-    act = activations(inv.shape, b, s, lp, "eager" if attn == "eager" else "sdpa",
-                      cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
-                      logits_held=LOGITS_HELD, blocks=blocks, head=head)
-    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
-    overlap = bool(zero.get("overlap_comm", stage == 3))
-    contiguous = bool(zero.get("contiguous_gradients", True))
-    terms: list[Term] = []
+    st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer)
+    return _Setting(cfg, inv, st, ds, zero, world, device)
 
-    def add(key, label, n, phase, formula, source):
+
+def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:
+    def add(key: str, label: str, n: float, phase: str, formula: str, source: str) -> None:
         terms.append(Term(key, label, int(n), phase, formula, source))
+    return add
 
-    # Moments of a step: "fwd" end of forward / start of backward (activations all alive),
-    # "bwd" end of backward (gradients reduced), "step" the optimizer step. A term lists the
-    # moments it is alive at; "static" terms are alive throughout.
+
+# Moments of a step: "fwd" end of forward / start of backward (activations all alive),
+# "bwd" end of backward (gradients reduced), "step" the optimizer step. A term lists the
+# moments it is alive at; "static" terms are alive throughout.
+def _model_state_terms(r: _Setting) -> list[Term]:
+    """Weights, gradients, fp32 masters and optimizer state on the GPU (what is not offloaded)."""
+    cfg, inv, st, stage, lp = r.cfg, r.inv, r.st, r.stage, r.inv.lp_bytes
+    off_opt, off_par = r.off_opt, cfg.deepspeed.offload_param != "none"
+    terms: list[Term] = []
+    add = _adder(terms)
     w_on_gpu = st.weights if not off_par else inv.buffer_bytes
     add("weights", "weights", w_on_gpu, "static",
         st.weights_f if not off_par else "offload_param: partitions on CPU, gathered below", DS_SRC)
@@ -172,12 +178,22 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     add("optimizer", f"optimizer state ({cfg.train.optimizer})", 0 if off_opt else st.optim,
         "static", "offloaded to CPU" if off_opt else st.optim_f,
         "torch AdamW / bitsandbytes Optimizer2State.init_state")
-    if device == "cpu" and cfg.quantization.mode == "8bit":
+    if r.device == "cpu" and cfg.quantization.mode == "8bit":
         add("bnb_cpu", "bitsandbytes 8-bit CPU path", 2 * inv.quantized, "static",
             "2 B x quantized elements: measured on CPU ranks after the first step (MatMul8bitFp "
             "dequantizes per call; the memory is not held by Python-visible tensors)",
             "bench/plan_vs_measured.py (20M Llama, 6.4M and 19.5M quantized elements)")
-    # DeepSpeed gradient buckets
+    return terms
+
+
+def _bucket_terms(r: _Setting) -> list[Term]:
+    """DeepSpeed's gradient buckets, and the parameters ZeRO-3 gathers for the forward."""
+    stage, lp, T, device, zero = r.stage, r.inv.lp_bytes, r.inv.trainable, r.device, r.zero
+    bucket = int(float(zero.get("reduce_bucket_size", 5e8)))
+    overlap = bool(zero.get("overlap_comm", stage == 3))
+    contiguous = bool(zero.get("contiguous_gradients", True))
+    terms: list[Term] = []
+    add = _adder(terms)
     if stage in (1, 2) and contiguous:
         n_buf = 2 if overlap else 1
         if device == "cuda":
@@ -196,36 +212,72 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
             f"reduce_bucket_size {bucket:,} x lp" + ("" if device == "cuda" else
                                                     " (CPU: pages written, <= T elements)"),
             "stage3.py (allocated at initialize)")
-        add("gathered", "ZeRO-3 gathered parameters", st.gather, "fwd", st.gather_f,
+        add("gathered", "ZeRO-3 gathered parameters", r.st.gather, "fwd", r.st.gather_f,
             "stage3 max_live_parameters / max_reuse_distance; 2 copies measured at the peak")
+    return terms
+
+
+def _activation_terms(r: _Setting) -> list[Term]:
+    """What autograd keeps from the forward, and the backward's worst temporaries."""
+    cfg, inv = r.cfg, r.inv
+    s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    attn = cfg.model.attn_implementation or "sdpa"
+    linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
+    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
+        if inv.shape.known else (None, None)
+    act = activations(inv.shape, b, s, inv.lp_bytes, "eager" if attn == "eager" else "sdpa",
+                      cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
+                      logits_held=LOGITS_HELD, blocks=blocks, head=head)
+    terms: list[Term] = []
+    add = _adder(terms)
     add("activations", "activations", act.saved, "fwd",
         f"b={b}, s={s}, {attn}{', checkpointing' if cfg.model.gradient_checkpointing else ''}: "
         + act.formula, act.source)
     add("loss_backward", "backward temporaries", act.backward_extra, "fwd",
         "fp32 gradients of the loss (8bsV) or a recomputed block", act.source)
-    # optimizer step transients
-    if not off_opt:
-        if stage == 0:
-            fp32_grads = 4 * T if lp < 4 else 0
-            fmt = "4T (fp32 copies of the gradients)" if lp < 4 else "0"
-        else:
-            fp32_grads = 4 * st.opt_elems
-            fmt = "4 B x this rank's slice (fp32 gradient for the step)"
-        add("step_grads", "fp32 gradients at the step", fp32_grads, "step", fmt, DS_SRC)
-        torch_adam = bool(ds.get("optimizer", {}).get("params", {}).get("torch_adam"))
-        if cfg.train.optimizer == "adamw" and torch_adam and device == "cpu":
-            biggest = st.opt_elems if stage else max((p.numel for p in inv.params if p.trainable), default=0)
-            add("step_temp", "optimizer temporaries", 8 * biggest, "step",
-                "torch AdamW (single tensor): sqrt and division of the largest state tensor, 2 x 4 B",
-                "torch/optim/adamw.py _single_tensor_adamw")
-        elif cfg.train.optimizer == "adamw" and torch_adam:
-            add("step_temp", "optimizer temporaries", 4 * st.opt_elems, "step",
-                "torch AdamW (foreach on GPU): one fp32 temporary per state tensor (sqrt of v)",
-                "torch/optim/adamw.py _multi_tensor_adamw")
+    return terms
+
+
+def _step_terms(r: _Setting) -> list[Term]:
+    """Transients of the optimizer step on the GPU (none when the optimizer is offloaded)."""
+    cfg, inv, st, stage, lp, T = r.cfg, r.inv, r.st, r.stage, r.inv.lp_bytes, r.inv.trainable
+    terms: list[Term] = []
+    add = _adder(terms)
+    if r.off_opt:
+        return terms
+    if stage == 0:
+        fp32_grads = 4 * T if lp < 4 else 0
+        fmt = "4T (fp32 copies of the gradients)" if lp < 4 else "0"
+    else:
+        fp32_grads = 4 * st.opt_elems
+        fmt = "4 B x this rank's slice (fp32 gradient for the step)"
+    add("step_grads", "fp32 gradients at the step", fp32_grads, "step", fmt, DS_SRC)
+    torch_adam = bool(r.ds.get("optimizer", {}).get("params", {}).get("torch_adam"))
+    if cfg.train.optimizer == "adamw" and torch_adam and r.device == "cpu":
+        biggest = st.opt_elems if stage else max((p.numel for p in inv.params if p.trainable), default=0)
+        add("step_temp", "optimizer temporaries", 8 * biggest, "step",
+            "torch AdamW (single tensor): sqrt and division of the largest state tensor, 2 x 4 B",
+            "torch/optim/adamw.py _single_tensor_adamw")
+    elif cfg.train.optimizer == "adamw" and torch_adam:
+        add("step_temp", "optimizer temporaries", 4 * st.opt_elems, "step",
+            "torch AdamW (foreach on GPU): one fp32 temporary per state tensor (sqrt of v)",
+            "torch/optim/adamw.py _multi_tensor_adamw")
+    return terms
+
+
+def _peak(terms: list[Term]) -> tuple[str, int]:
+    """(the moment of the step holding the most, the tensor bytes then)."""
     static = sum(t.bytes for t in terms if t.phase == "static")
     moments = {m: sum(t.bytes for t in terms if m in t.phase.split()) for m in MOMENTS}
     worst = max(moments, key=lambda m: moments[m])
-    peak = static + moments[worst]
+    return worst, static + moments[worst]
+
+
+def _overhead_terms(cfg: RunConfig, device: str, peak: int, kernels: int | None) -> list[Term]:
+    """Memory outside the tensor peak: the runtime (CUDA context, or a CPU rank's kernels and
+    gloo) and the allocator's slack over the peak."""
+    terms: list[Term] = []
+    add = _adder(terms)
     if device == "cuda":
         slack = int(CUDA_FRAGMENTATION * peak)
         add("runtime", "CUDA context and workspaces", CUDA_CONTEXT, "overhead",
@@ -234,46 +286,29 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
             f"{CUDA_FRAGMENTATION:.0%} of the tensor peak (caching allocator fragmentation)",
             "estimate")
     else:
-        book = BOOKKEEPING[stage]
-        add("runtime", "rank runtime (DeepSpeed, gloo)", book, "overhead",
-            f"constant for ZeRO-{stage} CPU ranks: the peak above the baseline minus the plan's "
-            "tensors, with the kernels warmed below the baseline (the same on every processor)",
-            "bench/plan_vs_measured.py --warm-shapes")
-        if kernels is None:
-            lo, hi = KERNELS_RANGE[cfg.model.dtype]
-            terms.append(Term(
-                "kernels", f"oneDNN kernels ({gib(lo)}-{gib(hi)}, not measured)", hi, "overhead",
-                f"range for {cfg.model.dtype} across processors (high with AVX512-BF16/AMX), "
-                "counted at its upper end; `ftlaunch plan --probe` and `ftlaunch run` measure it "
-                "on this machine", "launcher/runtime_probe.py KERNELS_RANGE", low=lo))
-        else:
-            add("kernels", "oneDNN kernels (measured here)", kernels, "overhead",
-                "measured on this machine: resident bytes left by the first forward and backward "
-                "of one block at the run's micro batch and sequence length",
-                "launcher/runtime_probe.py")
+        terms += _cpu_runtime_terms(cfg, kernels)
         if CPU_FRAGMENTATION:
             add("allocator", "malloc slack", int(CPU_FRAGMENTATION * peak), "overhead",
                 f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
-    total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
+    return terms
 
-    node, notes = _node_terms(cfg, inv, st, world, device), list(inv.notes)
-    if device == "cpu":
+
+def _notes(r: _Setting) -> list[str]:
+    notes = list(r.inv.notes)
+    if r.device == "cpu":
         notes.append("train.device cpu: per-rank figures are each rank process's memory above "
                      "its baseline (after imports and first use of the code); measured with "
                      "MALLOC_MMAP_THRESHOLD_=65536, without it glibc keeps freed activations and "
                      "ranks peak up to 2x higher (docs/memory.md)")
-    if cfg.quantization.mode != "none" and stage == 3:
+    if r.cfg.quantization.mode != "none" and r.stage == 3:
         notes.append("ZeRO-3 with a quantized base: weights counted as partitioned")
-    result = Plan(cfg, inv, world, device, mem, mem_src, terms, worst, peak, total, node,
-                  sum(t.bytes for t in node), states=st, notes=notes)
-    if advise and not result.fits:
-        from launcher.memory_advice import advise as _advise
-        result.advice = _advise(result)
-    return result
+    return notes
 
 
-def _node_terms(cfg: RunConfig, inv: Inventory, st, world: int, device: str) -> list[Term]:
-    per_node = max(1, min(cfg.cluster.gpus_per_node, world))
+def _node_terms(r: _Setting) -> list[Term]:
+    """CPU memory of one node: offloaded states of its ranks, and the weights they load."""
+    cfg, inv, st, device = r.cfg, r.inv, r.st, r.device
+    per_node = max(1, min(cfg.cluster.gpus_per_node, r.world))
     out: list[Term] = []
     if cfg.deepspeed.offload_optimizer != "none":
         n = st.masters + st.optim + 4 * st.opt_elems
@@ -291,17 +326,39 @@ def _node_terms(cfg: RunConfig, inv: Inventory, st, world: int, device: str) -> 
     return out
 
 
+def _cpu_runtime_terms(cfg: RunConfig, kernels: int | None) -> list[Term]:
+    """A CPU rank's DeepSpeed/gloo bookkeeping (a constant) and its oneDNN kernels: measured on
+    this machine where given, else the processor-dependent range counted at its upper end."""
+    stage = cfg.deepspeed.zero_stage
+    book = Term("runtime", "rank runtime (DeepSpeed, gloo)", BOOKKEEPING[stage], "overhead",
+                f"constant for ZeRO-{stage} CPU ranks: the peak above the baseline minus the "
+                "plan's tensors, with the kernels warmed below the baseline (the same on every "
+                "processor)", "bench/plan_vs_measured.py, PVM_WARM_SHAPES=1")
+    if kernels is not None:
+        return [book, Term("kernels", "oneDNN kernels (measured here)", kernels, "overhead",
+                           "measured on this machine: resident bytes left by the first forward "
+                           "and backward of one block at the run's micro batch and length",
+                           "launcher/memory/probe.py")]
+    lo, hi = KERNELS_RANGE[cfg.model.dtype]
+    return [book, Term("kernels", f"oneDNN kernels ({gib(lo)}-{gib(hi)}, not measured)", hi,
+                       "overhead", f"range for {cfg.model.dtype} across processors (high with "
+                       "AVX512-BF16/AMX), counted at its upper end; `ftlaunch plan --probe` and "
+                       "`ftlaunch run` measure it on this machine",
+                       "launcher/memory/probe.py KERNELS_RANGE", low=lo)]
+
+
 def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
               world_size: int | None = None, kernels: int | None = None) -> str:
+    """The plan's text: what `ftlaunch plan`, `run --dry-run` and plan.txt show."""
     return render(plan(cfg, gpu_memory, world_size, kernels=kernels))
 
 
 def main(args: Any) -> int:
-    from launcher.runfile import load
-    cfg = load(args.run_file, args.overrides)
+    """`ftlaunch plan`: 0 fits, 1 does not (a ConfigError is the caller's: exit 2)."""
+    cfg = runfile.load(args.run_file, args.overrides)
     kernels = None
     if getattr(args, "probe", False) and cfg.train.device == "cpu":
-        from launcher.runtime_probe import measure
+        from launcher.memory.probe import measure
         kernels = measure(cfg)
     p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels)
     if getattr(args, "json", False):
