@@ -45,7 +45,8 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from launcher import layout
+from launcher import layout, run_state
+from launcher.log import get_logger
 from launcher.rundir import write_atomic
 
 PREFIX = "step-"
@@ -90,7 +91,7 @@ def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
         if action == "stop":
             if run_dir is None:
                 raise ValueError(f"fault action stop needs the run directory ({point})")
-            open(os.path.join(run_dir, layout.STOP_REQUEST), "a").close()
+            run_state.request_stop(run_dir)
             return
         if action == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device ({msg})")
@@ -180,8 +181,7 @@ def problem(path: str, *, hashes: bool = False, share: tuple[int, int] = (0, 1))
     return None
 
 
-def _warn(message: str) -> None:
-    print(f"ftlaunch: warning: {message}", file=sys.stderr, flush=True)
+_warn = get_logger(__name__).warning  # stderr, rank 0 only (launcher/log.py)
 
 
 def latest_complete(ckpt_root: str, *, hashes: bool = False,

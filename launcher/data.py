@@ -45,13 +45,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -114,13 +114,7 @@ class Splits:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _print_warning(message: str) -> None:
-    if _is_rank0():
-        print(f"ftlaunch: warning: {message}", file=sys.stderr, flush=True)
+_print_warning = get_logger(__name__).warning  # stderr, rank 0 only (launcher/log.py)
 
 
 def _fail(key: str, message: str, fix: str = "") -> ConfigError:
