@@ -68,18 +68,6 @@ def test_exit_status_is_read_only_when_written_by_this_launch(tmp_path):
     assert run_state.read_exit_status(run_dir, since) is None  # not a record
 
 
-def test_launch_exit_code_from_the_ranks_status(tmp_path):
-    since = time.time()
-    run_dir = str(tmp_path)
-    assert run_state.launch_exit_code(0, run_dir, since) == 0
-    assert run_state.launch_exit_code(1, run_dir, since) == 1  # no status: torchrun's code
-    (tmp_path / layout.EXIT_STATUS).write_text(json.dumps({"code": 75}))
-    assert run_state.launch_exit_code(1, run_dir, since) == 75
-    assert run_state.launch_exit_code(-9, run_dir, since + 3600) == 137  # stale status ignored
-    (tmp_path / layout.EXIT_STATUS).write_text(json.dumps({"code": "x"}))
-    assert run_state.launch_exit_code(3, run_dir, since) == 3  # unreadable code: the launcher's
-
-
 def test_an_unwritable_status_is_skipped(tmp_path):
     missing = str(tmp_path / "no" / "such" / "dir")
     run_state.write_exit_status(missing, 0, 1, -1, None, "boom")  # does not raise
