@@ -37,6 +37,7 @@ import time
 from typing import Any, Callable
 
 from launcher import faults, layout
+from launcher.log import get_logger
 from launcher.rundir import write_atomic
 
 PREFIX = "step-"
@@ -136,8 +137,7 @@ def problem(path: str, *, hashes: bool = False, share: tuple[int, int] = (0, 1))
     return None
 
 
-def _warn(message: str) -> None:
-    print(f"ftlaunch: warning: {message}", file=sys.stderr, flush=True)
+_warn = get_logger(__name__).warning  # stderr, rank 0 only (launcher/log.py)
 
 
 def latest_complete(ckpt_root: str, *, hashes: bool = False,

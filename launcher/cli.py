@@ -74,15 +74,12 @@ def _positive_int(text: str) -> int:
 
 
 def _add_existing(p: argparse.ArgumentParser) -> None:
+    """--resume / --overwrite; the policy they make is launcher.rundir.on_existing."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an existing run directory even if the config changed")
     g.add_argument("--overwrite", action="store_true",
                    help="move an existing run directory aside and start fresh")
-
-
-def on_existing(args: argparse.Namespace) -> str:
-    return "resume" if args.resume else "overwrite" if args.overwrite else "refuse"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,7 @@ command-line overrides). Loading lives in `launcher/runfile.py`; cross-field rul
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
@@ -19,6 +20,19 @@ REQUIRED: Any = dataclasses.MISSING
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "cpu", "nvme"]
+
+# The run file's dtype names (model.dtype, quantization.compute_dtype / storage_dtype): the torch
+# dtype each stands for and its bytes per element. The only copy: the plan (bytes), the ranks
+# and quantized loading (`launcher.device.torch_dtype`) all read these.
+TORCH_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "uint8": 1}
+
+# Forms of cluster values that reach the job script: an environment variable name (cluster.env
+# keys) and an sbatch long option with its value (cluster.sbatch_extra items: group 1 the option,
+# group 2 the value or None). slurm_checks refuses other forms; shell and slurm render these.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SBATCH_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*")
+SBATCH_EXTRA = re.compile(rf"({SBATCH_OPTION.pattern})(?:=(.*))?", re.S)
 
 
 def opt(default: Any, doc: str, *, ge=None, gt=None, le=None, lt=None, path: bool = False,

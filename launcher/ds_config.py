@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem, did_you_mean
-from launcher.validate import batch_problem, batch_sizes
+from launcher.batch import batch_problem, batch_sizes
 
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from launcher import layout
+from launcher import run_state
 
 
 def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
@@ -48,7 +48,7 @@ def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> None:
         if action == "stop":
             if run_dir is None:
                 raise ValueError(f"fault action stop needs the run directory ({point})")
-            open(os.path.join(run_dir, layout.STOP_REQUEST), "a").close()
+            run_state.request_stop(run_dir)
             return
         if action == "enospc":
             raise OSError(errno.ENOSPC, f"No space left on device ({msg})")

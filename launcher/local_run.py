@@ -10,8 +10,9 @@ Before any rank starts: the run file is loaded and checked (exit 2 on a problem)
 resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
 with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
 (global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
-data are loaded here once, so bad data fails in seconds with the data's own error. The memory
-plan is printed and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
+data are loaded here once, by the ranks' own reader (`launcher.inputs.check_data`, imported only
+for this), so bad data fails in seconds with the data's own error. The memory plan is printed
+and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 
 Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
@@ -29,30 +30,29 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from launcher import layout
+from launcher import layout, run_state
+from launcher.batch import local_batch_problem
 from launcher.config import RunConfig
+from launcher.device import resolve_device, visible_gpus
 from launcher.errors import ConfigError, Problem
+from launcher.log import get_logger
+
+log = get_logger(__name__)
 
 DRY_RUN_STEPS = 3
 DEFAULT_CPU_RANKS = 2
 
 
-def resolve_device(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
+def local_ranks(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
     """(device, ranks) for this machine: cuda with all (or nproc) GPUs, else cpu with nproc or 2."""
-    device = cfg.train.device
-    if device == "auto" or device == "cuda":
-        import torch
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device == "cuda" and gpus == 0:
-            raise ConfigError([Problem("train.device", "cuda asked but no GPU is visible here",
-                                       "use train.device: auto or cpu to run on CPU ranks")])
-        device = "cuda" if gpus else "cpu"
-        if device == "cuda":
-            n = nproc or gpus
-            if n > gpus:
-                raise ConfigError([Problem("--nproc", f"{n} ranks asked, {gpus} GPUs here",
-                                           f"use --nproc {gpus} or fewer")])
-            return device, n
+    device = resolve_device(cfg)
+    if device == "cuda":
+        gpus = visible_gpus()
+        n = nproc or gpus
+        if n > gpus:
+            raise ConfigError([Problem("--nproc", f"{n} ranks asked, {gpus} GPUs here",
+                                       f"use --nproc {gpus} or fewer")])
+        return device, n
     n = nproc or DEFAULT_CPU_RANKS
     if n < 1:
         raise ConfigError([Problem("--nproc", f"{n} ranks", "use --nproc 1 or more")])
@@ -62,32 +62,12 @@ def resolve_device(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
 def local_overrides(cfg: RunConfig, device: str, nproc: int) -> list[str]:
     """Overrides that make the resolved config describe this machine's run."""
     out = [f"train.device={device}", "cluster.nodes=1", f"cluster.gpus_per_node={nproc}"]
-    t = cfg.train
-    if t.global_batch_size is not None:
-        per_step = t.micro_batch_size * nproc
-        if t.global_batch_size % per_step:
-            options = [n for n in range(1, 65) if t.global_batch_size % (t.micro_batch_size * n) == 0]
-            raise ConfigError([Problem(
-                "train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
-                f"micro_batch_size x ranks = {t.micro_batch_size} x {nproc} on this machine",
-                f"use --nproc {' or '.join(map(str, options[-3:]))}, or override "
-                "train.global_batch_size for the local run")])
+    if cfg.train.global_batch_size is not None:
+        bad = local_batch_problem(cfg, nproc)
+        if bad is not None:
+            raise ConfigError([bad])
         out.append("train.grad_accum=null")
     return out
-
-
-def check_data(cfg: RunConfig) -> Any:
-    """Load the tokenizer and the data once here: a problem stops the run before any rank."""
-    from launcher import data, validate
-    from launcher.train import load_tokenizer
-    tok = load_tokenizer(cfg)
-    splits = data.load(cfg, tok, max_positions=validate.max_positions(
-        validate.model_config(cfg.model.path) or {}))
-    print(f"data: {splits.stats.get('train_examples')} training sequences, "
-          f"{splits.stats.get('train_tokens')} tokens"
-          + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else ""),
-          flush=True)
-    return splits
 
 
 def plan_text(cfg: RunConfig) -> str | None:
@@ -102,7 +82,7 @@ def plan_text(cfg: RunConfig) -> str | None:
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - the plan is advice; the run does not depend on it
-        print(f"ftlaunch: warning: no memory plan: {type(exc).__name__}: {exc}", file=sys.stderr)
+        log.warning(f"no memory plan: {type(exc).__name__}: {exc}")
         return None
 
 
@@ -127,7 +107,6 @@ def rank_environ(device: str, nproc: int, *, dry_run: bool) -> dict[str, str]:
 
 def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     """Run the ranks in their own process group; Ctrl-C asks them to stop (see module doc)."""
-    stop_file = os.path.join(run_dir, layout.STOP_REQUEST)
     started = time.time()
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     presses = 0
@@ -136,7 +115,7 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
         nonlocal presses
         presses += 1
         if presses == 1:
-            open(stop_file, "a").close()
+            run_state.request_stop(run_dir)
             print(f"\nftlaunch: {signal.Signals(signum).name}: the ranks stop after this step and "
                   "checkpoint (Ctrl-C again to terminate them)", file=sys.stderr, flush=True)
         else:
@@ -153,30 +132,13 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    return exit_code(rc, run_dir, started)
-
-
-def exit_code(rc: int, run_dir: str, since: float) -> int:
-    """The ranks' exit code: torchrun says 1 for any failed rank; exit_status.json
-    (written during this launch) says which."""
-    if rc == 0:
-        return 0
-    from launcher.rundir import read_exit_status
-    rec = read_exit_status(run_dir, since - 1)
-    try:
-        code = int(rec["code"]) if rec else 0
-    except (KeyError, TypeError, ValueError):
-        code = 0
-    if code != 0:
-        return code
-    return rc if rc > 0 else 128 - rc  # killed by a signal: shell convention
+    return run_state.launch_exit_code(rc, run_dir, started)
 
 
 def main(args: Any) -> int:
     from launcher import ds_config, rundir, runfile
-    from launcher.cli import on_existing
     base = runfile.load(args.run_file, args.overrides)
-    device, nproc = resolve_device(base, args.nproc)
+    device, nproc = local_ranks(base, args.nproc)
     extra = local_overrides(base, device, nproc)
     if args.max_steps is not None:
         extra.append(f"train.max_steps={args.max_steps}")
@@ -191,13 +153,12 @@ def main(args: Any) -> int:
         plan = plan_text(cfg)
         if plan:
             print(plan, end="", flush=True)
+        from launcher.inputs import check_data  # the ranks' own reader, imported for this alone
         check_data(cfg)
         ds = ds_config.build(cfg, nproc, device)
-        run_dir = rundir.prepare(cfg, ds, plan_text=plan,
-                                 on_existing="overwrite" if args.dry_run else on_existing(args))
-        stale = os.path.join(run_dir, layout.STOP_REQUEST)
-        if os.path.exists(stale):
-            os.remove(stale)  # a stop asked of an earlier launch is not a stop for this one
+        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
+                                 else rundir.on_existing(args))
+        run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
         print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)

@@ -15,7 +15,9 @@ import re
 from typing import Any, Iterable
 
 from launcher.config import LoraConfig, RunConfig
+from launcher.device import torch_dtype
 from launcher.errors import ConfigError, Problem
+from launcher.log import is_rank0
 
 ALL_LINEAR = "all-linear"
 KEY = "freeze.lora.target_modules"
@@ -152,12 +154,6 @@ def _unwrap(model: Any) -> Any:
     return model
 
 
-def _writer() -> bool:
-    """True on the rank that writes files: global rank 0, or a process without a process group."""
-    import torch.distributed as dist
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 @contextlib.contextmanager
 def _gathered(model: Any):
     """Full parameters inside the block: under ZeRO-3 (partitioned parameters carry `ds_id`) they
@@ -183,7 +179,7 @@ def export_adapter(model: Any, out_dir: str) -> None:
     partitioned adapter); rank 0 writes. Under ZeRO 0-2 calling on rank 0 alone is enough."""
     peft_model = _unwrap(model)
     with _gathered(peft_model):
-        if _writer():
+        if is_rank0():
             peft_model.save_pretrained(out_dir)
 
 
@@ -245,10 +241,10 @@ def export_merged(model: Any, cfg: RunConfig, out_dir: str, tokenizer: Any = Non
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     base = _unwrap(model).get_base_model()
     with _gathered(base):
-        state = merged_state_dict(model, dtype) if _writer() else None
+        state = merged_state_dict(model, dtype) if is_rank0() else None
     if state is None:
         return
     config = copy.deepcopy(base.config)

@@ -2,7 +2,7 @@
 
 The rank half calls, in this order:
 
-    check_installed()                                   # clear install hint, before anything loads
+    check_installed(cfg)                                # clear install hint, before anything loads
     model = AutoModelForCausalLM.from_pretrained(path, dtype=..., **load_kwargs(cfg, device))
     prepare(model, cfg)                                 # before the freeze policy / LoRA
     quantized_names(model)                              # never trainable; the freeze report lists them
@@ -38,11 +38,10 @@ import importlib.util
 from typing import Any, Iterable
 
 from launcher.config import RunConfig
+from launcher.device import torch_dtype
 from launcher.errors import ConfigError, Problem
 
 QUANTIZED_PARAM_CLASSES = ("Int8Params", "Params4bit")
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "uint8": "uint8"}
-INSTALL_HINT = "pip install bitsandbytes (or set quantization.mode: none and train.optimizer: adamw)"
 
 
 def needs_bitsandbytes(cfg: RunConfig) -> bool:
@@ -50,23 +49,33 @@ def needs_bitsandbytes(cfg: RunConfig) -> bool:
     return cfg.quantization.mode != "none" or cfg.train.optimizer != "adamw"
 
 
-def check_installed(cfg: RunConfig | None = None) -> None:
+def missing_bitsandbytes(cfg: RunConfig) -> list[Problem]:
+    """The problems of a run that needs bitsandbytes where it is not installed (no import:
+    the login-node rule in validate asks this too)."""
+    if not needs_bitsandbytes(cfg) or importlib.util.find_spec("bitsandbytes") is not None:
+        return []
+    out = []
+    if cfg.quantization.mode != "none":
+        out.append(Problem("quantization.mode", "bitsandbytes is not installed",
+                           "pip install bitsandbytes (or quantization.mode: none)"))
+    if cfg.train.optimizer != "adamw":
+        out.append(Problem("train.optimizer", f"{cfg.train.optimizer} is bitsandbytes' optimizer "
+                           "and bitsandbytes is not installed",
+                           "pip install bitsandbytes (or optimizer: adamw)"))
+    return out
+
+
+def check_installed(cfg: RunConfig) -> None:
     """ConfigError with an install hint if bitsandbytes is missing or fails to import."""
-    key = "quantization.mode"
-    if cfg is not None and cfg.quantization.mode == "none":
-        key = "train.optimizer"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError([Problem(key, "bitsandbytes is not installed", INSTALL_HINT)])
+    missing = missing_bitsandbytes(cfg)
+    if missing:
+        raise ConfigError(missing)
     try:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # a broken install (missing native library) fails here, not mid-load
+        key = "quantization.mode" if cfg.quantization.mode != "none" else "train.optimizer"
         raise ConfigError([Problem(key, f"bitsandbytes is installed but fails to import: {exc}",
                                    "pip install --force-reinstall bitsandbytes")]) from exc
-
-
-def _torch_dtype(name: str):
-    import torch
-    return getattr(torch, TORCH_DTYPES[name])
 
 
 def bnb_config(cfg: RunConfig):
@@ -82,8 +91,8 @@ def bnb_config(cfg: RunConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=_torch_dtype(q.compute_dtype or cfg.model.dtype),
-        bnb_4bit_quant_storage=_torch_dtype(q.storage_dtype),
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype or cfg.model.dtype),
+        bnb_4bit_quant_storage=torch_dtype(q.storage_dtype),
         llm_int8_skip_modules=list(q.skip_modules),  # transformers reads it for 4-bit too
     )
 
@@ -114,7 +123,7 @@ def prepare(model: Any, cfg: RunConfig) -> None:
         raise ConfigError([Problem("quantization.skip_modules", "quantization is on but no "
                                    "parameter was quantized (every linear layer was skipped)",
                                    "keep only modules that must stay 16-bit, e.g. [lm_head]")])
-    train_dtype = _torch_dtype(cfg.model.dtype)
+    train_dtype = torch_dtype(cfg.model.dtype)
     bad = sorted(n for n, p in model.named_parameters()
                  if n in names and p.is_floating_point() and p.dtype != train_dtype)
     if bad and cfg.model.dtype in ("bf16", "fp16"):

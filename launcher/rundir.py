@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Literal
+from typing import Literal, Protocol
 
 import yaml
 
@@ -19,6 +19,18 @@ from launcher.config import RunConfig, to_dict
 from launcher.errors import ConfigError, Problem
 
 OnExisting = Literal["refuse", "resume", "overwrite"]
+
+
+class ExistingFlags(Protocol):
+    """What a command line said about an existing run directory (`--resume`, `--overwrite`)."""
+
+    resume: bool
+    overwrite: bool
+
+
+def on_existing(flags: ExistingFlags) -> OnExisting:
+    """The policy for an existing run directory: resume, overwrite, or refuse (neither flag)."""
+    return "resume" if flags.resume else "overwrite" if flags.overwrite else "refuse"
 
 # Fields that may change between a run and its continuation without mixing anything.
 _VOLATILE = ("train.max_steps", "train.log_every", "train.eval_every", "train.checkpoint_every",
@@ -44,20 +56,6 @@ def write_atomic(path: str, text: str) -> None:
         except OSError:
             pass
         raise
-
-
-def read_exit_status(run_dir: str, since: float) -> dict | None:
-    """RUN_DIR/exit_status.json if it was written at or after `since` (an earlier launch's
-    record is not this one's), else None."""
-    path = os.path.join(run_dir, layout.EXIT_STATUS)
-    try:
-        if os.path.getmtime(path) < since:
-            return None
-        with open(path, encoding="utf-8") as fh:
-            rec = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
 
 
 def _umask() -> int:

@@ -12,6 +12,7 @@ import re
 import shlex
 from typing import Iterable, Union
 
+from launcher.config import ENV_NAME as _ENV_NAME, SBATCH_OPTION as _SBATCH_OPTION
 from launcher.errors import ConfigError, Problem
 
 
@@ -21,8 +22,6 @@ class Raw(str):
 
 Value = Union[str, int, Raw]
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_SBATCH_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9-]*")
 # Characters sbatch reads literally in an unquoted `#SBATCH` argument (no space, quote, \, #).
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
 

@@ -9,22 +9,20 @@ any cluster tool; `submit(path)` is the only place that runs a program (sbatch).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from launcher import __version__, layout
-from launcher.config import RunConfig
+from launcher import __version__, layout, run_state
+from launcher.config import SBATCH_EXTRA as _EXTRA, RunConfig
 from launcher.shell import Raw, comment, join, quote, sbatch_line, slurm_filename, export
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm",
                         "job.sbatch")
 _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
-_EXTRA = re.compile(r"(--[A-Za-z][A-Za-z0-9-]*)(?:=(.*))?", re.S)
 
 
 class TemplateError(Exception):
@@ -164,7 +162,7 @@ def render(job: Job, template: str | None = None) -> str:
         "sbatch_options": "\n".join(sbatch_line(o.option, o.value, o.key) for o in job.sbatch),
         "run_dir": quote(job.run_dir, "output.dir"),
         "job_script": quote(job.job_script, "output.dir"),
-        "stop_file": quote(os.path.join(job.run_dir, layout.STOP_REQUEST), "output.dir"),
+        "stop_file": quote(run_state.stop_path(job.run_dir), "output.dir"),
         "node_log": quote(slurm_filename(os.path.join(job.run_dir, layout.LOGS), "output.dir")
                           + "/job-%j-node%n.log", "output.dir"),
         "nodes": quote(job.nodes), "nproc_per_node": quote(job.nproc_per_node),
@@ -213,9 +211,9 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     return text
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: Any) -> int:
     from launcher import ds_config, rundir
-    from launcher.cli import on_existing
+    from launcher.rundir import on_existing
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides)
     plan_text = _memory_plan(cfg, args.force) if args.submit else None

@@ -10,7 +10,7 @@ import re
 import shlex
 from typing import Iterator
 
-from launcher.config import RunConfig
+from launcher.config import ENV_NAME, SBATCH_EXTRA, RunConfig
 from launcher.errors import Problem
 
 # Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
@@ -31,8 +31,6 @@ MANAGED = {
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
 RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                 "NODE_RANK", "GROUP_RANK"}
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_EXTRA = re.compile(r"(--[A-Za-z][A-Za-z0-9-]*)(=.*)?", re.S)
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
@@ -76,7 +74,7 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                       "lower grace_s or raise cluster.time")
     for i, item in enumerate(c.sbatch_extra):
         key = f"cluster.sbatch_extra[{i}]"
-        m = _EXTRA.fullmatch(item)
+        m = SBATCH_EXTRA.fullmatch(item)
         if _breaks(item):
             yield Problem(key, f"{item!r} contains a line break, which cannot be made safe in an "
                           "#SBATCH line", "remove the line break")
@@ -93,7 +91,7 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                               "remove it from sbatch_extra")
     for name, value in c.env.items():
         key = f"cluster.env.{name}"
-        if not _ENV_NAME.fullmatch(name):
+        if not ENV_NAME.fullmatch(name):
             yield Problem(key, f"{name!r} is not a valid environment variable name",
                           "use letters, digits and _, not starting with a digit")
         elif name in RESERVED_ENV:

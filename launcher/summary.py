@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from launcher import ds_config
 from launcher.config import RunConfig
-from launcher.validate import batch_sizes
+from launcher.batch import batch_sizes
 
 
 def summary(cfg: RunConfig) -> str:

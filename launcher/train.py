@@ -19,12 +19,13 @@ The order is the point of the project:
     deepspeed.initialize(model_parameters=trainable)
     data -> loop -> checkpoints -> export
 
-Stopping: SIGTERM, SIGINT and SIGUSR1 set a flag, and the file RUN_DIR/STOP asks for a stop too.
-At every optimizer-step boundary the ranks agree (one all_reduce that also carries the loss),
-write a checkpoint, print `stopped at step N; checkpoint PATH; resume with: ...`, remove STOP and
-exit with 75 (layout.EXIT_STOPPED). Rank 0 writes RUN_DIR/exit_status.json as it exits (a rank
-that fails first writes it with its own error: see _write_status). A dead
-peer ends the job: every collective times out after train.dist_timeout_s.
+Stopping: SIGTERM, SIGINT and SIGUSR1 set a flag, and the file RUN_DIR/STOP asks for a stop too
+(launcher/run_state.py). At every optimizer-step boundary the ranks agree (one all_reduce that
+also carries the loss), write a checkpoint, print `stopped at step N; checkpoint PATH; resume
+with: ...`, remove STOP and exit with 75 (layout.EXIT_STOPPED). Rank 0 writes
+RUN_DIR/exit_status.json as it exits (a rank that fails first writes it with its own error:
+run_state.write_exit_status). A dead peer ends the job: every collective times out after
+train.dist_timeout_s.
 
 Resume (train.resume: auto): the newest complete checkpoint whose files check out (size and
 sha256, launcher/checkpoint.py) restores weights, optimizer, LR schedule, sampler position, RNG
@@ -39,55 +40,24 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import checkpoint, data, dist_env, export, faults, layout
+from launcher import checkpoint, data, dist_env, export, faults, inputs, layout, run_state, rundir
+from launcher.batch import batch_sizes
 from launcher.config import RunConfig
+from launcher.device import resolve_device, torch_dtype
 from launcher.dist_env import RankEnv
-from launcher.errors import ConfigError, Problem
+from launcher.errors import ConfigError
 from launcher.freeze import FreezeReport
+from launcher.log import get_logger
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-# ------------------------------------------------------------------ stop requests
-class StopRequest:
-    """SIGTERM / SIGINT / SIGUSR1 set a flag (first signal wins the name); see module doc."""
-
-    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-    def __init__(self) -> None:
-        self.signal: Optional[str] = None
-
-    def install(self) -> "StopRequest":
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal is None:
-            self.signal = signal.Signals(signum).name
-            print(f"ftlaunch: {self.signal} received: stopping at the next step boundary "
-                  "(after a checkpoint)", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
+log = get_logger(__name__)
 
 
 # ------------------------------------------------------------------ setup pieces
-def resolve_device(cfg: RunConfig) -> str:
-    """"cuda" or "cpu": train.device, with auto -> cuda when a GPU is visible."""
-    if cfg.train.device != "auto":
-        return cfg.train.device
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def skip_cpu_shm_op() -> None:
     """Do not build DeepSpeed's CPU shm_comm op (about 33 s and 4 GB the first time).
 
@@ -141,43 +111,21 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
 
 
 def build_ds_config(cfg: RunConfig, env: RankEnv, device: str) -> dict:
+    """The DeepSpeed config for this launch's world size. A batch that does not split over
+    env.world_size ranks is a ConfigError naming train.global_batch_size (ds_config.build)."""
     from launcher import ds_config
-    try:
-        return ds_config.build(cfg, env.world_size, "cpu" if device == "cpu" else "cuda")
-    except ValueError as exc:
-        raise ConfigError([Problem("train.global_batch_size", f"{exc} (world size {env.world_size})",
-                                   "make global_batch_size a multiple of micro_batch_size x ranks")])
-
-
-def load_tokenizer(cfg: RunConfig, *, main: bool = True) -> Any:
-    """The tokenizer (model.tokenizer or the model folder); no pad token -> EOS, with a warning."""
-    from transformers import AutoTokenizer
-    path = cfg.model.tokenizer or cfg.model.path
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
-                                   f"cannot load a tokenizer from {path}: {exc}",
-                                   "point model.tokenizer at a folder saved with save_pretrained")])
-    if tok.pad_token is None and tok.eos_token is not None:
-        if main:
-            print("ftlaunch: warning: the tokenizer has no pad token; using its EOS token "
-                  f"{tok.eos_token!r} (padding is masked out of attention and loss)",
-                  file=sys.stderr, flush=True)
-        tok.pad_token = tok.eos_token
-    return tok
+    return ds_config.build(cfg, env.world_size, "cpu" if device == "cpu" else "cuda")
 
 
 def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
     """from_pretrained in model.dtype (quantized with bitsandbytes if asked). Under ZeRO-3 an
     HfDeepSpeedConfig is made first, so zero.Init partitions the weights as they load; it is
     returned and must stay alive as long as the model."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     from launcher import quantize
     hf_ds = None
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, DTYPES[cfg.model.dtype]),
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(cfg.model.dtype),
                               "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
@@ -248,17 +196,16 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     import torch
     from transformers.utils import logging as hf_logging
 
-    from launcher import freeze, validate
+    from launcher import freeze
     env = env or dist_env.from_environ()
     hf_logging.disable_progress_bar()
     device = init_distributed(cfg, env)
     ds_config = build_ds_config(cfg, env, device)
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
-    tokenizer = load_tokenizer(cfg, main=env.is_main)
+    tokenizer = inputs.load_tokenizer(cfg)
     splits = None
     if load_data:  # before the model: bad data fails in seconds, not after a 100 GB load
-        mcfg = validate.model_config(cfg.model.path) or {}
-        splits = data.load(cfg, tokenizer, max_positions=validate.max_positions(mcfg))
+        splits = inputs.load_data(cfg, tokenizer)
     pad_id = data.tokenizer_pad_id(tokenizer, warn=lambda m: None)
     model, hf_ds = load_model(cfg, device, ds_config)
     model, report = freeze.apply(model, cfg)
@@ -328,177 +275,180 @@ class Metrics:
                 fh.write(json.dumps(record) + "\n")
 
 
-def _write_status(cfg: RunConfig, env: RankEnv, code: int, step: int, ckpt: Optional[str],
-                  message: str, *, since: Optional[float] = None) -> None:
-    """RUN_DIR/exit_status.json: how the run ended. Rank 0 records every ending; any rank records
-    its own failure (code not 0 or 75), and the first failure recorded since `since` (this
-    launch's start) stands: a peer's consequent error (a closed connection, a timeout) never
-    replaces the root cause."""
-    failed = code not in (layout.EXIT_OK, layout.EXIT_STOPPED)
-    if not (env.is_main or failed):
-        return
-    import socket
-
-    from launcher.rundir import read_exit_status, write_atomic
-    if failed and since is not None:
-        first = read_exit_status(cfg.run_dir, since)  # this launch's, if any
-        if (first is not None and first.get("code") not in (layout.EXIT_OK, layout.EXIT_STOPPED)
-                and first.get("rank") != env.rank):
-            return
-    try:
-        write_atomic(os.path.join(cfg.run_dir, layout.EXIT_STATUS), json.dumps(
-            {"code": code, "step": step, "checkpoint": ckpt, "message": message,
-             "rank": env.rank, "host": socket.gethostname(),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
-    except OSError:
-        pass
-
-
-def resume_command(cfg: RunConfig) -> str:
-    import shlex
-    resolved = os.path.join(cfg.run_dir, layout.RESOLVED)
-    return f"ftlaunch run {shlex.quote(resolved)} --resume"
-
-
 # ------------------------------------------------------------------ the loop
-def train_loop(s: Setup, stop: Optional[StopRequest] = None) -> int:
-    """Train from the newest checkpoint (or step 0) to train.max_steps. Returns the exit code:
-    0 done, 75 stopped on request after a checkpoint."""
-    import torch
-    from tqdm import tqdm
+@dataclass
+class Progress:
+    """Where a rank's training stands (what a checkpoint records) and the current metrics window."""
 
-    from launcher.validate import batch_sizes
-    cfg, env, engine, t = s.cfg, s.env, s.engine, s.cfg.train
-    stop = stop or StopRequest()
-    run_dir, main = cfg.run_dir, s.env.is_main
-    saving = os.environ.get("FTLAUNCH_NO_SAVE", "") != "1"
-    stop_file = os.path.join(run_dir, layout.STOP_REQUEST)
-    _, accum, _ = batch_sizes(cfg, env.world_size)
-    train_set = s.splits.train
-    sampler = data.Sampler(len(train_set), rank=env.rank, world_size=env.world_size,
+    sampler: data.Sampler
+    metrics: Metrics
+    accum: int                       # micro batches per optimizer step
+    saving: bool                     # False under FTLAUNCH_NO_SAVE=1 (dry run)
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_before: float = 0.0      # seconds trained by earlier launches (from the checkpoint)
+    start: float = 0.0               # time.time() when this launch's loop began
+    last_ckpt: Optional[str] = None
+    last_ckpt_step: int = -1
+    window_start: float = 0.0        # the tokens/s window of the next metrics line
+    window_tokens: float = 0.0
+
+    def elapsed(self) -> float:
+        return round(self.elapsed_before + time.time() - self.start, 3)
+
+
+def begin(s: Setup) -> Progress:
+    """The loop's starting point: step 0, or the newest complete checkpoint (train.resume auto),
+    whose weights, optimizer, sampler position and metrics file are restored."""
+    cfg, env, t = s.cfg, s.env, s.cfg.train
+    sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
-    os.makedirs(run_dir, exist_ok=True)
-    metrics = Metrics(os.path.join(run_dir, layout.METRICS), main)
-
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
-    last_ckpt, last_ckpt_step = None, -1
-    resume_from = checkpoint.choose_resume(run_dir) if t.resume == "auto" else None
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    _, accum, _ = batch_sizes(cfg, env.world_size)
+    p = Progress(sampler, Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
+                 saving=os.environ.get("FTLAUNCH_NO_SAVE", "") != "1")
+    resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
     if resume_from:
-        state, rank_state = checkpoint.load(engine, resume_from)
-        step, tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
-        elapsed_before = float(state.get("elapsed_s", 0.0))
+        state, rank_state = checkpoint.load(s.engine, resume_from)
+        p.step, p.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+        p.elapsed_before = float(state.get("elapsed_s", 0.0))
         sampler.load_state_dict(rank_state["sampler"])
-        metrics.truncate(int(state.get("metrics_offset", 0)))
-        last_ckpt, last_ckpt_step = resume_from, step
-        if main:
-            print(f"ftlaunch: resumed from {resume_from} (step {step})", file=sys.stderr, flush=True)
-    elif main and saving:
-        metrics.truncate(0)
+        p.metrics.truncate(int(state.get("metrics_offset", 0)))
+        p.last_ckpt, p.last_ckpt_step = resume_from, p.step
+        log.info(f"resumed from {resume_from} (step {p.step})")
+    elif env.is_main and p.saving:
+        p.metrics.truncate(0)
+    p.start = p.window_start = time.time()  # this launch's clock (elapsed_s adds elapsed_before)
+    return p
 
-    def save(at: int) -> str:
-        nonlocal last_ckpt, last_ckpt_step
-        if not saving:
-            return "(not saved: dry run)"
-        last_ckpt = checkpoint.save(
-            engine, run_dir, at,
-            {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": tokens_seen,
-             "elapsed_s": elapsed_before + time.time() - start, "metrics_offset": metrics.offset()},
-            {"sampler": sampler.state_dict()}, keep=t.keep_checkpoints)
-        last_ckpt_step = at
-        return last_ckpt
 
-    def stopped(at: int, signalled: float) -> int:
-        if last_ckpt_step == at or (at == 0 and last_ckpt is None):
-            path = last_ckpt  # nothing new to save
-        else:
-            path = save(at)
-        if main:
-            if os.path.exists(stop_file):
-                os.remove(stop_file)  # honoured: a resumed run must not stop again at once
-            why = stop.signal or ("a signal to another rank" if signalled else "STOP file")
-            where = f"checkpoint {path}" if path else "nothing trained yet, no checkpoint"
-            print(f"stopped at step {at} ({why}); {where}; resume with: {resume_command(cfg)}",
-                  flush=True)
-        _write_status(cfg, env, layout.EXIT_STOPPED, at, path, "stopped on request")
-        return layout.EXIT_STOPPED
+def save(s: Setup, p: Progress, at: int) -> str:
+    """A checkpoint of step `at` (collective); its path."""
+    if not p.saving:
+        return "(not saved: dry run)"
+    sampler = p.sampler
+    p.last_ckpt = checkpoint.save(
+        s.engine, s.cfg.run_dir, at,
+        {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
+         "elapsed_s": p.elapsed_before + time.time() - p.start, "metrics_offset": p.metrics.offset()},
+        {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints)
+    p.last_ckpt_step = at
+    return p.last_ckpt
 
-    start = time.time()
-    bar = tqdm(total=t.max_steps, initial=step, disable=not main, desc="train", unit="step",
-               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    batches = iter(sampler)
-    window_t, window_tokens = time.time(), 0.0
-    engine.train()
-    # agree on a stop before the first step too (a signal while loading, a STOP left behind)
-    signalled, stop_file_seen = _all_reduce_sum([float(stop.requested),
-                                                 float(main and os.path.exists(stop_file))])
-    if signalled or stop_file_seen:
-        bar.close()
-        return stopped(step, signalled)
-    while step < t.max_steps:
-        lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
-        loss_sum, tokens = 0.0, 0.0
-        for micro in range(accum):
-            batch = _to_device(data.collate([train_set[i] for i in next(batches)], s.pad_id),
-                               s.device)
-            loss = engine(**batch).loss
-            if micro == 0:
-                faults.fault("backward", step + 1, env.rank, run_dir)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += float(loss.detach().float())
-            tokens += float(batch["attention_mask"].sum())
-        step += 1
-        faults.fault("step", step, env.rank, run_dir)
-        # one collective a step: the loss for the log and the stop agreement
-        loss_all, micro_all, tokens_all, signalled, stop_file_seen = _all_reduce_sum(
-            [loss_sum, float(accum), tokens, float(stop.requested),
-             float(main and os.path.exists(stop_file))])
-        tokens_seen += int(tokens_all)
-        window_tokens += tokens_all
-        if step % t.log_every == 0 or step == t.max_steps:
-            now = time.time()
-            norm = engine.get_global_grad_norm()
-            rec = {"step": step, "loss": loss_all / micro_all, "lr": lr,
-                   "grad_norm": float(norm) if norm is not None else None,
-                   "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                   "elapsed_s": round(elapsed_before + now - start, 3)}
-            metrics.write(rec)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-            window_t, window_tokens = now, 0.0
-        bar.update(1)
-        if t.eval_every and step % t.eval_every == 0 and step < t.max_steps:
-            metrics.write({"step": step, "eval_loss": evaluate(s),
-                           "elapsed_s": round(elapsed_before + time.time() - start, 3)})
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps:
-            save(step)
-        if (signalled or stop_file_seen) and step < t.max_steps:
-            bar.close()
-            return stopped(step, signalled)
-    bar.close()
+
+def stopped(s: Setup, p: Progress, stop: run_state.StopRequest, signalled: float) -> int:
+    """Checkpoint (unless the newest one is of this step), say how to resume, exit 75."""
+    cfg, at = s.cfg, p.step
+    if p.last_ckpt_step == at or (at == 0 and p.last_ckpt is None):
+        path = p.last_ckpt  # nothing new to save
+    else:
+        path = save(s, p, at)
+    if s.env.is_main:
+        run_state.clear_stop(cfg.run_dir)  # honoured: a resumed run must not stop again at once
+        why = stop.signal or ("a signal to another rank" if signalled else "STOP file")
+        where = f"checkpoint {path}" if path else "nothing trained yet, no checkpoint"
+        print(f"stopped at step {at} ({why}); {where}; resume with: "
+              f"{run_state.resume_command(cfg.run_dir)}", flush=True)
+    run_state.write_exit_status(cfg.run_dir, s.env.rank, layout.EXIT_STOPPED, at, path,
+                                "stopped on request")
+    return layout.EXIT_STOPPED
+
+
+def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
+    """One optimizer step: accum micro batches forward and backward (DeepSpeed steps the
+    optimizer on the last). Returns (sum of the micro losses, tokens seen)."""
+    engine = s.engine
+    loss_sum, tokens = 0.0, 0.0
+    for micro in range(p.accum):
+        batch = _to_device(data.collate([s.splits.train[i] for i in next(batches)], s.pad_id),
+                           s.device)
+        loss = engine(**batch).loss
+        if micro == 0:
+            faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += float(loss.detach().float())
+        tokens += float(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
+    """A metrics line for the step just taken (tokens/s over the window since the last line)."""
+    now = time.time()
+    norm = s.engine.get_global_grad_norm()
+    rec = {"step": p.step, "loss": loss, "lr": lr,
+           "grad_norm": float(norm) if norm is not None else None,
+           "tokens_per_s": p.window_tokens / max(now - p.window_start, 1e-9),
+           "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
+    p.metrics.write(rec)
+    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
+                    tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
+    p.window_start, p.window_tokens = now, 0.0
+
+
+def finish(s: Setup, p: Progress) -> int:
+    """After the last step: final evaluation, checkpoint, export; exit 0."""
+    cfg, run_dir = s.cfg, s.cfg.run_dir
     if s.splits.eval is not None:
         ev = evaluate(s)
-        metrics.write({"step": step, "eval_loss": ev,
-                       "elapsed_s": round(elapsed_before + time.time() - start, 3)})
-        if main:
-            print(f"ftlaunch: eval loss {ev:.4f} at step {step}", file=sys.stderr, flush=True)
-    path = save(step) if last_ckpt_step != step else last_ckpt
-    if saving and cfg.output.save_final:
-        final = export.save_final(engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
-        if main:
-            print(f"ftlaunch: exported {final}", file=sys.stderr, flush=True)
-    if main and os.path.exists(stop_file):
-        os.remove(stop_file)  # asked too late to matter: the run is complete
-    _write_status(cfg, env, layout.EXIT_OK, step, path, "done")
-    if main:
-        print(f"done: {step} steps; checkpoint {path}", flush=True)
+        p.metrics.write({"step": p.step, "eval_loss": ev, "elapsed_s": p.elapsed()})
+        log.info(f"eval loss {ev:.4f} at step {p.step}")
+    path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
+    if p.saving and cfg.output.save_final:
+        final = export.save_final(s.engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
+        log.info(f"exported {final}")
+    if s.env.is_main:
+        run_state.clear_stop(run_dir)  # asked too late to matter: the run is complete
+    run_state.write_exit_status(run_dir, s.env.rank, layout.EXIT_OK, p.step, path, "done")
+    if s.env.is_main:
+        print(f"done: {p.step} steps; checkpoint {path}", flush=True)
     return layout.EXIT_OK
+
+
+def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
+    """Train from the newest checkpoint (or step 0) to train.max_steps. Returns the exit code:
+    0 done, 75 stopped on request after a checkpoint."""
+    from tqdm import tqdm
+
+    t, engine = s.cfg.train, s.engine
+    stop = stop or run_state.StopRequest()
+    p = begin(s)
+    bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
+               unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    batches = iter(p.sampler)
+    engine.train()
+    # agree on a stop before the first step too (a signal while loading, a STOP left behind)
+    signalled, stop_file_seen = _all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main))
+    if signalled or stop_file_seen:
+        bar.close()
+        return stopped(s, p, stop, signalled)
+    while p.step < t.max_steps:
+        lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
+        loss_sum, tokens = accumulate(s, p, batches)
+        p.step += 1
+        faults.fault("step", p.step, s.env.rank, s.cfg.run_dir)
+        # one collective a step: the loss for the log and the stop agreement
+        loss_all, micro_all, tokens_all, signalled, stop_file_seen = _all_reduce_sum(
+            [loss_sum, float(p.accum), tokens] + stop.votes(s.cfg.run_dir, s.env.is_main))
+        p.tokens_seen += int(tokens_all)
+        p.window_tokens += tokens_all
+        if p.step % t.log_every == 0 or p.step == t.max_steps:
+            log_step(s, p, bar, loss_all / micro_all, lr)
+        bar.update(1)
+        if t.eval_every and p.step % t.eval_every == 0 and p.step < t.max_steps:
+            p.metrics.write({"step": p.step, "eval_loss": evaluate(s), "elapsed_s": p.elapsed()})
+        if t.checkpoint_every and p.step % t.checkpoint_every == 0 and p.step < t.max_steps:
+            save(s, p, p.step)
+        if (signalled or stop_file_seen) and p.step < t.max_steps:
+            bar.close()
+            return stopped(s, p, stop, signalled)
+    bar.close()
+    return finish(s, p)
 
 
 # ------------------------------------------------------------------ entry point
 def _ensure_run_dir(cfg: RunConfig, env: RankEnv, ds_config_dict: dict) -> None:
     """A rank started by hand on a run file: create the run directory (rank 0) if needed."""
-    from launcher import rundir
     if env.is_main and not os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED)):
         rundir.prepare(cfg, ds_config_dict, on_existing="resume")
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -519,14 +469,13 @@ def main(args: Any) -> int:
     cfg = runfile.load(args.run_file, args.overrides)
     env = dist_env.from_environ()
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
-    stop = StopRequest().install()
+    stop = run_state.StopRequest().install()
     try:
         s = setup(cfg, env)
         _ensure_run_dir(cfg, env, s.ds_config)
         if env.is_main:
             text = s.report.render()
-            from launcher.rundir import write_atomic
-            write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
+            rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
             print(text, end="", flush=True)
         code = train_loop(s, stop)
         shutdown(barrier=True)
@@ -534,14 +483,15 @@ def main(args: Any) -> int:
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them
             print(exc.render(), file=sys.stderr, flush=True)
-            _write_status(cfg, env, layout.EXIT_CONFIG, -1, None, exc.render())
+            run_state.write_exit_status(cfg.run_dir, env.rank, layout.EXIT_CONFIG, -1, None,
+                                        exc.render())
         return layout.EXIT_CONFIG
     except checkpoint.CheckpointError as exc:
         print(f"ftlaunch: rank {env.rank}: {exc}", file=sys.stderr, flush=True)
         if env.is_main:  # checkpoint errors are agreed collectively and name the rank
-            _write_status(cfg, env, 1, -1, None, str(exc))
+            run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None, str(exc))
         return 1
     except Exception as exc:
-        _write_status(cfg, env, 1, -1, None, f"rank {env.rank}: {type(exc).__name__}: {exc}",
-                      since=started)
+        run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None,
+                                    f"rank {env.rank}: {type(exc).__name__}: {exc}", since=started)
         raise

@@ -6,18 +6,22 @@ of the config that records which fields it reads (plain attribute access only), 
 reading a field with its own problem can be skipped. Keep rules small: one concern each, so
 one bad field silences as little as possible. Rules needing parameter names (pattern matches,
 LoRA targets) run where a meta-device model exists: `ftlaunch plan` and the ranks.
+
+The rules ask other modules for facts and keep only the judgement here: the batch arithmetic
+(`launcher/batch.py`), what a model folder says (`launcher/model_info.py`), the DeepSpeed
+override tables (`launcher/ds_config.py`), the cluster section (`launcher/slurm_checks.py`).
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
 import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
+from launcher import batch, ds_config, model_info, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
+from launcher.quantize import missing_bitsandbytes
 
 Rule = Callable[[RunConfig], Iterator[Problem]]
 RULES: list[Rule] = []
@@ -73,93 +77,10 @@ class _Reads:
         return value
 
 
-# ------------------------------------------------------------------ batch arithmetic
-def batch_sizes(cfg: RunConfig, world_size: int | None = None) -> tuple[int, int, int]:
-    """(micro batch, grad accum, global batch) for world_size ranks (default: the cluster's).
-
-    grad_accum is derived from global_batch_size when not given; ValueError if it cannot be.
-    """
-    t = cfg.train
-    world = world_size or cfg.world_size
-    if world_size is None:
-        names, ranks = "nodes x gpus_per_node", f"{cfg.cluster.nodes} x {cfg.cluster.gpus_per_node}"
-    else:
-        names, ranks = "world size", str(world)
-    per_step = t.micro_batch_size * world
-    if t.global_batch_size is None:
-        accum = t.grad_accum or 1
-    elif t.grad_accum is None:
-        if t.global_batch_size % per_step:
-            raise ValueError(f"global_batch_size {t.global_batch_size} is not a multiple of "
-                             f"micro_batch_size x {names} = {t.micro_batch_size} x {ranks} = {per_step}")
-        accum = t.global_batch_size // per_step
-    else:
-        accum = t.grad_accum
-        if t.global_batch_size != per_step * accum:
-            raise ValueError(f"global_batch_size {t.global_batch_size} != micro_batch_size x "
-                             f"grad_accum x {names} = {t.micro_batch_size} x {accum} x {ranks} "
-                             f"= {per_step * accum}")
-    return t.micro_batch_size, accum, per_step * accum
-
-
-def batch_options(cfg: RunConfig, world: int) -> list[dict[str, int | None]]:
-    """Changes to train.* that would make the batch arithmetic work (each one alone)."""
-    t = cfg.train
-    g, m, a = t.global_batch_size, t.micro_batch_size, t.grad_accum
-    assert g is not None
-    per = m * world
-    out: list[dict[str, int | None]] = []
-    if a is None:
-        lo = (g // per) * per
-        out += [{"global_batch_size": v} for v in (lo, lo + per) if v > 0]
-        if g % world == 0:
-            q = g // world
-            divisors = [d for d in range(1, min(q, 4 * m) + 1) if q % d == 0 and d != m]
-            below = [d for d in divisors if d < m]
-            above = [d for d in divisors if d > m]
-            out += [{"micro_batch_size": d} for d in (below[-1:] + above[:1])]
-    else:
-        out.append({"global_batch_size": per * a})
-        if g % per == 0:
-            out.append({"grad_accum": g // per})
-        if g % (a * world) == 0:
-            out.append({"micro_batch_size": g // (a * world)})
-        out.append({"global_batch_size": None})
-    return out
-
-
-def _describe_option(opt: dict[str, int | None], cfg: RunConfig, world: int) -> str:
-    t = cfg.train
-    (name, value), = opt.items()
-    if value is None:
-        return f"remove {name} (it is then micro x grad_accum x ranks)"
-    if name == "global_batch_size" and t.grad_accum is None:
-        return f"global_batch_size: {value} (grad_accum {value // (t.micro_batch_size * world)})"
-    if name == "micro_batch_size" and t.grad_accum is None:
-        assert t.global_batch_size is not None
-        return f"micro_batch_size: {value} (grad_accum {t.global_batch_size // (value * world)})"
-    return f"{name}: {value}"
-
-
-def batch_problem(cfg: RunConfig, world_size: int | None = None) -> Problem | None:
-    """The batch-arithmetic problem for world_size ranks (default: the cluster's), with the
-    numbers that would work, or None."""
-    try:
-        batch_sizes(cfg, world_size)
-    except ValueError as exc:
-        world = world_size or cfg.world_size
-        assert cfg.train.global_batch_size is not None
-        note = ""
-        if cfg.train.grad_accum is None and cfg.train.global_batch_size % world:
-            note = f" (a global batch must be a multiple of the {world} ranks)"
-        options = [_describe_option(o, cfg, world) for o in batch_options(cfg, world)]
-        return Problem("train.global_batch_size", f"{exc}{note}", "use one of: " + "; ".join(options))
-    return None
-
-
+# ------------------------------------------------------------------ batch and schedule
 @rule
 def _batch(cfg: RunConfig) -> Iterator[Problem]:
-    p = batch_problem(cfg)
+    p = batch.batch_problem(cfg)
     if p is not None:
         yield p
 
@@ -214,9 +135,8 @@ def _cpu_compute(cfg: RunConfig) -> Iterator[Problem]:
 
 @rule
 def _precision_overrides(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher.ds_config import normalise
     dtype = cfg.model.dtype
-    ov = normalise(cfg.deepspeed.overrides)
+    ov = ds_config.normalise(cfg.deepspeed.overrides)
     for k in ("fp16", "bf16"):
         block = ov.get(k)
         if not isinstance(block, dict) or not isinstance(block.get("enabled"), bool):
@@ -282,14 +202,7 @@ def _paged_on_cpu(cfg: RunConfig) -> Iterator[Problem]:
 # ------------------------------------------------------------------ quantization and freezing
 @rule
 def _quant_installed(cfg: RunConfig) -> Iterator[Problem]:
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        return
-    if cfg.quantization.mode != "none":
-        yield Problem("quantization.mode", "bitsandbytes is not installed",
-                      "pip install bitsandbytes (or quantization.mode: none)")
-    if cfg.train.optimizer != "adamw":
-        yield Problem("train.optimizer", f"{cfg.train.optimizer} is bitsandbytes' optimizer and "
-                      "bitsandbytes is not installed", "pip install bitsandbytes (or optimizer: adamw)")
+    yield from missing_bitsandbytes(cfg)
 
 
 @rule
@@ -409,52 +322,20 @@ def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
 
 
 # ------------------------------------------------------------------ files the run will read
-def model_config(path: str) -> dict | None:
-    """The model's config.json as a dict, or None if unreadable (no torch needed)."""
-    try:
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _model_value(model_cfg: dict, keys: tuple[str, ...]) -> int | None:
-    for key in keys:
-        v = model_cfg.get(key)
-        if v is None and isinstance(model_cfg.get("text_config"), dict):
-            v = model_cfg["text_config"].get(key)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return None
-
-
-def max_positions(model_cfg: dict) -> int | None:
-    """Longest sequence the model takes, from its config.json (None if it does not say)."""
-    return _model_value(model_cfg, ("max_position_embeddings", "n_positions",
-                                    "max_sequence_length", "seq_length"))
-
-
-def num_layers(model_cfg: dict) -> int | None:
-    """Transformer blocks, from config.json (None if it does not say)."""
-    return _model_value(model_cfg, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
-
-
 @rule
 def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
     m = cfg.model
     if not os.path.isdir(m.path):
         yield Problem("model.path", f"no such folder: {m.path}", "point it at a save_pretrained "
                       "folder (with config.json)")
-    elif model_config(m.path) is None:
+    elif model_info.model_config(m.path) is None:
         yield Problem("model.path", f"{m.path} has no readable config.json",
                       "point it at a Hugging Face model folder")
 
 
 @rule
 def _seq_len(cfg: RunConfig) -> Iterator[Problem]:
-    mc = model_config(cfg.model.path)
-    limit = max_positions(mc) if mc else None
+    limit = model_info.folder_max_positions(cfg.model.path)
     if limit is not None and cfg.data.max_seq_len > limit:
         yield Problem("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds the model's "
                       f"{limit} positions", f"use data.max_seq_len <= {limit}")
@@ -465,8 +346,8 @@ def _layer_count(cfg: RunConfig) -> Iterator[Problem]:
     f = cfg.freeze
     if f.policy != "last_layers":
         return
-    mc = model_config(cfg.model.path)
-    layers = num_layers(mc) if mc else None
+    mc = model_info.model_config(cfg.model.path)
+    layers = model_info.num_layers(mc) if mc else None
     if layers is not None and abs(f.trainable_layers) > layers:
         yield Problem("freeze.trainable_layers", f"{f.trainable_layers} blocks asked for, the model "
                       f"has {layers}", f"use at most {layers} (or freeze.policy: full to train all)")
@@ -506,17 +387,14 @@ def _eval_sources(cfg: RunConfig) -> Iterator[Problem]:
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster
 @rule
 def _overrides(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher.ds_config import override_problems
-    yield from override_problems(cfg)
+    yield from ds_config.override_problems(cfg)
 
 
 @rule
 def _override_combinations(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher.ds_config import override_cross_problems
-    yield from override_cross_problems(cfg)
+    yield from ds_config.override_cross_problems(cfg)
 
 
 @rule
 def _cluster(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher import slurm_checks
     yield from slurm_checks.problems(cfg)

@@ -315,7 +315,7 @@ def test_all_rows_empty(tok, tmp_path):
 
 
 def test_max_seq_len_beyond_the_model(tok, tiny):
-    from launcher.validate import max_positions, model_config
+    from launcher.model_info import max_positions, model_config
     limit = max_positions(model_config(tiny["model"]))
     assert limit == 256
     with pytest.raises(ConfigError, match=r"data\.max_seq_len: 512 exceeds the model's 256 "

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -236,31 +235,26 @@ def test_fault_stop_creates_stop_file(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- exit_status.json, first failure wins
 def test_the_first_failure_of_a_launch_is_the_recorded_one(tmp_path):
-    from launcher import train
-    from launcher.dist_env import RankEnv
-    cfg = SimpleNamespace(run_dir=str(tmp_path))
-
-    def env(rank: int) -> RankEnv:
-        return RankEnv(rank=rank, world_size=2, local_rank=rank, local_world_size=2, node_rank=0,
-                       nnodes=1, master_addr="127.0.0.1", master_port=0, launcher="torchrun")
+    from launcher.run_state import write_exit_status
+    run_dir = str(tmp_path)
 
     def record() -> dict:
         return json.loads((tmp_path / "exit_status.json").read_text())
 
-    train._write_status(cfg, env(1), 0, 5, None, "done")            # only rank 0 reports success
+    write_exit_status(run_dir, 1, 0, 5, None, "done")            # only rank 0 reports success
     assert not (tmp_path / "exit_status.json").exists()
-    train._write_status(cfg, env(0), 0, 5, "ck5", "done")
+    write_exit_status(run_dir, 0, 0, 5, "ck5", "done")
     assert (record()["code"], record()["rank"]) == (0, 0)
     os.utime(tmp_path / "exit_status.json", (1, 1))                     # an earlier launch's
     since = time.time() - 1
-    train._write_status(cfg, env(1), 1, -1, None, "rank 1: ValueError: bad", since=since)
+    write_exit_status(run_dir, 1, 1, -1, None, "rank 1: ValueError: bad", since=since)
     assert record()["message"] == "rank 1: ValueError: bad"             # replaces the stale one
-    train._write_status(cfg, env(0), 1, -1, None, "rank 0: RuntimeError: Connection closed",
-                        since=since)
+    write_exit_status(run_dir, 0, 1, -1, None, "rank 0: RuntimeError: Connection closed",
+                      since=since)
     assert (record()["rank"], record()["message"]) == (1, "rank 1: ValueError: bad")
     # without a failure from another rank in this launch, rank 0's own error is the record
     os.utime(tmp_path / "exit_status.json", (1, 1))
-    train._write_status(cfg, env(0), 1, -1, None, "rank 0: RuntimeError: timeout", since=since)
+    write_exit_status(run_dir, 0, 1, -1, None, "rank 0: RuntimeError: timeout", since=since)
     assert (record()["rank"], record()["message"]) == (0, "rank 0: RuntimeError: timeout")
 
 

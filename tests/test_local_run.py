@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from launcher import local_run
+from launcher import local_run, run_state
 from launcher.errors import ConfigError
 from launcher.runfile import load
 from test_train_engine import ROOT, rank_env
@@ -77,7 +77,7 @@ def test_local_overrides_keep_global_batch(tiny, tmp_path, write_run):
     assert extra == ["train.device=cpu", "cluster.nodes=1", "cluster.gpus_per_node=2",
                      "train.grad_accum=null"]
     local = load(path, extra)
-    from launcher.validate import batch_sizes
+    from launcher.batch import batch_sizes
     assert batch_sizes(local) == (2, 4, 16)
     with pytest.raises(ConfigError, match=r"16 is not a multiple of micro_batch_size x ranks = 2 x 3"):
         local_run.local_overrides(cfg, "cpu", 3)
@@ -85,17 +85,21 @@ def test_local_overrides_keep_global_batch(tiny, tmp_path, write_run):
 
 def test_cpu_device_and_default_ranks(tiny, tmp_path, write_run):
     cfg = load(write_run(run_text(tiny, tmp_path)))
-    assert local_run.resolve_device(cfg, None) == ("cpu", 2)
-    assert local_run.resolve_device(cfg, 3) == ("cpu", 3)
+    assert local_run.local_ranks(cfg, None) == ("cpu", 2)
+    assert local_run.local_ranks(cfg, 3) == ("cpu", 3)
 
 
 def test_exit_code_from_rank_status(tmp_path):
+    """`ftlaunch run` exits with the ranks' code (run_state.launch_exit_code), not torchrun's 1."""
     since = time.time()
-    assert local_run.exit_code(0, str(tmp_path), since) == 0
-    assert local_run.exit_code(1, str(tmp_path), since) == 1  # no status: torchrun's code
+    run_dir = str(tmp_path)
+    assert run_state.launch_exit_code(0, run_dir, since) == 0
+    assert run_state.launch_exit_code(1, run_dir, since) == 1  # no status: torchrun's code
     (tmp_path / "exit_status.json").write_text(json.dumps({"code": 75}))
-    assert local_run.exit_code(1, str(tmp_path), since) == 75
-    assert local_run.exit_code(-9, str(tmp_path), since + 3600) == 137  # stale status ignored
+    assert run_state.launch_exit_code(1, run_dir, since) == 75
+    assert run_state.launch_exit_code(-9, run_dir, since + 3600) == 137  # stale status ignored
+    (tmp_path / "exit_status.json").write_text(json.dumps({"code": "x"}))
+    assert run_state.launch_exit_code(3, run_dir, since) == 3  # unreadable code: the launcher's
 
 
 # ---------------------------------------------------------------- real ranks

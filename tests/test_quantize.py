@@ -132,7 +132,8 @@ def test_check_installed_gives_an_install_hint(monkeypatch, tiny):
     with pytest.raises(ConfigError, match=r"quantization.mode: bitsandbytes is not installed"
                        r"(.|\n)*pip install bitsandbytes"):
         quantize.check_installed(quantized)
-    with pytest.raises(ConfigError, match=r"train.optimizer: bitsandbytes is not installed"):
+    with pytest.raises(ConfigError, match=r"train.optimizer: adamw_8bit is bitsandbytes' optimizer "
+                       r"and bitsandbytes is not installed"):
         quantize.check_installed(optimizer)
 
 

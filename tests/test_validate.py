@@ -1,18 +1,14 @@
 """Cross-field rules: each rule in launcher/validate.py refuses its case with its message."""
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import re
 import textwrap
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from launcher import runfile, validate
-from launcher.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
 from launcher.errors import ConfigError
 
 BASE = {
@@ -222,39 +218,6 @@ def test_batch_fix_with_grad_accum_given(folder):
                                "global_batch_size (it is then micro x grad_accum x ranks)")
 
 
-def test_batch_sizes_derives_grad_accum(folder):
-    text = run_text("cluster: {nodes: 2, gpus_per_node: 4}\n"
-                    "train: {max_steps: 10, micro_batch_size: 2, global_batch_size: 64}")
-    cfg, problems = runfile.parse(text, base_dir=str(folder))
-    assert problems == []
-    assert validate.batch_sizes(cfg) == (2, 4, 64)
-    assert validate.batch_sizes(cfg, world_size=4) == (2, 8, 64)
-    with pytest.raises(ValueError, match=r"not a multiple of micro_batch_size x world size = 2 x 3 = 6"):
-        validate.batch_sizes(cfg, world_size=3)
-
-
-@settings(max_examples=200, deadline=None, database=None)
-@given(g=st.integers(1, 512), m=st.integers(1, 16), a=st.one_of(st.none(), st.integers(1, 16)),
-       nodes=st.integers(1, 4), gpus=st.integers(1, 8))
-def test_every_suggested_batch_fix_works(g, m, a, nodes, gpus):
-    cfg = RunConfig(name="t", model=ModelConfig(path="/m"), data=DataConfig(path="/d"),
-                    train=TrainConfig(max_steps=1, micro_batch_size=m, grad_accum=a, global_batch_size=g),
-                    cluster=ClusterConfig(nodes=nodes, gpus_per_node=gpus))
-    problem = validate.batch_problem(cfg)
-    try:
-        validate.batch_sizes(cfg)
-        assert problem is None
-        return
-    except ValueError:
-        assert problem is not None
-    options = validate.batch_options(cfg, cfg.world_size)
-    assert options, "a failing batch must come with at least one fix"
-    for opt in options:
-        fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **opt))
-        micro, accum, total = validate.batch_sizes(fixed)
-        assert micro * accum * nodes * gpus == total
-
-
 # ------------------------------------------------------------------ check() and unreliable keys
 def test_check_skips_rules_that_read_an_unreliable_key(folder):
     text = run_text("deepspeed: {zero_stage: 2, offload_param: nvme}")
@@ -270,14 +233,3 @@ def test_check_treats_a_section_and_list_items_as_overlapping(folder):
     assert "freeze.train" in {p.key for p in validate.check(cfg)}
     assert "freeze.train" not in {p.key for p in validate.check(cfg, {"freeze"})}
     assert "freeze.train" not in {p.key for p in validate.check(cfg, {"freeze.also_train[0]"})}
-
-
-def test_model_config_helpers(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"text_config": {"max_position_embeddings": 4096, "num_hidden_layers": 30}}))
-    mc = validate.model_config(str(tmp_path))
-    assert validate.max_positions(mc) == 4096 and validate.num_layers(mc) == 30
-    assert validate.max_positions({"n_positions": 1024, "n_layer": True}) == 1024
-    assert validate.num_layers({"n_layer": True}) is None
-    (tmp_path / "config.json").write_text("[1, 2]")
-    assert validate.model_config(str(tmp_path)) is None

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config import DataConfig, RunConfig
@@ -45,14 +45,7 @@ _FIX = {"saved": "point it at a folder written by Dataset.save_to_disk",
 
 
 # ------------------------------------------------------------------------------ shared helpers
-def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-def print_warning(message: str) -> None:
-    """A data warning on stderr, printed by rank 0 only (every rank finds the same ones)."""
-    if _is_rank0():
-        print(f"ftlaunch: warning: {message}", file=sys.stderr, flush=True)
+print_warning = get_logger(__name__).warning  # stderr, rank 0 only (launcher/log.py)
 
 
 def fail(key: str, message: str, fix: str = "") -> ConfigError:

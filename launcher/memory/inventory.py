@@ -24,10 +24,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.config import RunConfig
+from launcher.config import DTYPE_BYTES, RunConfig
 from launcher.errors import ConfigError, Problem
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 BNB4_BLOCK = 64          # Params4bit default blocksize (bitsandbytes.nn.modules.Params4bit)
 BNB4_NESTED_BLOCK = 256  # quantize_blockwise blocksize for the double-quantized absmax
 BNB4_CODE_BYTES = 16 * 4

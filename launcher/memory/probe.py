@@ -72,16 +72,16 @@ def warm_code() -> None:
 def one_block_model(model_dir: str, dtype: str, attn: str | None = None,
                     trust_remote_code: bool = False):
     """The model of model_dir with a single block, randomly initialised, in train mode."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.device import torch_dtype
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, key, None), int):
             setattr(config, key, 1)
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = config.layer_types[:1]
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    kwargs: dict[str, Any] = {"dtype": dt, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn:
         kwargs["attn_implementation"] = attn
     model = AutoModelForCausalLM.from_config(config, **kwargs)

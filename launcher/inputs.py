@@ -1,0 +1,53 @@
+"""What a rank reads before its model: the tokenizer and the data (rank half: transformers, datasets).
+
+    tok = load_tokenizer(cfg)            # every rank, in launcher.train.setup
+    splits = load_data(cfg, tok)         # every rank, same result
+    check_data(cfg)                      # `ftlaunch run`, before any rank starts
+
+`check_data` is how `ftlaunch run` makes bad data fail in seconds, before it starts ranks: it
+reads the tokenizer and the data exactly as the ranks will (this module, imported when the
+check runs), and raises the same ConfigError they would.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from launcher import data, model_info
+from launcher.config import RunConfig
+from launcher.errors import ConfigError, Problem
+from launcher.log import get_logger
+
+log = get_logger(__name__)
+
+
+def load_tokenizer(cfg: RunConfig) -> Any:
+    """The tokenizer (model.tokenizer or the model folder); no pad token -> EOS, with a warning."""
+    from transformers import AutoTokenizer
+    path = cfg.model.tokenizer or cfg.model.path
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
+                                   f"cannot load a tokenizer from {path}: {exc}",
+                                   "point model.tokenizer at a folder saved with save_pretrained")])
+    if tok.pad_token is None and tok.eos_token is not None:
+        log.warning("the tokenizer has no pad token; using its EOS token "
+                    f"{tok.eos_token!r} (padding is masked out of attention and loss)")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_data(cfg: RunConfig, tokenizer: Any) -> data.Splits:
+    """The training (and eval) examples, checked against the model's positions."""
+    return data.load(cfg, tokenizer, max_positions=model_info.folder_max_positions(cfg.model.path))
+
+
+def check_data(cfg: RunConfig) -> data.Splits:
+    """Load the tokenizer and the data once, as the ranks will, and print what was found:
+    a problem stops `ftlaunch run` before any rank starts."""
+    splits = load_data(cfg, load_tokenizer(cfg))
+    print(f"data: {splits.stats.get('train_examples')} training sequences, "
+          f"{splits.stats.get('train_tokens')} tokens"
+          + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else ""),
+          flush=True)
+    return splits

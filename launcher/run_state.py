@@ -1,0 +1,146 @@
+"""The run directory's state files: the only module that writes, reads and interprets them.
+
+RUN_DIR/STOP (layout.STOP_REQUEST) asks every rank to stop: `ftlaunch run` creates it on
+Ctrl-C (`request_stop`), the Slurm job script on SIGUSR1/SIGTERM (its own `: > STOP`, at the
+path `stop_path` gives); the ranks look for it at every step boundary (`stop_requested`) and
+rank 0 removes it once honoured (`clear_stop`), so a resumed run does not stop again at once.
+A signal to a rank itself sets its `StopRequest`; both count in the ranks' stop agreement.
+
+RUN_DIR/exit_status.json (layout.EXIT_STATUS) says how a launch ended: {"code", "step",
+"checkpoint", "message", "rank", "host", "time"}. Rank 0 records every ending; a failing rank
+records its own failure, and the first failure of a launch stands (`write_exit_status`).
+`ftlaunch run` turns it into its exit code (`launch_exit_code`), since torchrun reports any
+failed rank as 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from typing import Any, Optional
+
+from launcher import layout
+from launcher.rundir import write_atomic
+
+
+# ------------------------------------------------------------------ stop requests
+class StopRequest:
+    """A rank's stop flag: SIGTERM / SIGINT / SIGUSR1 set it (the first signal names it)."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+
+    def install(self) -> "StopRequest":
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            print(f"ftlaunch: {self.signal} received: stopping at the next step boundary "
+                  "(after a checkpoint)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    def votes(self, run_dir: str, main: bool) -> list[float]:
+        """This rank's say in the ranks' stop agreement (summed over the ranks): a signal here,
+        and the STOP file (looked for by rank 0 alone, so one file is one vote)."""
+        return [float(self.requested), float(main and stop_requested(run_dir))]
+
+
+def stop_path(run_dir: str) -> str:
+    return os.path.join(run_dir, layout.STOP_REQUEST)
+
+
+def resume_command(run_dir: str) -> str:
+    """What continues a run that stopped on request (exit 75)."""
+    return f"ftlaunch run {shlex.quote(os.path.join(run_dir, layout.RESOLVED))} --resume"
+
+
+def request_stop(run_dir: str) -> None:
+    """Ask the ranks of the run in run_dir to checkpoint at the next step boundary and exit 75."""
+    open(stop_path(run_dir), "a").close()
+
+
+def stop_requested(run_dir: str) -> bool:
+    return os.path.exists(stop_path(run_dir))
+
+
+def clear_stop(run_dir: str) -> None:
+    """Remove a stop request (honoured, stale from an earlier launch, or too late to matter)."""
+    try:
+        os.remove(stop_path(run_dir))
+    except FileNotFoundError:
+        pass
+
+
+# ------------------------------------------------------------------ exit_status.json
+def status_path(run_dir: str) -> str:
+    return os.path.join(run_dir, layout.EXIT_STATUS)
+
+
+def read_exit_status(run_dir: str, since: float) -> dict | None:
+    """RUN_DIR/exit_status.json if it was written at or after `since` (an earlier launch's
+    record is not this one's), else None."""
+    path = status_path(run_dir)
+    try:
+        if os.path.getmtime(path) < since:
+            return None
+        with open(path, encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def is_failure(code: object) -> bool:
+    """A code that is neither success nor a stop on request."""
+    return code not in (layout.EXIT_OK, layout.EXIT_STOPPED)
+
+
+def write_exit_status(run_dir: str, rank: int, code: int, step: int, checkpoint: Optional[str],
+                      message: str, *, since: Optional[float] = None) -> None:
+    """Record how the run ended for this rank. Rank 0 records every ending; any rank records
+    its own failure (code not 0 or 75), and the first failure recorded since `since` (this
+    launch's start) stands: a peer's consequent error (a closed connection, a timeout) never
+    replaces the root cause. A record that cannot be written is skipped (the exit code and
+    stderr still tell)."""
+    failed = is_failure(code)
+    if not (rank == 0 or failed):
+        return
+    if failed and since is not None:
+        first = read_exit_status(run_dir, since)  # this launch's, if any
+        if first is not None and is_failure(first.get("code")) and first.get("rank") != rank:
+            return
+    try:
+        write_atomic(status_path(run_dir), json.dumps(
+            {"code": code, "step": step, "checkpoint": checkpoint, "message": message,
+             "rank": rank, "host": socket.gethostname(),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+    except OSError:
+        pass
+
+
+def launch_exit_code(rc: int, run_dir: str, since: float) -> int:
+    """The exit code of a launch whose launcher exited with rc: torchrun says 1 for any failed
+    rank; exit_status.json (written during this launch, at or after `since`) says which code.
+    Killed by a signal (rc < 0): 128 + the signal, the shell's convention."""
+    if rc == 0:
+        return 0
+    rec = read_exit_status(run_dir, since - 1)  # mtime granularity: a second's slack
+    try:
+        code = int(rec["code"]) if rec else 0
+    except (KeyError, TypeError, ValueError):
+        code = 0
+    if code != 0:
+        return code
+    return rc if rc > 0 else 128 - rc
