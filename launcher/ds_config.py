@@ -317,7 +317,7 @@ def find_auto(tree: Any, prefix: str = "") -> Iterator[str]:
 
 
 # ------------------------------------------------------------------ checking overrides
-def _key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
+def key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
     table = SECTIONS[section]
     names: dict[str, str] = {}  # canonical name -> the key written
     for k, v in tree.items():
@@ -356,7 +356,7 @@ def _key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
             if not isinstance(v, dict):
                 yield Problem(key, f"expected a mapping, got {v!r}", f"write {canonical}: {{key: value}}")
             else:
-                yield from _key_problems(v, sub)
+                yield from key_problems(v, sub)
         elif not (isinstance(v, str) and v.strip().lower() == "auto"):  # "auto": reported already
             msg = check_value(spec, v)
             if msg:
@@ -387,7 +387,7 @@ def override_problems(cfg: RunConfig) -> Iterator[Problem]:
     for key in find_auto(ds.overrides):
         yield Problem(f"deepspeed.overrides.{key}", '"auto" is not resolved by DeepSpeed outside '
                       "the HF Trainer and would be dropped silently", "give a concrete value")
-    yield from _key_problems(ds.overrides, "")
+    yield from key_problems(ds.overrides, "")
 
 
 def override_cross_problems(cfg: RunConfig) -> Iterator[Problem]:

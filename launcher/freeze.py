@@ -116,7 +116,8 @@ def select(names: Sequence[str], freeze: FreezeConfig, *,
     patterns: start all frozen, then `train` regexes (re.search), then `also_train` groups,
     then `freeze` regexes (freeze wins). lora: only also_train (adapters come from lora.py).
     A pattern matching nothing, too many layers, or nothing trainable (except lora) raise
-    ConfigError naming the key.
+    ConfigError naming the key. Long because it is one pass in the order above, each policy's
+    step a few lines that read against this docstring.
     """
     tied = dict(tied or {})
     canon = lambda n: tied.get(n, n)  # noqa: E731

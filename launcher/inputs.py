@@ -2,17 +2,18 @@
 
     tok = load_tokenizer(cfg)            # every rank, in launcher.train.setup
     splits = load_data(cfg, tok)         # every rank, same result
-    check_data(cfg)                      # `ftlaunch run`, before any rank starts
+    check_data(cfg)                      # `ftlaunch run`, before any rank starts:
+    python -m launcher.inputs RUN.yaml [key=value ...]     # (a child process; exit 0 or 2)
 
 `check_data` is how `ftlaunch run` makes bad data fail in seconds, before it starts ranks: it
-reads the tokenizer and the data exactly as the ranks will (this module, imported when the
-check runs), and raises the same ConfigError they would.
+reads the tokenizer and the data exactly as the ranks will, in a child process (`main`), and
+prints the same ConfigError they would.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from launcher import data, model_info
+from launcher import data, layout, model_info
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem
 from launcher.log import get_logger
@@ -51,3 +52,21 @@ def check_data(cfg: RunConfig) -> data.Splits:
           + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else ""),
           flush=True)
     return splits
+
+
+def main(argv: list[str]) -> int:
+    """`python -m launcher.inputs RUN.yaml [key=value ...]`: check_data; 2 on a problem."""
+    import sys
+
+    from launcher.runfile import load
+    try:
+        check_data(load(argv[0], argv[1:]))
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr, flush=True)
+        return layout.EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

@@ -10,8 +10,8 @@ Before any rank starts: the run file is loaded and checked (exit 2 on a problem)
 resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
 with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
 (global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
-data are loaded here once, by the ranks' own reader (`launcher.inputs.check_data`, imported only
-for this), so bad data fails in seconds with the data's own error. The memory plan is printed
+data are loaded here once, by the ranks' own reader (`python -m launcher.inputs`, a child process:
+this half imports none of the rank half), so bad data fails in seconds with the data's own error. The memory plan is printed
 and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 
@@ -135,6 +135,12 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     return run_state.launch_exit_code(rc, run_dir, started)
 
 
+def check_data(run_file: str, overrides: list[str]) -> int:
+    """The ranks' tokenizer and data reader, run once in a child process before any rank starts
+    (`python -m launcher.inputs`): 0, or 2 after it printed the data's problem."""
+    return subprocess.run([sys.executable, "-m", "launcher.inputs", run_file, *overrides]).returncode
+
+
 def main(args: Any) -> int:
     from launcher import ds_config, rundir, runfile
     base = runfile.load(args.run_file, args.overrides)
@@ -153,8 +159,9 @@ def main(args: Any) -> int:
         plan = plan_text(cfg)
         if plan:
             print(plan, end="", flush=True)
-        from launcher.inputs import check_data  # the ranks' own reader, imported for this alone
-        check_data(cfg)
+        code = check_data(args.run_file, list(args.overrides) + extra)
+        if code:
+            return code
         ds = ds_config.build(cfg, nproc, device)
         run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
                                  else rundir.on_existing(args))

@@ -22,7 +22,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _default(value: Any) -> str:
+def default_text(value: Any) -> str:
     if value == "(required)":
         return "**required**"
     if value is None:
@@ -40,7 +40,7 @@ def fields_table() -> str:
     from launcher.runfile import fields_reference
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, doc in fields_reference():
-        rows.append(f"| `{key}` | {_cell(type_name)} | {_cell(_default(default))} | {_cell(doc)} |")
+        rows.append(f"| `{key}` | {_cell(type_name)} | {_cell(default_text(default))} | {_cell(doc)} |")
     return "\n".join(rows)
 
 
@@ -51,7 +51,7 @@ def filled_table() -> str:
     rows += [f"| `{k}` | `{_cell(v)}` |" for k, v in FILLED.items()]
     rows += ["", "Written by the launcher, changeable through `deepspeed.overrides`:", "",
              "| DeepSpeed key | value |", "|---|---|"]
-    rows += [f"| `{k}` | {_cell(_default(v) if not isinstance(v, str) else v)} |"
+    rows += [f"| `{k}` | {_cell(default_text(v) if not isinstance(v, str) else v)} |"
              for k, v in LAUNCHER_DEFAULTS.items()]
     return "\n".join(rows)
 

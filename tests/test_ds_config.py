@@ -83,7 +83,7 @@ def test_preset_holds_only_known_tuning_keys(path):
         preset = json.load(fh)
     assert isinstance(preset, dict)
     assert list(ds_config.find_auto(preset)) == []
-    problems = list(ds_config._key_problems(preset, ""))
+    problems = list(ds_config.key_problems(preset, ""))
     assert problems == [], "presets hold tuning knobs only (no launcher-filled, unknown or badly typed keys)"
 
 
@@ -580,7 +580,7 @@ FIELD_STRATEGIES: dict[str, st.SearchStrategy] = {}
 
 def section_strategy(cls, prefix: str = "") -> st.SearchStrategy:
     import dataclasses
-    hints = runfile._hints(cls)
+    hints = runfile.type_hints(cls)
     required, optional = {}, {}
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name

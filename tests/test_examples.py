@@ -28,7 +28,7 @@ def path_keys(cls=RunConfig, prefix="") -> list[str]:
     out = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        tp = runfile._hints(cls)[f.name]
+        tp = runfile.type_hints(cls)[f.name]
         if dataclasses.is_dataclass(tp):
             out += path_keys(tp, key)
         elif f.metadata.get("path"):

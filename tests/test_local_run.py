@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,7 +54,9 @@ def no_launch(monkeypatch):
     ("too_long", r"data.max_seq_len .*4096 exceeds the model's 256 positions"),
     ("missing_file", r"data.path.*no such file"),
 ])
-def test_bad_data_fails_before_ranks(case, match, tiny, tmp_path, write_run, no_launch):
+def test_bad_data_fails_before_ranks(case, match, tiny, tmp_path, write_run, no_launch, capfd):
+    """Problems the run file's own checks find raise here; the data's own (read by the ranks'
+    reader in a child process) exit 2 with the same ConfigError text."""
     bad = tmp_path / "bad.jsonl"
     if case == "missing_column":
         bad.write_text('{"body": "the cat sees a dog."}\n' * 20)
@@ -64,8 +67,12 @@ def test_bad_data_fails_before_ranks(case, match, tiny, tmp_path, write_run, no_
             "too_long": f"{{path: {tiny['text']}, max_seq_len: 4096}}",
             "missing_file": f"{{path: {tmp_path}/nope.jsonl, max_seq_len: 32}}"}[case]
     path = write_run(run_text(tiny, tmp_path, data=data))
-    with pytest.raises(ConfigError, match=match):
-        local_run.main(args(path))
+    try:
+        code = local_run.main(args(path))
+    except ConfigError as exc:
+        assert re.search(match, str(exc)), exc
+    else:
+        assert code == 2 and re.search(match, capfd.readouterr().err)
     assert not (tmp_path / "run").exists()  # no half-written run directory either
 
 

@@ -47,7 +47,7 @@ def test_render_needs_the_markers():
 
 
 def test_defaults_are_rendered_as_yaml_values():
-    assert reference._default(None) == "`null`"
-    assert reference._default(True) == "`true`"
-    assert reference._default(["lm_head"]) == '`["lm_head"]`'
-    assert reference._default("(required)") == "**required**"
+    assert reference.default_text(None) == "`null`"
+    assert reference.default_text(True) == "`true`"
+    assert reference.default_text(["lm_head"]) == '`["lm_head"]`'
+    assert reference.default_text("(required)") == "**required**"

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from launcher import runfile
+from launcher import runfile, yaml_reader
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem, did_you_mean
 
@@ -375,7 +375,7 @@ def test_alias_bombs_are_refused(run):
     for i in range(1, 8):
         lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
     _, problems = run(text="\n".join(lines) + "\n")
-    assert problems[0].message.startswith(f"more than {runfile.MAX_NODES} values")
+    assert problems[0].message.startswith(f"more than {yaml_reader.MAX_NODES} values")
 
 
 def test_non_string_keys_are_rejected(run):
@@ -435,7 +435,7 @@ def test_fields_reference_covers_every_field_with_a_doc():
     def leaves(cls, prefix=""):
         for f in dataclasses.fields(cls):
             key = f"{prefix}.{f.name}" if prefix else f.name
-            tp = runfile._hints(cls)[f.name]
+            tp = runfile.type_hints(cls)[f.name]
             if dataclasses.is_dataclass(tp):
                 yield from leaves(tp, key)
             else:

@@ -1,0 +1,103 @@
+"""The module map (docs/modules.md): every module of the package, its half, and its docstring.
+
+    python -m launcher.module_map --write      # regenerate docs/modules.md (a test checks it)
+
+The login half answers on a login node without torch; the rank half runs on the ranks. Which
+modules are the rank half, and which login-half modules may import a heavy library inside a
+function (and why), is stated here once: tests/test_structure.py enforces it on every import.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import sys
+
+RANK_HALF = {
+    "launcher.train", "launcher.dist_env", "launcher.checkpoint", "launcher.export",
+    "launcher.faults", "launcher.engine_stats", "launcher.inputs",
+    "launcher.data", "launcher.data.reading", "launcher.data.tokenize", "launcher.data.batching",
+}
+# (login-half module, heavy library or rank-half module): imported inside a function only, and why.
+_META = "the memory plan's meta-device model (config.json only, no weights read)"
+LAZY_HEAVY_REASONS = {
+    ("launcher.cli", "launcher.train"): "`ftlaunch train`: the ranks' entry point, run by torchrun",
+    ("launcher.memory.inventory", "torch"): _META,
+    ("launcher.memory.inventory", "transformers"): _META,
+    ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
+    ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
+    ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
+    ("launcher.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks start "
+                                  "here); the ranks map dtype names",
+    ("launcher.lora", "torch"): "LoRA applied to a model: on the ranks, and by the memory plan "
+                                "on its meta-device model",
+    ("launcher.lora", "peft"): "LoRA applied to a model (ranks; the plan's meta model)",
+    ("launcher.lora", "deepspeed"): "ZeRO-3 parameters gathered for the LoRA export (ranks)",
+    ("launcher.lora", "transformers"): "the merged LoRA export (ranks)",
+    ("launcher.quantize", "bitsandbytes"): "the 8-bit optimizer and the installed check (ranks); "
+                                           "validate uses only its torch-free checks",
+    ("launcher.quantize", "transformers"): "BitsAndBytesConfig for from_pretrained (ranks)",
+}
+LAZY_HEAVY = set(LAZY_HEAVY_REASONS)
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def modules(root: str = ROOT) -> dict[str, str]:
+    """Dotted module name -> file path, for every .py file under the package folder."""
+    out: dict[str, str] = {}
+    base = os.path.dirname(root)
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for f in sorted(files):
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(folder, f), base)[:-3].replace(os.sep, ".")
+                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = \
+                    os.path.join(folder, f)
+    return out
+
+
+def summary(path: str) -> str:
+    """The first paragraph of the module's docstring, on one line."""
+    with open(path, encoding="utf-8") as fh:
+        doc = ast.get_docstring(ast.parse(fh.read())) or ""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def render(root: str = ROOT) -> str:
+    mods = modules(root)
+    lines = ["# Module map", "",
+             "Generated from the module docstrings by `python -m launcher.module_map --write`; "
+             "tests/test_structure.py fails when it is stale, on any import cycle, and on any "
+             "import of the rank half (or of torch, deepspeed, transformers, datasets, "
+             "bitsandbytes, peft) from the login half.", ""]
+    halves = (("login", "answers on a login node without torch: run files, checks, DeepSpeed "
+               "JSON, the memory plan, Slurm scripts, launching", lambda m: m not in RANK_HALF),
+              ("rank", "runs on every rank under torchrun / srun: model, freeze, DeepSpeed, "
+               "data, training, checkpoints", lambda m: m in RANK_HALF))
+    for half, what, keep in halves:
+        lines += [f"## The {half} half", "", what + ".", "", "| module | what it does |", "|---|---|"]
+        for name in sorted(mods):
+            if name != "launcher" and keep(name):
+                text = summary(mods[name]).replace("|", "\\|")
+                lines.append(f"| `{name}` | {text} |")
+        lines.append("")
+    lines += ["## What the login half imports inside a function, and why", "",
+              "| module | imports | why |", "|---|---|---|"]
+    for (mod, lib), why in sorted(LAZY_HEAVY_REASONS.items()):
+        lines.append(f"| `{mod}` | {lib} | {why} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--write" in argv:
+        path = os.path.join(os.path.dirname(ROOT), "docs", "modules.md")
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
