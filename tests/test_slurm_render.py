@@ -632,3 +632,15 @@ def test_an_unresponsive_node_after_a_failure_is_excluded_and_requeued(tmp_path,
     assert out.returncode == 0, out.stdout + out.stderr
     assert "node failure: excluding node2 and requeueing: restart 1 of 3" in out.stdout
     assert open(os.path.join(fake, "updated")).read() == "jobid=4242 ExcNodeList=node2\n"
+
+
+def test_a_failure_after_slurm_took_the_job_back_probes_nothing(tmp_path, fake_model):
+    """Slurm set a node DOWN and requeued the job itself: the script neither probes nor requeues."""
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {})
+    env = {**env, "FAKE_STEPS": "5", "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "2",
+           "FAKE_JOB_STATE": "PENDING"}
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "Slurm has taken the job out of RUNNING (PENDING)" in out.stderr
+    assert len(open(os.path.join(fake, "srun.calls")).read().splitlines()) == 2   # preflight, ranks
+    assert not os.path.exists(os.path.join(fake, "requeued"))

@@ -94,7 +94,7 @@ FAKE_SCONTROL = r"""#!/bin/bash
 case "$1 $2" in
   "show hostnames") for ((n = 1; n <= ${FAKE_NNODES:-1}; n++)); do echo "node$n"; done ;;
   "show node") echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo "   NodeAddr=127.0.0.1 NodeHostName=localhost" ;;
-  "show job") echo "JobId=$4 JobName=x ReqNodeList=(null) ExcNodeList=${FAKE_EXCLUDED:-(null)} NodeList=node1" ;;
+  "show job") echo "JobId=$4 JobName=x JobState=${FAKE_JOB_STATE:-RUNNING} Reason=None ReqNodeList=(null) ExcNodeList=${FAKE_EXCLUDED:-(null)} NodeList=node1" ;;
   "requeue "*) echo "$2" >> "$FAKE_DIR/requeued" ;;
   "update "*) echo "$2 $3" >> "$FAKE_DIR/updated" ;;
   *) echo "fake scontrol: unexpected $*" >&2; exit 1 ;;
