@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")
     _add_run(p)
+
+    p = sub.add_parser("preflight", help="check the nodes before training (the job script runs it, one task per node)")
+    p.add_argument("run_file", metavar="RUN_DIR/resolved.yaml", help="the run directory's resolved.yaml")
+    p.add_argument("--bad-nodes", metavar="FILE", help="node 0 writes a line per failed node here")
     return ap
 
 
@@ -141,5 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args)
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from launcher.preflight import main as preflight_main
+    return preflight_main(args)
+
+
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
-            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train}
+            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train, "preflight": cmd_preflight}

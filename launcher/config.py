@@ -176,7 +176,10 @@ class ClusterConfig:
     nodes: int = opt(1, "Nodes.", ge=1, le=4096)
     gpus_per_node: int = opt(1, "GPUs (ranks) per node; with train.device cpu, CPU ranks per node "
                              "(no GPUs requested).", ge=1, le=64)
-    cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`).", ge=1)
+    cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`, passed "
+                                       "on to srun as `SRUN_CPUS_PER_TASK`); each rank gets "
+                                       "`OMP_NUM_THREADS` = cpus_per_task / ranks per node unless "
+                                       "cluster.env or the environment sets it.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
     time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",
@@ -197,7 +200,16 @@ class ClusterConfig:
     grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "
                        "requeues (`--signal=B:USR1@grace_s`).", ge=10, le=3600)
     requeue: bool = opt(True, "Requeue after preemption or the time limit, resuming.")
-    max_restarts: int = opt(3, "Requeues allowed (SLURM_RESTART_COUNT).", ge=0, le=1000)
+    max_restarts: int = opt(3, "Requeues allowed (SLURM_RESTART_COUNT), for any reason: preemption, "
+                            "the time limit, a failed node, a node the preflight refused.",
+                            ge=0, le=1000)
+    preflight: bool = opt(True, "Before training, check every node (`ftlaunch preflight`, one task "
+                          "per node): GPUs and their free memory, a writable run directory shared "
+                          "by all nodes, readable model and data, the same versions everywhere, "
+                          "a timed all-reduce, the checkpoint write time against grace_s. A "
+                          "failing node is excluded and the job requeued (docs/slurm.md).")
+    preflight_timeout_s: int = opt(120, "Seconds the preflight waits for every node's report "
+                                   "and for the all-reduce.", ge=5, le=3600)
     gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan: 80GiB, 80GB, 40G, "
                                     "81920MiB, 1.5T (binary units, GB = GiB); a bare number is "
                                     "GiB. null: the local GPU's, else 80GiB.", parse=parse_size)

@@ -22,6 +22,11 @@ from dataclasses import dataclass
 from typing import Mapping, MutableMapping
 
 DEFAULT_ADDR = "127.0.0.1"
+# The rendezvous port of a Slurm job: PORT_BASE + job id % PORT_SPAN, the same on every node.
+# The one definition: `slurm_port` here, and slurm/job.sbatch's MASTER_PORT line, rendered from
+# these two numbers (tests/test_slurm_render.py evaluates that line against slurm_port).
+PORT_BASE = 15000
+PORT_SPAN = 10000
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,10 @@ def first_host(nodelist: str) -> str:
 
 
 def slurm_port(job_id: str) -> int:
-    """A port derived from the job id (15000-24999), the same on every node of the job."""
+    """A port derived from the job id (PORT_BASE .. PORT_BASE + PORT_SPAN - 1), the same on every
+    node of the job; the job script sets MASTER_PORT to the same number."""
     digits = re.sub(r"\D", "", job_id) or "0"
-    return 15000 + int(digits) % 10000
+    return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def from_environ(env: Mapping[str, str] | None = None) -> RankEnv:

@@ -13,7 +13,7 @@ import os
 import sys
 
 RANK_HALF = {
-    "launcher.train", "launcher.dist_env", "launcher.checkpoint", "launcher.export",
+    "launcher.train", "launcher.preflight", "launcher.checkpoint", "launcher.export",
     "launcher.faults", "launcher.engine_stats", "launcher.inputs",
     "launcher.data", "launcher.data.reading", "launcher.data.tokenize", "launcher.data.batching",
 }
@@ -21,6 +21,7 @@ RANK_HALF = {
 _META = "the memory plan's meta-device model (config.json only, no weights read)"
 LAZY_HEAVY_REASONS = {
     ("launcher.cli", "launcher.train"): "`ftlaunch train`: the ranks' entry point, run by torchrun",
+    ("launcher.cli", "launcher.preflight"): "`ftlaunch preflight`: run by the job on every node",
     ("launcher.memory.inventory", "torch"): _META,
     ("launcher.memory.inventory", "transformers"): _META,
     ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
@@ -71,8 +72,8 @@ def render(root: str = ROOT) -> str:
              "bitsandbytes, peft) from the login half.", ""]
     halves = (("login", "answers on a login node without torch: run files, checks, DeepSpeed "
                "JSON, the memory plan, Slurm scripts, launching", lambda m: m not in RANK_HALF),
-              ("rank", "runs on every rank under torchrun / srun: model, freeze, DeepSpeed, "
-               "data, training, checkpoints", lambda m: m in RANK_HALF))
+              ("rank", "runs on the compute nodes, on every rank under torchrun / srun (and the "
+               "per-node preflight): model, DeepSpeed, data, training, checkpoints", lambda m: m in RANK_HALF))
     for half, what, keep in halves:
         lines += [f"## The {half} half", "", what + ".", "", "| module | what it does |", "|---|---|"]
         for name in sorted(mods):

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import __version__, layout, run_state
+from launcher import __version__, dist_env, layout, run_state
 from launcher.config import SBATCH_EXTRA as _EXTRA, RunConfig
 from launcher.shell import Raw, comment, join, quote, sbatch_line, slurm_filename, export
 
@@ -57,6 +57,7 @@ class Job:
     command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
     requeue: bool = True
     max_restarts: int = 3
+    preflight: bool = True                      # `ftlaunch preflight` on every node first
 
     @property
     def job_script(self) -> str:
@@ -97,7 +98,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
                launcher=c.launcher, python=c.python,
                command=("launcher", "train", os.path.join(run_dir, layout.RESOLVED)),
-               requeue=c.requeue, max_restarts=c.max_restarts)
+               requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight)
 
 
 # ------------------------------------------------------------------ render
@@ -157,6 +158,7 @@ def render(job: Job, template: str | None = None) -> str:
         with open(TEMPLATE, encoding="utf-8") as fh:
             template = fh.read()
     node_setup, node_launch = _node_launch(job)
+    resolved = os.path.join(job.run_dir, layout.RESOLVED)
     values = {
         "header": _header(job),
         "sbatch_options": "\n".join(sbatch_line(o.option, o.value, o.key) for o in job.sbatch),
@@ -173,6 +175,10 @@ def render(job: Job, template: str | None = None) -> str:
         "exports": "\n".join(export(k, v, f"cluster.env.{k}") for k, v in job.env) or "# (no variables)",
         "node_setup": node_setup,
         "node_launch": node_launch,
+        "preflight": "1" if job.preflight else "0",
+        "exit_preflight": quote(layout.EXIT_PREFLIGHT),
+        "preflight_launch": join([job.python, "-m", "launcher", "preflight", resolved], "cluster.python"),
+        "port_base": quote(dist_env.PORT_BASE), "port_span": quote(dist_env.PORT_SPAN),
     }
     return fill(template, values, name)
 

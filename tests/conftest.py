@@ -46,10 +46,13 @@ def fake_model(tmp_path) -> str:
 
 
 # ------------------------------------------------------------------ the local Slurm cluster
+# 9 nodes: an 8-node job can lose one and restart without it; a node silent for 12 s is DOWN.
+SLURM_CLUSTER_SHAPE = {"FTL_SLURM_NODES": "9", "FTL_SLURM_SLURMD_TIMEOUT": "12"}
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real Slurm cluster on this machine (tests/cluster/start.sh), started once per session:
-    slurmctld + node1, node2 (2 CPUs, 2048 MiB, 2 fake GPUs each), partition `debug`.
+    slurmctld + node1..node9 (2 CPUs bound by task/affinity, 2048 MiB, 2 fake GPUs each),
+    partition `debug`.
 
     Yields {"dir": state folder (logs in dir/log), "partition": ..., "env": {"SLURM_CONF": ...}}.
     Skipped with the reason where Slurm is not installed or this is not root, except with CI=true,
@@ -68,7 +71,7 @@ def slurm_cluster(tmp_path_factory):
     state = str(tmp_path_factory.mktemp("slurm"))
     scripts = os.path.join(ROOT, "tests", "cluster")
     started = subprocess.run([os.path.join(scripts, "start.sh"), state], capture_output=True,
-                             text=True, timeout=300)
+                             text=True, timeout=300, env={**os.environ, **SLURM_CLUSTER_SHAPE})
     if started.returncode != 0:
         subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)
         pytest.fail(f"tests/cluster/start.sh {state} failed:\n{started.stdout}{started.stderr}")

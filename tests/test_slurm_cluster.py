@@ -193,7 +193,7 @@ def tiny_tree(tiny, run_dir, cluster_partition):
             "freeze": {"policy": "last_layers", "trainable_layers": 1, "also_train": ["norms", "lm_head"]},
             "deepspeed": {"zero_stage": 2},
             "cluster": {"nodes": 2, "gpus_per_node": 1, "partition": cluster_partition,
-                        "python": sys.executable,
+                        "python": sys.executable, "cpus_per_task": 2, "preflight": False,
                         "env": {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}},
             "output": {"dir": str(run_dir)}}
 

@@ -10,6 +10,7 @@ import dataclasses
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -521,3 +522,125 @@ def test_hostile_mem_and_time_are_refused_by_their_form(field, value, fake_model
 def test_hostile_names_are_refused(name, fake_model):
     with pytest.raises(ConfigError, match=r"name[\s\S]*does not match the expected form"):
         make_cfg(fake_model, name=name)
+
+
+# ------------------------------------------------------------------ port, CPUs, preflight, node failure
+def test_the_rendezvous_port_has_one_definition(fake_model):
+    """The script's MASTER_PORT line, run by bash, gives dist_env.slurm_port for every job id."""
+    from launcher import dist_env
+    text = render(make_cfg(fake_model))
+    lines = [line.split("#")[0] for line in text.splitlines() if line.startswith("MASTER_PORT=")]
+    assert len(lines) == 1, lines
+    for job_id in ("1", "9999", "10000", "14999", "15000", "4242", "123456789"):
+        out = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; {lines[0]}; echo $MASTER_PORT"],
+                             capture_output=True, text=True, timeout=30)
+        assert int(out.stdout) == dist_env.slurm_port(job_id), (job_id, out.stdout, out.stderr)
+        env = {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job_id,
+               "SLURM_NNODES": "1", "SLURM_NTASKS": "1"}
+        assert dist_env.from_environ(env).master_port == int(out.stdout)
+
+
+@pytest.mark.parametrize("cpus, user_omp, want_omp", [("4", None, "2"), ("1", None, "1"),
+                                                      ("4", "3", "3"), (None, None, None)])
+def test_cpus_reach_srun_and_set_the_ranks_threads(tmp_path, fake_model, cpus, user_omp, want_omp):
+    """SLURM_CPUS_PER_TASK (from --cpus-per-task) becomes SRUN_CPUS_PER_TASK for every step and
+    OMP_NUM_THREADS = cpus / ranks per node (2 here), unless OMP_NUM_THREADS is already set."""
+    cluster = {"cpus_per_task": int(cpus)} if cpus else {}
+    if user_omp:
+        cluster["env"] = {"OMP_NUM_THREADS": user_omp}
+    job, script, fake, env = rendered_run(tmp_path, fake_model, cluster)
+    if cpus:
+        env["SLURM_CPUS_PER_TASK"] = cpus
+        assert f"#SBATCH --cpus-per-task={cpus}" in open(script).read()
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for node in (0, 1):
+        seen = read_env(os.path.join(fake, f"env.{node}"))
+        assert seen.get("SRUN_CPUS_PER_TASK") == cpus
+        assert seen.get("OMP_NUM_THREADS") == want_omp
+
+
+def test_preflight_runs_on_every_node_before_the_ranks(tmp_path, fake_model):
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {})
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    resolved = os.path.join(job.run_dir, layout.RESOLVED)
+    bad_file = os.path.join(job.run_dir, "logs", "preflight-4242-0.bad")
+    for node in (0, 1):
+        assert read_nul(os.path.join(fake, f"preflight.{node}")) == [
+            "-m", "launcher", "preflight", resolved, f"--bad-nodes={bad_file}"]
+        seen = read_env(os.path.join(fake, f"preflight-env.{node}"))
+        with open(os.path.join(job.run_dir, "preflight", "token")) as fh:
+            assert seen["FTLAUNCH_PREFLIGHT_TOKEN"] == fh.read().strip()
+    calls = open(os.path.join(fake, "srun.calls")).read().splitlines()
+    assert "preflight" in calls[0] and "torch.distributed.run" in calls[1], calls
+
+
+def test_no_preflight_when_it_is_off(tmp_path, fake_model):
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {"preflight": False})
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not os.path.exists(os.path.join(fake, "preflight.0"))
+    assert len(open(os.path.join(fake, "srun.calls")).read().splitlines()) == 1
+
+
+@pytest.mark.parametrize("restart, excluded, requeued", [("0", None, True), ("1", "node7", True),
+                                                         ("3", None, False)])
+def test_a_node_refused_by_the_preflight_is_excluded_and_the_job_requeued(
+        tmp_path, fake_model, restart, excluded, requeued):
+    """Node 0's list of bad nodes: each is added to the job's ExcNodeList after the requeue;
+    without restarts left the job stops with EXIT_PREFLIGHT and trains nothing."""
+    from launcher.preflight import EXIT_PREFLIGHT
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {"max_restarts": 3})
+    env = {**env, "FAKE_BAD": "node2 cannot write in the run directory", "SLURM_RESTART_COUNT": restart}
+    if excluded:
+        env["FAKE_EXCLUDED"] = excluded
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert not os.path.exists(os.path.join(fake, "argv.0"))          # no rank started
+    assert "preflight refused node(s):\n  node2 cannot write in the run directory" in out.stderr
+    if requeued:
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert open(os.path.join(fake, "requeued")).read() == "4242\n"
+        want = f"{excluded},node2" if excluded else "node2"
+        assert open(os.path.join(fake, "updated")).read() == f"jobid=4242 ExcNodeList={want}\n"
+        assert f"preflight: excluding node2 and requeueing: restart {int(restart) + 1} of 3" in out.stdout
+    else:
+        assert out.returncode == EXIT_PREFLIGHT, out.stdout + out.stderr
+        assert not os.path.exists(os.path.join(fake, "requeued"))
+        assert "not requeued (cluster.requeue 1, restart 3 of at most 3)" in out.stderr
+
+
+def test_a_restart_beyond_max_restarts_trains_nothing(tmp_path, fake_model):
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {"max_restarts": 1})
+    out = subprocess.run(["bash", script], env={**env, "SLURM_RESTART_COUNT": "2"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "restart 2 is more than cluster.max_restarts (1)" in out.stderr
+    assert not os.path.exists(os.path.join(fake, "srun.calls"))
+
+
+def test_an_unresponsive_node_after_a_failure_is_excluded_and_requeued(tmp_path, fake_model):
+    """The ranks fail and node2 no longer runs a probe task: a node failure, requeued without
+    node2. (A failure where every node answers is the ranks' own: no requeue, see above.)"""
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {})
+    bin_dir = tmp_path / "bin"
+    real = bin_dir / "srun-real"
+    os.rename(bin_dir / "srun", real)
+    write_exe(str(bin_dir / "srun"), f'#!/bin/bash\ncase " $* " in *" --nodelist=node2 "*) exit 1 ;; '
+              f'esac\nexec {shlex.quote(str(real))} "$@"\n')
+    env = {**env, "FAKE_STEPS": "5", "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "2"}
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "node failure: excluding node2 and requeueing: restart 1 of 3" in out.stdout
+    assert open(os.path.join(fake, "updated")).read() == "jobid=4242 ExcNodeList=node2\n"
+
+
+def test_a_failure_after_slurm_took_the_job_back_probes_nothing(tmp_path, fake_model):
+    """Slurm set a node DOWN and requeued the job itself: the script neither probes nor requeues."""
+    job, script, fake, env = rendered_run(tmp_path, fake_model, {})
+    env = {**env, "FAKE_STEPS": "5", "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "2",
+           "FAKE_JOB_STATE": "PENDING"}
+    out = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "Slurm has taken the job out of RUNNING (PENDING)" in out.stderr
+    assert len(open(os.path.join(fake, "srun.calls")).read().splitlines()) == 2   # preflight, ranks
+    assert not os.path.exists(os.path.join(fake, "requeued"))

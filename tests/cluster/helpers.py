@@ -67,9 +67,12 @@ def sbatch_options(script: str) -> list[str]:
 
 # ------------------------------------------------------------------ fake cluster tools
 FAKE_SRUN = r"""#!/bin/bash
-# Fake srun: records its arguments, then runs the command once per node with that node's
-# SLURM_NODEID / SLURMD_NODENAME (in the background, like real tasks), and waits.
-printf '%s\0' "$@" > "$FAKE_DIR/srun.args"
+# Fake srun: records its arguments (the training step's, the one with --kill-on-bad-exit=1, in
+# srun.args; every call's first line in srun.calls), then runs the command once per node with
+# that node's SLURM_NODEID / SLURMD_NODENAME (in the background, like real tasks), and waits.
+case " $* " in *" --kill-on-bad-exit=1 "*) printf '%s\0' "$@" > "$FAKE_DIR/srun.args" ;; esac
+all="$*"
+echo "${all//$'\n'/ }" >> "$FAKE_DIR/srun.calls"
 while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
 pids=()
 for ((n = 0; n < ${FAKE_NNODES:-1}; n++)); do
@@ -78,7 +81,7 @@ for ((n = 0; n < ${FAKE_NNODES:-1}; n++)); do
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=$?; done
-if [ -n "${FAKE_SIGNAL_PARENT:-}" ]; then   # a signal to the batch shell while srun ends
+if [ -n "${FAKE_SIGNAL_PARENT:-}" ] && [ -e "$FAKE_DIR/srun.args" ]; then   # a signal to the batch shell while the training step ends
   kill -s "$FAKE_SIGNAL_PARENT" "$PPID"
   sleep 0.3
 fi
@@ -86,11 +89,14 @@ exit $rc
 """
 
 FAKE_SCONTROL = r"""#!/bin/bash
-# Fake scontrol: hostnames node1..N, NodeAddr 127.0.0.1, requeue recorded.
+# Fake scontrol: hostnames node1..N, NodeAddr 127.0.0.1, ExcNodeList FAKE_EXCLUDED, requeue and
+# update recorded.
 case "$1 $2" in
   "show hostnames") for ((n = 1; n <= ${FAKE_NNODES:-1}; n++)); do echo "node$n"; done ;;
   "show node") echo "NodeName=$3 Arch=x86_64 CoresPerSocket=1"; echo "   NodeAddr=127.0.0.1 NodeHostName=localhost" ;;
+  "show job") echo "JobId=$4 JobName=x JobState=${FAKE_JOB_STATE:-RUNNING} Reason=None ReqNodeList=(null) ExcNodeList=${FAKE_EXCLUDED:-(null)} NodeList=node1" ;;
   "requeue "*) echo "$2" >> "$FAKE_DIR/requeued" ;;
+  "update "*) echo "$2 $3" >> "$FAKE_DIR/updated" ;;
   *) echo "fake scontrol: unexpected $*" >&2; exit 1 ;;
 esac
 """
@@ -104,6 +110,15 @@ esac
 # Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank.
 FAKE_PYTHON = r"""#!/bin/bash
 node=$SLURM_NODEID
+if [ "$1 $2 $3" = "-m launcher preflight" ]; then   # the preflight: passes, or node 0 names FAKE_BAD
+  printf '%s\0' "$@" > "$FAKE_DIR/preflight.$node"
+  env -0 > "$FAKE_DIR/preflight-env.$node"
+  if [ -n "${FAKE_BAD:-}" ]; then
+    [ "$node" = 0 ] && printf '%s\n' "$FAKE_BAD" > "${5#--bad-nodes=}"
+    exit 1
+  fi
+  exit 0
+fi
 printf '%s\0' "$@" > "$FAKE_DIR/argv.$node"
 env -0 > "$FAKE_DIR/env.$node"
 echo "${SLURM_RESTART_COUNT:-0}" >> "$FAKE_DIR/starts.$node"
@@ -195,3 +210,66 @@ def wait_until(job_id: str, env: dict, done, timeout: float, run_dir: str, what:
 def wait_final(job_id: str, env: dict, timeout: float, run_dir: str) -> dict:
     return wait_until(job_id, env, lambda i: i.get("JobState") in FINAL, timeout, run_dir,
                       "end")
+
+
+# ------------------------------------------------------------------ node failure and repair
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return {}
+    return dict(x.decode("utf-8", "replace").split("=", 1) for x in data.split(b"\0") if b"=" in x)
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def kill_node(cluster_dir: str, node: str) -> list[int]:
+    """Power a node off, as far as one machine allows: SIGKILL its slurmd (by its PID file), every
+    job process that runs on it (their environment says SLURMD_NODENAME=node) and the slurmstepd
+    above them. The processes killed, slurmd first."""
+    pid_file = os.path.join(cluster_dir, "run", f"slurmd-{node}.pid")
+    with open(pid_file) as fh:
+        slurmd = int(fh.read().strip())
+    tasks = [int(p) for p in os.listdir("/proc") if p.isdigit()
+             and _environ(int(p)).get("SLURMD_NODENAME") == node]
+    stepds = {_parent(p) for p in tasks}
+    stepds = {p for p in stepds if _cmdline(p).startswith("slurmstepd")}
+    victims = [slurmd, *sorted(stepds), *tasks]
+    for pid in victims:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return victims
+
+
+def restart_node(cluster_dir: str, node: str, env: dict, timeout: float = 60) -> None:
+    """Start the node's slurmd again and wait until Slurm has it back (idle; ReturnToService=2)."""
+    full = {**os.environ, **env}
+    subprocess.run(["slurmd", "-N", node], check=True, env=full, timeout=60)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["sinfo", "-h", "-n", node, "-o", "%T"], capture_output=True,
+                             text=True, env=full, timeout=60).stdout.strip()
+        if out == "idle":
+            return
+        if "down" in out or "drain" in out:
+            subprocess.run(["scontrol", "update", f"nodename={node}", "state=resume"],
+                           capture_output=True, env=full, timeout=60)
+        time.sleep(0.2)
+    raise AssertionError(f"{node} is not idle {timeout:.0f} s after its slurmd started: {out}")

@@ -8,7 +8,11 @@
 #
 # Settings (environment): FTL_SLURM_NODES (2), FTL_SLURM_GPUS per node (2), FTL_SLURM_CPUS per node
 # (2), FTL_SLURM_MEM per node in MiB (2048), FTL_SLURM_PORT first of NODES+1 TCP ports (default: a
-# free range), FTL_SLURM_CRED_EXPIRE seconds (10; also how long a requeued job waits to restart).
+# free range), FTL_SLURM_CRED_EXPIRE seconds (10; also how long a requeued job waits to restart),
+# FTL_SLURM_TASK_PLUGIN (task/affinity: tasks are bound to the CPUs Slurm gives them),
+# FTL_SLURM_SLURMD_TIMEOUT seconds after which a silent node is set DOWN (20),
+# FTL_SLURM_CONTROLLER_ONLY=1: start no slurmd, for `sbatch --test-only` against a cluster of any
+# shape (say 64 nodes x 8 GPUs) that runs no jobs; its nodes stay in state UNKNOWN.
 set -euo pipefail
 
 die() { echo "start.sh: $*" >&2; exit 1; }
@@ -23,6 +27,14 @@ GPUS=${FTL_SLURM_GPUS:-2}
 CPUS=${FTL_SLURM_CPUS:-2}
 MEM=${FTL_SLURM_MEM:-2048}
 CRED_EXPIRE=${FTL_SLURM_CRED_EXPIRE:-10}
+TASK_PLUGIN=${FTL_SLURM_TASK_PLUGIN:-task/affinity}
+SLURMD_TIMEOUT=${FTL_SLURM_SLURMD_TIMEOUT:-20}
+CONTROLLER_ONLY=${FTL_SLURM_CONTROLLER_ONLY:-0}
+NODE_STATE=UNKNOWN
+if [ "$CONTROLLER_ONLY" = 1 ]; then
+  NODE_STATE=IDLE      # no slurmd will register: nodes are taken as idle from the start
+  SLURMD_TIMEOUT=0     # and never set DOWN for not answering
+fi
 PARTITION=debug
 
 mkdir -p "$1"
@@ -98,7 +110,9 @@ SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=$TASK_PLUGIN
+TaskPluginParam=Cores
+SlurmdTimeout=$SLURMD_TIMEOUT
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
@@ -110,7 +124,7 @@ ReturnToService=2
 KillWait=5
 MinJobAge=600
 GresTypes=gpu
-NodeName=node[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$LAST_NODE_PORT] CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPUS State=UNKNOWN
+NodeName=node[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$LAST_NODE_PORT] CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPUS State=$NODE_STATE
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
 echo "NodeName=node[1-$NODES] Name=gpu File=$DIR/dev/nvidia[0-$((GPUS - 1))]" > "$DIR/gres.conf"
@@ -122,6 +136,13 @@ ENV
 export SLURM_CONF=$DIR/slurm.conf
 
 slurmctld -i || die "slurmctld failed: $(tail -5 "$DIR/log/slurmctld.log" 2>/dev/null)"
+if [ "$CONTROLLER_ONLY" = 1 ]; then
+  for ((i = 0; i < 300; i++)); do
+    scontrol ping >/dev/null 2>&1 && { echo "start.sh: controller of $NODES nodes up (no slurmd); source $DIR/env.sh"; exit 0; }
+    sleep 0.1
+  done
+  die "slurmctld does not answer after 30 s: $(tail -5 "$DIR/log/slurmctld.log" 2>/dev/null)"
+fi
 for ((n = 1; n <= NODES; n++)); do
   slurmd -N "node$n" || die "slurmd node$n failed: $(tail -5 "$DIR/log/slurmd-node$n.log" 2>/dev/null)"
 done

@@ -1,0 +1,116 @@
+"""`ftlaunch preflight` without a cluster: the judgement of node reports (pure), GPU counting
+through a fake nvidia-smi, the run-directory checks, the summary, and a whole one-node run."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+from helpers import write_exe  # noqa: E402
+
+from launcher import preflight  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V = {"python": "3.11.7", "ftlaunch": "0.1", "torch": "2.13", "deepspeed": "0.19", "transformers": "5.0"}
+
+
+def report(node, problems=(), gpus=(), **versions):
+    return {"node": node, "problems": list(problems), "gpus": list(gpus), "write_bytes_s": 5e8,
+            "versions": {**V, **versions}}
+
+
+def test_judge_names_each_bad_node_with_its_reason():
+    names = {0: "node1", 1: "node2", 2: "node3", 3: "node4"}
+    gib = 2**30
+    reports = {0: report("node1", gpus=[{"index": 0, "free": 70 * gib, "total": 80 * gib}]),
+               1: report("node2", ["cannot write in the run directory /r: Read-only file system"]),
+               2: None,
+               3: report("node4", gpus=[{"index": 1, "free": 10 * gib, "total": 80 * gib}],
+                         torch="2.12")}
+    bad = preflight.judge(reports, names, per_gpu_need=40 * gib)
+    assert sorted(bad) == ["node2", "node3", "node4"]
+    assert bad["node2"] == ["cannot write in the run directory /r: Read-only file system"]
+    assert bad["node3"][0].startswith("no report")
+    assert bad["node4"] == ["torch 2.12, the other nodes have 2.13",
+                            "GPU 1: 10.0 GiB free, the memory plan needs 40.0 GiB"]
+    assert preflight.judge({0: report("node1"), 1: report("node2")}, {0: "node1", 1: "node2"}) == {}
+
+
+def test_judge_without_a_majority_takes_node_0s_versions():
+    bad = preflight.judge({0: report("a"), 1: report("b", deepspeed="0.18")}, {0: "a", 1: "b"})
+    assert bad == {"b": ["deepspeed 0.18, the other nodes have 0.19"]}
+
+
+def test_gpus_are_counted_by_nvidia_smi_within_cuda_visible_devices(tmp_path):
+    write_exe(str(tmp_path / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n1, 500, 81559\\n"
+              "2, 81000, 81559\\n'\n")
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    gpus = preflight.gpu_inventory(env)
+    assert [g["index"] for g in gpus] == [0, 1, 2] and gpus[1]["free"] == 500 * 2**20
+    assert [g["index"] for g in preflight.gpu_inventory({**env, "CUDA_VISIBLE_DEVICES": "0,2"})] == [0, 2]
+
+
+def test_run_dir_checks_token_and_writability(tmp_path):
+    (tmp_path / "preflight").mkdir()
+    (tmp_path / "preflight" / "token").write_text("abc\n")
+    problems, speed = preflight.check_run_dir(str(tmp_path), "abc", "node1")
+    assert problems == [] and speed > 0
+    problems, _ = preflight.check_run_dir(str(tmp_path), "other", "node1")
+    assert len(problems) == 1 and "is not the one the batch node sees" in problems[0]
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "preflight").write_text("a file where the folder should be")
+    problems, speed = preflight.check_run_dir(str(blocked), None, "node1")
+    assert speed is None and problems[0].startswith(f"cannot write in the run directory {blocked}")
+
+
+def test_checkpoint_note_warns_when_grace_is_too_short():
+    reports = {0: report("a"), 1: {**report("b"), "write_bytes_s": 1e8}}
+    ok = preflight.checkpoint_note(2 * 10**9, reports, grace_s=120)
+    assert "20.0 s at the slowest node's 100 MB/s" in ok and "WARNING" not in ok
+    short = preflight.checkpoint_note(2 * 10**10, reports, grace_s=120)
+    assert "WARNING: a checkpoint takes longer than cluster.grace_s" in short
+    assert "raise cluster.grace_s above 201 s" in short
+
+
+def test_import_is_login_safe():
+    code = ("import sys, launcher.preflight, launcher.cli; "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.slow
+def test_one_node_preflight_passes_and_prints_its_all_reduce(tiny, tmp_path):
+    """`python -m launcher preflight` outside Slurm: one node, gloo; the summary files are written."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tree = {"name": "pf", "model": {"path": tiny["model"]}, "data": {"path": tiny["text"],
+            "max_seq_len": 32}, "train": {"max_steps": 2, "device": "cpu"},
+            "output": {"dir": str(run_dir)}}
+    (run_dir / "resolved.yaml").write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "MASTER_"))}
+    out = subprocess.run([sys.executable, "-m", "launcher", "preflight", str(run_dir / "resolved.yaml"),
+                          "--bad-nodes", str(tmp_path / "bad")], capture_output=True, text=True,
+                         timeout=300, env={**env, "PYTHONPATH": ROOT}, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "node(s), all passed" in out.stdout
+    assert "all-reduce (gloo, 1 node(s), 8 MiB x 5): bus bandwidth" in out.stdout
+    summary = json.loads((run_dir / preflight.SUMMARY_JSON).read_text())
+    assert summary["bad"] == {} and summary["allreduce"]["backend"] == "gloo"
+    assert summary["checkpoint_bytes"] > 0
+    assert not (tmp_path / "bad").exists()
+
+
+def test_cli_registers_preflight():
+    from launcher import cli
+    args = cli.build_parser().parse_args(["preflight", "r/resolved.yaml", "--bad-nodes", "f"])
+    assert args.command == "preflight" and args.bad_nodes == "f" and args.run_file == "r/resolved.yaml"
+    assert isinstance(args, argparse.Namespace)
