@@ -452,6 +452,12 @@ def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
 
 
 @rule
+def _attn_kernel(cfg: RunConfig) -> Iterator[Problem]:
+    from launcher.memory.kernels import problem
+    yield from filter(None, [problem(cfg.model.path, cfg.model.attn_implementation)])
+
+
+@rule
 def _seq_len(cfg: RunConfig) -> Iterator[Problem]:
     mc = model_config(cfg.model.path)
     limit = max_positions(mc) if mc else None
