@@ -19,8 +19,8 @@ the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of
     LoRA (r=8)                       14   trains adapters only: changes what is learned
     LoRA on a 4-bit base (QLoRA)     16   + 4-bit base weights
 
-Singles and pairs are always tried; triples only where nothing smaller fits. A combination
-that contains a fitting smaller one is not listed.
+Singles, pairs and triples are tried in order of cost (at most MAX_PLANS plans); a
+combination that contains a fitting smaller one is not listed.
 """
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ from launcher.validate import check
 Change = tuple[str, int, str, Callable[[RunConfig], RunConfig]]  # name, cost, what it costs, fn
 Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigError if it cannot)
 MAX_SHOWN = 8
+MAX_PLANS = 120
+# changes of one kind replace each other: a combination takes at most one of each
+GROUPS = {"deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
+          "train.optimizer": "optimizer", "deepspeed.offload_optimizer": "optimizer",
+          "freeze.policy": "freeze", "quantization.mode": "freeze"}
 
 
 def _rep(obj: Any, **kw: Any) -> Any:
@@ -123,23 +128,28 @@ def _entry(combo: tuple[Change, ...], p: Any) -> dict[str, Any]:
 
 
 def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
-    """Changes and combinations that make `base` (a Plan that does not fit) fit, cheapest first.
+    """Changes and combinations (up to three) that make `base` (a Plan that does not fit) fit,
+    cheapest first: tried in order of cost, at most MAX_PLANS plans; a combination containing
+    one that already fits is skipped.
 
     replan(cfg) plans a changed config on base's GPU and node memory (without advice)."""
     changes = list(candidates(base.cfg))
+    combos = [c for k in (1, 2, 3) for c in itertools.combinations(changes, k)]
+    combos.sort(key=lambda combo: (sum(c[1] for c in combo), len(combo)))
     found: list[tuple[frozenset[str], dict[str, Any]]] = []
-    for size in (1, 2, 3):
-        if size == 3 and found:
+    tried = 0
+    for combo in combos:
+        names = frozenset(c[0] for c in combo)
+        if len(found) >= MAX_SHOWN or tried >= MAX_PLANS:
             break
-        for combo in itertools.combinations(changes, size):
-            names = frozenset(c[0] for c in combo)
-            if any(f <= names for f, _ in found):
-                continue
-            cfg = base.cfg
-            for c in combo:
-                cfg = c[3](cfg)
-            p = _try(replan, cfg)
-            if p is not None and p.fits:
-                found.append((names, _entry(combo, p)))
-    out = sorted((e for _, e in found), key=lambda e: (e["rank"], e["total_per_gpu"]))
-    return out[:MAX_SHOWN]
+        groups = [GROUPS.get(c[0].split(":")[0]) for c in combo]
+        if any(f <= names for f, _ in found) or len({g for g in groups if g}) < len([g for g in groups if g]):
+            continue
+        cfg = base.cfg
+        for c in combo:
+            cfg = c[3](cfg)
+        tried += 1
+        p = _try(replan, cfg)
+        if p is not None and p.fits:
+            found.append((names, _entry(combo, p)))
+    return [e for _, e in found]

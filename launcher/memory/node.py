@@ -57,15 +57,18 @@ def node_memory(cfg: Any, given: str | int | None, local: bool) -> tuple[int | N
     return None, "unknown"
 
 
-def checkpoint_bytes_per_element(model_path: str, lp: int) -> int:
-    """Bytes per element of the checkpoint on disk, from config.json's dtype (else lp)."""
+TRAIN_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def checkpoint_dtype(model_path: str, train_dtype: str) -> str:
+    """The checkpoint's dtype on disk, from config.json (else the training dtype)."""
     try:
         with open(os.path.join(model_path, "config.json"), encoding="utf-8") as fh:
             mc = json.load(fh)
     except (OSError, ValueError):
-        return lp
-    dtype = mc.get("dtype") or mc.get("torch_dtype")
-    return CKPT_BYTES.get(str(dtype), lp)
+        mc = {}
+    dtype = str(mc.get("dtype") or mc.get("torch_dtype") or TRAIN_DTYPES[train_dtype])
+    return dtype if dtype in CKPT_BYTES else TRAIN_DTYPES[train_dtype]
 
 
 def node_terms(r: Any, per_rank_total: int) -> list[Term]:
@@ -73,7 +76,8 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
     the node's peak is the larger phase. r: the planner's setting."""
     cfg, inv, st = r.cfg, r.inv, r.st
     n = max(1, min(cfg.cluster.gpus_per_node, r.world))
-    ck = checkpoint_bytes_per_element(cfg.model.path, inv.lp_bytes)
+    ck_dtype = checkpoint_dtype(cfg.model.path, cfg.model.dtype)
+    ck = CKPT_BYTES[ck_dtype]
     ckpt = inv.total * ck if cfg.quantization.mode == "none" else \
         sum(p.numel for p in inv.params if p.group not in ("adapters", "copies")) * ck
     out: list[Term] = []
@@ -94,10 +98,10 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
         out.append(Term("load_rank0", "rank 0 reads the whole state dict (ZeRO-3)", ckpt, "load",
                         f"P x {ck} B on rank 0's node: zero.Init partitions, rank 0 loads every "
                         "tensor and the ranks gather module by module", SRC_LOAD))
-    elif ck != inv.lp_bytes and cfg.quantization.mode == "none":
+    elif ck_dtype != TRAIN_DTYPES[cfg.model.dtype] and cfg.quantization.mode == "none":
         out.append(Term("load_convert", f"weights converted to {cfg.model.dtype} (each rank)",
                         n * inv.total * inv.lp_bytes, "load",
-                        f"{n} ranks x P x lp: the checkpoint is {ck} B per element", SRC_LOAD))
+                        f"{n} ranks x P x lp: the checkpoint is {ck_dtype}", SRC_LOAD))
     if cfg.deepspeed.offload_optimizer == "cpu":
         per = st.masters + st.optim + 4 * st.opt_elems
         out.append(Term("offload", "offloaded optimizer (pinned: masters, state, fp32 grads)",

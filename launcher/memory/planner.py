@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 from launcher import ds_config, runfile
 from launcher.config import RunConfig
+from launcher.errors import ConfigError, Problem
 from launcher.memory.activations import activations, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
@@ -360,6 +361,18 @@ def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
               world_size: int | None = None, kernels: int | None = None) -> str:
     """The plan's text: what `ftlaunch plan`, `run --dry-run` and plan.txt show."""
     return render(plan(cfg, gpu_memory, world_size, kernels=kernels))
+
+
+def checked_text(p: Plan, force: bool = False) -> str:
+    """The plan's text; a ConfigError carrying it when the plan does not fit and force is off."""
+    text = render(p)
+    if not p.fits and not force:
+        where = " and ".join(w for w, ok in (("per GPU", p.fits_gpu), ("per node", p.fits_node))
+                             if ok is False)
+        raise ConfigError([Problem("cluster", f"the memory plan does not fit {where}:\n" + text,
+                                   "change what the plan suggests, or pass --force to run anyway")],
+                          "memory plan")
+    return text
 
 
 def main(args: Any) -> int:

@@ -131,5 +131,5 @@ def render(p: Any, explain: bool = False) -> str:
             lines += table([(a["change"], gib(a["total_per_gpu"]), gib(a["node_cpu"]),
                              f"({a['cost']})") for a in p.advice], right=(1, 2))
         else:
-            lines.append("no single change or combination tried fits: more GPUs, or a smaller model")
+            lines.append("no change or combination tried fits: more GPUs, more node memory, or a smaller model")
     return "\n".join(lines) + "\n"
