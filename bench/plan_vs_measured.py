@@ -136,6 +136,54 @@ def grad_storage_bytes(engine) -> int:
     return sum(seen.values())
 
 
+def _grad_tensors(engine) -> tuple[list, list]:
+    """(gradient tensors, DeepSpeed's reduce-bucket buffers) the engine holds right now."""
+    import torch
+    w = engine.optimizer
+    grads = [g for p in engine.module.parameters()
+             for g in (p.grad, getattr(p, "grad_accum", None)) if isinstance(g, torch.Tensor)]
+    for attr in ("averaged_gradients", "all_grad_tensors", "grad_partitions_flat_buffer"):
+        stack = [getattr(w, attr, None)]
+        while stack:
+            x = stack.pop()
+            if isinstance(x, torch.Tensor):
+                grads.append(x)
+            elif isinstance(x, dict):
+                stack += list(x.values())
+            elif isinstance(x, (list, tuple)):
+                stack += list(x)
+    buckets = []
+    for bucket in (getattr(w, "ipg_buckets", None) or {}).values():
+        buf = bucket.buffer
+        buckets += [b for b in (buf if isinstance(buf, list) else [buf]) if isinstance(b, torch.Tensor)]
+    return grads, buckets
+
+
+def grads_at_backward_end(engine, loss) -> dict:
+    """Queue a reading of the gradients at the end of autograd's backward (before DeepSpeed's
+    epilogue reduces them): {"grads_bwd": bytes of gradient storage outside the reduce buckets,
+    "buckets_bwd": bytes of the buckets}, filled when the backward ends."""
+    import torch
+    out: dict = {}
+
+    def read() -> None:
+        grads, buckets = _grad_tensors(engine)
+        bucket_st = {b.untyped_storage().data_ptr(): b.untyped_storage().nbytes()
+                     for b in buckets if b.numel()}
+        grad_st = {}
+        for g in grads:
+            if g.numel() and g.untyped_storage().data_ptr() not in bucket_st:
+                grad_st[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        out["grads_bwd"] = sum(grad_st.values())
+        out["buckets_bwd"] = sum(bucket_st.values())
+        lp = next(engine.module.parameters()).element_size()
+        out["bucket_grads_bwd"] = lp * sum(int(getattr(b, "elements", 0) or 0) for b in
+                                           (getattr(engine.optimizer, "ipg_buckets", None) or {}).values())
+
+    loss.register_hook(lambda g: torch.autograd.Variable._execution_engine.queue_callback(read))
+    return out
+
+
 def _torch_adam_for_offload(train_mod) -> None:
     """Tests only: optimizer offload with torch's AdamW instead of DeepSpeedCPUAdam, so no
     cpu_adam op is compiled (53 s); DeepSpeed's offload layout (fp32 slices and their gradients
@@ -226,7 +274,19 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
         base = _status("VmRSS")
         reset = _reset_peak()
         mods = set(sys.modules)
-        s = train.setup(cfg, env, load_data=False)
+        loaded: dict = {}
+        load_model = train.load_model
+
+        def timed_load(*a, **k):  # the loading peak alone, before deepspeed.initialize
+            out = load_model(*a, **k)
+            loaded.update(load_peak=_status("VmHWM") - base, load_rss=_status("VmRSS") - base,
+                          load_file=_status("RssFile"))
+            return out
+        train.load_model = timed_load
+        try:
+            s = train.setup(cfg, env, load_data=False)
+        finally:
+            train.load_model = load_model
         if os.environ.get("PVM_MODS"):
             print("NEWMODS", sorted(set(sys.modules) - mods), file=sys.stderr)
         after_init = _status("VmRSS") - base
@@ -236,13 +296,16 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
         gen = torch.Generator().manual_seed(env.rank)
         vocab = engine.module.get_input_embeddings().weight.shape[0] if hasattr(
             engine.module, "get_input_embeddings") else 256
-        rec: dict = {"run": path, "after_init": after_init, "peak_reset": reset}
+        rec: dict = {"run": path, "after_init": after_init, "peak_reset": reset,
+                     "init_peak": _status("VmHWM") - base, **loaded}
         for step in range(steps):
             x = torch.randint(3, max(4, int(getattr(engine.module.config, "vocab_size", vocab))),
                               (b, n), generator=gen)
             loss = engine(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
             phases = [_status("VmRSS") - base]
+            at_bwd = grads_at_backward_end(engine, loss) if step == steps - 1 else {}
             engine.backward(loss)
+            rec.update(at_bwd)
             phases.append(_status("VmRSS") - base)
             if step == steps - 1:
                 rec["grads"] = engine_stats.grad_bytes(engine)

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory plan per GPU and node: does it fit, what to change")
     _add_run(p)
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default: cluster.gpu_memory)")
+    p.add_argument("--node-memory", help="CPU memory of one node, e.g. 512GiB (default: cluster.mem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", action="store_true", help="show the formula behind every term")
     p.add_argument("--probe", action="store_true",
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the plan and freeze report, run a few steps, save nothing")
+    p.add_argument("--force", action="store_true", help="run even if the memory plan does not fit")
     _add_existing(p)
 
     p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")

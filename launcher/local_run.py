@@ -70,15 +70,16 @@ def local_overrides(cfg: RunConfig, device: str, nproc: int) -> list[str]:
     return out
 
 
-def plan_text(cfg: RunConfig) -> str | None:
-    """The memory plan, or None where it cannot be made (printed as a warning)."""
-    from launcher.memory import plan_text as make
+def plan_text(cfg: RunConfig, force: bool = False) -> str | None:
+    """The memory plan, or None where it cannot be made (printed as a warning); ConfigError
+    when it does not fit per GPU or per node (this host) and force is off."""
+    from launcher import memory
     try:
         kernels = None
         if cfg.train.device == "cpu":  # these ranks run here: measure what the plan cannot derive
             from launcher.memory.probe import measure
             kernels = measure(cfg)
-        return make(cfg, kernels=kernels)
+        return memory.checked_text(memory.plan(cfg, kernels=kernels, local=True), force)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001 - the plan is advice; the run does not depend on it
@@ -156,7 +157,7 @@ def main(args: Any) -> int:
                   f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra)
     try:
-        plan = plan_text(cfg)
+        plan = plan_text(cfg, getattr(args, "force", False))
         if plan:
             print(plan, end="", flush=True)
         code = check_data(args.run_file, list(args.overrides) + extra)

@@ -37,3 +37,17 @@ def parse_size(text: str | int | float, key: str = "--gpu-memory") -> int:
         raise ConfigError([Problem(key, f"a memory size must be more than 0 bytes, got {text!r}",
                                    FIX)], source)
     return size
+
+
+SLURM_MEM = re.compile(r"\s*([0-9]+)\s*([KMGT]?)B?\s*", re.I)
+
+
+def parse_slurm_mem(text: str) -> int | None:
+    """Bytes of a Slurm `--mem` value (`cluster.mem`): units K, M, G, T are binary and a bare
+    number is MiB, as sbatch reads it; None for 0 (the whole node: its size is not known here)."""
+    m = SLURM_MEM.fullmatch(str(text))
+    if not m:
+        raise ConfigError([Problem("cluster.mem", f"not a Slurm memory size: {text!r}",
+                                   "write e.g. 500G, 256000M or 0 (the whole node)")], "run file")
+    n = int(m.group(1)) * UNITS[(m.group(2) or "M").upper()]
+    return n or None

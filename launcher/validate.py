@@ -334,6 +334,12 @@ def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
 
 
 @rule
+def _attn_kernel(cfg: RunConfig) -> Iterator[Problem]:
+    from launcher.memory.kernels import problem
+    yield from filter(None, [problem(cfg.model.path, cfg.model.attn_implementation)])
+
+
+@rule
 def _seq_len(cfg: RunConfig) -> Iterator[Problem]:
     limit = model_info.folder_max_positions(cfg.model.path)
     if limit is not None and cfg.data.max_seq_len > limit:

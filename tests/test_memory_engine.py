@@ -59,7 +59,9 @@ def test_planned_model_states_equal_engine_bytes(tiny, tmp_path):
         p = memory.plan(runfile.load(run), world_size=2, advise=False)
         planned = {  # where they live (GPU or offloaded) does not change the bytes
             "weights": p.term("weights"),
-            "grads_storage": p.term("gradients"),
+            # ZeRO-1 holds full gradients from the backward to the step (read then); the others
+            # after DeepSpeed's reduce
+            "grads_bwd" if setting[0] == 1 else "grads_storage": p.term("gradients"),
             "masters": p.states.masters,
             "optimizer": p.states.optim,
         }
@@ -120,3 +122,29 @@ def test_peak_rss_within_15_percent_for_a_20m_llama(tmp_path):
     # the model states inside that peak are the engine's, to the byte
     assert rows[0]["plan_terms"]["optimizer"] == rows[0]["engine"]["optimizer"]
     assert rows[0]["plan_terms"]["masters"] == rows[0]["engine"]["masters"]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_gradients_at_the_end_of_the_backward_by_stage(tiny, tmp_path):
+    """Gradient bytes read by a callback queued at the end of autograd's backward (before
+    DeepSpeed's epilogue), ZeRO 0-3, bf16, 2 ranks: equal to the plan. ZeRO-1 holds every
+    parameter's full 16-bit gradient (2 B x P); ZeRO-2 holds them in its reduce buckets (the
+    plan's bucket term, pages written) and after the epilogue in the partitions (its
+    gradient term); ZeRO-3 in its flat partition buffer from initialize."""
+    from launcher import memory, runfile
+    runs = [_write(tmp_path, tiny, 30 + s, s, "bf16", FULL, "none", "none") for s in range(4)]
+    results = BENCH.run_ranks(runs, str(tmp_path / "bwd.json"), steps=1)
+    got = {}
+    for stage, (run, ranks) in enumerate(zip(runs, results)):
+        p = memory.plan(runfile.load(run), world_size=2, advise=False)
+        for r in ranks:
+            if stage in (0, 1, 3):
+                assert r["grads_bwd"] == p.term("gradients"), (stage, r, p.term("gradients"))
+            else:
+                assert r["grads_bwd"] == 0 and r["bucket_grads_bwd"] == p.term("buckets"), (stage, r)
+                assert r["grads_storage"] <= p.term("gradients")
+        got[stage] = max(r["grads_bwd"] for r in ranks)
+    P = memory.plan(runfile.load(runs[0]), world_size=2, advise=False).inv.total
+    assert got[1] == got[0] == 2 * P  # stage 1: full gradients, as stage 0
+    assert got[3] == 2 * -(-P // 2) or got[3] < got[1]

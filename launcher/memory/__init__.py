@@ -2,6 +2,7 @@
 
     plan(cfg, gpu_memory=None, world_size=None) -> Plan     # .fits, .total_per_gpu, .terms
     plan_text(cfg) -> str                                    # what `run --dry-run` / plan.txt show
+    checked_text(plan, force) -> str                         # its text; ConfigError if it does not fit
     render(plan, explain=False) -> str                       # the text of a Plan
     main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
 
@@ -12,6 +13,8 @@ One module per part, each importing only those above it:
     terms.py        the model-state formulas (weights, gradients, masters, optimizer state) and
                     the runtime constants, one `Term` per thing that holds memory
     activations.py  what autograd keeps during a step
+    kernels.py      the attention kernel transformers will use; validate's check of a requested one
+    node.py         a node's CPU memory while loading and training, and the memory it has
     render.py       the text of a plan, with --explain
     advice.py       the cheapest changes that make a plan fit (re-planned through a callable)
     planner.py      the `Plan` and `plan()`, which put the above together
@@ -22,8 +25,8 @@ baseline (see docs/memory.md for how that is measured and what it can and cannot
 from __future__ import annotations
 
 from launcher.memory.inventory import clear_meta_cache, meta_model_for
-from launcher.memory.planner import DEFAULT_GPU_MEMORY, Plan, main, plan, plan_text
+from launcher.memory.planner import DEFAULT_GPU_MEMORY, Plan, checked_text, main, plan, plan_text
 from launcher.memory.render import render
 
-__all__ = ["DEFAULT_GPU_MEMORY", "Plan", "clear_meta_cache", "main", "meta_model_for", "plan",
+__all__ = ["DEFAULT_GPU_MEMORY", "Plan", "checked_text", "clear_meta_cache", "main", "meta_model_for", "plan",
            "plan_text", "render"]

@@ -1,46 +1,64 @@
-"""What to change when a plan does not fit: candidate changes, ranked by their cost in speed.
+"""What to change when a plan does not fit: every change, and every combination, that fits,
+ranked by what it costs (speed, then quality and precision), the cheapest first.
 
 Each candidate is the run config with one change (`dataclasses.replace`), planned again with the
 same formulas through the `replan` callable the planner passes in (so this module never imports
-the planner). Order (least slowdown first, the usual ranking on GPUs):
+the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of its parts):
 
-1. ZeRO-2 from ZeRO-0/1: partitions gradients too; same communication volume as data parallel.
-2. Gradient checkpointing: recomputes each block's forward, about +30% compute.
-3. ZeRO-3: partitions the weights; gathers them in every forward and backward (+50% traffic).
-4. Halve the micro batch, double the accumulation: same global batch, smaller GPU kernels.
-5. Optimizer offload to CPU: the Adam step runs on the CPU and gradients cross PCIe each step.
-6. 8-bit base (frozen weights stored int8): slower matmuls, only the trained part stays 16-bit.
-7. LoRA (r=8 on every linear layer, base frozen): changes what is trained, not only how.
-8. LoRA on a 4-bit base (QLoRA).
+    ZeRO-2 (from 0/1)                 1   partitions gradients; same traffic as data parallel
+    8-bit AdamW (bitsandbytes)        2   8-bit optimizer state; matches 32-bit Adam in practice
+    paged 8-bit AdamW                 3   + state paged to CPU memory under pressure (GPU only)
+    gradient checkpointing            4   recomputes each block's forward: about +30% compute
+    ZeRO-3                            5   gathers weights in every forward and backward: +50% traffic
+    half the micro batch              6   same global batch, smaller kernels
+    more nodes (x2)                   7   more hardware, same run
+    optimizer offload to CPU          8   the Adam step on the CPU: often 2x slower steps
+    half the sequence length          9   changes the data: shorter training sequences
+    parameter offload (ZeRO-3)       10   weights cross PCIe in every forward and backward
+    8-bit frozen base                12   int8 matmuls for the frozen part (quality)
+    LoRA (r=8)                       14   trains adapters only: changes what is learned
+    LoRA on a 4-bit base (QLoRA)     16   + 4-bit base weights
 
-If no single change fits, the changes are stacked in that order and the first stack that fits
-is offered.
+Singles, pairs and triples are tried in order of cost (at most MAX_PLANS plans); a
+combination that contains a fitting smaller one is not listed.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Callable, Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.validate import check
 
-Change = tuple[str, str, Callable[[RunConfig], RunConfig]]
+Change = tuple[str, int, str, Callable[[RunConfig], RunConfig]]  # name, cost, what it costs, fn
 Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigError if it cannot)
+MAX_SHOWN = 8
+MAX_PLANS = 120
+# changes of one kind replace each other: a combination takes at most one of each
+GROUPS = {"deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
+          "train.optimizer": "optimizer", "deepspeed.offload_optimizer": "optimizer",
+          "freeze.policy": "freeze", "quantization.mode": "freeze"}
 
 
 def _rep(obj: Any, **kw: Any) -> Any:
     return dataclasses.replace(obj, **kw)
 
 
-def _zero(stage: int) -> Callable[[RunConfig], RunConfig]:
-    return lambda c: _rep(c, deepspeed=_rep(c.deepspeed, zero_stage=stage))
+def _ds(**kw: Any) -> Callable[[RunConfig], RunConfig]:
+    def fn(c: RunConfig) -> RunConfig:
+        kw2 = dict(kw)
+        if "zero_stage" in kw2:
+            kw2["zero_stage"] = max(kw2["zero_stage"], c.deepspeed.zero_stage)
+        return _rep(c, deepspeed=_rep(c.deepspeed, **kw2))
+    return fn
 
 
 def _halve_micro(c: RunConfig) -> RunConfig:
     t = c.train
     accum = t.grad_accum * 2 if t.grad_accum else (None if t.global_batch_size else 2)
-    return _rep(c, train=_rep(t, micro_batch_size=t.micro_batch_size // 2, grad_accum=accum))
+    return _rep(c, train=_rep(t, micro_batch_size=max(1, t.micro_batch_size // 2), grad_accum=accum))
 
 
 def _lora(c: RunConfig) -> RunConfig:
@@ -48,30 +66,50 @@ def _lora(c: RunConfig) -> RunConfig:
                                also_train=[g for g in c.freeze.also_train if g != "embeddings"]))
 
 
+def _optim(name: str) -> Callable[[RunConfig], RunConfig]:
+    return lambda c: _rep(c, train=_rep(c.train, optimizer=name))
+
+
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
+    gpu = t.device != "cpu"
     if ds.zero_stage < 2:
-        yield "deepspeed.zero_stage: 2", "no slowdown to speak of", _zero(2)
+        yield "deepspeed.zero_stage: 2", 1, "no slowdown to speak of", _ds(zero_stage=2)
+    if t.optimizer == "adamw" and ds.offload_optimizer == "none":
+        yield "train.optimizer: adamw_8bit", 2, "8-bit optimizer state", _optim("adamw_8bit")
+        if gpu:
+            yield ("train.optimizer: paged_adamw_8bit", 3, "8-bit state, paged to CPU under "
+                   "pressure", _optim("paged_adamw_8bit"))
     if not m.gradient_checkpointing:
-        yield ("model.gradient_checkpointing: true", "about +30% compute",
+        yield ("model.gradient_checkpointing: true", 4, "about +30% compute",
                lambda c: _rep(c, model=_rep(c.model, gradient_checkpointing=True)))
-    if ds.zero_stage < 3 and q.mode == "none":
-        yield "deepspeed.zero_stage: 3", "+50% communication", _zero(3)
+    if ds.zero_stage < 3 and q.mode != "8bit":
+        yield "deepspeed.zero_stage: 3", 5, "+50% communication", _ds(zero_stage=3)
     if t.micro_batch_size > 1:
-        yield (f"train.micro_batch_size: {t.micro_batch_size // 2} (accumulation x2)",
+        yield (f"train.micro_batch_size: {t.micro_batch_size // 2} (accumulation x2)", 6,
                "same batch, lower GPU efficiency", _halve_micro)
-    if ds.offload_optimizer == "none" and ds.zero_stage >= 1 and t.optimizer == "adamw":
-        yield ("deepspeed.offload_optimizer: cpu", "optimizer step on the CPU, often 2x slower",
-               lambda c: _rep(c, deepspeed=_rep(c.deepspeed, offload_optimizer="cpu")))
+    if gpu:
+        yield (f"cluster.nodes: {c.cluster.nodes * 2}", 7, "twice the hardware",
+               lambda c: _rep(c, cluster=_rep(c.cluster, nodes=c.cluster.nodes * 2)))
+    if ds.offload_optimizer == "none":
+        yield ("deepspeed.offload_optimizer: cpu" + (" (zero_stage: 2)" if ds.zero_stage == 0 else ""),
+               8, "optimizer step on the CPU, often 2x slower",
+               lambda c: _rep(_ds(zero_stage=2 if c.deepspeed.zero_stage == 0 else 1,
+                                  offload_optimizer="cpu")(c), train=_rep(c.train, optimizer="adamw")))
+    if c.data.max_seq_len >= 1024:
+        yield (f"data.max_seq_len: {c.data.max_seq_len // 2}", 9, "shorter training sequences",
+               lambda c: _rep(c, data=_rep(c.data, max_seq_len=c.data.max_seq_len // 2)))
+    if ds.offload_param == "none" and q.mode == "none":
+        yield ("deepspeed.offload_param: cpu (zero_stage: 3)", 10, "weights cross PCIe every pass",
+               _ds(zero_stage=3, offload_param="cpu"))
     if q.mode == "none" and f.policy != "full" and ds.zero_stage < 3:
-        yield ("quantization.mode: 8bit", "int8 matmuls for the frozen base",
+        yield ("quantization.mode: 8bit", 12, "int8 matmuls for the frozen base",
                lambda c: _rep(c, quantization=_rep(c.quantization, mode="8bit")))
     if f.policy != "lora":
-        yield "freeze.policy: lora", "trains adapters only (r=8)", _lora
+        yield "freeze.policy: lora", 14, "trains adapters only (r=8)", _lora
     if q.mode != "4bit":
-        yield ("freeze.policy: lora + quantization.mode: 4bit", "QLoRA: 4-bit base, adapters",
-               lambda c: _rep(_lora(c), quantization=_rep(c.quantization, mode="4bit"),
-                              deepspeed=_rep(c.deepspeed, zero_stage=min(c.deepspeed.zero_stage, 2))))
+        yield ("freeze.policy: lora + quantization.mode: 4bit", 16, "QLoRA: 4-bit base, adapters",
+               lambda c: _rep(_lora(c), quantization=_rep(c.quantization, mode="4bit")))
 
 
 def _try(replan: Replan, cfg: RunConfig) -> Any:
@@ -83,31 +121,35 @@ def _try(replan: Replan, cfg: RunConfig) -> Any:
         return None
 
 
-def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
-    """Changes that make `base` (a Plan that does not fit) fit, least slowdown first.
+def _entry(combo: tuple[Change, ...], p: Any) -> dict[str, Any]:
+    return {"change": " + ".join(c[0] for c in combo), "cost": "; ".join(c[2] for c in combo),
+            "rank": sum(c[1] for c in combo), "total_per_gpu": p.total_per_gpu,
+            "node_cpu": p.node_cpu, "fits": True}
 
-    replan(cfg) plans a changed config on base's GPU memory and ranks (without advice)."""
-    out: list[dict[str, Any]] = []
-    tried: list[tuple[str, str, Any]] = []
-    for name, cost, fn in candidates(base.cfg):
-        p = _try(replan, fn(base.cfg))
-        if p is None:
+
+def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
+    """Changes and combinations (up to three) that make `base` (a Plan that does not fit) fit,
+    cheapest first: tried in order of cost, at most MAX_PLANS plans; a combination containing
+    one that already fits is skipped.
+
+    replan(cfg) plans a changed config on base's GPU and node memory (without advice)."""
+    changes = list(candidates(base.cfg))
+    combos = [c for k in (1, 2, 3) for c in itertools.combinations(changes, k)]
+    combos.sort(key=lambda combo: (sum(c[1] for c in combo), len(combo)))
+    found: list[tuple[frozenset[str], dict[str, Any]]] = []
+    tried = 0
+    for combo in combos:
+        names = frozenset(c[0] for c in combo)
+        if len(found) >= MAX_SHOWN or tried >= MAX_PLANS:
+            break
+        groups = [GROUPS.get(c[0].split(":")[0]) for c in combo]
+        if any(f <= names for f, _ in found) or len({g for g in groups if g}) < len([g for g in groups if g]):
             continue
-        tried.append((name, cost, fn))
-        if p.fits:
-            out.append({"change": name, "cost": cost, "total_per_gpu": p.total_per_gpu,
-                        "fits": True})
-    if out:
-        return out
-    cfg, names = base.cfg, []
-    for name, cost, fn in tried:  # stack in order of cost until it fits
-        nxt = fn(cfg)
-        p = _try(replan, nxt)
-        if p is None:
-            continue
-        cfg = nxt
-        names.append(name)
-        if p.fits:
-            return [{"change": " + ".join(names), "cost": "combined", "total_per_gpu": p.total_per_gpu,
-                     "fits": True}]
-    return []
+        cfg = base.cfg
+        for c in combo:
+            cfg = c[3](cfg)
+        tried += 1
+        p = _try(replan, cfg)
+        if p is not None and p.fits:
+            found.append((names, _entry(combo, p)))
+    return [e for _, e in found]

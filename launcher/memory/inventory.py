@@ -141,8 +141,10 @@ def meta_model_for(cfg: RunConfig):
 
 
 def clear_meta_cache() -> None:
-    """Forget the cached meta-device models (the next plan reads config.json again)."""
+    """Forget the cached meta-device models and inventories (the next plan reads config.json
+    again)."""
     _meta_model_cached.cache_clear()
+    _INVENTORIES.clear()
 
 
 def _text_config(hf: Any) -> Any:
@@ -216,7 +218,27 @@ def quantized_modules(model: Any, cfg: RunConfig) -> set[str]:
 
 
 # ------------------------------------------------------------------ inventory
+_INVENTORIES: dict[tuple, "Inventory"] = {}
+
+
 def inventory(cfg: RunConfig) -> Inventory:
+    """`build_inventory(cfg)`, cached by config.json's content and the model, freeze and
+    quantization settings (a second plan of the same model, and the advice, reuse it)."""
+    try:
+        with open(os.path.join(cfg.model.path, "config.json"), "rb") as fh:
+            content = fh.read()
+    except OSError:
+        return build_inventory(cfg)
+    key = (os.path.abspath(cfg.model.path), content, repr(cfg.model), repr(cfg.freeze),
+           repr(cfg.quantization))
+    if key not in _INVENTORIES:
+        if len(_INVENTORIES) >= 64:
+            _INVENTORIES.clear()
+        _INVENTORIES[key] = build_inventory(cfg)
+    return _INVENTORIES[key]
+
+
+def build_inventory(cfg: RunConfig) -> Inventory:
     """Every parameter the run will hold, with its group, trainability and storage bytes.
 
     Raises ConfigError (naming the key) for freeze patterns or LoRA targets matching nothing,

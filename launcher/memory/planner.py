@@ -9,9 +9,13 @@ from typing import Any, Callable
 
 from launcher import ds_config, runfile
 from launcher.config import RunConfig
+from launcher.errors import ConfigError, Problem
 from launcher.memory.activations import activations, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
+from launcher.memory.kernels import resolved as resolved_kernel
+from launcher.memory.node import node_memory as node_memory_of
+from launcher.memory.node import node_peak, node_terms
 from launcher.memory.render import render
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
@@ -43,10 +47,24 @@ class Plan:
     states: States | None = None     # model states on one rank, before offload
     advice: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    node_memory: int | None = None   # CPU memory of one node, None where not known
+    node_memory_source: str = "unknown"
+    node_phase: str = "training"     # the node's worst phase: loading or training
+
+    @property
+    def fits_gpu(self) -> bool:
+        """Per rank: a GPU's memory (CPU ranks are judged with their node)."""
+        return self.device == "cpu" or self.total_per_gpu <= self.gpu_memory
+
+    @property
+    def fits_node(self) -> bool | None:
+        """Per node: None where the node's memory is not known."""
+        return None if self.node_memory is None else self.node_cpu <= self.node_memory
 
     @property
     def fits(self) -> bool:
-        return self.total_per_gpu <= self.gpu_memory
+        """Fits per GPU and per node (a node of unknown memory is not held against it)."""
+        return self.fits_gpu and self.fits_node is not False
 
     @property
     def headroom(self) -> int:
@@ -73,7 +91,10 @@ class Plan:
             "peak_allocated": self.peak_allocated, "peak_at": self.worst_moment, "total_per_gpu": self.total_per_gpu,
             "total_per_gpu_low": self.total_low,
             "headroom": self.headroom, "fits": self.fits,
+            "fits_gpu": self.fits_gpu, "fits_node": self.fits_node,
             "per_node": [t.to_dict() for t in self.node_terms], "node_cpu": self.node_cpu,
+            "node_phase": self.node_phase, "node_memory": self.node_memory,
+            "node_memory_source": self.node_memory_source,
             "advice": self.advice, "notes": self.notes,
         }
 
@@ -96,12 +117,15 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
 
 
 def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | None = None,
-         advise: bool = True, ds: dict[str, Any] | None = None, kernels: int | None = None) -> Plan:
+         advise: bool = True, ds: dict[str, Any] | None = None, kernels: int | None = None,
+         node_memory: str | int | None = None, local: bool | None = None) -> Plan:
     """The memory plan of cfg on world_size ranks (default: the cluster's nodes x GPUs).
 
     ds: the DeepSpeed config the ranks will use (default: `ds_config.build(cfg, ...)`).
     kernels: CPU ranks only, the oneDNN kernel bytes measured on the machine that will run
-    (`launcher.memory.probe.measure`); None plans them as the stated range, at its upper end."""
+    (`launcher.memory.probe.measure`); None plans them as the stated range, at its upper end.
+    node_memory: one node's CPU memory (else cluster.mem, else this host's where local: default
+    for train.device cpu)."""
     world = world_size or cfg.world_size
     device = "cpu" if cfg.train.device == "cpu" else "cuda"
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
@@ -110,12 +134,19 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     worst, peak = _peak(terms)
     terms += _overhead_terms(cfg, device, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
-    node = _node_terms(r)
+    node = node_terms(r, total)
+    phase, node_cpu = node_peak(node)
+    local = device == "cpu" if local is None else local
+    nmem, nmem_src = node_memory_of(cfg, node_memory, local)
     result = Plan(cfg, r.inv, world, device, mem, mem_src, terms, worst, peak, total, node,
-                  sum(t.bytes for t in node), states=r.st, notes=_notes(r))
+                  node_cpu, states=r.st, notes=_notes(r), node_memory=nmem,
+                  node_memory_source=nmem_src, node_phase=phase)
     if advise and not result.fits:
         result.advice = changes_that_fit(
-            result, lambda changed: plan(changed, mem, world, advise=False, kernels=kernels))
+            result, lambda changed: plan(
+                changed, mem, world if changed.cluster.nodes == cfg.cluster.nodes
+                else changed.world_size, advise=False, kernels=kernels, node_memory=nmem,
+                local=False))
     return result
 
 
@@ -166,7 +197,7 @@ def _model_state_terms(r: _Setting) -> list[Term]:
     w_on_gpu = st.weights if not off_par else inv.buffer_bytes
     add("weights", "weights", w_on_gpu, "static",
         st.weights_f if not off_par else "offload_param: partitions on CPU, gathered below", DS_SRC)
-    grads_gpu = st.grads if not (off_opt and stage in (1, 2)) else 0
+    grads_gpu = st.grads if not (off_opt and stage == 2) else 0
     add("gradients", "gradients", grads_gpu, "static" if stage == 3 else "bwd step",
         (st.grads_f if grads_gpu or not st.grads else "offload_optimizer: reduced into CPU fp32 slices")
         + (" (allocated at initialize)" if stage == 3 else " (from the backward to the step)"),
@@ -221,7 +252,7 @@ def _activation_terms(r: _Setting) -> list[Term]:
     """What autograd keeps from the forward, and the backward's worst temporaries."""
     cfg, inv = r.cfg, r.inv
     s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
-    attn = cfg.model.attn_implementation or "sdpa"
+    attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
         if inv.shape.known else (None, None)
@@ -305,27 +336,6 @@ def _notes(r: _Setting) -> list[str]:
     return notes
 
 
-def _node_terms(r: _Setting) -> list[Term]:
-    """CPU memory of one node: offloaded states of its ranks, and the weights they load."""
-    cfg, inv, st, device = r.cfg, r.inv, r.st, r.device
-    per_node = max(1, min(cfg.cluster.gpus_per_node, r.world))
-    out: list[Term] = []
-    if cfg.deepspeed.offload_optimizer != "none":
-        n = st.masters + st.optim + 4 * st.opt_elems
-        out.append(Term("offload", "offloaded optimizer (masters, state, fp32 grads)", n * per_node,
-                        "node", f"{per_node} ranks x (masters + state + 4 B fp32 grad) per rank", DS_SRC))
-    if cfg.deepspeed.offload_param != "none":
-        out.append(Term("offload_param", "offloaded parameters", st.weights * per_node, "node",
-                        f"{per_node} ranks x this rank's parameter partitions", DS_SRC))
-    load = inv.total * inv.lp_bytes if cfg.quantization.mode == "none" else inv.weight_bytes
-    if device == "cuda":
-        out.append(Term("loading", "from_pretrained (each rank loads a full copy on CPU)",
-                        load * per_node, "node",
-                        f"{per_node} ranks x P x lp (the weights pass through CPU memory once)",
-                        "transformers from_pretrained"))
-    return out
-
-
 def _cpu_runtime_terms(cfg: RunConfig, kernels: int | None) -> list[Term]:
     """A CPU rank's DeepSpeed/gloo bookkeeping (a constant) and its oneDNN kernels: measured on
     this machine where given, else the processor-dependent range counted at its upper end."""
@@ -353,6 +363,18 @@ def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
     return render(plan(cfg, gpu_memory, world_size, kernels=kernels))
 
 
+def checked_text(p: Plan, force: bool = False) -> str:
+    """The plan's text; a ConfigError carrying it when the plan does not fit and force is off."""
+    text = render(p)
+    if not p.fits and not force:
+        where = " and ".join(w for w, ok in (("per GPU", p.fits_gpu), ("per node", p.fits_node))
+                             if ok is False)
+        raise ConfigError([Problem("cluster", f"the memory plan does not fit {where}:\n" + text,
+                                   "change what the plan suggests, or pass --force to run anyway")],
+                          "memory plan")
+    return text
+
+
 def main(args: Any) -> int:
     """`ftlaunch plan`: 0 fits, 1 does not (a ConfigError is the caller's: exit 2)."""
     cfg = runfile.load(args.run_file, args.overrides)
@@ -360,7 +382,8 @@ def main(args: Any) -> int:
     if getattr(args, "probe", False) and cfg.train.device == "cpu":
         from launcher.memory.probe import measure
         kernels = measure(cfg)
-    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels)
+    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
+             node_memory=getattr(args, "node_memory", None))
     if getattr(args, "json", False):
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:

@@ -65,19 +65,43 @@ def _per_rank(p: Any, explain: bool) -> list[str]:
               *([("  (range: a term is not measured)", gib(p.total_low),
                   f"to {gib(p.total_per_gpu)}; the verdict counts the upper end")]
                 if p.total_low != p.total_per_gpu else []),
-              ("headroom", gib(p.headroom), f"of {gib(p.gpu_memory)} ({p.gpu_memory_source})")]
+              *([("headroom", gib(p.headroom), f"of {gib(p.gpu_memory)} ({p.gpu_memory_source})")]
+                if p.device == "cuda" else [])]
     return table(items, right=(1,))
 
 
 def _per_node(p: Any, explain: bool) -> list[str]:
     if not p.node_terms:
         return []
-    items: list[Union[Row, str]] = []
+    items: list[Union[Row, str]] = [("", "bytes", "while")]
     for t in p.node_terms:
-        items.append((t.label, gib(t.bytes)))
+        items.append((t.label, gib(t.bytes), " and ".join(
+            {"load": "loading", "train": "training"}[x] for x in t.phase.split())))
         if explain:
             items.append(_explain(t))
-    return ["per node (CPU memory):"] + table(items, right=(1,))
+    items.append((f"node peak ({p.node_phase})", gib(p.node_cpu)))
+    if p.node_memory is not None:
+        items.append(("headroom", gib(p.node_memory - p.node_cpu),
+                      f"of {gib(p.node_memory)} ({p.node_memory_source})"))
+    ranks = max(1, min(p.cfg.cluster.gpus_per_node, p.world_size))
+    return [f"per node (CPU memory, {ranks} rank{'s' if ranks > 1 else ''}):"] + table(items, right=(1,))
+
+
+def _verdict(p: Any) -> list[str]:
+    unit = "GPU" if p.device == "cuda" else "CPU rank"
+    lines = []
+    if p.device == "cuda":
+        lines.append(f"verdict per GPU: {'fits' if p.fits_gpu else 'does NOT fit'} in "
+                     f"{gib(p.gpu_memory)} per {unit}")
+    if p.node_memory is None:
+        lines.append(f"verdict per node: node memory unknown: set cluster.mem or pass "
+                     f"--node-memory; this plan needs {gib(p.node_cpu)} of CPU memory per node")
+    else:
+        lines.append(f"verdict per node: {'fits' if p.fits_node else 'does NOT fit'}: needs "
+                     f"{gib(p.node_cpu)} ({p.node_phase}) of {gib(p.node_memory)} "
+                     f"({p.node_memory_source})")
+    lines.append(f"verdict: {'fits' if p.fits else 'does NOT fit'}")
+    return lines
 
 
 def render(p: Any, explain: bool = False) -> str:
@@ -100,13 +124,12 @@ def render(p: Any, explain: bool = False) -> str:
     lines += _per_rank(p, explain) + _per_node(p, explain)
     for n in p.notes:
         lines.append(f"note: {n}")
-    verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"verdict: {verdict} in {gib(p.gpu_memory)} per {unit}")
+    lines += _verdict(p)
     if not p.fits:
         if p.advice:
-            lines.append("cheapest changes that fit (least slowdown first):")
-            lines += table([(a["change"], gib(a["total_per_gpu"]), f"({a['cost']})")
-                            for a in p.advice], right=(1,))
+            lines.append("changes that fit, cheapest first (per GPU, per node, what it costs):")
+            lines += table([(a["change"], gib(a["total_per_gpu"]), gib(a["node_cpu"]),
+                             f"({a['cost']})") for a in p.advice], right=(1, 2))
         else:
-            lines.append("no single change or combination tried fits: more GPUs, or a smaller model")
+            lines.append("no change or combination tried fits: more GPUs, more node memory, or a smaller model")
     return "\n".join(lines) + "\n"

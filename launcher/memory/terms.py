@@ -11,7 +11,8 @@ live engines in tests/test_memory_engine.py):
 | | weights | gradients | fp32 masters | Adam state |
 |---|---|---|---|---|
 | ZeRO-0 | all, lp | T x lp (`param.grad`) | T x 4 (none in fp32) | T x 8 |
-| ZeRO-1/2 | all, lp | lp x elements of the params overlapping this rank's slice of the flat group | 4 x slice | 8 x slice |
+| ZeRO-1 | all, lp | T x lp (full, until the step) | 4 x slice | 8 x slice |
+| ZeRO-2 | all, lp | lp x elements of the params overlapping this rank's slice of the flat group | 4 x slice | 8 x slice |
 | ZeRO-3 | lp x ceil(numel/N) per param + full copies of persistent params | lp x sum ceil(numel/N) trainable | 4 x same | 8 x same |
 
 Activations live in launcher/memory/activations.py.
@@ -131,8 +132,12 @@ def states(inv: Inventory, stage: int, world: int, zero: dict[str, Any], optimiz
         weights, wf = W, "all parameters (lp, quantized as stored) + buffers"
         parts = [flat_partition(g, world) for g in groups]
         slice_n = sum(p[0] for p in parts)
-        grads = lp * sum(p[1] for p in parts)
-        gf = "lp x elements of the params overlapping this rank's 1/N slice (DeepSpeed keeps them whole)"
+        if stage == 1:
+            # ZeRO-1 does not partition gradients: every param.grad is whole until the step
+            grads, gf = T * lp, "T x lp (ZeRO-1 keeps every parameter's full gradient until the step)"
+        else:
+            grads = lp * sum(p[1] for p in parts)
+            gf = "lp x elements of the params overlapping this rank's 1/N slice (DeepSpeed keeps them whole)"
         masters = 4 * slice_n
         opt_numels = [p[0] for p in parts]
     else:
