@@ -106,6 +106,8 @@ CASES = [
      r"merging needs LoRA adapters"),
     ("_model_folder", "model: {path: nowhere}", [], "model.path", r"no such folder: .*nowhere"),
     ("_model_folder", "model: {path: empty_model}", [], "model.path", r"has no readable config.json"),
+    ("_attn_kernel", "model: {path: gemma2, attn_implementation: sdpa}", [],
+     "model.attn_implementation", r"gemma2 models do not support sdpa in the installed transformers"),
     ("_seq_len", "data: {path: train.jsonl, max_seq_len: 1024}", [], "data.max_seq_len",
      r"1024 exceeds the model's 512 positions"),
     ("_layer_count", "model: {path: two_layers}\nfreeze: {policy: last_layers, trainable_layers: -3}",
@@ -132,6 +134,9 @@ CASES = [
 def folder(tmp_path, fake_model, monkeypatch):
     """tmp_path with model/ (512 positions), two_layers/, empty_model/ and train.jsonl."""
     (tmp_path / "empty_model").mkdir()
+    (tmp_path / "gemma2").mkdir()
+    (tmp_path / "gemma2" / "config.json").write_text(json.dumps(
+        {"model_type": "gemma2", "num_hidden_layers": 2, "max_position_embeddings": 512}))
     (tmp_path / "two_layers").mkdir()
     (tmp_path / "two_layers" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "num_hidden_layers": 2, "max_position_embeddings": 128}))
