@@ -1,6 +1,7 @@
 """Preset from ds_configs/ + run config -> the complete DeepSpeed config: no "auto" left.
 
-Three layers, later wins: the preset (tuning knobs only), the keys the launcher fills from the
+Three layers, later wins: the preset (tuning knobs only; or the user's own JSON file,
+`deepspeed.config_file`, "auto" resolved as the HF Trainer does: launcher/ds_file.py), the keys the launcher fills from the
 run file (FILLED below: the table from run-file fields to DeepSpeed keys), then the user's
 `deepspeed.overrides`. Overrides are checked here, on the login node, against tables of the
 keys DeepSpeed 0.19 reads (TOP_KEYS, ZERO_KEYS, ...; tests/test_ds_config.py keeps them equal
@@ -20,6 +21,7 @@ import os
 import re
 from typing import Any, Iterator
 
+from launcher import epochs
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem, did_you_mean
 from launcher.batch import batch_problem, batch_sizes
@@ -269,18 +271,19 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
     else:
         # bitsandbytes' 8-bit optimizer is built by the ranks and passed to deepspeed.initialize
         out["zero_allow_untested_optimizer"] = True
-    warm = max(1, t.warmup_steps)
+    steps, _ = epochs.planned_steps(cfg, world_size)
+    warm = max(1, epochs.warmup_steps(cfg, steps))
     if t.scheduler == "constant":
         out["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": warm,
             "warmup_type": "linear"}}
     elif t.scheduler == "linear":
         out["scheduler"] = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
+            "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": t.lr,
             "warmup_num_steps": warm, "warmup_type": "linear"}}
     else:
         out["scheduler"] = {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": t.max_steps, "warmup_min_ratio": 0.0, "warmup_num_steps": warm,
+            "total_num_steps": steps, "warmup_min_ratio": 0.0, "warmup_num_steps": warm,
             "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}}
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer != "none":
@@ -317,12 +320,13 @@ def find_auto(tree: Any, prefix: str = "") -> Iterator[str]:
 
 
 # ------------------------------------------------------------------ checking overrides
-def _key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
+def _key_problems(tree: dict[str, Any], section: str,
+                  root: str = "deepspeed.overrides") -> Iterator[Problem]:
     table = SECTIONS[section]
     names: dict[str, str] = {}  # canonical name -> the key written
     for k, v in tree.items():
         dotted = f"{section}.{k}" if section else str(k)
-        key = f"deepspeed.overrides.{dotted}"
+        key = f"{root}.{dotted}"
         spec = table.get(k)
         if not isinstance(k, str) or spec is None:
             if section == "" and k in REMOVED_TOP:
@@ -356,7 +360,7 @@ def _key_problems(tree: dict[str, Any], section: str) -> Iterator[Problem]:
             if not isinstance(v, dict):
                 yield Problem(key, f"expected a mapping, got {v!r}", f"write {canonical}: {{key: value}}")
             else:
-                yield from _key_problems(v, sub)
+                yield from _key_problems(v, sub, root)
         elif not (isinstance(v, str) and v.strip().lower() == "auto"):  # "auto": reported already
             msg = check_value(spec, v)
             if msg:
@@ -449,7 +453,12 @@ def build(cfg: RunConfig, world_size: int | None = None, device: str | None = No
     if bad is not None:
         raise ConfigError([bad], "ds-config")
     decided = filled(cfg, world_size, device)
-    out = merge(merge(load_preset(preset_name(cfg)), decided), normalise(cfg.deepspeed.overrides))
+    if cfg.deepspeed.config_file:  # the user's JSON, "auto" resolved, in place of a preset
+        from launcher import ds_file
+        start = ds_file.base(cfg, world_size)
+    else:
+        start = load_preset(preset_name(cfg))
+    out = merge(merge(start, decided), normalise(cfg.deepspeed.overrides))
     out = _ordered(out, list(decided))  # the decided keys first, for a reader of the JSON
     if isinstance(out.get("zero_optimization"), dict):
         out["zero_optimization"] = _ordered(out["zero_optimization"], ["stage"])

@@ -30,6 +30,8 @@ def load_tokenizer(cfg: RunConfig) -> Any:
         raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
                                    f"cannot load a tokenizer from {path}: {exc}",
                                    "point model.tokenizer at a folder saved with save_pretrained")])
+    from launcher import tokens
+    tokens.apply_to_tokenizer(tok, cfg)  # model.pad_token / special_tokens / add_tokens
     if tok.pad_token is None and tok.eos_token is not None:
         log.warning("the tokenizer has no pad token; using its EOS token "
                     f"{tok.eos_token!r} (padding is masked out of attention and loss)")
