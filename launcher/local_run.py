@@ -141,11 +141,12 @@ def main(args: Any) -> int:
     device, nproc = local_ranks(base, args.nproc)
     extra = local_overrides(base, device, nproc)
     if args.max_steps is not None:
-        extra.append(f"train.max_steps={args.max_steps}")
+        extra += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
     tmp = None
     if args.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
-        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.warmup_steps=0",
+        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
+                  "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra)
@@ -154,7 +155,10 @@ def main(args: Any) -> int:
         if plan:
             print(plan, end="", flush=True)
         from launcher.inputs import check_data  # the ranks' own reader, imported for this alone
-        check_data(cfg)
+        splits = check_data(cfg)
+        if cfg.train.epochs is not None:  # the steps an epoch run will take, counted exactly
+            from launcher.epochs import describe
+            print(describe(cfg, len(splits.train), nproc), flush=True)
         ds = ds_config.build(cfg, nproc, device)
         run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
                                  else rundir.on_existing(args))
