@@ -220,7 +220,7 @@ def resolve(cfg: RunConfig, world: Optional[int] = None,
         problems.append(Problem(f"{KEY}.{k}", f'{path}: "auto" here is not resolved by the HF '
                                 "Trainer's rules (DeepSpeed would drop it silently)",
                                 "give a concrete value"))
-    problems += [Problem(p.key, f"{path}: {p.message}", p.fix)
+    problems += [Problem(p.key, f"{path}: {p.key[len(KEY) + 1:]}: {p.message}", p.fix)
                  for p in _key_problems(base, "", root=KEY)]
     return normalise(base), problems
 
