@@ -413,6 +413,12 @@ def _tokens(cfg: RunConfig) -> Iterator[Problem]:
                 yield Problem(f"{key}[{i}]", "an empty or blank token", "remove it")
             elif values.index(tok) != i:
                 yield Problem(f"{key}[{i}]", f"{tok!r} is listed twice", "remove the repeat")
+    f = cfg.freeze
+    missing = [g for g in ("embeddings", "lm_head") if g not in f.also_train]
+    if (m.special_tokens or m.add_tokens) and f.policy == "lora" and missing:
+        yield Problem("freeze.also_train", "new tokens need their embedding rows trained, and LoRA "
+                      "freezes the embeddings and the output head",
+                      f"add {', '.join(missing)} to freeze.also_train (saved with the adapter)")
     if m.pad_token is not None and not m.pad_token.strip():
         yield Problem("model.pad_token", "an empty pad token", "give a token, or null for the "
                       "tokenizer's own (else EOS)")

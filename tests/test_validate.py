@@ -135,6 +135,8 @@ CASES = [
      "model.special_tokens[1]", r"an empty or blank token"),
     ("_tokens", "model: {path: model, add_tokens: [x, x]}", [], "model.add_tokens[1]",
      r"'x' is listed twice"),
+    ("_tokens", LORA + "model: {path: model, add_tokens: [x]}", [], "freeze.also_train",
+     r"new tokens need their embedding rows trained, and LoRA freezes the embeddings"),
     ("_names_in_weights", "model: {path: weights}\nfreeze: {policy: patterns, train: "
      "[block_sparse_moe.experts]}", [], "freeze.train[0]",
      r"pattern 'block_sparse_moe.experts' matches no parameter of the model's weights"),
