@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")
     _add_run(p)
+
+    p = sub.add_parser("convert", help="a run file from an Axolotl or LLaMA-Factory config, with "
+                       "a report of every setting carried, approximated or dropped")
+    p.add_argument("config", metavar="CONFIG", help="the peer's YAML config")
+    p.add_argument("--from", dest="peer", choices=("axolotl", "llamafactory"),
+                   help="whose config it is (default: detected from its keys)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN.yaml", help="the run file to write")
     return ap
 
 
@@ -141,5 +148,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from launcher.convert import main as convert_main
+    return convert_main(args)
+
+
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
-            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train}
+            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train, "convert": cmd_convert}
