@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preflight", help="check the nodes before training (the job script runs it, one task per node)")
     p.add_argument("run_file", metavar="RUN_DIR/resolved.yaml", help="the run directory's resolved.yaml")
     p.add_argument("--bad-nodes", metavar="FILE", help="node 0 writes a line per failed node here")
+    p = sub.add_parser("convert", help="a run file from an Axolotl or LLaMA-Factory config, with "
+                       "a report of every setting carried, approximated or dropped")
+    p.add_argument("config", metavar="CONFIG", help="the peer's YAML config")
+    p.add_argument("--from", dest="peer", choices=("axolotl", "llamafactory"),
+                   help="whose config it is (default: detected from its keys)")
+    p.add_argument("-o", "--output", required=True, metavar="RUN.yaml", help="the run file to write")
     return ap
 
 
@@ -147,10 +153,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train_main(args)
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from launcher.convert import main as convert_main
+    return convert_main(args)
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from launcher.preflight import main as preflight_main
     return preflight_main(args)
 
 
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
-            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train, "preflight": cmd_preflight}
+            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train, "preflight": cmd_preflight,
+            "convert": cmd_convert}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 from launcher.sizes import parse_size
 
@@ -63,6 +63,12 @@ class ModelConfig:
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = opt(
         None, "Attention kernel passed to `from_pretrained`; null: the library's default.")
     trust_remote_code: bool = opt(False, "Allow model code shipped in the model folder.")
+    pad_token: Optional[str] = opt(None, "Pad token (added as a special token if the tokenizer "
+                                   "lacks it); null: the tokenizer's, else its EOS.")
+    special_tokens: list[str] = opt([], "Tokens added as special tokens (never split, e.g. "
+                                    "<|im_start|>); new ones get new embedding rows that train.")
+    add_tokens: list[str] = opt([], "Ordinary tokens added to the vocabulary; new ones get new "
+                                "embedding rows that train (whatever the freeze policy).")
 
 
 @dataclass(frozen=True)
@@ -119,12 +125,32 @@ class DataConfig:
     eval_fraction: float = opt(0.0, "Hold out this fraction of the training data for evaluation.",
                                ge=0, lt=1)
     shuffle: bool = opt(True, "Shuffle training examples each epoch (seeded).")
+    max_samples: Optional[int] = opt(None, "Use only the first N usable rows of data.path (before "
+                                     "the eval split); null: all.", ge=1)
+    num_workers: int = opt(0, "Worker processes that collate micro batches ahead of the step "
+                           "(torch DataLoader workers); 0: in the training process.", ge=0, le=64)
+    preprocessing_workers: Optional[int] = opt(None, "Processes that tokenize the data; null: one "
+                                               "(the fast tokenizer's own threads).", ge=1, le=256)
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    nan: bool = opt(True, "Stop when the loss is NaN or infinite (before that step is applied).")
+    max_loss: Optional[float] = opt(None, "Stop when the loss stays above this for `patience` "
+                                    "steps in a row; null: no threshold.", gt=0)
+    patience: int = opt(3, "max_loss: consecutive steps above it that stop the run.", ge=1)
+
+
+Every = Union[int, Literal["epoch"]]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = opt(REQUIRED, "Optimizer steps to train; the data repeats (reshuffled) "
-                         "as often as needed.", ge=1)
+    max_steps: Optional[int] = opt(None, "Optimizer steps to train; the data repeats (reshuffled) "
+                                   "as often as needed. Give this or epochs.", ge=1)
+    epochs: Optional[float] = opt(None, "Passes over the training data instead of max_steps: the "
+                                  "steps are counted from the tokenized (packed) data and the "
+                                  "global batch when the ranks start, and printed.", gt=0, le=10000)
     micro_batch_size: int = opt(1, "Sequences per rank per forward pass.", ge=1)
     grad_accum: Optional[int] = opt(None, "Micro batches per optimizer step; null: derived from "
                                     "global_batch_size, else 1.", ge=1)
@@ -138,6 +164,8 @@ class TrainConfig:
     warmup_steps: int = opt(0, "Linear warmup steps. DeepSpeed's schedulers run the first 2 steps "
                             "at lr 0 and reach lr at step max(2, warmup_steps) + 2 (docs/config.md).",
                             ge=0)
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total steps (ceil(ratio x steps), "
+                              "as the HF Trainer); exclusive with warmup_steps.", ge=0, lt=1)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
         "adamw", "adamw (DeepSpeed's), or bitsandbytes' 8-bit AdamW (paged: GPU only).")
     weight_decay: float = opt(0.0, "Decoupled weight decay.", ge=0)
@@ -147,14 +175,19 @@ class TrainConfig:
     seed: int = opt(1234, "Seed for weights of new modules, data order and dropout.", ge=0)
     device: Literal["auto", "cuda", "cpu"] = opt("auto", "auto: GPUs where present, else CPU ranks.")
     log_every: int = opt(1, "Steps between metric lines.", ge=1)
-    eval_every: int = opt(0, "Steps between evaluations; 0: only at the end (if there is eval data).",
-                          ge=0)
-    checkpoint_every: int = opt(0, "Steps between checkpoints; 0: only at the end.", ge=0)
+    eval_every: Every = opt(0, "Steps between evaluations, or epoch (at the end of every pass "
+                            "over the data); 0: only at the end (if there is eval data).", ge=0)
+    checkpoint_every: Every = opt(0, "Steps between checkpoints, or epoch; 0: only at the end.",
+                                  ge=0)
     keep_checkpoints: int = opt(2, "Complete checkpoints kept; older ones are deleted.", ge=1)
     resume: Literal["auto", "never"] = opt("auto", "auto: continue from the newest complete "
                                            "checkpoint in the run directory.")
     dist_timeout_s: int = opt(600, "Collective timeout: a dead rank ends the job within this.",
                               ge=10, le=86400)
+    tf32: bool = opt(False, "GPUs: fp32 matmuls and convolutions in TF32 (Ampere and newer); "
+                     "ignored on CPU ranks.")
+    watchdog: WatchdogConfig = opt(WatchdogConfig(), "Loss watchdog: stops the run at a step "
+                                   "boundary with a checkpoint and exit code 76 (never requeued).")
 
 
 @dataclass(frozen=True)
@@ -166,6 +199,9 @@ class DeepSpeedSection:
     nvme_path: Optional[str] = opt(None, "Local NVMe folder for nvme offload.", path=True)
     preset: Optional[str] = opt(None, "Preset in ds_configs/ (file name without .json); null: "
                                 "chosen from zero_stage and offload.")
+    config_file: Optional[str] = opt(None, "Your DeepSpeed JSON as the base instead of a preset: "
+                                     "\"auto\" values resolved as the HF Trainer does, values that "
+                                     "contradict the run file and unknown keys refused.", path=True)
     overrides: dict[str, Any] = opt({}, "DeepSpeed JSON merged last, e.g. {zero_optimization: "
                                     "{reduce_bucket_size: 5.0e+8}}; checked against the keys "
                                     "the launcher fills.")

@@ -353,3 +353,53 @@ def apply(model: Any, cfg: RunConfig, *, quantized: AbstractSet[str] | None = No
         p.requires_grad_(n in chosen)
     return model, report(model, f.policy, quantized=quantized)
 
+
+
+# ------------------------------------------------------------------ login-node name check
+def closest_names(pattern: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """The parameter names most like a pattern that matched nothing, block indices written N
+    (model.layers.N.mlp.experts.gate_up_proj), for the fix of a problem."""
+    import difflib
+    generic = sorted({re.sub(r"\.\d+(?=\.)", ".N", x) for x in names})
+    plain = re.sub(r"[\\^$()\[\]*+?{}|]", "", pattern).replace(".N", "")
+    close = difflib.get_close_matches(plain, generic, n=n, cutoff=0.3)
+    if len(close) < n:  # the pattern's words inside long names
+        words = [w for w in re.split(r"[^A-Za-z0-9_]+", plain) if len(w) > 2 and not w.isdigit()]
+        scored = sorted(generic, key=lambda g: -sum(difflib.SequenceMatcher(
+            None, w, part).ratio() for w in words for part in g.split(".")[-3:]))
+        close += [g for g in scored if g not in close][: n - len(close)]
+    return close
+
+
+def name_problems(names: Sequence[str], freeze: FreezeConfig) -> list[Problem]:
+    """What of freeze.train / freeze.freeze / also_train / lora.target_modules matches none
+    of `names` (parameter names, e.g. read from the safetensors headers on the login node),
+    each with the closest real names. Invalid regexes are left to the regex rule."""
+    from launcher.lora import ALL_LINEAR, _matches
+    problems: list[Problem] = []
+    layers = find_layers(names)
+    lists = [("freeze.train", freeze.train), ("freeze.freeze", freeze.freeze)] \
+        if freeze.policy == "patterns" else []
+    for key, pats in lists:
+        for i, pat in enumerate(pats):
+            try:
+                hit = any(re.search(pat, x) for x in names)
+            except re.error:
+                continue
+            if not hit:
+                problems.append(Problem(f"{key}[{i}]", f"pattern {pat!r} matches no parameter of "
+                                        "the model's weights", "closest names: " +
+                                        ", ".join(closest_names(pat, names))))
+    if freeze.policy != "full":
+        for g in freeze.also_train:
+            if not any(_also_train_hit(x, [g], layers) for x in names):
+                problems.append(Problem("freeze.also_train", f"group {g!r} matches no parameter "
+                                        "of the model's weights", f"remove {g!r} from also_train"))
+    if freeze.policy == "lora":
+        modules = sorted({x.rsplit(".", 1)[0] for x in names if x.endswith(".weight")})
+        for i, t in enumerate(freeze.lora.target_modules):
+            if t != ALL_LINEAR and not any(_matches(t, m) for m in modules):
+                problems.append(Problem(f"freeze.lora.target_modules[{i}]", f"{t!r} matches no "
+                                        "module of the model's weights", "closest modules: " +
+                                        ", ".join(closest_names(t, modules))))
+    return problems

@@ -31,6 +31,8 @@ def load_tokenizer(cfg: RunConfig) -> Any:
         raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
                                    f"cannot load a tokenizer from {path}: {exc}",
                                    "point model.tokenizer at a folder saved with save_pretrained")])
+    from launcher import tokens
+    tokens.apply_to_tokenizer(tok, cfg)  # model.pad_token / special_tokens / add_tokens
     if tok.pad_token is None and tok.eos_token is not None:
         log.warning("the tokenizer has no pad token; using its EOS token "
                     f"{tok.eos_token!r} (padding is masked out of attention and loss)")
@@ -60,7 +62,11 @@ def main(argv: list[str]) -> int:
 
     from launcher.runfile import load
     try:
-        check_data(load(argv[0], argv[1:]))
+        cfg = load(argv[0], argv[1:])
+        splits = check_data(cfg)
+        if cfg.train.epochs is not None:  # the steps an epoch run will take, counted exactly
+            from launcher.epochs import describe
+            print(describe(cfg, len(splits.train), cfg.world_size), flush=True)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr, flush=True)
         return layout.EXIT_CONFIG

@@ -15,4 +15,6 @@ EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpo
 EXIT_OK = 0
 EXIT_CONFIG = 2                   # bad run file / bad input, nothing ran
 EXIT_STOPPED = 75                 # stopped on request (signal or STOP file) after a checkpoint: resumable
+EXIT_DIVERGED = 76                # the loss watchdog stopped the run (NaN/Inf or too high a loss) after a
+                                  # checkpoint of the last good step; the Slurm job never requeues it
 EXIT_PREFLIGHT = 78                # the job stopped: the preflight refused its nodes, no restarts left

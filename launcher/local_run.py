@@ -148,11 +148,12 @@ def main(args: Any) -> int:
     device, nproc = local_ranks(base, args.nproc)
     extra = local_overrides(base, device, nproc)
     if args.max_steps is not None:
-        extra.append(f"train.max_steps={args.max_steps}")
+        extra += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
     tmp = None
     if args.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
-        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.warmup_steps=0",
+        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
+                  "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra)

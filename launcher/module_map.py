@@ -14,7 +14,7 @@ import sys
 
 RANK_HALF = {
     "launcher.train", "launcher.preflight", "launcher.checkpoint", "launcher.export",
-    "launcher.faults", "launcher.engine_stats", "launcher.inputs",
+    "launcher.faults", "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
     "launcher.data", "launcher.data.reading", "launcher.data.tokenize", "launcher.data.batching",
 }
 # (login-half module, heavy library or rank-half module): imported inside a function only, and why.

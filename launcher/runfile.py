@@ -42,7 +42,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) if isinstance(a, str) else str(a) for a in typing.get_args(tp))
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _type_name(args[0]) + " or null"
+        nullable = len(args) < len(typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args) + (" or null" if nullable else "")
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
@@ -66,8 +67,21 @@ def _convert(node: Any, tp: Any, key: str, ctx: Context) -> Any:
     if origin is typing.Union:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if isinstance(node, Scalar) and node.value is None:
-            return None
-        return _convert(node, args[0], key, ctx)
+            if len(args) < len(typing.get_args(tp)):
+                return None
+            raise BadValue(f"expected {_type_name(tp)}, got null", f"use {_type_name(tp)}")
+        for arg in args[:-1]:  # the first type that takes the value (int before "epoch")
+            try:
+                return _convert(node, arg, key, ctx)
+            except BadValue:
+                pass
+        try:
+            return _convert(node, args[-1], key, ctx)
+        except BadValue:
+            if len(args) == 1:
+                raise
+            raise BadValue(f"expected {_type_name(tp)}, got {_describe(node)}",
+                       f"use {_type_name(tp)}") from None
     if origin is list:
         return _convert_list(node, tp, key, ctx)
     if origin is dict:

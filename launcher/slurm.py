@@ -170,6 +170,7 @@ def render(job: Job, template: str | None = None) -> str:
         "nodes": quote(job.nodes), "nproc_per_node": quote(job.nproc_per_node),
         "requeue": "1" if job.requeue else "0", "max_restarts": quote(job.max_restarts),
         "exit_stopped": quote(layout.EXIT_STOPPED),
+        "exit_diverged": quote(layout.EXIT_DIVERGED),
         "setup": "\n".join(quote(line, f"cluster.setup[{i}]") for i, line in enumerate(job.setup))
                  or "# (no setup lines)",
         "exports": "\n".join(export(k, v, f"cluster.env.{k}") for k, v in job.env) or "# (no variables)",

@@ -1,7 +1,7 @@
 """The one-screen summary `ftlaunch validate` prints for a valid run file."""
 from __future__ import annotations
 
-from launcher import ds_config
+from launcher import ds_config, epochs
 from launcher.config import RunConfig
 from launcher.batch import batch_sizes
 
@@ -32,9 +32,10 @@ def summary(cfg: RunConfig) -> str:
         ("ranks", f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {cfg.world_size}"),
         ("batch", f"{micro} micro x {accum} accum x {cfg.world_size} ranks = {global_batch} sequences"
                   f" = {global_batch * d.max_seq_len:,} tokens/step"),
-        ("schedule", f"{t.max_steps} steps, {t.optimizer} lr {t.lr:g}, {t.scheduler}, "
-                     f"warmup {t.warmup_steps}"),
-        ("deepspeed", f"ZeRO-{ds.zero_stage}, preset {ds_config.preset_name(cfg)}"
+        ("schedule", f"{_steps(cfg)}, {t.optimizer} lr {t.lr:g}, {t.scheduler}, "
+                     f"warmup {_warmup(cfg)}"),
+        ("deepspeed", f"ZeRO-{ds.zero_stage}, "
+                      f"{'config file ' + ds.config_file if ds.config_file else 'preset ' + ds_config.preset_name(cfg)}"
                       f"{', offload ' + ', '.join(offload) if offload else ''}"
                       f"{', overrides ' + ', '.join(ds.overrides) if ds.overrides else ''}"),
         ("slurm", ", ".join(x for x in (
@@ -44,3 +45,17 @@ def summary(cfg: RunConfig) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _steps(cfg: RunConfig) -> str:
+    steps, note = epochs.planned_steps(cfg)
+    if not note:
+        return f"{steps} steps"
+    return f"{cfg.train.epochs:g} epochs = about {steps} steps ({note})"
+
+
+def _warmup(cfg: RunConfig) -> str:
+    t = cfg.train
+    if not t.warmup_ratio:
+        return str(t.warmup_steps)
+    return f"{t.warmup_ratio:g} x steps = {epochs.warmup_steps(cfg, epochs.planned_steps(cfg)[0])}"

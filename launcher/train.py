@@ -45,7 +45,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import checkpoint, data, dist_env, export, faults, inputs, layout, run_state, rundir
+from launcher import (checkpoint, data, dist_env, epochs, export, faults, inputs, layout, run_state,
+                      rundir, tokens)
+from launcher.watchdog import Watchdog
 from launcher.batch import batch_sizes
 from launcher.config import RunConfig
 from launcher.device import resolve_device, torch_dtype
@@ -103,11 +105,20 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
         skip_cpu_shm_op()
     else:
         torch.cuda.set_device(env.local_rank)
+        set_tf32(cfg.train.tf32)
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                auto_mpi_discovery=False, verbose=False, timeout=timeout)
     inherit_timeout(timeout)
     return "cpu" if device == "cpu" else f"cuda:{env.local_rank}"
+
+
+def set_tf32(on: bool) -> None:
+    """train.tf32: fp32 matmuls and cuDNN convolutions in TF32 (or strict IEEE fp32)."""
+    import torch
+    precision = "tf32" if on else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def build_ds_config(cfg: RunConfig, env: RankEnv, device: str) -> dict:
@@ -143,17 +154,18 @@ def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
     return model, hf_ds
 
 
-def build_engine(cfg: RunConfig, model: Any, ds_config: dict) -> Any:
+def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None) -> Any:
     """deepspeed.initialize over the parameters that require grad now (call after the freeze
     policy). adamw: DeepSpeed builds the optimizer from ds_config; 8-bit: bitsandbytes'."""
     import deepspeed
 
     from launcher import quantize
     trainable = [p for p in model.parameters() if p.requires_grad]
+    params = tokens.param_groups(model, masked or [], cfg.train.weight_decay)
     optimizer = None
     if cfg.train.optimizer != "adamw":
         optimizer = quantize.build_8bit_optimizer(cfg, trainable)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params,
                                            optimizer=optimizer, config=ds_config)
     return engine
 
@@ -200,16 +212,21 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     env = env or dist_env.from_environ()
     hf_logging.disable_progress_bar()
     device = init_distributed(cfg, env)
-    ds_config = build_ds_config(cfg, env, device)
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
-    tokenizer = inputs.load_tokenizer(cfg)
+    tokenizer = inputs.load_tokenizer(cfg)  # model.pad_token / special_tokens / add_tokens added
     splits = None
     if load_data:  # before the model: bad data fails in seconds, not after a 100 GB load
         splits = inputs.load_data(cfg, tokenizer)
+        if cfg.train.epochs is not None:
+            log.info(epochs.describe(cfg, len(splits.train), env.world_size))
+        cfg = epochs.resolve(cfg, len(splits.train), env.world_size)  # max_steps from epochs
+    ds_config = build_ds_config(cfg, env, device)
     pad_id = data.tokenizer_pad_id(tokenizer, warn=lambda m: None)
     model, hf_ds = load_model(cfg, device, ds_config)
+    new_rows = tokens.resize(model, tokenizer)  # before the freeze
     model, report = freeze.apply(model, cfg)
-    engine = build_engine(cfg, model, ds_config)
+    masked = tokens.train_new_rows(model, new_rows, cfg)
+    engine = build_engine(cfg, model, ds_config, masked)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
     return Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
 
@@ -355,21 +372,38 @@ def stopped(s: Setup, p: Progress, stop: run_state.StopRequest, signalled: float
 
 
 def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
-    """One optimizer step: accum micro batches forward and backward (DeepSpeed steps the
-    optimizer on the last). Returns (sum of the micro losses, tokens seen)."""
+    """One optimizer step's accum micro batches forward and backward. The last `engine.step()`
+    (where DeepSpeed applies the update) is left to the caller, after the ranks agreed on the
+    loss (the watchdog). Returns (sum of the micro losses, tokens seen)."""
     engine = s.engine
-    loss_sum, tokens = 0.0, 0.0
+    loss_sum, n_tokens = 0.0, 0.0
     for micro in range(p.accum):
         batch = _to_device(data.collate([s.splits.train[i] for i in next(batches)], s.pad_id),
                            s.device)
         loss = engine(**batch).loss
+        if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
+            loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
         engine.backward(loss)
-        engine.step()
+        if micro < p.accum - 1:
+            engine.step()
         loss_sum += float(loss.detach().float())
-        tokens += float(batch["attention_mask"].sum())
-    return loss_sum, tokens
+        n_tokens += float(batch["attention_mask"].sum())
+    return loss_sum, n_tokens
+
+
+def diverged(s: Setup, p: Progress, why: str) -> int:
+    """The watchdog fired (launcher/watchdog.py): checkpoint the last good step, exit 76."""
+    cfg, at = s.cfg, p.step
+    path = p.last_ckpt if p.last_ckpt_step == at or at == 0 else save(s, p, at)
+    msg = f"loss watchdog: {why}; stopped at step {at}, its update not applied"
+    if s.env.is_main:
+        where = f"checkpoint of the last good step: {path}" if path else "nothing saved (step 0)"
+        print(f"ftlaunch: {msg}; {where}. {Watchdog.advice()} "
+              f"({run_state.resume_command(cfg.run_dir)})", file=sys.stderr, flush=True)
+    run_state.write_exit_status(cfg.run_dir, s.env.rank, layout.EXIT_DIVERGED, at, path, msg)
+    return layout.EXIT_DIVERGED
 
 
 def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
@@ -407,12 +441,14 @@ def finish(s: Setup, p: Progress) -> int:
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     """Train from the newest checkpoint (or step 0) to train.max_steps. Returns the exit code:
-    0 done, 75 stopped on request after a checkpoint."""
+    0 done, 75 stopped on request after a checkpoint, 76 stopped by the loss watchdog."""
     from tqdm import tqdm
 
     t, engine = s.cfg.train, s.engine
     stop = stop or run_state.StopRequest()
     p = begin(s)
+    dog = Watchdog(t.watchdog)
+    per_epoch = p.sampler.batches_per_epoch  # eval_every / checkpoint_every: epoch
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
                unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
     batches = iter(p.sampler)
@@ -424,20 +460,27 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         return stopped(s, p, stop, signalled)
     while p.step < t.max_steps:
         lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
-        loss_sum, tokens = accumulate(s, p, batches)
-        p.step += 1
-        faults.fault("step", p.step, s.env.rank, s.cfg.run_dir)
-        # one collective a step: the loss for the log and the stop agreement
+        before = p.sampler.state_dict()
+        loss_sum, n_tokens = accumulate(s, p, batches)
+        faults.fault("step", p.step + 1, s.env.rank, s.cfg.run_dir)
+        # one collective a step, before the update: the loss (log, watchdog), the stop agreement
         loss_all, micro_all, tokens_all, signalled, stop_file_seen = _all_reduce_sum(
-            [loss_sum, float(p.accum), tokens] + stop.votes(s.cfg.run_dir, s.env.is_main))
+            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main))
+        why = dog.check(p.step + 1, loss_all / micro_all)
+        if why:
+            bar.close()
+            p.sampler.load_state_dict(before)  # the data of the refused step comes again
+            return diverged(s, p, why)
+        engine.step()  # the update (DeepSpeed applies it at the accumulation boundary)
+        p.step += 1
         p.tokens_seen += int(tokens_all)
         p.window_tokens += tokens_all
         if p.step % t.log_every == 0 or p.step == t.max_steps:
             log_step(s, p, bar, loss_all / micro_all, lr)
         bar.update(1)
-        if t.eval_every and p.step % t.eval_every == 0 and p.step < t.max_steps:
+        if epochs.due(t.eval_every, p.step, per_epoch, p.accum) and p.step < t.max_steps:
             p.metrics.write({"step": p.step, "eval_loss": evaluate(s), "elapsed_s": p.elapsed()})
-        if t.checkpoint_every and p.step % t.checkpoint_every == 0 and p.step < t.max_steps:
+        if epochs.due(t.checkpoint_every, p.step, per_epoch, p.accum) and p.step < t.max_steps:
             save(s, p, p.step)
         if (signalled or stop_file_seen) and p.step < t.max_steps:
             bar.close()
@@ -473,6 +516,9 @@ def main(args: Any) -> int:
     try:
         s = setup(cfg, env)
         _ensure_run_dir(cfg, env, s.ds_config)
+        if env.is_main and cfg.train.epochs is not None:  # the exact step count replaces the estimate
+            rundir.write_atomic(os.path.join(cfg.run_dir, layout.DS_CONFIG),
+                                json.dumps(s.ds_config, indent=2) + "\n")
         if env.is_main:
             text = s.report.render()
             rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)

@@ -5,7 +5,8 @@ and how to fix it. A rule is a generator registered with `@rule`; it receives a 
 of the config that records which fields it reads (plain attribute access only), so that a rule
 reading a field with its own problem can be skipped. Keep rules small: one concern each, so
 one bad field silences as little as possible. Rules needing parameter names (pattern matches,
-LoRA targets) run where a meta-device model exists: `ftlaunch plan` and the ranks.
+LoRA targets) are checked against the names in the safetensors headers (`_names_in_weights`),
+and again on the ranks against the loaded model.
 
 The rules ask other modules for facts and keep only the judgement here: the batch arithmetic
 (`launcher/batch.py`), what a model folder says (`launcher/model_info.py`), the DeepSpeed
@@ -18,7 +19,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
-from launcher import batch, ds_config, model_info, slurm_checks
+from launcher import batch, ds_config, ds_file, freeze, model_info, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.quantize import missing_bitsandbytes
@@ -96,9 +97,28 @@ def _min_lr(cfg: RunConfig) -> Iterator[Problem]:
 @rule
 def _warmup(cfg: RunConfig) -> Iterator[Problem]:
     t = cfg.train
-    if t.warmup_steps >= t.max_steps:
+    if t.max_steps is not None and t.warmup_steps >= t.max_steps:
         yield Problem("train.warmup_steps", f"warmup_steps {t.warmup_steps} >= max_steps {t.max_steps}: "
                       "the learning rate would never reach lr", "use fewer warmup steps than max_steps")
+
+
+@rule
+def _steps_or_epochs(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
+    if t.max_steps is None and t.epochs is None:
+        yield Problem("train.max_steps", "how long to train is not given",
+                      "set train.max_steps (optimizer steps) or train.epochs (passes over the data)")
+    elif t.max_steps is not None and t.epochs is not None:
+        yield Problem("train.epochs", f"both epochs ({t.epochs:g}) and max_steps ({t.max_steps}) "
+                      "are set; they are exclusive", "keep one of the two")
+
+
+@rule
+def _warmup_ratio(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
+    if t.warmup_ratio and t.warmup_steps:
+        yield Problem("train.warmup_ratio", f"both warmup_ratio ({t.warmup_ratio:g}) and "
+                      f"warmup_steps ({t.warmup_steps}) are set", "keep one of the two")
 
 
 @rule
@@ -390,7 +410,59 @@ def _eval_sources(cfg: RunConfig) -> Iterator[Problem]:
                       "use one source of eval data")
 
 
+@rule
+def _tokens(cfg: RunConfig) -> Iterator[Problem]:
+    m = cfg.model
+    for key, values in (("model.special_tokens", m.special_tokens), ("model.add_tokens", m.add_tokens)):
+        for i, tok in enumerate(values):
+            if not tok.strip():
+                yield Problem(f"{key}[{i}]", "an empty or blank token", "remove it")
+            elif values.index(tok) != i:
+                yield Problem(f"{key}[{i}]", f"{tok!r} is listed twice", "remove the repeat")
+    f = cfg.freeze
+    missing = [g for g in ("embeddings", "lm_head") if g not in f.also_train]
+    if (m.special_tokens or m.add_tokens) and f.policy == "lora" and missing:
+        yield Problem("freeze.also_train", "new tokens need their embedding rows trained, and LoRA "
+                      "freezes the embeddings and the output head",
+                      f"add {', '.join(missing)} to freeze.also_train (saved with the adapter)")
+    if m.pad_token is not None and not m.pad_token.strip():
+        yield Problem("model.pad_token", "an empty pad token", "give a token, or null for the "
+                      "tokenizer's own (else EOS)")
+
+
+@rule
+def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
+    """Freeze patterns, also_train groups and LoRA targets against the parameter names in the
+    model's safetensors headers (no torch); silent when the folder has no readable weights."""
+    f, path = cfg.freeze, cfg.model.path
+    if f.policy == "full" or not os.path.isdir(path):
+        return
+    try:
+        names = list(model_info.weight_tensors(path))
+    except model_info.WeightsError:
+        return
+    if not names:
+        return
+    mc = model_info.model_config(path) or {}
+    if mc.get("tie_word_embeddings") and not any(n.startswith("lm_head.") for n in names):
+        names.append("lm_head.weight")  # a tied head is saved once, under the embedding's name
+    yield from freeze.name_problems(names, f)
+
+
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster
+@rule
+def _ds_config_file(cfg: RunConfig) -> Iterator[Problem]:
+    ds = cfg.deepspeed
+    if not ds.config_file:
+        return
+    if ds.preset:
+        yield Problem("deepspeed.preset", "both preset and config_file are set; the file takes "
+                      "the preset's place", "keep one of the two")
+    if batch.batch_problem(cfg) is not None:
+        return  # reported by the batch rule; "auto" batch values cannot be resolved
+    yield from ds_file.resolve(cfg)[1]
+
+
 @rule
 def _overrides(cfg: RunConfig) -> Iterator[Problem]:
     yield from ds_config.override_problems(cfg)

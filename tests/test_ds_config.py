@@ -541,8 +541,9 @@ def present(p_in_10: int = 2):
 def _valid_for(key: str, tp, meta) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
     if origin is typing.Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return st.one_of(st.none(), _valid_for(key, inner, meta))
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        nullable = [st.none()] if len(inner) < len(typing.get_args(tp)) else []
+        return st.one_of(*nullable, *[_valid_for(key, a, meta) for a in inner])
     if origin is typing.Literal:
         return st.sampled_from(typing.get_args(tp))
     if origin is list:
@@ -585,12 +586,18 @@ def section_strategy(cls, prefix: str = "") -> st.SearchStrategy:
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
+        if key in ("train.epochs", "deepspeed.config_file"):
+            continue  # exclusive with max_steps / a file of its own: tested in test_epochs, test_ds_file
         if dataclasses.is_dataclass(tp):
             value = section_strategy(tp, key)
+        elif key == "train.max_steps":  # optional only because train.epochs may replace it
+            value = mostly(st.integers(1, 10**6))
+            FIELD_STRATEGIES[key] = value
         else:
             value = mostly(_valid_for(key, tp, f.metadata))
             FIELD_STRATEGIES[key] = value
         is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        is_required = is_required or key == "train.max_steps"
         # max_seq_len always: its default (2048) is longer than the test model's 512 positions
         (required if is_required or key == "data.max_seq_len" else optional)[f.name] = value
     return st.fixed_dictionaries(

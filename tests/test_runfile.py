@@ -442,4 +442,5 @@ def test_fields_reference_covers_every_field_with_a_doc():
                 yield key
     assert keys == list(leaves(RunConfig))
     assert all(doc.strip() for _, _, _, doc in rows)
-    assert ("train.max_steps", "an integer", "(required)") == rows[keys.index("train.max_steps")][:3]
+    assert ("data.path", "a string", "(required)") == rows[keys.index("data.path")][:3]
+    assert ("train.max_steps", "an integer or null", None) == rows[keys.index("train.max_steps")][:3]

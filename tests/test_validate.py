@@ -127,6 +127,28 @@ CASES = [
      r"false is supported only with ZeRO stage 1 or 2 \(zero_stage is 3\)"),
     ("_cluster", "cluster: {partition: \"gpu\\nrm -rf /\"}", [], "cluster.partition",
      r"line break"),
+    ("_steps_or_epochs", "train: {lr: 1.0e-4}", [], "train.max_steps",
+     r"how long to train is not given"),
+    ("_steps_or_epochs", "train: {max_steps: 10, epochs: 2}", [], "train.epochs",
+     r"both epochs \(2\) and max_steps \(10\) are set; they are exclusive"),
+    ("_warmup_ratio", "train: {epochs: 1, warmup_ratio: 0.1, warmup_steps: 5}", [],
+     "train.warmup_ratio", r"both warmup_ratio \(0.1\) and warmup_steps \(5\) are set"),
+    ("_tokens", "model: {path: model, special_tokens: ['<a>', ' '], add_tokens: [x, x]}", [],
+     "model.special_tokens[1]", r"an empty or blank token"),
+    ("_tokens", "model: {path: model, add_tokens: [x, x]}", [], "model.add_tokens[1]",
+     r"'x' is listed twice"),
+    ("_tokens", LORA + "model: {path: model, add_tokens: [x]}", [], "freeze.also_train",
+     r"new tokens need their embedding rows trained, and LoRA freezes the embeddings"),
+    ("_names_in_weights", "model: {path: weights}\nfreeze: {policy: patterns, train: "
+     "[block_sparse_moe.experts]}", [], "freeze.train[0]",
+     r"pattern 'block_sparse_moe.experts' matches no parameter of the model's weights"),
+    ("_names_in_weights", "model: {path: weights}\nfreeze: {policy: lora, lora: {target_modules: "
+     "[q_prj]}}", [], "freeze.lora.target_modules[0]", r"'q_prj' matches no module"),
+    ("_ds_config_file", "deepspeed: {config_file: ds.json}\ntrain: {max_steps: 10, "
+     "micro_batch_size: 2}", [], "deepspeed.config_file",
+     r"train_micro_batch_size_per_gpu is 8, but the run file gives 2 \(train.micro_batch_size\)"),
+    ("_ds_config_file", "deepspeed: {config_file: ds.json, preset: zero2}", [], "deepspeed.preset",
+     r"both preset and config_file are set"),
 ]
 
 
@@ -140,6 +162,17 @@ def folder(tmp_path, fake_model, monkeypatch):
     (tmp_path / "two_layers").mkdir()
     (tmp_path / "two_layers" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "num_hidden_layers": 2, "max_position_embeddings": 128}))
+    (tmp_path / "weights").mkdir()  # a MoE model whose experts are fused, as transformers 5 names them
+    (tmp_path / "weights" / "config.json").write_text(json.dumps(
+        {"model_type": "mixtral", "num_hidden_layers": 1, "hidden_size": 8}))
+    from test_model_weights import write_safetensors
+    write_safetensors(tmp_path / "weights" / "model.safetensors", {
+        "model.embed_tokens.weight": ("BF16", [4, 8]), "lm_head.weight": ("BF16", [4, 8]),
+        "model.layers.0.self_attn.q_proj.weight": ("BF16", [8, 8]),
+        "model.layers.0.mlp.experts.gate_up_proj": ("BF16", [2, 16, 8]),
+        "model.layers.0.mlp.gate.weight": ("BF16", [2, 8]),
+        "model.layers.0.input_layernorm.weight": ("BF16", [8])})
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
     return tmp_path
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.data.batching import Sampler, collate, pack
-from launcher.data.reading import Records, fail, print_warning, records, split_eval
+from launcher.data.reading import Records, fail, print_warning, records, split_eval, subset
 from launcher.data.tokenize import IGNORE, Tokens, tokenize_records, tokenizer_pad_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,6 +73,8 @@ def load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
         warnings.append("data.packing without data.add_eos: packed documents run together with "
                         "no EOS between them")
     rec = records(cfg, d.path, "data.path", warnings)
+    if d.max_samples is not None and len(rec.texts) > d.max_samples:  # the first N usable rows
+        rec = subset(rec, list(range(d.max_samples)))
     ev_rec = None
     if d.eval_path:
         ev_rec = records(cfg, d.eval_path, "data.eval_path", warnings)

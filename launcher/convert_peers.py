@@ -1,0 +1,494 @@
+"""The key tables of `ftlaunch convert`: Axolotl and LLaMA-Factory keys -> run-file keys.
+
+A handler is `fn(out, key, value, tree, base_dir)`: it carries, approximates or drops the key
+(launcher/convert.py `Out`). Keys not in a table are dropped ("no ftlaunch equivalent", or the
+reason in IGNORED). Written from the peers' documented config formats (Axolotl's config
+reference, LLaMA-Factory's examples and argument dataclasses).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+Handler = Callable[..., None]
+
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant",
+              "constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": "adamw",
+              "adamw": "adamw", "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit",
+              "paged_adamw_8bit": "paged_adamw_8bit"}
+CHATML_TEMPLATES = {"chatml", "qwen", "qwen2", "qwen3", "qwen2_5"}
+IGNORED = {
+    "wandb_project": "logging services are not run-file settings", "wandb_entity": "logging services are not run-file settings",
+    "wandb_name": "logging services are not run-file settings", "wandb_watch": "logging services are not run-file settings",
+    "wandb_log_model": "logging services are not run-file settings", "report_to": "logging services are not run-file settings",
+    "hub_model_id": "pushing to the Hub is not part of a run", "push_to_hub": "pushing to the Hub is not part of a run",
+    "strict": "Axolotl's own loader option", "dataset_prepared_path": "ftlaunch tokenizes on the ranks",
+    "do_train": "ftlaunch always trains", "overwrite_output_dir": "use ftlaunch run --overwrite",
+    "overwrite_cache": "ftlaunch tokenizes on the ranks", "plot_loss": "metrics.jsonl holds the losses",
+    "logging_dir": "metrics.jsonl in the run directory", "ddp_timeout": "train.dist_timeout_s (set it yourself)",
+    "resume_from_checkpoint": "train.resume: auto continues from the run directory",
+    "auto_resume_from_checkpoints": "train.resume: auto continues from the run directory",
+    "xformers_attention": "no xformers kernel; model.attn_implementation",
+    "base_model_config": "the model folder's config.json is used", "model_type": "AutoModelForCausalLM is used",
+    "tokenizer_type": "AutoTokenizer is used", "is_llama_derived_model": "not needed",
+    "enable_liger_kernel": "no Liger kernels", "use_liger_kernel": "no Liger kernels",
+    "plugins": "no Axolotl plugins", "early_stopping_patience": "no early stopping; see train.watchdog",
+    "bf16_full_eval": "eval runs in model.dtype", "debug": "Axolotl's own debugging",
+}
+
+
+# ------------------------------------------------------------------ shared handlers
+def to(run_key: str, conv: Callable[[Any], Any] = lambda v: v) -> Handler:
+    def h(out, key, value, tree, base_dir):
+        out.carry(key, run_key, conv(value))
+    return h
+
+
+def _dtype(out, key, value, tree, base_dir):
+    if value in (True, "auto", "true") and key in ("bf16", "pure_bf16"):
+        out.carry(key, "model.dtype", "bf16")
+    elif value in (True, "true") and key == "fp16":
+        out.carry(key, "model.dtype", "fp16")
+    elif value in (True, "true") and key == "fp32":
+        out.carry(key, "model.dtype", "fp32")
+    else:
+        out.drop(key, f"{value!r}: another precision key decides model.dtype")
+
+
+def _scheduler(out, key, value, tree, base_dir):
+    if value in SCHEDULERS:
+        (out.carry if SCHEDULERS[value] == value else
+         lambda k, r, v: out.approx(k, r, v, f"{value} as {v}"))(key, "train.scheduler", SCHEDULERS[value])
+    else:
+        out.approx(key, "train.scheduler", "cosine", f"{value!r} has no DeepSpeed scheduler; cosine")
+
+
+def _optimizer(out, key, value, tree, base_dir):
+    if value in OPTIMIZERS:
+        out.carry(key, "train.optimizer", OPTIMIZERS[value])
+    else:
+        out.approx(key, "train.optimizer", "adamw", f"{value!r} is not offered; AdamW")
+
+
+def _betas(index: int) -> Handler:
+    def h(out, key, value, tree, base_dir):
+        betas = out.get("train.betas") or [0.9, 0.999]
+        betas[index] = float(value)
+        out.set("train.betas", betas)
+        out.report.carried.append((key, f"train.betas[{index}]", float(value)))
+    return h
+
+
+def _deepspeed(out, key, value, tree, base_dir):
+    """The JSON file becomes deepspeed.config_file; its stage and offloads fill the run file so
+    they do not contradict it."""
+    if isinstance(value, dict):
+        out.drop(key, "an inline DeepSpeed dict: save it as a JSON file and set deepspeed.config_file")
+        return
+    out.carry(key, "deepspeed.config_file", value)
+    path = value if os.path.isabs(value) else os.path.join(base_dir, value)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            ds = json.load(fh)
+    except (OSError, ValueError):
+        return
+    sched = ds.get("scheduler") if isinstance(ds.get("scheduler"), dict) else {}
+    kind = {"WarmupLR": "constant", "WarmupDecayLR": "linear", "WarmupCosineLR": "cosine"}.get(
+        str(sched.get("type")))
+    if kind:  # the HF Trainer uses the file's scheduler over the peer's own setting
+        out.ds_scheduler = kind
+    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), dict) else {}
+    if zero.get("stage") in (0, 1, 2, 3):
+        out.set("deepspeed.zero_stage", zero["stage"])
+    for part in ("offload_optimizer", "offload_param"):
+        dev = (zero.get(part) or {}).get("device") if isinstance(zero.get(part), dict) else None
+        if dev in ("cpu", "nvme"):
+            out.set(f"deepspeed.{part}", dev)
+            if dev == "nvme" and zero[part].get("nvme_path"):
+                out.set("deepspeed.nvme_path", zero[part]["nvme_path"])
+
+
+def _every(run_key: str) -> Handler:
+    def h(out, key, value, tree, base_dir):
+        if key.endswith("_strategy"):
+            if value == "epoch":
+                out.carry(key, run_key, "epoch")
+            elif value == "no":
+                out.carry(key, run_key, 0)
+            else:
+                out.drop(key, f"{value!r}: the step count ({run_key}) comes from the *_steps key")
+        elif key.endswith("per_epoch"):
+            how = "once an epoch" if value == 1 else f"{value} per epoch -> once an epoch"
+            (out.carry if value == 1 else lambda k, r, v: out.approx(k, r, v, how))(key, run_key, "epoch")
+        else:
+            out.carry(key, run_key, int(value))
+    return h
+
+
+def _attention(out, key, value, tree, base_dir):
+    table = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "fa2": "flash_attention_2",
+             "sdpa": "sdpa", "eager": "eager", "disabled": "eager"}
+    name = table.get(key) if value is True else table.get(str(value))
+    if name:
+        out.carry(key, "model.attn_implementation", name)
+    elif value in (False, "auto"):
+        out.drop(key, f"{value!r}: the library's default attention")
+    else:
+        out.drop(key, f"{value!r} has no attention kernel in ftlaunch")
+
+
+# ------------------------------------------------------------------ Axolotl
+def _ax_adapter(out, key, value, tree, base_dir):
+    if value in ("lora", "qlora"):
+        out.carry(key, "freeze.policy", "lora")
+        if value == "qlora" and not tree.get("load_in_4bit"):
+            out.set("quantization.mode", "4bit")
+    else:
+        out.drop(key, f"adapter {value!r} is not offered (LoRA only)")
+
+
+def _ax_quant(out, key, value, tree, base_dir):
+    if value:
+        out.carry(key, "quantization.mode", "8bit" if "8bit" in key else "4bit")
+    else:
+        out.drop(key, "false: no quantization (the default)")
+
+
+def _ax_targets(out, key, value, tree, base_dir):
+    if key == "lora_target_linear":
+        if value:
+            out.carry(key, "freeze.lora.target_modules", ["all-linear"])
+        else:
+            out.drop(key, "false: lora_target_modules decides")
+    elif not tree.get("lora_target_linear"):
+        out.carry(key, "freeze.lora.target_modules", list(value))
+    else:
+        out.drop(key, "lora_target_linear: true already targets every linear layer")
+
+
+def _also_train(names: list[str]) -> tuple[list[str], list[str]]:
+    """(also_train groups, names without a group) for module names such as embed_tokens, lm_head."""
+    groups, rest = [], []
+    for n in names:
+        g = ("embeddings" if "embed" in n or n in ("wte", "wpe") else "lm_head" if n in ("lm_head", "embed_out")
+             else "norms" if "norm" in n else None)
+        (groups.append(g) if g else rest.append(n))
+    return sorted(set(groups)), rest
+
+
+def _modules_to_save(out, key, value, tree, base_dir):
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    groups, rest = _also_train(names)
+    if groups:
+        out.approx(key, "freeze.also_train", groups, "whole modules trained and saved with the "
+                   "adapter, by group" + (f"; no group for {rest}" if rest else ""))
+    else:
+        out.drop(key, f"{names}: no also_train group (embeddings, lm_head, norms, biases) covers them")
+
+
+def _ax_unfrozen(out, key, value, tree, base_dir):
+    out.carry(key, "freeze.train", [str(v) for v in value])
+    out.set("freeze.policy", "patterns")
+
+
+def _ax_special_tokens(out, key, value, tree, base_dir):
+    for name, tok in (value or {}).items():
+        if name == "pad_token":
+            out.carry(f"{key}.pad_token", "model.pad_token", tok)
+        else:
+            out.drop(f"{key}.{name}", f"changing the tokenizer's {name} is not offered (pad only)")
+
+
+def _source(out, ds: dict, where: str) -> dict:
+    """One Axolotl dataset entry -> run-file data keys (path and fields)."""
+    src: dict[str, Any] = {"path": ds.get("path")}
+    kind = ds.get("type")
+    if kind == "chat_template" or ds.get("field_messages") or ds.get("conversation"):
+        src["messages_field"] = ds.get("field_messages", "messages")
+        for k in ("message_property_mappings", "roles", "message_field_role", "message_field_content"):
+            if k in ds:
+                out.drop(f"{where}.{k}", "roles and fields are read as {role, content} or ShareGPT "
+                         "{from, value} without mappings")
+    elif kind == "completion":
+        src["text_field"] = ds.get("field", "text")
+    elif kind == "alpaca":
+        src["prompt_field"], src["response_field"] = "instruction", "output"
+        out.report.approximated.append((f"{where}.type", "data.prompt_field/response_field",
+                                        "alpaca: prompt = instruction, response = output; the "
+                                        "'input' column and the alpaca prompt text are not used"))
+    elif kind is not None:
+        out.drop(f"{where}.type", f"prompt strategy {kind!r} has no ftlaunch equivalent; the "
+                 "path is kept, the fields need setting by hand")
+    for k in ds:
+        if k not in ("path", "type", "field_messages", "field", "message_property_mappings", "roles",
+                     "message_field_role", "message_field_content", "chat_template", "conversation"):
+            out.drop(f"{where}.{k}", "no per-dataset equivalent")
+    if ds.get("chat_template"):
+        src["chat_template"] = _template(ds["chat_template"])
+    return src
+
+
+def _template(name: str) -> Any:
+    return None if name in ("tokenizer_default", "default") else "chatml" if name in CHATML_TEMPLATES else name
+
+
+def _ax_datasets(out, key, value, tree, base_dir):
+    sources = [_source(out, ds, f"{key}[{i}]") for i, ds in enumerate(value or [])]
+    if len(sources) == 1:
+        for k, v in sources[0].items():
+            out.carry(f"{key}[0].{'path' if k == 'path' else k}", f"data.{k}", v)
+    elif sources:
+        mix = [{**s, "weight": 1.0} for s in sources]
+        out.approx(key, "data.mix", mix, "Axolotl concatenates the datasets; here each is drawn "
+                   "with weight 1 (set the weights to the sizes for the same shares)")
+        out.set("data.path", sources[0]["path"])
+
+
+def _ax_train_on_inputs(out, key, value, tree, base_dir):
+    out.carry(key, "data.train_on", "all" if value else "assistant")
+
+
+def _ax_chat_template(out, key, value, tree, base_dir):
+    t = _template(value)
+    (out.carry if t in (None, "chatml") and value in ("chatml", "tokenizer_default") else
+     lambda k, r, v: out.approx(k, r, v, f"template {value!r} by name; chatml and the tokenizer's "
+                                "own are built in, others need a Jinja file"))(key, "data.chat_template", t)
+
+
+def _ax_val(out, key, value, tree, base_dir):
+    if isinstance(value, (int, float)) and 0 < value < 1:
+        out.carry(key, "data.eval_fraction", float(value))
+    else:
+        out.drop(key, f"{value!r}: only a fraction below 1 is offered")
+
+
+AXOLOTL: dict[str, Handler] = {
+    "base_model": to("model.path"), "tokenizer_config": to("model.tokenizer"),
+    "trust_remote_code": to("model.trust_remote_code"), "bf16": _dtype, "fp16": _dtype,
+    "fp32": _dtype, "tf32": to("train.tf32"), "gradient_checkpointing": to("model.gradient_checkpointing"),
+    "flash_attention": _attention, "sdp_attention": _attention, "load_in_8bit": _ax_quant,
+    "load_in_4bit": _ax_quant, "adapter": _ax_adapter, "lora_r": to("freeze.lora.r"),
+    "lora_alpha": to("freeze.lora.alpha"), "lora_dropout": to("freeze.lora.dropout"),
+    "lora_target_modules": _ax_targets, "lora_target_linear": _ax_targets,
+    "lora_modules_to_save": _modules_to_save, "unfrozen_parameters": _ax_unfrozen,
+    "datasets": _ax_datasets, "chat_template": _ax_chat_template, "train_on_inputs": _ax_train_on_inputs,
+    "val_set_size": _ax_val, "sequence_len": to("data.max_seq_len"), "sample_packing": to("data.packing"),
+    "micro_batch_size": to("train.micro_batch_size"),
+    "gradient_accumulation_steps": to("train.grad_accum"), "num_epochs": to("train.epochs"),
+    "max_steps": to("train.max_steps"), "learning_rate": to("train.lr", float),
+    "lr_scheduler": _scheduler, "cosine_min_lr_ratio": to("train.min_lr_ratio"),
+    "warmup_steps": to("train.warmup_steps"), "warmup_ratio": to("train.warmup_ratio"),
+    "optimizer": _optimizer, "weight_decay": to("train.weight_decay"),
+    "max_grad_norm": to("train.grad_clip"), "adam_beta1": _betas(0), "adam_beta2": _betas(1),
+    "adam_epsilon": to("train.eps", float), "seed": to("train.seed"), "logging_steps": to("train.log_every"),
+    "eval_steps": _every("train.eval_every"), "evals_per_epoch": _every("train.eval_every"),
+    "save_steps": _every("train.checkpoint_every"), "saves_per_epoch": _every("train.checkpoint_every"),
+    "save_total_limit": to("train.keep_checkpoints"), "deepspeed": _deepspeed,
+    "output_dir": to("output.dir"), "special_tokens": _ax_special_tokens, "tokens": to("model.add_tokens"),
+    "dataset_processes": to("data.preprocessing_workers"),
+    "dataloader_num_workers": to("data.num_workers"),
+}
+
+
+# ------------------------------------------------------------------ LLaMA-Factory
+def _lf_stage(out, key, value, tree, base_dir):
+    if value == "sft":
+        out.drop(key, "sft: supervised fine-tuning is what ftlaunch does (nothing to set)")
+    elif value == "pt":
+        out.drop(key, "pt: plain text data is read from data.text_field (nothing to set)")
+    else:
+        out.drop(key, f"stage {value!r} (preference / reward training) is not offered: the "
+                 "converted file trains supervised")
+
+
+def _lf_finetuning(out, key, value, tree, base_dir):
+    policy = {"lora": "lora", "full": "full", "freeze": "last_layers"}.get(value)
+    if policy:
+        out.carry(key, "freeze.policy", policy)
+    else:
+        out.drop(key, f"{value!r} is not offered")
+
+
+def _lf_lora_target(out, key, value, tree, base_dir):
+    names = [v.strip() for v in str(value).split(",")] if not isinstance(value, list) else value
+    out.carry(key, "freeze.lora.target_modules", ["all-linear"] if names == ["all"] else names)
+
+
+def _lf_freeze_layers(out, key, value, tree, base_dir):
+    out.carry(key, "freeze.trainable_layers", int(value))
+
+
+def _lf_freeze_modules(out, key, value, tree, base_dir):
+    if str(value) == "all":
+        out.drop(key, "all: last_layers trains whole blocks (the default)")
+    else:
+        out.drop(key, f"{value!r}: last_layers trains whole blocks; use freeze.policy patterns "
+                 "for parts of blocks")
+
+
+def _lf_quant_bit(out, key, value, tree, base_dir):
+    mode = {4: "4bit", 8: "8bit"}.get(int(value))
+    (out.carry(key, "quantization.mode", mode) if mode
+     else out.drop(key, f"{value}-bit: only 8 and 4 bits (bitsandbytes)"))
+
+
+def _lf_dataset(key_run: str) -> Handler:
+    def h(out, key, value, tree, base_dir):
+        names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+        sources = [_lf_source(out, n, tree, base_dir, f"{key}: {n}") for n in names]
+        if key_run == "data.eval_path":
+            out.approx(key, key_run, sources[0]["path"], "the first eval dataset's file"
+                       + (f"; {names[1:]} left out" if len(names) > 1 else ""))
+        elif len(sources) == 1:
+            for k, v in sources[0].items():
+                out.carry(key, f"data.{k}", v)
+        else:
+            probs = tree.get("interleave_probs")
+            weights = [float(p) for p in str(probs).split(",")] if probs else [1.0] * len(sources)
+            how = ("mix_strategy " + str(tree.get("mix_strategy", "concat")) + " as weighted draws"
+                   + ("" if probs else "; concat -> weight 1 each (set weights to the sizes for "
+                      "the same shares)"))
+            out.approx(key, "data.mix", [{**s, "weight": w} for s, w in zip(sources, weights)], how)
+            out.set("data.path", sources[0]["path"])
+    return h
+
+
+def _lf_source(out, name: str, tree: dict, base_dir: str, where: str) -> dict:
+    """A dataset name resolved through dataset_dir/dataset_info.json (file and columns)."""
+    ddir = tree.get("dataset_dir", "data")
+    info_path = os.path.join(ddir if os.path.isabs(ddir) else os.path.join(base_dir, ddir),
+                             "dataset_info.json")
+    try:
+        with open(info_path, encoding="utf-8") as fh:
+            entry = json.load(fh).get(name)
+    except (OSError, ValueError):
+        entry = None
+    if not isinstance(entry, dict) or "file_name" not in entry:
+        out.report.approximated.append((where, "data.path", f"{name!r} not found in {info_path}: "
+                                        "the name is kept as the path; point it at the file"))
+        return {"path": name}
+    src: dict[str, Any] = {"path": os.path.join(ddir, entry["file_name"])}
+    cols = entry.get("columns") or {}
+    if entry.get("formatting") == "sharegpt":
+        src["messages_field"] = cols.get("messages", "conversations")
+    elif "prompt" in cols or entry.get("formatting", "alpaca") == "alpaca":
+        src["prompt_field"], src["response_field"] = cols.get("prompt", "instruction"), cols.get("response", "output")
+        out.report.approximated.append((where, "data.prompt_field/response_field", "alpaca "
+                                        "columns; 'input', 'system' and 'history' are not used"))
+    return src
+
+
+def _lf_template(out, key, value, tree, base_dir):
+    if not _has_chat(tree, base_dir):
+        out.drop(key, f"{value!r}: the data is not chat; ftlaunch renders prompt/response and "
+                 "text without a chat template")
+        return
+    t = "chatml" if value in CHATML_TEMPLATES else None
+    how = ("the chatml layout" if t else "the tokenizer's own chat template (null)")
+    (out.carry if value == "chatml" else lambda k, r, v: out.approx(k, r, v, f"template {value!r} as {how}")
+     )(key, "data.chat_template", t)
+
+
+def _has_chat(tree: dict, base_dir: str) -> bool:
+    """Whether a LLaMA-Factory dataset of the config is in the sharegpt (chat) format."""
+    from launcher.convert_out import Out
+    probe = Out()
+    names = tree.get("dataset", "")
+    for n in (names.split(",") if isinstance(names, str) else names or []):
+        if "messages_field" in _lf_source(probe, n.strip(), tree, base_dir, ""):
+            return True
+    return False
+
+
+def _lf_train_on_prompt(out, key, value, tree, base_dir):
+    out.carry(key, "data.train_on", "all" if value else "assistant")
+
+
+def _lf_neat(out, key, value, tree, base_dir):
+    if value:
+        out.approx(key, "data.packing", True, "packing; documents kept apart where the data "
+                   "work's neat packing is in")
+    else:
+        out.drop(key, "false: the default")
+
+
+def _lf_gc_off(out, key, value, tree, base_dir):
+    out.carry(key, "model.gradient_checkpointing", not value)
+
+
+def _lf_new_special(out, key, value, tree, base_dir):
+    out.carry(key, "model.special_tokens",
+              [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value))
+
+
+def _lf_val(out, key, value, tree, base_dir):
+    _ax_val(out, key, value, tree, base_dir)
+
+
+LLAMAFACTORY: dict[str, Handler] = {
+    "model_name_or_path": to("model.path"), "trust_remote_code": to("model.trust_remote_code"),
+    "stage": _lf_stage, "finetuning_type": _lf_finetuning, "lora_rank": to("freeze.lora.r"),
+    "lora_alpha": to("freeze.lora.alpha"), "lora_dropout": to("freeze.lora.dropout"),
+    "lora_target": _lf_lora_target, "additional_target": _modules_to_save,
+    "freeze_trainable_layers": _lf_freeze_layers, "freeze_trainable_modules": _lf_freeze_modules,
+    "freeze_extra_modules": _modules_to_save, "quantization_bit": _lf_quant_bit,
+    "quantization_method": lambda out, k, v, *a: out.drop(k, f"{v}: bitsandbytes is the one method")
+    if v != "bnb" else out.drop(k, "bnb: the one method (nothing to set)"),
+    "double_quantization": to("quantization.double_quant"), "quantization_type": to("quantization.quant_type"),
+    "dataset": _lf_dataset("data.path"), "eval_dataset": _lf_dataset("data.eval_path"),
+    "template": _lf_template, "train_on_prompt": _lf_train_on_prompt, "cutoff_len": to("data.max_seq_len"),
+    "packing": to("data.packing"), "neat_packing": _lf_neat, "max_samples": to("data.max_samples"),
+    "preprocessing_num_workers": to("data.preprocessing_workers"),
+    "dataloader_num_workers": to("data.num_workers"), "val_size": _lf_val,
+    "per_device_train_batch_size": to("train.micro_batch_size"),
+    "gradient_accumulation_steps": to("train.grad_accum"), "learning_rate": to("train.lr", float),
+    "num_train_epochs": to("train.epochs", float), "max_steps": to("train.max_steps"),
+    "lr_scheduler_type": _scheduler, "warmup_ratio": to("train.warmup_ratio"),
+    "warmup_steps": to("train.warmup_steps"), "weight_decay": to("train.weight_decay"),
+    "max_grad_norm": to("train.grad_clip"), "adam_beta1": _betas(0), "adam_beta2": _betas(1),
+    "adam_epsilon": to("train.eps", float), "optim": _optimizer, "bf16": _dtype, "fp16": _dtype,
+    "pure_bf16": _dtype, "tf32": to("train.tf32"), "seed": to("train.seed"),
+    "logging_steps": to("train.log_every"), "save_steps": _every("train.checkpoint_every"),
+    "eval_steps": _every("train.eval_every"), "eval_strategy": _every("train.eval_every"),
+    "evaluation_strategy": _every("train.eval_every"), "save_strategy": _every("train.checkpoint_every"),
+    "save_total_limit": to("train.keep_checkpoints"), "deepspeed": _deepspeed,
+    "output_dir": to("output.dir"), "flash_attn": _attention,
+    "disable_gradient_checkpointing": _lf_gc_off, "new_special_tokens": _lf_new_special,
+    "add_tokens": _lf_new_special, "add_special_tokens": _lf_new_special,
+}
+
+
+def finish(out, peer: str, tree: dict, base_dir: str) -> None:
+    """Defaults that differ between the peer and ftlaunch, and keys that need each other."""
+    kind = getattr(out, "ds_scheduler", None)
+    if kind and out.get("train.scheduler", "cosine") != kind:
+        out.approx("deepspeed (scheduler)", "train.scheduler", kind, "the DeepSpeed file's "
+                   f"scheduler wins over {out.get('train.scheduler', 'the default')}, as in the HF Trainer")
+    if out.get("data.path") is None:
+        out.set("data.path", "data.jsonl")
+        out.report.approximated.append(("(no dataset)", "data.path", "data.jsonl: the config names "
+                                        "no dataset; point data.path at your data"))
+    if out.get("model.path") is None:
+        out.set("model.path", "model")
+        out.report.approximated.append(("(no model)", "model.path", "model: point it at the model folder"))
+    if out.get("train.max_steps") is None and out.get("train.epochs") is None:
+        epochs = 3.0 if peer == "llamafactory" else 1.0
+        out.report.approximated.append(("(no epochs)", "train.epochs", f"{epochs:g}: {peer}'s default"))
+        out.set("train.epochs", epochs)
+    if out.get("model.dtype") is None:
+        out.set("model.dtype", "fp32")
+        out.report.approximated.append(("(no bf16/fp16)", "model.dtype", f"fp32: {peer} trains in "
+                                        "fp32 without a precision key"))
+    if peer == "llamafactory" and out.get("model.gradient_checkpointing") is None:
+        out.set("model.gradient_checkpointing", True)  # LLaMA-Factory's default
+    if out.get("quantization.mode") not in (None, "none") and out.get("quantization.skip_modules") is None:
+        also = out.get("freeze.also_train") or []
+        if "lm_head" not in also:
+            out.set("quantization.skip_modules", ["lm_head"])
+    if (out.get("model.special_tokens") or out.get("model.add_tokens")) and \
+            out.get("freeze.policy") == "lora":
+        also = sorted(set(out.get("freeze.also_train") or []) | {"embeddings", "lm_head"})
+        out.approx("(new tokens)", "freeze.also_train", also, "new tokens under LoRA train the "
+                   "embeddings and the head, saved with the adapter")
