@@ -224,6 +224,12 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def _collate(s: Setup, examples: list[dict]) -> dict:
+    """A micro batch for the model; packed rows in the form its attention kernel needs."""
+    return data.collate(examples, s.pad_id, getattr(s.model.config, "_attn_implementation", None),
+                        torch_dtype(s.cfg.model.dtype))
+
+
 def _to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -244,7 +250,7 @@ def evaluate(s: Setup) -> float:
         for b in range(n_batches):
             idx = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if idx else 0.0
-            batch = _to_device(data.collate([ev[i] for i in (idx or [0])], s.pad_id), s.device)
+            batch = _to_device(_collate(s, [ev[i] for i in (idx or [0])]), s.device)
             out = s.engine(**batch)
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())
             loss_sum += weight * float(out.loss.float()) * n
@@ -302,7 +308,8 @@ def begin(s: Setup) -> Progress:
     whose weights, optimizer, sampler position and metrics file are restored."""
     cfg, env, t = s.cfg, s.env, s.cfg.train
     sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
-                           micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
+                           micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
+                           mixture=s.splits.mixture)
     os.makedirs(cfg.run_dir, exist_ok=True)
     _, accum, _ = batch_sizes(cfg, env.world_size)
     p = Progress(sampler, Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
@@ -360,15 +367,15 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
     engine = s.engine
     loss_sum, tokens = 0.0, 0.0
     for micro in range(p.accum):
-        batch = _to_device(data.collate([s.splits.train[i] for i in next(batches)], s.pad_id),
-                           s.device)
+        examples = [s.splits.train[i] for i in next(batches)]
+        batch = _to_device(_collate(s, examples), s.device)
         loss = engine(**batch).loss
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
         engine.backward(loss)
         engine.step()
         loss_sum += float(loss.detach().float())
-        tokens += float(batch["attention_mask"].sum())
+        tokens += float(data.num_tokens(examples))
     return loss_sum, tokens
 
 
