@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.runfile import load
     from launcher.summary import summary
-    cfg = load(args.run_file, args.overrides)
+    cfg = load(args.run_file, args.overrides, inputs=True)
     print(f"OK {args.run_file}")
     print(summary(cfg))
     return 0

@@ -148,7 +148,7 @@ def main(args: Any) -> int:
         extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.warmup_steps=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
-    cfg = runfile.load(args.run_file, list(args.overrides) + extra)
+    cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
     try:
         plan = plan_text(cfg)
         if plan:

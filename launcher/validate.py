@@ -18,13 +18,14 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
-from launcher import batch, ds_config, model_info, slurm_checks
+from launcher import batch, ds_config, input_checks, model_info, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.quantize import missing_bitsandbytes
 
 Rule = Callable[[RunConfig], Iterator[Problem]]
 RULES: list[Rule] = []
+INPUT_RULES: list[Rule] = []  # read the run's files (launcher/input_checks.py): check(inputs=True)
 
 
 def rule(fn: Rule) -> Rule:
@@ -32,16 +33,22 @@ def rule(fn: Rule) -> Rule:
     return fn
 
 
-def check(cfg: RunConfig, unreliable: Iterable[str] = ()) -> list[Problem]:
+def input_rule(fn: Rule) -> Rule:
+    INPUT_RULES.append(fn)
+    return fn
+
+
+def check(cfg: RunConfig, unreliable: Iterable[str] = (), inputs: bool = False) -> list[Problem]:
     """All cross-field problems of a config whose fields are individually valid.
 
     `unreliable`: dotted keys whose value is a default standing in for something the user
     wrote wrongly (a field with its own problem). A rule that reads one of them is skipped:
-    its verdict would be about a value nobody chose.
+    its verdict would be about a value nobody chose. `inputs`: also read the data files, model
+    weights, tokenizer and chat template (validate, slurm and run do; plan and ds-config not).
     """
     bad = set(unreliable)
     out: list[Problem] = []
-    for r in RULES:
+    for r in RULES + (INPUT_RULES if inputs else []):
         reads: set[str] = set()
         found = list(r(_Reads(cfg, "", reads)))  # type: ignore[arg-type]
         if not any(_overlaps(k, b) for k in reads for b in bad):
@@ -363,9 +370,55 @@ def _tokenizer(cfg: RunConfig) -> Iterator[Problem]:
 
 @rule
 def _data_files(cfg: RunConfig) -> Iterator[Problem]:
-    for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
+    d = cfg.data
+    if (d.path is None) == (not d.mix):
+        yield Problem("data.path", "give data.path (one source) or data.mix (several), not "
+                      + ("both" if d.path else "neither"), "set exactly one of them")
+    paths = [("data.path", d.path), ("data.eval_path", d.eval_path)]
+    paths += [(f"data.mix[{i}].path", m.path) for i, m in enumerate(d.mix)]
+    for key, path in paths:
         if path and not os.path.exists(path):
             yield Problem(key, f"no such file or folder: {path}", "check the path")
+
+
+# ------------------------------------------------------------------ the inputs themselves
+def _inputs_of(cfg: RunConfig, *keys: str) -> RunConfig:
+    """The plain config behind a rule's view, after reading `keys` through it (so a rule about
+    an unreliable key is skipped)."""
+    for k in keys:
+        obj = cfg
+        for part in k.split("."):
+            obj = getattr(obj, part)
+    return getattr(cfg, "_obj", cfg)
+
+
+_DATA_KEYS = ("data.path", "data.mix", "data.eval_path", "data.format", "data.text_field",
+              "data.prompt_field", "data.response_field", "data.messages_field",
+              "data.max_bad_rows")
+
+
+@input_rule
+def _data_inputs(cfg: RunConfig) -> Iterator[Problem]:
+    real = _inputs_of(cfg, *_DATA_KEYS)
+    for key, d in input_checks.sources(real):
+        if os.path.exists(d.path):
+            yield from input_checks.data_problems(key, d.path, d)
+
+
+@input_rule
+def _model_weights(cfg: RunConfig) -> Iterator[Problem]:
+    yield from input_checks.model_problems(_inputs_of(cfg, "model.path"))
+
+
+@input_rule
+def _tokenizer_files(cfg: RunConfig) -> Iterator[Problem]:
+    yield from input_checks.tokenizer_problems(_inputs_of(cfg, "model.path", "model.tokenizer"))
+
+
+@input_rule
+def _chat_template(cfg: RunConfig) -> Iterator[Problem]:
+    yield from input_checks.template_problems(
+        _inputs_of(cfg, *_DATA_KEYS, "data.chat_template", "model.path", "model.tokenizer"))
 
 
 @rule

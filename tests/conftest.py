@@ -35,14 +35,26 @@ def write_run(tmp_path):
     return _write
 
 
+def write_fake_model(d) -> str:
+    """config.json, a one-tensor safetensors file and a two-token tokenizer.json: enough for the
+    login-node checks (launcher/input_checks.py)."""
+    import json
+    import struct
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
+    head = json.dumps({"model.embed_tokens.weight": {"dtype": "F32", "shape": [2, 4],
+                                                     "data_offsets": [0, 32]}}).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(32))
+    (d / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}')
+    return str(d)
+
+
 @pytest.fixture
 def fake_model(tmp_path) -> str:
-    """A folder with only a config.json: enough for the login-node checks."""
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
+    """A model folder for the login-node checks (write_fake_model) and train.jsonl beside it."""
+    d = write_fake_model(tmp_path / "model")
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
-    return str(d)
+    return d
 
 
 # ------------------------------------------------------------------ the local Slurm cluster

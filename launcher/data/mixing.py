@@ -8,27 +8,13 @@ more often than it has examples). The order is a pure function of (seed, epoch),
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 from launcher.data.tokenize import Tokens
+from launcher.input_checks import source_settings  # noqa: F401 - one definition, both halves
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-
-    from launcher.config import DataConfig
-
-
-def source_settings(d: "DataConfig") -> list[tuple["DataConfig", float]]:
-    """Each source's data settings (a mix entry's keys over the data section's) and weight."""
-    if not d.mix:
-        return [(d, 1.0)]
-    out = []
-    for m in d.mix:
-        over = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-                if f.name != "weight" and getattr(m, f.name) is not None}
-        out.append((dataclasses.replace(d, mix=[], **over), float(m.weight)))
-    return out
 
 
 class Mixture:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.input_checks import bad_row_limit
 from launcher.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -324,12 +325,6 @@ def _missing_columns(d: "DataConfig", path: str, fmt: str, missing: list[str], n
             fix += " (a json file must be a top-level list of records)"
         problems.append(Problem(k, msg, fix))
     return ConfigError(problems, "data")
-
-
-def bad_row_limit(d: "DataConfig", rows: int) -> int:
-    """How many bad rows data.max_bad_rows allows in a source of `rows` rows."""
-    m = d.max_bad_rows
-    return int(m) if m >= 1 or m == 0 else int(m * rows)
 
 
 def check_bad_rows(d: "DataConfig", bad: list[tuple[int, str]], rows: int, key: str, path: str,
