@@ -219,3 +219,26 @@ def test_flash_attention_gets_one_flat_row_with_position_ids():
     assert sd["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 2, 0]]
     assert sd["attention_mask"][0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0],
                                                          [0, 0, 1, 0], [0, 0, 1, 1]]
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_tokenized_once_and_reused_until_the_data_changes(tok_plain, tmp_path):
+    import threading
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": f"the cat {i}."} for i in range(50)])
+    c = cfg(path, max_seq_len=16, packing=True, cache_dir=str(tmp_path / "cache"))
+    results: list = []
+    ranks = [threading.Thread(target=lambda: results.append(
+        data.cached_load(c, tok_plain, warn=lambda m: None))) for _ in range(2)]
+    for r in ranks:
+        r.start()
+    for r in ranks:
+        r.join()
+    assert sorted(s.stats["cache"] for s in results) == ["built", "reused"]
+    plain = data.load(c, tok_plain, warn=lambda m: None)
+    for s in results:
+        assert [s.train[i] for i in range(len(s.train))] == \
+            [plain.train[i] for i in range(len(plain.train))]
+    assert data.cached_load(c, tok_plain).stats["cache"] == "reused"
+    write_jsonl(tmp_path / "t.jsonl", [{"text": f"a dog {i}."} for i in range(51)])
+    again = data.cached_load(c, tok_plain, warn=lambda m: None)
+    assert again.stats["cache"] == "built" and len(again.train) != 0

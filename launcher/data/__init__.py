@@ -34,8 +34,8 @@ from launcher.data.tokenize import IGNORE, Tokens, tokenize_records, tokenizer_p
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config import DataConfig, RunConfig
 
-__all__ = ["IGNORE", "Mixture", "Sampler", "Splits", "Tokens", "collate", "load", "num_tokens",
-           "tokenizer_pad_id"]
+__all__ = ["IGNORE", "Mixture", "Sampler", "Splits", "Tokens", "cached_load", "collate", "load",
+           "num_tokens", "tokenizer_pad_id"]
 
 
 @dataclass
@@ -122,3 +122,6 @@ def load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
     if d.packing:
         stats["packing_fill"] = round(train.num_tokens / max(1, len(train) * d.max_seq_len), 4)
     return Splits(train=train, eval=ev, warnings=warnings, stats=stats, mixture=mixture)
+
+
+from launcher.data.cache import cached_load  # noqa: E402 - needs Splits and load defined
