@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train.device cpu: measure the ranks' kernel memory on this machine "
                         "(a few seconds, cached) instead of planning its range")
 
+    p = sub.add_parser("data", help="what the model will learn: tokens, trained part, lengths, "
+                       "sources; --show N marks it in N examples")
+    _add_run(p)
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples, marked")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("slurm", help="write the run directory and sbatch script; optionally submit")
     _add_run(p)
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
@@ -126,6 +132,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan_main(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from launcher.data.report import main as data_main  # rank half (transformers), lazily
+    return data_main(args)
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from launcher.slurm import main as slurm_main
     return slurm_main(args)
@@ -142,4 +153,4 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
-            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train}
+            "data": cmd_data, "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train}

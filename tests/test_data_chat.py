@@ -242,3 +242,31 @@ def test_tokenized_once_and_reused_until_the_data_changes(tok_plain, tmp_path):
     write_jsonl(tmp_path / "t.jsonl", [{"text": f"a dog {i}."} for i in range(51)])
     again = data.cached_load(c, tok_plain, warn=lambda m: None)
     assert again.stats["cache"] == "built" and len(again.train) != 0
+
+
+# ----------------------------------------------------------------------------- ftlaunch data
+def test_ftlaunch_data_reports_and_marks_the_trained_part(chat_tok, tiny, tmp_path, capsys):
+    from launcher import cli
+    import tiny_recipe
+    model = tiny_recipe.build_model(str(tmp_path / "model"), len(chat_tok), layers=1, hidden=32)
+    chat_tok.save_pretrained(model)
+    a = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVS] * 10)
+    b = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat sees the river."}] * 30)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: d\nmodel: {{path: {model}}}\ndata:\n"
+                   f"  max_seq_len: 128\n  cache_dir: {tmp_path}/c\n  mix:\n"
+                   f"    - {{path: {a}, weight: 1, messages_field: messages, chat_template: chatml}}\n"
+                   f"    - {{path: {b}, weight: 3}}\n"
+                   "train: {max_steps: 1, device: cpu}\n")
+    assert cli.main(["data", str(run), "--show", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "examples: 60 training sequences" in out and "trained on:" in out
+    assert f"source {a}: 30 examples, weight 1, drawn" in out and "lengths:" in out
+    assert "--- example 0" in out and "[[5.<|im_end|>]]" in out
+    assert "[[<|im_start|>" not in out  # the prompt side is not marked
+    assert cli.main(["data", str(run), "--json", "--show", "1"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["examples"] == 60 and 0 < info["trained_tokens"] < info["tokens"]
+    assert sum(x["count"] for x in info["lengths"]) == 60
+    assert abs(info["sources"][0]["share"] - 0.25) < 0.1
+    assert info["shown"][0].count("[[") == 2
