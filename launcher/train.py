@@ -224,12 +224,6 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def _collate(s: Setup, examples: list[dict]) -> dict:
-    """A micro batch for the model; packed rows in the form its attention kernel needs."""
-    return data.collate(examples, s.pad_id, getattr(s.model.config, "_attn_implementation", None),
-                        torch_dtype(s.cfg.model.dtype))
-
-
 def _to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -250,7 +244,8 @@ def evaluate(s: Setup) -> float:
         for b in range(n_batches):
             idx = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if idx else 0.0
-            batch = _to_device(_collate(s, [ev[i] for i in (idx or [0])]), s.device)
+            batch = _to_device(data.model_batch(s.model, [ev[i] for i in (idx or [0])], s.pad_id,
+                                                s.cfg.model.dtype), s.device)
             out = s.engine(**batch)
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())
             loss_sum += weight * float(out.loss.float()) * n
@@ -368,7 +363,8 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
     loss_sum, tokens = 0.0, 0.0
     for micro in range(p.accum):
         examples = [s.splits.train[i] for i in next(batches)]
-        batch = _to_device(_collate(s, examples), s.device)
+        batch = _to_device(data.model_batch(s.model, examples, s.pad_id, s.cfg.model.dtype),
+                           s.device)
         loss = engine(**batch).loss
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)

@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from launcher.data.batching import Sampler, collate, num_tokens, pack
-from launcher.data.mixing import Mixture, concat, source_settings
+from launcher.data.batching import Sampler, collate, model_batch, num_tokens, pack
+from launcher.data.mixing import Mixture, concat
+from launcher.input_checks import source_settings
 from launcher.data.reading import Records, fail, print_warning, records, split_eval
 from launcher.data.tokenize import IGNORE, Tokens, tokenize_records, tokenizer_pad_id
 
@@ -35,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from launcher.config import DataConfig, RunConfig
 
 __all__ = ["IGNORE", "Mixture", "Sampler", "Splits", "Tokens", "cached_load", "collate", "load",
-           "num_tokens", "tokenizer_pad_id"]
+           "model_batch", "num_tokens", "tokenizer_pad_id"]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from launcher.data.reading import fail, print_warning
+from launcher.data.reading import print_warning
 from launcher.data.tokenize import IGNORE, Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -213,3 +213,11 @@ def _packed(examples: list[dict], input_ids, labels, attention: str | None, dtyp
 def num_tokens(examples: list[dict]) -> int:
     """Tokens (not padding) of a micro batch's examples."""
     return sum(len(e["input_ids"]) for e in examples)
+
+
+def model_batch(model: Any, examples: list[dict], pad_id: int, dtype: str | None = None) -> dict:
+    """collate for `model`: packed rows in the form its attention kernel needs (`dtype`: the
+    run file's model.dtype, for an additive mask)."""
+    from launcher.device import torch_dtype
+    return collate(examples, pad_id, getattr(model.config, "_attn_implementation", None),
+                   torch_dtype(dtype) if dtype else None)

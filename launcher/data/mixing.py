@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from launcher.data.tokenize import Tokens
-from launcher.input_checks import source_settings  # noqa: F401 - one definition, both halves
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
