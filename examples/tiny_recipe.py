@@ -35,19 +35,22 @@ def qa_pairs(n: int, seed: int = 1) -> list[dict[str, str]]:
     return out
 
 
-def build_tokenizer(out_dir: str, corpus: list[str], vocab_size: int = 384) -> str:
+def build_tokenizer(out_dir: str, corpus: list[str], vocab_size: int = 384,
+                    extra_special: tuple[str, ...] = ()) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", *extra_special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
+    if extra_special:
+        fast.add_special_tokens({"additional_special_tokens": list(extra_special)})
     fast.model_max_length = 4096
     fast.save_pretrained(out_dir)
     return out_dir

@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train.device cpu: measure the ranks' kernel memory on this machine "
                         "(a few seconds, cached) instead of planning its range")
 
+    p = sub.add_parser("data", help="what the model will learn: tokens, trained part, lengths, "
+                       "sources; --show N marks it in N examples")
+    _add_run(p)
+    p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples, marked")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("slurm", help="write the run directory and sbatch script; optionally submit")
     _add_run(p)
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
@@ -109,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.runfile import load
     from launcher.summary import summary
-    cfg = load(args.run_file, args.overrides)
+    cfg = load(args.run_file, args.overrides, inputs=True)
     print(f"OK {args.run_file}")
     print(summary(cfg))
     return 0
@@ -138,6 +144,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return plan_main(args)
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from launcher.data.report import main as data_main  # rank half (transformers), lazily
+    return data_main(args)
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from launcher.slurm import main as slurm_main
     return slurm_main(args)
@@ -164,5 +175,5 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
-            "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train, "preflight": cmd_preflight,
-            "convert": cmd_convert}
+            "data": cmd_data, "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train,
+            "preflight": cmd_preflight, "convert": cmd_convert}

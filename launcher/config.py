@@ -109,28 +109,61 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class MixSource:
+    path: str = opt(REQUIRED, "This source's data file or saved folder.", path=True)
+    weight: float = opt(1.0, "Share of the training draws (weights are normalised).", gt=0)
+    format: Optional[Literal["jsonl", "json", "csv", "parquet", "text", "saved"]] = opt(
+        None, "As data.format; null: from the extension.")
+    text_field: Optional[str] = opt(None, "As data.text_field; null: data's.")
+    prompt_field: Optional[str] = opt(None, "As data.prompt_field; null: data's.")
+    response_field: Optional[str] = opt(None, "As data.response_field; null: data's.")
+    messages_field: Optional[str] = opt(None, "As data.messages_field; null: data's.")
+    chat_template: Optional[str] = opt(None, "As data.chat_template; null: data's.", path=True)
+    train_on: Optional[Literal["assistant", "all"]] = opt(None, "As data.train_on; null: data's.")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    path: str = opt(REQUIRED, "Training data: a jsonl/json/csv/parquet/text file, or a folder "
-                    "saved with `datasets.save_to_disk`.", path=True)
+    path: Optional[str] = opt(None, "Training data: a jsonl/json/csv/parquet/text file, or a folder "
+                              "saved with `datasets.save_to_disk` (or several: data.mix).", path=True)
     format: Optional[Literal["jsonl", "json", "csv", "parquet", "text", "saved"]] = opt(
         None, "Data format; null: from the file extension (a folder: saved).")
     text_field: str = opt("text", "Column with plain text (used when prompt_field is null).")
     prompt_field: Optional[str] = opt(None, "Column with the prompt; with response_field, loss "
                                       "is computed on the response only.")
     response_field: Optional[str] = opt(None, "Column with the response.")
+    messages_field: Optional[str] = opt(None, "Chat data: column with a list of messages "
+                                        "({role, content}; or ShareGPT {from, value}), rendered "
+                                        "with the chat template.")
+    chat_template: Optional[str] = opt(None, "Chat data: null: the tokenizer's own; chatml (built "
+                                       "in); or a Jinja file.", path=True)
+    train_on: Literal["assistant", "all"] = opt("assistant", "Chat and prompt/response data: loss "
+                                                "on the assistant turns (the response) only, or "
+                                                "on every token.")
+    mix: list[MixSource] = opt([], "Several sources sampled by weight: [{path, weight, ...any "
+                               "per-source data key}] (instead of data.path).")
     max_seq_len: int = opt(2048, "Tokens per sequence (truncation or packing length).", ge=8)
-    packing: bool = opt(False, "Concatenate examples into full max_seq_len sequences.")
-    add_eos: bool = opt(True, "Append the tokenizer's EOS token to every example.")
+    packing: bool = opt(False, "Pack whole examples into rows of up to max_seq_len tokens; "
+                        "each attends only to itself (own position ids and attention).")
+    add_eos: bool = opt(True, "Append the tokenizer's EOS token to every example (not chat: "
+                        "the template ends the turns).")
     eval_path: Optional[str] = opt(None, "Separate evaluation data, same format.", path=True)
     eval_fraction: float = opt(0.0, "Hold out this fraction of the training data for evaluation.",
                                ge=0, lt=1)
     shuffle: bool = opt(True, "Shuffle training examples each epoch (seeded).")
-    max_samples: Optional[int] = opt(None, "Use only the first N usable rows of data.path (before "
+    max_samples: Optional[int] = opt(None, "Use only the first N usable rows of each source (before "
                                      "the eval split); null: all.", ge=1)
     num_workers: int = opt(0, "Worker processes that collate micro batches ahead of the step "
                            "(torch DataLoader workers); 0: in the training process.", ge=0, le=64)
     preprocessing_workers: Optional[int] = opt(None, "Processes that tokenize the data; null: one "
                                                "(the fast tokenizer's own threads).", ge=1, le=256)
+    max_bad_rows: float = opt(0, "Rows that cannot be read (bad JSON, malformed messages) "
+                              "skipped before the run stops: a count, or a fraction < 1 of the "
+                              "rows.", ge=0)
+    cache: bool = opt(True, "Tokenize once per node and keep the result (keyed by the data, "
+                      "tokenizer, template and settings) for resumes and later jobs.")
+    cache_dir: Optional[str] = opt(None, "Where the tokenized data is kept; null: "
+                                   "$FTLAUNCH_CACHE or ~/.cache/ftlaunch/data.", path=True)
 
 
 @dataclass(frozen=True)

@@ -243,7 +243,6 @@ def _ax_datasets(out, key, value, tree, base_dir):
         mix = [{**s, "weight": 1.0} for s in sources]
         out.approx(key, "data.mix", mix, "Axolotl concatenates the datasets; here each is drawn "
                    "with weight 1 (set the weights to the sizes for the same shares)")
-        out.set("data.path", sources[0]["path"])
 
 
 def _ax_train_on_inputs(out, key, value, tree, base_dir):
@@ -351,7 +350,6 @@ def _lf_dataset(key_run: str) -> Handler:
                    + ("" if probs else "; concat -> weight 1 each (set weights to the sizes for "
                       "the same shares)"))
             out.approx(key, "data.mix", [{**s, "weight": w} for s, w in zip(sources, weights)], how)
-            out.set("data.path", sources[0]["path"])
     return h
 
 
@@ -466,7 +464,7 @@ def finish(out, peer: str, tree: dict, base_dir: str) -> None:
     if kind and out.get("train.scheduler", "cosine") != kind:
         out.approx("deepspeed (scheduler)", "train.scheduler", kind, "the DeepSpeed file's "
                    f"scheduler wins over {out.get('train.scheduler', 'the default')}, as in the HF Trainer")
-    if out.get("data.path") is None:
+    if out.get("data.path") is None and not out.get("data.mix"):  # data.mix: one or the other
         out.set("data.path", "data.jsonl")
         out.report.approximated.append(("(no dataset)", "data.path", "data.jsonl: the config names "
                                         "no dataset; point data.path at your data"))

@@ -11,6 +11,7 @@ prints the same ConfigError they would.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from launcher import data, layout, model_info
@@ -41,8 +42,10 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 
 
 def load_data(cfg: RunConfig, tokenizer: Any) -> data.Splits:
-    """The training (and eval) examples, checked against the model's positions."""
-    return data.load(cfg, tokenizer, max_positions=model_info.folder_max_positions(cfg.model.path))
+    """The training (and eval) examples, checked against the model's positions; tokenized once
+    per node and cached (launcher/data/cache.py)."""
+    return data.cached_load(cfg, tokenizer,
+                            max_positions=model_info.folder_max_positions(cfg.model.path))
 
 
 def check_data(cfg: RunConfig) -> data.Splits:
@@ -51,7 +54,9 @@ def check_data(cfg: RunConfig) -> data.Splits:
     splits = load_data(cfg, load_tokenizer(cfg))
     print(f"data: {splits.stats.get('train_examples')} training sequences, "
           f"{splits.stats.get('train_tokens')} tokens"
-          + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else ""),
+          + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else "")
+          + "".join(f"; {os.path.basename(s['path'])}: {s['share']:.1%} of the draws"
+                    for s in splits.stats.get("sources", []) if "share" in s),
           flush=True)
     return splits
 

@@ -156,7 +156,7 @@ def main(args: Any) -> int:
                   "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
-    cfg = runfile.load(args.run_file, list(args.overrides) + extra)
+    cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
     try:
         plan = plan_text(cfg, getattr(args, "force", False))
         if plan:

@@ -15,13 +15,16 @@ import sys
 RANK_HALF = {
     "launcher.train", "launcher.preflight", "launcher.checkpoint", "launcher.export",
     "launcher.faults", "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
-    "launcher.data", "launcher.data.reading", "launcher.data.tokenize", "launcher.data.batching",
+    "launcher.data",
 }
+RANK_PACKAGES = ("launcher.data.",)   # every module of these packages is rank half too
 # (login-half module, heavy library or rank-half module): imported inside a function only, and why.
 _META = "the memory plan's meta-device model (config.json only, no weights read)"
 LAZY_HEAVY_REASONS = {
     ("launcher.cli", "launcher.train"): "`ftlaunch train`: the ranks' entry point, run by torchrun",
     ("launcher.cli", "launcher.preflight"): "`ftlaunch preflight`: run by the job on every node",
+    ("launcher.cli", "launcher.data"): "`ftlaunch data`: tokenizes the data as the ranks will",
+    ("launcher.cli", "launcher.data.report"): "`ftlaunch data`: tokenizes the data as the ranks will",
     ("launcher.memory.inventory", "torch"): _META,
     ("launcher.memory.inventory", "transformers"): _META,
     ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
@@ -40,6 +43,10 @@ LAZY_HEAVY_REASONS = {
 }
 LAZY_HEAVY = set(LAZY_HEAVY_REASONS)
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def is_rank_half(name: str) -> bool:
+    return name in RANK_HALF or name.startswith(RANK_PACKAGES)
 
 
 def modules(root: str = ROOT) -> dict[str, str]:
@@ -71,9 +78,9 @@ def render(root: str = ROOT) -> str:
              "import of the rank half (or of torch, deepspeed, transformers, datasets, "
              "bitsandbytes, peft) from the login half.", ""]
     halves = (("login", "answers on a login node without torch: run files, checks, DeepSpeed "
-               "JSON, the memory plan, Slurm scripts, launching", lambda m: m not in RANK_HALF),
+               "JSON, the memory plan, Slurm scripts, launching", lambda m: not is_rank_half(m)),
               ("rank", "runs on the compute nodes, on every rank under torchrun / srun (and the "
-               "per-node preflight): model, DeepSpeed, data, training, checkpoints", lambda m: m in RANK_HALF))
+               "per-node preflight): model, DeepSpeed, data, training, checkpoints", lambda m: is_rank_half(m)))
     for half, what, keep in halves:
         lines += [f"## The {half} half", "", what + ".", "", "| module | what it does |", "|---|---|"]
         for name in sorted(mods):

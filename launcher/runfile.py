@@ -277,16 +277,17 @@ def locate(problems: list[Problem], where: Mapping[str, str]) -> list[Problem]:
 
 
 def parse(text: str, overrides: Sequence[str] = (), *, source: str = "run file",
-          base_dir: str | None = None) -> tuple[RunConfig | None, list[Problem]]:
+          base_dir: str | None = None, inputs: bool = False) -> tuple[RunConfig | None, list[Problem]]:
     """Parse run-file text plus overrides into (config or None, problems), cross-field rules
-    (launcher/validate.py) included for every rule whose inputs could all be read."""
+    (launcher/validate.py) included for every rule whose inputs could all be read; `inputs`:
+    the input rules too (data files, weights, tokenizer, chat template)."""
     ctx = Context([], source)
     cfg = _parse(text, overrides, source, base_dir, ctx)
     problems = ctx.problems
     if cfg is not None:
         from launcher.validate import check as cross_check
         unreliable = {p.key for p in problems if p.key != "<file>"} | ctx.suspect
-        problems = problems + cross_check(cfg, unreliable)
+        problems = problems + cross_check(cfg, unreliable, inputs=inputs)
     return cfg, locate(problems, ctx.lines)
 
 
@@ -311,8 +312,9 @@ def _parse(text: str, overrides: Sequence[str], source: str, base_dir: str | Non
     return cfg
 
 
-def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a run file, apply overrides, run every rule. Raises ConfigError with all problems."""
+def load(path: str, overrides: Sequence[str] = (), *, inputs: bool = False) -> RunConfig:
+    """Read a run file, apply overrides, run every rule (`inputs`: the input rules too). Raises
+    ConfigError with all problems."""
     source = os.path.relpath(path) if not os.path.isabs(path) or path.startswith(os.getcwd()) else path
     try:
         with open(path, encoding="utf-8") as fh:
@@ -324,7 +326,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> RunConfig:
         raise ConfigError([Problem("<file>", f"cannot read the run file: {exc}",
                                    "give a readable UTF-8 YAML file")], source) from None
     cfg, problems = parse(text, overrides, source=source,
-                          base_dir=os.path.dirname(os.path.abspath(path)))
+                          base_dir=os.path.dirname(os.path.abspath(path)), inputs=inputs)
     if problems:
         raise ConfigError(problems, source)
     assert cfg is not None

@@ -222,7 +222,7 @@ def main(args: Any) -> int:
     from launcher import ds_config, rundir
     from launcher.rundir import on_existing
     from launcher.runfile import load
-    cfg = load(args.run_file, args.overrides)
+    cfg = load(args.run_file, args.overrides, inputs=True)
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))

@@ -261,7 +261,8 @@ def evaluate(s: Setup) -> float:
         for b in range(n_batches):
             idx = mine[b * micro:(b + 1) * micro]
             weight = 1.0 if idx else 0.0
-            batch = _to_device(data.collate([ev[i] for i in (idx or [0])], s.pad_id), s.device)
+            batch = _to_device(data.model_batch(s.model, [ev[i] for i in (idx or [0])], s.pad_id,
+                                                s.cfg.model.dtype), s.device)
             out = s.engine(**batch)
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())
             loss_sum += weight * float(out.loss.float()) * n
@@ -319,7 +320,8 @@ def begin(s: Setup) -> Progress:
     whose weights, optimizer, sampler position and metrics file are restored."""
     cfg, env, t = s.cfg, s.env, s.cfg.train
     sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
-                           micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
+                           micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
+                           mixture=s.splits.mixture)
     os.makedirs(cfg.run_dir, exist_ok=True)
     _, accum, _ = batch_sizes(cfg, env.world_size)
     p = Progress(sampler, Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
@@ -378,7 +380,8 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
     engine = s.engine
     loss_sum, n_tokens = 0.0, 0.0
     for micro in range(p.accum):
-        batch = _to_device(data.collate([s.splits.train[i] for i in next(batches)], s.pad_id),
+        examples = [s.splits.train[i] for i in next(batches)]
+        batch = _to_device(data.model_batch(s.model, examples, s.pad_id, s.cfg.model.dtype),
                            s.device)
         loss = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
@@ -389,7 +392,7 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
         if micro < p.accum - 1:
             engine.step()
         loss_sum += float(loss.detach().float())
-        n_tokens += float(batch["attention_mask"].sum())
+        n_tokens += float(data.num_tokens(examples))
     return loss_sum, n_tokens
 
 

@@ -8,75 +8,22 @@ one bad field silences as little as possible. Rules needing parameter names (pat
 LoRA targets) are checked against the names in the safetensors headers (`_names_in_weights`),
 and again on the ranks against the loaded model.
 
+The registry and `check` live in launcher/rules.py; the rules about the files the run will read
+(model folder, data, tokenizer, chat template, names in the weights) in launcher/rule_files.py.
 The rules ask other modules for facts and keep only the judgement here: the batch arithmetic
 (`launcher/batch.py`), what a model folder says (`launcher/model_info.py`), the DeepSpeed
 override tables (`launcher/ds_config.py`), the cluster section (`launcher/slurm_checks.py`).
 """
 from __future__ import annotations
 
-import dataclasses
-import os
 import re
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterator
 
-from launcher import batch, ds_config, ds_file, freeze, model_info, slurm_checks
+from launcher import batch, ds_config, ds_file, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
+from launcher.rules import INPUT_RULES, RULES, check, input_rule, rule  # noqa: F401  (the API)
 from launcher.quantize import missing_bitsandbytes
-
-Rule = Callable[[RunConfig], Iterator[Problem]]
-RULES: list[Rule] = []
-
-
-def rule(fn: Rule) -> Rule:
-    RULES.append(fn)
-    return fn
-
-
-def check(cfg: RunConfig, unreliable: Iterable[str] = ()) -> list[Problem]:
-    """All cross-field problems of a config whose fields are individually valid.
-
-    `unreliable`: dotted keys whose value is a default standing in for something the user
-    wrote wrongly (a field with its own problem). A rule that reads one of them is skipped:
-    its verdict would be about a value nobody chose.
-    """
-    bad = set(unreliable)
-    out: list[Problem] = []
-    for r in RULES:
-        reads: set[str] = set()
-        found = list(r(_Reads(cfg, "", reads)))  # type: ignore[arg-type]
-        if not any(_overlaps(k, b) for k in reads for b in bad):
-            out += found
-    return out
-
-
-def _overlaps(read: str, bad: str) -> bool:
-    return (read == bad or read.startswith((bad + ".", bad + "["))
-            or bad.startswith((read + ".", read + "[")))
-
-
-# Properties of the config classes and the fields they are computed from.
-_PROPERTY_READS = {"world_size": ("cluster.nodes", "cluster.gpus_per_node"),
-                   "run_dir": ("output.dir", "name")}
-
-
-class _Reads:
-    """A read-only view of a config that records the dotted keys a rule reads."""
-
-    def __init__(self, obj: Any, prefix: str, reads: set[str]):
-        self._obj, self._prefix, self._reads = obj, prefix, reads
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._obj, name)
-        key = f"{self._prefix}.{name}" if self._prefix else name
-        if name in _PROPERTY_READS and not self._prefix:
-            self._reads.update(_PROPERTY_READS[name])
-        elif dataclasses.is_dataclass(value):
-            return _Reads(value, key, self._reads)
-        else:
-            self._reads.add(key)
-        return value
-
 
 # ------------------------------------------------------------------ batch and schedule
 @rule
@@ -342,111 +289,7 @@ def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
 
 
 # ------------------------------------------------------------------ files the run will read
-@rule
-def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
-    m = cfg.model
-    if not os.path.isdir(m.path):
-        yield Problem("model.path", f"no such folder: {m.path}", "point it at a save_pretrained "
-                      "folder (with config.json)")
-    elif model_info.model_config(m.path) is None:
-        yield Problem("model.path", f"{m.path} has no readable config.json",
-                      "point it at a Hugging Face model folder")
-
-
-@rule
-def _attn_kernel(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher.memory.kernels import problem
-    yield from filter(None, [problem(cfg.model.path, cfg.model.attn_implementation)])
-
-
-@rule
-def _seq_len(cfg: RunConfig) -> Iterator[Problem]:
-    limit = model_info.folder_max_positions(cfg.model.path)
-    if limit is not None and cfg.data.max_seq_len > limit:
-        yield Problem("data.max_seq_len", f"{cfg.data.max_seq_len} exceeds the model's "
-                      f"{limit} positions", f"use data.max_seq_len <= {limit}")
-
-
-@rule
-def _layer_count(cfg: RunConfig) -> Iterator[Problem]:
-    f = cfg.freeze
-    if f.policy != "last_layers":
-        return
-    mc = model_info.model_config(cfg.model.path)
-    layers = model_info.num_layers(mc) if mc else None
-    if layers is not None and abs(f.trainable_layers) > layers:
-        yield Problem("freeze.trainable_layers", f"{f.trainable_layers} blocks asked for, the model "
-                      f"has {layers}", f"use at most {layers} (or freeze.policy: full to train all)")
-
-
-@rule
-def _tokenizer(cfg: RunConfig) -> Iterator[Problem]:
-    tok = cfg.model.tokenizer
-    if tok and not os.path.isdir(tok):
-        yield Problem("model.tokenizer", f"no such folder: {tok}", "give the tokenizer folder "
-                      "or null to use model.path")
-
-
-@rule
-def _data_files(cfg: RunConfig) -> Iterator[Problem]:
-    for key, path in (("data.path", cfg.data.path), ("data.eval_path", cfg.data.eval_path)):
-        if path and not os.path.exists(path):
-            yield Problem(key, f"no such file or folder: {path}", "check the path")
-
-
-@rule
-def _data_fields(cfg: RunConfig) -> Iterator[Problem]:
-    d = cfg.data
-    if (d.prompt_field is None) != (d.response_field is None):
-        yield Problem("data.response_field" if d.response_field is None else "data.prompt_field",
-                      "prompt_field and response_field go together", "set both, or neither for plain text")
-
-
-@rule
-def _eval_sources(cfg: RunConfig) -> Iterator[Problem]:
-    d = cfg.data
-    if d.eval_path and d.eval_fraction:
-        yield Problem("data.eval_fraction", "both eval_path and eval_fraction are set",
-                      "use one source of eval data")
-
-
-@rule
-def _tokens(cfg: RunConfig) -> Iterator[Problem]:
-    m = cfg.model
-    for key, values in (("model.special_tokens", m.special_tokens), ("model.add_tokens", m.add_tokens)):
-        for i, tok in enumerate(values):
-            if not tok.strip():
-                yield Problem(f"{key}[{i}]", "an empty or blank token", "remove it")
-            elif values.index(tok) != i:
-                yield Problem(f"{key}[{i}]", f"{tok!r} is listed twice", "remove the repeat")
-    f = cfg.freeze
-    missing = [g for g in ("embeddings", "lm_head") if g not in f.also_train]
-    if (m.special_tokens or m.add_tokens) and f.policy == "lora" and missing:
-        yield Problem("freeze.also_train", "new tokens need their embedding rows trained, and LoRA "
-                      "freezes the embeddings and the output head",
-                      f"add {', '.join(missing)} to freeze.also_train (saved with the adapter)")
-    if m.pad_token is not None and not m.pad_token.strip():
-        yield Problem("model.pad_token", "an empty pad token", "give a token, or null for the "
-                      "tokenizer's own (else EOS)")
-
-
-@rule
-def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
-    """Freeze patterns, also_train groups and LoRA targets against the parameter names in the
-    model's safetensors headers (no torch); silent when the folder has no readable weights."""
-    f, path = cfg.freeze, cfg.model.path
-    if f.policy == "full" or not os.path.isdir(path):
-        return
-    try:
-        names = list(model_info.weight_tensors(path))
-    except model_info.WeightsError:
-        return
-    if not names:
-        return
-    mc = model_info.model_config(path) or {}
-    if mc.get("tie_word_embeddings") and not any(n.startswith("lm_head.") for n in names):
-        names.append("lm_head.weight")  # a tied head is saved once, under the embedding's name
-    yield from freeze.name_problems(names, f)
+from launcher import rule_files  # noqa: E402,F401  (its rules register here, in this order)
 
 
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster

@@ -15,6 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FTLAUNCH_CACHE", os.path.join("/tmp", f"ftlaunch-test-data-cache-{os.getuid()}"))
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ftlaunch-torch-extensions"))
 
 
@@ -35,14 +36,33 @@ def write_run(tmp_path):
     return _write
 
 
+def write_fake_model(d) -> str:
+    """config.json, a safetensors file with a 2-block Llama's parameter names (tiny shapes) and a
+    two-token tokenizer.json: enough for the login-node checks (launcher/input_checks.py and the
+    name checks of freeze patterns and LoRA targets)."""
+    import json
+    import struct
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+            "post_attention_layernorm")] + [f"model.layers.{i}.self_attn.q_proj.bias" for i in range(2)]
+    header = {n: {"dtype": "F32", "shape": [2, 4], "data_offsets": [32 * i, 32 * (i + 1)]}
+              for i, n in enumerate(names)}
+    head = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + bytes(32 * len(names)))
+    (d / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}')
+    return str(d)
+
+
 @pytest.fixture
 def fake_model(tmp_path) -> str:
-    """A folder with only a config.json: enough for the login-node checks."""
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 512}')
+    """A model folder for the login-node checks (write_fake_model) and train.jsonl beside it."""
+    d = write_fake_model(tmp_path / "model")
     (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
-    return str(d)
+    return d
 
 
 # ------------------------------------------------------------------ the local Slurm cluster

@@ -246,21 +246,17 @@ def test_converted_files_pass_validate_but_for_missing_paths(tiny, tmp_path, cap
     run = yaml.safe_load(open(out))
     cfg, problems = runfile.parse(open(out).read(), ["cluster.gpus_per_node=2"], source=out,
                                   base_dir=str(tmp_path))
-    unknown = {p.key for p in problems if p.message == "unknown key"}
     paths = [p for p in problems if p.key in ("data.path", "data.eval_path", "model.path")
-             and "no such file" in p.message]
-    chat = name == "chat_datasets"
-    assert unknown == (CHAT_KEYS & _keys(run) if chat else set()), problems
-    others = [p for p in problems if p.message != "unknown key" and p not in paths]
-    if chat:  # the chat keys cannot be read yet: data.path's own rules are skipped or refer to them
-        others = [p for p in others if not p.key.startswith("data.")]
+             or p.key.startswith("data.mix[") and p.key.endswith(".path")]
+    paths = [p for p in paths if "no such file" in p.message]
+    others = [p for p in problems if p not in paths]
     assert others == [], problems
     assert f"wrote {out} from {peer}" in report and "dropped (" in report
-    if chat:
-        assert "-> data.mix:" in report
-    if not chat:
+    if name == "chat_datasets":  # chat data and dataset lists land on the data keys by name
+        assert CHAT_KEYS & _keys(run) and "-> data.mix:" in report
+        assert all(p.key.startswith("data.mix[") for p in paths)  # the peers' dataset files
+    else:
         assert cfg is not None and not paths, problems
-
 
 def _keys(tree: dict, prefix: str = "") -> set[str]:
     out = set()

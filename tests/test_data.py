@@ -143,10 +143,15 @@ def test_add_eos_false(tok, tmp_path):
     path = _write("jsonl", tmp_path, TEXTS)
     splits = load(tok, path, add_eos=False)
     assert splits.train[0]["input_ids"] == encode(tok, TEXTS[0]) and splits.warnings == []
-    packed = load(tok, path, add_eos=False, packing=True, max_seq_len=8)
-    assert [t for e in packed.train for t in e["input_ids"]] == \
-        [t for x in TEXTS for t in encode(tok, x)][: 8 * len(packed.train)]
-    assert "packed documents run together" in packed.warnings[0]
+    packed = load(tok, path, add_eos=False, packing=True, max_seq_len=32)
+    docs = sorted(tuple(encode(tok, x)) for x in TEXTS)
+    got = []
+    for e in packed.train:
+        at = 0
+        for n in e["doc_lengths"]:
+            got.append(tuple(e["input_ids"][at:at + n]))
+            at += n
+    assert sorted(got) == docs
 
 
 # ----------------------------------------------------------------------------- prompt / response
@@ -201,34 +206,39 @@ def test_example_whose_prompt_fills_max_seq_len_is_dropped(tok, tmp_path):
 
 
 # ----------------------------------------------------------------------------- packing
-def test_packing_fills_rows_of_exactly_max_seq_len_and_keeps_masks(tok, tiny):
+def _docs_of(rows) -> list[tuple[tuple, tuple]]:
+    """(input_ids, labels) of every document of packed rows."""
+    out = []
+    for e in rows:
+        at = 0
+        for n in e["doc_lengths"]:
+            out.append((tuple(e["input_ids"][at:at + n]), tuple(e["labels"][at:at + n])))
+            at += n
+        assert at == len(e["input_ids"])
+    return out
+
+
+def test_packing_keeps_whole_examples_in_rows_and_keeps_masks(tok, tiny):
     kw = dict(prompt_field="prompt", response_field="response")
-    plain = load(tok, tiny["qa"], max_seq_len=64, **kw).train
+    plain = load(tok, tiny["qa"], max_seq_len=48, **kw).train
     packed = load(tok, tiny["qa"], max_seq_len=48, packing=True, **kw)
-    stream_ids = [t for i in range(len(plain)) for t in plain[i]["input_ids"]]
-    stream_lab = [t for i in range(len(plain)) for t in plain[i]["labels"]]
-    rows = len(stream_ids) // 48
-    assert len(packed.train) == rows
-    assert all(len(packed.train[i]["input_ids"]) == 48 for i in range(rows))
-    assert [t for e in packed.train for t in e["input_ids"]] == stream_ids[: rows * 48]
-    assert [t for e in packed.train for t in e["labels"]] == stream_lab[: rows * 48]
-    assert any(f"leaves out the last {len(stream_ids) - rows * 48} tokens" in w
-               for w in packed.warnings)
+    rows = [packed.train[i] for i in range(len(packed.train))]
+    assert all(len(r["input_ids"]) <= 48 for r in rows)
+    # every example exactly once, whole; its first label -100 (never learnt from the one before)
+    want = sorted((tuple(e["input_ids"]), (-100,) + tuple(e["labels"][1:])) for e in plain)
+    assert sorted(_docs_of(rows)) == want
+    total = sum(len(e["input_ids"]) for e in plain)
+    assert len(rows) == -(-total // 48) or packed.stats["packing_fill"] > 0.9
+    assert packed.stats["packing_fill"] == round(total / (len(rows) * 48), 4)
 
 
-def test_packed_eval_keeps_its_partial_last_row(tok, tiny, tmp_path):
+def test_packing_cuts_long_examples_first(tok, tiny, tmp_path):
     ev = write_jsonl(tmp_path / "ev.jsonl", [{"text": t} for t in TEXTS])
-    splits = load(tok, tiny["text"], eval_path=ev, max_seq_len=16, packing=True)
-    total = sum(len(encode(tok, t)) + 1 for t in TEXTS)
-    assert [len(splits.eval[i]["input_ids"]) for i in range(len(splits.eval))] == \
-        [16] * (total // 16) + ([total % 16] if total % 16 else [])
-
-
-def test_packing_with_too_little_data(tok, tmp_path):
-    p = write_jsonl(tmp_path / "one.jsonl", [{"text": "a b"}])
-    with pytest.raises(ConfigError, match=r"packing needs at least max_seq_len=64 tokens, but the "
-                       r"training data has \d+"):
-        load(tok, p, max_seq_len=64, packing=True)
+    splits = load(tok, tiny["text"], eval_path=ev, max_seq_len=8, packing=True)
+    assert all(len(splits.eval[i]["input_ids"]) <= 8 for i in range(len(splits.eval)))
+    assert sorted(d[0] for d in _docs_of(splits.eval)) == \
+        sorted(tuple((encode(tok, t) + [tok.eos_token_id])[:8]) for t in TEXTS)
+    assert any("were cut" in w for w in splits.warnings)
 
 
 # ----------------------------------------------------------------------------- eval split

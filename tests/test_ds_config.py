@@ -540,12 +540,16 @@ def present(p_in_10: int = 2):
 
 def _valid_for(key: str, tp, meta) -> st.SearchStrategy:
     origin = typing.get_origin(tp)
+    if key == "data.path":  # optional in the schema (or data.mix), given here
+        return st.sampled_from(["train.jsonl"] * 9 + ["missing.jsonl"])
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
         nullable = [st.none()] if len(inner) < len(typing.get_args(tp)) else []
         return st.one_of(*nullable, *[_valid_for(key, a, meta) for a in inner])
     if origin is typing.Literal:
         return st.sampled_from(typing.get_args(tp))
+    if key == "data.mix":
+        return st.just([])  # one source (data.path); mixtures: tests/test_data_chat.py
     if origin is list:
         return st.lists(_valid_for(key + "[]", typing.get_args(tp)[0], {}), max_size=3)
     if origin is dict:
@@ -599,7 +603,7 @@ def section_strategy(cls, prefix: str = "") -> st.SearchStrategy:
         is_required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         is_required = is_required or key == "train.max_steps"
         # max_seq_len always: its default (2048) is longer than the test model's 512 positions
-        (required if is_required or key == "data.max_seq_len" else optional)[f.name] = value
+        (required if is_required or key in ("data.max_seq_len", "data.path") else optional)[f.name] = value
     return st.fixed_dictionaries(
         {k: v for k, v in required.items()},
         optional={k: v for k, v in optional.items()}).flatmap(_thin)

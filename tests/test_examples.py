@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import json
 import os
 
 import pytest
@@ -50,6 +51,15 @@ def redirect(example: str, build_root: str, out_dir: str) -> list[str]:
         full = os.path.normpath(os.path.join(os.path.dirname(example), value))
         if full == BUILD or full.startswith(BUILD + os.sep):
             overrides.append(f"{key}={os.path.join(build_root, os.path.relpath(full, BUILD))}")
+    mix = (tree.get("data") or {}).get("mix")
+    if mix:  # data.mix: the whole list again, its paths redirected
+        for m in mix:
+            full = os.path.normpath(os.path.join(os.path.dirname(example), m["path"]))
+            m["path"] = os.path.join(build_root, os.path.relpath(full, BUILD))
+        overrides.append(f"data.mix={json.dumps(mix)}")
+    if any("/chat/" in o for o in overrides):  # the chat example's assets (examples/chat_demo.py)
+        import chat_demo
+        chat_demo.build_assets(os.path.join(build_root, "chat"))
     return overrides
 
 
@@ -74,7 +84,8 @@ def test_example_validates_and_deepspeed_accepts_its_config(example, tiny, tmp_p
     overrides = redirect(example, build_root, str(tmp_path / "run"))
     assert any(o.startswith("model.path=") for o in overrides), "examples train the tiny model"
     cfg = runfile.load(example, overrides)
-    assert cfg.model.path.startswith(build_root) and cfg.data.path.startswith(build_root)
+    assert cfg.model.path.startswith(build_root)
+    assert all(p.startswith(build_root) for p in [cfg.data.path] + [m.path for m in cfg.data.mix] if p)
     assert os.path.isfile(os.path.join(cfg.model.path, "config.json"))
     built = ds_config.build(cfg)
     assert list(ds_config.find_auto(built)) == []

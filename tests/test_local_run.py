@@ -50,7 +50,7 @@ def no_launch(monkeypatch):
 
 @pytest.mark.parametrize("case, match", [
     ("missing_column", r"data.text_field"),
-    ("empty", r"data.path: .*(no rows|empty|no examples)"),
+    ("empty", r"data.path( \([^)]*\))?: .*(no rows|empty|no examples)"),
     ("too_long", r"data.max_seq_len .*4096 exceeds the model's 256 positions"),
     ("missing_file", r"data.path.*no such file"),
 ])

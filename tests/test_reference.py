@@ -20,7 +20,7 @@ def test_the_table_has_one_row_per_field():
     row = next(r for r in rows if r.startswith("| `cluster.time` |"))
     assert row == ("| `cluster.time` | a string | `24:00:00` | Time limit (`--time`, e.g. 24:00:00 "
                    "or 2-00:00:00). |")
-    assert "| `data.path` | a string | **required** |" in reference.fields_table()
+    assert "| `model.path` | a string | **required** |" in reference.fields_table()
 
 
 def test_check_fails_on_a_stale_copy_and_the_update_fixes_it(tmp_path, monkeypatch, capsys):

@@ -4,16 +4,17 @@
     for idx in sampler:
         batch = data.collate([splits.train[i] for i in idx], pad_id)
 
-Packing. With `data.packing` the examples (each with its EOS) are concatenated in file order and
-cut into rows of exactly `max_seq_len` tokens, labels keeping the prompt masking; training drops
-the last partial row, evaluation keeps it. Documents in a packed row attend to each other (plain
-concatenation, as most packers do).
+Packing. With `data.packing` whole examples (each cut to `max_seq_len` first) are packed into
+rows of at most `max_seq_len` tokens (`pack`). A packed row's documents do not see each other:
+`collate` gives them their own position ids and an attention restricted to each document, and
+the first label of every document is -100, so the loss of a packed row equals the losses of its
+documents run alone (token-weighted).
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from launcher.data.reading import fail, print_warning
+from launcher.data.reading import print_warning
 from launcher.data.tokenize import IGNORE, Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -22,26 +23,45 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # ------------------------------------------------------------------------------ packing
 def pack(tokens: Tokens, max_len: int, key: str, split: str, warnings: list[str]) -> Tokens:
-    """The examples concatenated and cut into rows of max_len tokens; `split` "train" drops
-    the last partial row (with a warning), "eval" keeps it."""
+    """Whole examples (each at most max_len, cut before) placed into rows of at most max_len
+    tokens, longest first, each into the row with the most room left (worst-fit decreasing:
+    O(n log n), deterministic). The result's `docs` holds every document's start; the first
+    label of every document is -100 (no document learns from the one before it)."""
+    import heapq
+
     import numpy as np
 
-    flat_ids, flat_lab = tokens.ids, tokens.labels
-    total = len(flat_ids)
-    rows = total // max_len
-    if split == "train":
-        if rows == 0:
-            raise fail("data.max_seq_len", f"packing needs at least max_seq_len={max_len} tokens, "
-                       f"but the training data has {total}", "lower data.max_seq_len, add "
-                       "data, or set data.packing: false")
-        if total - rows * max_len:
-            warnings.append(f"{key}: packing into {rows} rows of {max_len} tokens leaves out the "
-                            f"last {total - rows * max_len} tokens")
-        offsets = np.arange(0, rows * max_len + 1, max_len, dtype=np.int64)
-        flat_ids, flat_lab = flat_ids[: rows * max_len], flat_lab[: rows * max_len]
-    else:  # evaluation keeps the partial last row
-        offsets = np.unique(np.append(np.arange(0, total, max_len, dtype=np.int64), total))
-    return Tokens(flat_ids, flat_lab, offsets)
+    n = len(tokens)
+    lengths = np.diff(tokens.offsets)
+    order = np.lexsort((np.arange(n), -lengths))  # longest first, ties in file order
+    rows: list[list[int]] = []
+    heap: list[tuple[int, int]] = []  # (-room, row)
+    for i in order.tolist():
+        ln = int(lengths[i])
+        if heap and -heap[0][0] >= ln:
+            room, r = heapq.heappop(heap)
+            rows[r].append(i)
+            heapq.heappush(heap, (room + ln, r))
+        else:
+            rows.append([i])
+            heapq.heappush(heap, (-(max_len - ln), len(rows) - 1))
+    doc_order = np.fromiter((i for row in rows for i in row), dtype=np.int64, count=n)
+    starts, ends = tokens.offsets[:-1][doc_order], tokens.offsets[1:][doc_order]
+    idx = np.concatenate([np.arange(a, b) for a, b in zip(starts.tolist(), ends.tolist())]) \
+        if n else np.zeros(0, dtype=np.int64)
+    doc_len = (ends - starts)
+    docs = np.zeros(n, dtype=np.int64)
+    np.cumsum(doc_len[:-1], out=docs[1:])
+    row_len = np.fromiter((sum(int(lengths[i]) for i in row) for row in rows), dtype=np.int64,
+                          count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(row_len, out=offsets[1:])
+    labels = tokens.labels[idx].copy()
+    labels[docs] = IGNORE
+    out = Tokens(tokens.ids[idx], labels, offsets, docs=docs)
+    out.stats = dict(tokens.stats, packed_rows=len(rows),
+                     packing_fill=round(float(offsets[-1]) / max(1, len(rows) * max_len), 4))
+    return out
 
 
 # ------------------------------------------------------------------------------ sampling
@@ -53,10 +73,11 @@ class Sampler:
     permutation next epoch leaves out others). With fewer examples than one micro batch on every
     rank, the permutation is repeated to fill exactly one (indices then repeat within an epoch).
     `state_dict()` = {"epoch", "position"}: micro batches this rank consumed in the epoch;
-    `load_state_dict` continues exactly there."""
+    `load_state_dict` continues exactly there. With a `mixture` (data.mix) each epoch's order is
+    the mixture's draw for (seed, epoch) instead of a permutation."""
 
     def __init__(self, n: int, *, rank: int, world_size: int, micro_batch_size: int, seed: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, mixture: Any = None):
         if n < 1:
             raise ValueError(f"Sampler needs at least one example, got n={n}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -65,6 +86,7 @@ class Sampler:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.n, self.rank, self.world_size = n, rank, world_size
         self.micro_batch_size, self.seed, self.shuffle = micro_batch_size, seed, shuffle
+        self.mixture = mixture  # launcher.data.mixing.Mixture: the epochs' orders draw by weight
         self.batches_per_epoch = max(1, n // (world_size * micro_batch_size))
         self._epoch, self._position = 0, 0
         self._cache: tuple[int, Any] | None = None
@@ -77,7 +99,9 @@ class Sampler:
         import numpy as np
 
         if self._cache is None or self._cache[0] != epoch:
-            if self.shuffle:
+            if self.mixture is not None:
+                perm = self.mixture.order(self.seed, epoch, self.shuffle)
+            elif self.shuffle:
                 perm = np.random.default_rng([int(self.seed), int(epoch)]).permutation(self.n)
             else:
                 perm = np.arange(self.n)
@@ -125,10 +149,15 @@ class Sampler:
 
 
 # ------------------------------------------------------------------------------ batching
-def collate(examples: list[dict], pad_id: int) -> dict[str, "torch.Tensor"]:
+def collate(examples: list[dict], pad_id: int, attention: str | None = None,
+            dtype: Any = None) -> dict[str, "torch.Tensor"]:
     """Right-pad to the longest example: input_ids (pad_id), attention_mask (0 on padding),
     labels (-100 on padding). Padding is known from the lengths, never from the pad id, so a pad
-    id equal to EOS is safe."""
+    id equal to EOS is safe. Packed rows (examples with `doc_lengths`) get per-document
+    `position_ids` and attention kept inside each document, in the form of the model's
+    `attention` kernel: flash attention: the rows flattened into one sequence (varlen over the
+    position ids); sdpa: a block-diagonal causal boolean 4D mask; eager and others: the same as
+    an additive mask in `dtype` (default float32)."""
     import torch
 
     if not examples:
@@ -138,7 +167,7 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, "torch.Tensor"]:
         raise ValueError("collate got only empty examples")
     n = len(examples)
     input_ids = torch.full((n, width), int(pad_id), dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
     labels = torch.full((n, width), IGNORE, dtype=torch.long)
     for i, e in enumerate(examples):
         ids, lab = e["input_ids"], e["labels"]
@@ -147,5 +176,48 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, "torch.Tensor"]:
         k = len(ids)
         input_ids[i, :k] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, :k] = torch.as_tensor(lab, dtype=torch.long)
-        attention[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        attention_mask[i, :k] = 1
+    if "doc_lengths" not in examples[0]:
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return _packed(examples, input_ids, labels, attention, dtype)
+
+
+def _packed(examples: list[dict], input_ids, labels, attention: str | None, dtype) -> dict:
+    """The model inputs of packed rows (see collate)."""
+    import torch
+
+    n, width = input_ids.shape
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)
+    for i, e in enumerate(examples):
+        at = 0
+        for d, ln in enumerate(list(e["doc_lengths"]) + [width - len(e["input_ids"])]):
+            position_ids[i, at:at + ln] = torch.arange(ln)
+            segment[i, at:at + ln] = d  # the padding is a document of its own
+            at += ln
+    if attention and attention.startswith("flash"):
+        keep = [len(e["input_ids"]) for e in examples]
+        flat = lambda t: torch.cat([t[i, :k] for i, k in enumerate(keep)])[None]  # noqa: E731
+        return {"input_ids": flat(input_ids), "position_ids": flat(position_ids),
+                "labels": flat(labels)}
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    mask = mask[:, None]
+    if attention != "sdpa":
+        dtype = dtype or torch.float32
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
+            "labels": labels}
+
+
+def num_tokens(examples: list[dict]) -> int:
+    """Tokens (not padding) of a micro batch's examples."""
+    return sum(len(e["input_ids"]) for e in examples)
+
+
+def model_batch(model: Any, examples: list[dict], pad_id: int, dtype: str | None = None) -> dict:
+    """collate for `model`: packed rows in the form its attention kernel needs (`dtype`: the
+    run file's model.dtype, for an additive mask)."""
+    from launcher.device import torch_dtype
+    return collate(examples, pad_id, getattr(model.config, "_attn_implementation", None),
+                   torch_dtype(dtype) if dtype else None)

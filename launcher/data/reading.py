@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.input_checks import bad_row_limit
 from launcher.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +38,8 @@ _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 _BUILDER = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 _LINK_EXT = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet", "text": "txt"}
 _FIX = {"saved": "point it at a folder written by Dataset.save_to_disk",
-        "jsonl": "one JSON object per line (fix or remove that line)",
+        "jsonl": "one JSON object per line (fix or remove that line, or let data.max_bad_rows "
+                 "skip bad lines)",
         "json": "a JSON list of records, e.g. [{\"text\": ...}, ...] (or use jsonl)",
         "csv": "a comma-separated file with a header row",
         "parquet": "a parquet file (pandas.DataFrame.to_parquet)",
@@ -260,29 +262,44 @@ def _as_text(values: list, key: str, column: str, path: str) -> list[str | None]
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out.append(None if v != v else str(v))  # NaN (pandas' missing) is missing
         else:
+            fix = "point the field at a column of strings"
+            if isinstance(v, list) and v and isinstance(v[0], dict):
+                fix = (f"it holds conversations: set data.messages_field: {column} (and "
+                       f"data.chat_template if the tokenizer has none) instead of {key}")
             raise fail(key, f"column '{column}' of {path} holds {type(v).__name__} values "
-                       f"(row {i + 1}), not text", "point the field at a column of strings")
+                       f"(row {i + 1}), not text", fix)
     return out
 
 
 @dataclass
 class Records:
-    """Texts of one source after dropping empty rows: prompts is None for plain text."""
+    """The usable rows of one source: texts (plain text, or responses), prompts (None unless
+    prompt/response), chats (None unless chat: each a list of {role, content}); `row_numbers`:
+    their 1-based rows in the file (for errors about one row)."""
 
     texts: list[str]
     prompts: list[str] | None
     dropped: int
     rows: int
+    chats: list[list[dict]] | None = None
+    row_numbers: list[int] | None = None
+    bad: list[tuple[int, str]] | None = None  # rows that could not be used: (row, why)
+
+    def __len__(self) -> int:
+        return len(self.chats) if self.chats is not None else len(self.texts)
 
 
 def _wanted(d: "DataConfig", fmt: str) -> tuple[list[str], str]:
     """The columns to read and the key that names them."""
     if fmt == "text":
-        if d.prompt_field is not None:
-            raise fail("data.prompt_field", "a text file has one example per line and no "
-                       "prompt/response columns", "use jsonl/json/csv/parquet records with both "
-                       "columns, or set prompt_field and response_field to null")
+        for k in ("prompt_field", "messages_field"):
+            if getattr(d, k) is not None:
+                raise fail(f"data.{k}", "a text file has one example per line and no "
+                           "prompt/response or messages columns", "use jsonl/json/csv/parquet "
+                           f"records with that column, or set {k} to null")
         return ["text"], "data.text_field"  # a text file's lines are the text
+    if d.messages_field is not None:
+        return [d.messages_field], "data.messages_field"
     if d.prompt_field is not None:
         return [d.prompt_field, d.response_field or ""], "data.prompt_field"
     return [d.text_field], "data.text_field"
@@ -301,26 +318,118 @@ def _missing_columns(d: "DataConfig", path: str, fmt: str, missing: list[str], n
         if k == "data.text_field" and d.prompt_field is None and {"prompt", "response"} <= set(names):
             fix += ", or set prompt_field: prompt and response_field: response for loss on " \
                    "the response only"
+        chat = [n for n in ("messages", "conversations") if n in names]
+        if k == "data.text_field" and chat:
+            fix += f", or set messages_field: {chat[0]} for chat data"
         if fmt == "json" and len(names) == 1:
             fix += " (a json file must be a top-level list of records)"
         problems.append(Problem(k, msg, fix))
     return ConfigError(problems, "data")
 
 
-def records(cfg: "RunConfig", path: str, key: str, warnings: list[str]) -> Records:
-    """The usable rows of the file or folder at `path` (config key `key`); a warning for the
-    dropped ones is appended to `warnings`."""
-    d = cfg.data
+def check_bad_rows(d: "DataConfig", bad: list[tuple[int, str]], rows: int, key: str, path: str,
+                   warnings: list[str] | None) -> None:
+    """Rows that could not be read: a warning naming them (None: no warning yet, more may
+    come), or a ConfigError past the limit."""
+    if not bad:
+        return
+    bad = sorted(bad)
+    named = "; ".join(f"row {r}: {why}" for r, why in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    limit = bad_row_limit(d, rows)
+    if len(bad) > limit:
+        raise fail(key, f"{len(bad)} of {rows} rows of {path} cannot be used ({named})",
+                   "fix or remove those rows, or let data.max_bad_rows (a count, or a fraction "
+                   f"of the rows; now {d.max_bad_rows:g}) skip them")
+    if warnings is not None:
+        warnings.append(f"{key}: skipped {len(bad)} of {rows} rows of {path} that cannot be used "
+                        f"(data.max_bad_rows {d.max_bad_rows:g}): {named}")
+
+
+def _tolerant_jsonl(path: str, columns: list[str]) -> tuple[dict[str, list], list[str], list,
+                                                            list[int]]:
+    """A jsonl file read line by line: the wanted columns of the good rows, every column name
+    seen, the bad lines as (line, why), and the good rows' line numbers."""
+    cols: dict[str, list] = {c: [] for c in columns}
+    names: dict[str, None] = {}
+    bad, numbers = [], []
+    fh = _open_text(path)
+    if fh is None:
+        raise ValueError("zstd")
+    with fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                bad.append((n, f"not valid JSON ({exc})"))
+                continue
+            if not isinstance(row, dict):
+                bad.append((n, f"a JSON {_json_kind(row)}, not an object"))
+                continue
+            names.update(dict.fromkeys(row))
+            numbers.append(n)
+            for c in columns:
+                cols[c].append(row.get(c))
+    return {c: v for c, v in cols.items() if c in names}, list(names), bad, numbers
+
+
+def _read(d: "DataConfig", path: str, key: str, fmt: str, wanted: list[str]):
+    """read_columns, except that a jsonl file with bad lines is read line by line (when
+    data.max_bad_rows allows any): (columns, names, bad rows, the good rows' numbers or None)."""
+    try:
+        return (*read_columns(path, key, fmt, wanted), [], None)
+    except ConfigError:
+        if fmt != "jsonl" or d.max_bad_rows == 0:
+            raise
+        cols, names, bad, numbers = _tolerant_jsonl(path, wanted)
+        if not bad:
+            raise
+        return cols, names, bad, numbers
+
+
+def _chat_records(d: "DataConfig", column: list, path: str, key: str, lines: list[int],
+                  bad: list[tuple[int, str]]) -> Records:
+    """The conversations of a messages column; rows that are none are added to `bad` (checked
+    against data.max_bad_rows here, and again with the template's refusals after rendering)."""
+    from launcher.messages import BadRow, normalise
+
+    chats, numbers, bad = [], [], list(bad)
+    for i, v in enumerate(column):
+        try:
+            chats.append(normalise(v))
+            numbers.append(lines[i])
+        except BadRow as exc:
+            bad.append((lines[i], f"'{d.messages_field}' {exc}"))
+    rows = len(column) + len(bad) - (len(column) - len(chats))
+    if not chats:
+        raise fail("data.messages_field", f"no row of {path} holds a conversation (row "
+                   f"{bad[-1][0]}: {bad[-1][1]})", "point messages_field at a column of "
+                   "[{role, content}, ...] lists (or ShareGPT [{from, value}, ...])")
+    check_bad_rows(d, bad, rows, key, path, None)
+    return Records(texts=[], prompts=None, dropped=len(bad), rows=rows, chats=chats,
+                   row_numbers=numbers, bad=bad)
+
+
+def records(cfg: "RunConfig", path: str, key: str, warnings: list[str],
+            d: "DataConfig | None" = None) -> Records:
+    """The usable rows of the file or folder at `path` (config key `key`; `d`: the data settings
+    of this source, default cfg.data); a warning for the dropped ones goes to `warnings`."""
+    d = d or cfg.data
     _check_path(path, key)
     fmt = _format_of(path, key, d.format)
     wanted, field_key = _wanted(d, fmt)
-    cols, names = read_columns(path, key, fmt, wanted)
+    cols, names, bad, lines = _read(d, path, key, fmt, wanted)
     missing = [c for c in wanted if c not in cols]
     if missing:
         raise _missing_columns(d, path, fmt, missing, names, field_key)
     rows = len(next(iter(cols.values())))
     if rows == 0:
         raise fail(key, f"{path} holds no rows", "point it at a file with examples")
+    lines = lines or list(range(1, rows + 1))
+    if d.messages_field is not None:
+        return _chat_records(d, cols[d.messages_field], path, key, lines, bad)
+    check_bad_rows(d, bad, rows + len(bad), key, path, warnings)
     if d.prompt_field is not None:
         prompts = _as_text(cols[d.prompt_field], "data.prompt_field", d.prompt_field, path)
         texts = _as_text(cols[d.response_field], "data.response_field", d.response_field, path)
@@ -344,20 +453,20 @@ def records(cfg: "RunConfig", path: str, key: str, warnings: list[str]) -> Recor
                         f"(first: row {first + 1})")
     return Records(texts=[texts[i] for i in keep],
                    prompts=None if prompts is None else [prompts[i] for i in keep],
-                   dropped=dropped, rows=rows)
+                   dropped=dropped, rows=rows, row_numbers=[lines[i] for i in keep])
 
 
 def subset(rec: Records, idx: list[int]) -> Records:
-    return Records(texts=[rec.texts[i] for i in idx],
-                   prompts=None if rec.prompts is None else [rec.prompts[i] for i in idx],
-                   dropped=0, rows=len(idx))
+    pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+    return Records(texts=pick(rec.texts) if rec.chats is None else [], prompts=pick(rec.prompts),
+                   dropped=0, rows=len(idx), chats=pick(rec.chats), row_numbers=pick(rec.row_numbers))
 
 
 def split_eval(rec: Records, fraction: float, seed: int) -> tuple[Records, Records]:
     """(train, eval): `fraction` of the records held out by a permutation seeded with `seed`."""
     import numpy as np
 
-    n = len(rec.texts)
+    n = len(rec)
     n_eval = max(1, round(n * fraction))
     if n_eval >= n:
         raise fail("data.eval_fraction", f"holding out {fraction} of {n} examples leaves none "

@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from launcher.data.chat import IGNORE  # noqa: F401  (re-exported: data.IGNORE)
 from launcher.data.reading import Records, fail, print_warning
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from launcher.config import RunConfig
+    from launcher.config import DataConfig, RunConfig
 
-IGNORE = -100  # label of a position without loss (the value Hugging Face losses ignore)
 
 _TOKENIZE_CHUNK = 2048
 
@@ -38,8 +38,11 @@ class Tokens(Sequence):
     """Tokenised examples: `self[i]` is {"input_ids": [...], "labels": [...]} (labels -100 where
     no loss). Stored as flat int32 arrays `ids`, `labels` and int64 `offsets` (n + 1 entries)."""
 
-    def __init__(self, ids: "np.ndarray", labels: "np.ndarray", offsets: "np.ndarray"):
+    def __init__(self, ids: "np.ndarray", labels: "np.ndarray", offsets: "np.ndarray",
+                 docs: "np.ndarray | None" = None):
         self.ids, self.labels, self.offsets = ids, labels, offsets
+        self.docs = docs  # packed rows: the offsets of the documents (a subset of positions)
+        self.stats: dict = {}
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -54,7 +57,12 @@ class Tokens(Sequence):
         if not 0 <= i < n:
             raise IndexError(f"example {i} out of range (0..{n - 1})")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+        out = {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+        if self.docs is not None:
+            import numpy as np
+            lo, hi = np.searchsorted(self.docs, [a, b])
+            out["doc_lengths"] = np.diff(np.append(self.docs[lo:hi], b)).tolist()
+        return out
 
     def length(self, i: int) -> int:
         return int(self.offsets[i + 1] - self.offsets[i])
@@ -132,8 +140,8 @@ class _Examples:
 
 
 def _mask_and_cut(body: list[list[int]], heads: list[list[int]] | None, start: list[int],
-                  end: list[int], max_len: int, packing: bool) -> _Examples:
-    """Each example's ids and labels (-100 on start + prompt), cut to max_len unless packing."""
+                  end: list[int], max_len: int, train_all: bool = False) -> _Examples:
+    """Each example's ids and labels (-100 on start + prompt unless train_all), cut to max_len."""
     out = _Examples(total=len(body))
     for i, toks in enumerate(body):
         if not toks:
@@ -141,12 +149,12 @@ def _mask_and_cut(body: list[list[int]], heads: list[list[int]] | None, start: l
             continue
         head = start + (heads[i] if heads is not None else [])
         ids = head + toks + end
-        if heads is not None:
+        if heads is not None and not train_all:
             labels = [IGNORE] * len(head) + toks + end
         else:
             labels = list(ids)
         out.longest = max(out.longest, len(ids))
-        if not packing and len(ids) > max_len:
+        if len(ids) > max_len:
             out.truncated += 1
             ids, labels = ids[:max_len], labels[:max_len]
             if heads is not None and all(x == IGNORE for x in labels):
@@ -187,15 +195,49 @@ def _flatten(ex: _Examples) -> Tokens:
     return Tokens(flat_ids, flat_lab, offsets)
 
 
+def _chat_examples(d: "DataConfig", tokenizer, rec: Records, key: str,
+                   warnings: list[str]) -> _Examples:
+    from launcher.data import chat
+    from launcher.data.reading import check_bad_rows
+
+    renderer = chat.Renderer(chat.template_text(d, tokenizer), tokenizer, d.train_on)
+    numbers = rec.row_numbers or list(range(1, len(rec) + 1))
+    segs, _, bad = chat.render_all(rec.chats, numbers, renderer)
+    check_bad_rows(d, (rec.bad or []) + bad, rec.rows, key, d.path or key, warnings)
+    ids, labels = chat.encode_segments(tokenizer, segs, _encode)
+    out = _Examples(total=len(ids))
+    for a, b in zip(ids, labels):
+        if not a or all(x == IGNORE for x in b):
+            out.empty += 1
+            continue
+        out.longest = max(out.longest, len(a))
+        if len(a) > d.max_seq_len:
+            out.truncated += 1
+            a, b = a[:d.max_seq_len], b[:d.max_seq_len]
+            if all(x == IGNORE for x in b):
+                out.no_response += 1
+                continue
+        out.ids.append(a)
+        out.labels.append(b)
+    return out
+
+
 def tokenize_records(cfg: "RunConfig", tokenizer, rec: Records, key: str, split: str,
-                     warnings: list[str]) -> Tokens:
+                     warnings: list[str], d: "DataConfig | None" = None) -> Tokens:
     """One Tokens example per record (`split`: "train" or "eval"), masked, and cut to
-    max_seq_len unless data.packing; warnings for what was dropped or cut go to `warnings`."""
-    d = cfg.data
-    start = _start_tokens(tokenizer)
-    end = _end_tokens(cfg, tokenizer)
-    body = _encode(tokenizer, rec.texts)
-    heads = _encode(tokenizer, rec.prompts) if rec.prompts is not None else None
-    ex = _mask_and_cut(body, heads, start, end, d.max_seq_len, d.packing)
+    max_seq_len (with packing too: a packed row holds whole examples); warnings for what was
+    dropped or cut go to `warnings`. `d`: this source's data settings (default cfg.data)."""
+    d = d or cfg.data
+    if rec.chats is not None:
+        ex = _chat_examples(d, tokenizer, rec, key, warnings)
+    else:
+        start = _start_tokens(tokenizer)
+        end = _end_tokens(cfg, tokenizer)
+        body = _encode(tokenizer, rec.texts)
+        heads = _encode(tokenizer, rec.prompts) if rec.prompts is not None else None
+        ex = _mask_and_cut(body, heads, start, end, d.max_seq_len, d.train_on == "all")
     _report(ex, key, "train" if split == "train" else "eval", d.max_seq_len, warnings)
-    return _flatten(ex)
+    tokens = _flatten(ex)
+    tokens.stats = {"examples": ex.total, "truncated": ex.truncated,
+                    "dropped": ex.empty + ex.no_response}
+    return tokens

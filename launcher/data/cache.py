@@ -1,0 +1,172 @@
+"""Tokenized data kept on disk: built once per node, reused by the other ranks, resumes and
+later jobs.
+
+    splits = cached_load(cfg, tokenizer, max_positions=4096)   # every rank; one builds
+
+The key is a hash of everything the result depends on: each data file's path, size and
+modification time (every file of a saved folder), the tokenizer (its whole serialised form and
+special tokens), the chat template text, the data settings, the seed (eval split, mixture draw),
+the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: $FTLAUNCH_CACHE,
+else ~/.cache/ftlaunch/data) each key is a folder of .npy arrays (memory-mapped: the ranks of a
+node share one copy in the page cache) and a meta.json.
+
+Once per node: the first rank to take the key's file lock (fcntl) builds and publishes the folder
+atomically (a rename); the others wait on the lock, then map the result. Ranks on other nodes do
+the same on their own disk, or find the folder already there on a shared one. `data.cache:
+false` makes every rank tokenize for itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING, Callable
+
+from launcher.data.reading import print_warning
+from launcher.data.tokenize import Tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from launcher.config import RunConfig
+    from launcher.data.loading import Splits
+
+VERSION = 1
+_NO_KEY = ("cache", "cache_dir")
+
+
+def cache_root(cfg: "RunConfig") -> str:
+    return (cfg.data.cache_dir or os.environ.get("FTLAUNCH_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "ftlaunch", "data"))
+
+
+def _files(path: str | None) -> list:
+    if not path:
+        return []
+    if os.path.isdir(path):
+        out = []
+        for base, _, names in sorted(os.walk(path)):
+            out += _files_stat([os.path.join(base, n) for n in sorted(names)])
+        return out
+    return _files_stat([path])
+
+
+def _files_stat(paths: list[str]) -> list:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append([os.path.realpath(p), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([p, None, None])
+    return out
+
+
+def _tokenizer_id(tokenizer) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr(sorted((getattr(tokenizer, "special_tokens_map", {}) or {}).items())).encode())
+    h.update(str(getattr(tokenizer, "chat_template", None)).encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()
+
+
+def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
+    from launcher.config import to_dict
+    from launcher.input_checks import source_settings
+
+    d = cfg.data
+    settings = {k: v for k, v in to_dict(d).items() if k not in _NO_KEY}
+    files = [_files(s.path) for s, _ in source_settings(d)] + [_files(d.eval_path)]
+    templates = []
+    for s, _ in source_settings(d):
+        if s.chat_template and os.path.isfile(s.chat_template):
+            with open(s.chat_template, encoding="utf-8") as fh:
+                templates.append(fh.read())
+    blob = json.dumps({"v": VERSION, "data": settings, "files": files, "seed": cfg.train.seed,
+                       "positions": max_positions, "tok": _tokenizer_id(tokenizer),
+                       "templates": templates}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+_ARRAYS = ("ids", "labels", "offsets", "docs")
+
+
+def _write(folder: str, splits: "Splits") -> None:
+    import numpy as np
+
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    parts = {"train": splits.train, "eval": splits.eval}
+    for name, t in parts.items():
+        if t is None:
+            continue
+        for a in _ARRAYS:
+            if getattr(t, a) is not None:
+                np.save(os.path.join(tmp, f"{name}.{a}.npy"), getattr(t, a))
+    mix = splits.mixture
+    meta = {"warnings": splits.warnings, "stats": splits.stats,
+            "token_stats": {k: t.stats for k, t in parts.items() if t is not None},
+            "mixture": None if mix is None else {"sizes": mix.sizes,
+                                                 "weights": [float(p) for p in mix.probs]}}
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, default=str)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another node published the same key first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read(folder: str) -> "Splits":
+    import numpy as np
+
+    from launcher.data.loading import Splits
+    from launcher.data.mixing import Mixture
+
+    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:
+        meta = json.load(fh)
+    parts = {}
+    for name in ("train", "eval"):
+        if not os.path.exists(os.path.join(folder, f"{name}.ids.npy")):
+            parts[name] = None
+            continue
+        arr = {a: (np.load(os.path.join(folder, f"{name}.{a}.npy"), mmap_mode="r")
+                   if os.path.exists(os.path.join(folder, f"{name}.{a}.npy")) else None)
+               for a in _ARRAYS}
+        parts[name] = Tokens(arr["ids"], arr["labels"], np.asarray(arr["offsets"]),
+                             docs=None if arr["docs"] is None else np.asarray(arr["docs"]))
+        parts[name].stats = meta["token_stats"].get(name, {})
+    mix = meta["mixture"]
+    return Splits(train=parts["train"], eval=parts["eval"], warnings=meta["warnings"],
+                  stats=meta["stats"], mixture=None if mix is None else Mixture(**mix))
+
+
+def cached_load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
+                warn: Callable[[str], None] = print_warning) -> "Splits":
+    """`launcher.data.load`, through the cache (see the module docstring)."""
+    import fcntl
+
+    from launcher.data.loading import load
+
+    if not cfg.data.cache:
+        return load(cfg, tokenizer, max_positions=max_positions, warn=warn)
+    root = cache_root(cfg)
+    os.makedirs(root, exist_ok=True)
+    folder = os.path.join(root, cache_key(cfg, tokenizer, max_positions))
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if os.path.exists(os.path.join(folder, "meta.json")):
+                splits, how = _read(folder), "reused"
+            else:
+                splits, how = load(cfg, tokenizer, max_positions=max_positions,
+                                   warn=lambda m: None), "built"
+                _write(folder, splits)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    for w in splits.warnings:
+        warn(w)
+    splits.stats = dict(splits.stats, cache=how, cache_dir=folder)
+    return splits
