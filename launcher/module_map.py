@@ -16,6 +16,7 @@ RANK_HALF = {
     "launcher.train", "launcher.preflight", "launcher.checkpoint", "launcher.export",
     "launcher.faults", "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
     "launcher.data", "launcher.data.reading", "launcher.data.tokenize", "launcher.data.batching",
+    "launcher.data.loader",
 }
 # (login-half module, heavy library or rank-half module): imported inside a function only, and why.
 _META = "the memory plan's meta-device model (config.json only, no weights read)"
