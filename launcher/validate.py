@@ -5,8 +5,8 @@ and how to fix it. A rule is a generator registered with `@rule`; it receives a 
 of the config that records which fields it reads (plain attribute access only), so that a rule
 reading a field with its own problem can be skipped. Keep rules small: one concern each, so
 one bad field silences as little as possible. Rules needing parameter names (pattern matches,
-LoRA targets) are checked against the names in the safetensors headers (`_names_in_weights`),
-and again on the ranks against the loaded model.
+LoRA targets) are checked against the names in the safetensors headers as transformers renames
+them at load (`_names_in_weights`), and again on the ranks against the loaded model.
 
 The rules ask other modules for facts and keep only the judgement here: the batch arithmetic
 (`launcher/batch.py`), what a model folder says (`launcher/model_info.py`), the DeepSpeed
@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any, Callable, Iterable, Iterator
 
-from launcher import batch, ds_config, ds_file, freeze, model_info, slurm_checks
+from launcher import batch, ds_config, ds_file, freeze, loaded_names, model_info, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.quantize import missing_bitsandbytes
@@ -432,8 +432,10 @@ def _tokens(cfg: RunConfig) -> Iterator[Problem]:
 
 @rule
 def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
-    """Freeze patterns, also_train groups and LoRA targets against the parameter names in the
-    model's safetensors headers (no torch); silent when the folder has no readable weights."""
+    """Freeze patterns, also_train groups and LoRA targets against the parameter names the model
+    will have once loaded: the safetensors header names (no torch) renamed by the installed
+    transformers' load-time rules (launcher/loaded_names.py); silent when the folder has no
+    readable weights or those rules cannot be read for this model (the ranks check again)."""
     f, path = cfg.freeze, cfg.model.path
     if f.policy == "full" or not os.path.isdir(path):
         return
@@ -444,6 +446,9 @@ def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
     if not names:
         return
     mc = model_info.model_config(path) or {}
+    names = loaded_names.rename(mc, names, remote_code=cfg.model.trust_remote_code)
+    if names is None:
+        return
     if mc.get("tie_word_embeddings") and not any(n.startswith("lm_head.") for n in names):
         names.append("lm_head.weight")  # a tied head is saved once, under the embedding's name
     yield from freeze.name_problems(names, f)
