@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
-from launcher import freeze, input_checks, model_info
+from launcher import freeze, input_checks, loaded_names, model_info
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.rules import input_rule, rule
@@ -149,8 +149,10 @@ def _tokens(cfg: RunConfig) -> Iterator[Problem]:
 
 @rule
 def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
-    """Freeze patterns, also_train groups and LoRA targets against the parameter names in the
-    model's safetensors headers (no torch); silent when the folder has no readable weights."""
+    """Freeze patterns, also_train groups and LoRA targets against the parameter names the model
+    will have once loaded: the safetensors header names (no torch) renamed by the installed
+    transformers' load-time rules (launcher/loaded_names.py); silent when the folder has no
+    readable weights or those rules cannot be read for this model (the ranks check again)."""
     f, path = cfg.freeze, cfg.model.path
     if f.policy == "full" or not os.path.isdir(path):
         return
@@ -161,6 +163,9 @@ def _names_in_weights(cfg: RunConfig) -> Iterator[Problem]:
     if not names:
         return
     mc = model_info.model_config(path) or {}
+    names = loaded_names.rename(mc, names, remote_code=cfg.model.trust_remote_code)
+    if names is None:
+        return
     if mc.get("tie_word_embeddings") and not any(n.startswith("lm_head.") for n in names):
         names.append("lm_head.weight")  # a tied head is saved once, under the embedding's name
     yield from freeze.name_problems(names, f)

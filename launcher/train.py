@@ -50,6 +50,7 @@ from launcher import (checkpoint, data, dist_env, epochs, export, faults, inputs
 from launcher.watchdog import Watchdog
 from launcher.batch import batch_sizes
 from launcher.config import RunConfig
+from launcher.data import loader
 from launcher.device import resolve_device, torch_dtype
 from launcher.dist_env import RankEnv
 from launcher.errors import ConfigError
@@ -196,6 +197,7 @@ class Setup:
     splits: Optional[data.Splits]
     pad_id: int
     hf_ds_config: Any = None  # keeps ZeRO-3's zero.Init hook alive (transformers holds a weakref)
+    eval_batches: Any = None  # the eval loader (data.loader.batches), made by the first evaluate
 
     @property
     def model(self) -> Any:
@@ -245,6 +247,11 @@ def _to_device(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def collate_for(s: Setup) -> Any:
+    """The batches' collate: packed rows in the form the model's attention kernel needs."""
+    return data.model_collate(s.model, s.pad_id, s.cfg.model.dtype)
+
+
 def evaluate(s: Setup) -> float:
     """Token-weighted mean loss over the eval split. Every rank runs the same number of forward
     passes (ZeRO-3 gathers parameters in each), padding its share with zero-weight batches."""
@@ -255,14 +262,16 @@ def evaluate(s: Setup) -> float:
     micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
     mine = list(range(rank, len(ev), world))
     n_batches = math.ceil(math.ceil(len(ev) / world) / micro)
+    weights = [1.0 if mine[b * micro:(b + 1) * micro] else 0.0 for b in range(n_batches)]
+    if s.eval_batches is None:  # built once: its workers (data.num_workers) persist
+        lists = [mine[b * micro:(b + 1) * micro] or [0] for b in range(n_batches)]
+        s.eval_batches = loader.batches(ev, lists, collate_for(s), s.cfg.data.num_workers)
     loss_sum, count = 0.0, 0.0
     s.engine.eval()
     with torch.no_grad():
-        for b in range(n_batches):
-            idx = mine[b * micro:(b + 1) * micro]
-            weight = 1.0 if idx else 0.0
-            batch = _to_device(data.model_batch(s.model, [ev[i] for i in (idx or [0])], s.pad_id,
-                                                s.cfg.model.dtype), s.device)
+        for weight, batch in zip(weights, s.eval_batches):
+            batch.pop("num_tokens", None)
+            batch = _to_device(batch, s.device)
             out = s.engine(**batch)
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())
             loss_sum += weight * float(out.loss.float()) * n
@@ -380,9 +389,9 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
     engine = s.engine
     loss_sum, n_tokens = 0.0, 0.0
     for micro in range(p.accum):
-        examples = [s.splits.train[i] for i in next(batches)]
-        batch = _to_device(data.model_batch(s.model, examples, s.pad_id, s.cfg.model.dtype),
-                           s.device)
+        batch = next(batches)  # collated (data.loader.train_batches)
+        n_tokens += float(batch.pop("num_tokens"))
+        batch = _to_device(batch, s.device)
         loss = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
@@ -392,7 +401,6 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
         if micro < p.accum - 1:
             engine.step()
         loss_sum += float(loss.detach().float())
-        n_tokens += float(data.num_tokens(examples))
     return loss_sum, n_tokens
 
 
@@ -454,7 +462,8 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     per_epoch = p.sampler.batches_per_epoch  # eval_every / checkpoint_every: epoch
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
                unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    batches = iter(p.sampler)
+    batches = loader.train_batches(p.sampler, s.splits.train, collate_for(s),
+                                   s.cfg.data.num_workers)
     engine.train()
     # agree on a stop before the first step too (a signal while loading, a STOP left behind)
     signalled, stop_file_seen = _all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main))

@@ -5,8 +5,8 @@ and how to fix it. A rule is a generator registered with `@rule`; it receives a 
 of the config that records which fields it reads (plain attribute access only), so that a rule
 reading a field with its own problem can be skipped. Keep rules small: one concern each, so
 one bad field silences as little as possible. Rules needing parameter names (pattern matches,
-LoRA targets) are checked against the names in the safetensors headers (`_names_in_weights`),
-and again on the ranks against the loaded model.
+LoRA targets) are checked against the names in the safetensors headers as transformers renames
+them at load (`_names_in_weights`), and again on the ranks against the loaded model.
 
 The registry and `check` live in launcher/rules.py; the rules about the files the run will read
 (model folder, data, tokenizer, chat template, names in the weights) in launcher/rule_files.py.

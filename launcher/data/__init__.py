@@ -23,11 +23,12 @@ data.text_field, ...), what is wrong and how to fix it - raised on every rank be
 """
 from __future__ import annotations
 
-from launcher.data.batching import Sampler, collate, model_batch, num_tokens, pack  # noqa: F401
+from launcher.data.batching import (Sampler, collate, model_batch, model_collate,  # noqa: F401
+                                     num_tokens, pack)
 from launcher.data.cache import cached_load
 from launcher.data.loading import Splits, load
 from launcher.data.mixing import Mixture
 from launcher.data.tokenize import IGNORE, Tokens, tokenizer_pad_id
 
 __all__ = ["IGNORE", "Mixture", "Sampler", "Splits", "Tokens", "cached_load", "collate", "load",
-           "model_batch", "num_tokens", "pack", "tokenizer_pad_id"]
+           "model_batch", "model_collate", "num_tokens", "pack", "tokenizer_pad_id"]

@@ -12,7 +12,7 @@ documents run alone (token-weighted).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from launcher.data.reading import print_warning
 from launcher.data.tokenize import IGNORE, Tokens
@@ -215,9 +215,30 @@ def num_tokens(examples: list[dict]) -> int:
     return sum(len(e["input_ids"]) for e in examples)
 
 
-def model_batch(model: Any, examples: list[dict], pad_id: int, dtype: str | None = None) -> dict:
-    """collate for `model`: packed rows in the form its attention kernel needs (`dtype`: the
-    run file's model.dtype, for an additive mask)."""
+def counted_collate(examples: list[dict], pad_id: int, attention: str | None = None,
+                    dtype: Any = None) -> dict:
+    """collate, plus "num_tokens" (a 0-d tensor: the examples' tokens, padding excluded), which
+    the training loop pops before the forward (packed rows have no 2-D mask to count from)."""
+    import torch
+    out = collate(examples, pad_id, attention, dtype)
+    out["num_tokens"] = torch.tensor(num_tokens(examples))
+    return out
+
+
+def _model_kwargs(model: Any, dtype: str | None) -> dict[str, Any]:
     from launcher.device import torch_dtype
-    return collate(examples, pad_id, getattr(model.config, "_attn_implementation", None),
-                   torch_dtype(dtype) if dtype else None)
+    return {"attention": getattr(model.config, "_attn_implementation", None),
+            "dtype": torch_dtype(dtype) if dtype else None}
+
+
+def model_collate(model: Any, pad_id: int, dtype: str | None = None) -> Callable[[list[dict]], dict]:
+    """`counted_collate` for `model`, as a function of the examples (picklable, for DataLoader
+    workers): packed rows in the form its attention kernel needs (`dtype`: the run file's
+    model.dtype, for an additive mask)."""
+    import functools
+    return functools.partial(counted_collate, pad_id=pad_id, **_model_kwargs(model, dtype))
+
+
+def model_batch(model: Any, examples: list[dict], pad_id: int, dtype: str | None = None) -> dict:
+    """collate for `model` of these examples: the model's inputs and labels."""
+    return collate(examples, pad_id, **_model_kwargs(model, dtype))

@@ -95,12 +95,41 @@ def tokenizer_pad_id(tokenizer, *, warn: Callable[[str], None] = print_warning) 
                "embeddings if the vocabulary grew)")
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def _encode_chunk(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False, verbose=False,
+                     return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+
+
+_POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
+
+
+def _encode_in_worker(texts: list[str]) -> list[list[int]]:
+    return _encode_chunk(_POOL_TOKENIZER, texts)
+
+
+def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
+    """Token ids of each text (no special tokens). workers > 1 (data.preprocessing_workers):
+    contiguous chunks tokenised by that many forked processes and joined in order, so the ids
+    are those of one process; fork, because the tokenizer is already in memory and
+    `python -m launcher` is not import-safe for spawn."""
+    global _POOL_TOKENIZER
+    size = _TOKENIZE_CHUNK
+    if workers > 1:
+        size = max(1, min(size, -(-len(texts) // workers)))
+    chunks = [texts[a:a + size] for a in range(0, len(texts), size)]
     out: list[list[int]] = []
-    for a in range(0, len(texts), _TOKENIZE_CHUNK):
-        enc = tokenizer(texts[a:a + _TOKENIZE_CHUNK], add_special_tokens=False, verbose=False,
-                        return_attention_mask=False, return_token_type_ids=False)
-        out.extend(enc["input_ids"])
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+        _POOL_TOKENIZER = tokenizer
+        try:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+                for ids in pool.imap(_encode_in_worker, chunks):
+                    out.extend(ids)
+        finally:
+            _POOL_TOKENIZER = None
+        return out
+    for chunk in chunks:
+        out.extend(_encode_chunk(tokenizer, chunk))
     return out
 
 
@@ -228,13 +257,14 @@ def tokenize_records(cfg: "RunConfig", tokenizer, rec: Records, key: str, split:
     max_seq_len (with packing too: a packed row holds whole examples); warnings for what was
     dropped or cut go to `warnings`. `d`: this source's data settings (default cfg.data)."""
     d = d or cfg.data
+    workers = cfg.data.preprocessing_workers or 1
     if rec.chats is not None:
         ex = _chat_examples(d, tokenizer, rec, key, warnings)
     else:
         start = _start_tokens(tokenizer)
         end = _end_tokens(cfg, tokenizer)
-        body = _encode(tokenizer, rec.texts)
-        heads = _encode(tokenizer, rec.prompts) if rec.prompts is not None else None
+        body = _encode(tokenizer, rec.texts, workers)
+        heads = _encode(tokenizer, rec.prompts, workers) if rec.prompts is not None else None
         ex = _mask_and_cut(body, heads, start, end, d.max_seq_len, d.train_on == "all")
     _report(ex, key, "train" if split == "train" else "eval", d.max_seq_len, warnings)
     tokens = _flatten(ex)
