@@ -105,7 +105,8 @@ def _fused_sdpa(device: str, b: int, s: int):
     return Mode()
 
 
-def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool, device: str) -> tuple[int, str, str]:
+def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
+           device: str) -> tuple[int, str, str]:
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
