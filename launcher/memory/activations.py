@@ -146,6 +146,32 @@ def activations(shape: Shape, b: int, s: int, lp: int, attn: str, checkpointing:
                        if shape.known else KORTHIKANTI)
 
 
+def from_trace(tr, shape: Shape, b: int, s: int, lp: int, checkpointing: bool,
+               logits_held: bool) -> Activations:
+    """Activations from a traced meta-device forward (launcher/memory/traced.py): the model's
+    own saved tensors per block x blocks + what is outside the blocks. Under checkpointing a
+    block keeps its input only (lp bsh) and the backward recomputes one block at a time."""
+    L, bs = shape.layers, b * s
+    logits_live = lp * bs * shape.vocab if logits_held else 0
+    loss_grad = 8 * bs * shape.vocab
+    how = (f"traced on the meta device ({tr.attn} attention"
+           f"{', ' + tr.experts + ' experts' if tr.experts else ''}): "
+           f"{tr.per_block:,} B saved per block x {L} blocks + {tr.common:,} B outside the blocks "
+           f"(embeddings, final norm, logits, loss){' + lp bsV (logits held)' if logits_held else ''}")
+    if checkpointing:
+        saved = L * lp * bs * shape.hidden + tr.common + logits_live
+        extra = max(loss_grad, tr.per_block - 4 * bs * shape.vocab)
+        f = (f"{L} blocks x lp bsh (block inputs, checkpointing) + {tr.common:,} B outside the "
+             f"blocks [{how}]; backward: max(8bsV loss grads, one block recomputed)")
+    else:
+        saved = L * tr.per_block + tr.common + logits_live
+        extra = loss_grad
+        f = how + "; backward: + 8bsV (fp32 loss grads)"
+    return Activations(saved, extra, tr.per_block, f,
+                       "saved_tensors_hooks on a meta-device forward of 1 and 3 blocks "
+                       "(launcher/memory/traced.py; tests/test_memory_traced.py)")
+
+
 def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3: bool = False
               ) -> tuple[list[BlockGrads], HeadGrads]:
     """BlockGrads per block and HeadGrads from the inventory's trainable / quantized names.

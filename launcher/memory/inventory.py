@@ -141,10 +141,11 @@ def meta_model_for(cfg: RunConfig):
 
 
 def clear_meta_cache() -> None:
-    """Forget the cached meta-device models and inventories (the next plan reads config.json
-    again)."""
+    """Forget the cached meta-device models, inventories and traced activations (the next plan
+    reads config.json again)."""
     _meta_model_cached.cache_clear()
     _INVENTORIES.clear()
+    TRACES.clear()
 
 
 def _text_config(hf: Any) -> Any:
@@ -219,6 +220,7 @@ def quantized_modules(model: Any, cfg: RunConfig) -> set[str]:
 
 # ------------------------------------------------------------------ inventory
 _INVENTORIES: dict[tuple, "Inventory"] = {}
+TRACES: dict[tuple, object] = {}  # traced activations (launcher/memory/traced.py), same lifetime
 
 
 def inventory(cfg: RunConfig) -> Inventory:

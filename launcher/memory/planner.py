@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from launcher import ds_config, runfile
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem
-from launcher.memory.activations import activations, grads_map
+from launcher.memory.activations import activations, from_trace, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.memory.kernels import resolved as resolved_kernel
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.render import render
+from launcher.memory.traced import trace
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
                                    States, Term, gib, states)
@@ -254,11 +255,23 @@ def _activation_terms(r: _Setting) -> list[Term]:
     s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
-    blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
-        if inv.shape.known else (None, None)
-    act = activations(inv.shape, b, s, inv.lp_bytes, "eager" if attn == "eager" else "sdpa",
-                      cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
-                      logits_held=LOGITS_HELD, blocks=blocks, head=head)
+    kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
+    act, why = None, ""
+    if cfg.freeze.policy == "full" and cfg.quantization.mode == "none":
+        tr = trace(cfg.model.path, b, s, cfg.model.dtype, kernel, cfg.model.trust_remote_code,
+                   padded=not cfg.data.packing, device=r.device)
+        if isinstance(tr, str):
+            why = f" [formula: the meta-device trace failed: {tr}]"
+        else:
+            act = from_trace(tr, inv.shape, b, s, inv.lp_bytes, cfg.model.gradient_checkpointing,
+                             LOGITS_HELD)
+    if act is None:  # what trains decides what is kept: the enumerated formula, by block
+        blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
+            if inv.shape.known else (None, None)
+        act = activations(inv.shape, b, s, inv.lp_bytes, kernel,
+                          cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
+                          logits_held=LOGITS_HELD, blocks=blocks, head=head)
+        act = replace(act, formula=act.formula + why)
     terms: list[Term] = []
     add = _adder(terms)
     add("activations", "activations", act.saved, "fwd",

@@ -1,0 +1,108 @@
+"""Activations of every family: the plan (a meta-device forward traced with saved-tensor hooks)
+against the saved tensors of the real model on CPU, for a tiny config derived from each family's
+real config.json (tests/configs, sizes shrunk, everything else as published)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+FAMILIES = ["llama-3-8b", "mistral-7b", "mixtral-8x7b", "qwen2-7b", "gemma-2-9b", "phi-3-mini",
+            "gpt2", "falcon-7b", "opt-1.3b", "gpt-neox-20b"]
+B, S = 2, 48
+SHRINK = {  # key -> tiny value (only keys the family's config has are changed)
+    "hidden_size": 64, "n_embd": 64, "word_embed_proj_dim": 64, "num_attention_heads": 4,
+    "n_head": 4, "head_dim": 16, "query_pre_attn_scalar": 16, "intermediate_size": 96,
+    "ffn_dim": 96, "n_inner": 96, "num_hidden_layers": 2, "n_layer": 2, "vocab_size": 320,
+    "max_position_embeddings": 256, "original_max_position_embeddings": 256, "n_positions": 256,
+    "n_ctx": 256, "num_local_experts": 4, "sliding_window": 32, "pad_token_id": 0,
+    "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def tiny(src: str, dst) -> dict:
+    with open(os.path.join(CONFIGS, src, "config.json"), encoding="utf-8") as fh:
+        c = json.load(fh)
+    heads = c.get("num_attention_heads", c.get("n_head"))
+    for k, v in SHRINK.items():
+        if k in c and c[k] is not None:
+            c[k] = v
+    if c.get("num_key_value_heads"):  # keep grouped-query attention where the family has it
+        c["num_key_value_heads"] = 2 if c["num_key_value_heads"] < heads else 4
+    if c.get("num_kv_heads"):
+        c["num_kv_heads"] = 1 if c["num_kv_heads"] == 1 else 4
+    dst.mkdir()
+    (dst / "config.json").write_text(json.dumps(c))
+    return c
+
+
+def measured(path: str, gc: bool) -> int:
+    """Bytes autograd keeps in a real forward with labels (each storage once, no parameters)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    m.train()
+    if gc:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randint(3, 320, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(input_ids=x, labels=x).loss
+    del loss
+    return sum(seen.values())
+
+
+def planned(tmp_path, model_dir, gc: bool):
+    from launcher import memory
+    from launcher.runfile import load
+    (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: t\nmodel: {{path: {model_dir}, dtype: bf16, gradient_checkpointing: "
+                   f"{str(gc).lower()}}}\ndata: {{path: {tmp_path / 'd.jsonl'}, max_seq_len: {S}, "
+                   f"packing: true}}\ntrain: {{max_steps: 1, micro_batch_size: {B}, device: cpu}}\n")
+    p = memory.plan(load(str(run)), world_size=1, advise=False)
+    return next(t for t in p.terms if t.key == "activations")
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_traced_activations_within_10_percent_of_the_real_model(tmp_path, family, gc):
+    tiny(family, tmp_path / "m")
+    term = planned(tmp_path, tmp_path / "m", gc)
+    assert "traced on the meta device (" in term.formula, term.formula
+    real = measured(str(tmp_path / "m"), gc)
+    assert abs(term.bytes / real - 1) <= 0.10, (family, term.bytes, real)
+
+
+def test_llama_trace_equals_the_enumerated_formula(tmp_path):
+    """The trace and the tensor-by-tensor formula agree to the byte for the Llama family."""
+    from launcher.memory.activations import activations, from_trace
+    from launcher.memory.inventory import meta_model, shape_of
+    from launcher.memory.traced import trace
+    tiny("llama-3-8b", tmp_path / "m")
+    shape = shape_of(meta_model(str(tmp_path / "m")))
+    tr = trace(str(tmp_path / "m"), B, S, "bf16", "sdpa")
+    got = from_trace(tr, shape, B, S, 2, False, False).saved
+    want = activations(shape, B, S, 2, "sdpa", False, padded=False, logits_held=False).saved
+    assert abs(got - want) <= 8, (got, want)
+
+
+def test_untraceable_model_falls_back_to_the_formula_and_says_why(tmp_path):
+    from launcher.memory.traced import trace
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llama", "hidden_size": 0}')
+    why = trace(str(tmp_path / "m"), B, S, "bf16", "sdpa")
+    assert isinstance(why, str) and why
+    assert "no config.json" in trace(str(tmp_path / "missing"), B, S, "bf16", "sdpa")
