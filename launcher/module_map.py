@@ -27,6 +27,8 @@ LAZY_HEAVY_REASONS = {
     ("launcher.cli", "launcher.data.report"): "`ftlaunch data`: tokenizes the data as the ranks will",
     ("launcher.memory.inventory", "torch"): _META,
     ("launcher.memory.inventory", "transformers"): _META,
+    ("launcher.memory.traced", "torch"): "the plan's activations, traced on meta-device blocks",
+    ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
     ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
