@@ -45,7 +45,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import checkpoint, data, dist_env, export, faults, inputs, layout, run_state, rundir
+from launcher import (checkpoint, data, dist_env, export, faults, inputs, layout, lr_schedule,
+                      metrics, run_state, rundir)
 from launcher.batch import batch_sizes
 from launcher.config import RunConfig
 from launcher.device import resolve_device, torch_dtype
@@ -153,8 +154,11 @@ def build_engine(cfg: RunConfig, model: Any, ds_config: dict) -> Any:
     optimizer = None
     if cfg.train.optimizer != "adamw":
         optimizer = quantize.build_8bit_optimizer(cfg, trainable)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable,
-                                           optimizer=optimizer, config=ds_config)
+    # the schedule is launcher/lr_schedule.py's (no zero-lr step, resumable with a new
+    # max_steps); DeepSpeed prefers a client scheduler to the one ds_config.json names
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda opt: lr_schedule.install(opt, cfg.train))
     return engine
 
 
@@ -254,34 +258,13 @@ def evaluate(s: Setup) -> float:
     return total / n if n else float("nan")
 
 
-class Metrics:
-    """metrics.jsonl, one JSON object a line, appended by rank 0 and flushed every line."""
-
-    def __init__(self, path: str, main: bool):
-        self.path, self.main = path, main
-
-    def offset(self) -> int:
-        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
-
-    def truncate(self, offset: int) -> None:
-        """Drop lines written after a checkpoint we resume from (they will be written again)."""
-        if self.main and os.path.exists(self.path) and os.path.getsize(self.path) > offset:
-            with open(self.path, "r+b") as fh:
-                fh.truncate(offset)
-
-    def write(self, record: dict) -> None:
-        if self.main:
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-
 # ------------------------------------------------------------------ the loop
 @dataclass
 class Progress:
     """Where a rank's training stands (what a checkpoint records) and the current metrics window."""
 
     sampler: data.Sampler
-    metrics: Metrics
+    metrics: metrics.Metrics
     accum: int                       # micro batches per optimizer step
     saving: bool                     # False under FTLAUNCH_NO_SAVE=1 (dry run)
     step: int = 0
@@ -292,6 +275,10 @@ class Progress:
     last_ckpt_step: int = -1
     window_start: float = 0.0        # the tokens/s window of the next metrics line
     window_tokens: float = 0.0
+    window_steps: int = 0
+    resumed_at: int = -1             # the step of the checkpoint this launch resumed from
+    trackers: Any = None             # metrics.Trackers (output.report_to), rank 0
+    last_eval: float = float("nan")
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.time() - self.start, 3)
@@ -305,19 +292,23 @@ def begin(s: Setup) -> Progress:
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
     os.makedirs(cfg.run_dir, exist_ok=True)
     _, accum, _ = batch_sizes(cfg, env.world_size)
-    p = Progress(sampler, Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
+    p = Progress(sampler, metrics.Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
                  saving=os.environ.get("FTLAUNCH_NO_SAVE", "") != "1")
     resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
     if resume_from:
+        run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
         state, rank_state = checkpoint.load(s.engine, resume_from)
         p.step, p.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
         sampler.load_state_dict(rank_state["sampler"])
         p.metrics.truncate(int(state.get("metrics_offset", 0)))
-        p.last_ckpt, p.last_ckpt_step = resume_from, p.step
-        log.info(f"resumed from {resume_from} (step {p.step})")
+        p.last_ckpt, p.last_ckpt_step, p.resumed_at = resume_from, p.step, p.step
+        lr = lr_schedule.set_next(s.engine, p.step, t)
+        log.info(f"resumed from {resume_from} (step {p.step}); step {p.step + 1} of "
+                 f"{t.max_steps} runs at lr {lr:.3g}")
     elif env.is_main and p.saving:
         p.metrics.truncate(0)
+    p.trackers = metrics.Trackers.open(cfg, p.step, main=env.is_main and p.saving)
     p.start = p.window_start = time.time()  # this launch's clock (elapsed_s adds elapsed_before)
     return p
 
@@ -373,26 +364,31 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
 
 
 def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
-    """A metrics line for the step just taken (tokens/s over the window since the last line)."""
+    """A metrics line for the step just taken (tokens/s and step time over the window since the
+    last line), also sent to the trackers of output.report_to."""
     now = time.time()
     norm = s.engine.get_global_grad_norm()
+    window = max(now - p.window_start, 1e-9)
     rec = {"step": p.step, "loss": loss, "lr": lr,
            "grad_norm": float(norm) if norm is not None else None,
-           "tokens_per_s": p.window_tokens / max(now - p.window_start, 1e-9),
+           "tokens_per_s": p.window_tokens / window,
+           "step_time_s": round(window / max(p.window_steps, 1), 4),
+           "memory_bytes": metrics.memory_bytes(s.device),
            "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
     p.metrics.write(rec)
+    p.trackers.log(p.step, {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s",
+                                                "step_time_s", "memory_bytes")}, "train")
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
-    p.window_start, p.window_tokens = now, 0.0
+    p.window_start, p.window_tokens, p.window_steps = now, 0.0, 0
 
 
 def finish(s: Setup, p: Progress) -> int:
     """After the last step: final evaluation, checkpoint, export; exit 0."""
     cfg, run_dir = s.cfg, s.cfg.run_dir
-    if s.splits.eval is not None:
-        ev = evaluate(s)
-        p.metrics.write({"step": p.step, "eval_loss": ev, "elapsed_s": p.elapsed()})
-        log.info(f"eval loss {ev:.4f} at step {p.step}")
+    if s.splits.eval is not None and p.resumed_at != p.step:  # else it is in metrics.jsonl
+        write_eval(p, evaluate(s))
+        log.info(f"eval loss {p.last_eval:.4f} at step {p.step}")
     path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
     if p.saving and cfg.output.save_final:
         final = export.save_final(s.engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
@@ -402,7 +398,14 @@ def finish(s: Setup, p: Progress) -> int:
     run_state.write_exit_status(run_dir, s.env.rank, layout.EXIT_OK, p.step, path, "done")
     if s.env.is_main:
         print(f"done: {p.step} steps; checkpoint {path}", flush=True)
+    p.trackers.close()
     return layout.EXIT_OK
+
+
+def write_eval(p: Progress, loss: float) -> None:
+    p.last_eval = loss
+    p.metrics.write({"step": p.step, "eval_loss": loss, "elapsed_s": p.elapsed()})
+    p.trackers.log(p.step, {"loss": loss}, "eval")
 
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
@@ -412,6 +415,11 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
 
     t, engine = s.cfg.train, s.engine
     stop = stop or run_state.StopRequest()
+    done = run_state.finished(s.cfg.run_dir, t.max_steps) if t.resume == "auto" else None
+    if done:  # the last launch finished at or past max_steps: say so, change nothing
+        if s.env.is_main:
+            print(run_state.finished_message(s.cfg.run_dir, done, t.max_steps), flush=True)
+        return layout.EXIT_OK
     p = begin(s)
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
                unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -421,6 +429,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     signalled, stop_file_seen = _all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main))
     if signalled or stop_file_seen:
         bar.close()
+        p.trackers.close()
         return stopped(s, p, stop, signalled)
     while p.step < t.max_steps:
         lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
@@ -432,15 +441,17 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
             [loss_sum, float(p.accum), tokens] + stop.votes(s.cfg.run_dir, s.env.is_main))
         p.tokens_seen += int(tokens_all)
         p.window_tokens += tokens_all
+        p.window_steps += 1
         if p.step % t.log_every == 0 or p.step == t.max_steps:
             log_step(s, p, bar, loss_all / micro_all, lr)
         bar.update(1)
         if t.eval_every and p.step % t.eval_every == 0 and p.step < t.max_steps:
-            p.metrics.write({"step": p.step, "eval_loss": evaluate(s), "elapsed_s": p.elapsed()})
+            write_eval(p, evaluate(s))
         if t.checkpoint_every and p.step % t.checkpoint_every == 0 and p.step < t.max_steps:
             save(s, p, p.step)
         if (signalled or stop_file_seen) and p.step < t.max_steps:
             bar.close()
+            p.trackers.close()
             return stopped(s, p, stop, signalled)
     bar.close()
     return finish(s, p)
@@ -479,7 +490,7 @@ def main(args: Any) -> int:
             print(text, end="", flush=True)
         code = train_loop(s, stop)
         shutdown(barrier=True)
-        return code
+        return run_state.rank_exit_code(code)
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them
             print(exc.render(), file=sys.stderr, flush=True)
