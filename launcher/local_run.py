@@ -27,6 +27,7 @@ file set train.max_steps is printed.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,6 +42,7 @@ from launcher.batch import local_batch_problem
 from launcher.config import RunConfig
 from launcher.device import resolve_device, visible_gpus
 from launcher.errors import ConfigError, Problem
+from launcher import log as log_mod
 from launcher.log import get_logger
 
 log = get_logger(__name__)
@@ -106,6 +108,7 @@ def rank_environ(device: str, nproc: int, *, dry_run: bool) -> dict[str, str]:
     if dry_run:
         env["FTLAUNCH_NO_SAVE"] = "1"
     env[run_state.STOPPED_EXIT_ENV] = "0"  # a stop is 75 in exit_status.json, 0 to torchrun
+    env[log_mod.SHOWN_ENV] = json.dumps(log_mod.shown_warnings())  # each warning once
     # the ranks import this package: make sure they find the same one
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -490,6 +490,8 @@ def main(args: Any) -> int:
             print(text, end="", flush=True)
         code = train_loop(s, stop)
         shutdown(barrier=True)
+        print(f"DBG {env.rank} shutdown done {time.time():.2f}", flush=True)
+        import threading; print("DBG threads", [t.name for t in threading.enumerate()], flush=True)
         return run_state.rank_exit_code(code)
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them
