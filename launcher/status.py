@@ -74,8 +74,10 @@ def _run(cmd: list[str]) -> Optional[str]:
 def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     """The Slurm job of this run directory: queued or running (squeue: the job whose command is
     RUN_DIR/job.sbatch), else the newest job with a log in RUN_DIR/logs (sacct, scontrol).
-    None without Slurm's tools or a job."""
+    None without a job script, Slurm's tools or a job."""
     script = os.path.realpath(os.path.join(run_dir, layout.JOB_SCRIPT))
+    if not os.path.exists(script):
+        return None  # a local run: no Slurm job to ask about
     out = _run(["squeue", "-h", "--name", name, "-o", "%i|%T|%r|%o"])
     for line in (out or "").splitlines():
         job, state, reason, command = (line.split("|", 3) + ["", "", "", ""])[:4]
