@@ -176,6 +176,14 @@ def finished(run_dir: str, max_steps: int) -> dict | None:
     return None
 
 
+def announce_finished(run_dir: str, max_steps: int, main: bool) -> bool:
+    """True (and, on the main rank, the "is finished" line) for a run that finished."""
+    done = finished(run_dir, max_steps)
+    if done and main:
+        print(finished_message(run_dir, done, max_steps), flush=True)
+    return done is not None
+
+
 def check_resume_step(step: int | None, path: str, max_steps: int) -> None:
     """Refuse to resume from a checkpoint past train.max_steps (the schedule has no such step)."""
     from launcher.errors import ConfigError, Problem

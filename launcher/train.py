@@ -36,7 +36,6 @@ On CPU, DeepSpeed's shm_comm op is not built (see `skip_cpu_shm_op`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -154,8 +153,7 @@ def build_engine(cfg: RunConfig, model: Any, ds_config: dict) -> Any:
     optimizer = None
     if cfg.train.optimizer != "adamw":
         optimizer = quantize.build_8bit_optimizer(cfg, trainable)
-    # the schedule is launcher/lr_schedule.py's (no zero-lr step, resumable with a new
-    # max_steps); DeepSpeed prefers a client scheduler to the one ds_config.json names
+    # launcher/lr_schedule.py's schedule wins over ds_config.json's (no zero-lr step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=trainable, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: lr_schedule.install(opt, cfg.train))
@@ -278,7 +276,6 @@ class Progress:
     window_steps: int = 0
     resumed_at: int = -1             # the step of the checkpoint this launch resumed from
     trackers: Any = None             # metrics.Trackers (output.report_to), rank 0
-    last_eval: float = float("nan")
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.time() - self.start, 3)
@@ -292,8 +289,8 @@ def begin(s: Setup) -> Progress:
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle)
     os.makedirs(cfg.run_dir, exist_ok=True)
     _, accum, _ = batch_sizes(cfg, env.world_size)
-    p = Progress(sampler, metrics.Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main), accum,
-                 saving=os.environ.get("FTLAUNCH_NO_SAVE", "") != "1")
+    p = Progress(sampler, metrics.Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main),
+                 accum, saving=os.environ.get("FTLAUNCH_NO_SAVE", "") != "1")
     resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
     if resume_from:
         run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
@@ -330,6 +327,7 @@ def save(s: Setup, p: Progress, at: int) -> str:
 def stopped(s: Setup, p: Progress, stop: run_state.StopRequest, signalled: float) -> int:
     """Checkpoint (unless the newest one is of this step), say how to resume, exit 75."""
     cfg, at = s.cfg, p.step
+    p.trackers.close()
     if p.last_ckpt_step == at or (at == 0 and p.last_ckpt is None):
         path = p.last_ckpt  # nothing new to save
     else:
@@ -364,8 +362,7 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
 
 
 def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
-    """A metrics line for the step just taken (tokens/s and step time over the window since the
-    last line), also sent to the trackers of output.report_to."""
+    """A metrics line for the step just taken (rates over the window since the last line)."""
     now = time.time()
     norm = s.engine.get_global_grad_norm()
     window = max(now - p.window_start, 1e-9)
@@ -376,8 +373,7 @@ def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
            "memory_bytes": metrics.memory_bytes(s.device),
            "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
     p.metrics.write(rec)
-    p.trackers.log(p.step, {k: rec[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s",
-                                                "step_time_s", "memory_bytes")}, "train")
+    p.trackers.log(p.step, {k: v for k, v in rec.items() if k not in ("step", "elapsed_s")}, "train")
     bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}",
                     tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False)
     p.window_start, p.window_tokens, p.window_steps = now, 0.0, 0
@@ -387,8 +383,7 @@ def finish(s: Setup, p: Progress) -> int:
     """After the last step: final evaluation, checkpoint, export; exit 0."""
     cfg, run_dir = s.cfg, s.cfg.run_dir
     if s.splits.eval is not None and p.resumed_at != p.step:  # else it is in metrics.jsonl
-        write_eval(p, evaluate(s))
-        log.info(f"eval loss {p.last_eval:.4f} at step {p.step}")
+        log.info(f"eval loss {write_eval(p, evaluate(s)):.4f} at step {p.step}")
     path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
     if p.saving and cfg.output.save_final:
         final = export.save_final(s.engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
@@ -402,10 +397,10 @@ def finish(s: Setup, p: Progress) -> int:
     return layout.EXIT_OK
 
 
-def write_eval(p: Progress, loss: float) -> None:
-    p.last_eval = loss
+def write_eval(p: Progress, loss: float) -> float:
     p.metrics.write({"step": p.step, "eval_loss": loss, "elapsed_s": p.elapsed()})
     p.trackers.log(p.step, {"loss": loss}, "eval")
+    return loss
 
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
@@ -415,11 +410,8 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
 
     t, engine = s.cfg.train, s.engine
     stop = stop or run_state.StopRequest()
-    done = run_state.finished(s.cfg.run_dir, t.max_steps) if t.resume == "auto" else None
-    if done:  # the last launch finished at or past max_steps: say so, change nothing
-        if s.env.is_main:
-            print(run_state.finished_message(s.cfg.run_dir, done, t.max_steps), flush=True)
-        return layout.EXIT_OK
+    if t.resume == "auto" and run_state.announce_finished(s.cfg.run_dir, t.max_steps, s.env.is_main):
+        return layout.EXIT_OK  # the last launch finished at or past max_steps: nothing changes
     p = begin(s)
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
                unit="step", dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0)
@@ -429,7 +421,6 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     signalled, stop_file_seen = _all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main))
     if signalled or stop_file_seen:
         bar.close()
-        p.trackers.close()
         return stopped(s, p, stop, signalled)
     while p.step < t.max_steps:
         lr = float(engine.optimizer.param_groups[0]["lr"])  # what this step applies
@@ -451,7 +442,6 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
             save(s, p, p.step)
         if (signalled or stop_file_seen) and p.step < t.max_steps:
             bar.close()
-            p.trackers.close()
             return stopped(s, p, stop, signalled)
     bar.close()
     return finish(s, p)
