@@ -6,11 +6,21 @@ imports them lazily for a meta-device model only; run and train are the rank hal
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from typing import Sequence
 
 from launcher import layout
 from launcher.errors import ConfigError
+
+
+OVERRIDE_HELP = """overrides:
+  key.sub=value anywhere on the command line, before or after the options, applied in order
+  on top of {what} (split on the first '='; later wins), e.g.
+    ftlaunch {cmd} {example}"""
+# A command-line word that is an override: a dotted key, '=', anything (never an option).
+OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+|\[[0-9]+\])*=")
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -19,22 +29,40 @@ def _add_run(p: argparse.ArgumentParser) -> None:
                    help="overrides applied on top of the file (split on the first '=')")
 
 
+def _command(sub, name: str, help: str, *, run_file: bool = True, example: str = "") -> argparse.ArgumentParser:
+    what = "the run file" if run_file else "the run's resolved.yaml"
+    example = example or "RUN.yaml --dry-run train.lr=1e-4 train.max_steps=10"
+    p = sub.add_parser(name, help=help, description=help,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=OVERRIDE_HELP.format(what=what, cmd=name, example=example))
+    if run_file:
+        _add_run(p)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ftlaunch", description="Fine-tune a Hugging Face causal LM "
-                                 "with DeepSpeed from one YAML run file.")
+                                 "with DeepSpeed from one YAML run file.",
+                                 epilog="`ftlaunch COMMAND --help` shows a command's options and "
+                                 "the key=value override syntax.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _commands(sub)
+    return ap
 
-    p = sub.add_parser("validate", help="check a run file: every problem at once, or OK")
-    _add_run(p)
 
-    p = sub.add_parser("ds-config", help="print or write the complete DeepSpeed JSON")
-    _add_run(p)
+def _commands(sub) -> None:
+
+    p = _command(sub, "validate", "check a run file: every problem at once, or OK",
+                 example="RUN.yaml train.lr=1e-4 deepspeed.zero_stage=3")
+
+    p = _command(sub, "ds-config", "print or write the complete DeepSpeed JSON",
+                 example="RUN.yaml -o ds.json train.lr=1e-4")
     p.add_argument("-o", "--output", help="write to this file instead of stdout")
     p.add_argument("--world-size", type=_positive_int,
                    help="ranks (default: cluster nodes x gpus_per_node)")
 
-    p = sub.add_parser("plan", help="memory plan per GPU and node: does it fit, what to change")
-    _add_run(p)
+    p = _command(sub, "plan", "memory plan per GPU and node: does it fit, what to change",
+                 example="RUN.yaml --gpu-memory 40GiB train.micro_batch_size=2")
     p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default: cluster.gpu_memory)")
     p.add_argument("--node-memory", help="CPU memory of one node, e.g. 512GiB (default: cluster.mem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -43,22 +71,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train.device cpu: measure the ranks' kernel memory on this machine "
                         "(a few seconds, cached) instead of planning its range")
 
-    p = sub.add_parser("data", help="what the model will learn: tokens, trained part, lengths, "
-                       "sources; --show N marks it in N examples")
-    _add_run(p)
+    p = _command(sub, "data", "what the model will learn: tokens, trained part, lengths, "
+                 "sources; --show N marks it in N examples", example="RUN.yaml --show 3")
     p.add_argument("--show", type=int, default=0, metavar="N", help="print N examples, marked")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("slurm", help="write the run directory and sbatch script; optionally submit")
-    _add_run(p)
+    p = _command(sub, "slurm", "write the run directory and sbatch script; optionally submit",
+                 example="RUN.yaml --submit cluster.nodes=4")
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
     p.add_argument("--test-only", action="store_true",
                    help="ask the scheduler whether and where it would run (sbatch --test-only)")
     p.add_argument("--force", action="store_true", help="submit even if the plan does not fit")
     _add_existing(p)
 
-    p = sub.add_parser("run", help="run here: all local GPUs, or CPU ranks where there are none")
-    _add_run(p)
+    p = _command(sub, "run", "run here: all local GPUs, or CPU ranks where there are none")
     p.add_argument("--nproc", type=int, help="ranks to start (default: local GPUs, or 2 CPU ranks)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
     p.add_argument("--dry-run", action="store_true",
@@ -66,19 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="run even if the memory plan does not fit")
     _add_existing(p)
 
-    p = sub.add_parser("train", help="the per-rank entry point (started by torchrun/deepspeed/srun)")
-    _add_run(p)
+    p = _command(sub, "train", "the per-rank entry point (started by torchrun/deepspeed/srun)",
+                 example="RUN.yaml train.log_every=10")
 
-    p = sub.add_parser("preflight", help="check the nodes before training (the job script runs it, one task per node)")
+    p = _command(sub, "export", "a Hugging Face folder (config, generation config, tokenizer, "
+                 "sharded safetensors) or LoRA adapter from a complete checkpoint, any ZeRO stage",
+                 run_file=False, example="runs/demo -o out/ --dtype bf16 model.path=/new/base")
+    p.add_argument("source", metavar="CHECKPOINT_OR_RUN_DIR",
+                   help="a checkpoint folder (RUN_DIR/checkpoints/step-N) or a run directory "
+                        "(its newest complete checkpoint)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (new or empty)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="LoRA runs: write the base with the adapter merged instead of the adapter")
+    p.add_argument("--dtype", choices=("bf16", "fp32"),
+                   help="weights' dtype (default: the run's model.dtype; fp16 runs: bf16)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides of the run's resolved.yaml, e.g. model.path=... if the base moved")
+
+    p = _command(sub, "status", "where a run stands: step of max, losses, tokens/s, time left, "
+                 "last checkpoint, last failure, Slurm job state", run_file=False,
+                 example="runs/demo --json")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="overrides of the run's resolved.yaml (e.g. train.max_steps=...)")
+
+    p = _command(sub, "preflight", "check the nodes before training (the job script runs it, one "
+                 "task per node)", run_file=False, example="RUN_DIR/resolved.yaml")
     p.add_argument("run_file", metavar="RUN_DIR/resolved.yaml", help="the run directory's resolved.yaml")
     p.add_argument("--bad-nodes", metavar="FILE", help="node 0 writes a line per failed node here")
-    p = sub.add_parser("convert", help="a run file from an Axolotl or LLaMA-Factory config, with "
-                       "a report of every setting carried, approximated or dropped")
+
+    p = _command(sub, "convert", "a run file from an Axolotl or LLaMA-Factory config, with a "
+                 "report of every setting carried, approximated or dropped", run_file=False,
+                 example="axolotl.yml -o run.yaml")
     p.add_argument("config", metavar="CONFIG", help="the peer's YAML config")
     p.add_argument("--from", dest="peer", choices=("axolotl", "llamafactory"),
                    help="whose config it is (default: detected from its keys)")
     p.add_argument("-o", "--output", required=True, metavar="RUN.yaml", help="the run file to write")
-    return ap
 
 
 def _positive_int(text: str) -> int:
@@ -100,8 +150,28 @@ def _add_existing(p: argparse.ArgumentParser) -> None:
                    help="move an existing run directory aside and start fresh")
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse argv; key=value words anywhere after the command are overrides (in their order)."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    sub = _subparser(ap, args.command)
+    late = [w for w in extra if OVERRIDE.match(w)]
+    rest = [w for w in extra if not OVERRIDE.match(w)]
+    if rest:
+        sub.error(f"unrecognized arguments: {' '.join(rest)} (overrides are key.sub=value)")
+    args.overrides = list(getattr(args, "overrides", None) or []) + late
+    return args
+
+
+def _subparser(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in ap._actions:  # argparse keeps the subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -110,6 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ftlaunch: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`ftlaunch ... | head`): no traceback, and none at exit either
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -174,6 +249,17 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return preflight_main(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import main as export_main
+    return export_main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launcher.status import main as status_main
+    return status_main(args)
+
+
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
             "data": cmd_data, "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train,
-            "preflight": cmd_preflight, "convert": cmd_convert}
+            "preflight": cmd_preflight, "convert": cmd_convert, "export": cmd_export,
+            "status": cmd_status}

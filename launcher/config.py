@@ -194,9 +194,9 @@ class TrainConfig:
     scheduler: Literal["constant", "linear", "cosine"] = opt(
         "cosine", "After warmup: constant, linear decay to 0, or cosine decay to min_lr_ratio "
         "(DeepSpeed's WarmupLR, WarmupDecayLR, WarmupCosineLR).")
-    warmup_steps: int = opt(0, "Linear warmup steps. DeepSpeed's schedulers run the first 2 steps "
-                            "at lr 0 and reach lr at step max(2, warmup_steps) + 2 (docs/config.md).",
-                            ge=0)
+    warmup_steps: int = opt(0, "Linear warmup steps: step k <= warmup_steps runs at lr x k / "
+                            "warmup_steps, the next at lr; no step runs at lr 0 "
+                            "(launcher/lr_schedule.py).", ge=0)
     warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total steps (ceil(ratio x steps), "
                               "as the HF Trainer); exclusive with warmup_steps.", ge=0, lt=1)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
@@ -290,6 +290,10 @@ class OutputConfig:
                              path=True)
     save_final: bool = opt(True, "Export the trained model as a Hugging Face folder in final/.")
     merge_lora: bool = opt(False, "lora: also export the base with adapters merged (16-bit).")
+    report_to: list[Literal["tensorboard", "wandb"]] = opt(
+        [], "Experiment trackers rank 0 logs to every logged step (loss, eval loss, lr, grad "
+        "norm, tokens/s, step time, memory): tensorboard (RUN_DIR/tensorboard), wandb (offline "
+        "in RUN_DIR/wandb unless WANDB_MODE is set).")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,18 @@
 and, with `output.merge_lora`, `final/merged/` (under ZeRO-3 the merged model is built with
 transformers' zero.Init hook switched off, else rank 0 would wait for the others forever).
 Everything is written to `final.tmp` and renamed, so `final/` is never half written.
+
+`ftlaunch export CHECKPOINT_OR_RUN_DIR -o OUT [--merge-lora] [--dtype bf16|fp32]` does the same
+after the fact, from any complete checkpoint (a stopped or preempted run's too) at any ZeRO
+stage, in one process without GPUs: DeepSpeed's own consolidation
+(`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`; ZeRO-0 checkpoints hold
+the whole module) gives the fp32 weights, which are loaded into the model built from the run's
+model.path config and written with `save_pretrained` (sharded safetensors), with the base's
+generation config and the run's tokenizer. LoRA runs give the adapter folder (adapter weights
+and also_train modules from the checkpoint, base from model.path), or with --merge-lora the
+merged model. An incomplete checkpoint (no MANIFEST.json, a file missing or of the wrong size)
+is refused with the reason. Every file written follows the user's umask (`fix_modes`;
+safetensors itself writes 0600).
 """
 from __future__ import annotations
 
@@ -96,5 +108,172 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
         dist.barrier()
     if rank != 0:
         return None
+    fix_modes(tmp)
     _publish(tmp, out_dir)
     return out_dir
+
+
+def fix_modes(folder: str) -> None:
+    """Give every file under folder the mode the user's umask makes (safetensors writes 0600)."""
+    from launcher.rundir import _UMASK
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            os.chmod(os.path.join(dirpath, n), 0o666 & ~_UMASK)
+
+
+# ------------------------------------------------------------------ ftlaunch export
+def find_checkpoint(source: str) -> tuple[str, str]:
+    """(run_dir, checkpoint folder) of a checkpoint folder or a run directory (its newest
+    complete checkpoint). ConfigError naming the reason where there is none to export."""
+    from launcher import checkpoint, layout
+    from launcher.errors import ConfigError, Problem
+    source = os.path.abspath(source)
+    if not os.path.isdir(source):
+        raise ConfigError([Problem("CHECKPOINT_OR_RUN_DIR", f"{source} is not a folder",
+                                   "give RUN_DIR or RUN_DIR/checkpoints/step-N")])
+    if checkpoint.step_of(source) is not None:
+        why = checkpoint.problem(source)
+        if why:
+            raise ConfigError([Problem("CHECKPOINT_OR_RUN_DIR", f"{source} is incomplete: {why}",
+                                       "export an earlier complete checkpoint, or the run "
+                                       "directory (its newest complete one)")])
+        return os.path.dirname(os.path.dirname(source)), source
+    ckpts = checkpoint.listing(checkpoint.root(source))
+    path = checkpoint.latest_complete(checkpoint.root(source), warn=lambda m: None)
+    if path is None:
+        why = "; ".join(f"{os.path.basename(p)}: {checkpoint.problem(p)}" for _, p in ckpts)
+        raise ConfigError([Problem("CHECKPOINT_OR_RUN_DIR", f"{source} has no complete checkpoint"
+                                   + (f" ({why})" if why else f" (no {layout.CHECKPOINTS}/step-N)"),
+                                   "train until a checkpoint is written (train.checkpoint_every), "
+                                   "or use final/ of a finished run")])
+    return source, path
+
+
+def consolidated(ckpt: str) -> dict:
+    """The checkpoint's full fp32 state dict (module parameter names), by DeepSpeed's utilities."""
+    import contextlib
+    import glob
+    import io
+
+    import torch
+    from deepspeed.utils import zero_to_fp32
+
+    from launcher import checkpoint
+    ds_dir = os.path.join(ckpt, checkpoint.DS_TAG)
+    if glob.glob(os.path.join(ds_dir, "*_optim_states.pt")):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress notes
+                state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+                    ckpt, tag=checkpoint.DS_TAG)
+            return {k: v.float() for k, v in state.items()}
+        except ValueError as exc:
+            if "not a zero checkpoint" not in str(exc):
+                raise
+    # ZeRO-0 (and bf16 without ZeRO): the model states hold the whole module
+    files = zero_to_fp32.get_model_state_files(ds_dir)
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    state = {k: v.to(dtype) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {n for n in missing if getattr(config, "tie_word_embeddings", False)
+            and n.endswith("lm_head.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"the checkpoint does not fit {cfg.model.path}: missing "
+                           f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    model.config.dtype = dtype
+    model.save_pretrained(out, max_shard_size="5GB")
+
+
+def _export_lora(cfg: Any, state: dict, out: str, dtype: Any, merge: bool, tokenizer: Any) -> None:
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from launcher import freeze, lora
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    model, _ = freeze.apply(base, cfg, quantized=set())
+    trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
+    own = dict(model.named_parameters())
+    lost = [k for k, p in own.items() if p.requires_grad and k not in trained]
+    if lost or not trained:
+        raise RuntimeError(f"the checkpoint has no weights for the adapter parameters {lost[:5]}")
+    model.load_state_dict(trained, strict=False)
+    if merge:
+        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, cfg.model.dtype)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=name))
+        lora.export_merged(model, cfg, out, tokenizer)
+    else:
+        model.to(dtype)
+        lora.export_adapter(model, out)
+
+
+def export_checkpoint(source: str, out: str, *, merge_lora: bool = False,
+                      dtype: Optional[str] = None, overrides: Any = ()) -> tuple[str, str]:
+    """`ftlaunch export`: write a Hugging Face folder (or LoRA adapter / merged model) made from
+    the checkpoint at source (a checkpoint folder or a run directory) to out. Returns (out, the
+    checkpoint folder used)."""
+    from launcher import inputs, run_state
+    from launcher.device import torch_dtype
+    from launcher.errors import ConfigError, Problem
+    run_dir, ckpt = find_checkpoint(source)
+    cfg = run_state.load_run(run_dir, overrides)
+    if merge_lora and cfg.freeze.policy != "lora":
+        raise ConfigError([Problem("--merge-lora", f"the run trained with freeze.policy "
+                                   f"{cfg.freeze.policy}, not lora", "drop --merge-lora")])
+    if cfg.quantization.mode != "none" and cfg.freeze.policy != "lora":
+        raise ConfigError([Problem("quantization.mode", "a quantized base's trained modules cannot "
+                                   "be exported from a checkpoint", "use the run's final/")])
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError([Problem("-o", f"{out} exists and is not an empty folder",
+                                   "choose a new folder (nothing is overwritten)")])
+    tdtype = torch_dtype(dtype or cfg.model.dtype)
+    state = consolidated(ckpt)
+    tokenizer = inputs.load_tokenizer(cfg)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if cfg.freeze.policy == "lora":
+            _export_lora(cfg, state, tmp, tdtype, merge_lora, tokenizer)
+        else:
+            _export_full(cfg, state, tmp, tdtype)
+            _generation_config(cfg.model.path, tmp)
+        tokenizer.save_pretrained(tmp)
+        fix_modes(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, ckpt
+
+
+def _generation_config(model_path: str, out: str) -> None:
+    """The base model's generation_config.json, where it has one (else the one save_pretrained
+    derived from the config stays)."""
+    src = os.path.join(model_path, "generation_config.json")
+    if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(out, "generation_config.json"))
+
+
+def main(args: Any) -> int:
+    out, ckpt = export_checkpoint(args.source, args.output, merge_lora=args.merge_lora,
+                                  dtype=args.dtype, overrides=args.overrides)
+    print(f"ftlaunch: exported {ckpt} to {out}")
+    return 0

@@ -10,6 +10,8 @@ CHECKPOINTS = "checkpoints"       # checkpoints/step-00000100/ ... each complete
 FINAL = "final"                   # exported Hugging Face folder (or LoRA adapter + merged/)
 LOGS = "logs"                     # per-job / per-node logs
 STOP_REQUEST = "STOP"             # file: its presence asks every rank to checkpoint now and exit
+TENSORBOARD = "tensorboard"       # TensorBoard event files (output.report_to)
+WANDB = "wandb"                   # W&B's offline runs and the run id (output.report_to)
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
 
 EXIT_OK = 0

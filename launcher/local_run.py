@@ -16,11 +16,18 @@ and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 
 Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
-exit 75; a second Ctrl-C sends SIGTERM to the ranks, a third SIGKILL. The exit code is the
+print one line `stopped at step N ...; resume with: ...`; `ftlaunch run` exits 75 (the ranks
+exit 0 so that torchrun reports no failure: run_state.rank_exit_code). A second Ctrl-C kills
+the ranks at once and says which checkpoint is kept (exit 130). The exit code is otherwise the
 ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any failure as 1).
+
+A run directory whose last launch finished at or past train.max_steps is left as it is ("is
+finished; nothing changed"); a larger --max-steps continues it. Which of --max-steps and the run
+file set train.max_steps is printed.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +42,7 @@ from launcher.batch import local_batch_problem
 from launcher.config import RunConfig
 from launcher.device import resolve_device, visible_gpus
 from launcher.errors import ConfigError, Problem
+from launcher import log as log_mod
 from launcher.log import get_logger
 
 log = get_logger(__name__)
@@ -100,10 +108,22 @@ def rank_environ(device: str, nproc: int, *, dry_run: bool) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if dry_run:
         env["FTLAUNCH_NO_SAVE"] = "1"
+    env[run_state.STOPPED_EXIT_ENV] = "0"  # a stop is 75 in exit_status.json, 0 to torchrun
+    env[log_mod.SHOWN_ENV] = json.dumps(log_mod.shown_warnings())  # each warning once
     # the ranks import this package: make sure they find the same one
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def kept(run_dir: str) -> str:
+    """What a run directory keeps after its ranks were killed: the newest complete checkpoint."""
+    from launcher import checkpoint
+    path = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
+    if path is None:
+        return "no complete checkpoint: a new launch starts from step 0"
+    return (f"kept {path} (step {checkpoint.step_of(path)}), the newest complete checkpoint; "
+            f"steps after it are lost; resume with: {run_state.resume_command(run_dir)}")
 
 
 def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
@@ -117,13 +137,11 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
         presses += 1
         if presses == 1:
             run_state.request_stop(run_dir)
-            print(f"\nftlaunch: {signal.Signals(signum).name}: the ranks stop after this step and "
-                  "checkpoint (Ctrl-C again to terminate them)", file=sys.stderr, flush=True)
+            print(f"\nftlaunch: {signal.Signals(signum).name}: stopping after this step, with a "
+                  "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
         else:
-            sig = signal.SIGTERM if presses == 2 else signal.SIGKILL
-            print(f"\nftlaunch: sending {sig.name} to the ranks", file=sys.stderr, flush=True)
             try:
-                os.killpg(proc.pid, sig)
+                os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
@@ -133,6 +151,10 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    if presses >= 2:
+        run_state.clear_stop(run_dir)
+        print(f"ftlaunch: stopped at once; {kept(run_dir)}", file=sys.stderr, flush=True)
+        return 130
     return run_state.launch_exit_code(rc, run_dir, started)
 
 
@@ -140,6 +162,17 @@ def check_data(run_file: str, overrides: list[str]) -> int:
     """The ranks' tokenizer and data reader, run once in a child process before any rank starts
     (`python -m launcher.inputs`): 0, or 2 after it printed the data's problem."""
     return subprocess.run([sys.executable, "-m", "launcher.inputs", run_file, *overrides]).returncode
+
+
+def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
+    """Which of --max-steps and the run file set train.max_steps (printed by `main`)."""
+    if flag is None and base.train.epochs is not None:
+        return f"train.epochs {base.train.epochs:g} (from {run_file}): the steps are counted from the data"
+    if flag is None:
+        return f"train.max_steps {base.train.max_steps} (from {run_file})"
+    if flag == base.train.max_steps:
+        return f"train.max_steps {flag} (--max-steps, the same as {run_file})"
+    return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
 def main(args: Any) -> int:
@@ -157,6 +190,13 @@ def main(args: Any) -> int:
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
+    if not args.dry_run:
+        print(f"ftlaunch: {max_steps_source(base, args.run_file, args.max_steps)}", flush=True)
+        done = run_state.finished(cfg.run_dir, cfg.train.max_steps)
+        if (done and cfg.train.resume == "auto" and not args.overwrite
+                and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
+            print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
+            return layout.EXIT_OK
     try:
         plan = plan_text(cfg, getattr(args, "force", False))
         if plan:

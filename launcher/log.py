@@ -8,14 +8,36 @@ Warnings and errors read `ftlaunch: <level>: <message>`, information `ftlaunch: 
 flushed as they are written. By default only rank 0 speaks (every rank would repeat the same
 line); `get_logger(name, all_ranks=True)` is for what one rank has to say about itself.
 `is_rank0()` is the one answer to "am I the process that speaks and writes for the job".
+A warning is shown once per job: one the launching process showed already (`ftlaunch run`
+checks the data before the ranks read it again) is dropped; it passes `shown_warnings()` to the
+ranks in FTLAUNCH_SHOWN_WARNINGS (a JSON list).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 
 ROOT = "ftlaunch"
+SHOWN_ENV = "FTLAUNCH_SHOWN_WARNINGS"
+
+
+def _inherited() -> set[str]:
+    try:
+        shown = json.loads(os.environ.get(SHOWN_ENV, "[]"))
+    except ValueError:
+        return set()
+    return {m for m in shown if isinstance(m, str)} if isinstance(shown, list) else set()
+
+
+_INHERITED: set[str] = _inherited()   # shown by the process that started this one
+_SHOWN: set[str] = set()
+
+
+def shown_warnings() -> list[str]:
+    """The warnings this process has shown (and those it inherited), for the processes it starts."""
+    return sorted(_SHOWN | _INHERITED)
 
 
 def is_rank0() -> bool:
@@ -50,6 +72,15 @@ class _Format(logging.Formatter):
         return f"{ROOT}: {text}"
 
 
+class _Once(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        text = record.getMessage()
+        _SHOWN.add(text)
+        return text not in _INHERITED
+
+
 class _Rank0(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return is_rank0()
@@ -60,6 +91,7 @@ def _root() -> logging.Logger:
     if not any(isinstance(h, _Stderr) for h in root.handlers):
         handler = _Stderr()
         handler.setFormatter(_Format())
+        handler.addFilter(_Once())
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False  # the text is ours; an application's root handler adds nothing

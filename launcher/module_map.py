@@ -13,8 +13,9 @@ import os
 import sys
 
 RANK_HALF = {
-    "launcher.train", "launcher.preflight", "launcher.checkpoint", "launcher.export",
-    "launcher.faults", "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
+    "launcher.train", "launcher.loop_steps", "launcher.preflight", "launcher.export",
+    "launcher.lr_schedule",
+    "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
     "launcher.data",
 }
 RANK_PACKAGES = ("launcher.data.",)   # every module of these packages is rank half too
@@ -27,6 +28,14 @@ LAZY_HEAVY_REASONS = {
     ("launcher.cli", "launcher.data.report"): "`ftlaunch data`: tokenizes the data as the ranks will",
     ("launcher.memory.inventory", "torch"): _META,
     ("launcher.memory.inventory", "transformers"): _META,
+    ("launcher.cli", "launcher.export"): "`ftlaunch export`: DeepSpeed's consolidation of a checkpoint",
+    ("launcher.checkpoint", "torch"): "saving and loading through the engine, and the ranks' "
+                                      "collectives (ranks only); listing and verifying "
+                                      "checkpoints (status, run) is torch-free",
+    ("launcher.metrics", "torch"): "the ranks' memory figure per step and TensorBoard writer "
+                                   "(torch.utils.tensorboard); validate only asks whether "
+                                   "tensorboard is installed",
+    ("launcher.metrics", "wandb"): "the ranks' W&B run; validate only asks whether it is installed",
     ("launcher.memory.traced", "torch"): "the plan's activations, traced on meta-device blocks",
     ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
     ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",

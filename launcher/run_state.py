@@ -133,10 +133,11 @@ def write_exit_status(run_dir: str, rank: int, code: int, step: int, checkpoint:
 def launch_exit_code(rc: int, run_dir: str, since: float) -> int:
     """The exit code of a launch whose launcher exited with rc: torchrun says 1 for any failed
     rank; exit_status.json (written during this launch, at or after `since`) says which code.
-    Killed by a signal (rc < 0): 128 + the signal, the shell's convention."""
-    if rc == 0:
-        return 0
+    Killed by a signal (rc < 0): 128 + the signal, the shell's convention. rc 0 with a stop
+    recorded is 75 (ranks under `ftlaunch run` exit 0 on a stop: see `rank_exit_code`)."""
     rec = read_exit_status(run_dir, since - 1)  # mtime granularity: a second's slack
+    if rc == 0:
+        return layout.EXIT_STOPPED if rec and rec.get("code") == layout.EXIT_STOPPED else 0
     try:
         code = int(rec["code"]) if rec else 0
     except (KeyError, TypeError, ValueError):
@@ -144,3 +145,79 @@ def launch_exit_code(rc: int, run_dir: str, since: float) -> int:
     if code != 0:
         return code
     return rc if rc > 0 else 128 - rc
+
+
+# The ranks of `ftlaunch run` exit 0 after a stop on request (torchrun would print a failure
+# report with a traceback for 75); exit_status.json still says 75 and `ftlaunch run` exits 75.
+STOPPED_EXIT_ENV = "FTLAUNCH_STOPPED_EXIT"
+
+
+def rank_exit_code(code: int) -> int:
+    """The process exit code of a rank whose run ended with `code`."""
+    if code == layout.EXIT_STOPPED and os.environ.get(STOPPED_EXIT_ENV) == "0":
+        return 0
+    return code
+
+
+# ------------------------------------------------------------------ a finished run
+def last_status(run_dir: str) -> dict | None:
+    """RUN_DIR/exit_status.json, whenever written (None if absent or unreadable)."""
+    return read_exit_status(run_dir, 0.0)
+
+
+def finished(run_dir: str, max_steps: int) -> dict | None:
+    """The exit record of a run whose last launch finished (code 0) at or past max_steps."""
+    rec = last_status(run_dir)
+    try:
+        if rec and rec.get("code") == layout.EXIT_OK and int(rec.get("step", -1)) >= max_steps:
+            return rec
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def announce_finished(run_dir: str, max_steps: int, main: bool) -> bool:
+    """True (and, on the main rank, the "is finished" line) for a run that finished."""
+    done = finished(run_dir, max_steps)
+    if done and main:
+        print(finished_message(run_dir, done, max_steps), flush=True)
+    return done is not None
+
+
+def check_resume_step(step: int | None, path: str, max_steps: int) -> None:
+    """Refuse to resume from a checkpoint past train.max_steps (the schedule has no such step)."""
+    from launcher.errors import ConfigError, Problem
+    if step is not None and step > max_steps:
+        raise ConfigError([Problem(
+            "train.max_steps", f"the newest checkpoint {path} is at step {step}, beyond "
+            f"train.max_steps {max_steps}: there is no schedule to continue",
+            f"set train.max_steps (or --max-steps) above {step} to train further, or pass "
+            "--overwrite to start again")])
+
+
+def finished_message(run_dir: str, rec: dict, max_steps: int) -> str:
+    step = rec.get("step")
+    return (f"ftlaunch: {run_dir} is finished: step {step} of {max_steps} done "
+            f"({rec.get('time', '?')}); nothing changed. To train further: --max-steps N "
+            f"(N > {step}); to start again: --overwrite")
+
+
+# ------------------------------------------------------------------ the run's config
+def load_run(run_dir: str, overrides: Any = ()) -> Any:
+    """The RunConfig in RUN_DIR/resolved.yaml with overrides applied, for commands that read a
+    run after the fact (export, status): problems of the inputs it names (data moved, ...) do
+    not matter there, so only a config that cannot be built is refused (ConfigError)."""
+    from launcher.errors import ConfigError, Problem
+    from launcher.runfile import parse
+    path = os.path.join(run_dir, layout.RESOLVED)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError([Problem("<run dir>", f"cannot read {path}: {exc.strerror or exc}",
+                                   "give a run directory made by ftlaunch run or ftlaunch slurm "
+                                   "(it holds resolved.yaml)")]) from None
+    cfg, problems = parse(text, list(overrides), source=path, base_dir=run_dir)
+    if cfg is None:
+        raise ConfigError(problems, path)
+    return cfg

@@ -226,7 +226,8 @@ def _section(cls: type, node: dict, prefix: str, ctx: Context) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k, v in node.items():
         if k not in fields:
-            key = f"{prefix}.{k}" if prefix else k
+            shown = k or "''"  # an empty key is still named
+            key = f"{prefix}.{shown}" if prefix else shown
             hint = did_you_mean(k, fields)
             if hint:
                 meant = hint.split("'")[1]

@@ -317,5 +317,11 @@ def _override_combinations(cfg: RunConfig) -> Iterator[Problem]:
 
 
 @rule
+def _trackers(cfg: RunConfig) -> Iterator[Problem]:
+    from launcher.metrics import missing
+    yield from missing(cfg)
+
+
+@rule
 def _cluster(cfg: RunConfig) -> Iterator[Problem]:
     yield from slurm_checks.problems(cfg)

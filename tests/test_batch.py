@@ -99,7 +99,7 @@ def test_local_run_keeps_the_global_batch_exactly_when_batch_derives_it(nproc):
 
 def test_no_other_module_does_the_arithmetic():
     """Only batch.py divides the global batch: the callers import it (no copy to disagree)."""
-    for name in ("validate", "ds_config", "summary", "local_run", "train"):
+    for name in ("validate", "ds_config", "summary", "local_run", "loop_steps"):
         with open(os.path.join(ROOT, "launcher", f"{name}.py"), encoding="utf-8") as fh:
             tree = ast.parse(fh.read())
         defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}

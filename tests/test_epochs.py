@@ -67,8 +67,17 @@ def hand_sequences(tiny: dict, max_seq_len: int, packing: bool, max_samples=None
     texts = texts[:max_samples] if max_samples else texts
     if not packing:
         return len(texts)
-    total = sum(len(tok(t)["input_ids"]) + 1 for t in texts)  # + EOS
-    return total // max_seq_len
+    # neat packing: whole examples (+ EOS, cut to max_seq_len), longest first, each into the
+    # row with the most room left that holds it, else a new row (worst-fit decreasing)
+    lengths = sorted((min(len(tok(t)["input_ids"]) + 1, max_seq_len) for t in texts), reverse=True)
+    rooms: list[int] = []
+    for n in lengths:
+        best = max(range(len(rooms)), key=lambda r: rooms[r], default=None)
+        if best is not None and rooms[best] >= n:
+            rooms[best] -= n
+        else:
+            rooms.append(max_seq_len - n)
+    return len(rooms)
 
 
 def run_yaml(tiny: dict, out, **train) -> str:

@@ -11,7 +11,7 @@ from launcher import module_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = {"torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft", "safetensors",
-         "accelerate", "tokenizers"}
+         "accelerate", "tokenizers", "tensorboard", "wandb"}
 # The rank half: what runs on the ranks (and may import the heavy libraries).
 RANK_HALF = module_map.RANK_HALF
 # Login-half modules allowed to import heavy libraries inside a function, and why.

@@ -148,7 +148,8 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny, tmp_path, write_run):
     p.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
     out, err = p.communicate(timeout=240)
     assert p.returncode == 75, err[-4000:]
-    assert "the ranks stop after this step and checkpoint" in err
+    assert "stopping after this step, with a checkpoint (Ctrl-C again to stop at once)" in err
+    assert "Traceback" not in err
     line = [x for x in out.splitlines() if x.startswith("stopped at step")]
     assert len(line) == 1 and "(STOP file)" in line[0] and "--resume" in line[0]
     step = int(line[0].split()[3])

@@ -149,6 +149,11 @@ CASES = [
      r"train_micro_batch_size_per_gpu is 8, but the run file gives 2 \(train.micro_batch_size\)"),
     ("_ds_config_file", "deepspeed: {config_file: ds.json, preset: zero2}", [], "deepspeed.preset",
      r"both preset and config_file are set"),
+    ("_trackers", "output: {report_to: [tensorboard, wandb]}", [], "output.report_to[1]",
+     r"wandb is not installed on this machine"),
+    ("_trackers", "deepspeed: {overrides: {tensorboard: {enabled: true, output_path: tb}}}", [],
+     "deepspeed.overrides.tensorboard",
+     r"DeepSpeed's tensorboard monitor needs tensorboard, which is not installed"),
 ]
 
 
@@ -179,10 +184,11 @@ def folder(tmp_path, fake_model, monkeypatch):
 @pytest.mark.parametrize("rule_name, extra, overrides, key, match", CASES,
                          ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
 def test_rule_refuses_with_its_message(folder, monkeypatch, rule_name, extra, overrides, key, match):
-    if rule_name == "_quant_installed":
+    hidden = {"_quant_installed": ("bitsandbytes",), "_trackers": ("tensorboard", "wandb")}
+    if rule_name in hidden:
         real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                            if name in hidden[rule_name] else real(name, *a))
     text = run_text(extra)
     (folder / "run.yaml").write_text(text)
     cfg, problems = runfile.parse(text, overrides, source="run.yaml", base_dir=str(folder))

@@ -1,0 +1,149 @@
+"""What rank 0 records per step: metrics.jsonl, and the trackers of `output.report_to`.
+
+    Metrics(path, main).write({"step": 3, "loss": ...})           # one JSON line, flushed
+
+    trackers = Trackers.open(cfg, start_step, main=env.is_main)   # nothing on other ranks
+    trackers.log(step, {"loss": ..., "lr": ...}, prefix="train")  # train/loss, train/lr, ...
+    trackers.close()
+
+metrics.jsonl: train lines {step, loss, lr, grad_norm, tokens_per_s, step_time_s, memory_bytes,
+elapsed_s}; eval lines {step, eval_loss, elapsed_s}.
+
+TensorBoard event files go to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`); a resume
+purges the steps after its checkpoint, so no step is shown twice. W&B writes under RUN_DIR/wandb,
+offline unless WANDB_MODE says otherwise (`wandb sync RUN_DIR/wandb/offline-run-*` uploads it),
+project WANDB_PROJECT (default ftlaunch), one W&B run per run directory (its id is kept in
+RUN_DIR/wandb/run_id, so launches that resume continue it).
+
+`missing(cfg)` is the login-node check: a logger in report_to, or a DeepSpeed monitor section
+enabled in deepspeed.overrides, whose package is not installed (looked up, never imported).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import uuid
+from typing import Any, Iterator
+
+from launcher import layout
+from launcher.errors import Problem
+
+# report_to name -> (module to import, pip package)
+PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+# DeepSpeed monitor sections -> (module its monitor imports, pip package)
+DS_MONITORS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+               "comet": ("comet_ml", "comet_ml")}
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing(cfg: Any) -> Iterator[Problem]:
+    """A Problem for each logger asked for whose package is missing."""
+    for i, name in enumerate(cfg.output.report_to):
+        module, pip = PACKAGES[name]
+        if not installed(module):
+            yield Problem(f"output.report_to[{i}]", f"{name} is not installed on this machine",
+                          f"pip install {pip} (in the environment the ranks use), or remove "
+                          f"{name} from output.report_to")
+    for section, (module, pip) in DS_MONITORS.items():
+        block = cfg.deepspeed.overrides.get(section)
+        if isinstance(block, dict) and block.get("enabled") and not installed(module):
+            yield Problem(f"deepspeed.overrides.{section}", f"DeepSpeed's {section} monitor needs "
+                          f"{module}, which is not installed (the ranks would fail at initialize)",
+                          f"pip install {pip}, or use output.report_to: [{section}] instead"
+                          if section in PACKAGES else f"pip install {pip}, or remove the section")
+
+
+class Metrics:
+    """metrics.jsonl, one JSON object a line, appended by rank 0 and flushed every line."""
+
+    def __init__(self, path: str, main: bool):
+        self.path, self.main = path, main
+
+    def offset(self) -> int:
+        return os.path.getsize(self.path) if os.path.exists(self.path) else 0
+
+    def truncate(self, offset: int) -> None:
+        """Drop lines written after a checkpoint we resume from (they will be written again)."""
+        if self.main and os.path.exists(self.path) and os.path.getsize(self.path) > offset:
+            with open(self.path, "r+b") as fh:
+                fh.truncate(offset)
+
+    def write(self, record: dict) -> None:
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+
+class Trackers:
+    """The trackers rank 0 writes to; inert elsewhere or with an empty report_to."""
+
+    def __init__(self) -> None:
+        self.tb: Any = None
+        self.wandb: Any = None
+
+    @classmethod
+    def open(cls, cfg: Any, start_step: int, *, main: bool) -> "Trackers":
+        self = cls()
+        if not main:
+            return self
+        run_dir = cfg.run_dir
+        if "tensorboard" in cfg.output.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, layout.TENSORBOARD),
+                                    purge_step=start_step + 1 if start_step else None)
+        if "wandb" in cfg.output.report_to:
+            self.wandb = _open_wandb(cfg, run_dir)
+        return self
+
+    def log(self, step: int, scalars: dict, prefix: str) -> None:
+        values = {f"{prefix}/{k}": float(v) for k, v in scalars.items() if v is not None}
+        if self.tb is not None:
+            for tag, v in values.items():
+                self.tb.add_scalar(tag, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _open_wandb(cfg: Any, run_dir: str) -> Any:
+    import wandb
+
+    from launcher.config import to_dict
+    folder = os.path.join(run_dir, layout.WANDB)
+    os.makedirs(folder, exist_ok=True)
+    id_file = os.path.join(folder, "run_id")
+    try:
+        with open(id_file, encoding="utf-8") as fh:
+            run_id = fh.read().strip()
+    except FileNotFoundError:
+        run_id = uuid.uuid4().hex[:12]
+        with open(id_file, "w", encoding="utf-8") as fh:
+            fh.write(run_id + "\n")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "ftlaunch"), name=cfg.name,
+                      id=run_id, resume="allow", dir=run_dir,
+                      mode=os.environ.get("WANDB_MODE", "offline"), config=to_dict(cfg))
+
+
+def memory_bytes(device: str) -> int:
+    """Peak memory of this rank: the GPU's allocated peak, or the process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        import torch
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
