@@ -10,17 +10,18 @@ import pytest
 from launcher import cli
 
 pytestmark = [pytest.mark.slurm]
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def test_submit_refuses_a_plan_over_cluster_mem(slurm_cluster, tmp_path, monkeypatch, capsys):
     for k, v in slurm_cluster["env"].items():
         monkeypatch.setenv(k, v)
+    from conftest import write_fake_model  # config.json (Llama defaults: 7B), weights' names, tokenizer
+    model = write_fake_model(tmp_path / "model")
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     run = tmp_path / "run.yaml"
     run.write_text(f"""\
 name: node-mem
-model: {{path: {os.path.join(CONFIGS, 'llama-2-7b')}}}
+model: {{path: {model}}}
 data: {{path: {tmp_path / 'd.jsonl'}, max_seq_len: 512}}
 train: {{max_steps: 4, device: cuda}}
 freeze: {{policy: lora}}
