@@ -78,7 +78,8 @@ def _format(path: str, fmt: str | None) -> str | None:
     return _EXT.get(os.path.splitext(name)[1])
 
 
-def _open(path: str):
+def open_text(path: str):
+    """Open a possibly compressed data file as UTF-8 text (a BOM is skipped); None for zstd."""
     import bz2
     import gzip
     import lzma
@@ -95,7 +96,7 @@ def first_rows(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[tuple[
     them as (row number, why). OSError/UnicodeDecodeError for an unreadable file."""
     rows: list[tuple[int, dict]] = []
     bad: list[tuple[int, str]] = []
-    fh = _open(path)
+    fh = open_text(path)
     if fh is None:
         return rows, bad
     with fh:

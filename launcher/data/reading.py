@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.input_checks import open_text
 from launcher.input_checks import bad_row_limit
 from launcher.log import get_logger
 
@@ -113,20 +114,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
-def _open_text(path: str):
-    """Open a possibly compressed data file as UTF-8 text (a BOM is skipped); None for zstd."""
-    import bz2
-    import gzip
-    import lzma
-
-    low = path.lower()
-    if low.endswith(".zst"):
-        return None
-    opener = (gzip.open if low.endswith(".gz") else bz2.open if low.endswith(".bz2")
-              else lzma.open if low.endswith(".xz") else open)
-    return opener(path, "rt", encoding="utf-8-sig")
-
-
 def _json_kind(value: Any) -> str:
     return {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string",
             list: "list", dict: "object"}.get(type(value), type(value).__name__)
@@ -139,7 +126,7 @@ def _first_bad_json(path: str, fmt: str, *, first_only: bool = False) -> str | N
     import lzma
 
     try:
-        fh = _open_text(path)
+        fh = open_text(path)
         if fh is None:
             return None
         with fh:
@@ -352,7 +339,7 @@ def _tolerant_jsonl(path: str, columns: list[str]) -> tuple[dict[str, list], lis
     cols: dict[str, list] = {c: [] for c in columns}
     names: dict[str, None] = {}
     bad, numbers = [], []
-    fh = _open_text(path)
+    fh = open_text(path)
     if fh is None:
         raise ValueError("zstd")
     with fh:
