@@ -6,8 +6,8 @@
     .venv/bin/python bench/latency.py --runs 11
 
 Every command runs once to warm the disk cache, then N times (default 7); the median wall
-time is reported with min and max. The run file describes a Llama-7B-shaped model (only its
-config.json exists: the login-node commands read nothing else) on 4 nodes x 8 GPUs.
+time is reported with min and max. The run file describes a Llama-7B-shaped model (config.json,
+sharded safetensors whose headers the login-node checks read, a tokenizer.json) on 4 nodes x 8 GPUs.
 `ftlaunch slurm` (render only, no submit) and `ftlaunch plan` are measured too when they work
 here; a command that fails is listed with its error instead of a time.
 
@@ -78,12 +78,56 @@ def _once(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[float, subpro
     return time.perf_counter() - start, res
 
 
+def llama_tensors(c: dict) -> dict[str, list[int]]:
+    """Name -> shape of every parameter of a Llama config, as save_pretrained writes them."""
+    h, i, v, kv = (c["hidden_size"], c["intermediate_size"], c["vocab_size"],
+                   c["hidden_size"] * c["num_key_value_heads"] // c["num_attention_heads"])
+    out = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        out.update({p + "self_attn.q_proj.weight": [h, h], p + "self_attn.k_proj.weight": [kv, h],
+                    p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.o_proj.weight": [h, h],
+                    p + "mlp.gate_proj.weight": [i, h], p + "mlp.up_proj.weight": [i, h],
+                    p + "mlp.down_proj.weight": [h, i], p + "input_layernorm.weight": [h],
+                    p + "post_attention_layernorm.weight": [h]})
+    return out
+
+
+def write_model_folder(path: str, shards: int = 3) -> None:
+    """A folder as a 7B checkpoint looks to the login-node checks: config.json, a safetensors
+    index and its shards (real headers; the data is a sparse hole of the right size, so nothing
+    is written) and a tokenizer.json."""
+    import struct
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(MODEL_CONFIG, fh)
+    names = list(llama_tensors(MODEL_CONFIG).items())
+    weight_map = {}
+    for k in range(shards):
+        part = names[k::shards]
+        fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+        header, at = {}, 0
+        for name, shape in part:
+            n = 2
+            for d in shape:
+                n *= d
+            header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [at, at + n]}
+            at += n
+            weight_map[name] = fname
+        raw = json.dumps(header).encode()
+        with open(os.path.join(path, fname), "wb") as fh:
+            fh.write(struct.pack("<Q", len(raw)) + raw)
+            fh.truncate(8 + len(raw) + at)
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {}, "weight_map": weight_map}, fh)
+    with open(os.path.join(path, "tokenizer.json"), "w") as fh:
+        json.dump({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}, fh)
+
+
 def measure(runs: int = 7) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ftlaunch-latency-") as work:
-        os.makedirs(os.path.join(work, "model"))
-        with open(os.path.join(work, "model", "config.json"), "w") as fh:
-            json.dump(MODEL_CONFIG, fh)
+        write_model_folder(os.path.join(work, "model"))
         with open(os.path.join(work, "train.jsonl"), "w") as fh:
             fh.write('{"text": "hello"}\n')
         with open(os.path.join(work, "run.yaml"), "w") as fh:
@@ -147,7 +191,8 @@ def markdown(rows: list[dict[str, Any]], runs: int) -> str:
 
 Median wall time of {runs} runs (after one warm-up run) of each command, all measured in one
 run of the benchmark on the same machine, so the ratios compare like with like. The run file
-describes a Llama-7B-shaped model (config.json only) on 4 nodes x 8 GPUs, ZeRO-2, last 4 blocks
+describes a Llama-7B-shaped model (config.json, a 3-shard safetensors index whose headers the
+checks read, a tokenizer.json) on 4 nodes x 8 GPUs, ZeRO-2, last 4 blocks
 trained. The peers are the first thing a user of those tools waits for: `deepspeed --help`
 and `accelerate launch --help` import torch (and more) before printing anything.
 
