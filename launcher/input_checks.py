@@ -20,7 +20,7 @@ import io
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher import messages, model_info
 from launcher.errors import Problem
@@ -78,6 +78,18 @@ def _format(path: str, fmt: str | None) -> str | None:
     return _EXT.get(os.path.splitext(name)[1])
 
 
+def jsonl_lines(fh) -> "Iterator[tuple[int, str, Any, ValueError | None]]":
+    """(line number, line, parsed value, None) for each non-blank line of a jsonl file, or
+    (number, line, None, the ValueError) for a line that is not JSON."""
+    for n, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, line, json.loads(line), None
+        except ValueError as exc:
+            yield n, line, None, exc
+
+
 def open_text(path: str):
     """Open a possibly compressed data file as UTF-8 text (a BOM is skipped); None for zstd."""
     import bz2
@@ -101,14 +113,10 @@ def first_rows(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[tuple[
         return rows, bad
     with fh:
         if fmt == "jsonl":
-            for n, line in enumerate(fh, 1):
+            for n, _, row, exc in jsonl_lines(fh):
                 if len(rows) + len(bad) >= FIRST_ROWS:
                     break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
+                if exc is not None:
                     bad.append((n, f"not valid JSON ({exc})"))
                     continue
                 (rows.append((n, row)) if isinstance(row, dict) else

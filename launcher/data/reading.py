@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.errors import ConfigError, Problem, did_you_mean
-from launcher.input_checks import open_text
+from launcher.input_checks import jsonl_lines, open_text
 from launcher.input_checks import bad_row_limit
 from launcher.log import get_logger
 
@@ -142,12 +142,8 @@ def _first_bad_json(path: str, fmt: str, *, first_only: bool = False) -> str | N
                 if not isinstance(data, list):
                     return (f"the top level is a JSON {_json_kind(data)}, not a list of records")
                 return None
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
+            for n, line, row, exc in jsonl_lines(fh):
+                if exc is not None:
                     return f"line {n} is not valid JSON ({exc}): {line.strip()[:80]!r}"
                 if not isinstance(row, dict):
                     return f"line {n} is a JSON {_json_kind(row)}, not an object with fields"
@@ -343,12 +339,8 @@ def _tolerant_jsonl(path: str, columns: list[str]) -> tuple[dict[str, list], lis
     if fh is None:
         raise ValueError("zstd")
     with fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
+        for n, _, row, exc in jsonl_lines(fh):
+            if exc is not None:
                 bad.append((n, f"not valid JSON ({exc})"))
                 continue
             if not isinstance(row, dict):
