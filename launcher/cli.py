@@ -245,8 +245,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
+    from launcher import run_state
     from launcher.preflight import main as preflight_main
-    return preflight_main(args)
+    run_state.leave(preflight_main(args))  # a process of its own (srun), like a rank
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -8,13 +8,16 @@ are about to reduce gradients) or `loss` (each micro batch of step `step`; only 
 `nan`, which makes that loss NaN: the loss watchdog's case); action `exit`
 (os._exit(17), a crash: default), `raise` (RuntimeError), `enospc` (OSError ENOSPC, a full disk),
 `kill` (SIGKILL to itself), `freeze` (SIGSTOP to itself: a hung rank), `sigterm` / `sigint` /
-`sigusr1` (that signal to itself: the stop protocol) or `stop` (create RUN_DIR/STOP). Several
+`sigusr1` (that signal to itself: the stop protocol), `stop` (create RUN_DIR/STOP) or
+`abort-at-exit` (the rank goes on, and aborts if the interpreter's teardown ever runs: the
+SIGABRT torch's gloo threads can cause there, which `train.leave` avoids). Several
 faults are separated by commas. `FTLAUNCH_FAULT_RANK=r` limits them to one rank.
 
 What each fault does to a run, and the test that shows it: docs/faults.md.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import signal
@@ -49,6 +52,9 @@ def fault(point: str, step: int, rank: int, run_dir: str | None = None) -> bool:
             return False
         if action in ("sigterm", "sigint", "sigusr1"):
             os.kill(os.getpid(), getattr(signal, action.upper()))
+            return False
+        if action == "abort-at-exit":
+            atexit.register(os.abort)
             return False
         if action == "stop":
             if run_dir is None:

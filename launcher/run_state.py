@@ -15,13 +15,14 @@ failed rank as 1.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
 import socket
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from launcher import layout
 from launcher.rundir import write_atomic
@@ -157,6 +158,17 @@ def rank_exit_code(code: int) -> int:
     if code == layout.EXIT_STOPPED and os.environ.get(STOPPED_EXIT_ENV) == "0":
         return 0
     return code
+
+
+def leave(code: int) -> NoReturn:
+    """End a rank whose files are written and whose process group is destroyed, skipping the
+    interpreter's teardown: there gloo's worker threads can still hold tensors and abort the
+    process (SIGABRT, "terminate called without an active exception") after a clean finish or
+    stop, and torchrun then calls the whole job failed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------ a finished run

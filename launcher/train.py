@@ -326,7 +326,7 @@ def main(args: Any) -> int:
             print(text, end="", flush=True)
         code = train_loop(s, stop)
         shutdown(barrier=True)
-        return run_state.rank_exit_code(code)
+        run_state.leave(run_state.rank_exit_code(code))
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them
             print(exc.render(), file=sys.stderr, flush=True)
