@@ -60,6 +60,35 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+class Sampler:
+    """The highest RssAnon and RssFile of this process while the `with` block runs (read every
+    2 ms by a thread: the kernel keeps a high-water mark of their sum only)."""
+
+    def __init__(self, every_s: float = 0.002) -> None:
+        import threading
+        self.every_s, self.anon, self.file = every_s, 0, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _read(self) -> None:
+        self.anon = max(self.anon, _status("RssAnon"))
+        self.file = max(self.file, _status("RssFile"))
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every_s):
+            self._read()
+
+    def __enter__(self) -> "Sampler":
+        self._read()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self._read()
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
@@ -272,15 +301,18 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
         warm_engine(train.build_ds_config(cfg, env, "cpu"))
         gc.collect()
         base = _status("VmRSS")
+        base_anon, base_file = _status("RssAnon"), _status("RssFile")
         reset = _reset_peak()
         mods = set(sys.modules)
         loaded: dict = {}
         load_model = train.load_model
 
         def timed_load(*a, **k):  # the loading peak alone, before deepspeed.initialize
-            out = load_model(*a, **k)
+            with Sampler() as seen:
+                out = load_model(*a, **k)
             loaded.update(load_peak=_status("VmHWM") - base, load_rss=_status("VmRSS") - base,
-                          load_file=_status("RssFile"))
+                          load_file=_status("RssFile"), load_anon_peak=seen.anon - base_anon,
+                          load_file_peak=seen.file - base_file)
             return out
         train.load_model = timed_load
         try:

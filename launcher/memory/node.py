@@ -7,9 +7,11 @@ How transformers 5 and DeepSpeed 0.19 load (read from their source, measured on 
   the parameters start as views of it, so the checkpoint sits once in the node's page cache,
   shared by its ranks (reclaimable, but charged to the job's cgroup). A checkpoint stored in
   another dtype than model.dtype is converted: one anonymous copy per rank.
-- ZeRO-3 (`zero.Init`): every rank builds only its partition; rank 0 alone reads the whole
-  state dict into memory (`load_state_dict(map_location="cpu")`) and the others broadcast
-  module by module, so the node of rank 0 holds the checkpoint twice (copy + page cache).
+- ZeRO-3 (`zero.Init`): every rank builds only its partition; rank 0 alone reads the
+  memory-mapped shards and the ranks gather module by module, so rank 0's node holds the
+  checkpoint once, in its page cache: rank 0's private memory while loading is its partition
+  plus the module being gathered, as on every other rank (bench/node_loading.py measured it: no
+  second copy of the state dict). A checkpoint in another dtype is converted module by module.
 - Offload: DeepSpeed pins each rank's fp32 masters, Adam state and fp32 gradient slice
   (optimizer offload) and its parameter partitions (parameter offload) in CPU memory.
 - Each rank process: Python, torch, CUDA and NCCL libraries on a GPU node (`RANK_HOST`,
@@ -95,12 +97,10 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
     out.append(host)
     out.append(Term("page_cache", "checkpoint shards (page cache, shared by the node's ranks)",
                     ckpt, "load", f"P x {ck} B once per node: safetensors shards memory-mapped "
-                    "(reclaimable; charged to the job's cgroup)", SRC_LOAD))
-    if r.stage == 3 and cfg.quantization.mode == "none":
-        out.append(Term("load_rank0", "rank 0 reads the whole state dict (ZeRO-3)", ckpt, "load",
-                        f"P x {ck} B on rank 0's node: zero.Init partitions, rank 0 loads every "
-                        "tensor and the ranks gather module by module", SRC_LOAD))
-    elif ck_dtype != TORCH_DTYPE[cfg.model.dtype] and cfg.quantization.mode == "none":
+                    "(reclaimable; charged to the job's cgroup); under ZeRO-3 rank 0 alone reads "
+                    "them", "bench/node_loading.py; " + SRC_LOAD))
+    # ZeRO-3: rank 0 reads the mapped shards (the page cache above), no private copy (measured)
+    if r.stage != 3 and ck_dtype != TORCH_DTYPE[cfg.model.dtype] and cfg.quantization.mode == "none":
         out.append(Term("load_convert", f"weights converted to {cfg.model.dtype} (each rank)",
                         n * inv.total * inv.lp_bytes, "load",
                         f"{n} ranks x P x lp: the checkpoint is {ck_dtype}", SRC_LOAD))
