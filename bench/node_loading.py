@@ -7,7 +7,9 @@ max_shard_size="8MB")` (6 shards), trained in bf16 on 2 CPU ranks at ZeRO 0-3 an
 optimizer offload, one launch (`plan_vs_measured.run_ranks`). Each rank samples its RssAnon
 (private memory) and RssFile (checkpoint pages mapped) every 2 ms while `from_pretrained` runs,
 above the baseline taken just before it, and reads its peak RSS at the end of
-`deepspeed.initialize` (VmHWM, reset at the baseline), when every weight has been read.
+`deepspeed.initialize` (VmHWM, reset at the baseline), when every weight has been read, and
+again after 2 training steps: the node's figure is the sum of its ranks' peaks, against the
+plan's node peak less the ranks' baselines (the kernels term measured on this machine).
 
 What it shows (the plan's loading model, launcher/memory/node.py):
 - ZeRO-0/1/2: `from_pretrained` returns views of the memory-mapped shards: almost no private
@@ -53,25 +55,30 @@ def checkpoint_bytes(model_dir: str) -> int:
                if f.endswith(".safetensors"))
 
 
-def measure(work: str, settings: list[str]) -> list[dict]:
-    """Per setting: the plan's loading terms and each rank's measured loading memory."""
+def measure(work: str, settings: list[str], steps: int = 2) -> list[dict]:
+    """Per setting: the plan's loading terms and per-node figure (above the ranks' baselines),
+    each rank's measured loading memory and its peak RSS over loading and `steps` steps."""
     from launcher import memory, runfile
+    from launcher.memory import node, probe
     paths = sharded_model(work)
     runs = []
     for name in settings:
         stage, offload = SETTINGS[name]
         pvm.SETTINGS[name] = dict(stage=stage, offload=offload)
         runs.append(pvm.write_run(work, "20m", name, paths))
-    res = pvm.run_ranks(runs, os.path.join(work, "out.json"), steps=1,
+    res = pvm.run_ranks(runs, os.path.join(work, "out.json"), steps=steps,
                         extra_env={"PVM_TORCH_ADAM_OFFLOAD": "1"})
     rows = []
     for name, run, ranks in zip(settings, runs, res):
-        p = memory.plan(runfile.load(run), world_size=2, advise=False)
+        cfg = runfile.load(run)  # the kernels measured on this machine (cached: one probe)
+        p = memory.plan(cfg, world_size=2, advise=False, kernels=probe.measure(cfg))
         rows.append({"setting": name, "checkpoint": checkpoint_bytes(paths["model"]),
                      "shards": sum(f.endswith(".safetensors") for f in os.listdir(paths["model"])),
                      "plan_load": {t.key: t.bytes for t in p.node_terms if "load" in t.phase.split()
                                    and t.key != "rank_host"},
-                     "weights": p.term("weights"), "ranks": ranks})
+                     "weights": p.term("weights"), "ranks": ranks, "node_phase": p.node_phase,
+                     "plan_node": p.node_cpu - 2 * node.CPU_RANK_BASE,
+                     "measured_node": sum(rk["peak"] for rk in ranks)})
     return rows
 
 
@@ -86,6 +93,11 @@ def table(rows: list[dict]) -> str:
             out.append(f"| {r['setting']} | {i} | {mib(rk['load_anon_peak'])} | "
                        f"{mib(rk['load_file_peak'])} ({rk['load_file_peak'] / r['checkpoint']:.2f}) | "
                        f"{mib(rk['init_peak'])} | {terms if i == 0 else ''} |")
+    out += ["", "| setting | node: sum of the ranks' peak RSS above their baselines MiB | plan: "
+            "node peak less the ranks' baselines MiB (phase) | measured/plan |", "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['setting']} | {mib(r['measured_node'])} | {mib(r['plan_node'])} "
+                   f"({r['node_phase']}) | {r['measured_node'] / r['plan_node']:.3f} |")
     return "\n".join(out)
 
 

@@ -26,7 +26,7 @@ def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
 
 @rule
 def _attn_kernel(cfg: RunConfig) -> Iterator[Problem]:
-    from launcher.memory.kernels import problem
+    from launcher.attn_kernels import problem
     yield from filter(None, [problem(cfg.model.path, cfg.model.attn_implementation)])
 
 

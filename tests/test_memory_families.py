@@ -44,7 +44,7 @@ def test_parameter_counts_equal_the_published_ones(tmp_path, model):
 
 
 def test_attention_kernel_is_the_one_transformers_uses(tmp_path, capsys):
-    from launcher.memory import kernels
+    from launcher import attn_kernels as kernels
     assert kernels.resolved("gemma2", None) == "eager"  # no sdpa: softcapping
     assert kernels.resolved("llama", None) == "sdpa"
     _, cfg = cfg_for(tmp_path, "gemma-2-9b")

@@ -13,11 +13,13 @@ One module per part, each importing only those above it:
     terms.py        the model-state formulas (weights, gradients, masters, optimizer state) and
                     the runtime constants, one `Term` per thing that holds memory
     activations.py  what autograd keeps during a step
-    kernels.py      the attention kernel transformers will use; validate's check of a requested one
     node.py         a node's CPU memory while loading and training, and the memory it has
     render.py       the text of a plan, with --explain
     advice.py       the cheapest changes that make a plan fit (re-planned through a callable)
     planner.py      the `Plan` and `plan()`, which put the above together
+
+The attention kernel transformers will use is launcher/attn_kernels.py (outside this package:
+validate checks a requested kernel without importing the planner).
 
 On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its
 baseline (see docs/memory.md for how that is measured and what it can and cannot verify).

@@ -89,12 +89,19 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
         host = Term("rank_host", f"rank processes ({n} x {gib(RANK_HOST)})", n * RANK_HOST,
                     "load train", f"{n} ranks x Python, torch, CUDA and NCCL libraries (typical)",
                     "estimate")
-    else:
-        host = Term("rank_host", f"rank processes ({n} x (baseline + per-rank total))",
-                    n * (CPU_RANK_BASE + per_rank_total), "load train",
-                    f"{n} ranks x ({gib(CPU_RANK_BASE)} after imports + the per-rank total above)",
+    else:  # CPU ranks: their tensors live here too
+        host = Term("rank_host", f"rank processes ({n} x baseline)", n * CPU_RANK_BASE,
+                    "load train", f"{n} ranks x {gib(CPU_RANK_BASE)} after imports (typical)",
                     "bench/plan_vs_measured.py baselines")
-    out.append(host)
+        at_init = st.weights + st.masters
+        out.append(Term("rank_init", "each rank's weights and fp32 masters (initialize)",
+                        n * at_init, "load", f"{n} ranks x (weights + fp32 masters) = {n} x "
+                        f"{gib(at_init)}: deepspeed.initialize copies the mapped weights into its "
+                        "buffers", "bench/node_loading.py"))
+        out.append(Term("rank_train", "each rank's training memory (the per-rank total)",
+                        n * per_rank_total, "train", f"{n} ranks x {gib(per_rank_total)}",
+                        "the per-rank plan above"))
+    out.insert(0, host)
     out.append(Term("page_cache", "checkpoint shards (page cache, shared by the node's ranks)",
                     ckpt, "load", f"P x {ck} B once per node: safetensors shards memory-mapped "
                     "(reclaimable; charged to the job's cgroup); under ZeRO-3 rank 0 alone reads "

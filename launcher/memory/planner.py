@@ -13,7 +13,7 @@ from launcher.errors import ConfigError, Problem
 from launcher.memory.activations import activations, from_trace, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
-from launcher.memory.kernels import resolved as resolved_kernel
+from launcher.attn_kernels import resolved as resolved_kernel
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.render import render
