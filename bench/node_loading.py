@@ -78,7 +78,11 @@ def measure(work: str, settings: list[str], steps: int = 2) -> list[dict]:
                                    and t.key != "rank_host"},
                      "weights": p.term("weights"), "ranks": ranks, "node_phase": p.node_phase,
                      "plan_node": p.node_cpu - 2 * node.CPU_RANK_BASE,
-                     "measured_node": sum(rk["peak"] for rk in ranks)})
+                     "measured_node": sum(rk["peak"] for rk in ranks),
+                     "plan_rank": p.total_per_gpu,
+                     # before offload: where they live does not change the bytes
+                     "plan_terms": {"masters": p.states.masters, "optimizer": p.states.optim},
+                     "engine": {k: max(rk[k] for rk in ranks) for k in ("masters", "optimizer")}})
     return rows
 
 

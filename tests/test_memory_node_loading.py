@@ -30,6 +30,11 @@ def test_ranks_load_a_sharded_checkpoint_as_the_node_plan_says(tmp_path):
         # the node: its ranks' peaks (loading, initialize, 2 steps) against the plan's node peak
         assert abs(r["measured_node"] / r["plan_node"] - 1) < 0.15, (name, r["measured_node"],
                                                                      r["plan_node"])
+        if "offload" not in name:  # each rank alone (offloaded states leave the per-rank total)
+            for rk in r["ranks"]:
+                assert abs(rk["peak"] / r["plan_rank"] - 1) < 0.15, (name, rk["peak"], r["plan_rank"])
+        # the model states inside those peaks are the engine's, to the byte
+        assert r["plan_terms"] == r["engine"], (name, r["plan_terms"], r["engine"])
         # the plan: each rank's weights and masters at initialize, the shards once per node
         # (page cache), no private copy of the state dict
         assert set(r["plan_load"]) == {"rank_init", "page_cache"}, (name, r["plan_load"])
