@@ -40,12 +40,17 @@ def tiny(src: str, dst) -> dict:
     return c
 
 
-def measured(path: str, gc: bool) -> int:
-    """Bytes autograd keeps in a real forward with labels (each storage once, no parameters)."""
+def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> int:
+    """Bytes autograd keeps in a real forward with labels (each storage once, no parameters);
+    with `trainable`, only those parameters require a gradient."""
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
     m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
     m.train()
+    if trainable is not None:
+        for name, p in m.named_parameters():
+            p.requires_grad_(name in trainable)
+        assert any(p.requires_grad for p in m.parameters())
     if gc:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
@@ -64,15 +69,20 @@ def measured(path: str, gc: bool) -> int:
     return sum(seen.values())
 
 
-def planned(tmp_path, model_dir, gc: bool):
+def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}"):
     from launcher import memory
     from launcher.runfile import load
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     run = tmp_path / "run.yaml"
     run.write_text(f"name: t\nmodel: {{path: {model_dir}, dtype: bf16, gradient_checkpointing: "
                    f"{str(gc).lower()}}}\ndata: {{path: {tmp_path / 'd.jsonl'}, max_seq_len: {S}, "
-                   f"packing: true}}\ntrain: {{max_steps: 1, micro_batch_size: {B}, device: cpu}}\n")
-    p = memory.plan(load(str(run)), world_size=1, advise=False)
+                   f"packing: true}}\ntrain: {{max_steps: 1, micro_batch_size: {B}, device: cpu}}\n"
+                   f"freeze: {freeze}\n")
+    return memory.plan(load(str(run)), world_size=1, advise=False)
+
+
+def planned(tmp_path, model_dir, gc: bool):
+    p = plan_of(tmp_path, model_dir, gc)
     return next(t for t in p.terms if t.key == "activations")
 
 
@@ -84,6 +94,39 @@ def test_traced_activations_within_10_percent_of_the_real_model(tmp_path, family
     assert "traced on the meta device (" in term.formula, term.formula
     real = measured(str(tmp_path / "m"), gc)
     assert abs(term.bytes / real - 1) <= 0.10, (family, term.bytes, real)
+
+
+FROZEN = {  # the last block trains (the graph starts there); or the embeddings too (it reaches all)
+    "last": "{policy: last_layers, trainable_layers: 1}",
+    "last+embeddings": "{policy: last_layers, trainable_layers: 1, also_train: [embeddings]}",
+}
+
+
+@pytest.mark.parametrize("gc", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("freeze", list(FROZEN))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_frozen_runs_traced_within_10_percent_of_the_real_model(tmp_path, family, freeze, gc):
+    tiny(family, tmp_path / "m")
+    p = plan_of(tmp_path, tmp_path / "m", gc, FROZEN[freeze])
+    term = next(t for t in p.terms if t.key == "activations")
+    assert "traced on the meta device at full depth" in term.formula, term.formula
+    trainable = frozenset(x.name for x in p.inv.params if x.trainable)
+    assert 0 < len(trainable) < len(p.inv.params)
+    real = measured(str(tmp_path / "m"), gc, trainable)
+    assert abs(term.bytes / real - 1) <= 0.10, (family, freeze, term.bytes, real)
+
+
+def test_llama_frozen_trace_equals_the_enumerated_formula(tmp_path):
+    """For the Llama family the full-depth trace and the tensor-by-tensor formula (by block,
+    from what trains) agree, frozen blocks before the graph saving nothing."""
+    from launcher.memory.activations import activations, grads_map
+    tiny("llama-3-8b", tmp_path / "m")
+    p = plan_of(tmp_path, tmp_path / "m", False, FROZEN["last"])
+    traced = next(t for t in p.terms if t.key == "activations").bytes
+    blocks, head = grads_map(p.inv)
+    want = activations(p.inv.shape, B, S, 2, "sdpa", False, padded=False, logits_held=False,
+                       blocks=blocks, head=head).saved
+    assert abs(traced / want - 1) < 0.01, (traced, want)
 
 
 def test_llama_trace_equals_the_enumerated_formula(tmp_path):
@@ -106,3 +149,27 @@ def test_untraceable_model_falls_back_to_the_formula_and_says_why(tmp_path):
     why = trace(str(tmp_path / "m"), B, S, "bf16", "sdpa")
     assert isinstance(why, str) and why
     assert "no config.json" in trace(str(tmp_path / "missing"), B, S, "bf16", "sdpa")
+
+
+@pytest.mark.parametrize("freeze", list(FROZEN))
+@pytest.mark.parametrize("family", ["llama-3-8b", "gemma-2-9b", "falcon-7b", "gpt2"])
+def test_deep_frozen_runs_are_traced_on_three_blocks_and_extrapolated(tmp_path, family, freeze):
+    """8 blocks, the last 6 training: 4 blocks traced (the frozen one before the graph, the
+    first one the graph reaches, two alike), the rest extrapolated; with the embeddings training too the blocks differ (2 frozen
+    ones reached, then 6 training) and all 8 are traced. Within 10% of the real model."""
+    from launcher.memory.traced import frozen_layout
+    c = tiny(family, tmp_path / "m")
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in c:
+            c[key] = 8
+    if isinstance(c.get("layer_types"), list):
+        c["layer_types"] = [c["layer_types"][i % len(c["layer_types"])] for i in range(8)]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(c))
+    p = plan_of(tmp_path, tmp_path / "m", False, FROZEN[freeze].replace("trainable_layers: 1",
+                                                                        "trainable_layers: 6"))
+    trainable = frozenset(x.name for x in p.inv.params if x.trainable)
+    idx, _, first = frozen_layout(trainable, 8)
+    assert (idx, first) == ((list(range(8)), 0) if "embeddings" in freeze else ([1, 2, 3, 4], 2))
+    term = next(t for t in p.terms if t.key == "activations")
+    real = measured(str(tmp_path / "m"), False, trainable)
+    assert abs(term.bytes / real - 1) <= 0.10, (family, freeze, term.bytes, real)

@@ -172,6 +172,39 @@ def from_trace(tr, shape: Shape, b: int, s: int, lp: int, checkpointing: bool,
                        "(launcher/memory/traced.py; tests/test_memory_traced.py)")
 
 
+def from_frozen_trace(tr, tr_ckpt, shape: Shape, b: int, s: int, lp: int,
+                      logits_held: bool) -> Activations:
+    """Activations of a partly frozen run from its full-depth traces (launcher/memory/traced.py,
+    at the run's b and s): each block's own saved tensors, only in the blocks the graph
+    reaches. tr_ckpt: the trace with the blocks checkpointed (None without checkpointing): it
+    gives what the forward keeps, and the backward recomputes one block (of `tr`) at a time."""
+    L, bs = shape.layers, b * s
+    blocks = list(tr.blocks)
+    logits_live = lp * bs * shape.vocab if logits_held else 0
+    loss_grad = 8 * bs * shape.vocab
+    biggest = max(blocks, default=0)
+    how = (f"traced on the meta device at full depth with the run's trainable parameters "
+           f"({tr.attn} attention{', ' + tr.experts + ' experts' if tr.experts else ''}): "
+           f"{tr.active} of {L} blocks reached by the graph")
+    if tr_ckpt is not None:
+        kept = sum(tr_ckpt.blocks) + tr_ckpt.common
+        saved = kept + logits_live
+        extra = max(loss_grad, biggest - 4 * bs * shape.vocab)
+        f = (f"{how}, checkpointed: {kept:,} B kept by the forward"
+             f"{' + lp bsV (logits held)' if logits_held else ''}; backward: max(8bsV loss "
+             f"grads, one block recomputed: up to {biggest:,} B)")
+    else:
+        common = tr.common
+        saved = sum(blocks) + common + logits_live
+        extra = loss_grad
+        f = (f"{how}, {sum(blocks):,} B saved in them + {common:,} B outside the blocks"
+             f"{' + lp bsV (logits held)' if logits_held else ''}; backward: + 8bsV (fp32 loss "
+             "grads)")
+    return Activations(saved, extra, biggest, f,
+                       "saved_tensors_hooks on a full-depth meta-device forward "
+                       "(launcher/memory/traced.py; tests/test_memory_traced.py)")
+
+
 def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3: bool = False
               ) -> tuple[list[BlockGrads], HeadGrads]:
     """BlockGrads per block and HeadGrads from the inventory's trainable / quantized names.

@@ -10,14 +10,14 @@ from typing import Any, Callable
 from launcher import ds_config, runfile
 from launcher.config import RunConfig
 from launcher.errors import ConfigError, Problem
-from launcher.memory.activations import activations, from_trace, grads_map
+from launcher.memory.activations import activations, from_frozen_trace, from_trace, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.attn_kernels import resolved as resolved_kernel
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.render import render
-from launcher.memory.traced import trace
+from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
                                    States, Term, gib, states)
@@ -265,6 +265,19 @@ def _activation_terms(r: _Setting) -> list[Term]:
         else:
             act = from_trace(tr, inv.shape, b, s, inv.lp_bytes, cfg.model.gradient_checkpointing,
                              LOGITS_HELD)
+    elif (cfg.freeze.policy in ("last_layers", "patterns") and cfg.quantization.mode == "none"
+          and not linear3):  # ZeRO-3's own linear keeps frozen inputs too: the formula knows
+        names = frozenset(p.name for p in inv.params if p.trainable)
+        ft, fc = (trace_frozen(cfg.model.path, b, s, cfg.model.dtype, kernel, names,
+                               cfg.model.trust_remote_code, padded=not cfg.data.packing,
+                               device=r.device, checkpointing=gc)
+                  for gc in (False, cfg.model.gradient_checkpointing))
+        failed = next((t for t in (ft, fc) if isinstance(t, str)), None)
+        if failed:
+            why = f" [formula: the meta-device trace failed: {failed}]"
+        else:
+            act = from_frozen_trace(ft, fc if cfg.model.gradient_checkpointing else None,
+                                    inv.shape, b, s, inv.lp_bytes, LOGITS_HELD)
     if act is None:  # what trains decides what is kept: the enumerated formula, by block
         blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
             if inv.shape.known else (None, None)

@@ -12,11 +12,17 @@ softcapping, loss upcast). Two traces give one block and the rest:
                                                           patterns of period 2 are averaged)
     common    = saved(1 block) - per_block                (embeddings, final norm, logits, loss)
 
+A run that freezes part of the model (`freeze.policy` last_layers or patterns) is traced at its
+full depth with the run's trainable parameters (`trace_frozen`): which blocks the graph reaches,
+and what each keeps, then follow from the family's own code too. It is traced at the run's own
+(b, s): the bytes are not always linear in b (Falcon keeps a batch-1 mask and rotary tables).
+
 torch and transformers are imported here, lazily. A family whose forward cannot run on the
 meta device (data-dependent shapes) returns the reason, and the caller uses the formula.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -31,6 +37,16 @@ class Traced:
     common: int        # everything outside the blocks: embeddings, final norm, logits, loss
     attn: str          # the attention kernel the traced model ran
     experts: str       # the experts implementation (MoE families), or ""
+
+
+@dataclass(frozen=True)
+class TracedBlocks:
+    """A full-depth trace with the run's trainable parameters, at the run's (b, s)."""
+    blocks: tuple[int, ...]  # each block's saved bytes, in order
+    active: int              # blocks the graph reaches (their input needs a gradient or they train)
+    common: int              # everything outside the blocks
+    attn: str
+    experts: str
 
 
 def _with_layers(hf, n: int):
@@ -55,7 +71,8 @@ def _proxy(t, b: int, s: int):
     shape = [1 if i == 0 and n == b else 8 if i >= t.dim() - 2 and n == s else n
              for i, n in enumerate(t.shape)]
     p = torch.empty(shape, dtype=t.dtype)
-    return p.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 and t.stride(-1) != 1 else p
+    p = p.transpose(-1, -2).contiguous().transpose(-1, -2) if t.dim() > 1 and t.stride(-1) != 1 else p
+    return p.requires_grad_() if t.requires_grad else p  # the kernel choice can depend on it
 
 
 def _fused_sdpa(device: str, b: int, s: int):
@@ -98,6 +115,13 @@ def _fused_sdpa(device: str, b: int, s: int):
                     float(kw.get("dropout_p") or 0.0) if device == "cpu" else 0.0,
                     bool(kw.get("is_causal")), scale=kw.get("scale"),
                     enable_gqa=bool(kw.get("enable_gqa")))
+            if choice == 0 and device == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+                # the CPU math path computes in fp32 (and saves fp32 q, k, v, weights): so here
+                up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                      for a in args]
+                kw_up = {k_: (a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
+                              else a) for k_, a in kwargs.items()}
+                return func(*up, **kw_up).to(q.dtype)
             if choice == 0:  # the math path: what the meta device runs anyway
                 return func(*args, **kwargs)
             return Fused.apply(q, k, v, mask)
@@ -105,35 +129,105 @@ def _fused_sdpa(device: str, b: int, s: int):
     return Mode()
 
 
+def _blocks_of(m, layers: int):
+    """The model's list of decoder blocks: the largest ModuleList of `layers` modules."""
+    import torch
+    lists = [x for x in m.modules() if isinstance(x, torch.nn.ModuleList) and len(x) == layers]
+    return max(lists, key=lambda x: sum(p.numel() for p in x.parameters()), default=None)
+
+
 def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
-           device: str) -> tuple[int, str, str]:
+           device: str, trainable: frozenset[str] | None = None,
+           checkpointing: bool = False) -> tuple[int, str, str]:
+    """Bytes autograd keeps in a meta forward (each storage once, no parameters or buffers).
+    With `trainable`, only those parameters require a gradient and the result is
+    (per block bytes, active blocks, bytes outside the blocks) in place of the total."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         m = AutoModelForCausalLM.from_config(hf, dtype=dtype, attn_implementation=attn,
                                              trust_remote_code=trust)
     m.train()
+    if checkpointing:  # as the ranks run it: what stays outside the checkpointed blocks
+        m.config.use_cache = False
+        kwargs = {"use_reentrant": False, "preserve_rng_state": False, "determinism_check": "none"}
+        enable = getattr(m, "activation_checkpointing_enable", None)  # transformers >= 5.x
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     params = {p.untyped_storage()._cdata for p in m.parameters()}
     params |= {t.untyped_storage()._cdata for t in m.buffers()}
     seen: dict[int, int] = {}
+    owner: dict[int, int] = {}  # storage -> the block that saved it first (-1: outside)
     keep: list = []  # the saved tensors stay alive, so no storage id is reused while tracing
+    where = [-1]
+    reached: set[int] = set()
+    if trainable is not None:
+        for name, p in m.named_parameters():
+            p.requires_grad_(name in trainable)
+        blocks = _blocks_of(m, _layers(hf))
+        if blocks is None:
+            raise ValueError("no list of decoder blocks found")
+        for i, blk in enumerate(blocks):
+            blk.register_forward_pre_hook(_enter(i, where, reached), with_kwargs=True)
+            blk.register_forward_hook(lambda *a: where.__setitem__(0, -1))
 
     def pack(t):
         st = t.untyped_storage()
         if st._cdata not in params:
             seen[st._cdata] = st.nbytes()
+            owner.setdefault(st._cdata, where[0])
             keep.append(t)
         return t
 
     x = torch.zeros(b, s, dtype=torch.long, device="meta")
     kw = {"attention_mask": torch.ones(b, s, dtype=torch.long, device="meta")} if padded else {}
-    import contextlib
     fused = _fused_sdpa(device, b, s) if m.config._attn_implementation == "sdpa" else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused, _one_sequence_each():
         out = m(input_ids=x, labels=x, **kw)
     del out
-    return (sum(seen.values()), str(m.config._attn_implementation),
+    used = (str(m.config._attn_implementation),
             str(getattr(m.config, "_experts_implementation", "") or ""))
+    if trainable is None:
+        return (sum(seen.values()), *used)
+    per = [0] * _layers(hf)
+    for k, n in seen.items():
+        if owner[k] >= 0:
+            per[owner[k]] += n
+    common = sum(n for k, n in seen.items() if owner[k] < 0)
+    return ((tuple(per), len(reached), common), *used)
+
+
+@contextlib.contextmanager
+def _one_sequence_each():
+    """transformers looks for packed sequences in the position ids when there is no cache (so
+    under checkpointing), with a data-dependent test a meta tensor cannot answer; the trace's
+    rows are one sequence each (the ranks give the packing mask themselves)."""
+    from transformers import masking_utils
+    find = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
+def _layers(hf) -> int:
+    tc = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    return next(int(getattr(tc, k)) for k in LAYER_KEYS if getattr(tc, k, None) is not None)
+
+
+def _enter(i: int, where: list, reached: set):
+    """A block's forward pre-hook: saves from now on are block i's; the block is reached by the
+    graph if its input needs a gradient or one of its parameters trains."""
+    def hook(module, args, kwargs):
+        where[0] = i
+        x = args[0] if args else kwargs.get("hidden_states")
+        if (getattr(x, "requires_grad", False)
+                or any(p.requires_grad for p in module.parameters())):
+            reached.add(i)
+    return hook
 
 
 def trace(path: str, b: int, s: int, dtype: str, attn: str, trust_remote_code: bool = False,
@@ -172,3 +266,83 @@ def _trace(path: str, b: int, s: int, dtype: str, attn: str, trust: bool, padded
         return "the traced blocks saved nothing"
     return Traced(per_block, one - per_block, used, experts)
 
+
+
+def frozen_layout(trainable: frozenset[str], layers: int) -> tuple[list[int], dict[str, str], int]:
+    """Which blocks to trace for a partly frozen run, and how its names map onto them.
+
+    Blocks before the first one the graph reaches (no parameter in or before them trains) save
+    nothing and are left out, but for the one just before it. After it, blocks whose trainable parameters are the same (the
+    usual case: last_layers, a pattern per block kind) are traced as 3 and extrapolated; other
+    runs are traced block for block. Returns (original indices traced, name map, first)."""
+    from launcher.freeze import find_layers, group_of
+    found = find_layers(sorted(trainable))
+    container = found[0].rsplit(".", 2)[0] if found else None
+    prefixes = [f"{container}.{i}." if container is not None else f"<none>.{i}."
+                for i in range(layers)]
+    sig = [frozenset(n[len(pre):] for n in trainable if n.startswith(pre)) for pre in prefixes]
+    before = any(not any(n.startswith(pre) for pre in prefixes)
+                 and group_of(n, prefixes) in ("embeddings", "other") for n in trainable)
+    first = 0 if before else next((i for i in range(layers) if sig[i]), layers)
+    start = max(0, first - 1)  # the frozen block before: checkpointing keeps what it hands on
+    rest = sig[first + 1:]
+    if first >= layers:
+        idx: list[int] = []
+    elif layers - first > 4 and all(x == rest[0] for x in rest):
+        idx = list(range(start, first + 3))
+    else:
+        idx = list(range(start, layers))
+    names = {n: n for n in trainable if not any(n.startswith(pre) for pre in prefixes)}
+    for j, orig in enumerate(idx):
+        pre, new = prefixes[orig], f"{container}.{j}."
+        names.update({n: new + n[len(pre):] for n in trainable if n.startswith(pre)})
+    return idx, names, first
+
+
+def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
+                 trust_remote_code: bool = False, padded: bool = False,
+                 device: str = "cuda", checkpointing: bool = False) -> "TracedBlocks | str":
+    """A meta forward of b sequences with only `trainable` requiring a gradient, over the blocks
+    `frozen_layout` picks (cached like `trace`, by the trainable names too), or a one-line reason it
+    failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps)."""
+    try:
+        with open(os.path.join(path, "config.json"), "rb") as fh:
+            content = fh.read()
+    except OSError as exc:
+        return f"no config.json ({exc})"
+    key = ("frozen", content, b, s, dtype, attn, trust_remote_code, padded, device, checkpointing,
+           hash(tuple(sorted(trainable))))
+    if key not in _TRACES:
+        if len(_TRACES) >= 64:
+            _TRACES.clear()
+        try:
+            _TRACES[key] = _trace_frozen(path, b, s, dtype, attn, trainable, trust_remote_code,
+                                         padded, device, checkpointing)
+        except Exception as exc:  # any failure of a meta forward: the caller falls back
+            _TRACES[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return _TRACES[key]
+
+
+def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
+                  trust: bool, padded: bool, device: str, checkpointing: bool) -> TracedBlocks:
+    import torch
+    from transformers import AutoConfig
+
+    from launcher.config import TORCH_DTYPE
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    layers = _layers(hf)
+    idx, names, first = frozen_layout(trainable, layers)
+    (per, active, common), used, experts = _saved(
+        _with_layers(hf, max(1, len(idx))), b, s, getattr(torch, TORCH_DTYPE[dtype]), attn, trust,
+        padded, device, frozenset(names.values()), checkpointing)
+    blocks = [0] * layers
+    if idx and idx[-1] < layers - 1:  # extrapolated: the blocks after the first two are alike
+        lead = first - idx[0]
+        blocks[idx[0]:first] = per[:lead]
+        later = (per[lead + 1] + per[lead + 2]) // 2
+        blocks[first:] = [per[lead]] + [later] * (layers - first - 1)
+        active = layers - first if active else 0
+    else:
+        for j, orig in enumerate(idx):
+            blocks[orig] = per[j]
+    return TracedBlocks(tuple(blocks), active, common, used, experts)
