@@ -115,13 +115,6 @@ def _fused_sdpa(device: str, b: int, s: int):
                     float(kw.get("dropout_p") or 0.0) if device == "cpu" else 0.0,
                     bool(kw.get("is_causal")), scale=kw.get("scale"),
                     enable_gqa=bool(kw.get("enable_gqa")))
-            if choice == 0 and device == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-                # the CPU math path computes in fp32 (and saves fp32 q, k, v, weights): so here
-                up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                      for a in args]
-                kw_up = {k_: (a.float() if isinstance(a, torch.Tensor) and a.is_floating_point()
-                              else a) for k_, a in kwargs.items()}
-                return func(*up, **kw_up).to(q.dtype)
             if choice == 0:  # the math path: what the meta device runs anyway
                 return func(*args, **kwargs)
             return Fused.apply(q, k, v, mask)
