@@ -116,6 +116,53 @@ def test_frozen_runs_traced_within_10_percent_of_the_real_model(tmp_path, family
     assert abs(term.bytes / real - 1) <= 0.10, (family, freeze, term.bytes, real)
 
 
+def measured_lora(path: str, gc: bool, targets: list[str], r: int, dropout: float) -> int:
+    """The real model with peft's LoRA adapters on `targets`, measured as `measured` does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    if gc:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.enable_input_require_grads()  # as transformers' Trainer does for peft + checkpointing
+    m = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                     target_modules=targets, task_type="CAUSAL_LM"))
+    for p in m.parameters():  # peft makes the adapters fp32; deepspeed.initialize casts the
+        p.data = p.data.to(torch.bfloat16)  # parameters to bf16 (buffers kept), as here
+    m.train()
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randint(3, 320, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = m(input_ids=x, labels=x).loss
+    del loss
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dropout,gc", [(0.0, False), (0.1, False), (0.1, True)],
+                         ids=["no-dropout", "dropout", "dropout-checkpointing"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_runs_traced_within_10_percent_of_peft(tmp_path, family, dropout, gc):
+    """LoRA r=8 on every linear layer: the trace (adapters emulated on the meta model) against
+    the real model with peft's adapters."""
+    tiny(family, tmp_path / "m")
+    p = plan_of(tmp_path, tmp_path / "m", gc,
+                f"{{policy: lora, lora: {{r: 8, dropout: {dropout}, target_modules: [all-linear]}}}}")
+    term = next(t for t in p.terms if t.key == "activations")
+    assert "traced on the meta device at full depth" in term.formula, term.formula
+    targets = sorted(x.name.rpartition(".")[0] for x in p.inv.params if x.name.endswith(".lora_A"))
+    assert targets
+    real = measured_lora(str(tmp_path / "m"), gc, targets, 8, dropout)
+    assert abs(term.bytes / real - 1) <= 0.10, (family, dropout, gc, term.bytes, real)
+
+
 def test_llama_frozen_trace_equals_the_enumerated_formula(tmp_path):
     """For the Llama family the full-depth trace and the tensor-by-tensor formula (by block,
     from what trains) agree, frozen blocks before the graph saving nothing."""

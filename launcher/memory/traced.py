@@ -122,6 +122,32 @@ def _fused_sdpa(device: str, b: int, s: int):
     return Mode()
 
 
+def _with_adapters(m, adapters: set[str], r: int, dropout: float) -> None:
+    """LoRA adapters on the meta model, saving what peft's `lora.Linear` saves: its forward is
+    base(x) + lora_B(lora_A(dropout(x))) x scaling, the adapters in the base weight's dtype."""
+    import torch
+
+    from launcher.lora import in_out
+
+    class Adapted(torch.nn.Module):
+        def __init__(self, base) -> None:
+            super().__init__()
+            i, o = in_out(base)
+            w = next(base.parameters())
+            self.base_layer = base
+            self.lora_A = torch.nn.Linear(i, r, bias=False, device="meta", dtype=w.dtype)
+            self.lora_B = torch.nn.Linear(r, o, bias=False, device="meta", dtype=w.dtype)
+            self.drop = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
+
+        def forward(self, x, *args, **kwargs):
+            return self.base_layer(x, *args, **kwargs) + self.lora_B(self.lora_A(self.drop(x))) * 2.0
+
+    for t in sorted(adapters):
+        parent, _, leaf = t.rpartition(".")
+        holder = m.get_submodule(parent) if parent else m
+        setattr(holder, leaf, Adapted(getattr(holder, leaf)))
+
+
 def _blocks_of(m, layers: int):
     """The model's list of decoder blocks: the largest ModuleList of `layers` modules."""
     import torch
@@ -131,10 +157,11 @@ def _blocks_of(m, layers: int):
 
 def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
            device: str, trainable: frozenset[str] | None = None,
-           checkpointing: bool = False) -> tuple[int, str, str]:
+           checkpointing: bool = False, lora: tuple[int, float] | None = None) -> tuple[int, str, str]:
     """Bytes autograd keeps in a meta forward (each storage once, no parameters or buffers).
-    With `trainable`, only those parameters require a gradient and the result is
-    (per block bytes, active blocks, bytes outside the blocks) in place of the total."""
+    With `trainable`, only those parameters require a gradient (`T.lora_A` / `T.lora_B`: LoRA
+    adapters of rank and dropout `lora` on module T) and the result is (per block bytes,
+    active blocks, bytes outside the blocks) in place of the total."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
@@ -149,22 +176,26 @@ def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
             enable(activation_checkpointing_kwargs=kwargs)
         else:
             m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    params = {p.untyped_storage()._cdata for p in m.parameters()}
-    params |= {t.untyped_storage()._cdata for t in m.buffers()}
     seen: dict[int, int] = {}
     owner: dict[int, int] = {}  # storage -> the block that saved it first (-1: outside)
     keep: list = []  # the saved tensors stay alive, so no storage id is reused while tracing
     where = [-1]
     reached: set[int] = set()
     if trainable is not None:
+        adapters = {n.rpartition(".")[0] for n in trainable if n.endswith((".lora_A", ".lora_B"))}
+        if adapters and lora:
+            _with_adapters(m, adapters, *lora)
         for name, p in m.named_parameters():
-            p.requires_grad_(name in trainable)
+            plain = name.replace(".base_layer.", ".")
+            p.requires_grad_(plain in trainable or plain.rpartition(".")[0] in trainable)
         blocks = _blocks_of(m, _layers(hf))
         if blocks is None:
             raise ValueError("no list of decoder blocks found")
         for i, blk in enumerate(blocks):
             blk.register_forward_pre_hook(_enter(i, where, reached), with_kwargs=True)
             blk.register_forward_hook(lambda *a: where.__setitem__(0, -1))
+    params = {p.untyped_storage()._cdata for p in m.parameters()}  # the adapters' included
+    params |= {t.untyped_storage()._cdata for t in m.buffers()}
 
     def pack(t):
         st = t.untyped_storage()
@@ -294,30 +325,33 @@ def frozen_layout(trainable: frozenset[str], layers: int) -> tuple[list[int], di
 
 def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                  trust_remote_code: bool = False, padded: bool = False,
-                 device: str = "cuda", checkpointing: bool = False) -> "TracedBlocks | str":
+                 device: str = "cuda", checkpointing: bool = False,
+                 lora: tuple[int, float] | None = None) -> "TracedBlocks | str":
     """A meta forward of b sequences with only `trainable` requiring a gradient, over the blocks
     `frozen_layout` picks (cached like `trace`, by the trainable names too), or a one-line reason it
-    failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps)."""
+    failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps).
+    lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`."""
     try:
         with open(os.path.join(path, "config.json"), "rb") as fh:
             content = fh.read()
     except OSError as exc:
         return f"no config.json ({exc})"
     key = ("frozen", content, b, s, dtype, attn, trust_remote_code, padded, device, checkpointing,
-           hash(tuple(sorted(trainable))))
+           lora, hash(tuple(sorted(trainable))))
     if key not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
         try:
             _TRACES[key] = _trace_frozen(path, b, s, dtype, attn, trainable, trust_remote_code,
-                                         padded, device, checkpointing)
+                                         padded, device, checkpointing, lora)
         except Exception as exc:  # any failure of a meta forward: the caller falls back
             _TRACES[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return _TRACES[key]
 
 
 def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
-                  trust: bool, padded: bool, device: str, checkpointing: bool) -> TracedBlocks:
+                  trust: bool, padded: bool, device: str, checkpointing: bool,
+                  lora: tuple[int, float] | None) -> TracedBlocks:
     import torch
     from transformers import AutoConfig
 
@@ -327,7 +361,7 @@ def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: f
     idx, names, first = frozen_layout(trainable, layers)
     (per, active, common), used, experts = _saved(
         _with_layers(hf, max(1, len(idx))), b, s, getattr(torch, TORCH_DTYPE[dtype]), attn, trust,
-        padded, device, frozenset(names.values()), checkpointing)
+        padded, device, frozenset(names.values()), checkpointing, lora)
     blocks = [0] * layers
     if idx and idx[-1] < layers - 1:  # extrapolated: the blocks after the first two are alike
         lead = first - idx[0]
