@@ -32,8 +32,8 @@ class BlockGrads:
 
     active: the graph reaches the block (a parameter at or before it trains); before the
     first trainable parameter nothing is saved. A linear layer saves its input only when its
-    weight trains, or when it is quantized (bitsandbytes' 8/4-bit matmuls keep the input
-    whenever it needs a gradient). lora_bytes_per_token: what peft's adapters add (dropout
+    weight trains, or when it is 8-bit (bitsandbytes' MatMul8bitLt / MatMul8bitFp keep the
+    input whenever it needs a gradient; MatMul4Bit keeps only the quantized weight). lora_bytes_per_token: what peft's adapters add (dropout
     output and mask per target, the r-wide input of lora_B).
     """
 
@@ -117,7 +117,7 @@ def activations(shape: Shape, b: int, s: int, lp: int, attn: str, checkpointing:
                   f"2 lp bs ad + 2 lp bs {'a' if padded else 'kv'}d + 4bas"
                   + (" + lp b s^2 (mask)" if padded else ""))
         layer_f = (f"per block: 2 x (4bsh + 4bs) norms + lp bsh per trained norm + attention({attn_f})"
-                   f" + 3 lp bsi + lp bsh / lp bsi per linear input kept (trained or quantized)")
+                   f" + 3 lp bsi + lp bsh / lp bsi per linear input kept (trained or 8-bit)")
     active = [g.active for g in blocks]
     n_active = sum(active)
     final = (4 * bs * h + 4 * bs if head.active else 0) + (lp * bs * h if head.norm and head.active else 0) \
@@ -215,7 +215,8 @@ def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3:
     from launcher.freeze import find_layers
     names = [p.name for p in inv.params if p.group not in ("adapters", "copies")]
     layers = find_layers(names)
-    keep = {p.name for p in inv.params if p.trainable or p.quant != "none" or zero3}
+    # bitsandbytes' 8-bit matmuls keep their input for the backward, the 4-bit one does not
+    keep = {p.name for p in inv.params if p.trainable or p.quant == "8bit" or zero3}
     trains = {p.name for p in inv.params if p.trainable}
     copies = {p.name[: -len(" (trained copy)")] for p in inv.params if p.group == "copies"}
     keep |= copies

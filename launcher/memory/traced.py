@@ -12,9 +12,10 @@ softcapping, loss upcast). Two traces give one block and the rest:
                                                           patterns of period 2 are averaged)
     common    = saved(1 block) - per_block                (embeddings, final norm, logits, loss)
 
-A run that freezes part of the model (`freeze.policy` last_layers or patterns) is traced at its
-full depth with the run's trainable parameters (`trace_frozen`): which blocks the graph reaches,
-and what each keeps, then follow from the family's own code too. It is traced at the run's own
+A run that freezes part of the model (last_layers, patterns, LoRA; quantized bases) is traced
+with the run's trainable parameters (`trace_frozen`), peft's adapters and bitsandbytes' matmuls
+emulated on the meta model as they save: which blocks the graph reaches, and what each keeps,
+then follow from the family's own code too. It is traced at the run's own
 (b, s): the bytes are not always linear in b (Falcon keeps a batch-1 mask and rotary tables).
 
 torch and transformers are imported here, lazily. A family whose forward cannot run on the
@@ -132,8 +133,9 @@ def _with_adapters(m, adapters: set[str], r: int, dropout: float) -> None:
     class Adapted(torch.nn.Module):
         def __init__(self, base) -> None:
             super().__init__()
-            i, o = in_out(base)
-            w = next(base.parameters())
+            inner = getattr(base, "quantized_layer", base)
+            i, o = in_out(inner)
+            w = next(inner.parameters())
             self.base_layer = base
             self.lora_A = torch.nn.Linear(i, r, bias=False, device="meta", dtype=w.dtype)
             self.lora_B = torch.nn.Linear(r, o, bias=False, device="meta", dtype=w.dtype)
@@ -148,6 +150,37 @@ def _with_adapters(m, adapters: set[str], r: int, dropout: float) -> None:
         setattr(holder, leaf, Adapted(getattr(holder, leaf)))
 
 
+def _with_quantized(m, modules: set[str], mode: str) -> None:
+    """bitsandbytes' layers on the meta model, keeping what their matmuls keep for the backward:
+    8-bit (MatMul8bitLt on GPUs, MatMul8bitFp on CPUs) the input whenever a gradient flows,
+    4-bit (MatMul4Bit) nothing but the quantized weight. Their weights never train."""
+    import torch
+
+    class Matmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, layer):
+            if mode == "8bit":
+                ctx.save_for_backward(x)
+            return layer(x)
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the trace stops after the forward
+            raise NotImplementedError("traced forward only")
+
+    class Quantized(torch.nn.Module):
+        def __init__(self, layer) -> None:
+            super().__init__()
+            self.quantized_layer = layer
+
+        def forward(self, x, *args, **kwargs):
+            return Matmul.apply(x, self.quantized_layer)
+
+    for t in sorted(modules):
+        parent, _, leaf = t.rpartition(".")
+        holder = m.get_submodule(parent) if parent else m
+        setattr(holder, leaf, Quantized(getattr(holder, leaf)))
+
+
 def _blocks_of(m, layers: int):
     """The model's list of decoder blocks: the largest ModuleList of `layers` modules."""
     import torch
@@ -157,7 +190,8 @@ def _blocks_of(m, layers: int):
 
 def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
            device: str, trainable: frozenset[str] | None = None,
-           checkpointing: bool = False, lora: tuple[int, float] | None = None) -> tuple[int, str, str]:
+           checkpointing: bool = False, lora: tuple[int, float] | None = None,
+           quantized: frozenset[str] = frozenset(), quant_mode: str = "none") -> tuple[int, str, str]:
     """Bytes autograd keeps in a meta forward (each storage once, no parameters or buffers).
     With `trainable`, only those parameters require a gradient (`T.lora_A` / `T.lora_B`: LoRA
     adapters of rank and dropout `lora` on module T) and the result is (per block bytes,
@@ -182,11 +216,13 @@ def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
     where = [-1]
     reached: set[int] = set()
     if trainable is not None:
+        if quantized:
+            _with_quantized(m, set(quantized), quant_mode)
         adapters = {n.rpartition(".")[0] for n in trainable if n.endswith((".lora_A", ".lora_B"))}
         if adapters and lora:
             _with_adapters(m, adapters, *lora)
         for name, p in m.named_parameters():
-            plain = name.replace(".base_layer.", ".")
+            plain = name.replace(".base_layer.", ".").replace(".quantized_layer.", ".")
             p.requires_grad_(plain in trainable or plain.rpartition(".")[0] in trainable)
         blocks = _blocks_of(m, _layers(hf))
         if blocks is None:
@@ -292,22 +328,32 @@ def _trace(path: str, b: int, s: int, dtype: str, attn: str, trust: bool, padded
 
 
 
-def frozen_layout(trainable: frozenset[str], layers: int) -> tuple[list[int], dict[str, str], int]:
-    """Which blocks to trace for a partly frozen run, and how its names map onto them.
+def frozen_layout(trainable: frozenset[str], layers: int, quantized: frozenset[str] = frozenset()
+                  ) -> tuple[list[int], dict[str, str], int]:
+    """Which blocks to trace for a partly frozen run, and how its names (trainable parameters
+    and quantized modules) map onto them.
 
     Blocks before the first one the graph reaches (no parameter in or before them trains) save
-    nothing and are left out, but for the one just before it. After it, blocks whose trainable parameters are the same (the
-    usual case: last_layers, a pattern per block kind) are traced as 3 and extrapolated; other
-    runs are traced block for block. Returns (original indices traced, name map, first)."""
+    nothing and are left out, but for the one just before it. After it, blocks that train the
+    same parameters and quantize the same modules (the usual case: last_layers, LoRA, a pattern
+    per block kind) are traced as 3 and extrapolated; other runs are traced block for block.
+    Returns (original indices traced, name map, first)."""
     from launcher.freeze import find_layers, group_of
-    found = find_layers(sorted(trainable))
+    found = find_layers(sorted(trainable | {q + ".weight" for q in quantized}))
     container = found[0].rsplit(".", 2)[0] if found else None
     prefixes = [f"{container}.{i}." if container is not None else f"<none>.{i}."
                 for i in range(layers)]
-    sig = [frozenset(n[len(pre):] for n in trainable if n.startswith(pre)) for pre in prefixes]
-    before = any(not any(n.startswith(pre) for pre in prefixes)
-                 and group_of(n, prefixes) in ("embeddings", "other") for n in trainable)
-    first = 0 if before else next((i for i in range(layers) if sig[i]), layers)
+    every = trainable | quantized
+
+    def inside(n: str) -> bool:
+        return any(n.startswith(pre) for pre in prefixes)
+
+    sig = [frozenset(("q:" if n in quantized else "") + n[len(pre):] for n in every
+                     if n.startswith(pre)) for pre in prefixes]
+    before = any(not inside(n) and group_of(n, prefixes) in ("embeddings", "other")
+                 for n in trainable)
+    first = 0 if before else next((i for i in range(layers)
+                                   if any(n.startswith(prefixes[i]) for n in trainable)), layers)
     start = max(0, first - 1)  # the frozen block before: checkpointing keeps what it hands on
     rest = sig[first + 1:]
     if first >= layers:
@@ -316,34 +362,37 @@ def frozen_layout(trainable: frozenset[str], layers: int) -> tuple[list[int], di
         idx = list(range(start, first + 3))
     else:
         idx = list(range(start, layers))
-    names = {n: n for n in trainable if not any(n.startswith(pre) for pre in prefixes)}
+    names = {n: n for n in every if not inside(n)}
     for j, orig in enumerate(idx):
         pre, new = prefixes[orig], f"{container}.{j}."
-        names.update({n: new + n[len(pre):] for n in trainable if n.startswith(pre)})
+        names.update({n: new + n[len(pre):] for n in every if n.startswith(pre)})
     return idx, names, first
 
 
 def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                  trust_remote_code: bool = False, padded: bool = False,
                  device: str = "cuda", checkpointing: bool = False,
-                 lora: tuple[int, float] | None = None) -> "TracedBlocks | str":
+                 lora: tuple[int, float] | None = None, quantized: frozenset[str] = frozenset(),
+                 quant_mode: str = "none") -> "TracedBlocks | str":
     """A meta forward of b sequences with only `trainable` requiring a gradient, over the blocks
     `frozen_layout` picks (cached like `trace`, by the trainable names too), or a one-line reason it
     failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps).
-    lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`."""
+    lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`.
+    quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit)."""
     try:
         with open(os.path.join(path, "config.json"), "rb") as fh:
             content = fh.read()
     except OSError as exc:
         return f"no config.json ({exc})"
     key = ("frozen", content, b, s, dtype, attn, trust_remote_code, padded, device, checkpointing,
-           lora, hash(tuple(sorted(trainable))))
+           lora, quant_mode, hash(tuple(sorted(trainable))), hash(tuple(sorted(quantized))))
     if key not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
         try:
             _TRACES[key] = _trace_frozen(path, b, s, dtype, attn, trainable, trust_remote_code,
-                                         padded, device, checkpointing, lora)
+                                         padded, device, checkpointing, lora, quantized,
+                                         quant_mode)
         except Exception as exc:  # any failure of a meta forward: the caller falls back
             _TRACES[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return _TRACES[key]
@@ -351,17 +400,19 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
 
 def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                   trust: bool, padded: bool, device: str, checkpointing: bool,
-                  lora: tuple[int, float] | None) -> TracedBlocks:
+                  lora: tuple[int, float] | None, quantized: frozenset[str],
+                  quant_mode: str) -> TracedBlocks:
     import torch
     from transformers import AutoConfig
 
     from launcher.config import TORCH_DTYPE
     hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     layers = _layers(hf)
-    idx, names, first = frozen_layout(trainable, layers)
+    idx, names, first = frozen_layout(trainable, layers, quantized)
     (per, active, common), used, experts = _saved(
         _with_layers(hf, max(1, len(idx))), b, s, getattr(torch, TORCH_DTYPE[dtype]), attn, trust,
-        padded, device, frozenset(names.values()), checkpointing, lora)
+        padded, device, frozenset(names[n] for n in trainable if n in names), checkpointing, lora,
+        frozenset(names[q] for q in quantized if q in names), quant_mode)
     blocks = [0] * layers
     if idx and idx[-1] < layers - 1:  # extrapolated: the blocks after the first two are alike
         lead = first - idx[0]
