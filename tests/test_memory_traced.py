@@ -69,7 +69,7 @@ def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> in
     return sum(seen.values())
 
 
-def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}"):
+def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}", stage: int = 2):
     from launcher import memory
     from launcher.runfile import load
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
@@ -77,7 +77,7 @@ def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}"):
     run.write_text(f"name: t\nmodel: {{path: {model_dir}, dtype: bf16, gradient_checkpointing: "
                    f"{str(gc).lower()}}}\ndata: {{path: {tmp_path / 'd.jsonl'}, max_seq_len: {S}, "
                    f"packing: true}}\ntrain: {{max_steps: 1, micro_batch_size: {B}, device: cpu}}\n"
-                   f"freeze: {freeze}\n")
+                   f"freeze: {freeze}\ndeepspeed: {{zero_stage: {stage}}}\n")
     return memory.plan(load(str(run)), world_size=1, advise=False)
 
 
@@ -161,6 +161,31 @@ def test_lora_runs_traced_within_10_percent_of_peft(tmp_path, family, dropout, g
     assert targets
     real = measured_lora(str(tmp_path / "m"), gc, targets, 8, dropout)
     assert abs(term.bytes / real - 1) <= 0.10, (family, dropout, gc, term.bytes, real)
+
+
+@pytest.mark.parametrize("freeze", ["last", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero3_frozen_runs_traced_with_deepspeeds_linear(tmp_path, family, freeze, monkeypatch):
+    """Under ZeRO-3 every F.linear is DeepSpeed's memory-efficient linear, which keeps its input
+    whether its weight trains or not: the trace runs it so; the real model runs DeepSpeed's own
+    (`zero3_linear_wrap`, patched in as zero.Init does)."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+    tiny(family, tmp_path / "m")
+    spec = FROZEN["last"] if freeze == "last" else "{policy: lora, lora: {r: 8, dropout: 0.1}}"
+    p = plan_of(tmp_path, tmp_path / "m", False, spec, stage=3)
+    term = next(t for t in p.terms if t.key == "activations")
+    assert "traced on the meta device at full depth" in term.formula, term.formula
+    trainable = frozenset(x.name for x in p.inv.params if x.trainable)
+    if freeze == "lora":  # the frozen base layers' inputs: more than without ZeRO-3
+        assert term.bytes > plan_of(tmp_path, tmp_path / "m", False, spec).term("activations")
+    monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
+    if freeze == "last":
+        real = measured(str(tmp_path / "m"), False, trainable)
+    else:
+        targets = sorted(x.name.rpartition(".")[0] for x in p.inv.params if x.name.endswith(".lora_A"))
+        real = measured_lora(str(tmp_path / "m"), False, targets, 8, 0.1)
+    assert abs(term.bytes / real - 1) <= 0.10, (family, freeze, term.bytes, real)
+
 
 
 def test_llama_frozen_trace_equals_the_enumerated_formula(tmp_path):

@@ -265,14 +265,14 @@ def _activation_terms(r: _Setting) -> list[Term]:
         else:
             act = from_trace(tr, inv.shape, b, s, inv.lp_bytes, cfg.model.gradient_checkpointing,
                              LOGITS_HELD)
-    elif not linear3:  # ZeRO-3's own linear keeps frozen inputs too: the formula knows
+    else:
         names = frozenset(p.name.removesuffix(" (trained copy)") for p in inv.params if p.trainable)
         lora = (cfg.freeze.lora.r, cfg.freeze.lora.dropout) if cfg.freeze.policy == "lora" else None
         quantized = frozenset(p.name.rpartition(".")[0] for p in inv.params if p.quant != "none")
         ft, fc = (trace_frozen(cfg.model.path, b, s, cfg.model.dtype, kernel, names,
                                cfg.model.trust_remote_code, padded=not cfg.data.packing,
                                device=r.device, checkpointing=gc, lora=lora, quantized=quantized,
-                               quant_mode=cfg.quantization.mode)
+                               quant_mode=cfg.quantization.mode, zero3_linear=linear3)
                   for gc in (False, cfg.model.gradient_checkpointing))
         failed = next((t for t in (ft, fc) if isinstance(t, str)), None)
         if failed:

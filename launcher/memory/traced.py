@@ -181,6 +181,36 @@ def _with_quantized(m, modules: set[str], mode: str) -> None:
         setattr(holder, leaf, Quantized(getattr(holder, leaf)))
 
 
+def _zero3_linear():
+    """A TorchFunctionMode running every F.linear as DeepSpeed's ZeRO-3 linear does
+    (`zero3_linear_wrap`, memory_efficient_linear: F.linear replaced for the whole process): it
+    saves its input whenever a gradient flows, frozen weight or not."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class Linear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, bias):
+            ctx.save_for_backward(x, w, bias)
+            return torch.nn.functional.linear(x, w, bias)
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the trace stops after the forward
+            raise NotImplementedError("traced forward only")
+
+    linear = torch.nn.functional.linear
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is not linear:
+                return func(*args, **kwargs)
+            x, w, *rest = args
+            return Linear.apply(x, w, kwargs.get("bias", rest[0] if rest else None))
+
+    return Mode()
+
+
 def _blocks_of(m, layers: int):
     """The model's list of decoder blocks: the largest ModuleList of `layers` modules."""
     import torch
@@ -191,7 +221,8 @@ def _blocks_of(m, layers: int):
 def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
            device: str, trainable: frozenset[str] | None = None,
            checkpointing: bool = False, lora: tuple[int, float] | None = None,
-           quantized: frozenset[str] = frozenset(), quant_mode: str = "none") -> tuple[int, str, str]:
+           quantized: frozenset[str] = frozenset(), quant_mode: str = "none",
+           zero3_linear: bool = False) -> tuple[int, str, str]:
     """Bytes autograd keeps in a meta forward (each storage once, no parameters or buffers).
     With `trainable`, only those parameters require a gradient (`T.lora_A` / `T.lora_B`: LoRA
     adapters of rank and dropout `lora` on module T) and the result is (per block bytes,
@@ -244,7 +275,8 @@ def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
     x = torch.zeros(b, s, dtype=torch.long, device="meta")
     kw = {"attention_mask": torch.ones(b, s, dtype=torch.long, device="meta")} if padded else {}
     fused = _fused_sdpa(device, b, s) if m.config._attn_implementation == "sdpa" else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), fused, _one_sequence_each():
+    z3 = _zero3_linear() if zero3_linear else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), z3, fused, _one_sequence_each():
         out = m(input_ids=x, labels=x, **kw)
     del out
     used = (str(m.config._attn_implementation),
@@ -373,26 +405,28 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
                  trust_remote_code: bool = False, padded: bool = False,
                  device: str = "cuda", checkpointing: bool = False,
                  lora: tuple[int, float] | None = None, quantized: frozenset[str] = frozenset(),
-                 quant_mode: str = "none") -> "TracedBlocks | str":
+                 quant_mode: str = "none", zero3_linear: bool = False) -> "TracedBlocks | str":
     """A meta forward of b sequences with only `trainable` requiring a gradient, over the blocks
     `frozen_layout` picks (cached like `trace`, by the trainable names too), or a one-line reason it
     failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps).
     lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`.
-    quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit)."""
+    quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit). zero3_linear:
+    every linear layer runs as DeepSpeed's ZeRO-3 memory-efficient linear."""
     try:
         with open(os.path.join(path, "config.json"), "rb") as fh:
             content = fh.read()
     except OSError as exc:
         return f"no config.json ({exc})"
     key = ("frozen", content, b, s, dtype, attn, trust_remote_code, padded, device, checkpointing,
-           lora, quant_mode, hash(tuple(sorted(trainable))), hash(tuple(sorted(quantized))))
+           lora, quant_mode, zero3_linear, hash(tuple(sorted(trainable))),
+           hash(tuple(sorted(quantized))))
     if key not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
         try:
             _TRACES[key] = _trace_frozen(path, b, s, dtype, attn, trainable, trust_remote_code,
                                          padded, device, checkpointing, lora, quantized,
-                                         quant_mode)
+                                         quant_mode, zero3_linear)
         except Exception as exc:  # any failure of a meta forward: the caller falls back
             _TRACES[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return _TRACES[key]
@@ -401,7 +435,7 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
 def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                   trust: bool, padded: bool, device: str, checkpointing: bool,
                   lora: tuple[int, float] | None, quantized: frozenset[str],
-                  quant_mode: str) -> TracedBlocks:
+                  quant_mode: str, zero3_linear: bool) -> TracedBlocks:
     import torch
     from transformers import AutoConfig
 
@@ -412,7 +446,7 @@ def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: f
     (per, active, common), used, experts = _saved(
         _with_layers(hf, max(1, len(idx))), b, s, getattr(torch, TORCH_DTYPE[dtype]), attn, trust,
         padded, device, frozenset(names[n] for n in trainable if n in names), checkpointing, lora,
-        frozenset(names[q] for q in quantized if q in names), quant_mode)
+        frozenset(names[q] for q in quantized if q in names), quant_mode, zero3_linear)
     blocks = [0] * layers
     if idx and idx[-1] < layers - 1:  # extrapolated: the blocks after the first two are alike
         lead = first - idx[0]
