@@ -149,7 +149,11 @@ def one(cfg, device: str, steps: int) -> dict:
         torch.cuda.synchronize()
         measured = torch.cuda.max_memory_allocated()
         extra = {"measured_kind": "torch.cuda.max_memory_allocated", "initialize_peak": init_peak,
-                 "max_memory_reserved": torch.cuda.max_memory_reserved()}
+                 "max_memory_reserved": torch.cuda.max_memory_reserved(),
+                 # the node side: this one rank's host peak RSS since it started (VmHWM) beside
+                 # the plan's per-node CPU figure for one rank (process + page cache + offload)
+                 "host_peak_rss": _rss_peak(), "plan_node_cpu": p.node_cpu,
+                 "plan_node_phase": p.node_phase}
     row = {"params": p.inv.total, "trainable": p.inv.trainable,
            "plan_peak_allocated": p.peak_allocated, "plan_total": p.total_per_gpu,
            "measured": measured, "ratio": measured / p.peak_allocated,
