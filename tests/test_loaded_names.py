@@ -72,3 +72,38 @@ def test_models_without_load_renaming_keep_their_disk_names():
     names = ["model.layers.0.self_attn.q_proj.weight", "lm_head.weight"]
     assert loaded_names.rename({"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
                                names) == sorted(names)
+
+
+def test_the_parsed_rules_are_kept_between_commands_until_transformers_changes(tmp_path,
+                                                                             monkeypatch):
+    import ast
+    import json
+    import os
+    from launcher import model_info
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    mixtral_on_disk(tmp_path / "mixtral")
+    cfg = model_info.model_config(str(tmp_path / "mixtral"))
+    disk = list(model_info.weight_tensors(str(tmp_path / "mixtral")))
+    loaded_names.clear_rules_cache()
+    want = loaded_names.rename(cfg, disk)
+    assert "model.layers.0.mlp.experts.gate_up_proj" in want
+    cached = json.loads(open(loaded_names.cache_file()).read())
+    assert cached["key"][0].endswith("conversion_mapping.py")
+    # the next command reads the file, not transformers' source
+    loaded_names.clear_rules_cache()
+    monkeypatch.setattr(ast, "parse", lambda *a, **k: (_ for _ in ()).throw(AssertionError("parsed")))
+    assert loaded_names.rename(cfg, disk) == want
+    # a cache made from another source file (transformers upgraded: other mtime) is not used
+    cached["key"][1] -= 1
+    with open(loaded_names.cache_file(), "w") as fh:
+        json.dump(cached, fh)
+    loaded_names.clear_rules_cache()
+    with pytest.raises(AssertionError, match="parsed"):
+        loaded_names.rename(cfg, disk)
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    loaded_names.clear_rules_cache()
+    assert loaded_names.rename(cfg, disk) == want
+    assert json.loads(open(loaded_names.cache_file()).read())["key"][1] == os.path.getmtime(
+        cached["key"][0])
+    loaded_names.clear_rules_cache()
