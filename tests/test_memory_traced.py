@@ -40,19 +40,9 @@ def tiny(src: str, dst) -> dict:
     return c
 
 
-def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> int:
-    """Bytes autograd keeps in a real forward with labels (each storage once, no parameters);
-    with `trainable`, only those parameters require a gradient."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
-    m.train()
-    if trainable is not None:
-        for name, p in m.named_parameters():
-            p.requires_grad_(name in trainable)
-        assert any(p.requires_grad for p in m.parameters())
-    if gc:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def saved_bytes(m) -> int:
+    """Bytes autograd keeps in a forward with labels of B x S random tokens (each storage once,
+    no parameters)."""
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     seen: dict[int, int] = {}
 
@@ -67,6 +57,22 @@ def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> in
         loss = m(input_ids=x, labels=x).loss
     del loss
     return sum(seen.values())
+
+
+def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> int:
+    """Bytes autograd keeps in a real forward with labels (each storage once, no parameters);
+    with `trainable`, only those parameters require a gradient."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    m.train()
+    if trainable is not None:
+        for name, p in m.named_parameters():
+            p.requires_grad_(name in trainable)
+        assert any(p.requires_grad for p in m.parameters())
+    if gc:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return saved_bytes(m)
 
 
 def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}", stage: int = 2):
@@ -130,20 +136,7 @@ def measured_lora(path: str, gc: bool, targets: list[str], r: int, dropout: floa
     for p in m.parameters():  # peft makes the adapters fp32; deepspeed.initialize casts the
         p.data = p.data.to(torch.bfloat16)  # parameters to bf16 (buffers kept), as here
     m.train()
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    x = torch.randint(3, 320, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(input_ids=x, labels=x).loss
-    del loss
-    return sum(seen.values())
+    return saved_bytes(m)
 
 
 @pytest.mark.parametrize("dropout,gc", [(0.0, False), (0.1, False), (0.1, True)],

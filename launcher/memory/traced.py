@@ -327,37 +327,42 @@ def trace(path: str, b: int, s: int, dtype: str, attn: str, trust_remote_code: b
     """Traced per-block and common saved bytes, or a one-line reason it could not be traced.
     Cached by config.json's content, b, s, dtype, attention kernel, padding and the
     ranks' device (cuda or cpu: sdpa's kernel choice differs with dropout)."""
+    return _cached(path, (b, s, dtype, attn, trust_remote_code, padded, device),
+                   lambda: _trace(path, b, s, dtype, attn, trust_remote_code, padded, device))
+
+
+def _cached(path: str, key: tuple, compute):
+    """The trace of the model at `path` for `key` (with config.json's content), computed once
+    (at most 64 kept); a failure of the meta forward is returned as its one-line reason."""
     try:
         with open(os.path.join(path, "config.json"), "rb") as fh:
-            content = fh.read()
+            full = (fh.read(), *key)
     except OSError as exc:
         return f"no config.json ({exc})"
-    key = (content, b, s, dtype, attn, trust_remote_code, padded, device)
-    if key not in _TRACES:
+    if full not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
-        _TRACES[key] = _trace(path, b, s, dtype, attn, trust_remote_code, padded, device)
-    return _TRACES[key]
+        try:
+            _TRACES[full] = compute()
+        except Exception as exc:  # any failure of a meta forward: the caller falls back
+            _TRACES[full] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return _TRACES[full]
 
 
 def _trace(path: str, b: int, s: int, dtype: str, attn: str, trust: bool, padded: bool,
            device: str) -> "Traced | str":
-    try:
-        import torch
-        from transformers import AutoConfig
+    import torch
+    from transformers import AutoConfig
 
-        from launcher.config import TORCH_DTYPE
-        hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        tdt = getattr(torch, TORCH_DTYPE[dtype])
-        one, used, experts = _saved(_with_layers(hf, 1), b, s, tdt, attn, trust, padded, device)
-        three, _, _ = _saved(_with_layers(hf, 3), b, s, tdt, attn, trust, padded, device)
-    except Exception as exc:  # any failure of a meta forward: the caller falls back
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    from launcher.config import TORCH_DTYPE
+    hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    tdt = getattr(torch, TORCH_DTYPE[dtype])
+    one, used, experts = _saved(_with_layers(hf, 1), b, s, tdt, attn, trust, padded, device)
+    three, _, _ = _saved(_with_layers(hf, 3), b, s, tdt, attn, trust, padded, device)
     per_block = (three - one) // 2
     if per_block <= 0:
         return "the traced blocks saved nothing"
     return Traced(per_block, one - per_block, used, experts)
-
 
 
 def frozen_layout(trainable: frozenset[str], layers: int, quantized: frozenset[str] = frozenset()
@@ -412,24 +417,11 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
     lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`.
     quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit). zero3_linear:
     every linear layer runs as DeepSpeed's ZeRO-3 memory-efficient linear."""
-    try:
-        with open(os.path.join(path, "config.json"), "rb") as fh:
-            content = fh.read()
-    except OSError as exc:
-        return f"no config.json ({exc})"
-    key = ("frozen", content, b, s, dtype, attn, trust_remote_code, padded, device, checkpointing,
-           lora, quant_mode, zero3_linear, hash(tuple(sorted(trainable))),
-           hash(tuple(sorted(quantized))))
-    if key not in _TRACES:
-        if len(_TRACES) >= 64:
-            _TRACES.clear()
-        try:
-            _TRACES[key] = _trace_frozen(path, b, s, dtype, attn, trainable, trust_remote_code,
-                                         padded, device, checkpointing, lora, quantized,
-                                         quant_mode, zero3_linear)
-        except Exception as exc:  # any failure of a meta forward: the caller falls back
-            _TRACES[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-    return _TRACES[key]
+    key = ("frozen", b, s, dtype, attn, trust_remote_code, padded, device, checkpointing, lora,
+           quant_mode, zero3_linear, hash(tuple(sorted(trainable))), hash(tuple(sorted(quantized))))
+    return _cached(path, key, lambda: _trace_frozen(
+        path, b, s, dtype, attn, trainable, trust_remote_code, padded, device, checkpointing, lora,
+        quantized, quant_mode, zero3_linear))
 
 
 def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
