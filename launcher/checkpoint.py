@@ -37,6 +37,7 @@ import time
 from typing import Any, Callable
 
 from launcher import faults, layout
+from launcher.collectives import broadcast_object, gather_object, rank_world
 from launcher.log import get_logger
 from launcher.rundir import write_atomic
 
@@ -178,35 +179,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# ------------------------------------------------------------------ collectives
-def _gather(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any) -> Any:
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _check_all(ok: bool, message: str, what: str, good: str | None) -> None:
     """Raise CheckpointError on every rank if any rank failed (all ranks call it)."""
-    results = _gather((ok, message))
+    results = gather_object((ok, message))
     bad = [(r, m) for r, (o, m) in enumerate(results) if not o]
     if bad:
         causes = "; ".join(f"rank {r}: {m}" for r, m in bad)
@@ -217,16 +192,18 @@ def _check_all(ok: bool, message: str, what: str, good: str | None) -> None:
 
 # ------------------------------------------------------------------ save
 def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: dict, *,
-         keep: int) -> str:
+         keep: int, exclude_frozen: bool = False) -> str:
     """Write the checkpoint of `step` atomically (collective: every rank calls it). Returns its
     folder. trainer_state: JSON-able, written by rank 0; rank_state: this rank's (sampler ...),
-    saved with its RNG states. Raises CheckpointError if any rank failed (nothing replaced)."""
+    saved with its RNG states. exclude_frozen: leave the frozen parameters out (LoRA runs: the
+    base comes from model.path at every start, so each checkpoint holds only what trains).
+    Raises CheckpointError if any rank failed (nothing replaced)."""
     import torch
 
     rank, world = rank_world()
     ckpt_root = root(run_dir)
     final = os.path.join(ckpt_root, step_name(step))
-    if _broadcast(os.path.isdir(final) and problem(final) is None):
+    if broadcast_object(os.path.isdir(final) and problem(final) is None):
         return final  # this step is saved already (a stop right after a resume)
     good = latest_complete(ckpt_root, warn=lambda m: None)
     tmp = os.path.join(ckpt_root, TMP_PREFIX + step_name(step))
@@ -241,12 +218,14 @@ def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: 
             ok, msg = False, str(exc)
     _check_all(ok, msg, f"checkpoint at step {step}", good)
     try:
-        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+        engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False,
+                               exclude_frozen_parameters=exclude_frozen)
         faults.fault("ckpt-write", step, rank)
         torch.save({"rng": rng_state(), **rank_state},
                    os.path.join(tmp, RANK_DIR, f"rank-{rank:05d}.pt"))
         if rank == 0:
-            state = {"format": FORMAT, "step": step, "world_size": world, **trainer_state}
+            state = {"format": FORMAT, "step": step, "world_size": world,
+                     "frozen_excluded": exclude_frozen, **trainer_state}
             write_atomic(os.path.join(tmp, TRAINER_STATE), json.dumps(state, indent=2) + "\n")
         faults.fault("ckpt-manifest", step, rank)
         ok, msg = True, ""
@@ -257,7 +236,7 @@ def save(engine: Any, run_dir: str, step: int, trainer_state: dict, rank_state: 
     mine = {rel: {"size": os.path.getsize(os.path.join(tmp, rel)),
                   "sha256": sha256(os.path.join(tmp, rel))}
             for i, rel in enumerate(files) if i % world == rank}
-    tables = _gather(mine)
+    tables = gather_object(mine)
     ok, msg = True, ""
     if rank == 0:
         try:
@@ -316,10 +295,10 @@ def choose_resume(run_dir: str, *, warn: Callable[[str], None] = _warn) -> str |
     """The newest checkpoint whose manifest, sizes and sha256 all check out (collective: every
     rank hashes a share of the files). Skipped ones are reported with a warning on rank 0."""
     rank, world = rank_world()
-    candidates = _broadcast([p for _, p in listing(root(run_dir))] if rank == 0 else None)
+    candidates = broadcast_object([p for _, p in listing(root(run_dir))] if rank == 0 else None)
     for path in reversed(candidates):
         why = problem(path, hashes=True, share=(rank, world))
-        whys = [w for w in _gather(why) if w]
+        whys = [w for w in gather_object(why) if w]
         if not whys:
             return path
         if rank == 0:
@@ -340,8 +319,11 @@ def load(engine: Any, path: str) -> tuple[dict, dict]:
                               f"this run has {world}; resume with the same number of ranks, or "
                               f"consolidate it with {path}/zero_to_fp32.py and start a new run "
                               "from the result")
+    # a checkpoint without the frozen parameters loads over the model from model.path: the
+    # module's frozen keys are missing from it on purpose
     load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+                                          load_lr_scheduler_states=True,
+                                          load_module_strict=not trainer_state.get("frozen_excluded"))
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {path}/{DS_TAG}")
     rank_state = torch.load(os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt"), weights_only=False)

@@ -73,8 +73,13 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
     if t.optimizer == "adamw":
         params: dict[str, Any] = {"lr": t.lr, "betas": list(t.betas), "eps": t.eps,
                                   "weight_decay": t.weight_decay}
-        if device == "cpu" and ds.offload_optimizer == "none":
-            params["torch_adam"] = True  # fused_adam is a CUDA kernel; torch's AdamW on CPU
+        if ds.offload_optimizer == "none":
+            # torch's AdamW, never DeepSpeed's FusedAdam: that one is CUDA code JIT-compiled with
+            # nvcc at first use, on every rank at once. On GPUs torch's own fused kernel (built
+            # into torch, no compiler); on CPU ranks the default (single-tensor) implementation.
+            params["torch_adam"] = True
+            if device != "cpu":
+                params["fused"] = True
         out["optimizer"] = {"type": "AdamW", "params": params}
         out["zero_allow_untested_optimizer"] = False
     else:

@@ -27,7 +27,8 @@ import shutil
 import time
 from typing import Any, Optional
 
-from launcher.checkpoint import rank_world
+from launcher import collectives
+from launcher.collectives import rank_world
 
 
 class _hf_zero3_off:
@@ -47,22 +48,18 @@ class _hf_zero3_off:
         return False
 
 
-def _write_lora(engine: Any, cfg: Any, tokenizer: Any, tmp: str, rank: int, stage3: bool) -> None:
-    """The adapter (and merged/ with output.merge_lora), written by rank 0; under ZeRO-3 every
-    rank takes part in gathering the parameters."""
-    import contextlib
-
-    import deepspeed
+def _write_lora(engine: Any, cfg: Any, tokenizer: Any, tmp: str, rank: int) -> None:
+    """The adapter (and merged/ with output.merge_lora), written by rank 0. Every rank takes part,
+    since under ZeRO-3 the parameters are gathered (a collective): for the adapter only the
+    trainable ones, for the merged model one module at a time (launcher/lora.py), never the
+    whole base at once on every GPU (a 70B base would not fit)."""
     from launcher import lora
-    params = list(engine.module.parameters())
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage3 else \
-        contextlib.nullcontext()
-    with ctx, _hf_zero3_off():
+    with _hf_zero3_off():
+        lora.export_adapter(engine.module, tmp)
         if rank == 0:
-            lora.export_adapter(engine.module, tmp)
             tokenizer.save_pretrained(tmp)
-            if cfg.output.merge_lora:
-                lora.export_merged(engine.module, cfg, os.path.join(tmp, "merged"), tokenizer)
+        if cfg.output.merge_lora:
+            lora.export_merged(engine.module, cfg, os.path.join(tmp, "merged"), tokenizer)
 
 
 def _write_full(engine: Any, tokenizer: Any, tmp: str, rank: int, stage3: bool) -> None:
@@ -92,8 +89,6 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
     """Write the trained model as a Hugging Face folder (collective). ZeRO-3 shards are gathered
     (stage3_gather_16bit_weights_on_model_save); LoRA runs write the adapter (and `merged/` with
     output.merge_lora). Written to `out_dir.tmp` and renamed. Returns out_dir on rank 0."""
-    import torch.distributed as dist
-
     rank, _ = rank_world()
     tmp = f"{out_dir}.tmp"
     stage3 = engine.zero_optimization_partition_weights()
@@ -101,11 +96,10 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     if cfg.freeze.policy == "lora":
-        _write_lora(engine, cfg, tokenizer, tmp, rank, stage3)
+        _write_lora(engine, cfg, tokenizer, tmp, rank)
     else:
         _write_full(engine, tokenizer, tmp, rank, stage3)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     if rank != 0:
         return None
     fix_modes(tmp)
@@ -184,7 +178,8 @@ def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    for k in list(state):  # in place: the fp32 tensor goes as its copy comes (4 B/param at most,
+        state[k] = state.pop(k).to(dtype)  # not the fp32 dict and a 16-bit one side by side)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {n for n in missing if getattr(config, "tie_word_embeddings", False)
             and n.endswith("lm_head.weight")}

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from launcher import checkpoint, data, export, faults, layout, lr_schedule, metrics, run_state
 from launcher.batch import batch_sizes
+from launcher.collectives import all_reduce_sum
 from launcher.data import loader
 from launcher.log import get_logger
 from launcher.watchdog import Watchdog
@@ -23,17 +24,9 @@ log = get_logger(__name__)
 Setup = Any  # launcher.train.Setup (built by train.setup; not imported: train imports this module)
 
 
-def all_reduce_sum(values: list[float]) -> list[float]:
-    import torch
-    import torch.distributed as dist
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def to_device(batch: dict, device: str) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on `device`; other values (flash attention's max lengths) as they are."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def collate_for(s: Setup) -> Any:
@@ -60,13 +53,13 @@ def evaluate(s: Setup) -> float:
     with torch.no_grad():
         for weight, batch in zip(weights, s.eval_batches):
             batch.pop("num_tokens", None)
+            n = float((batch["labels"][:, 1:] != data.IGNORE).sum())  # on the host, before the copy
             batch = to_device(batch, s.device)
             out = s.engine(**batch)
-            n = float((batch["labels"][:, 1:] != data.IGNORE).sum())
-            loss_sum += weight * float(out.loss.float()) * n
+            loss_sum = loss_sum + out.loss.detach().float() * (weight * n)  # stays on the device
             count += weight * n
     s.engine.train()
-    total, n = all_reduce_sum([loss_sum, count])
+    total, n = all_reduce_sum([loss_sum, count], s.device)
     return total / n if n else float("nan")
 
 
@@ -134,7 +127,8 @@ def save(s: Setup, p: Progress, at: int) -> str:
         s.engine, s.cfg.run_dir, at,
         {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
          "elapsed_s": p.elapsed_before + time.time() - p.start, "metrics_offset": p.metrics.offset()},
-        {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints)
+        {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints,
+        exclude_frozen=s.cfg.freeze.policy == "lora")
     p.last_ckpt_step = at
     return p.last_ckpt
 
@@ -158,12 +152,13 @@ def stopped(s: Setup, p: Progress, stop: run_state.StopRequest, signalled: float
     return layout.EXIT_STOPPED
 
 
-def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
+def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
     """One optimizer step's accum micro batches forward and backward. The last `engine.step()`
     (where DeepSpeed applies the update) is left to the caller, after the ranks agreed on the
-    loss (the watchdog). Returns (sum of the micro losses, tokens seen)."""
+    loss (the watchdog). Returns (sum of the micro losses, a 0-d tensor on the device; tokens seen)."""
     engine = s.engine
-    loss_sum, n_tokens = 0.0, 0.0
+    loss_sum: Any = 0.0  # a tensor on the engine's device after the first micro batch: no host
+    n_tokens = 0.0       # synchronisation per micro batch (the step's all-reduce reads it once)
     for micro in range(p.accum):
         batch = next(batches)  # collated (data.loader.train_batches)
         n_tokens += float(batch.pop("num_tokens"))
@@ -176,7 +171,7 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[float, float]:
         engine.backward(loss)
         if micro < p.accum - 1:
             engine.step()
-        loss_sum += float(loss.detach().float())
+        loss_sum = loss_sum + loss.detach().float()
     return loss_sum, n_tokens
 
 

@@ -155,21 +155,23 @@ def _unwrap(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _gathered(model: Any):
-    """Full parameters inside the block: under ZeRO-3 (partitioned parameters carry `ds_id`) they
-    are gathered on every rank, a collective, so every rank must enter; a no-op when nothing is
-    partitioned or the caller gathered them already."""
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+def _gathered(params: Iterable[Any]):
+    """These parameters whole inside the block: under ZeRO-3 (partitioned parameters carry
+    `ds_id`) they are gathered on every rank, a collective, so every rank must enter with the same
+    list; a no-op for parameters that are not partitioned or are gathered already. Callers gather
+    a module at a time (or the trainable parameters alone): gathering a 70B base at once would
+    hold all of it on every GPU."""
+    from_zero = [p for p in params if hasattr(p, "ds_id")]
+    if not from_zero:
         yield
         return
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-    params = [p for p in model.parameters()
-              if hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    if not params:  # not ZeRO-3, or gathered already by the caller
+    todo = [p for p in from_zero if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    if not todo:
         yield
         return
     import deepspeed
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+    with deepspeed.zero.GatheredParameters(todo, modifier_rank=None):
         yield
 
 
@@ -178,7 +180,7 @@ def export_adapter(model: Any, out_dir: str) -> None:
     `PeftModel.from_pretrained(base, out_dir)` loads it. Call on every rank (ZeRO-3 gathers the
     partitioned adapter); rank 0 writes. Under ZeRO 0-2 calling on rank 0 alone is enough."""
     peft_model = _unwrap(model)
-    with _gathered(peft_model):
+    with _gathered(p for p in peft_model.parameters() if p.requires_grad):  # what it writes
         if is_rank0():
             peft_model.save_pretrained(out_dir)
 
@@ -192,9 +194,11 @@ def _unpack_cpu_4bit(layer: Any) -> None:
         layer.state_dict()
 
 
-def merged_state_dict(model: Any, dtype: Any) -> dict[str, Any]:
-    """Base weights dequantized, LoRA deltas added, modules_to_save copies taken, in dtype,
-    under the plain (un-peft-ed) parameter names."""
+def merged_state_dict(model: Any, dtype: Any, keep: bool = True) -> dict[str, Any]:
+    """Base weights dequantized, LoRA deltas added, modules_to_save copies taken, in dtype, on the
+    host, under the plain (un-peft-ed) parameter names. Under ZeRO-3 every rank calls it (the
+    gathers are collective) and the modules are gathered one at a time, so a GPU holds one
+    module's full weights at most; ranks with keep=False gather and return {}."""
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.utils.integrations import dequantize_module_weight
@@ -205,29 +209,40 @@ def merged_state_dict(model: Any, dtype: Any) -> dict[str, Any]:
     adapters = list(peft_model.active_adapters)
     out: dict[str, Any] = {}
     handled: set[str] = set()  # module prefixes whose parameters are written already
+    seen: set[int] = set()     # a tied parameter is written once, under its first name
     for name, module in base.named_modules():
         if any(name == h or name.startswith(h + ".") for h in handled):
             continue
+        prefix = f"{name}." if name else ""
         if isinstance(module, LoraLayer):
             layer = module.get_base_layer()
-            _unpack_cpu_4bit(layer)
-            with torch.no_grad():
-                w = dequantize_module_weight(layer).detach().to(torch.float32)
-                for a in adapters:
-                    if a in module.lora_A:
-                        w = w + module.get_delta_weight(a).to(torch.float32)
-            out[f"{name}.weight"] = w.to(dtype).cpu()
-            if getattr(layer, "bias", None) is not None:
-                out[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
+            with _gathered(module.parameters()), torch.no_grad():
+                if keep:
+                    _unpack_cpu_4bit(layer)
+                    w = dequantize_module_weight(layer).detach().to(torch.float32)
+                    for a in adapters:
+                        if a in module.lora_A:
+                            w = w + module.get_delta_weight(a).to(torch.float32)
+                    out[f"{name}.weight"] = w.to(dtype).cpu()
+                    if getattr(layer, "bias", None) is not None:
+                        out[f"{name}.bias"] = layer.bias.detach().to(dtype).cpu()
             handled.add(name)
+            seen.update(id(p) for p in module.parameters())
         elif isinstance(module, ModulesToSaveWrapper):
             trained = module.modules_to_save[adapters[0]]
-            for pn, p in trained.named_parameters():
-                out[f"{name}.{pn}"] = p.detach().to(dtype).cpu()
+            with _gathered(trained.parameters()):
+                for pn, p in trained.named_parameters():
+                    if keep:
+                        out[f"{name}.{pn}"] = p.detach().to(dtype).cpu()
             handled.add(name)
-    for pn, p in base.named_parameters():
-        if not any(pn.startswith(h + ".") for h in handled):
-            out[pn] = p.detach().to(dtype).cpu()
+            seen.update(id(p) for p in module.parameters())
+        else:
+            own = [(pn, p) for pn, p in module.named_parameters(recurse=False) if id(p) not in seen]
+            with _gathered(p for _, p in own):
+                for pn, p in own:
+                    if keep:
+                        out[prefix + pn] = p.detach().to(dtype).cpu()
+            seen.update(id(p) for _, p in own)
     return out
 
 
@@ -243,9 +258,8 @@ def export_merged(model: Any, cfg: RunConfig, out_dir: str, tokenizer: Any = Non
 
     dtype = torch_dtype(cfg.model.dtype)
     base = _unwrap(model).get_base_model()
-    with _gathered(base):
-        state = merged_state_dict(model, dtype) if is_rank0() else None
-    if state is None:
+    state = merged_state_dict(model, dtype, keep=is_rank0())  # every rank: ZeRO-3 gathers
+    if not is_rank0():
         return
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):

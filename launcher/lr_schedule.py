@@ -58,14 +58,18 @@ def install(optimizer: Any, train: Any) -> Any:
 
 
 def set_next(engine: Any, done: int, train: Any) -> float:
-    """After a resume at step `done`: the scheduler continues at epoch `done`, and every param
-    group gets the rate step done + 1 applies under the current `train` (the checkpoint's
-    optimizer state carries the last rate of the schedule it was written under)."""
+    """After a resume at step `done`: the scheduler continues where the uninterrupted run's would
+    be, and every param group gets the rate of its next epoch under the current `train` (the
+    checkpoint's optimizer state carries the last rate of the schedule it was written under).
+    fp16: DeepSpeed steps neither the optimizer nor the scheduler on a step whose gradients
+    overflowed (engine.skipped_steps, restored from the checkpoint), so the scheduler stands at
+    `done - skipped_steps`, not at `done`."""
     sched = getattr(engine, "lr_scheduler", None)
+    epoch = done - int(getattr(engine, "skipped_steps", 0) or 0)
     if sched is not None and hasattr(sched, "last_epoch"):
-        sched.last_epoch = done
+        sched.last_epoch = epoch
         sched.base_lrs = [train.lr] * len(sched.base_lrs)
-    lr = lr_at(done + 1, train)
+    lr = lr_at(epoch + 1, train)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     if sched is not None and hasattr(sched, "_last_lr"):

@@ -32,6 +32,8 @@ LAZY_HEAVY_REASONS = {
     ("launcher.checkpoint", "torch"): "saving and loading through the engine, and the ranks' "
                                       "collectives (ranks only); listing and verifying "
                                       "checkpoints (status, run) is torch-free",
+    ("launcher.collectives", "torch"): "the ranks' collectives (one door for all of them); "
+                                       "checkpoint listing imports the module torch-free",
     ("launcher.metrics", "torch"): "the ranks' memory figure per step and TensorBoard writer "
                                    "(torch.utils.tensorboard); validate only asks whether "
                                    "tensorboard is installed",

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any, Mapping, Optional
 
-from launcher import __version__, dist_env, layout
+from launcher import __version__, collectives, dist_env, layout
 
 EXIT_PREFLIGHT = layout.EXIT_PREFLIGHT  # the job stopped because the preflight refused to go on
 MODULES = ("torch", "deepspeed", "transformers")
@@ -233,12 +233,12 @@ def allreduce(store, rank: int, world: int, timeout_s: int) -> dict[str, Any]:
                             world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         x = torch.ones(size // 4, dtype=torch.float32, device=device)
-        dist.all_reduce(x)                      # warm-up: connections, buffers
+        collectives.all_reduce_(x)              # warm-up: connections, buffers
         if gpu:
             torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(iters):
-            dist.all_reduce(x)
+            collectives.all_reduce_(x)
         if gpu:
             torch.cuda.synchronize()
         each = (time.perf_counter() - start) / iters

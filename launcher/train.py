@@ -54,7 +54,8 @@ from launcher.dist_env import RankEnv
 from launcher.errors import ConfigError
 from launcher.freeze import FreezeReport
 from launcher.log import get_logger
-from launcher.loop_steps import (Progress, accumulate, all_reduce_sum, begin,  # noqa: F401
+from launcher.collectives import all_reduce_sum
+from launcher.loop_steps import (Progress, accumulate, begin,  # noqa: F401
                                  collate_for, diverged, evaluate, finish, log_step, save,
                                  stopped, to_device, write_eval)
 
@@ -254,7 +255,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
                                    s.cfg.data.num_workers)
     engine.train()
     # agree on a stop before the first step too (a signal while loading, a STOP left behind)
-    signalled, stop_file_seen = all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main))
+    signalled, stop_file_seen = all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main), s.device)
     if signalled or stop_file_seen:
         bar.close()
         return stopped(s, p, stop, signalled)
@@ -265,7 +266,8 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         faults.fault("step", p.step + 1, s.env.rank, s.cfg.run_dir)
         # one collective a step, before the update: the loss (log, watchdog), the stop agreement
         loss_all, micro_all, tokens_all, signalled, stop_file_seen = all_reduce_sum(
-            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main))
+            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main),
+            s.device)
         why = dog.check(p.step + 1, loss_all / micro_all)
         if why:
             bar.close()
@@ -301,10 +303,11 @@ def _ensure_run_dir(cfg: RunConfig, env: RankEnv, ds_config_dict: dict) -> None:
 def shutdown(*, barrier: bool) -> None:
     """Leave the process group cleanly (a rank that exits while a peer still talks to it can
     make gloo abort the peer)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    from launcher import collectives
+    if collectives.initialized():
         if barrier:
-            dist.barrier()
+            collectives.barrier()
+        import torch.distributed as dist
         dist.destroy_process_group()
 
 

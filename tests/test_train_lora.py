@@ -1,8 +1,13 @@
 """LoRA through the rank entry point under ZeRO-3 on 2 CPU ranks: adapters train, the adapter and
-the merged export are written from gathered shards (no rank waits on another) and agree."""
+the merged export are written from gathered shards (no rank waits on another) and agree; no
+gather holds the whole base at once (a 70B base would not fit one GPU), and the checkpoints hold
+what trains, not the frozen base. This file is also the rank script (`__main__`): it records
+every `GatheredParameters` (elements gathered) and runs `ftlaunch train`."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 import textwrap
 
 import pytest
@@ -10,9 +15,9 @@ import pytest
 from test_train_engine import torchrun
 
 
-@pytest.mark.multirank
-@pytest.mark.slow
-def test_lora_zero3_exports_adapter_and_merged(tiny, tmp_path):
+@pytest.fixture(scope="module")
+def lora_run(tiny, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("lora-z3")
     run_file = tmp_path / "run.yaml"
     run_file.write_text(textwrap.dedent(f"""\
         name: lora-z3
@@ -24,10 +29,16 @@ def test_lora_zero3_exports_adapter_and_merged(tiny, tmp_path):
         cluster: {{nodes: 1, gpus_per_node: 2}}
         output: {{dir: {tmp_path}/run, merge_lora: true}}
         """))
-    p = torchrun(["-m", "launcher", "train", str(run_file)], timeout=400)
+    p = torchrun([__file__, str(run_file), str(tmp_path / "gathers")], timeout=400)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "freeze policy lora:" in p.stdout
+    return tmp_path
 
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_lora_zero3_exports_adapter_and_merged(tiny, lora_run):
+    tmp_path = lora_run
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -41,3 +52,53 @@ def test_lora_zero3_exports_adapter_and_merged(tiny, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted(input_ids=ids).logits)
         base = AutoModelForCausalLM.from_pretrained(tiny["model"]).eval()(input_ids=ids).logits
     assert not torch.allclose(base, merged(input_ids=ids).logits)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_no_gather_holds_the_whole_base_and_checkpoints_hold_what_trains(tiny, lora_run):
+    import glob
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    run = sorted(glob.glob(str(lora_run / "gathers-*")))
+    assert len(run) == 2, "each rank records its gathers"
+    model = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    whole = sum(p.numel() for p in model.parameters())
+    largest_module = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    sizes = [n for path in run for n in json.loads(open(path).read() or "[]")]
+    assert sizes, "the export gathered nothing"
+    assert max(sizes) <= largest_module * 1.1 < whole / 2, (max(sizes), largest_module, whole)
+    ckpt_dir = sorted(glob.glob(str(lora_run / "run" / "checkpoints" / "step-*")))[-1]
+    states = glob.glob(os.path.join(ckpt_dir, "ds", "*model_states.pt"))
+    module = torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+    assert module and all("lora_" in k or "modules_to_save" in k for k in module), sorted(module)[:5]
+    with open(os.path.join(ckpt_dir, "trainer_state.json")) as fh:
+        assert json.load(fh)["frozen_excluded"] is True
+
+
+def _record_gathers(out_prefix: str) -> None:
+    """Record the elements each GatheredParameters gathers on this rank (JSON list, rewritten at
+    every gather: the rank leaves by os._exit)."""
+    import deepspeed
+    real = deepspeed.zero.GatheredParameters
+    sizes: list[int] = []
+    path = f"{out_prefix}-{os.environ.get('RANK', '0')}"
+
+    class Recording(real):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params) if not hasattr(params, "ds_id") else [params]
+            sizes.append(sum(int(getattr(p, "ds_numel", p.numel())) for p in params
+                             if hasattr(p, "ds_id")))
+            with open(path, "w") as fh:
+                json.dump(sizes, fh)
+            super().__init__(params, *args, **kwargs)
+
+    deepspeed.zero.GatheredParameters = Recording
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    _record_gathers(sys.argv[2])
+    from launcher import cli
+    sys.exit(cli.main(["train", sys.argv[1]]))

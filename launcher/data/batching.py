@@ -196,10 +196,7 @@ def _packed(examples: list[dict], input_ids, labels, attention: str | None, dtyp
             segment[i, at:at + ln] = d  # the padding is a document of its own
             at += ln
     if attention and attention.startswith("flash"):
-        keep = [len(e["input_ids"]) for e in examples]
-        flat = lambda t: torch.cat([t[i, :k] for i, k in enumerate(keep)])[None]  # noqa: E731
-        return {"input_ids": flat(input_ids), "position_ids": flat(position_ids),
-                "labels": flat(labels)}
+        return _flattened(examples, input_ids, position_ids, labels)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = (segment[:, :, None] == segment[:, None, :]) & causal
     mask = mask[:, None]
@@ -208,6 +205,29 @@ def _packed(examples: list[dict], input_ids, labels, attention: str | None, dtyp
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids,
             "labels": labels}
+
+
+def _flattened(examples: list[dict], input_ids, position_ids, labels) -> dict:
+    """Flash attention's packed form: the rows' tokens as one sequence, with the documents'
+    boundaries given as `cu_seq_lens_q/k` (int32 cumulative lengths) and `max_length_q/k`, as
+    transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True) hands them. Without
+    them transformers derives the boundaries from position_ids on the device at every layer's
+    first call, a `.max()` read back to the host each forward."""
+    import torch
+
+    keep = [len(e["input_ids"]) for e in examples]
+    flat = lambda t: torch.cat([t[i, :k] for i, k in enumerate(keep)])[None]  # noqa: E731
+    docs: list[int] = []
+    for k, e in zip(keep, examples):
+        row = [int(n) for n in e["doc_lengths"]]
+        if sum(row) != k:
+            raise ValueError(f"a packed row of {k} tokens has documents of {row} tokens")
+        docs += row
+    bounds = torch.tensor([0] + docs, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    out = {"input_ids": flat(input_ids), "position_ids": flat(position_ids), "labels": flat(labels)}
+    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = bounds
+    out["max_length_q"] = out["max_length_k"] = max(docs)
+    return out
 
 
 def num_tokens(examples: list[dict]) -> int:

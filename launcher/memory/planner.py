@@ -311,8 +311,13 @@ def _step_terms(r: _Setting) -> list[Term]:
         fp32_grads = 4 * st.opt_elems
         fmt = "4 B x this rank's slice (fp32 gradient for the step)"
     add("step_grads", "fp32 gradients at the step", fp32_grads, "step", fmt, DS_SRC)
-    torch_adam = bool(r.ds.get("optimizer", {}).get("params", {}).get("torch_adam"))
-    if cfg.train.optimizer == "adamw" and torch_adam and r.device == "cpu":
+    opt_params = r.ds.get("optimizer", {}).get("params", {})
+    torch_adam = bool(opt_params.get("torch_adam"))
+    if cfg.train.optimizer == "adamw" and torch_adam and opt_params.get("fused"):
+        add("step_temp", "optimizer temporaries", 0, "step",
+            "torch AdamW (fused): one kernel updates each group's tensors in place, no temporaries",
+            "torch/optim/adam.py _fused_adam")
+    elif cfg.train.optimizer == "adamw" and torch_adam and r.device == "cpu":
         biggest = st.opt_elems if stage else max((p.numel for p in inv.params if p.trainable), default=0)
         add("step_temp", "optimizer temporaries", 8 * biggest, "step",
             "torch AdamW (single tensor): sqrt and division of the largest state tensor, 2 x 4 B",
