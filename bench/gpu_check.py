@@ -6,6 +6,9 @@
 
 Parts, each in its own try/except so one failure does not lose the others, in this order:
 
+0. ranks (bench/gpu_check_ranks.run): the real rank path, `ftlaunch run` through torchrun with
+   NCCL (dry run; packed rows with sdpa and, where installed, flash attention; ZeRO-3 + LoRA with
+   the adapter and merged export loaded back), the launcher's default optimizer throughout.
 1. memory (bench/gpu_check_memory.run): ~1.1B Llama (TinyLlama's shape) from a config, ZeRO-2 and
    ZeRO-3 on one rank, bf16, full / frozen / LoRA / gradient checkpointing: peak
    torch.cuda.max_memory_allocated against the plan (launcher.memory.plan).
@@ -89,9 +92,7 @@ def throughput_one(cfg, device: str, warm: int, steps: int) -> dict:
 
     from launcher import ds_config, freeze, train
     cuda = device.startswith("cuda")
-    ds = ds_config.build(cfg, 1, "cuda" if cuda else "cpu")
-    if "optimizer" in ds:
-        ds["optimizer"]["params"]["torch_adam"] = True  # no fused_adam compile on a fresh machine
+    ds = ds_config.build(cfg, 1, "cuda" if cuda else "cpu")  # the launcher's optimizer, as runs get it
     torch.manual_seed(0)
     hf = AutoConfig.from_pretrained(cfg.model.path)
     with torch.device(device):
@@ -203,6 +204,21 @@ def markdown(res: dict) -> str:
             else:
                 lines.append(f"| {k} | {r.get('error', r.get('skipped', '?'))[:120]} | | | | |")
         parts.append("\n".join(lines) + "\n")
+    rk = res.get("ranks", {})
+    if "rows" in rk:
+        lines = ["| rank path (`ftlaunch run`, torchrun) | rc | s | steps | loss first -> last | tokens/s "
+                 "| peak GiB (ranks' log) | export: max logit diff |", "|---|---|---|---|---|---|---|---|"]
+        for k, r in rk["rows"].items():
+            if "skipped" in r or "error" in r:
+                why = (r.get("skipped") or r["error"].strip().splitlines()[-1])[:160]
+                lines.append(f"| {k} | {r.get('rc', '-')} | {why} | | | | | |")
+                continue
+            loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}" if "loss_first" in r else "-"
+            tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+            diff = f"{r['max_abs_logit_diff']:.3g}" if "max_abs_logit_diff" in r else "-"
+            lines.append(f"| {k} | {r['rc']} | {r['seconds']} | {r.get('steps', '-')} | {loss} | {tps} "
+                         f"| {_gib(r.get('memory_bytes'))} | {diff} |")
+        parts.append("\n".join(lines) + "\n")
     q = res.get("quantization", {})
     if "runs" in q:
         lines = ["| quantized run | result |", "|---|---|"]
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-dry", action="store_true", help="tiny model on CPU: check the code path")
     ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="results folder")
     ap.add_argument("--budget-s", type=float, default=450, help="skip what is left after this")
-    ap.add_argument("--parts", default="memory,throughput,quantization")
+    ap.add_argument("--parts", default="ranks,memory,throughput,quantization")
     a = ap.parse_args(argv)
     t_start = time.time()
     deadline = t_start + a.budget_s
@@ -266,11 +282,14 @@ def main(argv: list[str] | None = None) -> int:
                     gpu_check_memory.run("cuda", res, steps=3)
             elif part == "throughput":
                 run_throughput(device, res, tiny=a.cpu_dry, deadline=deadline)
+            elif part == "ranks":
+                import gpu_check_ranks
+                gpu_check_ranks.run(device, res, deadline=deadline)
             elif part == "quantization":
                 import gpu_check_quant
                 gpu_check_quant.run("cpu" if a.cpu_dry else "cuda:0", res)
             else:
-                raise ValueError(f"unknown part {part!r} (memory, throughput, quantization)")
+                raise ValueError(f"unknown part {part!r} (ranks, memory, throughput, quantization)")
         except Exception:  # noqa: BLE001 - keep the other parts
             res["errors"][part] = traceback.format_exc()[-3000:]
             print(res["errors"][part], file=sys.stderr, flush=True)

@@ -112,7 +112,6 @@ def one(cfg, device: str, steps: int) -> dict:
 
     from launcher import ds_config, freeze, memory
     ds = ds_config.build(cfg, 1, device="cpu" if device == "cpu" else "cuda")
-    ds["optimizer"]["params"]["torch_adam"] = True  # no fused_adam build on the GPU machine
     p = memory.plan(cfg, world_size=1, advise=False, ds=ds)
     torch.manual_seed(0)
     dev = torch.device(device)

@@ -15,7 +15,7 @@ the trainable parameters with the DeepSpeed config from `ds_config.build`). Each
 load time, memory after load (torch.cuda.memory_allocated; on CPU the quantized bytes),
 training peak (torch.cuda.max_memory_allocated), tokens/s over the timed steps and the losses.
 
-AdamW runs as torch's (`torch_adam: true`), so a fresh machine compiles no DeepSpeed op; one extra
+AdamW is the launcher's default (torch's, fused on a GPU: no DeepSpeed op is compiled); one extra
 4-bit run uses bitsandbytes' AdamW8bit (and its paged variant on a GPU).
 """
 from __future__ import annotations
@@ -95,8 +95,6 @@ def one_run(cfg: Any, device: str, shape: dict) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     ds = ds_config.build(cfg, 1, "cuda" if cuda else "cpu")
-    if "optimizer" in ds:
-        ds["optimizer"]["params"]["torch_adam"] = True  # no fused_adam build on a fresh machine
     t0 = time.time()
     model, _ = train.load_model(cfg, device, ds)
     load_s = time.time() - t0

@@ -56,13 +56,21 @@ def test_gpu_markdown_reports_errors_and_rows():
 
 @pytest.mark.slow
 def test_gpu_check_cpu_dry_end_to_end(tmp_path):
-    """The GPU script's every part on CPU with a tiny model: no typo waits for a GPU."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    """The GPU script's every part on CPU with a tiny model, through bench/gpu_check.sh as the GPU
+    machine runs it: no typo waits for a GPU, and a wheel that does not install is recorded while
+    every part still runs."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip file")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+               PYTHON=sys.executable, OUT=str(tmp_path), GPU_CHECK_WHEELS=str(wheels),
+               GPU_CHECK_SITE=str(tmp_path / "site"))
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--cpu-dry",
-                           "--out", str(tmp_path)], env=env, cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-dry"],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"wheel not installed: {wheels}/broken-0.1-py3-none-any.whl" in \
+        (tmp_path / "env.txt").read_text()
     res = json.loads((tmp_path / "gpu_check.json").read_text())
     assert res["dry"] is True and res["errors"] == {}
     mem = res["memory"]["rows"]
@@ -78,5 +86,10 @@ def test_gpu_check_cpu_dry_end_to_end(tmp_path):
     assert tp["zero2 lora"]["flops_per_token"] < tp["zero2 full"]["flops_per_token"]
     quant = res["quantization"]["runs"]
     assert quant and all("error" not in r for r in quant), quant
+    ranks = res["ranks"]["rows"]
+    assert set(ranks) == {"dry-run", "zero3 lora"}
+    assert all(r["rc"] == 0 for r in ranks.values()), ranks
+    lora = ranks["zero3 lora"]
+    assert lora["steps"] == 3 and lora["max_abs_logit_diff"] < 1e-3 * max(1.0, lora["logit_scale"])
     md = (tmp_path / "gpu-results.md").read_text()
-    assert "CPU dry run" in md and "| zero3 lora |" in md
+    assert "CPU dry run" in md and "| zero3 lora |" in md and "| dry-run | 0 |" in md
