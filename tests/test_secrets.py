@@ -28,17 +28,6 @@ SECRET = "s3cr3t-value-9f2c41"          # planted; must appear in no file and no
 TOKEN = "hf_" + "A1b2C3d4" * 5            # the form of a Hugging Face token
 
 
-@pytest.fixture
-def umask_kept():
-    """keep_private changes this process's umask: give the test's back afterwards."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    saved = rundir._UMASK, rundir._USER_UMASK
-    yield
-    os.umask(mask)
-    rundir._UMASK, rundir._USER_UMASK = saved
-
-
 def write_runfile(tmp_path, fake_model, cluster=None, output=None, name="demo"):
     data_path = os.path.join(os.path.dirname(fake_model), "train.jsonl")
     tree = {"name": name, "model": {"path": fake_model}, "data": {"path": data_path, "max_seq_len": 64},
