@@ -272,7 +272,7 @@ class ClusterConfig:
                                     "nowhere; each must be set when submitting.")
     allow_secrets_in_env: bool = opt(False, "Write secret-looking cluster.env values (and setup "
                                      "assignments, deepspeed.overrides keys) in clear instead of "
-                                     "refusing them; every command warns.")
+                                     "refusing them; validate, slurm and run warn.")
     launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
     python: str = opt("python", "Python on the compute nodes (after setup).")
     grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "

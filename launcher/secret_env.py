@@ -17,6 +17,8 @@ import re
 import shlex
 from typing import Any, Iterator, Mapping
 
+import yaml
+
 from launcher.config import ENV_NAME, RunConfig
 from launcher.errors import ConfigError, Problem
 from launcher.slurm_checks import RESERVED_ENV
@@ -30,7 +32,7 @@ KNOWN = frozenset({"WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HU
 # Names with a secret-looking part that hold no secret (set in cluster.env every day).
 NOT_SECRET = frozenset({"TOKENIZERS_PARALLELISM", "NCCL_IB_PKEY", "HF_HUB_DISABLE_IMPLICIT_TOKEN"})
 _LOCATION = re.compile(r".*_(FILE|PATH|DIR)")
-_TOKEN_VALUE = re.compile(r"(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|(AKIA|ASIA)[0-9A-Z]{16}"
+_TOKEN_VALUE = re.compile(r"(?<![A-Za-z0-9_-])(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_-]{20,}|(AKIA|ASIA)[0-9A-Z]{16}"
                           r"|gh[pousr]_[A-Za-z0-9]{30,}|xox[abposr]-[A-Za-z0-9-]{10,})")
 REDACTED = "<not recorded: secret>"
 OPT_OUT = "cluster.allow_secrets_in_env"
@@ -91,7 +93,7 @@ def override_problems(cfg: RunConfig) -> Iterator[Problem]:
     """Secret-looking keys or token values in deepspeed.overrides (e.g. comet.api_key)."""
     if cfg.cluster.allow_secrets_in_env:
         return
-    for key in _secret_keys(cfg.deepspeed.overrides, "deepspeed.overrides"):
+    for key in secret_keys(cfg.deepspeed.overrides, "deepspeed.overrides"):
         yield Problem(key, "looks like a secret: deepspeed.overrides are written in clear to "
                       "ds_config.json and resolved.yaml",
                       "remove it and give it through the environment variable the tool reads "
@@ -136,17 +138,34 @@ def _literal_assignments(line: str) -> list[str]:
     return out
 
 
-def _secret_keys(tree: Any, prefix: str) -> Iterator[str]:
+def secret_keys(tree: Any, prefix: str) -> Iterator[str]:
+    """Dotted keys under prefix whose name looks secret or whose value looks like a token."""
     if isinstance(tree, dict):
         for k, v in tree.items():
             key = f"{prefix}.{k}"
             if isinstance(v, (dict, list)):
-                yield from _secret_keys(v, key)
+                yield from secret_keys(v, key)
             elif isinstance(v, str) and v and (looks_secret(str(k)) or secret_value(v)):
                 yield key
     elif isinstance(tree, list):
         for i, v in enumerate(tree):
-            yield from _secret_keys(v, f"{prefix}[{i}]")
+            yield from secret_keys(v, f"{prefix}[{i}]")
+
+
+def override_holds_secret(text: str) -> bool:
+    """Whether a `key.sub=value` override sets, or holds anywhere in its value, something that
+    looks secret (its value is then never shown in a message)."""
+    name, eq, raw = text.partition("=")
+    if not eq:
+        return False
+    if looks_secret(name.split(".")[-1]) or secret_value(raw) or _literal_assignments(raw):
+        return True
+    try:
+        tree = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return False
+    return any(secret_keys(tree, name)) or any(
+        _literal_assignments(v) for v in (tree if isinstance(tree, list) else []) if isinstance(v, str))
 
 
 # ------------------------------------------------------------------ at submit time
@@ -174,7 +193,7 @@ def in_clear(cfg: RunConfig) -> list[str]:
         return []
     keys = [f"cluster.env.{n}" for n, v in c.env.items() if looks_secret(n) or secret_value(v)]
     keys += [f"cluster.setup[{i}]" for i, line in enumerate(c.setup) if _literal_assignments(line)]
-    return keys + list(_secret_keys(cfg.deepspeed.overrides, "deepspeed.overrides"))
+    return keys + list(secret_keys(cfg.deepspeed.overrides, "deepspeed.overrides"))
 
 
 def warn_in_clear(cfg: RunConfig) -> None:

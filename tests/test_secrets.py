@@ -81,7 +81,9 @@ def test_names_that_hold_no_secret(name):
 @pytest.mark.parametrize("value, secret", [(TOKEN, True), ("sk-" + "x" * 40, True),
                                            ("AKIAABCDEFGHIJKLMNOP", True), ("ghp_" + "a1" * 18, True),
                                            ("INFO", False), ("/scratch/hf cache", False),
-                                           ("hf_transfer", False)])
+                                           ("hf_transfer", False),
+                                           ("task-abcdefghijklmnopqrstuvwxyz", False),
+                                           (f"Bearer {TOKEN}", True)])
 def test_token_values(value, secret):
     assert secret_env.secret_value(value) is secret
 
@@ -116,6 +118,20 @@ def test_a_token_value_under_any_name_is_refused(tmp_path, fake_model):
     with pytest.raises(ConfigError, match="MY_VAR has the form of an access token") as exc:
         runfile.load(run_file)
     assert TOKEN not in exc.value.render()
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"deepspeed.overrides={{comet: {{api_key: {SECRET}}}}}", "deepspeed.overrides.comet.api_key"),
+    (f"deepspeed.overrides.comet.api_key={SECRET}", "deepspeed.overrides.comet.api_key"),
+    (f"cluster.setup=['export HF_TOKEN={SECRET}']", "cluster.setup[0]"),
+    (f"cluster.env.X={TOKEN}", "cluster.env.X")])
+def test_an_override_holding_a_secret_is_never_repeated(tmp_path, fake_model, override, key):
+    with pytest.raises(ConfigError, match="looks like a secret|form of an access token|assigns a "
+                                          "literal value") as exc:
+        runfile.load(write_runfile(tmp_path, fake_model), [override])
+    assert key in exc.value.keys
+    assert f"override '{override.partition('=')[0]}=...'" in exc.value.render()
+    assert SECRET not in exc.value.render() and TOKEN not in exc.value.render()
 
 
 def test_slurm_refuses_and_writes_nothing(tmp_path, fake_model, capsys, monkeypatch):
