@@ -187,6 +187,17 @@ def test_pass_through_rendered_as_export_and_never_written(tmp_path, fake_model,
     assert files_holding(SECRET, run_dir) == []
 
 
+def test_validate_names_the_pass_through_and_what_is_unset(tmp_path, fake_model, capsys,
+                                                          monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
+    assert cli.main(["validate", run_file]) == 0
+    out = capsys.readouterr().out
+    assert "from this shell: HF_TOKEN, WANDB_API_KEY (not set here: WANDB_API_KEY)" in out, out
+    assert SECRET not in out
+
+
 def test_no_pass_through_no_export_line(tmp_path, fake_model):
     cfg = runfile.load(write_runfile(tmp_path, fake_model))
     text = slurm.render(slurm.build(cfg, workdir="/w"))
