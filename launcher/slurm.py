@@ -180,8 +180,8 @@ def _exports(job: Job) -> str:
 
 
 def _unset(name: str) -> str:
-    return (f"cluster.env_from_shell: {name} is not set in the environment of the job: export it in "
-            "the shell that runs sbatch (and keep SBATCH_EXPORT unset or ALL)")
+    return (f"cluster.env_from_shell: {name} is not set in the environment of the job: export it "
+            "in the shell that runs sbatch (and keep SBATCH_EXPORT unset or ALL)")
 
 
 def render(job: Job, template: str | None = None) -> str:
@@ -261,7 +261,7 @@ def main(args: Any) -> int:
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides, inputs=True)
     secret_env.warn_in_clear(cfg)
-    if args.submit or args.test_only:
+    if args.submit:
         secret_env.require(cfg)   # before anything is written
     rundir.keep_private(cfg)
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
@@ -273,17 +273,17 @@ def main(args: Any) -> int:
     os.chmod(job.job_script, 0o700 if job.private else 0o755)
     print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
     print(f"submit with: sbatch {quote(job.job_script)}")
-    export = export_list(job.env_from_shell) if job.env_from_shell else None
-    if export and not (args.submit or args.test_only):
+    passed = export_list(job.env_from_shell) if job.env_from_shell else None
+    if passed and not args.submit:
         print(f"the job takes {', '.join(job.env_from_shell)} from the environment sbatch runs in "
               "(cluster.env_from_shell): export them first")
         for problem in secret_env.missing(cfg):
             log.warning(f"{problem.key}: {problem.message}")
     try:
         if args.test_only:
-            print(submit(job.job_script, test_only=True, export=export))
+            print(submit(job.job_script, test_only=True, export=passed))
         if args.submit:
-            job_id = submit(job.job_script, export=export)
+            job_id = submit(job.job_script, export=passed)
             print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
             print(job_id)
     except SubmitError as exc:

@@ -223,12 +223,22 @@ def test_submit_checks_the_environment_first(tmp_path, fake_model, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")
     run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
-    for flag in ("submit", "test_only"):
-        with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment") as exc:
-            slurm.main(args(run_file, flag, "force"))
-        assert exc.value.keys == ["cluster.env_from_shell[0]", "cluster.env_from_shell[1]"]
-        assert "export HF_TOKEN=... in this shell first" in exc.value.render()
+    with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment") as exc:
+        slurm.main(args(run_file, "submit", "force"))
+    assert exc.value.keys == ["cluster.env_from_shell[0]", "cluster.env_from_shell[1]"]
+    assert "export HF_TOKEN=... in this shell first" in exc.value.render()
     assert not (tmp_path / "runs").exists()
+
+
+def test_without_submit_a_missing_variable_is_a_warning(tmp_path, fake_model, monkeypatch,
+                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
+    assert slurm.main(args(run_file)) == 0
+    err = capsys.readouterr().err
+    assert "warning: cluster.env_from_shell[0]: HF_TOKEN is not set in this environment" in err, err
+    assert (tmp_path / "runs" / "demo" / layout.JOB_SCRIPT).is_file()
 
 
 def test_submit_passes_export_on_sbatchs_command_line(tmp_path, fake_model, monkeypatch, capsys):
