@@ -329,7 +329,8 @@ def test_a_secret_reaches_the_job_and_no_file(cluster, tiny, tmp_path, capsys, m
     stored = run(["scontrol", "write", "batch_script", job_id, "-"]).stdout
     assert job_id in shown and "--export=ALL,FTL_TEST_API_TOKEN" in stored, (shown, stored)
     out = tmp_path / "export"
-    done = run([sys.executable, "-m", "launcher", "export", rd, "-o", str(out)], cwd=tmp_path)
+    done = run([sys.executable, "-m", "launcher", "export", rd, "-o", str(out)], cwd=tmp_path,
+               preexec_fn=lambda: os.umask(0o022))   # private because the run is, not by umask
     assert done.returncode == 0, done.stderr
     status = run([sys.executable, "-m", "launcher", "status", rd, "--json"], cwd=tmp_path)
     assert json.loads(status.stdout)["state"] == "finished", status.stdout
