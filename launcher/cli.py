@@ -191,6 +191,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.runfile import load
     from launcher.summary import summary
     cfg = load(args.run_file, args.overrides, inputs=True)
+    from launcher.secret_env import warn_in_clear
+    warn_in_clear(cfg)
     print(f"OK {args.run_file}")
     print(summary(cfg))
     return 0

@@ -263,7 +263,16 @@ class ClusterConfig:
     setup: list[str] = opt([], "Shell lines run in the job's batch shell before launch (module "
                            "load, source .venv/bin/activate); srun carries the environment they "
                            "set to every node. Your own shell, run as written.")
-    env: dict[str, str] = opt({}, "Environment variables for every rank (NCCL_*, HF_HOME, ...).")
+    env: dict[str, str] = opt({}, "Environment variables for every rank (NCCL_*, HF_HOME, ...), "
+                              "written in job.sbatch; secret-looking names (*TOKEN*, *KEY*, "
+                              "*SECRET*, *PASSWORD*, ...) are refused: use env_from_shell.")
+    env_from_shell: list[str] = opt([], "Variables every rank takes from the environment the job "
+                                    "is submitted from (`sbatch --export=ALL,NAME,...`), e.g. "
+                                    "[WANDB_API_KEY, HF_TOKEN]: names only, values written "
+                                    "nowhere; each must be set when submitting.")
+    allow_secrets_in_env: bool = opt(False, "Write secret-looking cluster.env values (and setup "
+                                     "assignments, deepspeed.overrides keys) in clear instead of "
+                                     "refusing them; validate, slurm and run warn.")
     launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
     python: str = opt("python", "Python on the compute nodes (after setup).")
     grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "
@@ -294,6 +303,8 @@ class OutputConfig:
         [], "Experiment trackers rank 0 logs to every logged step (loss, eval loss, lr, grad "
         "norm, tokens/s, step time, memory): tensorboard (RUN_DIR/tensorboard), wandb (offline "
         "in RUN_DIR/wandb unless WANDB_MODE is set).")
+    private: bool = opt(False, "Make the run directory 0700 and every file the run writes "
+                        "(logs, checkpoints, exports) 0600; false: the user's umask decides.")
 
 
 @dataclass(frozen=True)

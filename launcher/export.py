@@ -227,6 +227,8 @@ def export_checkpoint(source: str, out: str, *, merge_lora: bool = False,
     from launcher.errors import ConfigError, Problem
     run_dir, ckpt = find_checkpoint(source)
     cfg = run_state.load_run(run_dir, overrides)
+    from launcher.rundir import keep_private
+    keep_private(cfg)   # a private run's export is private too (folders 0700, files 0600)
     if merge_lora and cfg.freeze.policy != "lora":
         raise ConfigError([Problem("--merge-lora", f"the run trained with freeze.policy "
                                    f"{cfg.freeze.policy}, not lora", "drop --merge-lora")])

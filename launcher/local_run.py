@@ -176,7 +176,7 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
 
 
 def main(args: Any) -> int:
-    from launcher import ds_config, rundir, runfile
+    from launcher import ds_config, rundir, runfile, secret_env
     base = runfile.load(args.run_file, args.overrides)
     device, nproc = local_ranks(base, args.nproc)
     extra = local_overrides(base, device, nproc)
@@ -190,6 +190,9 @@ def main(args: Any) -> int:
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
+    secret_env.warn_in_clear(cfg)
+    secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
+    rundir.keep_private(cfg)
     if not args.dry_run:
         print(f"ftlaunch: {max_steps_source(base, args.run_file, args.max_steps)}", flush=True)
         done = run_state.finished(cfg.run_dir, cfg.train.max_steps)

@@ -124,6 +124,7 @@ def _open_wandb(cfg: Any, run_dir: str) -> Any:
     import wandb
 
     from launcher.config import to_dict
+    from launcher.secret_env import redacted
     folder = os.path.join(run_dir, layout.WANDB)
     os.makedirs(folder, exist_ok=True)
     id_file = os.path.join(folder, "run_id")
@@ -137,7 +138,8 @@ def _open_wandb(cfg: Any, run_dir: str) -> Any:
     os.environ.setdefault("WANDB_SILENT", "true")
     return wandb.init(project=os.environ.get("WANDB_PROJECT", "ftlaunch"), name=cfg.name,
                       id=run_id, resume="allow", dir=run_dir,
-                      mode=os.environ.get("WANDB_MODE", "offline"), config=to_dict(cfg))
+                      mode=os.environ.get("WANDB_MODE", "offline"),
+                      config=redacted(to_dict(cfg)))   # W&B uploads it: no secret values
 
 
 def memory_bytes(device: str) -> int:

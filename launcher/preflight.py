@@ -325,6 +325,9 @@ def main(args: Any) -> int:
     start = time.monotonic()
     node_id, nnodes, name, host, port = _where(env)
     report, cfg = check_node(args.run_file, env, name)
+    if cfg is not None:
+        from launcher.rundir import keep_private
+        keep_private(cfg)   # the summary files: output.private
     report["node_id"] = node_id
     for problem in report["problems"]:
         print(f"ftlaunch preflight: {name}: {problem}", file=sys.stderr)

@@ -64,7 +64,34 @@ def _umask() -> int:
     return mask
 
 
-_UMASK = _umask()  # read once, at import: mkstemp makes 0600 files, the run's files follow umask
+_USER_UMASK = _umask()  # read once, at import: mkstemp makes 0600 files, the run's files follow umask
+_UMASK = _USER_UMASK   # the mask this process writes with: the user's, or keep_private's
+
+
+def keep_private(cfg: RunConfig) -> None:
+    """output.private: from now on everything this process (and what it starts) creates is the
+    user's alone: umask 077, so folders 0700 and files 0600 (write_atomic and export follow).
+    Called first by every command that writes into a run directory or an export."""
+    global _UMASK
+    if cfg.output.private:
+        _UMASK = _USER_UMASK | 0o077
+        os.umask(_UMASK)
+
+
+def _make_run_dir(run_dir: str, private: bool) -> None:
+    """run_dir and its logs/; private: run_dir 0700 (also when it exists), while the folders
+    above it that are made here get the user's own umask (runs/ may be shared on purpose)."""
+    if private:
+        made, up = [], os.path.dirname(os.path.abspath(run_dir))
+        while not os.path.isdir(up):
+            made.append(up)
+            up = os.path.dirname(up)
+        for folder in reversed(made):
+            os.makedirs(folder, exist_ok=True)
+            os.chmod(folder, 0o777 & ~_USER_UMASK)
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        os.chmod(run_dir, 0o700)
+    os.makedirs(os.path.join(run_dir, layout.LOGS), exist_ok=True)
 
 
 def move_aside(path: str) -> str:
@@ -148,7 +175,7 @@ def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
             raise _refuse(f"{run_dir} exists, is not empty and is not a run directory "
                           f"(no {layout.RESOLVED}): nothing to {on_existing}",
                           "choose another output.dir, or pass --overwrite to move it aside")
-    os.makedirs(os.path.join(run_dir, layout.LOGS), exist_ok=True)
+    _make_run_dir(run_dir, cfg.output.private)
     write_atomic(resolved, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
     write_atomic(os.path.join(run_dir, layout.DS_CONFIG), json.dumps(ds_config, indent=2) + "\n")
     if plan_text is not None:

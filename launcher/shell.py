@@ -64,6 +64,17 @@ def export(name: str, value: str, key: str) -> str:
     return f"export {name}={quote(value, key)}"
 
 
+def require_set(name: str, message: str, key: str) -> str:
+    """`: "${NAME:?message}"`: the script stops there, saying message, when NAME is unset or empty
+    (its value is never written). message is plain text: no $ ` " ' \\ } or line break."""
+    if not _ENV_NAME.fullmatch(name):
+        raise _refuse(key, f"{name!r} is not a valid environment variable name",
+                      "use letters, digits and _, not starting with a digit")
+    if re.search(r'[$`"\'\\}\n\r\0]', message):
+        raise ValueError(f"not plain text for ${{{name}:?...}}: {message!r}")
+    return f': "${{{name}:?{message}}}"'
+
+
 def sbatch_value(value: Value, key: str) -> str:
     """value spelled for an `#SBATCH` line, which sbatch parses itself (quotes and \\ escapes,
     `#` starts a comment) without ever expanding variables or commands."""

@@ -17,12 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher import __version__, dist_env, layout, run_state
+from launcher.log import get_logger
 from launcher.config import SBATCH_EXTRA as _EXTRA, RunConfig
-from launcher.shell import Raw, comment, join, quote, sbatch_line, slurm_filename, export
+from launcher.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
+                            slurm_filename)
 
 TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm",
                         "job.sbatch")
 _PLACEHOLDER = re.compile(r"\{\{([a-z_]+)\}\}")
+log = get_logger(__name__)
 
 
 class TemplateError(Exception):
@@ -52,6 +55,8 @@ class Job:
     sbatch: tuple[SbatchOption, ...]
     setup: tuple[Raw, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    env_from_shell: tuple[str, ...] = ()        # names taken from the submitting environment
+    private: bool = False                       # output.private: umask 077 in the job
     launcher: str = "torchrun"                  # torchrun | deepspeed
     python: str = "python"
     command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
@@ -89,6 +94,8 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
              SbatchOption("--open-mode", "append", "output.dir"),
              SbatchOption("--signal", f"B:USR1@{c.grace_s}", "cluster.grace_s"),
              SbatchOption("--requeue" if c.requeue else "--no-requeue", None, "cluster.requeue")]
+    if c.env_from_shell:   # sbatch's default is ALL: kept, and the names said (and checked) here
+        opts.append(SbatchOption("--export", export_list(c.env_from_shell), "cluster.env_from_shell"))
     for i, item in enumerate(c.sbatch_extra):
         m = _EXTRA.fullmatch(item)
         option, value = (m.group(1), m.group(2)) if m else (item, None)
@@ -96,6 +103,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
                nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
+               env_from_shell=tuple(c.env_from_shell), private=cfg.output.private,
                launcher=c.launcher, python=c.python,
                command=("launcher", "train", os.path.join(run_dir, layout.RESOLVED)),
                requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight)
@@ -150,6 +158,32 @@ def _header(job: Job) -> str:
     return "\n".join("# " + comment(line) for line in lines)
 
 
+def export_list(names) -> str:
+    """sbatch's --export value: the whole submitting environment (sbatch's default) and, named,
+    the variables the job needs from it: `ALL,HF_TOKEN,WANDB_API_KEY` (names, never values)."""
+    return ",".join(["ALL", *names])
+
+
+def _exports(job: Job) -> str:
+    """The environment section: cluster.env's exports; the check that each env_from_shell
+    variable reached the job (by name: its value is never written); output.private's umask."""
+    lines = [export(k, v, f"cluster.env.{k}") for k, v in job.env] or ["# (no variables)"]
+    if job.env_from_shell:
+        lines.append("# cluster.env_from_shell: from the environment sbatch ran in (--export), "
+                     "never written here")
+        lines += [require_set(name, _unset(name), "cluster.env_from_shell")
+                  for name in job.env_from_shell]
+    if job.private:
+        lines += ["# output.private: what the job creates is the user's alone (folders 0700, "
+                  "files 0600)", "umask 077"]
+    return "\n".join(lines)
+
+
+def _unset(name: str) -> str:
+    return (f"cluster.env_from_shell: {name} is not set in the environment of the job: export it "
+            "in the shell that runs sbatch (and keep SBATCH_EXPORT unset or ALL)")
+
+
 def render(job: Job, template: str | None = None) -> str:
     """The job script's text. Pure: reads only the template file."""
     name = "job template"
@@ -173,7 +207,7 @@ def render(job: Job, template: str | None = None) -> str:
         "exit_diverged": quote(layout.EXIT_DIVERGED),
         "setup": "\n".join(quote(line, f"cluster.setup[{i}]") for i, line in enumerate(job.setup))
                  or "# (no setup lines)",
-        "exports": "\n".join(export(k, v, f"cluster.env.{k}") for k, v in job.env) or "# (no variables)",
+        "exports": _exports(job),
         "node_setup": node_setup,
         "node_launch": node_launch,
         "preflight": "1" if job.preflight else "0",
@@ -185,10 +219,13 @@ def render(job: Job, template: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------ submit
-def submit(script_path: str, test_only: bool = False) -> str:
+def submit(script_path: str, test_only: bool = False, export: str | None = None) -> str:
     """Run sbatch on the script: the job id, or (test_only) the scheduler's answer. SubmitError
-    carries sbatch's own words when it refuses."""
-    cmd = ["sbatch", "--test-only", script_path] if test_only else ["sbatch", "--parsable", script_path]
+    carries sbatch's own words when it refuses. export: the script's --export again on the command
+    line, where SBATCH_EXPORT in the environment cannot override it."""
+    cmd = ["sbatch", "--test-only"] if test_only else ["sbatch", "--parsable"]
+    cmd += [f"--export={export}"] if export else []
+    cmd.append(script_path)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     except FileNotFoundError:
@@ -219,24 +256,34 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
 
 
 def main(args: Any) -> int:
-    from launcher import ds_config, rundir
+    from launcher import ds_config, rundir, secret_env
     from launcher.rundir import on_existing
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides, inputs=True)
+    secret_env.warn_in_clear(cfg)
+    if args.submit:
+        secret_env.require(cfg)   # before anything is written
+    rundir.keep_private(cfg)
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))
     job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
     text = render(job)
     rundir.write_atomic(job.job_script, text)
-    os.chmod(job.job_script, 0o755)
+    os.chmod(job.job_script, 0o700 if job.private else 0o755)
     print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
     print(f"submit with: sbatch {quote(job.job_script)}")
+    passed = export_list(job.env_from_shell) if job.env_from_shell else None
+    if passed and not args.submit:
+        print(f"the job takes {', '.join(job.env_from_shell)} from the environment sbatch runs in "
+              "(cluster.env_from_shell): export them first")
+        for problem in secret_env.missing(cfg):
+            log.warning(f"{problem.key}: {problem.message}")
     try:
         if args.test_only:
-            print(submit(job.job_script, test_only=True))
+            print(submit(job.job_script, test_only=True, export=passed))
         if args.submit:
-            job_id = submit(job.job_script)
+            job_id = submit(job.job_script, export=passed)
             print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
             print(job_id)
     except SubmitError as exc:

@@ -27,6 +27,7 @@ MANAGED = {
     "--chdir": "the job runs where `ftlaunch slurm` ran",
     "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
     "--array": "array jobs would share one run directory",
+    "--export": "cluster.env_from_shell",
 }
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
 RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",

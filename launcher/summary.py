@@ -1,7 +1,7 @@
 """The one-screen summary `ftlaunch validate` prints for a valid run file."""
 from __future__ import annotations
 
-from launcher import ds_config, epochs
+from launcher import ds_config, epochs, secret_env
 from launcher.config import RunConfig
 from launcher.batch import batch_sizes
 
@@ -40,11 +40,22 @@ def summary(cfg: RunConfig) -> str:
                       f"{', overrides ' + ', '.join(ds.overrides) if ds.overrides else ''}"),
         ("slurm", ", ".join(x for x in (
             f"partition {c.partition}" if c.partition else "", f"time {c.time}",
-            f"requeue up to {c.max_restarts}x" if c.requeue else "no requeue") if x)),
+            f"requeue up to {c.max_restarts}x" if c.requeue else "no requeue",
+            _from_shell(cfg)) if x)),
         ("run dir", cfg.run_dir),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _from_shell(cfg: RunConfig) -> str:
+    """cluster.env_from_shell: the names, and those this shell does not set (values never shown)."""
+    names = cfg.cluster.env_from_shell
+    if not names:
+        return ""
+    unset = [p.message.split()[0] for p in secret_env.missing(cfg)]
+    return f"from this shell: {', '.join(names)}" + (
+        f" (not set here: {', '.join(unset)})" if unset else "")
 
 
 def _steps(cfg: RunConfig) -> str:

@@ -314,6 +314,7 @@ def shutdown(*, barrier: bool) -> None:
 def main(args: Any) -> int:
     from launcher import runfile
     cfg = runfile.load(args.run_file, args.overrides)
+    rundir.keep_private(cfg)   # checkpoints, metrics, trackers, the export: output.private
     env = dist_env.from_environ()
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
     stop = run_state.StopRequest().install()

@@ -12,14 +12,15 @@ The registry and `check` live in launcher/rules.py; the rules about the files th
 (model folder, data, tokenizer, chat template, names in the weights) in launcher/rule_files.py.
 The rules ask other modules for facts and keep only the judgement here: the batch arithmetic
 (`launcher/batch.py`), what a model folder says (`launcher/model_info.py`), the DeepSpeed
-override tables (`launcher/ds_config.py`), the cluster section (`launcher/slurm_checks.py`).
+override tables (`launcher/ds_config.py`), the cluster section (`launcher/slurm_checks.py`), secrets
+(`launcher/secret_env.py`).
 """
 from __future__ import annotations
 
 import re
 from typing import Iterator
 
-from launcher import batch, ds_config, ds_file, slurm_checks
+from launcher import batch, ds_config, ds_file, secret_env, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.rules import INPUT_RULES, RULES, check, input_rule, rule  # noqa: F401  (the API)
@@ -325,3 +326,23 @@ def _trackers(cfg: RunConfig) -> Iterator[Problem]:
 @rule
 def _cluster(cfg: RunConfig) -> Iterator[Problem]:
     yield from slurm_checks.problems(cfg)
+
+
+@rule
+def _secret_env(cfg: RunConfig) -> Iterator[Problem]:
+    yield from secret_env.env_problems(cfg)
+
+
+@rule
+def _secret_setup(cfg: RunConfig) -> Iterator[Problem]:
+    yield from secret_env.setup_problems(cfg)
+
+
+@rule
+def _secret_overrides(cfg: RunConfig) -> Iterator[Problem]:
+    yield from secret_env.override_problems(cfg)
+
+
+@rule
+def _env_from_shell(cfg: RunConfig) -> Iterator[Problem]:
+    yield from secret_env.pass_through_problems(cfg)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from launcher.errors import Problem
+from launcher.secret_env import override_holds_secret
 
 MAX_NODES = 100_000  # alias expansion beyond this is refused (a "billion laughs" file)
 
@@ -193,6 +194,8 @@ def plain(tree: Any) -> Any:
 # ---------------------------------------------------------------- overrides
 def apply_override(tree: dict, text: str, ctx: Context) -> None:
     shown = text if len(text) <= 60 else text[:text.find("=") + 1] + "..." if "=" in text[:60] else text[:57] + "..."
+    if override_holds_secret(text):
+        shown = text.partition("=")[0] + "=..."  # a secret is never repeated in a message
     where = f"override '{shown}'"
     if "=" not in text:
         ctx.add("<override>", "an override must be key.sub=value", "add '=value'", where)

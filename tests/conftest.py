@@ -27,6 +27,19 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
+def umask_kept():
+    """output.private changes the process's umask (launcher/rundir.py keep_private): a test that
+    runs a private run in this process gets the test's umask back afterwards."""
+    from launcher import rundir
+    mask = os.umask(0o022)
+    os.umask(mask)
+    saved = rundir._UMASK, rundir._USER_UMASK
+    yield
+    os.umask(mask)
+    rundir._UMASK, rundir._USER_UMASK = saved
+
+
+@pytest.fixture
 def write_run(tmp_path):
     """write_run(yaml_text) -> path of a run file in a fresh folder."""
     def _write(text: str, name: str = "run.yaml") -> str:

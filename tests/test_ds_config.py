@@ -555,7 +555,7 @@ def _valid_for(key: str, tp, meta) -> st.SearchStrategy:
     if origin is dict:
         if key == "deepspeed.overrides":
             return DS_OVERRIDES
-        return st.dictionaries(st.sampled_from(["HF_HOME", "NCCL_DEBUG", "bad-name"]),
+        return st.dictionaries(st.sampled_from(["HF_HOME", "NCCL_DEBUG", "bad-name", "HF_TOKEN"]),
                                st.text("abc =$'\"", max_size=5), max_size=2)
     if tp is bool:
         return st.booleans()
@@ -575,7 +575,8 @@ def _valid_for(key: str, tp, meta) -> st.SearchStrategy:
                     "model.path": ["model"] * 9 + ["nowhere"], "model.tokenizer": ["model", "nowhere"],
                     "data.path": ["train.jsonl"] * 9 + ["missing.jsonl"], "data.eval_path": ["train.jsonl"],
                     "deepspeed.nvme_path": ["/nvme"], "output.dir": ["out", "runs/x"],
-                    "deepspeed.preset": ["zero2", "zero3", "zero9"]}.get(key)
+                    "deepspeed.preset": ["zero2", "zero3", "zero9"],
+                    "cluster.env_from_shell[]": ["HF_TOKEN", "WANDB_API_KEY", "HF_HOME", "bad name"]}.get(key)
         return st.sampled_from(examples) if examples else st.text("abcxyz_.-()[]*\\\n", max_size=8)
     raise AssertionError(f"no strategy for {key}: {tp}")
 

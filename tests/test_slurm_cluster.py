@@ -284,3 +284,74 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for got, want in zip(rows, ref):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (got, want)
+
+
+# ------------------------------------------------------------------ secrets
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_a_secret_reaches_the_job_and_no_file(cluster, tiny, tmp_path, capsys, monkeypatch,
+                                              umask_kept):
+    """One short whole run (preflight, 4 steps with checkpoints, TensorBoard and W&B, final/)
+    with output.private and cluster.env_from_shell: [FTL_TEST_API_TOKEN]: the node's task (and so
+    its ranks) sees the submitting shell's value; that value, and an HF_TOKEN planted beside it,
+    are in no file of the run directory, of `ftlaunch export`'s folder, in `ftlaunch status`, in
+    `scontrol show job` or in the batch script Slurm stored; every file written is 0600."""
+    import hashlib
+    import uuid
+    secret, planted = f"ftl-secret-{uuid.uuid4().hex}", f"hf_{uuid.uuid4().hex}"
+    monkeypatch.setenv("FTL_TEST_API_TOKEN", secret)
+    monkeypatch.setenv("HF_TOKEN", planted)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    monkeypatch.setenv("FTL_SEEN_DIR", str(seen))
+    python = write_exe(str(tmp_path / "python"), (
+        "#!/bin/bash\n"
+        'if [ "$1 $2" = "-m torch.distributed.run" ]; then\n'
+        '  printf %s "${FTL_TEST_API_TOKEN:-}" | sha256sum | cut -d" " -f1 > "$FTL_SEEN_DIR/node$SLURM_NODEID"\n'
+        "fi\n"
+        f"exec {shell.quote(sys.executable)} \"$@\"\n"))
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "private"
+    tree = tiny_tree(tiny, run_dir, cluster["partition"])
+    tree["train"].update(max_steps=4, checkpoint_every=2, warmup_steps=0)
+    tree["cluster"].update(nodes=1, python=python, preflight=True,
+                           env_from_shell=["FTL_TEST_API_TOKEN"])
+    tree["output"].update(private=True, report_to=["tensorboard", "wandb"])
+    run_file = write_runfile(tmp_path / "private.yaml", tree)
+    assert slurm.main(ns(run_file, "submit")) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    rd = str(run_dir)
+    info = wait_final(job_id, cluster["env"], 600, rd)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(rd)}"
+    assert (seen / "node0").read_text().strip() == hashlib.sha256(secret.encode()).hexdigest()
+
+    shown = run(["scontrol", "show", "job", job_id]).stdout
+    stored = run(["scontrol", "write", "batch_script", job_id, "-"]).stdout
+    assert job_id in shown and "--export=ALL,FTL_TEST_API_TOKEN" in stored, (shown, stored)
+    out = tmp_path / "export"
+    done = run([sys.executable, "-m", "launcher", "export", rd, "-o", str(out)], cwd=tmp_path,
+               preexec_fn=lambda: os.umask(0o022))   # private because the run is, not by umask
+    assert done.returncode == 0, done.stderr
+    status = run([sys.executable, "-m", "launcher", "status", rd, "--json"], cwd=tmp_path)
+    assert json.loads(status.stdout)["state"] == "finished", status.stdout
+
+    written = [os.path.join(d, n) for top in (rd, str(out)) for d, _, names in os.walk(top)
+               for n in names]
+    for name in (layout.RESOLVED, layout.JOB_SCRIPT, layout.METRICS, "preflight.json",
+                 f"logs/job-{job_id}.out", f"logs/job-{job_id}-node0.log"):
+        assert os.path.join(rd, name) in written, name
+    assert any("/tensorboard/" in p for p in written) and any("/wandb/" in p for p in written)
+    assert any("/checkpoints/" in p for p in written) and any("/final/" in p for p in written)
+    assert any(p.startswith(str(out) + "/") for p in written)
+    for value in (secret, planted):
+        holding = [p for p in written if value.encode() in open(p, "rb").read()]
+        assert holding == [], holding
+        for text in (shown, stored, status.stdout, status.stderr, done.stdout, done.stderr):
+            assert value not in text
+    loose = [p for p in written if os.stat(p).st_mode & 0o077]
+    assert loose == [], [(p, oct(os.stat(p).st_mode)) for p in loose]
+    assert stat_mode(rd) == 0o700 and stat_mode(str(out)) == 0o700
+
+
+def stat_mode(path):
+    return os.stat(path).st_mode & 0o777
