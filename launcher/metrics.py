@@ -99,7 +99,7 @@ class Trackers:
             self.tb = SummaryWriter(log_dir=os.path.join(run_dir, layout.TENSORBOARD),
                                     purge_step=start_step + 1 if start_step else None)
         if "wandb" in cfg.output.report_to:
-            self.wandb = _open_wandb(cfg, run_dir)
+            self.wandb = open_wandb(cfg, run_dir)
         return self
 
     def log(self, step: int, scalars: dict, prefix: str) -> None:
@@ -120,7 +120,7 @@ class Trackers:
             self.wandb = None
 
 
-def _open_wandb(cfg: Any, run_dir: str) -> Any:
+def open_wandb(cfg: Any, run_dir: str) -> Any:
     import wandb
 
     from launcher.config import to_dict

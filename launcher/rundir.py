@@ -68,6 +68,19 @@ _USER_UMASK = _umask()  # read once, at import: mkstemp makes 0600 files, the ru
 _UMASK = _USER_UMASK   # the mask this process writes with: the user's, or keep_private's
 
 
+def umask_state() -> tuple[int, int]:
+    """(the user's umask, read at import; the mask this process writes with now)."""
+    return _USER_UMASK, _UMASK
+
+
+def set_umask_state(user: int, current: int) -> None:
+    """Set what umask_state returns, and the process's umask to `current` (a test's own umask
+    back after a private run in the test process)."""
+    global _USER_UMASK, _UMASK
+    _USER_UMASK, _UMASK = user, current
+    os.umask(current)
+
+
 def keep_private(cfg: RunConfig) -> None:
     """output.private: from now on everything this process (and what it starts) creates is the
     user's alone: umask 077, so folders 0700 and files 0600 (write_atomic and export follow).

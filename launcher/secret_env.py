@@ -82,7 +82,7 @@ def setup_problems(cfg: RunConfig) -> Iterator[Problem]:
     if c.allow_secrets_in_env:
         return
     for i, line in enumerate(c.setup):
-        for name in _literal_assignments(line):
+        for name in literal_assignments(line):
             yield Problem(f"cluster.setup[{i}]", f"assigns a literal value to {name}, which "
                           "looks like a secret: the line is written in clear to job.sbatch",
                           f"{_fix(name)}; or read it at run time from a private file "
@@ -122,7 +122,7 @@ def pass_through_problems(cfg: RunConfig) -> Iterator[Problem]:
         seen.add(name)
 
 
-def _literal_assignments(line: str) -> list[str]:
+def literal_assignments(line: str) -> list[str]:
     """Secret-looking names a shell line assigns a literal value to (`export HF_TOKEN=hf_x`,
     `HF_TOKEN=x cmd`); a value read at run time (`$(cat FILE)`, `$VAR`) is no literal."""
     try:
@@ -158,14 +158,14 @@ def override_holds_secret(text: str) -> bool:
     name, eq, raw = text.partition("=")
     if not eq:
         return False
-    if looks_secret(name.split(".")[-1]) or secret_value(raw) or _literal_assignments(raw):
+    if looks_secret(name.split(".")[-1]) or secret_value(raw) or literal_assignments(raw):
         return True
     try:
         tree = yaml.safe_load(raw)
     except yaml.YAMLError:
         return False
     return any(secret_keys(tree, name)) or any(
-        _literal_assignments(v) for v in (tree if isinstance(tree, list) else []) if isinstance(v, str))
+        literal_assignments(v) for v in (tree if isinstance(tree, list) else []) if isinstance(v, str))
 
 
 # ------------------------------------------------------------------ at submit time
@@ -192,7 +192,7 @@ def in_clear(cfg: RunConfig) -> list[str]:
     if not c.allow_secrets_in_env:
         return []
     keys = [f"cluster.env.{n}" for n, v in c.env.items() if looks_secret(n) or secret_value(v)]
-    keys += [f"cluster.setup[{i}]" for i, line in enumerate(c.setup) if _literal_assignments(line)]
+    keys += [f"cluster.setup[{i}]" for i, line in enumerate(c.setup) if literal_assignments(line)]
     return keys + list(secret_keys(cfg.deepspeed.overrides, "deepspeed.overrides"))
 
 
@@ -217,7 +217,7 @@ def redacted(tree: dict) -> dict:
     cluster = dict(out.get("cluster") or {})
     env = cluster.get("env") or {}
     cluster["env"] = {k: REDACTED if looks_secret(k) or secret_value(v) else v for k, v in env.items()}
-    cluster["setup"] = [REDACTED if _literal_assignments(line) else line
+    cluster["setup"] = [REDACTED if literal_assignments(line) else line
                         for line in cluster.get("setup") or []]
     out["cluster"] = cluster
     ds = dict(out.get("deepspeed") or {})

@@ -33,10 +33,9 @@ def umask_kept():
     from launcher import rundir
     mask = os.umask(0o022)
     os.umask(mask)
-    saved = rundir._UMASK, rundir._USER_UMASK
+    user, _ = rundir.umask_state()
     yield
-    os.umask(mask)
-    rundir._UMASK, rundir._USER_UMASK = saved
+    rundir.set_umask_state(user, mask)
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_token_values(value, secret):
     ("export HF_HOME=/scratch/hf", []), (f"export FOO={TOKEN}", ["FOO"]),
     ("source .venv/bin/activate", []), ("export TOKENIZERS_PARALLELISM=false", [])])
 def test_literal_assignments_in_setup_lines(line, names):
-    assert secret_env._literal_assignments(line) == names
+    assert secret_env.literal_assignments(line) == names
 
 
 # ------------------------------------------------------------------ refused, with the fix
@@ -286,7 +286,7 @@ def test_wandb_config_has_no_secret_value(tmp_path, fake_model, monkeypatch):
     fake = types.ModuleType("wandb")
     fake.init = lambda **kw: seen.update(kw) or types.SimpleNamespace()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    metrics._open_wandb(cfg, str(tmp_path / "run"))
+    metrics.open_wandb(cfg, str(tmp_path / "run"))
     text = yaml.safe_dump(seen["config"])
     assert SECRET not in text
     assert seen["config"]["cluster"]["env"] == {"HF_TOKEN": secret_env.REDACTED, "NCCL_DEBUG": "INFO"}
@@ -301,8 +301,7 @@ def mode(path):
 
 
 def test_private_run_directory_and_files(tmp_path, fake_model, monkeypatch, umask_kept):
-    os.umask(0o022)
-    rundir._UMASK = rundir._USER_UMASK = 0o022
+    rundir.set_umask_state(0o022, 0o022)
     monkeypatch.chdir(tmp_path)
     run_file = write_runfile(tmp_path, fake_model, output={"private": True})
     assert slurm.main(args(run_file)) == 0
@@ -336,8 +335,7 @@ def test_private_makes_an_existing_run_directory_private(tmp_path, fake_model, m
 
 
 def test_not_private_by_default(tmp_path, fake_model, monkeypatch, umask_kept):
-    os.umask(0o022)
-    rundir._UMASK = rundir._USER_UMASK = 0o022
+    rundir.set_umask_state(0o022, 0o022)
     monkeypatch.chdir(tmp_path)
     assert runfile.load(write_runfile(tmp_path, fake_model)).output.private is False
     assert slurm.main(args(str(tmp_path / "run.yaml"))) == 0
