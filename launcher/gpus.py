@@ -120,7 +120,7 @@ def parse_gpu_type(text: str, key: str = "cluster.gpu_type") -> Card:
     card = lookup(str(text))
     if card is None:
         raise ConfigError([Problem(key, f"unknown GPU type {text!r}",
-                                   f"{suggestion(str(text))} (launcher/gpus.py CARDS); or leave it "
+                                   f"{suggestion(str(text)).rstrip()} (launcher/gpus.py CARDS); or leave it "
                                    "unset and give --gpu-memory / cluster.gpu_memory")], "run file")
     return card
 
