@@ -182,3 +182,13 @@ def test_metrics_log_reserved_beside_allocated_on_gpus(monkeypatch):
                                                "memory_reserved_bytes": 8 * GIB}
     assert calls == ["a", "r"]
     assert set(metrics.memory_fields("cpu")) == {"memory_bytes"}
+
+
+def test_flash_attention_keeps_no_mask_for_padded_rows_either(tmp_path):
+    """Unpacked rows are padded: sdpa gets a (b, 1, s, s) mask (k/v repeated, a bias per block),
+    flash attention unpads them (varlen) and keeps neither."""
+    cfg = load(tmp_path, "llama-3-8b", "data.packing=false", seq=4096)
+    sdpa = memory.plan(cfg, advise=False)
+    flash = memory.plan(with_flash(cfg), advise=False)
+    s, lp, L, a, kv, d = 4096, 2, 32, 32, 8, 128
+    assert sdpa.term("activations") - flash.term("activations") == L * (lp * s * s + 2 * lp * s * (a - kv) * d)

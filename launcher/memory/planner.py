@@ -274,11 +274,14 @@ def _activation_terms(r: _Setting) -> list[Term]:
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
     # packed rows carry a (b, 1, s, s) mask except under flash attention (launcher/data/batching.py)
     packed = cfg.data.packing and attn != "flash_attention_2"
+    # padded rows: transformers builds a (b, 1, s, s) mask for sdpa/eager; flash attention unpads
+    # them with the 2-D mask instead (varlen), keeping no mask and k/v at the kv heads
+    padded = not cfg.data.packing and attn != "flash_attention_2"
     sm = _card_sm(cfg)
     act, why = None, ""
     if cfg.freeze.policy == "full" and cfg.quantization.mode == "none":
         tr = trace(cfg.model.path, b, s, cfg.model.dtype, kernel, cfg.model.trust_remote_code,
-                   padded=not cfg.data.packing, device=r.device, packed=packed, sm=sm)
+                   padded=padded, device=r.device, packed=packed, sm=sm)
         if isinstance(tr, str):
             why = f" [formula: the meta-device trace failed: {tr}]"
         else:
@@ -289,7 +292,7 @@ def _activation_terms(r: _Setting) -> list[Term]:
         lora = (cfg.freeze.lora.r, cfg.freeze.lora.dropout) if cfg.freeze.policy == "lora" else None
         quantized = frozenset(p.name.rpartition(".")[0] for p in inv.params if p.quant != "none")
         ft, fc = (trace_frozen(cfg.model.path, b, s, cfg.model.dtype, kernel, names,
-                               cfg.model.trust_remote_code, padded=not cfg.data.packing,
+                               cfg.model.trust_remote_code, padded=padded,
                                device=r.device, checkpointing=gc, lora=lora, quantized=quantized,
                                quant_mode=cfg.quantization.mode, zero3_linear=linear3,
                                packed=packed, sm=sm)
@@ -304,7 +307,7 @@ def _activation_terms(r: _Setting) -> list[Term]:
         blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
             if inv.shape.known else (None, None)
         act = activations(inv.shape, b, s, inv.lp_bytes, kernel,
-                          cfg.model.gradient_checkpointing, padded=not cfg.data.packing or packed,
+                          cfg.model.gradient_checkpointing, padded=padded or packed,
                           logits_held=LOGITS_HELD, blocks=blocks, head=head)
         act = replace(act, formula=act.formula + why)
     terms: list[Term] = []
