@@ -13,7 +13,8 @@ as "80GB" reports 81,559 MiB (H100) or 81,920 MiB (A100), about 79.6-80 GiB, of 
 CUDA context takes its part before any tensor (the plan's "CUDA context" term). Peak FLOP/s are
 the vendors' dense (no sparsity) tensor-core figures for bf16 and fp16 with fp32 accumulation
 (None where the card has no such unit). Sources: NVIDIA's data sheets (A100, H100, H200, L40S,
-L4, A10, V100, T4, RTX A6000), AMD's (MI250X, MI300X); memory totals as the driver reports them.
+L4, A10, V100, T4, RTX A6000), AMD's (MI250X, MI300X); memory totals as the driver reports them
+(recorded from such cards, not measured here: docs/gpu-results.md lists the check).
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ CARDS: dict[str, Card] = {c.name: c for c in (
        "NVIDIA H200 data sheet, SXM (989 TFLOPS bf16/fp16 dense)"),
     _c("L40S", 46_068, (8, 9), 362.05, 362.05, ("l40s",),
        "NVIDIA L40S data sheet (362 TFLOPS bf16/fp16 dense)"),
-    _c("A10G", 23_028, (8, 6), 70, 70, ("a10g",),
-       "AWS G5 (A10G: ~70 TFLOPS bf16/fp16 dense, AWS's figure; NVIDIA publishes none)"),
+    _c("A10G", 23_028, (8, 6), 125, 125, ("a10g",),
+       "NVIDIA A10 data sheet (125 TFLOPS bf16/fp16 dense); the A10G (AWS G5) is an A10 variant "
+       "whose own figure is not published: an upper bound"),
     _c("L4", 23_034, (8, 9), 121, 121, ("nvidia l4", "l4"),
        "NVIDIA L4 data sheet (121 TFLOPS bf16/fp16 dense)"),
     _c("A6000", 49_140, (8, 6), 154.8, 154.8, ("rtx a6000", "a6000"),
@@ -88,7 +90,8 @@ CARDS: dict[str, Card] = {c.name: c for c in (
     _c("T4", 15_360, (7, 5), None, 65, ("tesla t4", "t4"),
        "NVIDIA T4 data sheet (65 TFLOPS fp16 tensor; no bf16 tensor cores)"),
     _c("MI250X", 65_536, None, 383, 383, ("mi250x", "mi250"),
-       "AMD Instinct MI250X data sheet (383 TFLOPS bf16/fp16 dense; 64 GiB per GCD, as a rank sees it)"),
+       "AMD Instinct MI250X data sheet (383 TFLOPS bf16/fp16 dense; 64 GiB per GCD, as a rank "
+       "sees it)"),
     _c("MI300X", 196_608, None, 1307.4, 1307.4, ("mi300x",),
        "AMD Instinct MI300X data sheet (1307 TFLOPS bf16/fp16 dense)"),
 )}
@@ -99,7 +102,8 @@ def _key(text: str) -> str:
 
 
 def lookup(name: str) -> Optional[Card]:
-    """The card a run file names (cluster.gpu_type), case and `_`/space insensitive; None if unknown."""
+    """The card a run file names (cluster.gpu_type), ignoring case, `_` and spaces; None if
+    unknown."""
     k = _key(name)
     return next((c for c in CARDS.values() if _key(c.name) == k), None)
 
@@ -120,8 +124,9 @@ def parse_gpu_type(text: str, key: str = "cluster.gpu_type") -> Card:
     card = lookup(str(text))
     if card is None:
         raise ConfigError([Problem(key, f"unknown GPU type {text!r}",
-                                   f"{suggestion(str(text)).rstrip()} (launcher/gpus.py CARDS); or leave it "
-                                   "unset and give --gpu-memory / cluster.gpu_memory")], "run file")
+                                   f"{suggestion(str(text)).rstrip()} (launcher/gpus.py CARDS); or "
+                                   "leave it unset and give --gpu-memory / cluster.gpu_memory")],
+                          "run file")
     return card
 
 
