@@ -142,3 +142,10 @@ def from_device_name(reported: str) -> Optional[Card]:
             if re.search(rf"(^|[\s-]){re.escape(pat)}($|[\s-])", low) and len(pat) > best[0]:
                 best = (len(pat), card)
     return best[1]
+
+
+def same_card(reported: str, gpu_type: str) -> Optional[bool]:
+    """Is the card a node reports (nvidia-smi / torch name) the one cluster.gpu_type names?
+    None where the reported name is not in the table (nothing to compare)."""
+    card, want = from_device_name(reported), lookup(gpu_type)
+    return None if card is None else want is not None and card.name == want.name

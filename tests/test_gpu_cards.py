@@ -162,3 +162,9 @@ def test_cpu_ranks_ignore_the_card(tmp_path, fake_model):
     assert [m for m, _ in fix_of(gpu, "_card_precision", "model.dtype")] == [
         "bf16 on T4 (sm75, cluster.gpu_type): cards below sm80 have no bf16 tensor cores; torch "
         "emulates bf16 there, many times slower than fp16"]
+
+
+def test_a_nodes_reported_card_compares_with_gpu_type():
+    assert gpus.same_card("NVIDIA H100 80GB HBM3", "h100-sxm") is True
+    assert gpus.same_card("NVIDIA A100-SXM4-40GB", "A100-80GB") is False
+    assert gpus.same_card("NVIDIA GeForce RTX 4090", "H100-SXM") is None
