@@ -4,7 +4,8 @@ Torch-free, for the login node: `cluster.gpu_type` names the target card (valida
 `CARDS` with "did you mean"), the plan takes the GPU memory from it when `--gpu-memory` is not
 given, and validate refuses what the card cannot run (bf16 or flash attention below sm80).
 `from_device_name` maps a name as `nvidia-smi --query-gpu=name` or `torch.cuda.get_device_name`
-report it to the row, so a node's card can be compared with `cluster.gpu_type`.
+report it to the row, and `same_card` compares a node's card with `cluster.gpu_type` (for
+preflight, which records each node's name, compute capability and driver).
 
 Units: GB = 10**9 bytes, GiB = 2**30 bytes. `memory` is the card's total as the driver reports it
 (`nvidia-smi --query-gpu=memory.total`, MiB = 2**20 bytes; for AMD `rocm-smi`), which is what
