@@ -393,18 +393,16 @@ def _load_terms(r: _Setting) -> list[Term]:
     cfg, inv = r.cfg, r.inv
     if r.device != "cuda" or r.stage != 3 or cfg.quantization.mode == "none":
         return []
-    biggest = max((p.numel for p in inv.params if p.quant == "none"), default=0)
-    big_q = max((p.numel for p in inv.params if p.quant != "none"), default=0)
-    transient = max(biggest, big_q) * inv.lp_bytes
+    transient = inv.lp_bytes * max((p.numel for p in inv.params if p.quant != "none"), default=0)
     return [Term("load_whole", "quantized model loaded whole (before ZeRO-3 partitions it)",
                  inv.weight_bytes, "load",
                  "every parameter as stored (quantized weights packed, the rest lp) + buffers: "
                  "from_pretrained puts the whole model on each rank's GPU",
                  "transformers modeling_utils (no zero.Init when quantized); launcher/quantize.py "
                  "device_map; deepspeed parameter_offload._convert_to_zero_parameters"),
-            Term("load_transient", "weight being quantized / partitioned", transient, "load",
-                 "lp x the largest parameter: one weight in lp while bitsandbytes quantizes it "
-                 "(or its partition while DeepSpeed splits it)",
+            Term("load_transient", "weight being quantized", transient, "load",
+                 "lp x the largest quantized weight: read in lp, then quantized on the GPU (its "
+                 "ZeRO-3 partition, made later, is smaller)",
                  "transformers quantizers (param by param); deepspeed _zero_init_param")]
 
 
