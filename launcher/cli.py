@@ -63,7 +63,8 @@ def _commands(sub) -> None:
 
     p = _command(sub, "plan", "memory plan per GPU and node: does it fit, what to change",
                  example="RUN.yaml --gpu-memory 40GiB train.micro_batch_size=2")
-    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default: cluster.gpu_memory)")
+    p.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (GB = 10**9 bytes; default: "
+                   "cluster.gpu_memory, else cluster.gpu_type's)")
     p.add_argument("--node-memory", help="CPU memory of one node, e.g. 512GiB (default: cluster.mem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", action="store_true", help="show the formula behind every term")

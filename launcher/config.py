@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
+from launcher.gpus import parse_gpu_type
 from launcher.sizes import parse_size
 
 REQUIRED: Any = dataclasses.MISSING
@@ -288,9 +289,14 @@ class ClusterConfig:
                           "failing node is excluded and the job requeued (docs/slurm.md).")
     preflight_timeout_s: int = opt(120, "Seconds the preflight waits for every node's report "
                                    "and for the all-reduce.", ge=5, le=3600)
-    gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan: 80GiB, 80GB, 40G, "
-                                    "81920MiB, 1.5T (binary units, GB = GiB); a bare number is "
-                                    "GiB. null: the local GPU's, else 80GiB.", parse=parse_size)
+    gpu_memory: Optional[str] = opt(None, "Memory of one GPU for the plan: 80GiB, 40G, 81920MiB, "
+                                    "1.5T (binary: G = GiB = 2**30 bytes), 80GB (decimal: GB = "
+                                    "10**9 bytes); a bare number is GiB. null: gpu_type's, else "
+                                    "the local GPU's, else an H100's.", parse=parse_size)
+    gpu_type: Optional[str] = opt(None, "The GPU the job runs on (launcher/gpus.py: H100-SXM, "
+                                  "A100-80GB, L40S, V100-32GB, ...): its memory for the plan, and "
+                                  "validate refuses what it cannot run (bf16 or flash_attention_2 "
+                                  "below sm80).", parse=parse_gpu_type)
 
 
 @dataclass(frozen=True)

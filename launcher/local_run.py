@@ -100,8 +100,12 @@ def rank_command(resolved: str, nproc: int) -> list[str]:
             "--nproc_per_node", str(nproc), "-m", "launcher", "train", resolved]
 
 
-def rank_environ(device: str, nproc: int, *, dry_run: bool) -> dict[str, str]:
+def rank_environ(device: str, nproc: int, *, dry_run: bool,
+                 cluster_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ranks' environment: this process's, with cluster.env set over it (as the job script
+    exports it: e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which the plan reads)."""
     env = dict(os.environ)
+    env.update({k: str(v) for k, v in (cluster_env or {}).items()})
     if device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -214,7 +218,8 @@ def main(args: Any) -> int:
         print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
-        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run), run_dir)
+        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
+                                        cluster_env=dict(cfg.cluster.env)), run_dir)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

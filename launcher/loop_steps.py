@@ -197,7 +197,7 @@ def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
            "grad_norm": float(norm) if norm is not None else None,
            "tokens_per_s": p.window_tokens / window,
            "step_time_s": round(window / max(p.window_steps, 1), 4),
-           "memory_bytes": metrics.memory_bytes(s.device),
+           **metrics.memory_fields(s.device),
            "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
     p.metrics.write(rec)
     p.trackers.log(p.step, {k: v for k, v in rec.items() if k not in ("step", "elapsed_s")}, "train")

@@ -7,7 +7,10 @@
     trackers.close()
 
 metrics.jsonl: train lines {step, loss, lr, grad_norm, tokens_per_s, step_time_s, memory_bytes,
-elapsed_s}; eval lines {step, eval_loss, elapsed_s}.
+[memory_reserved_bytes,] elapsed_s}; eval lines {step, eval_loss, elapsed_s}. On GPUs
+memory_bytes is torch.cuda.max_memory_allocated (the plan's "tensor peak") and
+memory_reserved_bytes torch.cuda.max_memory_reserved (the tensor peak + the allocator's slack:
+what the plan's "max_memory_reserved" line predicts, and what runs out first).
 
 TensorBoard event files go to RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR`); a resume
 purges the steps after its checkpoint, so no step is shown twice. W&B writes under RUN_DIR/wandb,
@@ -140,6 +143,15 @@ def open_wandb(cfg: Any, run_dir: str) -> Any:
                       id=run_id, resume="allow", dir=run_dir,
                       mode=os.environ.get("WANDB_MODE", "offline"),
                       config=redacted(to_dict(cfg)))   # W&B uploads it: no secret values
+
+
+def memory_fields(device: str) -> dict[str, int]:
+    """The metrics line's memory figures: memory_bytes, and on GPUs memory_reserved_bytes."""
+    out = {"memory_bytes": memory_bytes(device)}
+    if device.startswith("cuda"):
+        import torch
+        out["memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved())
+    return out
 
 
 def memory_bytes(device: str) -> int:

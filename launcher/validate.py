@@ -17,10 +17,11 @@ override tables (`launcher/ds_config.py`), the cluster section (`launcher/slurm_
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Iterator
 
-from launcher import batch, ds_config, ds_file, secret_env, slurm_checks
+from launcher import batch, ds_config, ds_file, gpus, secret_env, slurm_checks
 from launcher.config import RunConfig
 from launcher.errors import Problem
 from launcher.rules import INPUT_RULES, RULES, check, input_rule, rule  # noqa: F401  (the API)
@@ -99,6 +100,46 @@ def _cpu_compute(cfg: RunConfig) -> Iterator[Problem]:
             and cfg.quantization.compute_dtype == "fp16"):
         yield Problem("quantization.compute_dtype", "fp16 compute is not supported on CPU ranks",
                       "use bf16 or fp32 (or null for model.dtype)")
+
+
+@rule
+def _card_precision(cfg: RunConfig) -> Iterator[Problem]:
+    card = gpus.lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
+    if card is None or cfg.train.device == "cpu":
+        return
+    if cfg.model.dtype == "bf16" and not card.bf16:
+        yield Problem("model.dtype", f"bf16 on {card.name} ({card.arch}, cluster.gpu_type): cards "
+                      "below sm80 have no bf16 tensor cores; torch emulates bf16 there, many "
+                      "times slower than fp16", "set model.dtype: fp16 (DeepSpeed scales the "
+                      "loss), or name a card of sm80 or newer in cluster.gpu_type")
+
+
+@rule
+def _flash_attention(cfg: RunConfig) -> Iterator[Problem]:
+    """flash_attention_2 fails on every rank (at from_pretrained, or at the first forward) on CPU
+    ranks, with fp32 weights, below sm80, and without the flash_attn package: refused here."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    key, fix_sdpa = "model.attn_implementation", "use sdpa (or leave it unset)"
+    if cfg.train.device == "cpu":
+        yield Problem(key, "flash_attention_2 runs on GPUs only: CPU ranks (train.device cpu, or "
+                      "`ftlaunch run` on a machine without a GPU) fail at from_pretrained on every "
+                      "rank ('FlashAttention2 is not available on CPU')", fix_sdpa + " on CPU ranks")
+        return
+    if cfg.model.dtype == "fp32":
+        yield Problem(key, "flash_attention_2 computes in fp16 or bf16 only: with model.dtype fp32 "
+                      "every rank fails at its first forward", "set model.dtype: bf16 (or fp16), "
+                      "or " + fix_sdpa)
+    card = gpus.lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
+    if card is not None and not card.flash_attention_2:
+        yield Problem(key, f"flash_attention_2 needs compute capability 8.0 or newer (Ampere, Ada, "
+                      f"Hopper); cluster.gpu_type {card.name} is {card.arch}", fix_sdpa)
+    if importlib.util.find_spec("flash_attn") is None:
+        yield Problem(key, "flash_attention_2 needs the flash_attn package, which is not "
+                      "installed in the Python running this check (transformers raises "
+                      "ImportError at from_pretrained on every rank without it)",
+                      "pip install flash-attn in the job's Python (what cluster.setup and "
+                      "cluster.python give the nodes) and here, or " + fix_sdpa)
 
 
 @rule

@@ -52,9 +52,15 @@ def saved_bytes(m) -> int:
             seen[st.data_ptr()] = st.nbytes()
         return t
 
+    from launcher.data import batching
     x = torch.randint(3, 320, (B, S))
+    # packed rows as the ranks collate them (the plans here pack): two documents a row, with the
+    # (B, 1, S, S) mask of the model's attention kernel (none for flash attention)
+    rows = [{"input_ids": r.tolist(), "labels": r.tolist(), "doc_lengths": [S // 2, S - S // 2]}
+            for r in x]
+    batch = batching.collate(rows, 0, m.config._attn_implementation, m.dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = m(input_ids=x, labels=x).loss
+        loss = m(**batch).loss
     del loss
     return sum(seen.values())
 
@@ -189,7 +195,9 @@ def test_llama_frozen_trace_equals_the_enumerated_formula(tmp_path):
     p = plan_of(tmp_path, tmp_path / "m", False, FROZEN["last"])
     traced = next(t for t in p.terms if t.key == "activations").bytes
     blocks, head = grads_map(p.inv)
-    want = activations(p.inv.shape, B, S, 2, "sdpa", False, padded=False, logits_held=False,
+    # packed rows under sdpa: a (B, 1, S, S) mask, so k/v repeated to every head and the mask
+    # kept per block in lp
+    want = activations(p.inv.shape, B, S, 2, "sdpa", False, padded=True, logits_held=False,
                        blocks=blocks, head=head).saved
     assert abs(traced / want - 1) < 0.01, (traced, want)
 

@@ -18,12 +18,12 @@ cluster: {{gpu_memory: {value}}}
 
 
 @pytest.mark.parametrize("text, size", [
-    ("80GiB", 80 * GIB), ("80GB", 80 * GIB), ("80G", 80 * GIB), ("80 GiB", 80 * GIB),
-    (" 40 gb ", 40 * GIB), ("81920MiB", 80 * GIB), ("81920 MB", 80 * GIB), ("1.5T", 1536 * GIB),
+    ("80GiB", 80 * GIB), ("80GB", 80 * 10**9), ("80G", 80 * GIB), ("80 GiB", 80 * GIB),
+    (" 40 gb ", 40 * 10**9), ("81920MiB", 80 * GIB), ("81920 MB", 81920 * 10**6), ("1.5T", 1536 * GIB),
     ("1.5 TiB", 1536 * GIB), ("0.5G", GIB // 2), ("512K", 2**19), ("1024B", 1024),
     ("80", 80 * GIB), ("24.5", 24 * GIB + GIB // 2), (80, 80 * GIB),
 ])
-def test_accepted_forms_are_binary_and_a_bare_number_is_gib(text, size):
+def test_binary_units_gb_is_decimal_and_a_bare_number_is_gib(text, size):
     assert parse_size(text) == size
 
 
@@ -52,7 +52,7 @@ def test_the_flag_is_reported_as_the_command_line():
         parse_size("eighty")
 
 
-@pytest.mark.parametrize("value", ["40G", "40GiB", "40 GB", "40", "40960MiB"])
+@pytest.mark.parametrize("value", ["40G", "40GiB", "42.94967296 GB", "40", "40960MiB"])
 def test_run_file_accepts_what_the_flag_accepts(value, tmp_path, fake_model):
     cfg, problems = runfile.parse(RUN.format(value=value), base_dir=str(tmp_path))
     assert problems == []

@@ -50,6 +50,22 @@ CASES = [
      r"evaluation requested but there is no eval data"),
     ("_cpu_fp16", "train: {max_steps: 10, device: cpu}", ["model.dtype=fp16"], "model.dtype",
      r"fp16 is not supported on CPU ranks"),
+    ("_card_precision", "cluster: {gpu_type: V100-32GB}", ["model.dtype=bf16"], "model.dtype",
+     r"bf16 on V100-32GB \(sm70, cluster.gpu_type\): cards below sm80 have no bf16 tensor cores"),
+    ("_card_precision", "cluster: {gpu_type: t4}", [], "model.dtype", r"bf16 on T4 \(sm75"),
+    ("_flash_attention", "train: {max_steps: 10, device: cpu}", ["model.attn_implementation="
+     "flash_attention_2", "model.dtype=bf16"], "model.attn_implementation",
+     r"flash_attention_2 runs on GPUs only: CPU ranks \(train.device cpu, or `ftlaunch run` on a "
+     r"machine without a GPU\)"),
+    ("_flash_attention", "", ["model.attn_implementation=flash_attention_2", "model.dtype=fp32"],
+     "model.attn_implementation", r"flash_attention_2 computes in fp16 or bf16 only: with "
+     r"model.dtype fp32"),
+    ("_flash_attention", "cluster: {gpu_type: V100-32GB}", ["model.attn_implementation="
+     "flash_attention_2", "model.dtype=fp16"], "model.attn_implementation",
+     r"flash_attention_2 needs compute capability 8.0 or newer .*cluster.gpu_type V100-32GB is sm70"),
+    ("_flash_attention", "", ["model.attn_implementation=flash_attention_2"],
+     "model.attn_implementation", r"flash_attention_2 needs the flash_attn package, which is not "
+     r"installed in the Python running this check"),
     ("_cpu_compute", LORA + "train: {max_steps: 10, device: cpu}\n"
      "quantization: {mode: 4bit, compute_dtype: fp16}", [], "quantization.compute_dtype",
      r"fp16 compute is not supported on CPU ranks"),
@@ -200,7 +216,8 @@ def folder(tmp_path, fake_model, monkeypatch):
 @pytest.mark.parametrize("rule_name, extra, overrides, key, match", CASES,
                          ids=[f"{c[0]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
 def test_rule_refuses_with_its_message(folder, monkeypatch, rule_name, extra, overrides, key, match):
-    hidden = {"_quant_installed": ("bitsandbytes",), "_trackers": ("tensorboard", "wandb")}
+    hidden = {"_quant_installed": ("bitsandbytes",), "_trackers": ("tensorboard", "wandb"),
+              "_flash_attention": ("flash_attn",)}
     if rule_name in hidden:
         real = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None

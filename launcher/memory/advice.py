@@ -5,6 +5,8 @@ Each candidate is the run config with one change (`dataclasses.replace`), planne
 same formulas through the `replan` callable the planner passes in (so this module never imports
 the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of its parts):
 
+    expandable segments (allocator)   0   PYTORCH_CUDA_ALLOC_CONF in cluster.env: less slack
+    flash_attention_2 (packed rows)   1   no (b,1,s,s) mask, k/v kept at the kv heads
     ZeRO-2 (from 0/1)                 1   partitions gradients; same traffic as data parallel
     8-bit AdamW (bitsandbytes)        2   8-bit optimizer state; matches 32-bit Adam in practice
     paged 8-bit AdamW                 3   + state paged to CPU memory under pressure (GPU only)
@@ -20,7 +22,9 @@ the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of
     LoRA on a 4-bit base (QLoRA)     16   + 4-bit base weights
 
 Singles, pairs and triples are tried in order of cost (at most MAX_PLANS plans); a
-combination that contains a fitting smaller one is not listed.
+combination that contains a fitting smaller one is not listed. A free change (cost 0) is tried
+alone only, and a change validate refuses on its own (flash attention without its package) not
+at all.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.memory.terms import ALLOC_CONF, EXPANDABLE, expandable_segments
 from launcher.validate import check
 
 Change = tuple[str, int, str, Callable[[RunConfig], RunConfig]]  # name, cost, what it costs, fn
@@ -37,7 +42,8 @@ Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigErro
 MAX_SHOWN = 8
 MAX_PLANS = 120
 # changes of one kind replace each other: a combination takes at most one of each
-GROUPS = {"deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
+GROUPS = {"cluster.env.PYTORCH_CUDA_ALLOC_CONF": "alloc",
+          "model.attn_implementation": "attn", "deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
           "train.optimizer": "optimizer", "deepspeed.offload_optimizer": "optimizer",
           "freeze.policy": "freeze", "quantization.mode": "freeze"}
 
@@ -70,9 +76,20 @@ def _optim(name: str) -> Callable[[RunConfig], RunConfig]:
     return lambda c: _rep(c, train=_rep(c.train, optimizer=name))
 
 
+def _env(name: str, value: str) -> Callable[[RunConfig], RunConfig]:
+    return lambda c: _rep(c, cluster=_rep(c.cluster, env={**c.cluster.env, name: value}))
+
+
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
     gpu = t.device != "cpu"
+    if gpu and not expandable_segments(c.cluster.env):
+        yield (f"cluster.env.{ALLOC_CONF}: {EXPANDABLE}", 0, "none (less allocator "
+               "fragmentation)", _env(ALLOC_CONF, EXPANDABLE))
+    if gpu and c.data.packing and m.attn_implementation != "flash_attention_2" and m.dtype != "fp32":
+        yield ("model.attn_implementation: flash_attention_2", 1, "needs the flash_attn package "
+               "on the nodes; packs without a (b,1,s,s) mask", lambda c: _rep(
+                   c, model=_rep(c.model, attn_implementation="flash_attention_2")))
     if ds.zero_stage < 2:
         yield "deepspeed.zero_stage: 2", 1, "no slowdown to speak of", _ds(zero_stage=2)
     if t.optimizer == "adamw" and ds.offload_optimizer == "none":
@@ -121,6 +138,10 @@ def _try(replan: Replan, cfg: RunConfig) -> Any:
         return None
 
 
+def _refused(cfg: RunConfig) -> bool:
+    return any(p.key == "model.attn_implementation" for p in check(cfg))
+
+
 def _entry(combo: tuple[Change, ...], p: Any) -> dict[str, Any]:
     return {"change": " + ".join(c[0] for c in combo), "cost": "; ".join(c[2] for c in combo),
             "rank": sum(c[1] for c in combo), "total_per_gpu": p.total_per_gpu,
@@ -133,8 +154,14 @@ def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
     one that already fits is skipped.
 
     replan(cfg) plans a changed config on base's GPU and node memory (without advice)."""
-    changes = list(candidates(base.cfg))
-    combos = [c for k in (1, 2, 3) for c in itertools.combinations(changes, k)]
+    # a change validate refuses on its own (flash_attention_2 without the flash_attn package)
+    # would only use up the budget of plans in every combination it joins
+    changes = [c for c in candidates(base.cfg) if not _refused(c[3](base.cfg))]
+    # a free change (cost 0: the allocator setting) is tried alone; in combinations it would
+    # only double the plans tried (the note under the plan says when its margin matters)
+    free = [(c,) for c in changes if c[1] == 0]
+    changes = [c for c in changes if c[1] > 0]
+    combos = free + [c for k in (1, 2, 3) for c in itertools.combinations(changes, k)]
     combos.sort(key=lambda combo: (sum(c[1] for c in combo), len(combo)))
     found: list[tuple[frozenset[str], dict[str, Any]]] = []
     tried = 0

@@ -19,11 +19,13 @@ from launcher.memory.node import node_peak, node_terms
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
-from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
-                                   States, Term, gib, states)
+from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
+                                   cuda_slack, expandable_segments, gib, nccl_communicators,
+                                   nccl_range, states)
+from launcher.gpus import CARDS, lookup
 from launcher.sizes import parse_size
 
-DEFAULT_GPU_MEMORY = 80 * 2**30
+DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
 # launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
 MOMENTS = ("fwd", "bwd", "step")
@@ -71,6 +73,12 @@ class Plan:
     def headroom(self) -> int:
         return self.gpu_memory - self.total_per_gpu
 
+    @property
+    def peak_reserved(self) -> int:
+        """What torch.cuda.max_memory_reserved should read: the tensor peak, the allocator's slack
+        and cuBLAS's workspaces (those come from torch's allocator; the context and NCCL do not)."""
+        return self.peak_allocated + self.term("allocator")
+
     def term(self, key: str) -> int:
         return sum(t.bytes for t in self.terms if t.key == key)
 
@@ -89,7 +97,8 @@ class Plan:
             "world_size": self.world_size, "device": self.device,
             "gpu_memory": self.gpu_memory, "gpu_memory_source": self.gpu_memory_source,
             "per_gpu": [t.to_dict() for t in self.terms],
-            "peak_allocated": self.peak_allocated, "peak_at": self.worst_moment, "total_per_gpu": self.total_per_gpu,
+            "peak_allocated": self.peak_allocated, "peak_at": self.worst_moment,
+            "peak_reserved": self.peak_reserved, "total_per_gpu": self.total_per_gpu,
             "total_per_gpu_low": self.total_low,
             "headroom": self.headroom, "fits": self.fits,
             "fits_gpu": self.fits_gpu, "fits_node": self.fits_node,
@@ -108,13 +117,17 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
         return parse_size(given), "--gpu-memory"
     if cfg.cluster.gpu_memory:
         return parse_size(cfg.cluster.gpu_memory, "cluster.gpu_memory"), "cluster.gpu_memory"
+    card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
+    if card is not None:
+        return card.memory, f"cluster.gpu_type {card.name}: {card.memory // 2**20:,} MiB"
     try:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory, "local GPU"
     except Exception:  # pragma: no cover - a broken CUDA install must not break planning
         pass
-    return DEFAULT_GPU_MEMORY, "default (no --gpu-memory, cluster.gpu_memory or local GPU)"
+    return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
+                                "or local GPU): an H100's 81,559 MiB")
 
 
 def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | None = None,
@@ -131,9 +144,10 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     device = "cpu" if cfg.train.device == "cpu" else "cuda"
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     r = _setting(cfg, world, device, ds)
-    terms = _model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
+    terms = (_model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
+             + _load_terms(r))
     worst, peak = _peak(terms)
-    terms += _overhead_terms(cfg, device, peak, kernels)
+    terms += _overhead_terms(r, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
     node = node_terms(r, total)
     phase, node_cpu = node_peak(node)
@@ -142,6 +156,8 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     result = Plan(cfg, r.inv, world, device, mem, mem_src, terms, worst, peak, total, node,
                   node_cpu, states=r.st, notes=_notes(r), node_memory=nmem,
                   node_memory_source=nmem_src, node_phase=phase)
+    if device == "cuda":
+        result.notes += _allocator_notes(result)
     if advise and not result.fits:
         result.advice = changes_that_fit(
             result, lambda changed: plan(
@@ -256,10 +272,16 @@ def _activation_terms(r: _Setting) -> list[Term]:
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
+    # packed rows carry a (b, 1, s, s) mask except under flash attention (launcher/data/batching.py)
+    packed = cfg.data.packing and attn != "flash_attention_2"
+    # padded rows: transformers builds a (b, 1, s, s) mask for sdpa/eager; flash attention unpads
+    # them with the 2-D mask instead (varlen), keeping no mask and k/v at the kv heads
+    padded = not cfg.data.packing and attn != "flash_attention_2"
+    sm = _card_sm(cfg)
     act, why = None, ""
     if cfg.freeze.policy == "full" and cfg.quantization.mode == "none":
         tr = trace(cfg.model.path, b, s, cfg.model.dtype, kernel, cfg.model.trust_remote_code,
-                   padded=not cfg.data.packing, device=r.device)
+                   padded=padded, device=r.device, packed=packed, sm=sm)
         if isinstance(tr, str):
             why = f" [formula: the meta-device trace failed: {tr}]"
         else:
@@ -270,9 +292,10 @@ def _activation_terms(r: _Setting) -> list[Term]:
         lora = (cfg.freeze.lora.r, cfg.freeze.lora.dropout) if cfg.freeze.policy == "lora" else None
         quantized = frozenset(p.name.rpartition(".")[0] for p in inv.params if p.quant != "none")
         ft, fc = (trace_frozen(cfg.model.path, b, s, cfg.model.dtype, kernel, names,
-                               cfg.model.trust_remote_code, padded=not cfg.data.packing,
+                               cfg.model.trust_remote_code, padded=padded,
                                device=r.device, checkpointing=gc, lora=lora, quantized=quantized,
-                               quant_mode=cfg.quantization.mode, zero3_linear=linear3)
+                               quant_mode=cfg.quantization.mode, zero3_linear=linear3,
+                               packed=packed, sm=sm)
                   for gc in (False, cfg.model.gradient_checkpointing))
         failed = next((t for t in (ft, fc) if isinstance(t, str)), None)
         if failed:
@@ -284,7 +307,7 @@ def _activation_terms(r: _Setting) -> list[Term]:
         blocks, head = grads_map(inv, cfg.freeze.lora.dropout, cfg.freeze.lora.r, zero3=linear3) \
             if inv.shape.known else (None, None)
         act = activations(inv.shape, b, s, inv.lp_bytes, kernel,
-                          cfg.model.gradient_checkpointing, padded=not cfg.data.packing,
+                          cfg.model.gradient_checkpointing, padded=padded or packed,
                           logits_held=LOGITS_HELD, blocks=blocks, head=head)
         act = replace(act, formula=act.formula + why)
     terms: list[Term] = []
@@ -294,7 +317,21 @@ def _activation_terms(r: _Setting) -> list[Term]:
         + act.formula, act.source)
     add("loss_backward", "backward temporaries", act.backward_extra, "fwd",
         "fp32 gradients of the loss (8bsV) or a recomputed block", act.source)
+    if packed:
+        per = 1 if attn == "sdpa" else inv.lp_bytes
+        add("packed_mask", "packed rows' attention mask", per * b * s * s, "fwd bwd",
+            f"{'bool' if per == 1 else 'lp'} (b, 1, s, s) = {per} x b s^2, the batch's mask, on the "
+            "device from the forward to the end of the backward (the copies sdpa makes of it per "
+            "block, and k/v repeated to every head, are in the activations above)",
+            "launcher/data/batching.py _packed; transformers sdpa_attention use_gqa_in_sdpa")
     return terms
+
+
+def _card_sm(cfg: RunConfig) -> tuple[int, int]:
+    """The compute capability the plan assumes: cluster.gpu_type's, else an sm90 card (H100)."""
+    from launcher.gpus import lookup
+    card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
+    return card.sm if card is not None and card.sm else (9, 0)
 
 
 def _step_terms(r: _Setting) -> list[Term]:
@@ -330,25 +367,76 @@ def _step_terms(r: _Setting) -> list[Term]:
 
 
 def _peak(terms: list[Term]) -> tuple[str, int]:
-    """(the moment of the step holding the most, the tensor bytes then)."""
+    """(the moment holding the most, the tensor bytes then): a moment of the training step, or
+    the load (terms of phase "load" alone: before deepspeed.initialize nothing else exists)."""
     static = sum(t.bytes for t in terms if t.phase == "static")
-    moments = {m: sum(t.bytes for t in terms if m in t.phase.split()) for m in MOMENTS}
+    moments = {m: static + sum(t.bytes for t in terms if m in t.phase.split()) for m in MOMENTS}
+    if any(t.phase == "load" for t in terms):
+        moments["load"] = sum(t.bytes for t in terms if t.phase == "load")
     worst = max(moments, key=lambda m: moments[m])
-    return worst, static + moments[worst]
+    return worst, moments[worst]
 
 
-def _overhead_terms(cfg: RunConfig, device: str, peak: int, kernels: int | None) -> list[Term]:
-    """Memory outside the tensor peak: the runtime (CUDA context, or a CPU rank's kernels and
-    gloo) and the allocator's slack over the peak."""
+def _allocator_notes(p: Plan) -> list[str]:
+    """Where the allocator's slack decides the verdict and expandable segments are not on: say
+    how to turn them on (the plan counts less slack with them)."""
+    slack = p.term("allocator")
+    if expandable_segments(p.cfg.cluster.env) or p.headroom > 2 * slack:
+        return []
+    return [f"fragmentation margin matters here ({gib(p.headroom)} headroom, {gib(slack)} "
+            "counted as allocator slack): set cluster.env: {PYTORCH_CUDA_ALLOC_CONF: "
+            "\"expandable_segments:True\"} (the job script and `ftlaunch run` pass it to every "
+            "rank; torch then grows segments in place instead of caching fixed blocks)"]
+
+
+def _load_terms(r: _Setting) -> list[Term]:
+    """A quantized base at ZeRO-3 on GPUs: transformers skips zero.Init for quantized models
+    (modeling_utils: `is_deepspeed_zero3_enabled() and not _is_quantized`) and the ranks load it
+    with device_map {"": their GPU} (launcher/quantize.py load_kwargs), so every rank holds the
+    whole quantized model until deepspeed.initialize partitions it (DeepSpeedZeRoOffload
+    `_convert_to_zero_parameters`, parameter by parameter)."""
+    cfg, inv = r.cfg, r.inv
+    if r.device != "cuda" or r.stage != 3 or cfg.quantization.mode == "none":
+        return []
+    transient = inv.lp_bytes * max((p.numel for p in inv.params if p.quant != "none"), default=0)
+    return [Term("load_whole", "quantized model loaded whole (before ZeRO-3 partitions it)",
+                 inv.weight_bytes, "load",
+                 "every parameter as stored (quantized weights packed, the rest lp) + buffers: "
+                 "from_pretrained puts the whole model on each rank's GPU",
+                 "transformers modeling_utils (no zero.Init when quantized); launcher/quantize.py "
+                 "device_map; deepspeed parameter_offload._convert_to_zero_parameters"),
+            Term("load_transient", "weight being quantized", transient, "load",
+                 "lp x the largest quantized weight: read in lp, then quantized on the GPU (its "
+                 "ZeRO-3 partition, made later, is smaller)",
+                 "transformers quantizers (param by param); deepspeed _zero_init_param")]
+
+
+def _overhead_terms(r: _Setting, peak: int, kernels: int | None) -> list[Term]:
+    """Memory outside the tensor peak: the runtime (CUDA context and NCCL's communicators, or a
+    CPU rank's kernels and gloo) and the allocator's slack over the peak."""
+    cfg, device = r.cfg, r.device
     terms: list[Term] = []
     add = _adder(terms)
     if device == "cuda":
-        slack = int(CUDA_FRAGMENTATION * peak)
-        add("runtime", "CUDA context and workspaces", CUDA_CONTEXT, "overhead",
-            "constant (outside torch's allocator; not in max_memory_allocated)", "typical A100/H100")
-        add("allocator", "allocator slack", slack, "overhead",
-            f"{CUDA_FRAGMENTATION:.0%} of the tensor peak (caching allocator fragmentation)",
-            "estimate")
+        add("runtime", "CUDA context and cuBLAS workspaces", CUDA_CONTEXT, "overhead",
+            "constant: the driver's context and loaded kernels (outside torch's allocator: in "
+            "nvidia-smi, not in max_memory_reserved) + cuBLAS/cuBLASLt workspaces (in reserved)",
+            "estimate for sm80/sm90, CUDA 12 lazy module loading; docs/gpu-results.md")
+        comms = nccl_communicators(r.stage, r.world, r.zero)
+        lo, hi = nccl_range()
+        terms.append(Term(
+            "nccl", f"NCCL communicators ({len(comms)} x {gib(lo)}-{gib(hi)})", len(comms) * hi,
+            "overhead", (f"{len(comms)} communicator(s) this rank joins: " + "; ".join(comms)
+                         if comms else "one rank: no NCCL peers") + "; each holds its channels' "
+            "buffers (NCCL_BUFFSIZE 4 MiB x protocols x channels x peers, NVLS buffers on "
+            "NVSwitch nodes), counted at the upper end",
+            "deepspeed 0.19 utils/groups.py (_clone_world_group, _create_zero_param_parallel_group),"
+            " runtime/zero/partition_parameters.py (ds_process_group = world); sizes: NCCL "
+            "docs and reports from NVLink nodes, to confirm on a GPU run", low=len(comms) * lo))
+        frac, how = cuda_slack(cfg.cluster.env)
+        add("allocator", "allocator slack", int(frac * peak), "overhead",
+            f"{frac:.0%} of the tensor peak: the caching allocator's fragmentation, {how} "
+            "(max_memory_reserved - max_memory_allocated)", "estimate; docs/gpu-results.md")
     else:
         terms += _cpu_runtime_terms(cfg, kernels)
         if CPU_FRAGMENTATION:
@@ -365,7 +453,14 @@ def _notes(r: _Setting) -> list[str]:
                      "MALLOC_MMAP_THRESHOLD_=65536, without it glibc keeps freed activations and "
                      "ranks peak up to 2x higher (docs/memory.md)")
     if r.cfg.quantization.mode != "none" and r.stage == 3:
-        notes.append("ZeRO-3 with a quantized base: weights counted as partitioned")
+        notes.append("ZeRO-3 with a quantized base: weights counted as partitioned while "
+                     "training; every rank first loads the whole quantized model (the load terms)")
+    if r.device == "cuda" and r.cfg.data.packing and resolved_kernel(
+            r.inv.shape.model_type, r.cfg.model.attn_implementation) != "flash_attention_2":
+        notes.append("packed rows under sdpa/eager carry a (b, 1, s, s) mask: flash is off, k/v "
+                     "are repeated to every head and sdpa keeps a copy of the mask per block "
+                     "(counted); model.attn_implementation: flash_attention_2 packs without a "
+                     "mask (varlen), if the flash_attn package is installed on the nodes")
     return notes
 
 

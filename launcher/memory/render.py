@@ -61,6 +61,9 @@ def _per_rank(p: Any, explain: bool) -> list[str]:
             items.append(_explain(t))
     items += [("tensor peak (max_memory_allocated)", gib(p.peak_allocated),
                f"at the {MOMENT_NAMES[p.worst_moment]}"),
+              *([("  + allocator slack (max_memory_reserved)", gib(p.peak_reserved),
+                  "what the ranks' metrics log as memory_reserved_bytes")]
+                if p.device == "cuda" else []),
               ("total", gib(p.total_per_gpu)),
               *([("  (range: a term is not measured)", gib(p.total_low),
                   f"to {gib(p.total_per_gpu)}; the verdict counts the upper end")]

@@ -27,16 +27,59 @@ from launcher.memory.inventory import Inventory
 DS_SRC = "deepspeed 0.19 runtime/zero"
 BNB_ADAM8_BLOCK = 256      # bitsandbytes Optimizer2State.init_state: blockwise absmax per 256
 BNB_ADAM8_MIN_SIZE = 4096  # min_8bit_size: smaller tensors keep fp32 state
-# Allocator and runtime overheads (constants, stated as such in the explain view).
-CUDA_CONTEXT = 600 * 2**20       # CUDA context + cuBLAS/NCCL workspaces, outside torch's allocator
+# Allocator and runtime overheads (constants, stated as such in the explain view; each to be
+# confirmed on a GPU run: docs/gpu-results.md, "Plan and card checks").
+CUDA_CONTEXT = 600 * 2**20       # CUDA context + cuBLAS workspaces (NCCL is its own term)
+NCCL_PER_COMM = (512 * 2**20, 1638 * 2**20)  # one NCCL communicator's buffers: low, high
 CUDA_FRAGMENTATION = 0.05        # caching-allocator slack over the tensor peak
+CUDA_FRAGMENTATION_EXPANDABLE = 0.02  # the same with PYTORCH_CUDA_ALLOC_CONF expandable_segments
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+EXPANDABLE = "expandable_segments:True"
 # CPU ranks, above a baseline taken after imports and a code warm-up: DeepSpeed and gloo
 # bookkeeping (a constant) and oneDNN kernels (measured on this machine, or a stated range):
 # launcher/memory/probe.py.
 CPU_FRAGMENTATION = 0.0          # with a fixed mmap threshold freed tensors leave RSS at once
 
 
-MOMENT_NAMES = {"fwd": "end of forward", "bwd": "end of backward", "step": "optimizer step"}
+MOMENT_NAMES = {"fwd": "end of forward", "bwd": "end of backward", "step": "optimizer step",
+                "load": "load (before deepspeed.initialize)"}
+
+
+def nccl_communicators(stage: int, world: int, zero: dict[str, Any]) -> list[str]:
+    """The NCCL communicators one rank joins under DeepSpeed 0.19 (each is created at its first
+    collective and holds its own buffers): torch's default group (the launcher's collectives;
+    ZeRO-3 partitions parameters over it: partition_parameters.py `ds_process_group =
+    dist.get_world_group()`), DeepSpeed's clone of the world (`groups._clone_world_group`, the
+    data-parallel group the engine reduces gradients over, every stage) and, at ZeRO-3 with
+    zero_hpz_partition_size > 1 (ZeRO++ hpZ), the intra-node group of the secondary partition
+    (`groups._create_zero_param_parallel_group`). One rank: none (no peers)."""
+    if world <= 1:
+        return []
+    out = ["torch's default group (launcher collectives" + (", ZeRO-3 parameter gathers)"
+                                                            if stage == 3 else ")"),
+           "DeepSpeed's data-parallel clone of the world (gradient reduction)"]
+    hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+    if stage == 3 and hpz > 1:
+        out.append(f"ZeRO++ hpZ group of {hpz} ranks (secondary partition)")
+    return out
+
+
+def nccl_range() -> tuple[int, int]:
+    return NCCL_PER_COMM
+
+
+def expandable_segments(env: dict[str, str]) -> bool:
+    """cluster.env (which reaches every rank, in the job script and under `ftlaunch run`) sets
+    PYTORCH_CUDA_ALLOC_CONF with expandable_segments:True."""
+    conf = str(env.get(ALLOC_CONF, "")).replace(" ", "").lower()
+    return "expandable_segments:true" in conf
+
+
+def cuda_slack(env: dict[str, str]) -> tuple[float, str]:
+    """(fraction of the tensor peak the caching allocator keeps beyond it, why)."""
+    if expandable_segments(env):
+        return CUDA_FRAGMENTATION_EXPANDABLE, f"with {ALLOC_CONF}={EXPANDABLE} (cluster.env)"
+    return CUDA_FRAGMENTATION, f"without expandable segments ({ALLOC_CONF} not set in cluster.env)"
 
 
 @dataclass(frozen=True)

@@ -76,12 +76,37 @@ def _proxy(t, b: int, s: int):
     return p.requires_grad_() if t.requires_grad else p  # the kernel choice can depend on it
 
 
-def _fused_sdpa(device: str, b: int, s: int):
+def cuda_sdpa_kernel(dtype: str, head_dim: int, v_head_dim: int, masked: bool, gqa: bool,
+                     sm: tuple[int, int] = (9, 0)) -> str:
+    """The kernel torch's sdpa picks on an NVIDIA GPU of compute capability `sm` for training
+    (inputs that need a gradient), in its default order flash, memory-efficient, math: "flash",
+    "efficient" or "math". Read from torch's select_sdp_backend (aten/src/ATen/native/transformers/
+    cuda/sdp_utils.cpp, torch 2.13): flash refuses any attn_mask, needs fp16/bf16 on sm80+ and
+    equal head dims <= 256 (it takes enable_gqa); memory-efficient takes a mask and enable_gqa, fp16
+    and fp32 (bf16 from sm80), head dims divisible by the GEMM alignment (8 for 16-bit, 4 for fp32
+    on sm80+); anything else runs the math kernel, which keeps the attention scores. (cuDNN
+    attention, first on some sm90/sm100 builds, keeps what the memory-efficient kernel keeps.)"""
+    half = dtype in ("bf16", "fp16")
+    if (not masked and half and sm >= (8, 0) and head_dim == v_head_dim <= 256
+            and head_dim % 8 == 0):
+        return "flash"
+    align = 8 if half else (4 if sm >= (8, 0) else 1)
+    dtype_ok = dtype in ("fp16", "fp32") or (dtype == "bf16" and sm >= (8, 0))
+    if dtype_ok and sm >= (5, 0) and head_dim % align == 0 and v_head_dim % align == 0:
+        return "efficient"
+    return "math"
+
+
+def _fused_sdpa(device: str, b: int, s: int, sm: tuple[int, int] = (9, 0)):
     """A TorchFunctionMode that runs sdpa with the kernel the ranks would run. On the meta device
-    torch always takes sdpa's math path (which keeps the attention matrix); torch's own choice
-    (`torch._fused_sdp_choice`, asked with small CPU stand-ins of the same heads, dtype and
-    mask) decides instead. A fused kernel (flash / memory-efficient on GPUs, flash on CPU) keeps
-    q, k, v, the output (b, s, heads, d in memory), the fp32 log-sum-exp and the mask if any.
+    torch always takes sdpa's math path (which keeps the attention matrix); the ranks' own
+    choice decides instead: on GPUs `cuda_sdpa_kernel` (torch's CUDA rules, for a card of compute
+    capability `sm`), on CPU ranks torch's own `torch._fused_sdp_choice`, asked with small CPU
+    stand-ins of the same heads, dtype and mask. A fused kernel keeps q, k, v, the output
+    (b, s, heads, d in memory), the fp32 log-sum-exp and the mask if any; torch's sdpa turns a
+    boolean mask into an additive one in the query's dtype at every call
+    (`convert_boolean_attn_mask`, before the kernel is chosen, on CPU and GPU alike), so each block
+    keeps its own (b, 1, s, s) copy in lp (measured on CPU: tests/test_memory_activations.py).
     On GPUs dropout does not force the math path (on CPU it does)."""
     import torch
     from torch.overrides import TorchFunctionMode
@@ -91,6 +116,8 @@ def _fused_sdpa(device: str, b: int, s: int):
         def forward(ctx, q, k, v, mask):
             out = q.new_empty(q.shape[:-3] + (q.shape[-2], q.shape[-3], v.shape[-1])).transpose(-2, -3)
             lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+            if mask is not None and mask.dtype == torch.bool:  # torch's per-call conversion
+                mask = mask.new_empty(mask.shape, dtype=q.dtype)
             ctx.save_for_backward(*(t for t in (q, k, v, out, lse, mask) if t is not None))
             return out
 
@@ -109,13 +136,18 @@ def _fused_sdpa(device: str, b: int, s: int):
             q, k, v = args[:3]
             kw = {**dict(zip(names, args[3:])), **kwargs}
             mask = kw.get("attn_mask")
-            with torch.device("cpu"):
-                choice = torch._fused_sdp_choice(
-                    *(_proxy(x, b, s) for x in (q, k, v)),
-                    _proxy(mask, b, s) if mask is not None else None,
-                    float(kw.get("dropout_p") or 0.0) if device == "cpu" else 0.0,
-                    bool(kw.get("is_causal")), scale=kw.get("scale"),
-                    enable_gqa=bool(kw.get("enable_gqa")))
+            if device != "cpu":
+                name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(q.dtype, "fp32")
+                kernel = cuda_sdpa_kernel(name, q.shape[-1], v.shape[-1], mask is not None,
+                                          bool(kw.get("enable_gqa")), sm)
+                choice = 0 if kernel == "math" else 1
+            else:
+                with torch.device("cpu"):
+                    choice = torch._fused_sdp_choice(
+                        *(_proxy(x, b, s) for x in (q, k, v)),
+                        _proxy(mask, b, s) if mask is not None else None,
+                        float(kw.get("dropout_p") or 0.0), bool(kw.get("is_causal")),
+                        scale=kw.get("scale"), enable_gqa=bool(kw.get("enable_gqa")))
             if choice == 0:  # the math path: what the meta device runs anyway
                 return func(*args, **kwargs)
             return Fused.apply(q, k, v, mask)
@@ -222,8 +254,11 @@ def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
            device: str, trainable: frozenset[str] | None = None,
            checkpointing: bool = False, lora: tuple[int, float] | None = None,
            quantized: frozenset[str] = frozenset(), quant_mode: str = "none",
-           zero3_linear: bool = False) -> tuple[int, str, str]:
+           zero3_linear: bool = False, packed: bool = False,
+           sm: tuple[int, int] = (9, 0)) -> tuple[int, str, str]:
     """Bytes autograd keeps in a meta forward (each storage once, no parameters or buffers).
+    packed: the rows are packed as launcher/data/batching.py collates them for sdpa and eager: a
+    (b, 1, s, s) mask (boolean for sdpa, additive in the dtype for eager) and position ids.
     With `trainable`, only those parameters require a gradient (`T.lora_A` / `T.lora_B`: LoRA
     adapters of rank and dropout `lora` on module T) and the result is (per block bytes,
     active blocks, bytes outside the blocks) in place of the total."""
@@ -274,7 +309,12 @@ def _saved(hf, b: int, s: int, dtype, attn: str, trust: bool, padded: bool,
 
     x = torch.zeros(b, s, dtype=torch.long, device="meta")
     kw = {"attention_mask": torch.ones(b, s, dtype=torch.long, device="meta")} if padded else {}
-    fused = _fused_sdpa(device, b, s) if m.config._attn_implementation == "sdpa" else contextlib.nullcontext()
+    if packed and attn in ("sdpa", "eager"):
+        four = (b, 1, s, s)
+        kw = {"attention_mask": torch.ones(four, dtype=torch.bool, device="meta") if attn == "sdpa"
+              else torch.zeros(four, dtype=dtype, device="meta"),
+              "position_ids": torch.zeros(b, s, dtype=torch.long, device="meta")}
+    fused = _fused_sdpa(device, b, s, sm) if m.config._attn_implementation == "sdpa" else contextlib.nullcontext()
     z3 = _zero3_linear() if zero3_linear else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), z3, fused, _one_sequence_each():
         out = m(input_ids=x, labels=x, **kw)
@@ -323,12 +363,14 @@ def _enter(i: int, where: list, reached: set):
 
 
 def trace(path: str, b: int, s: int, dtype: str, attn: str, trust_remote_code: bool = False,
-          padded: bool = False, device: str = "cuda") -> "Traced | str":
+          padded: bool = False, device: str = "cuda", packed: bool = False,
+          sm: tuple[int, int] = (9, 0)) -> "Traced | str":
     """Traced per-block and common saved bytes, or a one-line reason it could not be traced.
-    Cached by config.json's content, b, s, dtype, attention kernel, padding and the
-    ranks' device (cuda or cpu: sdpa's kernel choice differs with dropout)."""
-    return _cached(path, (b, s, dtype, attn, trust_remote_code, padded, device),
-                   lambda: _trace(path, b, s, dtype, attn, trust_remote_code, padded, device))
+    Cached by config.json's content, b, s, dtype, attention kernel, padding or packing, the
+    ranks' device (cuda or cpu: sdpa's kernel choice differs) and the GPU's compute capability."""
+    return _cached(path, (b, s, dtype, attn, trust_remote_code, padded, device, packed, sm),
+                   lambda: _trace(path, b, s, dtype, attn, trust_remote_code, padded, device,
+                                  packed, sm))
 
 
 def _cached(path: str, key: tuple, compute):
@@ -350,15 +392,17 @@ def _cached(path: str, key: tuple, compute):
 
 
 def _trace(path: str, b: int, s: int, dtype: str, attn: str, trust: bool, padded: bool,
-           device: str) -> "Traced | str":
+           device: str, packed: bool = False, sm: tuple[int, int] = (9, 0)) -> "Traced | str":
     import torch
     from transformers import AutoConfig
 
     from launcher.config import TORCH_DTYPE
     hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     tdt = getattr(torch, TORCH_DTYPE[dtype])
-    one, used, experts = _saved(_with_layers(hf, 1), b, s, tdt, attn, trust, padded, device)
-    three, _, _ = _saved(_with_layers(hf, 3), b, s, tdt, attn, trust, padded, device)
+    one, used, experts = _saved(_with_layers(hf, 1), b, s, tdt, attn, trust, padded, device,
+                                packed=packed, sm=sm)
+    three, _, _ = _saved(_with_layers(hf, 3), b, s, tdt, attn, trust, padded, device,
+                         packed=packed, sm=sm)
     per_block = (three - one) // 2
     if per_block <= 0:
         return "the traced blocks saved nothing"
@@ -410,24 +454,27 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
                  trust_remote_code: bool = False, padded: bool = False,
                  device: str = "cuda", checkpointing: bool = False,
                  lora: tuple[int, float] | None = None, quantized: frozenset[str] = frozenset(),
-                 quant_mode: str = "none", zero3_linear: bool = False) -> "TracedBlocks | str":
+                 quant_mode: str = "none", zero3_linear: bool = False, packed: bool = False,
+                 sm: tuple[int, int] = (9, 0)) -> "TracedBlocks | str":
     """A meta forward of b sequences with only `trainable` requiring a gradient, over the blocks
     `frozen_layout` picks (cached like `trace`, by the trainable names too), or a one-line reason it
     failed. checkpointing: the blocks checkpointed as the ranks run them (what the forward keeps).
     lora: (r, dropout) of the adapters named `T.lora_A` / `T.lora_B` in `trainable`.
     quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit). zero3_linear:
-    every linear layer runs as DeepSpeed's ZeRO-3 memory-efficient linear."""
+    every linear layer runs as DeepSpeed's ZeRO-3 memory-efficient linear. packed / sm: as `trace`."""
     key = ("frozen", b, s, dtype, attn, trust_remote_code, padded, device, checkpointing, lora,
-           quant_mode, zero3_linear, hash(tuple(sorted(trainable))), hash(tuple(sorted(quantized))))
+           quant_mode, zero3_linear, packed, sm, hash(tuple(sorted(trainable))),
+           hash(tuple(sorted(quantized))))
     return _cached(path, key, lambda: _trace_frozen(
         path, b, s, dtype, attn, trainable, trust_remote_code, padded, device, checkpointing, lora,
-        quantized, quant_mode, zero3_linear))
+        quantized, quant_mode, zero3_linear, packed, sm))
 
 
 def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                   trust: bool, padded: bool, device: str, checkpointing: bool,
                   lora: tuple[int, float] | None, quantized: frozenset[str],
-                  quant_mode: str, zero3_linear: bool) -> TracedBlocks:
+                  quant_mode: str, zero3_linear: bool, packed: bool = False,
+                  sm: tuple[int, int] = (9, 0)) -> TracedBlocks:
     import torch
     from transformers import AutoConfig
 
@@ -438,7 +485,7 @@ def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: f
     (per, active, common), used, experts = _saved(
         _with_layers(hf, max(1, len(idx))), b, s, getattr(torch, TORCH_DTYPE[dtype]), attn, trust,
         padded, device, frozenset(names[n] for n in trainable if n in names), checkpointing, lora,
-        frozenset(names[q] for q in quantized if q in names), quant_mode, zero3_linear)
+        frozenset(names[q] for q in quantized if q in names), quant_mode, zero3_linear, packed, sm)
     blocks = [0] * layers
     if idx and idx[-1] < layers - 1:  # extrapolated: the blocks after the first two are alike
         lead = first - idx[0]
