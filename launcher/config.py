@@ -248,7 +248,9 @@ class ClusterConfig:
     cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`, passed "
                                        "on to srun as `SRUN_CPUS_PER_TASK`); each rank gets "
                                        "`OMP_NUM_THREADS` = cpus_per_task / ranks per node unless "
-                                       "cluster.env or the environment sets it.", ge=1)
+                                       "cluster.env or the environment sets it. null: "
+                                       "gpus_per_node x (1 + data.num_workers), a CPU for each "
+                                       "rank and each of its data workers.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
     time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",

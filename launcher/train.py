@@ -49,7 +49,8 @@ from launcher import (checkpoint, data, dist_env, epochs, faults, inputs, layout
 from launcher.watchdog import Watchdog
 from launcher.config import RunConfig
 from launcher.data import loader
-from launcher.device import resolve_device, torch_dtype
+from launcher.device import (rank_device_index, resolve_device, restore_node_devices, torch_dtype,
+                             visible_gpus)
 from launcher.dist_env import RankEnv
 from launcher.errors import ConfigError
 from launcher.freeze import FreezeReport
@@ -88,9 +89,11 @@ def inherit_timeout(timeout: Any) -> None:
 
 def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     """Export the rank variables, start the process group (gloo on CPU, nccl on GPUs) with the
-    collective timeout train.dist_timeout_s. Returns the device string ("cpu" or "cuda:N")."""
+    collective timeout train.dist_timeout_s. Returns the device string ("cpu" or "cuda:N", N
+    from launcher/device.py `rank_device_index`: the local rank modulo the visible devices)."""
     import datetime
 
+    restore_node_devices(os.environ, env.launcher)  # before CUDA reads CUDA_VISIBLE_DEVICES
     device = resolve_device(cfg)
     dist_env.export(env)
     if device == "cpu":
@@ -106,13 +109,17 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     if device == "cpu":
         skip_cpu_shm_op()
     else:
-        torch.cuda.set_device(env.local_rank)
+        index = rank_device_index(env.local_rank, visible_gpus())
+        torch.cuda.set_device(index)
+        # DeepSpeed takes LOCAL_RANK for the device ordinal (the engine's `_set_distributed_vars`,
+        # zero.Init's local_device): with one GPU per task it must name that GPU, not the task
+        os.environ["LOCAL_RANK"] = str(index)
         set_tf32(cfg.train.tf32)
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                auto_mpi_discovery=False, verbose=False, timeout=timeout)
     inherit_timeout(timeout)
-    return "cpu" if device == "cpu" else f"cuda:{env.local_rank}"
+    return "cpu" if device == "cpu" else f"cuda:{index}"
 
 
 def set_tf32(on: bool) -> None:

@@ -103,6 +103,47 @@ def test_each_node_task_is_bound_to_cpus_per_task(cluster, tmp_path, fake_model,
         assert mask[:1] == ["Cpus_allowed_list:"] and mask[1] in ("0", "1"), mask
 
 
+GPU_ENV_PYTHON = r"""#!/bin/bash
+# Records the node task's CPUs and the GPUs Slurm gave it, instead of launching ranks.
+{ grep Cpus_allowed_list /proc/self/status
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+  echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+  echo "FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES=${FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES:-unset}"
+} > "$FAKE_DIR/$SLURM_JOB_ID.$SLURM_NODEID"
+"""
+
+
+def test_cpus_per_task_unset_still_gives_each_rank_a_cpu(cluster, tmp_path, fake_model, monkeypatch):
+    """cluster.cpus_per_task unset, 2 GPUs (ranks) per node, the deepspeed launcher: the job asks
+    for a CPU per rank (--cpus-per-task=2), so each node's task may run on both CPUs, not one
+    (Slurm's default for a task without --cpus-per-task); and the task keeps the GPUs Slurm gave
+    it for the ranks (the deepspeed launcher rewrites CUDA_VISIBLE_DEVICES to 0..N-1)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    monkeypatch.setenv("FAKE_DIR", str(fake))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    python = write_exe(str(tmp_path / "python"), GPU_ENV_PYTHON)
+    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
+    tree = {"name": "cpus-unset", "model": {"path": fake_model},
+            "data": {"path": data, "max_seq_len": 64}, "train": {"max_steps": 1},
+            "output": {"dir": str(tmp_path / "run")},
+            "cluster": {"nodes": 2, "gpus_per_node": 2, "python": python, "launcher": "deepspeed",
+                        "preflight": False, "partition": cluster["partition"]}}
+    script, run_dir = prepare(tmp_path, tree, "cpus-unset")
+    assert "#SBATCH --cpus-per-task=2\n" in open(script).read()
+    job = slurm.submit(script)
+    info = wait_final(job, cluster["env"], 120, run_dir)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(run_dir)}"
+    for node in (0, 1):
+        seen = dict(line.replace(":\t", "=").split("=", 1)
+                    for line in (fake / f"{job}.{node}").read_text().splitlines())
+        assert seen["Cpus_allowed_list"] == "0-1", seen
+        assert seen["OMP_NUM_THREADS"] == "1", seen
+        assert seen["CUDA_VISIBLE_DEVICES"] == "0,1", seen
+        assert seen["FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES"] == "0,1", seen
+
+
 # ------------------------------------------------------------------ 64 nodes x 8 GPUs
 def test_a_64_node_8_gpu_job_is_accepted_by_test_only(tmp_path, fake_model, monkeypatch, capsys,
                                                        slurm_cluster):
