@@ -217,6 +217,10 @@ class TrainConfig:
                                            "checkpoint in the run directory.")
     dist_timeout_s: int = opt(600, "Collective timeout: a dead rank ends the job within this.",
                               ge=10, le=86400)
+    save_timeout_s: int = opt(3600, "Collective timeout while checkpoints, the final export and a "
+                              "resume's hashing run, where rank 0 works alone (model states, "
+                              "manifest, pruning, the merged LoRA model) and the other ranks "
+                              "wait for it.", ge=10, le=86400)
     tf32: bool = opt(False, "GPUs: fp32 matmuls and convolutions in TF32 (Ampere and newer); "
                      "ignored on CPU ranks.")
     watchdog: WatchdogConfig = opt(WatchdogConfig(), "Loss watchdog: stops the run at a step "

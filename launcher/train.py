@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher import (checkpoint, data, dist_env, epochs, faults, inputs, layout, lr_schedule,
-                      run_state, rundir, tokens)
+                      run_state, rundir, timeouts, tokens)
 from launcher.watchdog import Watchdog
 from launcher.config import RunConfig
 from launcher.data import loader
@@ -109,6 +109,7 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     if device == "cpu":
         skip_cpu_shm_op()
     else:
+        timeouts.nccl_debug_env(cfg.run_dir)  # before the NCCL group: a timeout leaves its trace
         index = rank_device_index(env.local_rank, visible_gpus())
         torch.cuda.set_device(index)
         # DeepSpeed takes LOCAL_RANK for the device ordinal (the engine's `_set_distributed_vars`,
@@ -305,12 +306,15 @@ def _ensure_run_dir(cfg: RunConfig, env: RankEnv, ds_config_dict: dict) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
 
 
-def shutdown(*, barrier: bool) -> None:
+def shutdown(*, barrier: bool, t: Any = None) -> None:
     """Leave the process group cleanly (a rank that exits while a peer still talks to it can
-    make gloo abort the peer)."""
+    make gloo abort the peer). The barrier waits train.save_timeout_s (t): rank 0 may still be
+    publishing the export (replacing an older final/)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         if barrier:
+            if t is not None:
+                timeouts.set_timeout(t.save_timeout_s)
             dist.barrier()
         dist.destroy_process_group()
 
@@ -332,7 +336,7 @@ def main(args: Any) -> int:
             rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
             print(text, end="", flush=True)
         code = train_loop(s, stop)
-        shutdown(barrier=True)
+        shutdown(barrier=True, t=cfg.train)
         run_state.leave(run_state.rank_exit_code(code))
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them
