@@ -43,10 +43,14 @@ def set_timeout(seconds: float) -> int:
     if not (dist.is_available() and dist.is_initialized()):
         return 0
     timeout = datetime.timedelta(seconds=seconds)
-    groups = _groups()
-    for group in groups:
-        c10d._set_pg_timeout(timeout, group)
-    return len(groups)
+    changed = 0
+    for group in _groups():
+        try:
+            c10d._set_pg_timeout(timeout, group)
+            changed += 1
+        except ValueError:   # a group this rank is not in
+            pass
+    return changed
 
 
 @contextlib.contextmanager
