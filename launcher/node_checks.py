@@ -28,10 +28,8 @@ def gpu_inventory() -> list[dict[str, Any]]:
     """The GPUs this task's ranks will see: [{"index", "name", "capability", "uuid", "free",
     "total"}] (bytes), in torch's order (the ranks' device indices)."""
     import torch
-    if not torch.cuda.is_available():
-        return []
     gpus = []
-    for i in range(torch.cuda.device_count()):
+    for i in range(torch.cuda.device_count()):   # 0 without CUDA or a driver
         props = torch.cuda.get_device_properties(i)
         free, total = torch.cuda.mem_get_info(i)
         gpus.append({"index": i, "name": str(props.name),

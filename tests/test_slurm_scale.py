@@ -175,17 +175,18 @@ def test_a_64_node_8_gpu_job_is_accepted_by_test_only(tmp_path, fake_model, monk
 
 
 # ------------------------------------------------------------------ preflight, one bad node at a time
-# The node "image" of the test cluster: what python each node runs. Every node sees a fake
-# nvidia-smi with 2 GPUs, except the one made bad in each of four ways:
+# The node "image" of the test cluster: what python each node runs. Every node's torch sees the 2
+# GPUs Slurm gives the task, except on the one made bad in each of four ways:
 #   BAD_RO     the run directory mounted read-only (its own mount namespace)
 #   BAD_SHARED another folder (a copy holding resolved.yaml) mounted over the run directory
 #   BAD_MODULE deepspeed missing (a sitecustomize that hides it)
-#   BAD_GPUS   nvidia-smi lists one GPU
-# The ranks themselves are faked: they only record that training started.
+#   BAD_GPUS   the task sees one GPU (CUDA_VISIBLE_DEVICES=0)
+# torch is given the GPUs Slurm sets in CUDA_VISIBLE_DEVICES (a sitecustomize, FAKE_GPUS); the ranks
+# themselves are faked: they only record that training started.
 NODE_PYTHON = r"""#!/bin/bash
 node=$SLURMD_NODENAME
-export PATH="$FAKE_DIR/smi2:$PATH"
-[ "$node" = "$BAD_GPUS" ] && export PATH="$FAKE_DIR/smi1:$PATH"
+export PYTHONPATH="$FAKE_DIR/gpus:$PYTHONPATH"
+[ "$node" = "$BAD_GPUS" ] && export CUDA_VISIBLE_DEVICES=0
 [ "$node" = "$BAD_MODULE" ] && export PYTHONPATH="$FAKE_DIR/block:$PYTHONPATH"
 if [ "$1 $2 $3" != "-m launcher preflight" ]; then
   echo "$SLURM_RESTART_COUNT $node" >> "$FAKE_DIR/trained"
@@ -201,7 +202,15 @@ if [ "$node" = "$BAD_SHARED" ]; then
 fi
 exec "$REAL_PYTHON" "$@"
 """
-BLOCK = """import sys
+FAKE_GPUS = """import os, types
+import torch
+torch.cuda.device_count = lambda: (0 if os.environ.get("CUDA_VISIBLE_DEVICES") is None
+                                  else len(torch.cuda._parse_visible_devices()))
+torch.cuda.get_device_properties = lambda i: types.SimpleNamespace(
+    name="Fake GPU", major=9, minor=0, uuid=f"GPU-fake-{i}")
+torch.cuda.mem_get_info = lambda i: (81000 * 2**20, 81559 * 2**20)
+"""
+BLOCK = FAKE_GPUS + """import sys
 class _Missing:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "deepspeed":
@@ -216,10 +225,9 @@ def test_preflight_names_excludes_and_requeues_past_each_bad_node(cluster, tiny,
     every start, the preflight names the bad node with its reason, the job excludes it and
     requeues; the fifth start (node1 + node6) passes, prints its all-reduce and trains."""
     fake = tmp_path / "fake"
-    for d in ("smi1", "smi2", "block", "elsewhere"):
+    for d in ("gpus", "block", "elsewhere"):
         (fake / d).mkdir(parents=True)
-    write_exe(str(fake / "smi2" / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n1, 81000, 81559\\n'\n")
-    write_exe(str(fake / "smi1" / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n'\n")
+    (fake / "gpus" / "sitecustomize.py").write_text(FAKE_GPUS)
     (fake / "block" / "sitecustomize.py").write_text(BLOCK)
     python = write_exe(str(tmp_path / "python"), NODE_PYTHON)
     run_dir = tmp_path / "run"
@@ -246,7 +254,7 @@ def test_preflight_names_excludes_and_requeues_past_each_bad_node(cluster, tiny,
     batch = (run_dir / "logs" / f"job-{job}.out").read_text()
     err = (run_dir / "logs" / f"job-{job}.err").read_text()
     why = {"node2": "cannot write in the run directory", "node3": "is not the one the batch node sees",
-           "node4": "deepspeed is not installed", "node5": "1 GPU(s) visible, cluster.gpus_per_node is 2"}
+           "node4": "deepspeed is not installed", "node5": "1 GPU(s) visible to torch (CUDA_VISIBLE_DEVICES=0), cluster.gpus_per_node is 2"}
     for restart, (node, reason) in enumerate(why.items()):
         assert f"preflight: excluding {node} and requeueing: restart {restart + 1} of 5" in batch, batch
         lines = [x for x in err.splitlines() if x.startswith(f"  {node} ")]
