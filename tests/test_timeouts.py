@@ -129,3 +129,18 @@ output: {{dir: {tmp_path}/run}}
     assert loop_steps.finish(s, p) == 0
     assert calls == [("save", 900), ("export", 900)]
     assert current == [20]
+
+
+def test_a_save_timeout_shorter_than_the_step_timeout_is_refused(tmp_path, fake_model):
+    from launcher import runfile
+    text = f"""
+name: to
+model: {{path: {fake_model}}}
+data: {{path: {tmp_path}/train.jsonl, max_seq_len: 64}}
+train: {{max_steps: 4, dist_timeout_s: 900, save_timeout_s: 600}}
+"""
+    _, problems = runfile.parse(text, [], source="run.yaml", base_dir=str(tmp_path))
+    assert [(p.key, p.message, p.fix) for p in problems] == [(
+        "train.save_timeout_s", "600 s is shorter than train.dist_timeout_s 900 s: the ranks would "
+        "wait less while rank 0 writes a checkpoint or the export than for a training step",
+        "set train.save_timeout_s to 900 or more")]
