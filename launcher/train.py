@@ -112,8 +112,9 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
         timeouts.nccl_debug_env(cfg.run_dir)  # before the NCCL group: a timeout leaves its trace
         index = rank_device_index(env.local_rank, visible_gpus())
         torch.cuda.set_device(index)
-        # DeepSpeed takes LOCAL_RANK for the device ordinal (the engine's `_set_distributed_vars`,
-        # zero.Init's local_device): with one GPU per task it must name that GPU, not the task
+        # DeepSpeed takes LOCAL_RANK for the device ordinal (init_process_group's
+        # device_id=cuda:LOCAL_RANK in deepspeed/comm/torch.py, the engine's
+        # `_set_distributed_vars`, zero.Init's local_device): it must name this rank's GPU
         os.environ["LOCAL_RANK"] = str(index)
         set_tf32(cfg.train.tf32)
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)

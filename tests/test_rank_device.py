@@ -90,7 +90,8 @@ train: {{max_steps: 1}}
 def test_init_distributed_one_gpu_per_task_uses_device_0(recorded_cuda, monkeypatch):
     """srun with --gpus-per-task=1: SLURM_LOCALID 3 sees one GPU; set_device(3) would fail
     ("invalid device ordinal"). The rank takes device 0, and DeepSpeed, which reads LOCAL_RANK
-    as the device ordinal, is started with LOCAL_RANK 0."""
+    as the device ordinal (init_process_group's device_id=cuda:LOCAL_RANK in
+    deepspeed/comm/torch.py, the engine, zero.Init), is started with LOCAL_RANK 0."""
     cfg, calls = recorded_cuda
     env, visible, _ = CASES["srun, one GPU per task"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
