@@ -238,6 +238,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from launcher import rank_guard
+    if rank_guard.wanted():  # the work runs in a child; a death by signal is recorded
+        return rank_guard.run(args)
     from launcher.train import main as train_main
     return train_main(args)
 

@@ -218,6 +218,10 @@ class TrainConfig:
                                            "checkpoint in the run directory.")
     dist_timeout_s: int = opt(600, "Collective timeout: a dead rank ends the job within this.",
                               ge=10, le=86400)
+    save_timeout_s: int = opt(3600, "Collective timeout while checkpoints, the final export and a "
+                              "resume's hashing run, where rank 0 works alone (model states, "
+                              "manifest, pruning, the merged LoRA model) and the other ranks "
+                              "wait for it.", ge=10, le=86400)
     tf32: bool = opt(False, "GPUs: fp32 matmuls and convolutions in TF32 (Ampere and newer); "
                      "ignored on CPU ranks.")
     watchdog: WatchdogConfig = opt(WatchdogConfig(), "Loss watchdog: stops the run at a step "
@@ -249,7 +253,9 @@ class ClusterConfig:
     cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`, passed "
                                        "on to srun as `SRUN_CPUS_PER_TASK`); each rank gets "
                                        "`OMP_NUM_THREADS` = cpus_per_task / ranks per node unless "
-                                       "cluster.env or the environment sets it.", ge=1)
+                                       "cluster.env or the environment sets it. null: "
+                                       "gpus_per_node x (1 + data.num_workers), a CPU for each "
+                                       "rank and each of its data workers.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
     time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",

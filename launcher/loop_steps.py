@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import checkpoint, data, export, faults, layout, lr_schedule, metrics, run_state
+from launcher import (checkpoint, data, export, faults, layout, lr_schedule, metrics, run_state,
+                      timeouts)
 from launcher.batch import batch_sizes
 from launcher.collectives import all_reduce_sum
 from launcher.data import loader
@@ -22,6 +23,12 @@ from launcher.watchdog import Watchdog
 
 log = get_logger(__name__)
 Setup = Any  # launcher.train.Setup (built by train.setup; not imported: train imports this module)
+
+
+def rank0_phase(t: Any) -> Any:
+    """Collectives wait train.save_timeout_s inside, train.dist_timeout_s again after
+    (launcher/timeouts.py)."""
+    return timeouts.rank0_phase(t.save_timeout_s, t.dist_timeout_s)
 
 
 def to_device(batch: dict, device: str) -> dict:
@@ -99,10 +106,12 @@ def begin(s: Setup) -> Progress:
     _, accum, _ = batch_sizes(cfg, env.world_size)
     p = Progress(sampler, metrics.Metrics(os.path.join(cfg.run_dir, layout.METRICS), env.is_main),
                  accum, saving=os.environ.get("FTLAUNCH_NO_SAVE", "") != "1")
-    resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
+    with rank0_phase(t):  # hashing the checkpoint's files, loading it
+        resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
+        if resume_from:
+            run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
+            state, rank_state = checkpoint.load(s.engine, resume_from)
     if resume_from:
-        run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
-        state, rank_state = checkpoint.load(s.engine, resume_from)
         p.step, p.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
         sampler.load_state_dict(rank_state["sampler"])
@@ -123,12 +132,14 @@ def save(s: Setup, p: Progress, at: int) -> str:
     if not p.saving:
         return "(not saved: dry run)"
     sampler = p.sampler
-    p.last_ckpt = checkpoint.save(
-        s.engine, s.cfg.run_dir, at,
-        {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
-         "elapsed_s": p.elapsed_before + time.time() - p.start, "metrics_offset": p.metrics.offset()},
-        {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints,
-        exclude_frozen=s.cfg.freeze.policy == "lora")
+    with rank0_phase(s.cfg.train):  # DeepSpeed's rank 0 writes the model states, ours prunes
+        p.last_ckpt = checkpoint.save(
+            s.engine, s.cfg.run_dir, at,
+            {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
+             "elapsed_s": p.elapsed_before + time.time() - p.start,
+             "metrics_offset": p.metrics.offset()},
+            {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints,
+            exclude_frozen=s.cfg.freeze.policy == "lora")
     p.last_ckpt_step = at
     return p.last_ckpt
 
@@ -213,7 +224,9 @@ def finish(s: Setup, p: Progress) -> int:
         log.info(f"eval loss {write_eval(p, evaluate(s)):.4f} at step {p.step}")
     path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
     if p.saving and cfg.output.save_final:
-        final = export.save_final(s.engine, cfg, s.tokenizer, os.path.join(run_dir, layout.FINAL))
+        with rank0_phase(cfg.train):  # rank 0 merges and writes while the others wait
+            final = export.save_final(s.engine, cfg, s.tokenizer,
+                                      os.path.join(run_dir, layout.FINAL))
         log.info(f"exported {final}")
     if s.env.is_main:
         run_state.clear_stop(run_dir)  # asked too late to matter: the run is complete

@@ -14,7 +14,7 @@ import sys
 
 RANK_HALF = {
     "launcher.train", "launcher.loop_steps", "launcher.preflight", "launcher.export",
-    "launcher.lr_schedule",
+    "launcher.lr_schedule", "launcher.node_checks", "launcher.timeouts",
     "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
     "launcher.data",
 }

@@ -1,8 +1,9 @@
 """`ftlaunch preflight RUN_DIR/resolved.yaml`: is every node fit to train, before any rank starts?
 
 The job script runs it as one srun task per node (`cluster.preflight: true`). Each node checks
-itself (`check_node`): GPUs visible = gpus_per_node (nvidia-smi, limited to CUDA_VISIBLE_DEVICES;
-else torch's device count) and their free memory; the run directory writable, its write speed,
+itself (`check_node`): GPUs visible = gpus_per_node (torch's device count in the task's own
+environment, as the ranks will count them), their model, compute capability, free memory and the
+driver; what the run's optimizer needs on the node (launcher/node_checks.py); the run directory writable, its write speed,
 and the same directory as the batch node's (a token the job script wrote there, compared with
 the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; Python, torch, deepspeed,
 transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
@@ -23,14 +24,13 @@ import collections
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
 import time
 from typing import Any, Mapping, Optional
 
-from launcher import __version__, collectives, dist_env, layout
+from launcher import __version__, collectives, dist_env, layout, node_checks
 
 EXIT_PREFLIGHT = layout.EXIT_PREFLIGHT  # the job stopped because the preflight refused to go on
 MODULES = ("torch", "deepspeed", "transformers")
@@ -42,31 +42,10 @@ GiB = 2**30
 
 # ------------------------------------------------------------------ one node
 def gpu_inventory(env: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The GPUs this task may use: [{"index", "free", "total"}] in bytes. nvidia-smi's list,
-    limited to CUDA_VISIBLE_DEVICES when that holds indices; without nvidia-smi, torch's."""
-    if shutil.which("nvidia-smi", path=env.get("PATH")):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.free,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=60, env=dict(env))
-        gpus = []
-        for line in out.stdout.splitlines():
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) == 3 and all(p.isdigit() for p in parts):
-                gpus.append({"index": int(parts[0]), "free": int(parts[1]) * 2**20,
-                             "total": int(parts[2]) * 2**20})
-        visible = env.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None and all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
-            wanted = {int(v) for v in visible.split(",") if v.strip()}
-            gpus = [g for g in gpus if g["index"] in wanted]
-        return gpus
-    import torch
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        gpus.append({"index": i, "free": int(free), "total": int(total)})
-    return gpus
+    """The GPUs this task's ranks will see, counted as their torch counts them (launcher/
+    node_checks.py): [{"index", "name", "capability", "uuid", "free", "total"}]."""
+    from launcher import node_checks
+    return node_checks.gpu_inventory()
 
 
 def versions() -> dict[str, Optional[str]]:
@@ -164,14 +143,25 @@ def check_node(run_file: str, env: Mapping[str, str], node: str) -> tuple[dict[s
     problems += dir_problems
     if cfg is not None:
         problems += check_inputs(cfg)
-        if cfg.train.device != "cpu":
+        gpu = cfg.train.device != "cpu"
+        if gpu:
             try:
                 report["gpus"] = gpu_inventory(env)
-            except (OSError, subprocess.SubprocessError, ImportError) as exc:
+            except (OSError, subprocess.SubprocessError, ImportError, RuntimeError) as exc:
                 problems.append(f"cannot list the GPUs: {exc}")
             want = cfg.cluster.gpus_per_node
             if len(report["gpus"]) != want:
-                problems.append(f"{len(report['gpus'])} GPU(s) visible, cluster.gpus_per_node is {want}")
+                problems.append(f"{len(report['gpus'])} GPU(s) visible to torch "
+                                f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')}), "
+                                f"cluster.gpus_per_node is {want}")
+            report["driver"] = node_checks.driver_version(env)
+            try:
+                report.update(node_checks.cuda_versions())
+            except ImportError:
+                pass
+        report["checks"] = node_checks.optimizer_checks(cfg, gpu)
+        problems += [f"{c['check']}: {c['detail']}; fix: {c['fix']}" for c in report["checks"]
+                     if not c["ok"]]
     report["seconds"] = round(time.perf_counter() - start, 3)
     return report, cfg
 
@@ -271,6 +261,10 @@ def summary_text(reports: Mapping[int, Optional[dict]], names: Mapping[int, str]
         lines.append(f"  {name:<12} {len(r['gpus']):>4} "
                      f"{'-' if free is None else f'{free / GiB:.1f}':>12} "
                      f"{_rate(r['write_bytes_s']):>10}  {v}")
+    for i, name in names.items():
+        r = reports.get(i)
+        if r is not None:
+            lines += _node_details(name, r)
     for name, reasons in sorted(bad.items()):
         lines += [f"  FAILED {name}: {reason}" for reason in reasons]
     if net:
@@ -280,6 +274,20 @@ def summary_text(reports: Mapping[int, Optional[dict]], names: Mapping[int, str]
                      f"{net['algbw_bytes_s'] / 1e9:.3f} GB/s, {net['seconds_each'] * 1e3:.1f} ms each)")
     lines += notes
     return "\n".join(lines) + "\n"
+
+
+def _node_details(name: str, r: dict) -> list[str]:
+    """The node's GPU models (name, compute capability; driver, CUDA) and its optimizer rows."""
+    lines = []
+    models = collections.Counter((g.get("name", "?"), g.get("capability", "?")) for g in r["gpus"])
+    if models:
+        kinds = ", ".join(f"{n} x {model} (compute capability {cc})"
+                          for (model, cc), n in models.items())
+        lines.append(f"  {name:<12} GPUs: {kinds}; driver {r.get('driver') or '?'}, CUDA "
+                     f"{r.get('driver_cuda') or '?'} (torch built for {r.get('torch_cuda') or '?'})")
+    for c in r.get("checks", []):
+        lines.append(f"  {name:<12} {'ok' if c['ok'] else 'FAILED'}  {c['check']}: {c['detail']}")
+    return lines
 
 
 def checkpoint_note(ckpt_bytes: int, reports: Mapping[int, Optional[dict]], grace_s: int) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from launcher import __version__, dist_env, layout, run_state
 from launcher.log import get_logger
 from launcher.config import SBATCH_EXTRA as _EXTRA, RunConfig
+from launcher.device import NODE_DEVICES_ENV
 from launcher.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
                             slurm_filename)
 
@@ -70,6 +71,20 @@ class Job:
 
 
 # ------------------------------------------------------------------ build
+def task_cpus(cfg: RunConfig) -> tuple[int, str]:
+    """(CPUs of each node's task, where the number comes from). The job runs one task per node
+    that starts every rank of the node; without `--cpus-per-task` Slurm gives that task one CPU
+    (unless the partition sets DefCpuPerGPU) and binds it there, so every rank and data worker of
+    the node would share one CPU. cluster.cpus_per_task unset: one CPU per rank and per DataLoader
+    worker of each rank, gpus_per_node x (1 + data.num_workers)."""
+    c = cfg.cluster
+    if c.cpus_per_task is not None:
+        return c.cpus_per_task, "cluster.cpus_per_task"
+    return (c.gpus_per_node * (1 + cfg.data.num_workers),
+            f"cluster.cpus_per_task unset: {c.gpus_per_node} rank(s) x (1 + data.num_workers "
+            f"{cfg.data.num_workers})")
+
+
 def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     """The job for cfg; workdir is where it runs (the directory `ftlaunch slurm` ran in)."""
     c = cfg.cluster
@@ -81,7 +96,8 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
             SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
     if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
-    for name, option in (("cpus_per_task", "--cpus-per-task"), ("mem", "--mem"), ("time", "--time"),
+    opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
+    for name, option in (("mem", "--mem"), ("time", "--time"),
                          ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
                          ("constraint", "--constraint"), ("reservation", "--reservation")):
         value = getattr(c, name)
@@ -214,6 +230,7 @@ def render(job: Job, template: str | None = None) -> str:
         "exit_preflight": quote(layout.EXIT_PREFLIGHT),
         "preflight_launch": join([job.python, "-m", "launcher", "preflight", resolved], "cluster.python"),
         "port_base": quote(dist_env.PORT_BASE), "port_span": quote(dist_env.PORT_SPAN),
+        "node_devices_env": NODE_DEVICES_ENV,
     }
     return fill(template, values, name)
 

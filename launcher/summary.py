@@ -42,6 +42,7 @@ def summary(cfg: RunConfig) -> str:
             f"partition {c.partition}" if c.partition else "", f"time {c.time}",
             f"requeue up to {c.max_restarts}x" if c.requeue else "no requeue",
             _from_shell(cfg)) if x)),
+        ("cpus", _cpus(cfg)),
         ("run dir", cfg.run_dir),
     ]
     width = max(len(k) for k, _ in rows)
@@ -70,3 +71,12 @@ def _warmup(cfg: RunConfig) -> str:
     if not t.warmup_ratio:
         return str(t.warmup_steps)
     return f"{t.warmup_ratio:g} x steps = {epochs.warmup_steps(cfg, epochs.planned_steps(cfg)[0])}"
+
+
+def _cpus(cfg: RunConfig) -> str:
+    """What each node's Slurm task gets (launcher/slurm.py `task_cpus`)."""
+    from launcher.slurm import task_cpus
+    n, why = task_cpus(cfg)
+    ranks = cfg.cluster.gpus_per_node
+    return (f"{n} per node's task ({why}), bound to them by Slurm; each rank "
+            f"{max(1, n // ranks)} thread(s) (OMP_NUM_THREADS)")

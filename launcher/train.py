@@ -45,11 +45,12 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher import (checkpoint, data, dist_env, epochs, faults, inputs, layout, lr_schedule,
-                      run_state, rundir, tokens)
+                      run_state, rundir, timeouts, tokens)
 from launcher.watchdog import Watchdog
 from launcher.config import RunConfig
 from launcher.data import loader
-from launcher.device import resolve_device, torch_dtype
+from launcher.device import (rank_device_index, resolve_device, restore_node_devices, torch_dtype,
+                             visible_gpus)
 from launcher.dist_env import RankEnv
 from launcher.errors import ConfigError
 from launcher.freeze import FreezeReport
@@ -89,9 +90,11 @@ def inherit_timeout(timeout: Any) -> None:
 
 def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     """Export the rank variables, start the process group (gloo on CPU, nccl on GPUs) with the
-    collective timeout train.dist_timeout_s. Returns the device string ("cpu" or "cuda:N")."""
+    collective timeout train.dist_timeout_s. Returns the device string ("cpu" or "cuda:N", N
+    from launcher/device.py `rank_device_index`: the local rank modulo the visible devices)."""
     import datetime
 
+    restore_node_devices(os.environ, env.launcher)  # before CUDA reads CUDA_VISIBLE_DEVICES
     device = resolve_device(cfg)
     dist_env.export(env)
     if device == "cpu":
@@ -107,13 +110,19 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     if device == "cpu":
         skip_cpu_shm_op()
     else:
-        torch.cuda.set_device(env.local_rank)
+        timeouts.nccl_debug_env(cfg.run_dir)  # before the NCCL group: a timeout leaves its trace
+        index = rank_device_index(env.local_rank, visible_gpus())
+        torch.cuda.set_device(index)
+        # DeepSpeed takes LOCAL_RANK for the device ordinal (init_process_group's
+        # device_id=cuda:LOCAL_RANK in deepspeed/comm/torch.py, the engine's
+        # `_set_distributed_vars`, zero.Init's local_device): it must name this rank's GPU
+        os.environ["LOCAL_RANK"] = str(index)
         set_tf32(cfg.train.tf32)
     timeout = datetime.timedelta(seconds=cfg.train.dist_timeout_s)
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
                                auto_mpi_discovery=False, verbose=False, timeout=timeout)
     inherit_timeout(timeout)
-    return "cpu" if device == "cpu" else f"cuda:{env.local_rank}"
+    return "cpu" if device == "cpu" else f"cuda:{index}"
 
 
 def set_tf32(on: bool) -> None:
@@ -300,12 +309,15 @@ def _ensure_run_dir(cfg: RunConfig, env: RankEnv, ds_config_dict: dict) -> None:
     os.makedirs(cfg.run_dir, exist_ok=True)
 
 
-def shutdown(*, barrier: bool) -> None:
+def shutdown(*, barrier: bool, t: Any = None) -> None:
     """Leave the process group cleanly (a rank that exits while a peer still talks to it can
-    make gloo abort the peer)."""
+    make gloo abort the peer). The barrier waits train.save_timeout_s (t): rank 0 may still be
+    publishing the export (replacing an older final/)."""
     from launcher import collectives
     if collectives.initialized():
         if barrier:
+            if t is not None:
+                timeouts.set_timeout(t.save_timeout_s)
             collectives.barrier()
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -329,7 +341,7 @@ def main(args: Any) -> int:
             rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
             print(text, end="", flush=True)
         code = train_loop(s, stop)
-        shutdown(barrier=True)
+        shutdown(barrier=True, t=cfg.train)
         run_state.leave(run_state.rank_exit_code(code))
     except ConfigError as exc:
         if env.is_main:  # every rank has the same problem: rank 0 speaks for them

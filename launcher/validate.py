@@ -44,6 +44,16 @@ def _min_lr(cfg: RunConfig) -> Iterator[Problem]:
 
 
 @rule
+def _save_timeout(cfg: RunConfig) -> Iterator[Problem]:
+    t = cfg.train
+    if t.save_timeout_s < t.dist_timeout_s:
+        yield Problem("train.save_timeout_s", f"{t.save_timeout_s} s is shorter than "
+                      f"train.dist_timeout_s {t.dist_timeout_s} s: the ranks would wait less while "
+                      "rank 0 writes a checkpoint or the export than for a training step",
+                      f"set train.save_timeout_s to {t.dist_timeout_s} or more")
+
+
+@rule
 def _warmup(cfg: RunConfig) -> Iterator[Problem]:
     t = cfg.train
     if t.max_steps is not None and t.warmup_steps >= t.max_steps:

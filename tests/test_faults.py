@@ -143,16 +143,20 @@ def descendants(parent: int) -> list[int]:
 
 
 def rank_pid(parent: int, local_rank: int) -> int | None:
-    """The pid of the rank process with LOCAL_RANK=local_rank below parent."""
+    """The pid of the rank process with LOCAL_RANK=local_rank below parent: the one doing the
+    work, below its guardian (launcher/rank_guard.py), when there is one."""
+    found = None
     for pid in descendants(parent):
         try:
             with open(f"/proc/{pid}/environ", "rb") as fh:
                 env = fh.read().split(b"\0")
         except OSError:
             continue
-        if f"LOCAL_RANK={local_rank}".encode() in env:
-            return pid  # torchrun sets LOCAL_RANK in the ranks' environment only
-    return None
+        if f"LOCAL_RANK={local_rank}".encode() in env:  # torchrun sets it in the ranks' only
+            if b"FTLAUNCH_RANK_GUARDED=1" in env:
+                return pid
+            found = found or pid
+    return found
 
 
 @pytest.mark.multirank

@@ -47,13 +47,37 @@ def test_judge_without_a_majority_takes_node_0s_versions():
     assert bad == {"b": ["deepspeed 0.18, the other nodes have 0.19"]}
 
 
-def test_gpus_are_counted_by_nvidia_smi_within_cuda_visible_devices(tmp_path):
-    write_exe(str(tmp_path / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n1, 500, 81559\\n"
-              "2, 81000, 81559\\n'\n")
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+def test_gpus_are_counted_as_torch_counts_them_not_by_nvidia_smi(tmp_path, monkeypatch):
+    """nvidia-smi lists every GPU of the node by index; the task was given two by UUID. The
+    count is torch's in the task's environment (what the ranks will see): 2, with each GPU's
+    model and compute capability, and the driver version from nvidia-smi."""
+    import types
+
+    import torch
+    write_exe(str(tmp_path / "nvidia-smi"), "#!/bin/bash\ncase \"$*\" in *driver_version*) "
+              "echo 550.54.15; echo 550.54.15 ;; *) for i in 0 1 2 3 4 5 6 7; do "
+              "echo \"$i, 81000, 81559\"; done ;; esac\n")
+    uuids = "GPU-11111111-2222-3333-4444-555555555555,GPU-66666666-7777-8888-9999-000000000000"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuids)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(torch.cuda._parse_visible_devices()))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3", major=9, minor=0, uuid=uuids.split(",")[i][4:]))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (70 * 2**30, 80 * 2**30))
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": uuids}
     gpus = preflight.gpu_inventory(env)
-    assert [g["index"] for g in gpus] == [0, 1, 2] and gpus[1]["free"] == 500 * 2**20
-    assert [g["index"] for g in preflight.gpu_inventory({**env, "CUDA_VISIBLE_DEVICES": "0,2"})] == [0, 2]
+    assert [(g["index"], g["name"], g["capability"]) for g in gpus] == [
+        (0, "NVIDIA H100 80GB HBM3", "9.0"), (1, "NVIDIA H100 80GB HBM3", "9.0")]
+    from launcher import node_checks
+    assert node_checks.driver_version(env) == "550.54.15"
+    r = {**report("node1", gpus=gpus), "driver": "550.54.15", "driver_cuda": "12.4",
+         "torch_cuda": "12.4", "checks": node_checks.optimizer_checks(
+             types.SimpleNamespace(train=types.SimpleNamespace(optimizer="adamw"),
+                                   deepspeed=types.SimpleNamespace(offload_optimizer="none")), True)}
+    text = preflight.summary_text({0: r}, {0: "node1"}, {}, None, [], 1.0)
+    assert ("node1        GPUs: 2 x NVIDIA H100 80GB HBM3 (compute capability 9.0); driver "
+            "550.54.15, CUDA 12.4 (torch built for 12.4)") in text
+    assert "node1        ok  optimizer: AdamW: torch's fused AdamW on GPUs" in text
 
 
 def test_run_dir_checks_token_and_writability(tmp_path):

@@ -103,6 +103,47 @@ def test_each_node_task_is_bound_to_cpus_per_task(cluster, tmp_path, fake_model,
         assert mask[:1] == ["Cpus_allowed_list:"] and mask[1] in ("0", "1"), mask
 
 
+GPU_ENV_PYTHON = r"""#!/bin/bash
+# Records the node task's CPUs and the GPUs Slurm gave it, instead of launching ranks.
+{ grep Cpus_allowed_list /proc/self/status
+  echo "OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+  echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset}"
+  echo "FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES=${FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES:-unset}"
+} > "$FAKE_DIR/$SLURM_JOB_ID.$SLURM_NODEID"
+"""
+
+
+def test_cpus_per_task_unset_still_gives_each_rank_a_cpu(cluster, tmp_path, fake_model, monkeypatch):
+    """cluster.cpus_per_task unset, 2 GPUs (ranks) per node, the deepspeed launcher: the job asks
+    for a CPU per rank (--cpus-per-task=2), so each node's task may run on both CPUs, not one
+    (Slurm's default for a task without --cpus-per-task); and the task keeps the GPUs Slurm gave
+    it for the ranks (the deepspeed launcher rewrites CUDA_VISIBLE_DEVICES to 0..N-1)."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    monkeypatch.setenv("FAKE_DIR", str(fake))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    python = write_exe(str(tmp_path / "python"), GPU_ENV_PYTHON)
+    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
+    tree = {"name": "cpus-unset", "model": {"path": fake_model},
+            "data": {"path": data, "max_seq_len": 64}, "train": {"max_steps": 1},
+            "output": {"dir": str(tmp_path / "run")},
+            "cluster": {"nodes": 2, "gpus_per_node": 2, "python": python, "launcher": "deepspeed",
+                        "preflight": False, "partition": cluster["partition"]}}
+    script, run_dir = prepare(tmp_path, tree, "cpus-unset")
+    assert "#SBATCH --cpus-per-task=2\n" in open(script).read()
+    job = slurm.submit(script)
+    info = wait_final(job, cluster["env"], 120, run_dir)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(run_dir)}"
+    for node in (0, 1):
+        seen = dict(line.replace(":\t", "=").split("=", 1)
+                    for line in (fake / f"{job}.{node}").read_text().splitlines())
+        assert seen["Cpus_allowed_list"] == "0-1", seen
+        assert seen["OMP_NUM_THREADS"] == "1", seen
+        assert seen["CUDA_VISIBLE_DEVICES"] == "0,1", seen
+        assert seen["FTLAUNCH_NODE_CUDA_VISIBLE_DEVICES"] == "0,1", seen
+
+
 # ------------------------------------------------------------------ 64 nodes x 8 GPUs
 def test_a_64_node_8_gpu_job_is_accepted_by_test_only(tmp_path, fake_model, monkeypatch, capsys,
                                                        slurm_cluster):
@@ -134,17 +175,18 @@ def test_a_64_node_8_gpu_job_is_accepted_by_test_only(tmp_path, fake_model, monk
 
 
 # ------------------------------------------------------------------ preflight, one bad node at a time
-# The node "image" of the test cluster: what python each node runs. Every node sees a fake
-# nvidia-smi with 2 GPUs, except the one made bad in each of four ways:
+# The node "image" of the test cluster: what python each node runs. Every node's torch sees the 2
+# GPUs Slurm gives the task, except on the one made bad in each of four ways:
 #   BAD_RO     the run directory mounted read-only (its own mount namespace)
 #   BAD_SHARED another folder (a copy holding resolved.yaml) mounted over the run directory
 #   BAD_MODULE deepspeed missing (a sitecustomize that hides it)
-#   BAD_GPUS   nvidia-smi lists one GPU
-# The ranks themselves are faked: they only record that training started.
+#   BAD_GPUS   the task sees one GPU (CUDA_VISIBLE_DEVICES=0)
+# torch is given the GPUs Slurm sets in CUDA_VISIBLE_DEVICES (a sitecustomize, FAKE_GPUS); the ranks
+# themselves are faked: they only record that training started.
 NODE_PYTHON = r"""#!/bin/bash
 node=$SLURMD_NODENAME
-export PATH="$FAKE_DIR/smi2:$PATH"
-[ "$node" = "$BAD_GPUS" ] && export PATH="$FAKE_DIR/smi1:$PATH"
+export PYTHONPATH="$FAKE_DIR/gpus:$PYTHONPATH"
+[ "$node" = "$BAD_GPUS" ] && export CUDA_VISIBLE_DEVICES=0
 [ "$node" = "$BAD_MODULE" ] && export PYTHONPATH="$FAKE_DIR/block:$PYTHONPATH"
 if [ "$1 $2 $3" != "-m launcher preflight" ]; then
   echo "$SLURM_RESTART_COUNT $node" >> "$FAKE_DIR/trained"
@@ -160,7 +202,15 @@ if [ "$node" = "$BAD_SHARED" ]; then
 fi
 exec "$REAL_PYTHON" "$@"
 """
-BLOCK = """import sys
+FAKE_GPUS = """import os, types
+import torch
+torch.cuda.device_count = lambda: (0 if os.environ.get("CUDA_VISIBLE_DEVICES") is None
+                                  else len(torch.cuda._parse_visible_devices()))
+torch.cuda.get_device_properties = lambda i: types.SimpleNamespace(
+    name="Fake GPU", major=9, minor=0, uuid=f"GPU-fake-{i}")
+torch.cuda.mem_get_info = lambda i: (81000 * 2**20, 81559 * 2**20)
+"""
+BLOCK = FAKE_GPUS + """import sys
 class _Missing:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "deepspeed":
@@ -175,10 +225,9 @@ def test_preflight_names_excludes_and_requeues_past_each_bad_node(cluster, tiny,
     every start, the preflight names the bad node with its reason, the job excludes it and
     requeues; the fifth start (node1 + node6) passes, prints its all-reduce and trains."""
     fake = tmp_path / "fake"
-    for d in ("smi1", "smi2", "block", "elsewhere"):
+    for d in ("gpus", "block", "elsewhere"):
         (fake / d).mkdir(parents=True)
-    write_exe(str(fake / "smi2" / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n1, 81000, 81559\\n'\n")
-    write_exe(str(fake / "smi1" / "nvidia-smi"), "#!/bin/bash\nprintf '0, 81000, 81559\\n'\n")
+    (fake / "gpus" / "sitecustomize.py").write_text(FAKE_GPUS)
     (fake / "block" / "sitecustomize.py").write_text(BLOCK)
     python = write_exe(str(tmp_path / "python"), NODE_PYTHON)
     run_dir = tmp_path / "run"
@@ -205,7 +254,7 @@ def test_preflight_names_excludes_and_requeues_past_each_bad_node(cluster, tiny,
     batch = (run_dir / "logs" / f"job-{job}.out").read_text()
     err = (run_dir / "logs" / f"job-{job}.err").read_text()
     why = {"node2": "cannot write in the run directory", "node3": "is not the one the batch node sees",
-           "node4": "deepspeed is not installed", "node5": "1 GPU(s) visible, cluster.gpus_per_node is 2"}
+           "node4": "deepspeed is not installed", "node5": "1 GPU(s) visible to torch (CUDA_VISIBLE_DEVICES=0), cluster.gpus_per_node is 2"}
     for restart, (node, reason) in enumerate(why.items()):
         assert f"preflight: excluding {node} and requeueing: restart {restart + 1} of 5" in batch, batch
         lines = [x for x in err.splitlines() if x.startswith(f"  {node} ")]

@@ -40,6 +40,8 @@ CASES = [
      r"= 2 x 4 x 1 x 8 = 64"),
     ("_min_lr", "train: {max_steps: 10, scheduler: constant, min_lr_ratio: 0.1}", [],
      "train.min_lr_ratio", r"only the cosine scheduler has a floor \(scheduler is constant\)"),
+    ("_save_timeout", "train: {max_steps: 10, dist_timeout_s: 900, save_timeout_s: 600}", [],
+     "train.save_timeout_s", r"600 s is shorter than train.dist_timeout_s 900 s"),
     ("_warmup", "train: {max_steps: 10, warmup_steps: 10}", [], "train.warmup_steps",
      r"warmup_steps 10 >= max_steps 10: the learning rate would never reach lr"),
     ("_betas", "train: {max_steps: 10, betas: [0.9]}", [], "train.betas",
