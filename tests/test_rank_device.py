@@ -75,7 +75,8 @@ def recorded_cuda(monkeypatch, tmp_path, fake_model):
     monkeypatch.setattr(train, "inherit_timeout", lambda t: None)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                 "MASTER_PORT", device.NODE_DEVICES_ENV):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")  # recorded, so what init_distributed exports is undone after
+        monkeypatch.delenv(key)
     text = f"""
 name: dev
 model: {{path: {fake_model}}}
