@@ -1,9 +1,10 @@
 """Preset from ds_configs/ + run config -> the complete DeepSpeed config: no "auto" left.
 
-Three layers, later wins: the preset (tuning knobs only; or the user's own JSON file,
-`deepspeed.config_file`, "auto" resolved as the HF Trainer does: launcher/ds_file.py), the keys the launcher fills from the
+Three layers, later wins: the preset (tuning knobs only), the keys the launcher fills from the
 run file (FILLED below: the table from run-file fields to DeepSpeed keys), then the user's
-`deepspeed.overrides`. Overrides are checked here, on the login node, against the tables of the
+`deepspeed.overrides`. A user's own JSON file (`deepspeed.config_file`) takes the place of the
+first two: taken as written, "auto" resolved as the HF Trainer does and only the run file's keys
+set in it (launcher/ds_file.py). Overrides are checked here, on the login node, against the tables of the
 keys DeepSpeed 0.19 reads (launcher/ds_keys.py, re-exported here): unknown keys (DeepSpeed ignores a misspelt top-level key
 without a word), "auto" values (DeepSpeed silently drops them), keys removed from DeepSpeed,
 wrong types and ranges, keys owned by a run-file field, and the combinations DeepSpeed would
@@ -189,12 +190,12 @@ def build(cfg: RunConfig, world_size: int | None = None, device: str | None = No
     if bad is not None:
         raise ConfigError([bad], "ds-config")
     decided = filled(cfg, world_size, device)
-    if cfg.deepspeed.config_file:  # the user's JSON, "auto" resolved, in place of a preset
+    if cfg.deepspeed.config_file:  # the user's JSON as written, "auto" and the run file's keys set
         from launcher import ds_file
-        start = ds_file.base(cfg, world_size)
+        out = ds_file.apply(ds_file.base(cfg, world_size), decided)
     else:
-        start = load_preset(preset_name(cfg))
-    out = merge(merge(start, decided), normalise(cfg.deepspeed.overrides))
+        out = merge(load_preset(preset_name(cfg)), decided)
+    out = merge(out, normalise(cfg.deepspeed.overrides))
     out = _ordered(out, list(decided))  # the decided keys first, for a reader of the JSON
     if isinstance(out.get("zero_optimization"), dict):
         out["zero_optimization"] = _ordered(out["zero_optimization"], ["stage"])
