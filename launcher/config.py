@@ -201,7 +201,8 @@ class TrainConfig:
                               "as the HF Trainer); exclusive with warmup_steps.", ge=0, lt=1)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
         "adamw", "adamw (DeepSpeed's), or bitsandbytes' 8-bit AdamW (paged: GPU only).")
-    weight_decay: float = opt(0.0, "Decoupled weight decay.", ge=0)
+    weight_decay: float = opt(0.0, "Decoupled weight decay; not on biases and norm weights "
+                              "(the HF Trainer's groups).", ge=0)
     betas: list[float] = opt([0.9, 0.999], "Adam betas [beta1, beta2].")
     eps: float = opt(1.0e-8, "Adam epsilon.", gt=0)
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this; 0: off.", ge=0)

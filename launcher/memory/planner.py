@@ -176,8 +176,19 @@ def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None)
     inv = inventory(cfg)
     ds = ds if ds is not None else ds_config.build(cfg, world, device=device)
     zero = ds.get("zero_optimization", {})
-    st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer)
+    st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer,
+                groups=param_groups(inv, cfg.train.weight_decay))
     return _Setting(cfg, inv, st, ds, zero, world, device)
+
+
+def param_groups(inv: Inventory, weight_decay: float) -> list[list[int]]:
+    """The trainable elements of each optimizer param group, in order, as the ranks build them
+    (launcher/decay.py): with weight decay, the decayed parameters then biases and norms."""
+    train = [p for p in inv.params if p.trainable]
+    if not weight_decay:
+        return [[p.numel for p in train]]
+    groups = [[p.numel for p in train if p.decay], [p.numel for p in train if not p.decay]]
+    return [g for g in groups if g] or [[]]
 
 
 def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:
