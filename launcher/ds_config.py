@@ -31,12 +31,38 @@ from launcher.ds_keys import (  # noqa: F401  (the tables, re-exported for calle
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 def preset_name(cfg: RunConfig) -> str:
-    """The preset used: deepspeed.preset, or zero{stage}[_offload]."""
+    """The preset used: deepspeed.preset, else zero3_nvme for NVMe offload (ZeRO-3 only), else
+    zero{stage}[_offload]."""
     ds = cfg.deepspeed
     if ds.preset:
         return ds.preset
+    if "nvme" in (ds.offload_optimizer, ds.offload_param) and ds.zero_stage == 3:
+        return "zero3_nvme"
     offload = "none" != ds.offload_optimizer or "none" != ds.offload_param
     return f"zero{ds.zero_stage}" + ("_offload" if offload and ds.zero_stage >= 2 else "")
+
+
+def model_sized(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
+    """Keys sized from the model's config.json (torch-free), between the preset and the run
+    file's keys (overrides may change them). ZeRO-3: the HF Trainer's bucket rules
+    (transformers/integrations/deepspeed.py `trainer_config_finalize`: reduce_bucket_size h x h,
+    stage3_prefetch_bucket_size 0.9 h x h, stage3_param_persistence_threshold 10 h). NVMe
+    parameter offload: offload_param.buffer_size at least the largest parameter's partition
+    (DeepSpeed asserts every swapped partition fits one buffer)."""
+    from launcher import model_info
+    ds = cfg.deepspeed
+    mc = model_info.model_config(cfg.model.path)
+    h = model_info.hidden_size(mc) if mc else None
+    if ds.zero_stage != 3 or h is None:
+        return {}
+    zero: dict[str, Any] = {"reduce_bucket_size": h * h,
+                            "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                            "stage3_param_persistence_threshold": 10 * h}
+    largest = model_info.largest_matrix(mc) if mc else None
+    if ds.offload_param == "nvme" and largest:
+        world = world_size or cfg.world_size
+        zero["offload_param"] = {"buffer_size": max(10**8, -(-largest // world))}
+    return {"zero_optimization": zero}
 
 
 def presets() -> list[str]:
@@ -194,7 +220,7 @@ def build(cfg: RunConfig, world_size: int | None = None, device: str | None = No
         from launcher import ds_file
         out = ds_file.apply(ds_file.base(cfg, world_size), decided)
     else:
-        out = merge(load_preset(preset_name(cfg)), decided)
+        out = merge(merge(load_preset(preset_name(cfg)), model_sized(cfg, world_size)), decided)
     out = merge(out, normalise(cfg.deepspeed.overrides))
     out = _ordered(out, list(decided))  # the decided keys first, for a reader of the JSON
     if isinstance(out.get("zero_optimization"), dict):

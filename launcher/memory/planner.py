@@ -20,7 +20,7 @@ from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, CUDA_FRAGMENTATION, DS_SRC,
-                                   States, Term, gib, states)
+                                   States, Term, gib, param_groups, states)
 from launcher.sizes import parse_size
 
 DEFAULT_GPU_MEMORY = 80 * 2**30
@@ -180,15 +180,6 @@ def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None)
                 groups=param_groups(inv, cfg.train.weight_decay))
     return _Setting(cfg, inv, st, ds, zero, world, device)
 
-
-def param_groups(inv: Inventory, weight_decay: float) -> list[list[int]]:
-    """The trainable elements of each optimizer param group, in order, as the ranks build them
-    (launcher/decay.py): with weight decay, the decayed parameters then biases and norms."""
-    train = [p for p in inv.params if p.trainable]
-    if not weight_decay:
-        return [[p.numel for p in train]]
-    groups = [[p.numel for p in train if p.decay], [p.numel for p in train if not p.decay]]
-    return [g for g in groups if g] or [[]]
 
 
 def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:
