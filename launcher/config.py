@@ -233,9 +233,10 @@ class DeepSpeedSection:
     nvme_path: Optional[str] = opt(None, "Local NVMe folder for nvme offload.", path=True)
     preset: Optional[str] = opt(None, "Preset in ds_configs/ (file name without .json); null: "
                                 "chosen from zero_stage and offload.")
-    config_file: Optional[str] = opt(None, "Your DeepSpeed JSON as the base instead of a preset: "
-                                     "\"auto\" values resolved as the HF Trainer does, values that "
-                                     "contradict the run file and unknown keys refused.", path=True)
+    config_file: Optional[str] = opt(None, "Your DeepSpeed JSON instead of a preset, taken as "
+                                     "written: \"auto\" resolved as the HF Trainer does and the "
+                                     "run file's keys set; values that contradict the run file and "
+                                     "unknown keys refused.", path=True)
     overrides: dict[str, Any] = opt({}, "DeepSpeed JSON merged last, e.g. {zero_optimization: "
                                     "{reduce_bucket_size: 5.0e+8}}; checked against the keys "
                                     "the launcher fills.")

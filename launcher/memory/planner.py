@@ -171,10 +171,10 @@ def offload_notes(p: Plan, replan: Callable[[RunConfig], Plan]) -> list[str]:
     except (ConfigError, ValueError):
         return [OFFLOAD_COST]
     if without.fits:
-        return [f"fits without offload too ({gib(without.total_per_gpu)} per GPU, node "
+        return [f"fits without offload too ({gib(without.total_per_gpu)} per rank, node "
                 f"{gib(without.node_cpu)}): set deepspeed.offload_optimizer and offload_param to "
                 f"none; {OFFLOAD_COST}"]
-    return [f"offload is needed: without it {gib(without.total_per_gpu)} per GPU, node "
+    return [f"offload is needed: without it {gib(without.total_per_gpu)} per rank, node "
             f"{gib(without.node_cpu)} do not fit; {OFFLOAD_COST}"]
 
 
