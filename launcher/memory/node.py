@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from launcher.config import DTYPE_BYTES, TORCH_DTYPE
-from launcher.memory import nvme
+from launcher.memory.nvme import node_terms as nvme_terms
 from launcher.memory.terms import DS_SRC, Term, gib, param_groups
 from launcher.sizes import parse_size, parse_slurm_mem
 
@@ -121,7 +121,7 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
         out.append(Term("offload_param", "offloaded parameters (pinned partitions)",
                         n * st.weights, "train", f"{n} ranks x this rank's parameter partitions",
                         DS_SRC))
-    out += nvme.node_terms(r, n, param_groups(inv, cfg.train.weight_decay))
+    out += nvme_terms(r, n, param_groups(inv, cfg.train.weight_decay))
     if r.stage == 3 and cfg.output.save_final and cfg.freeze.policy != "lora":
         state = sum(p.nbytes for p in inv.params if p.group != "copies") + inv.buffer_bytes
         out.append(Term("final_save", "16-bit state dict gathered for the final export (rank 0)",
