@@ -197,6 +197,11 @@ def override_cross_problems(cfg: RunConfig) -> Iterator[Problem]:
     if bf16.get("bf16_optimizer_states") is True and bf16.get("bf16_master_weights_and_grads") is not True:
         yield Problem("deepspeed.overrides.bf16.bf16_optimizer_states", "needs "
                       "bf16.bf16_master_weights_and_grads: true", "set both, or neither")
+    aio = ov.get("aio") if isinstance(ov.get("aio"), dict) else {}
+    if aio.get("use_gds") is True and cfg.train.device != "cuda":
+        yield Problem("deepspeed.overrides.aio.use_gds", "GPUDirect Storage needs CUDA ranks "
+                      f"(DeepSpeed asserts it; train.device is {cfg.train.device})",
+                      "set train.device: cuda, or remove use_gds")
     op = ov.get("gradient_allreduce_op")
     if op == "sum":
         compile_ = ov.get("compile") if isinstance(ov.get("compile"), dict) else {}

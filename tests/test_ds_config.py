@@ -585,6 +585,12 @@ def test_block_values_are_checked_and_good_ones_parse_in_deepspeed(parse):
                         '"checkpoint": {"tag_validation": "strict"}}')
     assert sorted(p.key for p in problems) == ["deepspeed.overrides.aio.queue_depth",
                                                "deepspeed.overrides.checkpoint.tag_validation"]
+    # DeepSpeed asserts GPUDirect Storage is CUDA-only when it parses the config
+    _, problems = parse('deepspeed.overrides={"aio": {"use_gds": true}}')
+    assert [p.key for p in problems] == ["deepspeed.overrides.aio.use_gds"]
+    assert "GPUDirect Storage needs CUDA ranks" in problems[0].message
+    cfg, problems = parse('deepspeed.overrides={"aio": {"use_gds": true}}', "train.device=cuda")
+    assert problems == [] and ds_config.build(cfg)["aio"]["use_gds"] is True
 
 
 TOP_SAMPLES = {"int>0": 7, "int?>0": 8, "bool": True, "float>0": 2.0, "mapping": {}}
