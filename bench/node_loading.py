@@ -77,7 +77,9 @@ def measure(work: str, settings: list[str], steps: int = 2) -> list[dict]:
                      "plan_load": {t.key: t.bytes for t in p.node_terms if "load" in t.phase.split()
                                    and t.key != "rank_host"},
                      "weights": p.term("weights"), "ranks": ranks, "node_phase": p.node_phase,
-                     "plan_node": p.node_cpu - 2 * node.CPU_RANK_BASE,
+                     # loading and the steps are measured, not the final save
+                     "plan_node": max(sum(t.bytes for t in p.node_terms if ph in t.phase.split())
+                                      for ph in ("load", "train")) - 2 * node.CPU_RANK_BASE,
                      "measured_node": sum(rk["peak"] for rk in ranks),
                      "plan_rank": p.total_per_gpu,
                      # before offload: where they live does not change the bytes

@@ -204,7 +204,12 @@ def cmd_ds_config(args: argparse.Namespace) -> int:
     from launcher.rundir import write_atomic
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides)
-    text = ds_config.dumps(ds_config.build(cfg, args.world_size))
+    built = ds_config.build(cfg, args.world_size)
+    text = ds_config.dumps(built)
+    if cfg.deepspeed.config_file:
+        from launcher import ds_file
+        for line in ds_file.notes(cfg, built):
+            print(f"note: {line}", file=sys.stderr)
     if args.output:
         try:
             write_atomic(args.output, text)

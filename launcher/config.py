@@ -202,7 +202,8 @@ class TrainConfig:
                               "as the HF Trainer); exclusive with warmup_steps.", ge=0, lt=1)
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = opt(
         "adamw", "adamw (DeepSpeed's), or bitsandbytes' 8-bit AdamW (paged: GPU only).")
-    weight_decay: float = opt(0.0, "Decoupled weight decay.", ge=0)
+    weight_decay: float = opt(0.0, "Decoupled weight decay; not on biases and norm weights "
+                              "(the HF Trainer's groups).", ge=0)
     betas: list[float] = opt([0.9, 0.999], "Adam betas [beta1, beta2].")
     eps: float = opt(1.0e-8, "Adam epsilon.", gt=0)
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this; 0: off.", ge=0)
@@ -237,9 +238,10 @@ class DeepSpeedSection:
     nvme_path: Optional[str] = opt(None, "Local NVMe folder for nvme offload.", path=True)
     preset: Optional[str] = opt(None, "Preset in ds_configs/ (file name without .json); null: "
                                 "chosen from zero_stage and offload.")
-    config_file: Optional[str] = opt(None, "Your DeepSpeed JSON as the base instead of a preset: "
-                                     "\"auto\" values resolved as the HF Trainer does, values that "
-                                     "contradict the run file and unknown keys refused.", path=True)
+    config_file: Optional[str] = opt(None, "Your DeepSpeed JSON instead of a preset, taken as "
+                                     "written: \"auto\" resolved as the HF Trainer does and the "
+                                     "run file's keys set; values that contradict the run file and "
+                                     "unknown keys refused.", path=True)
     overrides: dict[str, Any] = opt({}, "DeepSpeed JSON merged last, e.g. {zero_optimization: "
                                     "{reduce_bucket_size: 5.0e+8}}; checked against the keys "
                                     "the launcher fills.")

@@ -1,9 +1,10 @@
 """Preset from ds_configs/ + run config -> the complete DeepSpeed config: no "auto" left.
 
-Three layers, later wins: the preset (tuning knobs only; or the user's own JSON file,
-`deepspeed.config_file`, "auto" resolved as the HF Trainer does: launcher/ds_file.py), the keys the launcher fills from the
+Three layers, later wins: the preset (tuning knobs only), the keys the launcher fills from the
 run file (FILLED below: the table from run-file fields to DeepSpeed keys), then the user's
-`deepspeed.overrides`. Overrides are checked here, on the login node, against the tables of the
+`deepspeed.overrides`. A user's own JSON file (`deepspeed.config_file`) takes the place of the
+first two: taken as written, "auto" resolved as the HF Trainer does and only the run file's keys
+set in it (launcher/ds_file.py). Overrides are checked here, on the login node, against the tables of the
 keys DeepSpeed 0.19 reads (launcher/ds_keys.py, re-exported here): unknown keys (DeepSpeed ignores a misspelt top-level key
 without a word), "auto" values (DeepSpeed silently drops them), keys removed from DeepSpeed,
 wrong types and ranges, keys owned by a run-file field, and the combinations DeepSpeed would
@@ -30,12 +31,38 @@ from launcher.ds_keys import (  # noqa: F401  (the tables, re-exported for calle
 PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 
 def preset_name(cfg: RunConfig) -> str:
-    """The preset used: deepspeed.preset, or zero{stage}[_offload]."""
+    """The preset used: deepspeed.preset, else zero3_nvme for NVMe offload (ZeRO-3 only), else
+    zero{stage}[_offload]."""
     ds = cfg.deepspeed
     if ds.preset:
         return ds.preset
+    if "nvme" in (ds.offload_optimizer, ds.offload_param) and ds.zero_stage == 3:
+        return "zero3_nvme"
     offload = "none" != ds.offload_optimizer or "none" != ds.offload_param
     return f"zero{ds.zero_stage}" + ("_offload" if offload and ds.zero_stage >= 2 else "")
+
+
+def model_sized(cfg: RunConfig, world_size: int | None = None) -> dict[str, Any]:
+    """Keys sized from the model's config.json (torch-free), between the preset and the run
+    file's keys (overrides may change them). ZeRO-3: the HF Trainer's bucket rules
+    (transformers/integrations/deepspeed.py `trainer_config_finalize`: reduce_bucket_size h x h,
+    stage3_prefetch_bucket_size 0.9 h x h, stage3_param_persistence_threshold 10 h). NVMe
+    parameter offload: offload_param.buffer_size at least the largest parameter's partition
+    (DeepSpeed asserts every swapped partition fits one buffer)."""
+    from launcher import model_info
+    ds = cfg.deepspeed
+    mc = model_info.model_config(cfg.model.path)
+    h = model_info.hidden_size(mc) if mc else None
+    if ds.zero_stage != 3 or h is None:
+        return {}
+    zero: dict[str, Any] = {"reduce_bucket_size": h * h,
+                            "stage3_prefetch_bucket_size": int(0.9 * h * h),
+                            "stage3_param_persistence_threshold": 10 * h}
+    largest = model_info.largest_matrix(mc) if mc else None
+    if ds.offload_param == "nvme" and largest:
+        world = world_size or cfg.world_size
+        zero["offload_param"] = {"buffer_size": max(10**8, -(-largest // world))}
+    return {"zero_optimization": zero}
 
 
 def presets() -> list[str]:
@@ -175,6 +202,11 @@ def override_cross_problems(cfg: RunConfig) -> Iterator[Problem]:
     if bf16.get("bf16_optimizer_states") is True and bf16.get("bf16_master_weights_and_grads") is not True:
         yield Problem("deepspeed.overrides.bf16.bf16_optimizer_states", "needs "
                       "bf16.bf16_master_weights_and_grads: true", "set both, or neither")
+    aio = ov.get("aio") if isinstance(ov.get("aio"), dict) else {}
+    if aio.get("use_gds") is True and cfg.train.device != "cuda":
+        yield Problem("deepspeed.overrides.aio.use_gds", "GPUDirect Storage needs CUDA ranks "
+                      f"(DeepSpeed asserts it; train.device is {cfg.train.device})",
+                      "set train.device: cuda, or remove use_gds")
     op = ov.get("gradient_allreduce_op")
     if op == "sum":
         compile_ = ov.get("compile") if isinstance(ov.get("compile"), dict) else {}
@@ -194,12 +226,12 @@ def build(cfg: RunConfig, world_size: int | None = None, device: str | None = No
     if bad is not None:
         raise ConfigError([bad], "ds-config")
     decided = filled(cfg, world_size, device)
-    if cfg.deepspeed.config_file:  # the user's JSON, "auto" resolved, in place of a preset
+    if cfg.deepspeed.config_file:  # the user's JSON as written, "auto" and the run file's keys set
         from launcher import ds_file
-        start = ds_file.base(cfg, world_size)
+        out = ds_file.apply(ds_file.base(cfg, world_size), decided)
     else:
-        start = load_preset(preset_name(cfg))
-    out = merge(merge(start, decided), normalise(cfg.deepspeed.overrides))
+        out = merge(merge(load_preset(preset_name(cfg)), model_sized(cfg, world_size)), decided)
+    out = merge(out, normalise(cfg.deepspeed.overrides))
     out = _ordered(out, list(decided))  # the decided keys first, for a reader of the JSON
     if isinstance(out.get("zero_optimization"), dict):
         out["zero_optimization"] = _ordered(out["zero_optimization"], ["stage"])

@@ -18,14 +18,24 @@ Trainer's rules (transformers/integrations/deepspeed.py, `HfTrainerDeepSpeedConf
     zero_optimization.stage3_param_persistence_threshold 10 x hidden            /  them is "auto"
 
 As in the Trainer, a concrete value where the run file decides must equal the run file's (the
-Trainer's "mismatches"); so must the ZeRO stage, the offload devices, the optimizer (AdamW) and
-the scheduler type (WarmupLR = constant, WarmupDecayLR = linear, WarmupCosineLR = cosine). Any
-other "auto" is refused (the Trainer leaves it and DeepSpeed drops it). What is left, the
-tuning keys, is checked like `deepspeed.overrides` (unknown keys refused, types, ranges) and
-becomes the base the launcher's keys and the overrides are merged onto, in place of a preset.
+Trainer's "mismatches", each reported by key); so must the ZeRO stage, the offload devices and
+`nvme_path`, the optimizer (AdamW), the scheduler type (WarmupLR = constant, WarmupDecayLR =
+linear, WarmupCosineLR = cosine) and its `cos_min_ratio` (train.min_lr_ratio). Any other "auto"
+is refused (the Trainer leaves it and DeepSpeed drops it).
+
+The file is then taken as written (`apply`): only the keys the run file decides are set in it
+(the batch sizes, accumulation, clipping, `enabled` of fp16/bf16, the stage, offload devices and
+paths, lr / betas / eps / weight_decay in the optimizer's params, the step counts and peak lr in
+the scheduler's); every other value stays the user's (fp16 loss scaling, `pin_memory`,
+`stage3_gather_16bit_weights_on_model_save`, `warmup_type`, `torch_adam`, ...), and the
+launcher's own defaults are not added. A block the file lacks (optimizer, scheduler) is the
+launcher's. What the ranks do differently from a kept value (they run launcher/lr_schedule.py's
+linear warmup, whatever `warmup_type` says) is said by `notes`, which `ftlaunch ds-config`
+prints.
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Callable, Iterator, Optional
 
@@ -72,10 +82,13 @@ def _get(tree: dict, dotted: str) -> tuple[Optional[dict], str]:
 
 def _run_values(cfg: RunConfig, world: Optional[int]) -> dict[str, tuple[Any, str, bool]]:
     """dotted DeepSpeed key -> (the run file's value, the run-file field, must match)."""
-    t = cfg.train
+    t, ds = cfg.train, cfg.deepspeed
     micro, accum, global_batch = batch_sizes(cfg, world)
     steps, _ = epochs.planned_steps(cfg, world)
-    return {
+    nvme = {f"zero_optimization.{part}.nvme_path": (ds.nvme_path, "deepspeed.nvme_path", True)
+            for part, device in (("offload_optimizer", ds.offload_optimizer),
+                                 ("offload_param", ds.offload_param)) if device == "nvme"}
+    return {**nvme,
         "train_micro_batch_size_per_gpu": (micro, "train.micro_batch_size", True),
         "gradient_accumulation_steps": (accum, "train.grad_accum", True),
         "train_batch_size": (global_batch, "train.global_batch_size", True),
@@ -89,6 +102,7 @@ def _run_values(cfg: RunConfig, world: Optional[int]) -> dict[str, tuple[Any, st
         "scheduler.params.total_num_steps": (steps, "train.max_steps / epochs", True),
         "scheduler.params.warmup_num_steps": (max(1, epochs.warmup_steps(cfg, steps)),
                                               "train.warmup_steps / warmup_ratio", True),
+        "scheduler.params.cos_min_ratio": (t.min_lr_ratio, "train.min_lr_ratio", True),
         "fp16.enabled": (cfg.model.dtype == "fp16", "model.dtype", True),
         "bf16.enabled": (cfg.model.dtype == "bf16", "model.dtype", True),
     }
@@ -169,6 +183,10 @@ def _launcher_keys(tree: dict, cfg: RunConfig, path: str) -> Iterator[Problem]:
             yield Problem(KEY, f"{path}: optimizer type {opt.get('type')!r}; the launcher trains "
                           f"with train.optimizer ({t.optimizer})", "remove the optimizer block "
                           "(or use AdamW), and choose the optimizer with train.optimizer")
+    if t.optimizer != "adamw" and tree.get("zero_allow_untested_optimizer") is False:
+        yield Problem(KEY, f"{path}: zero_allow_untested_optimizer is false, but train.optimizer "
+                      f"{t.optimizer} passes bitsandbytes' optimizer to DeepSpeed, which needs it true",
+                      'set zero_allow_untested_optimizer to true or "auto", or remove it')
     sched = tree.get("scheduler")
     if isinstance(sched, dict):
         kind = SCHEDULERS.get(str(sched.get("type")))
@@ -205,7 +223,7 @@ def _strip_filled(tree: dict) -> dict:
 def resolve(cfg: RunConfig, world: Optional[int] = None,
             reader: Callable[[str], tuple[Optional[dict], list[Problem]]] = read
             ) -> tuple[dict, list[Problem]]:
-    """(the tuning keys of the file, "auto" resolved, or {}; every problem with the file)."""
+    """(the whole file, "auto" resolved and aliases in one form, or {}; every problem with it)."""
     from launcher.ds_keys import find_auto, key_problems, normalise
     path = cfg.deepspeed.config_file
     assert path is not None
@@ -215,19 +233,98 @@ def resolve(cfg: RunConfig, world: Optional[int] = None,
     tree = json.loads(json.dumps(tree))  # a private copy
     problems += list(_resolve_auto(tree, cfg, world, path))
     problems += list(_launcher_keys(tree, cfg, path))
-    base = _strip_filled(tree)
-    for k in find_auto(base):
+    tuning = _strip_filled(tree)
+    for k in find_auto(tuning):
         problems.append(Problem(f"{KEY}.{k}", f'{path}: "auto" here is not resolved by the HF '
                                 "Trainer's rules (DeepSpeed would drop it silently)",
                                 "give a concrete value"))
     problems += [Problem(p.key, f"{path}: {p.key[len(KEY) + 1:]}: {p.message}", p.fix)
-                 for p in key_problems(base, "", root=KEY)]
-    return normalise(base), problems
+                 for p in key_problems(tuning, "", root=KEY)]
+    return normalise(tree), problems
 
 
 def base(cfg: RunConfig, world: Optional[int] = None) -> dict:
-    """The tuning keys of deepspeed.config_file; ConfigError if the file has problems."""
+    """The file, "auto" resolved; ConfigError if the file has problems."""
     tree, problems = resolve(cfg, world)
     if problems:
         raise ConfigError(problems, "ds-config")
     return tree
+
+
+# the top-level keys the run file decides, set in the file as they are in the launcher's config
+RUN_FILE_TOP = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping")
+OPTIMIZER_RUN_PARAMS = ("lr", "betas", "eps", "weight_decay")
+SCHEDULER_RUN_PARAMS = ("warmup_max_lr", "total_num_steps", "warmup_num_steps", "cos_min_ratio")
+
+
+def _block(tree: dict, key: str) -> dict:
+    value = tree.get(key)
+    tree[key] = value if isinstance(value, dict) else {}
+    return tree[key]
+
+
+def apply(tree: dict, decided: dict) -> dict:
+    """The user's file (resolved: `base`) with the run file's keys set from `decided` (the
+    launcher's `ds_config.filled`); every other value as the user wrote it."""
+    out = copy.deepcopy(tree)
+    for k in RUN_FILE_TOP:
+        out[k] = decided[k]
+    for k in ("fp16", "bf16"):
+        _block(out, k)["enabled"] = decided[k]["enabled"]
+    zero = _block(out, "zero_optimization")
+    dzero = decided["zero_optimization"]
+    zero["stage"] = dzero["stage"]
+    for part in ("offload_optimizer", "offload_param"):
+        if part in dzero:
+            block = _block(zero, part)
+            block.update({k: dzero[part][k] for k in ("device", "nvme_path") if k in dzero[part]})
+    if "optimizer" in decided:
+        if isinstance(out.get("optimizer"), dict):
+            params = _block(out["optimizer"], "params")
+            dparams = decided["optimizer"]["params"]
+            params.update({k: copy.deepcopy(dparams[k]) for k in OPTIMIZER_RUN_PARAMS})
+            params.update({k: v for k, v in dparams.items() if k not in params})  # torch_adam on CPU
+        else:
+            out["optimizer"] = copy.deepcopy(decided["optimizer"])
+    if decided["zero_allow_untested_optimizer"] or "zero_allow_untested_optimizer" not in out:
+        out["zero_allow_untested_optimizer"] = decided["zero_allow_untested_optimizer"]
+    if isinstance(out.get("scheduler"), dict):
+        params = _block(out["scheduler"], "params")
+        dparams = decided["scheduler"]["params"]
+        params.update({k: dparams[k] for k in SCHEDULER_RUN_PARAMS if k in dparams})
+    else:
+        out["scheduler"] = copy.deepcopy(decided["scheduler"])
+    return out
+
+
+def notes(cfg: RunConfig, built: dict) -> list[str]:
+    """What the ranks do otherwise than a value the user's file keeps, and the blocks the file
+    lacked (the launcher's are used): one line each, for `ftlaunch ds-config` to print."""
+    if not cfg.deepspeed.config_file:
+        return []
+    tree, _ = resolve(cfg)
+    out: list[str] = []
+    for block, what in (("optimizer", f"DeepSpeed's AdamW from train: (lr {cfg.train.lr:g})"),
+                        ("scheduler", f"the launcher's {built['scheduler']['type']} from train:")):
+        if block in built and not isinstance(tree.get(block), dict):
+            out.append(f"{KEY}: the file has no {block} block; {what} is written")
+    sched = tree.get("scheduler") if isinstance(tree.get("scheduler"), dict) else {}
+    params = sched.get("params") if isinstance(sched.get("params"), dict) else {}
+    if sched:
+        kind = params.get("warmup_type", "log (DeepSpeed's default)")
+        if kind != "linear":
+            out.append(f"{KEY}: scheduler.params.warmup_type is {kind}: kept in the JSON, but the "
+                       "ranks warm up linearly (launcher/lr_schedule.py, train.warmup_steps)")
+        for k in ("warmup_min_lr", "warmup_min_ratio"):
+            if isinstance(params.get(k), (int, float)) and params[k]:
+                out.append(f"{KEY}: scheduler.params.{k} is {params[k]:g}: kept in the JSON, but "
+                           "the ranks' warmup starts from lr x 1/warmup_steps "
+                           "(launcher/lr_schedule.py)")
+    zero = built.get("zero_optimization", {})
+    if zero.get("stage") == 3 and cfg.output.save_final and \
+            not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        out.append(f"{KEY}: stage3_gather_16bit_weights_on_model_save is false: kept, but the final "
+                   "export (output.save_final) gathers the 16-bit weights on rank 0 all the same "
+                   "(launcher/export.py); set output.save_final: false to skip it")
+    return out

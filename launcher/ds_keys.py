@@ -59,11 +59,15 @@ TOP_KEYS: dict[str, str] = {
     "use_data_before_expert_parallelism": "bool", "disable_python_gc": "bool",
     "zero_force_ds_cpu_optimizer": "bool", "vocabulary_size": "int?>0",
     "managed_gradient_accumulation": "bool",
-    # blocks whose contents DeepSpeed checks itself (on the ranks)
+    # blocks DeepSpeed reads key by key with defaults (a misspelt key is ignored without a word):
+    # checked here against the keys DeepSpeed 0.19 reads (tables below)
+    "activation_checkpointing": "section", "aio": "section", "checkpoint": "section",
+    "flops_profiler": "section", "data_types": "section",
+    # blocks DeepSpeed parses with pydantic models that refuse unknown keys (on the ranks), or
+    # hands to a subsystem the launcher does not use: kept as given, they must be mappings
     **{k: "mapping" for k in (
-        "activation_checkpointing", "aio", "autotuning", "checkpoint", "comet", "comms_logger",
-        "compile", "csv_monitor", "data_efficiency", "data_types", "datastates_ckpt",
-        "expert_parallel", "flops_profiler", "hybrid_engine", "pipeline", "tensor_parallel",
+        "autotuning", "comet", "comms_logger", "compile", "csv_monitor", "data_efficiency",
+        "datastates_ckpt", "expert_parallel", "hybrid_engine", "pipeline", "tensor_parallel",
         "tensorboard", "timers", "torch_autocast", "wandb", "weight_quantization")},
 }
 
@@ -129,7 +133,48 @@ BF16_KEYS: dict[str, str] = {
     "enabled": "bool", "immediate_grad_update": "bool", "check_grad_overflow": "bool",
     "bf16_master_weights_and_grads": "bool", "bf16_optimizer_states": "bool",
 }
+# deepspeed/runtime/swap_tensor/aio_config.py get_aio_config (constants.py: defaults)
+AIO_KEYS: dict[str, str] = {
+    "block_size": "int>0", "queue_depth": "int>0", "intra_op_parallelism": "int>0",
+    "single_submit": "bool", "overlap_events": "bool", "use_gds": "bool",
+}
+# deepspeed/runtime/activation_checkpointing/config.py DeepSpeedActivationCheckpointingConfig
+ACTIVATION_CHECKPOINTING_KEYS: dict[str, str] = {
+    "partition_activations": "bool", "number_checkpoints": "int?>0",
+    "contiguous_memory_optimization": "bool", "synchronize_checkpoint_boundary": "bool",
+    "profile": "bool", "cpu_checkpointing": "bool",
+}
+# deepspeed/profiling/config.py DeepSpeedFlopsProfilerConfig (profiling/constants.py)
+FLOPS_PROFILER_KEYS: dict[str, str] = {
+    "enabled": "bool", "recompute_fwd_factor": "float>=0", "profile_step": "int>=1",
+    "module_depth": "int", "top_modules": "int>=1", "detailed": "bool", "output_file": "path?",
+}
+# deepspeed/runtime/config.py (tag_validation, load_universal, use_node_local_storage,
+# parallel_write) and runtime/model_checkpointing/config.py get_checkpoint_config (the rest)
+CHECKPOINT_KEYS: dict[str, str] = {
+    "tag_validation": "choice(warn|ignore|fail)", "load_universal": "bool",
+    "use_node_local_storage": "bool", "parallel_write": "section",
+    "checkpoint_serialization": "bool", "writer": "section",
+}
+CHECKPOINT_PARALLEL_WRITE_KEYS: dict[str, str] = {"pipeline_stage": "bool"}
+CHECKPOINT_WRITER_KEYS: dict[str, str] = {
+    "type": "choice(mock|python|fast)", "io_buffer_size": "int>0", "io_buffer_double": "bool",
+    "show_statistics": "bool", "data_parallel": "choice(replica|socket|machine)",
+    "decoupled": "bool", "io_multiplier": "int>0",
+}
+# deepspeed/runtime/config.py (DATA_TYPES in runtime/constants.py); keep_in_fp32_modules is
+# "auto" (which DeepSpeed itself resolves) or a list of name patterns
+DATA_TYPES_KEYS: dict[str, str] = {
+    "grad_accum_dtype": "choice(fp32|fp16|bf16)?", "param_dtype": "choice(fp32|fp16|bf16)?",
+    "buffer_dtype": "choice(fp32|fp16|bf16)?", "keep_in_fp32_modules": "list",
+}
+# "auto" that DeepSpeed resolves itself (not the HF Trainer's): kept
+AUTO_READ_BY_DEEPSPEED = frozenset({"data_types.keep_in_fp32_modules"})
 SECTIONS: dict[str, dict[str, str]] = {
+    "aio": AIO_KEYS, "activation_checkpointing": ACTIVATION_CHECKPOINTING_KEYS,
+    "flops_profiler": FLOPS_PROFILER_KEYS, "checkpoint": CHECKPOINT_KEYS,
+    "checkpoint.parallel_write": CHECKPOINT_PARALLEL_WRITE_KEYS,
+    "checkpoint.writer": CHECKPOINT_WRITER_KEYS, "data_types": DATA_TYPES_KEYS,
     "": TOP_KEYS, "fp16": FP16_KEYS, "bf16": BF16_KEYS, "zero_optimization": ZERO_KEYS,
     "zero_optimization.offload_param": OFFLOAD_PARAM_KEYS,
     "zero_optimization.offload_optimizer": OFFLOAD_OPTIMIZER_KEYS,
@@ -138,7 +183,7 @@ SECTIONS: dict[str, dict[str, str]] = {
 KNOWN_TOP = frozenset(TOP_KEYS)
 KNOWN_ZERO = frozenset(ZERO_KEYS)
 
-_SPEC = re.compile(r"(?P<kind>bool|int|float|str|path|mapping|choice\((?P<choices>[^)]*)\))"
+_SPEC = re.compile(r"(?P<kind>bool|int|float|str|path|mapping|list|choice\((?P<choices>[^)]*)\))"
                    r"(?P<null>\?)?(?P<bounds>(?:(?:>=|<=|>|<)-?[0-9.]+)*)")
 
 
@@ -153,6 +198,9 @@ def check_value(spec: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
     if kind == "mapping":
         return None if isinstance(value, dict) else f"expected a mapping, got {value!r}"
+    if kind == "list":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return None if ok else f"expected a list of strings, got {value!r}"
     if kind in ("str", "path"):
         if not isinstance(value, str) or (kind == "path" and not value.strip()):
             return f"expected a {'path' if kind == 'path' else 'string'}, got {value!r}"
@@ -215,7 +263,8 @@ def find_auto(tree: Any, prefix: str = "") -> Iterator[str]:
     elif isinstance(tree, list):
         for i, v in enumerate(tree):
             yield from find_auto(v, f"{prefix}[{i}]")
-    elif isinstance(tree, str) and tree.strip().lower() == "auto":
+    elif isinstance(tree, str) and tree.strip().lower() == "auto" and \
+            prefix not in AUTO_READ_BY_DEEPSPEED:
         yield prefix
 
 
@@ -272,7 +321,7 @@ def _spec_words(spec: str) -> str:
     assert m
     kind = m["kind"]
     words = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-             "path": "a path", "mapping": "a mapping"}.get(kind)
+             "path": "a path", "mapping": "a mapping", "list": "a list of strings"}.get(kind)
     if words is None:
         words = "one of " + ", ".join(m["choices"].split("|"))
     if m["bounds"]:

@@ -51,6 +51,18 @@ def hidden_size(model_cfg: dict) -> int | None:
     return _positive_int(model_cfg, ("hidden_size", "n_embd", "d_model"))
 
 
+def largest_matrix(model_cfg: dict) -> int | None:
+    """Elements of the biggest weight matrix: the embedding (vocab x hidden) or an MLP matrix
+    (intermediate x hidden); None if config.json does not give the hidden size."""
+    h = hidden_size(model_cfg)
+    if h is None:
+        return None
+    vocab = _positive_int(model_cfg, ("vocab_size", "padded_vocab_size")) or 0
+    inter = _positive_int(model_cfg, ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")) \
+        or 4 * h
+    return h * max(vocab, inter, h)
+
+
 def model_type(model_cfg: dict) -> str | None:
     """The architecture name transformers dispatches on ("llama", "gpt2"), or None."""
     v = _lookup(model_cfg, "model_type")

@@ -5,8 +5,9 @@ itself (`check_node`): GPUs visible = gpus_per_node (torch's device count in the
 environment, as the ranks will count them), their model, compute capability, free memory and the
 driver; what the run's optimizer needs on the node (launcher/node_checks.py); the run directory writable, its write speed,
 and the same directory as the batch node's (a token the job script wrote there, compared with
-the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; Python, torch, deepspeed,
-transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
+the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; with NVMe offload,
+libaio for DeepSpeed's async_io op, `nvme_path` writable and the memlock limit above the pinned
+swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
 address, port MASTER_PORT + PORT_SPAN); node 0 judges them together (`judge`: missing reports,
 versions that differ from the other nodes', GPU memory against the memory plan), then, if every
 node passed, all nodes run a timed all-reduce (NCCL on GPUs, gloo otherwise) whose bus bandwidth
@@ -120,6 +121,63 @@ def check_inputs(cfg) -> list[str]:
     return problems
 
 
+def nvme_pinned_per_rank(cfg) -> Optional[int]:
+    """Page-locked bytes one rank's NVMe swappers allocate (launcher/memory/nvme.py; the model
+    on the meta device), or None where the plan cannot be made."""
+    try:
+        from launcher import ds_config
+        from launcher.memory import nvme
+        from launcher.memory.inventory import inventory
+        from launcher.memory.terms import param_groups
+        inv = inventory(cfg)
+        built = ds_config.build(cfg)
+        ds = cfg.deepspeed
+        sizes = nvme.pinned(param_groups(inv, cfg.train.weight_decay), cfg.world_size,
+                            inv.lp_bytes, built.get("zero_optimization", {}), built.get("aio") or {},
+                            ds.offload_optimizer == "nvme", ds.offload_param == "nvme")
+        return sum(sizes.values())
+    except Exception:  # noqa: BLE001 - the other checks still run; the limit is then judged alone
+        return None
+
+
+def check_nvme(cfg, aio_compatible=None, pinned: Optional[int] = None) -> list[str]:
+    """NVMe offload on this node: DeepSpeed's async_io op can be built (libaio), nvme_path is a
+    writable folder, and the memlock limit (`ulimit -l`) lets each rank lock its swap buffers
+    (DeepSpeed mlock()s them: ops/csrc/pin_memory/page_alloc.cpp). aio_compatible: for tests."""
+    import resource
+    ds = cfg.deepspeed
+    if "nvme" not in (ds.offload_optimizer, ds.offload_param):
+        return []
+    problems = []
+    if aio_compatible is None:
+        try:
+            from deepspeed.ops.op_builder import AsyncIOBuilder
+            aio_compatible = bool(AsyncIOBuilder().is_compatible(verbose=False))
+        except Exception:  # noqa: BLE001 - an import or compiler failure means the op cannot build
+            aio_compatible = False
+    if not aio_compatible:
+        problems.append("NVMe offload: DeepSpeed's async_io op cannot be built here (libaio and "
+                        "its headers not found: install libaio-dev / libaio-devel, or set CFLAGS "
+                        "and LDFLAGS to where they are)")
+    path = ds.nvme_path or ""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".ftlaunch-probe-{os.getpid()}")
+        with open(probe, "wb") as fh:
+            fh.write(b"x" * 4096)
+        os.remove(probe)
+    except OSError as exc:
+        problems.append(f"deepspeed.nvme_path {path}: not writable here ({exc.strerror or exc})")
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    need = pinned if pinned is not None else nvme_pinned_per_rank(cfg)
+    if soft != resource.RLIM_INFINITY and (need is None or soft < need):
+        want = f"{need / GiB:.1f} GiB per rank" if need is not None else "its swap buffers"
+        problems.append(f"NVMe offload: ulimit -l (locked memory) is {soft // 1024} KiB, DeepSpeed "
+                        f"pins {want}: raise it (`ulimit -l unlimited` in cluster.setup, "
+                        "limits.conf memlock, or Slurm's PropagateResourceLimits)")
+    return problems
+
+
 def check_node(run_file: str, env: Mapping[str, str], node: str) -> tuple[dict[str, Any], Any]:
     """This node's report (JSON-able) and its config (None when the run file did not load)."""
     from launcher.errors import ConfigError
@@ -143,6 +201,7 @@ def check_node(run_file: str, env: Mapping[str, str], node: str) -> tuple[dict[s
     problems += dir_problems
     if cfg is not None:
         problems += check_inputs(cfg)
+        problems += check_nvme(cfg)
         gpu = cfg.train.device != "cpu"
         if gpu:
             try:

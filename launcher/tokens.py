@@ -12,7 +12,7 @@ New rows are initialised by transformers' `resize_token_embeddings` (the mean of
 They train whatever the freeze policy says: when the policy freezes the input embedding or the
 output head, that matrix is made trainable with a gradient hook that keeps only the new rows'
 gradients, and it goes in an optimizer group without weight decay, so the old rows stay exactly
-as they were (`no_decay_params`). At ZeRO-3 (partitioned parameters) and under LoRA the whole
+as they were (launcher/decay.py `param_groups`). At ZeRO-3 (partitioned parameters) and under LoRA the whole
 matrices train instead (LoRA: `freeze.also_train: [embeddings, lm_head]`, saved with the
 adapter; validate asks for it). The exported tokenizer (final/) holds the added tokens.
 """
@@ -71,7 +71,7 @@ def _matrices(model: Any) -> list[Any]:
 
 def train_new_rows(model: Any, new_ids: list[int], cfg: RunConfig) -> list[Any]:
     """Make the new rows trainable (call after the freeze). Returns the matrices whose old
-    rows must not decay (for `no_decay_params`)."""
+    rows must not decay (for launcher/decay.py `param_groups`)."""
     import torch
     if not new_ids or cfg.freeze.policy == "lora":
         return []
@@ -88,14 +88,3 @@ def train_new_rows(model: Any, new_ids: list[int], cfg: RunConfig) -> list[Any]:
         w.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
         masked.append(w)
     return masked
-
-
-def param_groups(model: Any, masked: list[Any], weight_decay: float) -> Any:
-    """deepspeed.initialize's model_parameters: every trainable parameter; the row-masked
-    matrices in a group without weight decay (decay would move the frozen rows)."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not masked or not weight_decay:
-        return trainable
-    ids = {id(p) for p in masked}
-    return [{"params": [p for p in trainable if id(p) not in ids]},
-            {"params": [p for p in trainable if id(p) in ids], "weight_decay": 0.0}]

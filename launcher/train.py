@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import (checkpoint, data, dist_env, epochs, faults, inputs, layout, lr_schedule,
-                      run_state, rundir, timeouts, tokens)
+from launcher import (checkpoint, data, decay, dist_env, epochs, faults, inputs, layout,
+                      lr_schedule, run_state, rundir, timeouts, tokens)
 from launcher.watchdog import Watchdog
 from launcher.config import RunConfig
 from launcher.data import loader
@@ -168,15 +168,15 @@ def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
 
 def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None) -> Any:
     """deepspeed.initialize over the parameters that require grad now (call after the freeze
-    policy). adamw: DeepSpeed builds the optimizer from ds_config; 8-bit: bitsandbytes'."""
+    policy), in the HF Trainer's weight-decay groups (launcher/decay.py: no decay on biases and
+    norms). adamw: DeepSpeed builds the optimizer from ds_config; 8-bit: bitsandbytes'."""
     import deepspeed
 
     from launcher import quantize
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    params = tokens.param_groups(model, masked or [], cfg.train.weight_decay)
+    params = decay.param_groups(model, masked or [], cfg.train.weight_decay)
     optimizer = None
     if cfg.train.optimizer != "adamw":
-        optimizer = quantize.build_8bit_optimizer(cfg, trainable)
+        optimizer = quantize.build_8bit_optimizer(cfg, params)
     # launcher/lr_schedule.py's schedule wins over ds_config.json's (no zero-lr step)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=optimizer, config=ds_config,

@@ -499,6 +499,100 @@ def test_top_level_table_matches_the_keys_deepspeed_reads():
     assert ours == seen, f"missing: {sorted(seen - ours)}, not read: {sorted(ours - seen)}"
 
 
+BLOCKS_READ_KEY_BY_KEY = ("aio", "activation_checkpointing", "flops_profiler", "checkpoint",
+                          "checkpoint.parallel_write", "checkpoint.writer", "data_types")
+
+
+def block_keys_deepspeed_reads() -> dict[str, set[str]]:
+    """The keys DeepSpeedConfig (and the activation-checkpointing and flops-profiler configs it
+    builds) looks up in each block DeepSpeed reads key by key, recorded while it parses."""
+    from deepspeed.profiling.config import DeepSpeedFlopsProfilerConfig
+    from deepspeed.runtime.activation_checkpointing.config import DeepSpeedActivationCheckpointingConfig
+    from deepspeed.runtime.config import DeepSpeedConfig
+    seen: dict[str, set[str]] = {name: set() for name in BLOCKS_READ_KEY_BY_KEY}
+
+    def recorder(name: str, **given):
+        class Block(dict):
+            def get(self, k, *a):
+                seen[name].add(k)
+                return super().get(k, *a)
+
+            def __getitem__(self, k):
+                seen[name].add(k)
+                return super().__getitem__(k)
+
+            def __contains__(self, k):
+                seen[name].add(k)
+                return super().__contains__(k)
+        return Block(**given)
+
+    blocks = {"aio": recorder("aio"), "activation_checkpointing": recorder("activation_checkpointing"),
+              "flops_profiler": recorder("flops_profiler"), "data_types": recorder("data_types"),
+              "checkpoint": recorder("checkpoint", parallel_write=recorder("checkpoint.parallel_write"),
+                                     writer=recorder("checkpoint.writer"))}
+    with world(1):
+        DeepSpeedConfig({"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, **blocks})
+    DeepSpeedActivationCheckpointingConfig({"activation_checkpointing": blocks["activation_checkpointing"]})
+    DeepSpeedFlopsProfilerConfig({"flops_profiler": blocks["flops_profiler"]})
+    return seen
+
+
+def test_block_tables_match_the_keys_deepspeed_reads():
+    seen = block_keys_deepspeed_reads()
+    for name in BLOCKS_READ_KEY_BY_KEY:
+        assert set(ds_config.SECTIONS[name]) == seen[name], name
+
+
+@pytest.mark.parametrize("block, typo, right", [
+    ("aio", "blok_size", "block_size"), ("aio", "queue_dept", "queue_depth"),
+    ("activation_checkpointing", "partition_activation", "partition_activations"),
+    ("activation_checkpointing", "cpu_checkpoint", "cpu_checkpointing"),
+    ("flops_profiler", "profile_steps", "profile_step"),
+    ("flops_profiler", "enable", "enabled"),
+    ("checkpoint", "tag_validate", "tag_validation"),
+    ("checkpoint", "use_node_local_storag", "use_node_local_storage"),
+    ("data_types", "grad_accum_type", "grad_accum_dtype"),
+])
+def test_misspelt_keys_in_blocks_deepspeed_reads_one_by_one_are_refused(parse, block, typo, right):
+    cfg, problems = parse(f"deepspeed.overrides={json.dumps({block: {typo: 1}})}")
+    assert [p.key for p in problems] == [f"deepspeed.overrides.{block}.{typo}"]
+    assert f"not a {block} key" in problems[0].message and f"did you mean '{right}'" in problems[0].fix
+
+
+def test_misspelt_block_keys_in_a_users_file_are_refused(tmp_path, fake_model):
+    (tmp_path / "ds.json").write_text(json.dumps({"aio": {"blok_size": 1048576},
+                                                  "checkpoint": {"writer": {"typ": "fast"}}}))
+    text = BASE + "deepspeed: {config_file: ds.json}\n"
+    _, problems = runfile.parse(text, [], source="run.yaml", base_dir=str(tmp_path))
+    fixes = {p.key: p.fix for p in problems}
+    assert "did you mean 'block_size'" in fixes["deepspeed.config_file.aio.blok_size"]
+    assert "did you mean 'type'" in fixes["deepspeed.config_file.checkpoint.writer.typ"]
+
+
+def test_block_values_are_checked_and_good_ones_parse_in_deepspeed(parse):
+    good = {"aio": {"block_size": 1048576, "queue_depth": 16, "intra_op_parallelism": 2},
+            "activation_checkpointing": {"partition_activations": True, "number_checkpoints": 4},
+            "flops_profiler": {"enabled": True, "profile_step": 2, "output_file": None},
+            "checkpoint": {"tag_validation": "Fail", "writer": {"type": "fast"}},
+            "data_types": {"grad_accum_dtype": "fp32", "keep_in_fp32_modules": "auto"},
+            "communication_data_type": "fp32"}
+    cfg, problems = parse(f"deepspeed.overrides={json.dumps(good)}")
+    assert problems == []
+    built = ds_config.build(cfg)
+    parsed = deepspeed_parse(built, cfg.world_size)
+    assert parsed.aio_config["queue_depth"] == 16 and parsed.grad_accum_dtype == "fp32"
+    _, problems = parse('deepspeed.overrides={"aio": {"queue_depth": 0}, '
+                        '"checkpoint": {"tag_validation": "strict"}}')
+    assert sorted(p.key for p in problems) == ["deepspeed.overrides.aio.queue_depth",
+                                               "deepspeed.overrides.checkpoint.tag_validation"]
+    # DeepSpeed asserts GPUDirect Storage is CUDA-only when it parses the config
+    _, problems = parse('deepspeed.overrides={"aio": {"use_gds": true}}')
+    assert [p.key for p in problems] == ["deepspeed.overrides.aio.use_gds"]
+    assert "GPUDirect Storage needs CUDA ranks" in problems[0].message
+    cfg, problems = parse('deepspeed.overrides={"aio": {"use_gds": true}}', "train.device=cuda")
+    assert problems == [] and ds_config.build(cfg)["aio"]["use_gds"] is True
+
+
 TOP_SAMPLES = {"int>0": 7, "int?>0": 8, "bool": True, "float>0": 2.0, "mapping": {}}
 
 
@@ -626,8 +720,9 @@ DS_SPEC_KEYS = [(section, key, table[spec[6:]] if spec.startswith("alias:") else
 
 def _ds_value(spec: str) -> st.SearchStrategy:
     valid = {"bool": st.booleans(), "int": st.integers(-3, 10**9), "float": st.floats(-1, 3),
-             "mapping": st.just({}), "path": st.just("/nvme"), "str": st.text(max_size=3)}
-    m = re.match(r"(bool|int|float|mapping|path|str|choice\(([^)]*)\))", spec)
+             "mapping": st.just({}), "path": st.just("/nvme"), "str": st.text(max_size=3),
+             "list": st.just([])}
+    m = re.match(r"(bool|int|float|mapping|path|str|list|choice\(([^)]*)\))", spec)
     kind = m.group(1)
     good = st.sampled_from(m.group(2).split("|")) if kind.startswith("choice") else valid[kind]
     if kind == "mapping":  # pass-through blocks: DeepSpeed checks their contents on the ranks

@@ -7,10 +7,11 @@ accepted by DeepSpeed's own parser.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from launcher import ds_config, runfile
+from launcher import ds_config, ds_file, runfile
 from launcher.errors import ConfigError
 from test_ds_config import deepspeed_parse
 
@@ -137,3 +138,125 @@ def test_a_missing_or_broken_file_is_named(tmp_path):
     (tmp_path / "ds.json").unlink()
     with pytest.raises(ConfigError, match=r"deepspeed.config_file.*no such file"):
         runfile.load(path)
+
+
+# ------------------------------------------------------------------ files taken as written
+FILES = os.path.join(os.path.dirname(__file__), "configs", "ds")
+# each file in tests/configs/ds with the run-file settings it is written for
+FILE_RUNS = {
+    "hf_zero2.json": ("zero_stage: 2, offload_optimizer: cpu", "scheduler: constant"),
+    "hf_zero3.json": ("zero_stage: 3, offload_optimizer: cpu, offload_param: cpu",
+                      "scheduler: constant"),
+    "axolotl_zero1.json": ("zero_stage: 1", ""),
+    "axolotl_zero2.json": ("zero_stage: 2, offload_optimizer: cpu", ""),
+    "axolotl_zero3_bf16.json": ("zero_stage: 3", ""),
+    "llamafactory_ds_z3_config.json": ("zero_stage: 3", ""),
+    "llamafactory_ds_z2_offload_config.json": ("zero_stage: 2, offload_optimizer: cpu", ""),
+    "llamafactory_ds_z3_offload_config.json": (
+        "zero_stage: 3, offload_optimizer: cpu, offload_param: cpu", ""),
+    "tuned_fp16_zero3.json": ("zero_stage: 3, offload_optimizer: cpu",
+                              "scheduler: cosine, min_lr_ratio: 0.1"),
+}
+
+
+def _leaves(tree, prefix=""):
+    """dotted key -> value for every leaf of a JSON tree."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_leaves(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _run_for(tmp_path, name):
+    ds, train = FILE_RUNS[name]
+    dtype = "fp16" if "fp16" in name else "bf16"
+    train = "train: {max_steps: 300, micro_batch_size: 2, grad_accum: 4, lr: 3.0e-5, " \
+            "warmup_steps: 10, weight_decay: 0.1%s}\ncluster: {nodes: 1, gpus_per_node: 8}\n" % (
+                ", " + train if train else "")
+    path = setup_run(tmp_path, json.load(open(os.path.join(FILES, name))), (ds, train))
+    text = open(path).read().replace("model: {path: model}", "model: {path: model, dtype: %s}" % dtype)
+    open(path, "w").write(text)
+    return runfile.load(path)
+
+
+def test_every_fixture_file_has_a_run():
+    assert sorted(FILE_RUNS) == sorted(f for f in os.listdir(FILES) if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", sorted(FILE_RUNS))
+def test_peers_and_hf_files_round_trip_with_every_written_value_kept(tmp_path, name):
+    """Every value the file gives (not "auto") is in the built config unchanged; "auto" values
+    are resolved; DeepSpeed's own parser accepts the result."""
+    written = _leaves(ds_config.normalise(json.load(open(os.path.join(FILES, name)))))
+    cfg = _run_for(tmp_path, name)
+    built = ds_config.build(cfg)
+    got = _leaves(built)
+    assert list(ds_config.find_auto(built)) == []
+    for key, value in written.items():
+        if isinstance(value, str) and value == "auto":
+            assert key in got, key
+            continue
+        assert key in got and ds_file._same(got[key], value), (key, value, got.get(key))
+    parsed = deepspeed_parse(built, 8)
+    assert parsed.train_batch_size == 2 * 4 * 8
+
+
+def test_a_tuned_file_keeps_its_loss_scaling_offload_and_scheduler(tmp_path):
+    """The values the launcher's defaults used to overwrite stay the user's."""
+    cfg = _run_for(tmp_path, "tuned_fp16_zero3.json")
+    built = ds_config.build(cfg)
+    fp16, z = built["fp16"], built["zero_optimization"]
+    assert (fp16["initial_scale_power"], fp16["loss_scale_window"], fp16["hysteresis"]) == (12, 500, 1)
+    assert z["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert z["stage3_gather_16bit_weights_on_model_save"] is False
+    assert z["reduce_bucket_size"] == 200_000_000
+    assert built["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert built["scheduler"]["params"]["warmup_type"] == "linear"
+    assert built["optimizer"]["params"]["torch_adam"] is True
+    assert built["optimizer"]["params"]["weight_decay"] == 0.1
+    # nothing the file lacks is added but the run file's keys
+    assert "stage3_max_live_parameters" not in z and "sub_group_size" not in z
+
+
+def test_a_file_without_optimizer_and_scheduler_gets_the_launchers_and_says_so(tmp_path):
+    cfg = _run_for(tmp_path, "axolotl_zero1.json")
+    built = ds_config.build(cfg)
+    assert built["optimizer"]["type"] == "AdamW" and built["scheduler"]["type"] == "WarmupCosineLR"
+    assert built["fp16"]["initial_scale_power"] == 32 and built["fp16"]["auto_cast"] is False
+    said = ds_file.notes(cfg, built)
+    assert any("no optimizer block" in n for n in said) and any("no scheduler block" in n for n in said)
+
+
+def test_the_ranks_linear_warmup_is_said_where_the_file_asks_otherwise(tmp_path):
+    cfg = _run_for(tmp_path, "hf_zero3.json")  # WarmupLR without warmup_type: DeepSpeed's log
+    built = ds_config.build(cfg)
+    assert "warmup_type" not in built["scheduler"]["params"]
+    said = ds_file.notes(cfg, built)
+    assert any("warmup_type is log" in n and "linearly" in n for n in said), said
+
+
+def test_a_file_contradicting_the_run_file_is_reported_key_by_key(tmp_path):
+    ds = json.load(open(os.path.join(FILES, "tuned_fp16_zero3.json")))
+    ds.update({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+               "gradient_clipping": 0.5})
+    ds["optimizer"]["params"].update({"lr": 1e-4, "weight_decay": 0.0})
+    ds["scheduler"]["params"]["cos_min_ratio"] = 0.2
+    path = setup_run(tmp_path, ds, ("zero_stage: 3, offload_optimizer: cpu", "train: {max_steps: "
+                     "300, micro_batch_size: 2, grad_accum: 4, lr: 3.0e-5, weight_decay: 0.1, "
+                     "min_lr_ratio: 0.1}\nmodel: {path: model, dtype: fp16}\n"))
+    text = open(path).read().replace("model: {path: model}\n", "", 1)
+    open(path, "w").write(text)
+    with pytest.raises(ConfigError, match="deepspeed.config_file") as exc:
+        runfile.load(path)
+    messages = [p.message for p in exc.value.problems]
+    for needle in ("train_micro_batch_size_per_gpu is 4, but the run file gives 2",
+                   "gradient_accumulation_steps is 2, but the run file gives 4",
+                   "gradient_clipping is 0.5, but the run file gives 1.0",
+                   "optimizer.params.lr is 0.0001, but the run file gives 3e-05",
+                   "optimizer.params.weight_decay is 0.0, but the run file gives 0.1",
+                   "scheduler.params.cos_min_ratio is 0.2, but the run file gives 0.1"):
+        assert sum(needle in m for m in messages) == 1, (needle, messages)

@@ -158,3 +158,36 @@ def test_qlora_65b_class_model_fits_with_paged_8bit_adam_on_48gib(tmp_path):
 def load_args(cfg, optimizer):
     import dataclasses
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optimizer=optimizer))
+
+
+def test_an_offloaded_run_that_fits_without_offload_is_told_so(tmp_path):
+    _, cfg = cfg_for(tmp_path, "llama-2-7b", "deepspeed.offload_optimizer=cpu", stage=3, seq=1024)
+    p = memory.plan(cfg, gpu_memory="80GB")
+    assert p.fits and p.advice == []
+    said = [n for n in p.notes if "offload" in n]
+    assert len(said) == 1 and said[0].startswith("fits without offload too") and "throughput" in said[0]
+
+
+def test_an_offloaded_run_that_needs_it_is_told_what_it_costs(tmp_path):
+    _, cfg = cfg_for(tmp_path, "llama-2-70b", "deepspeed.offload_optimizer=cpu", stage=3, seq=1024,
+                     gpus=8, extra=", mem: 2000G")
+    p = memory.plan(cfg, gpu_memory="80GB")
+    said = [n for n in p.notes if "offload" in n]
+    assert p.fits and len(said) == 1 and said[0].startswith("offload is needed"), p.notes
+    assert "throughput" in said[0]
+
+
+def test_multi_node_zero3_is_pointed_at_hpz_and_hpz_is_planned(tmp_path):
+    _, cfg = cfg_for(tmp_path, "llama-2-7b", stage=3, nodes=2, seq=1024)
+    p = memory.plan(cfg, gpu_memory="80GB")
+    hpz = [n for n in p.notes if "zero_hpz_partition_size: 8" in n]
+    assert len(hpz) == 1 and "per GPU" in hpz[0]
+    _, cfg = cfg_for(tmp_path, "llama-2-7b",
+                     "deepspeed.overrides.zero_optimization.zero_hpz_partition_size=8",
+                     stage=3, nodes=2, seq=1024)
+    with_hpz = memory.plan(cfg, gpu_memory="80GB")
+    assert not [n for n in with_hpz.notes if "hpZ" in n]
+    extra = with_hpz.term("weights") - p.term("weights")
+    assert 0.9 * 6.7e9 * 2 / 8 < extra < 6.8e9 * 2 / 8  # about one more weight copy over 8 GPUs
+    _, one = cfg_for(tmp_path, "llama-2-7b", stage=3, nodes=1, seq=1024)
+    assert not [n for n in memory.plan(one, gpu_memory="80GB").notes if "hpZ" in n]

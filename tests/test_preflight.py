@@ -138,3 +138,38 @@ def test_cli_registers_preflight():
     args = cli.build_parser().parse_args(["preflight", "r/resolved.yaml", "--bad-nodes", "f"])
     assert args.command == "preflight" and args.bad_nodes == "f" and args.run_file == "r/resolved.yaml"
     assert isinstance(args, argparse.Namespace)
+
+
+def _nvme_cfg(tmp_path, path, offload="nvme"):
+    import types
+    ds = types.SimpleNamespace(offload_optimizer=offload, offload_param="none", nvme_path=str(path))
+    return types.SimpleNamespace(deepspeed=ds)
+
+
+def test_nvme_checks_are_skipped_without_nvme_offload(tmp_path):
+    assert preflight.check_nvme(_nvme_cfg(tmp_path, tmp_path, offload="cpu"), aio_compatible=False) == []
+
+
+def test_nvme_checks_name_libaio_and_an_unwritable_path(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    bad = tmp_path / "a-file" / "swap"  # a folder below a file: cannot exist
+    problems = preflight.check_nvme(_nvme_cfg(tmp_path, bad), aio_compatible=False, pinned=0)
+    assert any("async_io op cannot be built" in p and "libaio" in p for p in problems)
+    assert any(f"deepspeed.nvme_path {bad}: not writable here" in p for p in problems)
+    good = preflight.check_nvme(_nvme_cfg(tmp_path, tmp_path / "swap"), aio_compatible=True, pinned=0)
+    assert good == [] and (tmp_path / "swap").is_dir() and not list((tmp_path / "swap").iterdir())
+
+
+def test_nvme_checks_the_memlock_limit_against_the_pinned_buffers(tmp_path):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    low = 64 * 1024 if hard == resource.RLIM_INFINITY else min(64 * 1024, hard)
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (low, hard))
+    try:
+        cfg = _nvme_cfg(tmp_path, tmp_path / "swap")
+        problems = preflight.check_nvme(cfg, aio_compatible=True, pinned=2**30)
+        assert len(problems) == 1 and "ulimit -l (locked memory) is 64 KiB" in problems[0]
+        assert "pins 1.0 GiB per rank" in problems[0]
+        assert preflight.check_nvme(cfg, aio_compatible=True, pinned=4096) == []
+    finally:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (soft, hard))

@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 
-from launcher import freeze, inputs, runfile, tokens
+from launcher import decay, freeze, inputs, runfile, tokens
 
 
 def load(tiny, tmp_path, model_extra: str, freeze_line: str):
@@ -41,7 +41,7 @@ def test_new_tokens_get_new_trainable_rows_and_the_old_rows_stay(tiny, tmp_path)
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     assert len(masked) == 2 and emb.requires_grad and head.requires_grad
     before = emb.detach().clone(), head.detach().clone()
-    groups = tokens.param_groups(model, masked, cfg.train.weight_decay)
+    groups = decay.param_groups(model, masked, cfg.train.weight_decay)
     assert groups[1]["weight_decay"] == 0.0
     opt = torch.optim.AdamW(groups, lr=0.05, weight_decay=0.1)
     ids = torch.tensor([tok("the cat <|im_start|>robotcat<|im_end|>")["input_ids"]])

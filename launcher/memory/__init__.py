@@ -13,7 +13,9 @@ One module per part, each importing only those above it:
     terms.py        the model-state formulas (weights, gradients, masters, optimizer state) and
                     the runtime constants, one `Term` per thing that holds memory
     activations.py  what autograd keeps during a step
-    node.py         a node's CPU memory while loading and training, and the memory it has
+    nvme.py         the pinned host buffers of NVMe offload, as DeepSpeed's swappers allocate them
+    node.py         a node's CPU memory while loading, training and the final save, and the
+                    memory it has
     render.py       the text of a plan, with --explain
     advice.py       the cheapest changes that make a plan fit (re-planned through a callable)
     planner.py      the `Plan` and `plan()`, which put the above together

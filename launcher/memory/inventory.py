@@ -59,6 +59,7 @@ class Param:
     quant: str           # "none", "8bit", "4bit"
     nbytes: int          # storage bytes in the training dtype or quantized (+ constants)
     module_numel: int = 0  # elements of the module owning it (ZeRO-3 gathers per module)
+    decay: bool = True     # in the weight-decay group (launcher/decay.py: not biases or norms)
 
 
 @dataclass(frozen=True)
@@ -246,8 +247,9 @@ def build_inventory(cfg: RunConfig) -> Inventory:
     Raises ConfigError (naming the key) for freeze patterns or LoRA targets matching nothing,
     too many layers, quantized parameters selected for training.
     """
-    from launcher import freeze
+    from launcher import decay, freeze
     model = meta_model(cfg.model.path, cfg.model.trust_remote_code)
+    decays = decay.decay_names(model)
     shape = shape_of(model)
     lp = DTYPE_BYTES[cfg.model.dtype]
     q = cfg.quantization
@@ -281,7 +283,7 @@ def build_inventory(cfg: RunConfig) -> Inventory:
         else:
             nbytes = numel * lp
         params.append(Param(n, numel, freeze.group_of(n, layers), n in trainable, kind, nbytes,
-                            owner_numel.get(mod, numel)))
+                            owner_numel.get(mod, numel), n in decays))
     notes: list[str] = []
     if cfg.freeze.policy == "lora":
         params = _lora_params(model, cfg, params, lp, notes)
@@ -308,7 +310,7 @@ def _lora_params(model: Any, cfg: RunConfig, base: list[Param], lp: int,
             copied.add(p.name)
             out.append(Param(p.name, p.numel, p.group, False, p.quant, p.nbytes, p.module_numel))
             out.append(Param(p.name + " (trained copy)", p.numel, "copies", True, "none",
-                             p.numel * lp, p.module_numel))
+                             p.numel * lp, p.module_numel, p.decay))
         else:
             out.append(p)
     for t in targets:

@@ -24,7 +24,8 @@ import os
 from typing import Any
 
 from launcher.config import DTYPE_BYTES, TORCH_DTYPE
-from launcher.memory.terms import DS_SRC, Term, gib
+from launcher.memory.nvme import node_terms as nvme_terms
+from launcher.memory.terms import DS_SRC, Term, gib, param_groups
 from launcher.sizes import parse_size, parse_slurm_mem
 
 # bytes per element of a checkpoint dtype, by its torch name (derived from the one dtype table)
@@ -120,11 +121,22 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
         out.append(Term("offload_param", "offloaded parameters (pinned partitions)",
                         n * st.weights, "train", f"{n} ranks x this rank's parameter partitions",
                         DS_SRC))
-    return out
+    out += nvme_terms(r, n, param_groups(inv, cfg.train.weight_decay))
+    if r.stage == 3 and cfg.output.save_final and cfg.freeze.policy != "lora":
+        state = sum(p.nbytes for p in inv.params if p.group != "copies") + inv.buffer_bytes
+        out.append(Term("final_save", "16-bit state dict gathered for the final export (rank 0)",
+                        state, "save", "all weights x lp (+ buffers) on rank 0's host: "
+                        "_zero3_consolidated_16bit_state_dict copies each gathered layer to the CPU; "
+                        "the other terms of training stay allocated", "deepspeed 0.19 "
+                        "runtime/engine.py _zero3_consolidated_16bit_state_dict; launcher/export.py"))
+    # what training holds stays allocated through the final save
+    return [t if "train" not in t.phase.split() else
+            Term(t.key, t.label, t.bytes, t.phase + " save", t.formula, t.source, t.low) for t in out]
 
 
 def node_peak(terms: list[Term]) -> tuple[str, int]:
-    """(phase, bytes) of the node's worst phase: loading or training."""
-    load = sum(t.bytes for t in terms if "load" in t.phase.split())
-    train = sum(t.bytes for t in terms if "train" in t.phase.split())
-    return ("loading", load) if load > train else ("training", train)
+    """(phase, bytes) of the node's worst phase: loading, training or the final save."""
+    phases = {name: sum(t.bytes for t in terms if key in t.phase.split())
+              for key, name in (("load", "loading"), ("train", "training"), ("save", "final save"))}
+    worst = max(phases, key=lambda k: (phases[k], k == "training"))
+    return worst, phases[worst]

@@ -21,7 +21,7 @@ from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
                                    cuda_slack, expandable_segments, gib, nccl_communicators,
-                                   nccl_range, states)
+                                   nccl_range, param_groups, states)
 from launcher.gpus import CARDS, lookup
 from launcher.sizes import parse_size
 
@@ -52,7 +52,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     node_memory: int | None = None   # CPU memory of one node, None where not known
     node_memory_source: str = "unknown"
-    node_phase: str = "training"     # the node's worst phase: loading or training
+    node_phase: str = "training"     # the node's worst phase: loading, training or final save
+    ds: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config planned for
 
     @property
     def fits_gpu(self) -> bool:
@@ -155,16 +156,62 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     nmem, nmem_src = node_memory_of(cfg, node_memory, local)
     result = Plan(cfg, r.inv, world, device, mem, mem_src, terms, worst, peak, total, node,
                   node_cpu, states=r.st, notes=_notes(r), node_memory=nmem,
-                  node_memory_source=nmem_src, node_phase=phase)
+                  node_memory_source=nmem_src, node_phase=phase, ds=r.ds)
     if device == "cuda":
         result.notes += _allocator_notes(result)
+
+    def replan(changed: RunConfig) -> Plan:
+        return plan(changed, mem, world if changed.cluster.nodes == cfg.cluster.nodes
+                    else changed.world_size, advise=False, kernels=kernels, node_memory=nmem,
+                    local=False)
     if advise and not result.fits:
-        result.advice = changes_that_fit(
-            result, lambda changed: plan(
-                changed, mem, world if changed.cluster.nodes == cfg.cluster.nodes
-                else changed.world_size, advise=False, kernels=kernels, node_memory=nmem,
-                local=False))
+        result.advice = changes_that_fit(result, replan)
+    if advise:
+        result.notes += offload_notes(result, replan) + hpz_notes(result)
     return result
+
+
+OFFLOAD_COST = ("offload costs throughput: the optimizer step runs on the CPU (often 2x slower "
+                "steps) and offloaded parameters cross PCIe in every forward and backward")
+
+
+def offload_notes(p: Plan, replan: Callable[[RunConfig], Plan]) -> list[str]:
+    """For a run with offload: whether it fits without (then offload is not needed), and what
+    offload costs."""
+    ds = p.cfg.deepspeed
+    if ds.offload_optimizer == "none" and ds.offload_param == "none":
+        return []
+    bare = replace(p.cfg, deepspeed=replace(ds, offload_optimizer="none", offload_param="none",
+                                            nvme_path=None))
+    try:
+        without = replan(bare)
+    except (ConfigError, ValueError):
+        return [OFFLOAD_COST]
+    if without.fits:
+        return [f"fits without offload too ({gib(without.total_per_gpu)} per rank, node "
+                f"{gib(without.node_cpu)}): set deepspeed.offload_optimizer and offload_param to "
+                f"none; {OFFLOAD_COST}"]
+    return [f"offload is needed: without it {gib(without.total_per_gpu)} per rank, node "
+            f"{gib(without.node_cpu)} do not fit; {OFFLOAD_COST}"]
+
+
+def hpz_notes(p: Plan) -> list[str]:
+    """Multi-node ZeRO-3 on GPUs: ZeRO++'s hierarchical partitioning (hpZ), with its memory."""
+    c = p.cfg
+    if p.device != "cuda" or c.deepspeed.zero_stage != 3 or c.cluster.nodes < 2 or \
+            c.cluster.gpus_per_node < 2 or ds_zero(p).get("zero_hpz_partition_size", 1) > 1:
+        return []
+    g = c.cluster.gpus_per_node
+    extra = sum(-(-q.numel // g) * p.inv.lp_bytes for q in p.inv.params if q.quant == "none")
+    return [f"multi-node ZeRO-3: ZeRO++ hpZ keeps a second copy of the weights partitioned within "
+            f"each node, so the forward and backward all-gathers stay on the node's links "
+            f"(deepspeed.overrides: {{zero_optimization: {{zero_hpz_partition_size: {g}}}}}); it "
+            f"costs {gib(extra)} more per GPU (weights x lp / {g})"]
+
+
+def ds_zero(p: Plan) -> dict[str, Any]:
+    """The zero_optimization block the plan was made with."""
+    return p.ds.get("zero_optimization", {}) if p.ds else {}
 
 
 @dataclass(frozen=True)
@@ -192,8 +239,10 @@ def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None)
     inv = inventory(cfg)
     ds = ds if ds is not None else ds_config.build(cfg, world, device=device)
     zero = ds.get("zero_optimization", {})
-    st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer)
+    st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer,
+                groups=param_groups(inv, cfg.train.weight_decay))
     return _Setting(cfg, inv, st, ds, zero, world, device)
+
 
 
 def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:
@@ -262,6 +311,12 @@ def _bucket_terms(r: _Setting) -> list[Term]:
             "stage3.py (allocated at initialize)")
         add("gathered", "ZeRO-3 gathered parameters", r.st.gather, "fwd", r.st.gather_f,
             "stage3 max_live_parameters / max_reuse_distance; 2 copies measured at the peak")
+        big = max((p.numel for p in r.inv.params if p.trainable and p.numel > bucket), default=0)
+        if big:
+            add("grad_unbucketed", "gradient larger than the reduce bucket", big * lp, "bwd",
+                f"lp x the largest trainable parameter above reduce_bucket_size ({big:,} "
+                "elements): kept whole as param.grad until the next gradient reduces it",
+                "stage3.py __add_grad_to_ipg_bucket / reduce_independent_p_g_buckets_and_remove_grads")
     return terms
 
 

@@ -79,7 +79,8 @@ def _per_node(p: Any, explain: bool) -> list[str]:
     items: list[Union[Row, str]] = [("", "bytes", "while")]
     for t in p.node_terms:
         items.append((t.label, gib(t.bytes), " and ".join(
-            {"load": "loading", "train": "training"}[x] for x in t.phase.split())))
+            {"load": "loading", "train": "training", "save": "final save"}[x]
+            for x in t.phase.split())))
         if explain:
             items.append(_explain(t))
     items.append((f"node peak ({p.node_phase})", gib(p.node_cpu)))

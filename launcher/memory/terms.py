@@ -141,6 +141,16 @@ def adam8_state_bytes(numels: Iterable[int]) -> int:
     return total
 
 
+def param_groups(inv: Inventory, weight_decay: float) -> list[list[int]]:
+    """The trainable elements of each optimizer param group, in order, as the ranks build them
+    (launcher/decay.py): with weight decay, the decayed parameters, then biases and norms."""
+    train = [p for p in inv.params if p.trainable]
+    if not weight_decay:
+        return [[p.numel for p in train]]
+    groups = [[p.numel for p in train if p.decay], [p.numel for p in train if not p.decay]]
+    return [g for g in groups if g] or [[]]
+
+
 # ------------------------------------------------------------------ model states per rank
 @dataclass(frozen=True)
 class States:
@@ -197,6 +207,11 @@ def states(inv: Inventory, stage: int, world: int, zero: dict[str, Any], optimiz
         weights = part + persistent * lp + inv.buffer_bytes
         wf = (f"lp x sum ceil(numel/N) + full copies of {persistent:,} persistent elements "
               f"(params <= {thr:,} elements) + buffers")
+        hpz = int(zero.get("zero_hpz_partition_size", 1) or 1)
+        if hpz > 1:  # ZeRO++ hpZ: a secondary partition over hpz ranks (partition_parameters.py)
+            weights += lp * sum(-(-p.numel // hpz) for p in inv.params
+                                if p.numel > thr and p.quant == "none")
+            wf += f" + hpZ secondary partition: lp x sum ceil(numel/{hpz})"
         per = [zero3_partition(n, world) for n in t_numels]
         grads, gf = lp * sum(per), "lp x sum ceil(numel/N) over trainable params"
         masters = 4 * sum(per)
