@@ -120,9 +120,9 @@ def _is_auto(v: Any) -> bool:
     return isinstance(v, str) and v.strip().lower() == "auto"
 
 
-def _same(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
     if isinstance(a, bool) or isinstance(b, bool):
         return a is b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -144,7 +144,7 @@ def _resolve_auto(tree: dict, cfg: RunConfig, world: Optional[int], path: str) -
             continue
         if _is_auto(node[last]):
             node[last] = value
-        elif must and not _same(node[last], value):
+        elif must and not same_value(node[last], value):
             yield Problem(KEY, f"{path}: {dotted} is {json.dumps(node[last])}, but the run file "
                           f"gives {json.dumps(value)} ({field})",
                           f'set {dotted} to "auto" in the JSON, or change {field}')

@@ -34,6 +34,8 @@ LAZY_HEAVY_REASONS = {
                                       "checkpoints (status, run) is torch-free",
     ("launcher.collectives", "torch"): "the ranks' collectives (one door for all of them); "
                                        "checkpoint listing imports the module torch-free",
+    ("launcher.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the plan "
+                                 "uses the name rule alone, torch-free",
     ("launcher.metrics", "torch"): "the ranks' memory figure per step and TensorBoard writer "
                                    "(torch.utils.tensorboard); validate only asks whether "
                                    "tensorboard is installed",

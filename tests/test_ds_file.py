@@ -200,7 +200,7 @@ def test_peers_and_hf_files_round_trip_with_every_written_value_kept(tmp_path, n
         if isinstance(value, str) and value == "auto":
             assert key in got, key
             continue
-        assert key in got and ds_file._same(got[key], value), (key, value, got.get(key))
+        assert key in got and ds_file.same_value(got[key], value), (key, value, got.get(key))
     parsed = deepspeed_parse(built, 8)
     assert parsed.train_batch_size == 2 * 4 * 8
 

@@ -16,11 +16,12 @@ from launcher.memory.inventory import Inventory, inventory
 from launcher.attn_kernels import resolved as resolved_kernel
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
+from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
-from launcher.memory.probe import BOOKKEEPING, KERNELS_RANGE
+from launcher.memory.probe import cpu_runtime_terms
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
-                                   cuda_slack, expandable_segments, gib, nccl_communicators,
+                                   cuda_slack, gib, nccl_communicators,
                                    nccl_range, param_groups, states)
 from launcher.gpus import CARDS, lookup
 from launcher.sizes import parse_size
@@ -158,7 +159,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
                   node_cpu, states=r.st, notes=_notes(r), node_memory=nmem,
                   node_memory_source=nmem_src, node_phase=phase, ds=r.ds)
     if device == "cuda":
-        result.notes += _allocator_notes(result)
+        result.notes += allocator_notes(result)
 
     def replan(changed: RunConfig) -> Plan:
         return plan(changed, mem, world if changed.cluster.nodes == cfg.cluster.nodes
@@ -169,49 +170,6 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     if advise:
         result.notes += offload_notes(result, replan) + hpz_notes(result)
     return result
-
-
-OFFLOAD_COST = ("offload costs throughput: the optimizer step runs on the CPU (often 2x slower "
-                "steps) and offloaded parameters cross PCIe in every forward and backward")
-
-
-def offload_notes(p: Plan, replan: Callable[[RunConfig], Plan]) -> list[str]:
-    """For a run with offload: whether it fits without (then offload is not needed), and what
-    offload costs."""
-    ds = p.cfg.deepspeed
-    if ds.offload_optimizer == "none" and ds.offload_param == "none":
-        return []
-    bare = replace(p.cfg, deepspeed=replace(ds, offload_optimizer="none", offload_param="none",
-                                            nvme_path=None))
-    try:
-        without = replan(bare)
-    except (ConfigError, ValueError):
-        return [OFFLOAD_COST]
-    if without.fits:
-        return [f"fits without offload too ({gib(without.total_per_gpu)} per rank, node "
-                f"{gib(without.node_cpu)}): set deepspeed.offload_optimizer and offload_param to "
-                f"none; {OFFLOAD_COST}"]
-    return [f"offload is needed: without it {gib(without.total_per_gpu)} per rank, node "
-            f"{gib(without.node_cpu)} do not fit; {OFFLOAD_COST}"]
-
-
-def hpz_notes(p: Plan) -> list[str]:
-    """Multi-node ZeRO-3 on GPUs: ZeRO++'s hierarchical partitioning (hpZ), with its memory."""
-    c = p.cfg
-    if p.device != "cuda" or c.deepspeed.zero_stage != 3 or c.cluster.nodes < 2 or \
-            c.cluster.gpus_per_node < 2 or ds_zero(p).get("zero_hpz_partition_size", 1) > 1:
-        return []
-    g = c.cluster.gpus_per_node
-    extra = sum(-(-q.numel // g) * p.inv.lp_bytes for q in p.inv.params if q.quant == "none")
-    return [f"multi-node ZeRO-3: ZeRO++ hpZ keeps a second copy of the weights partitioned within "
-            f"each node, so the forward and backward all-gathers stay on the node's links "
-            f"(deepspeed.overrides: {{zero_optimization: {{zero_hpz_partition_size: {g}}}}}); it "
-            f"costs {gib(extra)} more per GPU (weights x lp / {g})"]
-
-
-def ds_zero(p: Plan) -> dict[str, Any]:
-    """The zero_optimization block the plan was made with."""
-    return p.ds.get("zero_optimization", {}) if p.ds else {}
 
 
 @dataclass(frozen=True)
@@ -432,18 +390,6 @@ def _peak(terms: list[Term]) -> tuple[str, int]:
     return worst, moments[worst]
 
 
-def _allocator_notes(p: Plan) -> list[str]:
-    """Where the allocator's slack decides the verdict and expandable segments are not on: say
-    how to turn them on (the plan counts less slack with them)."""
-    slack = p.term("allocator")
-    if expandable_segments(p.cfg.cluster.env) or p.headroom > 2 * slack:
-        return []
-    return [f"fragmentation margin matters here ({gib(p.headroom)} headroom, {gib(slack)} "
-            "counted as allocator slack): set cluster.env: {PYTORCH_CUDA_ALLOC_CONF: "
-            "\"expandable_segments:True\"} (the job script and `ftlaunch run` pass it to every "
-            "rank; torch then grows segments in place instead of caching fixed blocks)"]
-
-
 def _load_terms(r: _Setting) -> list[Term]:
     """A quantized base at ZeRO-3 on GPUs: transformers skips zero.Init for quantized models
     (modeling_utils: `is_deepspeed_zero3_enabled() and not _is_quantized`) and the ranks load it
@@ -493,7 +439,7 @@ def _overhead_terms(r: _Setting, peak: int, kernels: int | None) -> list[Term]:
             f"{frac:.0%} of the tensor peak: the caching allocator's fragmentation, {how} "
             "(max_memory_reserved - max_memory_allocated)", "estimate; docs/gpu-results.md")
     else:
-        terms += _cpu_runtime_terms(cfg, kernels)
+        terms += cpu_runtime_terms(cfg, kernels)
         if CPU_FRAGMENTATION:
             add("allocator", "malloc slack", int(CPU_FRAGMENTATION * peak), "overhead",
                 f"{CPU_FRAGMENTATION:.0%} of the tensor peak", "bench/plan_vs_measured.py")
@@ -517,27 +463,6 @@ def _notes(r: _Setting) -> list[str]:
                      "(counted); model.attn_implementation: flash_attention_2 packs without a "
                      "mask (varlen), if the flash_attn package is installed on the nodes")
     return notes
-
-
-def _cpu_runtime_terms(cfg: RunConfig, kernels: int | None) -> list[Term]:
-    """A CPU rank's DeepSpeed/gloo bookkeeping (a constant) and its oneDNN kernels: measured on
-    this machine where given, else the processor-dependent range counted at its upper end."""
-    stage = cfg.deepspeed.zero_stage
-    book = Term("runtime", "rank runtime (DeepSpeed, gloo)", BOOKKEEPING[stage], "overhead",
-                f"constant for ZeRO-{stage} CPU ranks: the peak above the baseline minus the "
-                "plan's tensors, with the kernels warmed below the baseline (the same on every "
-                "processor)", "bench/plan_vs_measured.py, PVM_WARM_SHAPES=1")
-    if kernels is not None:
-        return [book, Term("kernels", "oneDNN kernels (measured here)", kernels, "overhead",
-                           "measured on this machine: resident bytes left by the first forward "
-                           "and backward of one block at the run's micro batch and length",
-                           "launcher/memory/probe.py")]
-    lo, hi = KERNELS_RANGE[cfg.model.dtype]
-    return [book, Term("kernels", f"oneDNN kernels ({gib(lo)}-{gib(hi)}, not measured)", hi,
-                       "overhead", f"range for {cfg.model.dtype} across processors (high with "
-                       "AVX512-BF16/AMX), counted at its upper end; `ftlaunch plan --probe` and "
-                       "`ftlaunch run` measure it on this machine",
-                       "launcher/memory/probe.py KERNELS_RANGE", low=lo)]
 
 
 def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,

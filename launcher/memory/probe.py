@@ -29,6 +29,8 @@ import subprocess
 import sys
 from typing import Any
 
+from launcher.memory.terms import Term, gib
+
 MIB = 2**20
 # Where the kernels are not measured: the range seen across processors (lowest: fp32 or bf16
 # without hardware bf16; highest: bf16 with AMX), for the tiny and 20M Llamas of the tests.
@@ -186,6 +188,26 @@ def measure(cfg: Any, timeout: float = 300) -> int | None:
     _write_cache(key, value)
     return value
 
+def cpu_runtime_terms(cfg: Any, kernels: int | None) -> list[Term]:
+    """A CPU rank's DeepSpeed/gloo bookkeeping (a constant) and its oneDNN kernels: measured on
+    this machine where given, else the processor-dependent range counted at its upper end."""
+    stage = cfg.deepspeed.zero_stage
+    book = Term("runtime", "rank runtime (DeepSpeed, gloo)", BOOKKEEPING[stage], "overhead",
+                f"constant for ZeRO-{stage} CPU ranks: the peak above the baseline minus the "
+                "plan's tensors, with the kernels warmed below the baseline (the same on every "
+                "processor)", "bench/plan_vs_measured.py, PVM_WARM_SHAPES=1")
+    if kernels is not None:
+        return [book, Term("kernels", "oneDNN kernels (measured here)", kernels, "overhead",
+                           "measured on this machine: resident bytes left by the first forward "
+                           "and backward of one block at the run's micro batch and length",
+                           "launcher/memory/probe.py")]
+    lo, hi = KERNELS_RANGE[cfg.model.dtype]
+    return [book, Term("kernels", f"oneDNN kernels ({gib(lo)}-{gib(hi)}, not measured)", hi,
+                       "overhead", f"range for {cfg.model.dtype} across processors (high with "
+                       "AVX512-BF16/AMX), counted at its upper end; `ftlaunch plan --probe` and "
+                       "`ftlaunch run` measure it on this machine",
+                       "launcher/memory/probe.py KERNELS_RANGE", low=lo)]
+
 
 def main(argv: list[str]) -> int:
     trust = "--trust-remote-code" in argv
@@ -198,3 +220,4 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
