@@ -20,9 +20,9 @@ OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": 
               "paged_adamw_8bit": "paged_adamw_8bit"}
 CHATML_TEMPLATES = {"chatml", "qwen", "qwen2", "qwen3", "qwen2_5"}
 IGNORED = {
-    "wandb_project": "logging services are not run-file settings", "wandb_entity": "logging services are not run-file settings",
-    "wandb_name": "logging services are not run-file settings", "wandb_watch": "logging services are not run-file settings",
-    "wandb_log_model": "logging services are not run-file settings", "report_to": "logging services are not run-file settings",
+    "wandb_entity": "set WANDB_ENTITY in the job's environment",
+    "wandb_name": "the run is named by `name`", "wandb_watch": "gradients are not logged",
+    "wandb_log_model": "models are not uploaded; final/ holds the export",
     "hub_model_id": "pushing to the Hub is not part of a run", "push_to_hub": "pushing to the Hub is not part of a run",
     "strict": "Axolotl's own loader option", "dataset_prepared_path": "ftlaunch tokenizes on the ranks",
     "do_train": "ftlaunch always trains", "overwrite_output_dir": "use ftlaunch run --overwrite",
@@ -44,6 +44,28 @@ def to(run_key: str, conv: Callable[[Any], Any] = lambda v: v) -> Handler:
     def h(out, key, value, tree, base_dir):
         out.carry(key, run_key, conv(value))
     return h
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _report_to(out, key, value, tree, base_dir):
+    """report_to (HF Trainer: a name, a list, "all" or "none"), wandb_project, use_tensorboard
+    -> output.report_to."""
+    have = list(out.get("output.report_to") or [])
+    if key == "wandb_project":
+        names, how = ["wandb"], f"project {value!r}: set WANDB_PROJECT in the job's environment"
+    elif key == "use_tensorboard":
+        names, how = (["tensorboard"] if value else []), "RUN_DIR/tensorboard"
+    else:
+        given = [value] if isinstance(value, str) else list(value or [])
+        names = list(TRACKERS) if "all" in given else [n for n in given if n in TRACKERS]
+        rest = [n for n in given if n not in TRACKERS and n not in ("all", "none")]
+        how = f"no {rest}: only {list(TRACKERS)}" if rest else "the same trackers"
+    if not names:
+        out.drop(key, f"{value!r}: no tracker")
+        return
+    out.approx(key, "output.report_to", sorted(set(have) | set(names), key=TRACKERS.index), how)
 
 
 def _dtype(out, key, value, tree, base_dir):
@@ -287,7 +309,8 @@ AXOLOTL: dict[str, Handler] = {
     "save_total_limit": to("train.keep_checkpoints"), "deepspeed": _deepspeed,
     "output_dir": to("output.dir"), "special_tokens": _ax_special_tokens, "tokens": to("model.add_tokens"),
     "dataset_processes": to("data.preprocessing_workers"),
-    "dataloader_num_workers": to("data.num_workers"),
+    "dataloader_num_workers": to("data.num_workers"), "report_to": _report_to,
+    "wandb_project": _report_to, "use_tensorboard": _report_to,
 }
 
 
@@ -455,6 +478,7 @@ LLAMAFACTORY: dict[str, Handler] = {
     "output_dir": to("output.dir"), "flash_attn": _attention,
     "disable_gradient_checkpointing": _lf_gc_off, "new_special_tokens": _lf_new_special,
     "add_tokens": _lf_new_special, "add_special_tokens": _lf_new_special,
+    "report_to": _report_to, "use_tensorboard": _report_to,
 }
 
 

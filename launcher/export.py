@@ -178,6 +178,12 @@ def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code)
+    rows = _checkpoint_vocab(model, state)
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        config.vocab_size = rows  # the run added tokens: embedding and head grew to this
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     for k in list(state):  # in place: the fp32 tensor goes as its copy comes (4 B/param at most,
         state[k] = state.pop(k).to(dtype)  # not the fp32 dict and a 16-bit one side by side)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -192,15 +198,26 @@ def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
     model.save_pretrained(out, max_shard_size="5GB")
 
 
+def _checkpoint_vocab(model: Any, state: dict) -> Optional[int]:
+    """Rows of the input embedding in the checkpoint (more than model.path's where the run
+    added tokens: launcher/tokens.py), or None where the checkpoint has no such tensor."""
+    emb = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        if p is emb and name in state:
+            return int(state[name].shape[0])
+    return None
+
+
 def _export_lora(cfg: Any, state: dict, out: str, dtype: Any, merge: bool, tokenizer: Any) -> None:
     import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher import freeze, lora
+    from launcher import freeze, lora, tokens
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
                                                 trust_remote_code=cfg.model.trust_remote_code)
+    tokens.resize(base, tokenizer)  # added tokens: the rows the adapter's embeddings have
     model, _ = freeze.apply(base, cfg, quantized=set())
     trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
     own = dict(model.named_parameters())

@@ -210,11 +210,13 @@ def data_problems(key: str, path: str, d: "DataConfig") -> Iterator[Problem]:
         yield Problem(field_key, f"{path} has no column '{c}'", fix)
     if missing:
         return
+    read = len(rows) + len(bad)  # each row once: `rows` parsed, `bad` did not
     bad = bad + [(n, why) for n, r in rows if (why := _row_problem(d, r))]
-    if len(bad) > bad_row_limit(d, len(rows) + len(bad)):
+    if len(bad) > bad_row_limit(d, read):
         named = "; ".join(f"row {n}: {why}" for n, why in sorted(bad)[:3])
-        yield Problem(key, f"{len(bad)} of the first {len(rows) + len(bad)} rows of {path} "
-                      f"cannot be used ({named})", "fix those rows, point the field at the right "
+        yield Problem(key, f"{len(bad)} of the first {read} rows of {path} "
+                      f"cannot be used ({named}; validate reads the first {FIRST_ROWS} rows, "
+                      "the ranks read them all)", "fix those rows, point the field at the right "
                       "column, or let data.max_bad_rows skip bad rows")
 
 

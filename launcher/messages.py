@@ -36,7 +36,8 @@ def _kind(value: Any) -> str:
 
 def normalise(value: Any) -> list[dict[str, str]]:
     """One row's messages as [{"role", "content"}] (ShareGPT turned into roles); BadRow if the
-    value is not a list of messages with known roles and text content."""
+    value is not a list of messages with known roles and text content. Messages are numbered
+    from 1 in the messages, as rows are."""
     if isinstance(value, str):
         try:
             value = json.loads(value)  # csv/parquet columns may hold the list as JSON text
@@ -49,7 +50,7 @@ def normalise(value: Any) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise BadRow(f"message {i} is {_kind(m)}, not an object with role and content")
+            raise BadRow(f"message {i + 1} is {_kind(m)}, not an object with role and content")
         if "from" in m and "role" not in m:
             role = SHAREGPT_ROLES.get(str(m.get("from")).lower())
             content, role_key, text_key = m.get("value"), "from", "value"
@@ -59,12 +60,12 @@ def normalise(value: Any) -> list[dict[str, str]]:
             content, role_key, text_key = m.get("content"), "role", "content"
             known = list(ROLES)
         if role is None:
-            raise BadRow(f"message {i} has {role_key} {m.get(role_key)!r}; known: "
+            raise BadRow(f"message {i + 1} has {role_key} {m.get(role_key)!r}; known: "
                          f"{', '.join(known)}")
         if content is None:
             content = ""
         if not isinstance(content, str):
-            raise BadRow(f"message {i} has {_kind(content)} as its {text_key}, not text")
+            raise BadRow(f"message {i + 1} has {_kind(content)} as its {text_key}, not text")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise BadRow("has no assistant message (nothing to learn)")

@@ -135,7 +135,7 @@ EXPECT = {  # name -> (key, in the message, in the fix)
     "template_file_missing": ("data.chat_template", "no such chat template file", "Jinja file"),
     "empty_file": ("data.path", "is empty (0 bytes)", "a file with examples"),
     "bad_json": ("data.path", "row 6: not valid JSON", "data.max_bad_rows"),
-    "unknown_role": ("data.path", "row 2: 'messages' message 0 has role 'wizard'",
+    "unknown_role": ("data.path", "row 2: 'messages' message 1 has role 'wizard'",
                      "data.max_bad_rows"),
     "prompt_not_text": ("data.path", "column 'q' holds list values", "fix those rows"),
     "mix_missing_column": ("data.mix[1].text_field", "has no column 'text'",
