@@ -1,0 +1,88 @@
+"""The combination matrix: features that work alone must work together.
+
+A pairwise covering set over the feature switches (tests/combos.py `levels`: steps or epochs with
+epoch-based eval and saves, one file or a mix, five data layouts, packing, three chat templates,
+added tokens, the freeze policies, quantization, the ZeRO stages, offload, a DeepSpeed file,
+trackers, the watchdog; the schema's own values), each row's run file through every login
+command, in process: validate, ds-config, plan (the tiny model's config), data, slurm (render).
+Never a traceback: exit 0, or exit 2 with a message that names a key and its fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import yaml
+
+import combos
+from launcher import cli
+
+KEYED = re.compile(r"^  [\w<>\-]+(\[\d+\])?(\.[\w\-]+(\[\d+\])?)*( \([^)]*\))?: .+\n      fix: .+",
+                   re.M)
+COMMANDS = (["validate"], ["ds-config"], ["plan"], ["data", "--show", "1"], ["slurm"])
+
+
+def test_switches_are_schema_keys_and_the_set_covers_every_pair():
+    keys = combos.schema_keys()
+    assert not [k for k in combos.SWITCH_KEYS if k not in keys]
+    lv = combos.levels()
+    rows = combos.pairwise(lv, allowed=combos.allowed)
+    want = sum(len(lv[a]) * len(lv[b]) for i, a in enumerate(lv) for b in list(lv)[i + 1:])
+    assert len(combos.covered_pairs(rows, lv)) == want - len(combos.REFUSED)
+    assert len(rows) < 40  # a covering set, not the product (millions)
+    assert combos.pairwise(lv, allowed=combos.allowed) == rows  # deterministic
+    for a, va, b, vb in combos.REFUSED:
+        assert not [r for r in rows if r[a] == va and r[b] == vb]
+
+
+ROWS = combos.pairwise(combos.levels(), allowed=combos.allowed)
+
+
+@pytest.fixture(scope="module")
+def matrix_inputs(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("matrix")
+    return {"model": combos.chat_model(tiny["model"], str(d)),
+            "files": combos.write_data(str(d / "data"))}
+
+
+def call(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("i", range(len(ROWS)), ids=[f"row{i}" for i in range(len(ROWS))])
+def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, monkeypatch):
+    row = ROWS[i]
+    monkeypatch.chdir(tmp_path)
+    tree = combos.run_tree(row, matrix_inputs["model"], matrix_inputs["files"], str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    results = {}
+    for cmd in COMMANDS:
+        code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
+        assert "Traceback" not in out + err, (cmd, row, err)
+        assert code in (0, 2), (cmd, row, code, err[-3000:])
+        if code == 2:
+            assert KEYED.search(err), (cmd, row, err[-3000:])
+        results[cmd[0]] = (code, err)
+    # the covering set leaves out the refused pairs: every command takes every row
+    assert all(code == 0 for code, _ in results.values()), (row, results)
+
+
+@pytest.mark.parametrize("a, va, b, vb", combos.REFUSED)
+def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, capsys, monkeypatch):
+    """The pairs the covering set leaves out: refused by validate and by every other command,
+    with the key and the fix, on the login node."""
+    row = dict(ROWS[0], **{a: va, b: vb})
+    monkeypatch.chdir(tmp_path)
+    tree = combos.run_tree(row, matrix_inputs["model"], matrix_inputs["files"], str(tmp_path))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
+           "offload": "deepspeed.offload_optimizer"}[a]
+    for cmd in COMMANDS:
+        code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
+        assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])
+
