@@ -505,6 +505,11 @@ def finish(out, peer: str, tree: dict, base_dir: str) -> None:
                                         "fp32 without a precision key"))
     if peer == "llamafactory" and out.get("model.gradient_checkpointing") is None:
         out.set("model.gradient_checkpointing", True)  # LLaMA-Factory's default
+    if (out.get("quantization.mode") == "4bit" and out.get("deepspeed.zero_stage") == 3
+            and out.get("model.dtype") in ("bf16", "fp16", "fp32")):
+        out.approx("(4-bit with ZeRO-3)", "quantization.storage_dtype", out.get("model.dtype"),
+                   "4-bit weights stored in the model's dtype, so ZeRO-3 can partition them "
+                   "(as the peers set bnb_4bit_quant_storage)")
     if out.get("quantization.mode") not in (None, "none") and out.get("quantization.skip_modules") is None:
         also = out.get("freeze.also_train") or []
         if "lm_head" not in also:

@@ -245,3 +245,92 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss")
 
+
+
+# ------------------------------------------------------------------ peers' configs (convert)
+def peer_levels() -> dict[str, list[Any]]:
+    """The switches of the converted-config matrix: what users bring from Axolotl and
+    LLaMA-Factory on the first day."""
+    return {"peer": ["axolotl", "llamafactory"], "datasets": [1, 2], "steps": ["epochs", "max_steps"],
+            "tuning": ["full", "lora", "qlora", "freeze"], "tokens": [False, True],
+            "deepspeed": [None, 2, 3], "report_to": [None, "tensorboard", "wandb"],
+            "empty_keys": [False, True]}
+
+
+def peer_allowed(a: str, va: Any, b: str, vb: Any) -> bool:
+    # LLaMA-Factory's `freeze` tuning has no Axolotl name (Axolotl: unfrozen_parameters)
+    return not ((a, b) == ("peer", "tuning") and (va, vb) == ("axolotl", "freeze"))
+
+
+def write_peer(row: dict, folder: str, model_rel: str) -> str:
+    """A peer config written as that project's docs show it, with paths relative to its own
+    folder (data in folder/data, a DeepSpeed JSON beside it); returns the config's path."""
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    files = write_data(os.path.join(folder, "data"), n=24)
+    cfg: dict[str, Any] = {}
+    if row["deepspeed"] is not None:
+        with open(os.path.join(folder, "ds.json"), "w", encoding="utf-8") as fh:
+            json.dump({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                       "zero_optimization": {"stage": row["deepspeed"]}, "bf16": {"enabled": "auto"}}, fh)
+    ax = row["peer"] == "axolotl"
+    names = ["messages", "prompt_response"][:row["datasets"]]
+    if ax:
+        cfg["base_model"] = model_rel
+        cfg["datasets"] = [{"path": os.path.relpath(files[n], folder), "type": "chat_template",
+                            "field_messages": "messages"} if n == "messages" else
+                           {"path": os.path.relpath(files["sharegpt"], folder), "type": "chat_template",
+                            "field_messages": "conversations"} for n in names]
+        cfg.update(chat_template="chatml", sequence_len=64, sample_packing=False, micro_batch_size=2,
+                   gradient_accumulation_steps=1, learning_rate=1e-3, bf16="auto",
+                   output_dir="./outputs/out")
+        cfg["num_epochs" if row["steps"] == "epochs" else "max_steps"] = 1 if row["steps"] == "epochs" else 4
+        if row["tuning"] in ("lora", "qlora"):
+            cfg.update(adapter=row["tuning"], lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                       lora_target_linear=True)
+            if row["tuning"] == "qlora":
+                cfg["load_in_4bit"] = True
+        if row["tokens"]:
+            cfg["tokens"] = ["<|tool|>"]
+            cfg["special_tokens"] = {"pad_token": "<pad>"}
+        if row["deepspeed"] is not None:
+            cfg["deepspeed"] = "ds.json"
+        if row["report_to"] == "wandb":
+            cfg["wandb_project"] = "first-day"
+        elif row["report_to"] == "tensorboard":
+            cfg["use_tensorboard"] = True
+        if row["empty_keys"]:  # as Axolotl's own example files have them
+            cfg.update(unfrozen_parameters=None, wandb_entity=None, eval_steps=None,
+                       lora_model_dir=None, special_tokens=cfg.get("special_tokens"), tokens=cfg.get("tokens"))
+    else:
+        info = {"chat": {"file_name": "sharegpt.jsonl", "formatting": "sharegpt",
+                         "columns": {"messages": "conversations"}},
+                "qa": {"file_name": "prompt_response.jsonl",
+                       "columns": {"prompt": "prompt", "response": "response"}}}
+        with open(os.path.join(folder, "data", "dataset_info.json"), "w", encoding="utf-8") as fh:
+            json.dump(info, fh)
+        cfg.update(model_name_or_path=model_rel, stage="sft", do_train=True,
+                   finetuning_type={"qlora": "lora"}.get(row["tuning"], row["tuning"]),
+                   dataset=",".join(["chat", "qa"][:row["datasets"]]), dataset_dir="data",
+                   template="qwen", cutoff_len=64, per_device_train_batch_size=2,
+                   gradient_accumulation_steps=1, learning_rate=1e-3, bf16=True,
+                   output_dir="saves/out")
+        cfg["num_train_epochs" if row["steps"] == "epochs" else "max_steps"] = 1.0 if row["steps"] == "epochs" else 4
+        if row["tuning"] in ("lora", "qlora"):
+            cfg.update(lora_rank=8, lora_target="all")
+        if row["tuning"] == "qlora":
+            cfg["quantization_bit"] = 4
+        if row["tuning"] == "freeze":
+            cfg["freeze_trainable_layers"] = 1
+        if row["tokens"]:
+            cfg["new_special_tokens"] = "<|tool|>"
+        if row["deepspeed"] is not None:
+            cfg["deepspeed"] = "ds.json"
+        if row["report_to"]:
+            cfg["report_to"] = row["report_to"]
+        if row["empty_keys"]:
+            cfg.update(eval_dataset=None, resume_from_checkpoint=None, lora_target=cfg.get("lora_target"))
+    path = os.path.join(folder, f"{row['peer']}.yaml")
+    import yaml
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(cfg, fh, sort_keys=False)
+    return path

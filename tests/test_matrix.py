@@ -86,3 +86,34 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
         assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])
 
+
+
+# ------------------------------------------------------------------ convert's output
+PEER_ROWS = combos.pairwise(combos.peer_levels(), allowed=combos.peer_allowed)
+
+
+@pytest.mark.parametrize("i", range(len(PEER_ROWS)), ids=[f"peer{i}" for i in range(len(PEER_ROWS))])
+def test_converted_peer_configs_pass_every_login_command(i, matrix_inputs, tmp_path, capsys,
+                                                         monkeypatch):
+    """A peer config (paths relative to its folder, keys present with no value as in the peers'
+    own examples) converted into another folder: the written run file takes every login command
+    from a third working directory."""
+    row = PEER_ROWS[i]
+    peer_dir, out_dir, elsewhere = tmp_path / "peer", tmp_path / "converted", tmp_path / "cwd"
+    for d in (peer_dir, out_dir, elsewhere):
+        d.mkdir()
+    model_rel = os.path.relpath(matrix_inputs["model"], peer_dir)
+    cfg = combos.write_peer(row, str(peer_dir), model_rel)
+    out = out_dir / "run.yaml"
+    monkeypatch.chdir(elsewhere)
+    code, text, err = call(["convert", cfg, "-o", str(out)], capsys)
+    assert code == 0 and "Traceback" not in text + err, (row, err)
+    tree = yaml.safe_load(out.read_text())
+    if row["report_to"]:
+        assert tree["output"]["report_to"] == [row["report_to"]], tree
+    if row["datasets"] == 2:
+        assert len(tree["data"]["mix"]) == 2
+    for cmd in COMMANDS:
+        code, text, err = call([cmd[0], str(out), *cmd[1:]], capsys)
+        assert "Traceback" not in text + err, (cmd, row, err)
+        assert code == 0, (cmd, row, out.read_text(), err[-3000:])
