@@ -223,7 +223,7 @@ def _ax_special_tokens(out, key, value, tree, base_dir):
             out.drop(f"{key}.{name}", f"changing the tokenizer's {name} is not offered (pad only)")
 
 
-def _source(out, ds: dict, where: str) -> dict:
+def _source(out, ds: dict, where: str, base_dir: str = ".") -> dict:
     """One Axolotl dataset entry -> run-file data keys (path and fields)."""
     src: dict[str, Any] = {"path": ds.get("path")}
     kind = ds.get("type")
@@ -237,9 +237,12 @@ def _source(out, ds: dict, where: str) -> dict:
         src["text_field"] = ds.get("field", "text")
     elif kind == "alpaca":
         src["prompt_field"], src["response_field"] = "instruction", "output"
-        out.report.approximated.append((f"{where}.type", "data.prompt_field/response_field",
-                                        "alpaca: prompt = instruction, response = output; the "
-                                        "'input' column and the alpaca prompt text are not used"))
+        if _has_column(ds.get("path"), base_dir, "input"):
+            src["input_field"] = "input"
+        out.report.approximated.append((f"{where}.type", "data.prompt_field/input_field/response_field",
+                                        "alpaca: prompt = instruction + \"\\n\" + input (where "
+                                        "not empty), response = output; the alpaca preamble text "
+                                        "is not added (set data.chat_template to render a template)"))
     elif kind is not None:
         out.drop(f"{where}.type", f"prompt strategy {kind!r} has no ftlaunch equivalent; the "
                  "path is kept, the fields need setting by hand")
@@ -252,12 +255,29 @@ def _source(out, ds: dict, where: str) -> dict:
     return src
 
 
+def _has_column(path: Any, base_dir: str, column: str) -> bool:
+    """Whether the data file at path (relative to the peer's config) has that column in its
+    first rows; False where it cannot be read here (a hub dataset)."""
+    from launcher import input_checks
+    if not isinstance(path, str):
+        return False
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    fmt = input_checks._format(full, None)
+    if not os.path.isfile(full) or fmt not in ("jsonl", "json", "csv"):
+        return False
+    try:
+        rows, _ = input_checks.first_rows(full, fmt)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return any(column in r for _, r in rows)
+
+
 def _template(name: str) -> Any:
     return None if name in ("tokenizer_default", "default") else "chatml" if name in CHATML_TEMPLATES else name
 
 
 def _ax_datasets(out, key, value, tree, base_dir):
-    sources = [_source(out, ds, f"{key}[{i}]") for i, ds in enumerate(value or [])]
+    sources = [_source(out, ds, f"{key}[{i}]", base_dir) for i, ds in enumerate(value or [])]
     if len(sources) == 1:
         for k, v in sources[0].items():
             out.carry(f"{key}[0].{'path' if k == 'path' else k}", f"data.{k}", v)
@@ -394,10 +414,15 @@ def _lf_source(out, name: str, tree: dict, base_dir: str, where: str) -> dict:
     cols = entry.get("columns") or {}
     if entry.get("formatting") == "sharegpt":
         src["messages_field"] = cols.get("messages", "conversations")
+        if cols.get("tools"):
+            src["tools_field"] = cols["tools"]
     elif "prompt" in cols or entry.get("formatting", "alpaca") == "alpaca":
         src["prompt_field"], src["response_field"] = cols.get("prompt", "instruction"), cols.get("response", "output")
-        out.report.approximated.append((where, "data.prompt_field/response_field", "alpaca "
-                                        "columns; 'input', 'system' and 'history' are not used"))
+        if _has_column(src["path"], base_dir, cols.get("query", "input")):
+            src["input_field"] = cols.get("query", "input")
+        out.report.approximated.append((where, "data.prompt_field/input_field/response_field",
+                                        "alpaca columns, prompt = instruction + \"\\n\" + input "
+                                        "(LLaMA-Factory's rule); 'system' and 'history' are not used"))
     return src
 
 

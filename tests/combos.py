@@ -100,25 +100,14 @@ def covered_pairs(rows: list[dict], levels: dict[str, list[Any]]) -> set:
     return seen
 
 
-def chat_model(tiny_model: str, d: str) -> str:
-    """A copy of the tiny model folder whose tokenizer carries its own chat template (the
-    `chat_template: null` case)."""
-    import shutil
-    out = os.path.join(d, "chat-model")
-    if not os.path.isdir(out):
-        shutil.copytree(tiny_model, out)
-        with open(os.path.join(out, "chat_template.jinja"), "w", encoding="utf-8") as fh:
-            fh.write(TEMPLATE)
-    return out
-
-
 # ------------------------------------------------------------------ data and run files
 CHATS = [("what is 2 plus 3?", "5."), ("name a colour.", "red."), ("say hello.", "hello."),
          ("what is the capital of japan?", "tokyo."), ("count to three.", "one two three.")]
 TOOLS = [{"type": "function", "function": {"name": "add", "description": "add two numbers",
                                            "parameters": {"type": "object", "properties": {
                                                "a": {"type": "number"}, "b": {"type": "number"}}}}}]
-TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
+TEMPLATE = ("{% if tools %}<|system|>{{ tools | tojson }}</s>\n{% endif %}"
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
@@ -154,7 +143,7 @@ def write_data(d: str, n: int = 40) -> dict[str, str]:
 LAYOUT_FIELDS = {"text": {}, "prompt_response": {"prompt_field": "prompt", "response_field": "response"},
                  "messages": {"messages_field": "messages"},
                  "sharegpt": {"messages_field": "conversations"},
-                 "tools": {"messages_field": "conversations"}}
+                 "tools": {"messages_field": "conversations", "tools_field": "tools"}}
 
 
 def source(layout: str, files: dict[str, str], template: Any) -> dict[str, Any]:
@@ -245,6 +234,24 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss")
 
+
+
+def chat_model(d: str) -> str:
+    """A tiny model whose tokenizer has ChatML's markers as special tokens and its own chat
+    template (the `chat_template: null` case), under d (built once)."""
+    import tiny_recipe
+    from transformers import AutoTokenizer
+    out = os.path.join(d, "chat-model")
+    if os.path.isdir(out):
+        return out
+    corpus = tiny_recipe.sentences(200) + [f"{q} {a}" for q, a in CHATS] * 20
+    tok_dir = tiny_recipe.build_tokenizer(os.path.join(d, "chat-tokenizer"), corpus, 320,
+                                          extra_special=("<|im_start|>", "<|im_end|>"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tiny_recipe.build_model(out, len(tok))
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(out)
+    return out
 
 
 # ------------------------------------------------------------------ peers' configs (convert)

@@ -42,7 +42,7 @@ ROWS = combos.pairwise(combos.levels(), allowed=combos.allowed)
 @pytest.fixture(scope="module")
 def matrix_inputs(tiny, tmp_path_factory):
     d = tmp_path_factory.mktemp("matrix")
-    return {"model": combos.chat_model(tiny["model"], str(d)),
+    return {"model": combos.chat_model(str(d)),
             "files": combos.write_data(str(d / "data"))}
 
 
