@@ -206,11 +206,14 @@ def data_problems(key: str, path: str, d: "DataConfig") -> Iterator[Problem]:
         yield Problem(key, f"{path} holds no rows", "point it at a file with examples")
         return
     for c in missing:
+        own = next((f for f in ("input_field", "tools_field", "response_field")
+                    if getattr(d, f) == c and c != getattr(d, field)), None)
+        ckey = field_key if own is None else field_key.rsplit(".", 1)[0] + "." + own
         chat = [n for n in ("messages", "conversations") if n in (names or [])]
-        fix = f"set {field_key} to one of its columns ({', '.join(names or [])})"
+        fix = f"set {ckey} to one of its columns ({', '.join(names or [])})"
         if chat and d.messages_field is None:
             fix += f", or data.messages_field: {chat[0]} for chat data"
-        yield Problem(field_key, f"{path} has no column '{c}'", fix)
+        yield Problem(ckey, f"{path} has no column '{c}'", fix)
     if missing:
         return
     read = len(rows) + len(bad)  # each row once: `rows` parsed, `bad` did not
