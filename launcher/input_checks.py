@@ -369,11 +369,13 @@ def _rendered_problems(cfg: "RunConfig", folder: str) -> Iterator[Problem]:
     jinja2, as transformers does; a template that refuses a row, as Gemma's refuses a system
     message, is found here); ChatML on a tokenizer without its markers; tools with a template
     that does not show them."""
+    said: set[str] = set()
     for key, d in sources(cfg):
         if key == "data.eval_path" or (d.messages_field is None and not (d.prompt_field and d.chat_template)):
             continue
         base = key.rsplit(".", 1)[0] if key.startswith("data.mix") else "data"
-        tkey = f"{base}.chat_template"
+        own = base != "data" and cfg.data.mix[int(base[9:-1])].chat_template is not None
+        tkey = f"{base}.chat_template" if own else "data.chat_template"  # where it was set
         template = _template_of(d, folder)
         if template is None:
             continue
@@ -381,7 +383,8 @@ def _rendered_problems(cfg: "RunConfig", folder: str) -> Iterator[Problem]:
             have = _vocab_tokens(folder)
             added = set(cfg.model.special_tokens) | set(cfg.model.add_tokens)
             lost = [m for m in messages.CHATML_MARKERS if have is not None and m not in have | added]
-            if lost:
+            if lost and tkey not in said:
+                said.add(tkey)
                 yield Problem(tkey, f"chatml marks turns with {' and '.join(lost)}, which the "
                               f"tokenizer in {folder} does not have: each splits into several "
                               "tokens, the sequences grow, and an exported model cannot stop on "
