@@ -39,7 +39,7 @@ import time
 from typing import Any, Sequence
 
 from launcher import layout, run_state
-from launcher.batch import local_batch_problem
+from launcher.batch import batch_sizes, local_batch_problem
 from launcher.config import RunConfig
 from launcher.device import resolve_device, visible_gpus
 from launcher.errors import ConfigError, Problem
@@ -265,6 +265,8 @@ def main(args: Any) -> int:
                 and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
             print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
             return layout.EXIT_OK
+    if not args.dry_run:  # before the plan and the tokenizing: refused in a second
+        rundir.check(cfg, rundir.on_existing(args))
     try:
         plan = plan_text(cfg, getattr(args, "force", False))
         if plan:
@@ -276,7 +278,10 @@ def main(args: Any) -> int:
         run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
                                  else rundir.on_existing(args))
         run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
-        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, run directory {run_dir}"
+        micro, accum, global_batch = batch_sizes(cfg, nproc)
+        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, global batch "
+              f"{micro} micro x {accum} accum x {nproc} rank{'s' if nproc > 1 else ''} = "
+              f"{global_batch} sequences, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
         return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run), run_dir)

@@ -28,7 +28,7 @@ CHATML = (
     "{%- if tools -%}"
     "{{- '<|im_start|>system\\n' -}}"
     "{%- if messages[0]['role'] == 'system' -%}{{- messages[0]['content'] + '\\n\\n' -}}{%- endif -%}"
-    "{{- '# Tools\\n\\nYou may call functions. Their signatures, within <tools></tools>:\\n<tools>' -}}"
+    "{{- '# Tools\\n\\nYou may call these functions:\\n<tools>' -}}"
     "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
     "{{- '\\n</tools><|im_end|>\\n' -}}"
     "{%- endif -%}"

@@ -103,9 +103,7 @@ def covered_pairs(rows: list[dict], levels: dict[str, list[Any]]) -> set:
 # ------------------------------------------------------------------ data and run files
 CHATS = [("what is 2 plus 3?", "5."), ("name a colour.", "red."), ("say hello.", "hello."),
          ("what is the capital of japan?", "tokyo."), ("count to three.", "one two three.")]
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "add two numbers",
-                                           "parameters": {"type": "object", "properties": {
-                                               "a": {"type": "number"}, "b": {"type": "number"}}}}}]
+TOOLS = [{"name": "add", "parameters": {"a": "number", "b": "number"}}]  # short: 256 positions
 TEMPLATE = ("{% if tools %}<|system|>{{ tools | tojson }}</s>\n{% endif %}"
             "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -155,7 +153,8 @@ def source(layout: str, files: dict[str, str], template: Any) -> dict[str, Any]:
 
 def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict[str, Any]:
     """The run file of one matrix row (switch -> value), as a YAML tree."""
-    data: dict[str, Any] = {"max_seq_len": 64, "packing": row["packing"],
+    data: dict[str, Any] = {"max_seq_len": 256 if row["layout"] == "tools" else 64,  # schemas
+                            "packing": row["packing"],
                             "cache_dir": os.path.join(out_dir, "cache")}
     first = source(row["layout"], files, row["template"])
     if row["sources"] == "mix":
@@ -341,3 +340,18 @@ def write_peer(row: dict, folder: str, model_rel: str) -> str:
     with open(path, "w", encoding="utf-8") as fh:
         yaml.safe_dump(cfg, fh, sort_keys=False)
     return path
+
+
+# ------------------------------------------------------------------ the run subset
+def run_levels() -> dict[str, list[Any]]:
+    """The smaller set that goes through the ranks: run, export, load, status."""
+    return {"freeze": ["full", "lora"], "zero": [1, 3], "tokens": [False, True],
+            "layout": ["messages", "tools"], "sources": ["single", "mix"], "steps": ["max_steps", "epochs"]}
+
+
+def run_row(row: dict) -> dict:
+    """A matrix row (every switch of `levels`) from a run-subset row: the rest at their simplest."""
+    return {"steps": row["steps"], "sources": row["sources"], "layout": row["layout"], "packing": False,
+            "template": "chatml", "tokens": row["tokens"], "freeze": row["freeze"], "quant": "none",
+            "zero": row["zero"], "offload": "none", "ds_file": False, "report_to": [],
+            "watchdog": False}

@@ -9,8 +9,11 @@ Never a traceback: exit 0, or exit 2 with a message that names a key and its fix
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -117,3 +120,59 @@ def test_converted_peer_configs_pass_every_login_command(i, matrix_inputs, tmp_p
         code, text, err = call([cmd[0], str(out), *cmd[1:]], capsys)
         assert "Traceback" not in text + err, (cmd, row, err)
         assert code == 0, (cmd, row, out.read_text(), err[-3000:])
+
+
+# ------------------------------------------------------------------ through the ranks
+RUN_ROWS = combos.pairwise(combos.run_levels())
+
+
+def ftlaunch(*argv: str, cwd: str) -> subprocess.CompletedProcess:
+    from test_train_engine import ROOT, rank_env
+    return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=cwd,
+                          env={**rank_env(), "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+@pytest.mark.parametrize("i", range(len(RUN_ROWS)), ids=[f"run{i}" for i in range(len(RUN_ROWS))])
+def test_run_export_load_status(i, matrix_inputs, tmp_path, capsys):
+    """A smaller covering set through one CPU rank: `run --dry-run` (the first row), a run of 2
+    steps, `export` of its checkpoint, the export loaded and generating, `status`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    row = combos.run_row(RUN_ROWS[i])
+    tree = combos.run_tree(row, matrix_inputs["model"], matrix_inputs["files"], str(tmp_path))
+    tree["model"]["dtype"] = "fp32"
+    tree["train"].update(device="cpu", micro_batch_size=2)
+    tree["data"]["max_samples"] = 8  # an epoch of 8 rows per source: a few steps
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    if i == 0:
+        p = ftlaunch("run", str(path), "--dry-run", "--nproc", "1", cwd=str(tmp_path))
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-4000:]
+        assert not (tmp_path / "run").exists()
+    extra = ["--max-steps", "2"] if row["steps"] == "max_steps" else []
+    p = ftlaunch("run", str(path), "--nproc", "1", *extra, cwd=str(tmp_path))
+    assert p.returncode == 0 and "Traceback" not in p.stderr, (row, p.stderr[-4000:])
+    out = tmp_path / "hf"
+    code, text, err = call(["export", str(tmp_path / "run"), "-o", str(out)], capsys)
+    assert code == 0, (row, err)
+    tok = AutoTokenizer.from_pretrained(str(out))
+    if row["freeze"] == "lora":
+        from peft import PeftModel
+        base = AutoModelForCausalLM.from_pretrained(matrix_inputs["model"])
+        base.resize_token_embeddings(len(tok))
+        model = PeftModel.from_pretrained(base, str(out)).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert tok.chat_template  # the run's template, saved with the export
+    ids = tok.apply_chat_template([{"role": "user", "content": "say hello."}],
+                                  add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+    code, text, err = call(["status", str(tmp_path / "run"), "--json"], capsys)
+    assert code == 0, err
+    st = json.loads(text)
+    assert st["state"] == "finished" and st["step"] == st["max_steps"], st
