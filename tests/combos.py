@@ -346,12 +346,13 @@ def write_peer(row: dict, folder: str, model_rel: str) -> str:
 def run_levels() -> dict[str, list[Any]]:
     """The smaller set that goes through the ranks: run, export, load, status."""
     return {"freeze": ["full", "lora"], "zero": [1, 3], "tokens": [False, True],
-            "layout": ["messages", "tools"], "sources": ["single", "mix"], "steps": ["max_steps", "epochs"]}
+            "data": ["messages", "tools+mix"], "steps": ["max_steps", "epochs"]}
 
 
 def run_row(row: dict) -> dict:
     """A matrix row (every switch of `levels`) from a run-subset row: the rest at their simplest."""
-    return {"steps": row["steps"], "sources": row["sources"], "layout": row["layout"], "packing": False,
+    layout, _, mix = row["data"].partition("+")
+    return {"steps": row["steps"], "sources": mix or "single", "layout": layout, "packing": False,
             "template": "chatml", "tokens": row["tokens"], "freeze": row["freeze"], "quant": "none",
             "zero": row["zero"], "offload": "none", "ds_file": False, "report_to": [],
             "watchdog": False}
