@@ -43,10 +43,10 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch):
            "data": {"mix": [{"path": files["messages"], "messages_field": "messages", "weight": 1},
                             {"path": files["sharegpt"], "messages_field": "conversations",
                              "weight": 1}],
-                    "chat_template": "chatml", "max_seq_len": 48,
+                    "chat_template": "chatml", "max_seq_len": 48, "eval_fraction": 0.1,
                     "cache_dir": str(tmp_path / "cache")},
            "train": {"epochs": 12, "micro_batch_size": 4, "lr": 1.0e-2, "warmup_steps": 2,
-                     "device": "cpu", "checkpoint_every": 10},
+                     "device": "cpu", "checkpoint_every": 10, "eval_every": 20},
            "freeze": {"policy": "full"},
            "deepspeed": {"zero_stage": 1},
            "output": {"dir": str(tmp_path / "run")}}
@@ -93,6 +93,8 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch):
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-4000:]
     assert "resumed from" in out + err
+    assert "2 cpu ranks, global batch 4 micro x 1 accum x 2 ranks = 8 sequences" in out
+    assert "eval loss" in err and "at step 40" in err  # evaluations are printed as they come
 
     # 6. status
     code, out, err = call(["status", str(tmp_path / "run"), "--json"], capsys)
