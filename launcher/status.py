@@ -182,7 +182,10 @@ def render(st: dict) -> str:
     ex = st["exit"]
     state = st["state"]
     if ex and state in ("finished", "stopped", "failed"):
-        state += f": exit {ex.get('code')} at step {ex.get('step')} ({ex.get('time', '?')}): " \
+        step = ex.get("step")
+        when = (f"at step {step}" if isinstance(step, int) and step >= 0
+                else "before the first step (while loading)")
+        state += f": exit {ex.get('code')} {when} ({ex.get('time', '?')}): " \
                  f"{str(ex.get('message', '')).strip().splitlines()[-1] if ex.get('message') else ''}"
     rows.append(("state", state))
     pct = 100.0 * st["step"] / st["max_steps"] if st["max_steps"] else 0.0

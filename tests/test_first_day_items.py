@@ -119,3 +119,15 @@ def test_version(capsys):
     with pytest.raises(SystemExit, match="0"):
         cli.main(["--version"])
     assert capsys.readouterr().out.startswith("ftlaunch 0.")
+
+
+def test_status_of_a_run_that_failed_while_loading():
+    from launcher import status
+    ex = {"code": 1, "step": -1, "time": "t", "message": "ImportError: flash_attn"}
+    st = {"run": "r", "run_dir": "/r", "state": "failed", "step": 0, "max_steps": 10,
+          "loss": None, "lr": None, "eval_loss": None, "eval_step": None, "tokens_per_s": None,
+          "step_time_s": None, "time_left_s": None, "checkpoint": None, "checkpoint_step": None,
+          "exit": ex, "last_failure": ex, "slurm": None}
+    text = status.render(st)
+    assert "exit 1 before the first step (while loading) (t): ImportError: flash_attn" in text
+    assert "step -1" not in text
