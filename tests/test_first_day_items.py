@@ -131,3 +131,13 @@ def test_status_of_a_run_that_failed_while_loading():
     text = status.render(st)
     assert "exit 1 before the first step (while loading) (t): ImportError: flash_attn" in text
     assert "step -1" not in text
+
+
+def test_cluster_mem_0_is_all_of_the_node_not_unknown(tiny, tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: t\nmodel: {{path: {tiny['model']}}}\n"
+                   f"data: {{path: {tiny['text']}, max_seq_len: 64}}\ntrain: {{max_steps: 3}}\n"
+                   "cluster: {mem: '0', gpu_memory: 80GiB}\n")
+    assert cli.main(["plan", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "cluster.mem 0 asks for all of the node's memory" in out and "unknown" not in out
