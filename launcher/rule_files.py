@@ -21,7 +21,9 @@ def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
         parent = os.path.dirname(m.path.rstrip("/"))
         hub = "/".join(m.path.rstrip("/").split("/")[-2:])
         hint = ""
-        if not os.path.isdir(parent) and re.fullmatch(r"[\w.-]+/[\w.-]+", hub):
+        # a Hub id ORG/NAME resolved against the run file's folder: that folder exists, ORG not
+        if (not os.path.isdir(parent) and os.path.isdir(os.path.dirname(parent))
+                and re.fullmatch(r"[\w.-]+/[\w.-]+", hub)):
             hint = (f"; if {hub} is a Hugging Face Hub id: ftlaunch reads local folders (compute "
                     f"nodes are often offline), so download it first (huggingface-cli download "
                     f"{hub} --local-dir models/{hub.split('/')[1]}) and set model.path to that folder")

@@ -101,6 +101,11 @@ def test_a_hub_id_gets_how_to_download_it(tmp_path):
     with pytest.raises(ConfigError, match=r"huggingface-cli download meta-llama/Llama-3.1-8B "
                                           r"--local-dir models/Llama-3.1-8B"):
         runfile.load(str(run))
+    run.write_text("name: t\nmodel: {path: /nowhere/at/all/model}\ndata: {path: x.jsonl}\n"
+                   "train: {max_steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"no such folder: /nowhere/at/all/model\n.*fix: point "
+                                          r"it at a save_pretrained folder \(with config.json\)\n"):
+        runfile.load(str(run))  # a lost local folder is not taken for a Hub id
 
 
 def test_bad_rows_are_counted_once(fake_model, tmp_path):
