@@ -115,6 +115,13 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch):
     assert gen.eos_token_id[0] == eot and tok.eos_token_id in gen.eos_token_id
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
 
+    half = tmp_path / "export-fp16"
+    code, out, err = call(["export", str(tmp_path / "run"), "-o", str(half), "--dtype", "fp16"],
+                          capsys)
+    assert code == 0, err
+    import torch
+    assert AutoModelForCausalLM.from_pretrained(str(half)).config.dtype == torch.float16
+
     # 8. generate with the saved template: the answer stops at <|im_end|>
     import torch
     q, a = combos.CHATS[3]
