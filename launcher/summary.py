@@ -4,6 +4,7 @@ from __future__ import annotations
 from launcher import ds_config, epochs
 from launcher.config import RunConfig
 from launcher.batch import batch_sizes
+from launcher.input_checks import FIRST_ROWS
 
 
 def summary(cfg: RunConfig) -> str:
@@ -27,6 +28,7 @@ def summary(cfg: RunConfig) -> str:
         ("quantization", quant),
         ("freeze", freeze),
         ("data", _data(cfg)),
+        ("checked", f"the first {FIRST_ROWS} rows of each data file (the ranks read every row)"),
         ("ranks", f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {cfg.world_size}"),
         ("batch", f"{micro} micro x {accum} accum x {cfg.world_size} ranks = {global_batch} sequences"
                   f" = {global_batch * d.max_seq_len:,} tokens/step"),

@@ -4,6 +4,7 @@ of cluster.time / cluster.mem, a Hub id, bad rows counted once, `--version`."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -75,6 +76,8 @@ def test_epochs_with_a_mix_count_every_source(fake_model, tmp_path):
     from launcher.summary import summary
     line = [x for x in summary(c).splitlines() if x.strip().startswith("data")][0]
     assert f"mix of 2: {a} (25%); {b} (75%)" in line and "None" not in line
+    assert re.search(r"checked +the first 100 rows of each data file \(the ranks read every row\)",
+                     summary(c))
 
 
 @pytest.mark.parametrize("key, value, fix", [
