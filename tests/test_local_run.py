@@ -225,3 +225,19 @@ def test_double_ctrl_c_ends_every_process_of_the_run(tiny, tmp_path, write_run):
     assert "every process of the run ended" in lines[0] and "--resume" in lines[0]
     assert "no complete checkpoint" not in err
     assert (tmp_path / "run" / "STOP").exists()
+
+
+def test_a_run_directory_of_another_config_is_refused_before_the_plan(tiny, tmp_path, write_run,
+                                                                     no_launch, monkeypatch):
+    """Refused in a second, before the memory plan and the tokenizing (they are not reached)."""
+    from launcher import rundir
+    path = write_run(run_text(tiny, tmp_path))
+    cfg = load(path, local_run.local_overrides(load(path), "cpu", 2))
+    rundir.prepare(cfg, {}, on_existing="refuse")
+    def not_reached(*a, **k):
+        raise AssertionError("planned or tokenized before the run directory was checked")
+    monkeypatch.setattr(local_run, "plan_text", not_reached)
+    monkeypatch.setattr(local_run, "check_data", not_reached)
+    with pytest.raises(ConfigError, match=r"(?s)holds a run made with a different config \(changed: "
+                                          r"train.lr\).*--resume"):
+        local_run.main(args(path, overrides=["train.lr=0.5"]))
