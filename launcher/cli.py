@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "with DeepSpeed from one YAML run file.",
                                  epilog="`ftlaunch COMMAND --help` shows a command's options and "
                                  "the key=value override syntax.")
+    from launcher import __version__
+    ap.add_argument("--version", action="version", version=f"ftlaunch {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _commands(sub)
     return ap
@@ -105,8 +107,8 @@ def _commands(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="folder to write (new or empty)")
     p.add_argument("--merge-lora", action="store_true",
                    help="LoRA runs: write the base with the adapter merged instead of the adapter")
-    p.add_argument("--dtype", choices=("bf16", "fp32"),
-                   help="weights' dtype (default: the run's model.dtype; fp16 runs: bf16)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="weights' dtype (default: the run's model.dtype)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="overrides of the run's resolved.yaml, e.g. model.path=... if the base moved")
 

@@ -119,6 +119,8 @@ class MixSource:
     prompt_field: Optional[str] = opt(None, "As data.prompt_field; null: data's.")
     response_field: Optional[str] = opt(None, "As data.response_field; null: data's.")
     messages_field: Optional[str] = opt(None, "As data.messages_field; null: data's.")
+    input_field: Optional[str] = opt(None, "As data.input_field; null: data's.")
+    tools_field: Optional[str] = opt(None, "As data.tools_field; null: data's.")
     chat_template: Optional[str] = opt(None, "As data.chat_template; null: data's.", path=True)
     train_on: Optional[Literal["assistant", "all"]] = opt(None, "As data.train_on; null: data's.")
 
@@ -136,8 +138,16 @@ class DataConfig:
     messages_field: Optional[str] = opt(None, "Chat data: column with a list of messages "
                                         "({role, content}; or ShareGPT {from, value}), rendered "
                                         "with the chat template.")
+    input_field: Optional[str] = opt(None, "Prompt/response data (alpaca): a column added to the "
+                                     "prompt after a newline where not empty (LLaMA-Factory's "
+                                     "rule: instruction + \"\\n\" + input).")
+    tools_field: Optional[str] = opt(None, "Chat data: a column with the function schemas (a "
+                                     "list, or its JSON text) passed to the chat template as "
+                                     "`tools` (tool-calling data).")
     chat_template: Optional[str] = opt(None, "Chat data: null: the tokenizer's own; chatml (built "
-                                       "in); or a Jinja file.", path=True)
+                                       "in); or a Jinja file. Prompt/response data: when set, "
+                                       "each row is rendered as a user and an assistant turn.",
+                                       path=True)
     train_on: Literal["assistant", "all"] = opt("assistant", "Chat and prompt/response data: loss "
                                                 "on the assistant turns (the response) only, or "
                                                 "on every token.")

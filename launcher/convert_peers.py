@@ -1,4 +1,5 @@
-"""The key tables of `ftlaunch convert`: Axolotl and LLaMA-Factory keys -> run-file keys.
+"""The key tables of `ftlaunch convert`: Axolotl keys -> run-file keys, the handlers both peers
+share, and the defaults that differ (LLaMA-Factory's table: launcher/convert_llamafactory.py).
 
 A handler is `fn(out, key, value, tree, base_dir)`: it carries, approximates or drops the key
 (launcher/convert.py `Out`). Keys not in a table are dropped ("no ftlaunch equivalent", or the
@@ -20,9 +21,9 @@ OPTIMIZERS = {"adamw_torch": "adamw", "adamw_torch_fused": "adamw", "adamw_hf": 
               "paged_adamw_8bit": "paged_adamw_8bit"}
 CHATML_TEMPLATES = {"chatml", "qwen", "qwen2", "qwen3", "qwen2_5"}
 IGNORED = {
-    "wandb_project": "logging services are not run-file settings", "wandb_entity": "logging services are not run-file settings",
-    "wandb_name": "logging services are not run-file settings", "wandb_watch": "logging services are not run-file settings",
-    "wandb_log_model": "logging services are not run-file settings", "report_to": "logging services are not run-file settings",
+    "wandb_entity": "set WANDB_ENTITY in the job's environment",
+    "wandb_name": "the run is named by `name`", "wandb_watch": "gradients are not logged",
+    "wandb_log_model": "models are not uploaded; final/ holds the export",
     "hub_model_id": "pushing to the Hub is not part of a run", "push_to_hub": "pushing to the Hub is not part of a run",
     "strict": "Axolotl's own loader option", "dataset_prepared_path": "ftlaunch tokenizes on the ranks",
     "do_train": "ftlaunch always trains", "overwrite_output_dir": "use ftlaunch run --overwrite",
@@ -44,6 +45,28 @@ def to(run_key: str, conv: Callable[[Any], Any] = lambda v: v) -> Handler:
     def h(out, key, value, tree, base_dir):
         out.carry(key, run_key, conv(value))
     return h
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def _report_to(out, key, value, tree, base_dir):
+    """report_to (HF Trainer: a name, a list, "all" or "none"), wandb_project, use_tensorboard
+    -> output.report_to."""
+    have = list(out.get("output.report_to") or [])
+    if key == "wandb_project":
+        names, how = ["wandb"], f"project {value!r}: set WANDB_PROJECT in the job's environment"
+    elif key == "use_tensorboard":
+        names, how = (["tensorboard"] if value else []), "RUN_DIR/tensorboard"
+    else:
+        given = [value] if isinstance(value, str) else list(value or [])
+        names = list(TRACKERS) if "all" in given else [n for n in given if n in TRACKERS]
+        rest = [n for n in given if n not in TRACKERS and n not in ("all", "none")]
+        how = f"no {rest}: only {list(TRACKERS)}" if rest else "the same trackers"
+    if not names:
+        out.drop(key, f"{value!r}: no tracker")
+        return
+    out.approx(key, "output.report_to", sorted(set(have) | set(names), key=TRACKERS.index), how)
 
 
 def _dtype(out, key, value, tree, base_dir):
@@ -201,7 +224,7 @@ def _ax_special_tokens(out, key, value, tree, base_dir):
             out.drop(f"{key}.{name}", f"changing the tokenizer's {name} is not offered (pad only)")
 
 
-def _source(out, ds: dict, where: str) -> dict:
+def _source(out, ds: dict, where: str, base_dir: str = ".") -> dict:
     """One Axolotl dataset entry -> run-file data keys (path and fields)."""
     src: dict[str, Any] = {"path": ds.get("path")}
     kind = ds.get("type")
@@ -215,9 +238,12 @@ def _source(out, ds: dict, where: str) -> dict:
         src["text_field"] = ds.get("field", "text")
     elif kind == "alpaca":
         src["prompt_field"], src["response_field"] = "instruction", "output"
-        out.report.approximated.append((f"{where}.type", "data.prompt_field/response_field",
-                                        "alpaca: prompt = instruction, response = output; the "
-                                        "'input' column and the alpaca prompt text are not used"))
+        if _has_column(ds.get("path"), base_dir, "input"):
+            src["input_field"] = "input"
+        out.report.approximated.append((f"{where}.type", "data.prompt_field/input_field/response_field",
+                                        "alpaca: prompt = instruction + \"\\n\" + input (where "
+                                        "not empty), response = output; the alpaca preamble text "
+                                        "is not added (set data.chat_template to render a template)"))
     elif kind is not None:
         out.drop(f"{where}.type", f"prompt strategy {kind!r} has no ftlaunch equivalent; the "
                  "path is kept, the fields need setting by hand")
@@ -230,12 +256,29 @@ def _source(out, ds: dict, where: str) -> dict:
     return src
 
 
+def _has_column(path: Any, base_dir: str, column: str) -> bool:
+    """Whether the data file at path (relative to the peer's config) has that column in its
+    first rows; False where it cannot be read here (a hub dataset)."""
+    from launcher import input_checks
+    if not isinstance(path, str):
+        return False
+    full = path if os.path.isabs(path) else os.path.join(base_dir, path)
+    fmt = input_checks._format(full, None)
+    if not os.path.isfile(full) or fmt not in ("jsonl", "json", "csv"):
+        return False
+    try:
+        rows, _ = input_checks.first_rows(full, fmt)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return any(column in r for _, r in rows)
+
+
 def _template(name: str) -> Any:
     return None if name in ("tokenizer_default", "default") else "chatml" if name in CHATML_TEMPLATES else name
 
 
 def _ax_datasets(out, key, value, tree, base_dir):
-    sources = [_source(out, ds, f"{key}[{i}]") for i, ds in enumerate(value or [])]
+    sources = [_source(out, ds, f"{key}[{i}]", base_dir) for i, ds in enumerate(value or [])]
     if len(sources) == 1:
         for k, v in sources[0].items():
             out.carry(f"{key}[0].{'path' if k == 'path' else k}", f"data.{k}", v)
@@ -287,174 +330,8 @@ AXOLOTL: dict[str, Handler] = {
     "save_total_limit": to("train.keep_checkpoints"), "deepspeed": _deepspeed,
     "output_dir": to("output.dir"), "special_tokens": _ax_special_tokens, "tokens": to("model.add_tokens"),
     "dataset_processes": to("data.preprocessing_workers"),
-    "dataloader_num_workers": to("data.num_workers"),
-}
-
-
-# ------------------------------------------------------------------ LLaMA-Factory
-def _lf_stage(out, key, value, tree, base_dir):
-    if value == "sft":
-        out.drop(key, "sft: supervised fine-tuning is what ftlaunch does (nothing to set)")
-    elif value == "pt":
-        out.drop(key, "pt: plain text data is read from data.text_field (nothing to set)")
-    else:
-        out.drop(key, f"stage {value!r} (preference / reward training) is not offered: the "
-                 "converted file trains supervised")
-
-
-def _lf_finetuning(out, key, value, tree, base_dir):
-    policy = {"lora": "lora", "full": "full", "freeze": "last_layers"}.get(value)
-    if policy:
-        out.carry(key, "freeze.policy", policy)
-    else:
-        out.drop(key, f"{value!r} is not offered")
-
-
-def _lf_lora_target(out, key, value, tree, base_dir):
-    names = [v.strip() for v in str(value).split(",")] if not isinstance(value, list) else value
-    out.carry(key, "freeze.lora.target_modules", ["all-linear"] if names == ["all"] else names)
-
-
-def _lf_freeze_layers(out, key, value, tree, base_dir):
-    out.carry(key, "freeze.trainable_layers", int(value))
-
-
-def _lf_freeze_modules(out, key, value, tree, base_dir):
-    if str(value) == "all":
-        out.drop(key, "all: last_layers trains whole blocks (the default)")
-    else:
-        out.drop(key, f"{value!r}: last_layers trains whole blocks; use freeze.policy patterns "
-                 "for parts of blocks")
-
-
-def _lf_quant_bit(out, key, value, tree, base_dir):
-    mode = {4: "4bit", 8: "8bit"}.get(int(value))
-    (out.carry(key, "quantization.mode", mode) if mode
-     else out.drop(key, f"{value}-bit: only 8 and 4 bits (bitsandbytes)"))
-
-
-def _lf_dataset(key_run: str) -> Handler:
-    def h(out, key, value, tree, base_dir):
-        names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
-        sources = [_lf_source(out, n, tree, base_dir, f"{key}: {n}") for n in names]
-        if key_run == "data.eval_path":
-            out.approx(key, key_run, sources[0]["path"], "the first eval dataset's file"
-                       + (f"; {names[1:]} left out" if len(names) > 1 else ""))
-        elif len(sources) == 1:
-            for k, v in sources[0].items():
-                out.carry(key, f"data.{k}", v)
-        else:
-            probs = tree.get("interleave_probs")
-            weights = [float(p) for p in str(probs).split(",")] if probs else [1.0] * len(sources)
-            how = ("mix_strategy " + str(tree.get("mix_strategy", "concat")) + " as weighted draws"
-                   + ("" if probs else "; concat -> weight 1 each (set weights to the sizes for "
-                      "the same shares)"))
-            out.approx(key, "data.mix", [{**s, "weight": w} for s, w in zip(sources, weights)], how)
-    return h
-
-
-def _lf_source(out, name: str, tree: dict, base_dir: str, where: str) -> dict:
-    """A dataset name resolved through dataset_dir/dataset_info.json (file and columns)."""
-    ddir = tree.get("dataset_dir", "data")
-    info_path = os.path.join(ddir if os.path.isabs(ddir) else os.path.join(base_dir, ddir),
-                             "dataset_info.json")
-    try:
-        with open(info_path, encoding="utf-8") as fh:
-            entry = json.load(fh).get(name)
-    except (OSError, ValueError):
-        entry = None
-    if not isinstance(entry, dict) or "file_name" not in entry:
-        out.report.approximated.append((where, "data.path", f"{name!r} not found in {info_path}: "
-                                        "the name is kept as the path; point it at the file"))
-        return {"path": name}
-    src: dict[str, Any] = {"path": os.path.join(ddir, entry["file_name"])}
-    cols = entry.get("columns") or {}
-    if entry.get("formatting") == "sharegpt":
-        src["messages_field"] = cols.get("messages", "conversations")
-    elif "prompt" in cols or entry.get("formatting", "alpaca") == "alpaca":
-        src["prompt_field"], src["response_field"] = cols.get("prompt", "instruction"), cols.get("response", "output")
-        out.report.approximated.append((where, "data.prompt_field/response_field", "alpaca "
-                                        "columns; 'input', 'system' and 'history' are not used"))
-    return src
-
-
-def _lf_template(out, key, value, tree, base_dir):
-    if not _has_chat(tree, base_dir):
-        out.drop(key, f"{value!r}: the data is not chat; ftlaunch renders prompt/response and "
-                 "text without a chat template")
-        return
-    t = "chatml" if value in CHATML_TEMPLATES else None
-    how = ("the chatml layout" if t else "the tokenizer's own chat template (null)")
-    (out.carry if value == "chatml" else lambda k, r, v: out.approx(k, r, v, f"template {value!r} as {how}")
-     )(key, "data.chat_template", t)
-
-
-def _has_chat(tree: dict, base_dir: str) -> bool:
-    """Whether a LLaMA-Factory dataset of the config is in the sharegpt (chat) format."""
-    from launcher.convert_out import Out
-    probe = Out()
-    names = tree.get("dataset", "")
-    for n in (names.split(",") if isinstance(names, str) else names or []):
-        if "messages_field" in _lf_source(probe, n.strip(), tree, base_dir, ""):
-            return True
-    return False
-
-
-def _lf_train_on_prompt(out, key, value, tree, base_dir):
-    out.carry(key, "data.train_on", "all" if value else "assistant")
-
-
-def _lf_neat(out, key, value, tree, base_dir):
-    if value:
-        out.approx(key, "data.packing", True, "packing; documents kept apart where the data "
-                   "work's neat packing is in")
-    else:
-        out.drop(key, "false: the default")
-
-
-def _lf_gc_off(out, key, value, tree, base_dir):
-    out.carry(key, "model.gradient_checkpointing", not value)
-
-
-def _lf_new_special(out, key, value, tree, base_dir):
-    out.carry(key, "model.special_tokens",
-              [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value))
-
-
-def _lf_val(out, key, value, tree, base_dir):
-    _ax_val(out, key, value, tree, base_dir)
-
-
-LLAMAFACTORY: dict[str, Handler] = {
-    "model_name_or_path": to("model.path"), "trust_remote_code": to("model.trust_remote_code"),
-    "stage": _lf_stage, "finetuning_type": _lf_finetuning, "lora_rank": to("freeze.lora.r"),
-    "lora_alpha": to("freeze.lora.alpha"), "lora_dropout": to("freeze.lora.dropout"),
-    "lora_target": _lf_lora_target, "additional_target": _modules_to_save,
-    "freeze_trainable_layers": _lf_freeze_layers, "freeze_trainable_modules": _lf_freeze_modules,
-    "freeze_extra_modules": _modules_to_save, "quantization_bit": _lf_quant_bit,
-    "quantization_method": lambda out, k, v, *a: out.drop(k, f"{v}: bitsandbytes is the one method")
-    if v != "bnb" else out.drop(k, "bnb: the one method (nothing to set)"),
-    "double_quantization": to("quantization.double_quant"), "quantization_type": to("quantization.quant_type"),
-    "dataset": _lf_dataset("data.path"), "eval_dataset": _lf_dataset("data.eval_path"),
-    "template": _lf_template, "train_on_prompt": _lf_train_on_prompt, "cutoff_len": to("data.max_seq_len"),
-    "packing": to("data.packing"), "neat_packing": _lf_neat, "max_samples": to("data.max_samples"),
-    "preprocessing_num_workers": to("data.preprocessing_workers"),
-    "dataloader_num_workers": to("data.num_workers"), "val_size": _lf_val,
-    "per_device_train_batch_size": to("train.micro_batch_size"),
-    "gradient_accumulation_steps": to("train.grad_accum"), "learning_rate": to("train.lr", float),
-    "num_train_epochs": to("train.epochs", float), "max_steps": to("train.max_steps"),
-    "lr_scheduler_type": _scheduler, "warmup_ratio": to("train.warmup_ratio"),
-    "warmup_steps": to("train.warmup_steps"), "weight_decay": to("train.weight_decay"),
-    "max_grad_norm": to("train.grad_clip"), "adam_beta1": _betas(0), "adam_beta2": _betas(1),
-    "adam_epsilon": to("train.eps", float), "optim": _optimizer, "bf16": _dtype, "fp16": _dtype,
-    "pure_bf16": _dtype, "tf32": to("train.tf32"), "seed": to("train.seed"),
-    "logging_steps": to("train.log_every"), "save_steps": _every("train.checkpoint_every"),
-    "eval_steps": _every("train.eval_every"), "eval_strategy": _every("train.eval_every"),
-    "evaluation_strategy": _every("train.eval_every"), "save_strategy": _every("train.checkpoint_every"),
-    "save_total_limit": to("train.keep_checkpoints"), "deepspeed": _deepspeed,
-    "output_dir": to("output.dir"), "flash_attn": _attention,
-    "disable_gradient_checkpointing": _lf_gc_off, "new_special_tokens": _lf_new_special,
-    "add_tokens": _lf_new_special, "add_special_tokens": _lf_new_special,
+    "dataloader_num_workers": to("data.num_workers"), "report_to": _report_to,
+    "wandb_project": _report_to, "use_tensorboard": _report_to,
 }
 
 
@@ -481,6 +358,11 @@ def finish(out, peer: str, tree: dict, base_dir: str) -> None:
                                         "fp32 without a precision key"))
     if peer == "llamafactory" and out.get("model.gradient_checkpointing") is None:
         out.set("model.gradient_checkpointing", True)  # LLaMA-Factory's default
+    if (out.get("quantization.mode") == "4bit" and out.get("deepspeed.zero_stage") == 3
+            and out.get("model.dtype") in ("bf16", "fp16", "fp32")):
+        out.approx("(4-bit with ZeRO-3)", "quantization.storage_dtype", out.get("model.dtype"),
+                   "4-bit weights stored in the model's dtype, so ZeRO-3 can partition them "
+                   "(as the peers set bnb_4bit_quant_storage)")
     if out.get("quantization.mode") not in (None, "none") and out.get("quantization.skip_modules") is None:
         also = out.get("freeze.also_train") or []
         if "lm_head" not in also:

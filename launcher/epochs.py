@@ -120,12 +120,25 @@ def _size(path: str) -> int:
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
-def estimated_sequences(cfg: RunConfig) -> tuple[int, str]:
-    """(training sequences, how they were estimated) from the data file, without tokenizing."""
+def _sources(cfg: RunConfig) -> list[tuple[str, Optional[str]]]:
+    """(path, format) of every training source: data.path, or each of data.mix (an epoch of a
+    mixture is as long as all its sources together: launcher/data/mixing.py)."""
     d = cfg.data
-    rows, chars = _count_rows(d.path, d.format)
-    if d.max_samples is not None and rows is not None and rows > d.max_samples:
-        chars, rows = chars * d.max_samples // rows, d.max_samples
+    if d.mix:
+        return [(m.path, m.format or d.format) for m in d.mix]
+    return [(d.path, d.format)] if d.path else []
+
+
+def estimated_sequences(cfg: RunConfig) -> tuple[int, str]:
+    """(training sequences, how they were estimated) from the data files, without tokenizing."""
+    d = cfg.data
+    rows, chars = 0, 0
+    for path, fmt in _sources(cfg):
+        r, c = _count_rows(path, fmt)
+        if d.max_samples is not None and r is not None and r > d.max_samples:
+            c, r = c * d.max_samples // r, d.max_samples
+        rows = None if (rows is None or r is None) else rows + r
+        chars += c
     keep = 1.0 - d.eval_fraction if d.eval_path is None else 1.0
     if d.packing or rows is None:
         n = max(1, int(chars * keep / CHARS_PER_TOKEN / d.max_seq_len))

@@ -8,7 +8,7 @@ and, with `output.merge_lora`, `final/merged/` (under ZeRO-3 the merged model is
 transformers' zero.Init hook switched off, else rank 0 would wait for the others forever).
 Everything is written to `final.tmp` and renamed, so `final/` is never half written.
 
-`ftlaunch export CHECKPOINT_OR_RUN_DIR -o OUT [--merge-lora] [--dtype bf16|fp32]` does the same
+`ftlaunch export CHECKPOINT_OR_RUN_DIR -o OUT [--merge-lora] [--dtype bf16|fp16|fp32]` does the same
 after the fact, from any complete checkpoint (a stopped or preempted run's too) at any ZeRO
 stage, in one process without GPUs: DeepSpeed's own consolidation
 (`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`; ZeRO-0 checkpoints hold
@@ -74,6 +74,56 @@ def _write_full(engine: Any, tokenizer: Any, tmp: str, rank: int, stage3: bool) 
         tokenizer.save_pretrained(tmp)
 
 
+def chat_settings(cfg: Any, tokenizer: Any) -> tuple[Optional[str], Optional[int]]:
+    """(the chat template the run trained with, the id of its end-of-turn token) for a run whose
+    data is chat (or prompt/response through a template); (None, None) otherwise. The end of a
+    turn is what the template puts after an assistant message's content inside the trained part
+    (ChatML: `<|im_end|>`), where that is one token of the tokenizer."""
+    from launcher.data import chat
+    from launcher.input_checks import source_settings
+    d = next((s for s, _ in source_settings(cfg.data)
+              if s.messages_field is not None or (s.prompt_field and s.chat_template)), None)
+    if d is None:
+        return None, None
+    template = chat.template_text(d, tokenizer)
+    marker = "\x00END\x00"
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
+    try:
+        text, spans = chat.Renderer(template, tokenizer, "assistant").spans(conv)
+    except Exception:  # noqa: BLE001 - the template is saved all the same
+        return template, None
+    at = text.find(marker) + len(marker)
+    end = next((b for a, b in spans if a <= at <= b), None)
+    tail = text[at:end].strip() if end is not None else ""
+    if not tail:
+        return template, None
+    ids = tokenizer.convert_tokens_to_ids([tail])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return template, (ids[0] if ids and ids[0] is not None and ids[0] != unk else None)
+
+
+def save_chat(cfg: Any, tokenizer: Any, folder: str) -> None:
+    """A chat run's export carries its template (tokenizer_config / chat_template.jinja) and
+    stops at the end of a turn: generation_config.json's eos_token_id lists the end-of-turn token
+    before the tokenizer's EOS (as the peers' exports do)."""
+    import json
+    template, eot = chat_settings(cfg, tokenizer)
+    if template is None:
+        return
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "generation_config.json")
+    if eot is None or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        gen = json.load(fh)
+    old = gen.get("eos_token_id")
+    old = old if isinstance(old, list) else [] if old is None else [old]
+    gen["eos_token_id"] = [eot] + [i for i in old if i != eot]
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(gen, fh, indent=2)
+
+
 def _publish(tmp: str, out_dir: str) -> None:
     """Rename tmp to out_dir, replacing an older out_dir only once the new one is in place."""
     if os.path.exists(out_dir):
@@ -102,6 +152,9 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
     collectives.barrier()
     if rank != 0:
         return None
+    save_chat(cfg, tokenizer, tmp)
+    if cfg.freeze.policy == "lora" and cfg.output.merge_lora:
+        save_chat(cfg, tokenizer, os.path.join(tmp, "merged"))
     fix_modes(tmp)
     _publish(tmp, out_dir)
     return out_dir
@@ -178,8 +231,18 @@ def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=cfg.model.trust_remote_code)
+    rows = _checkpoint_vocab(model, state)
+    if rows is not None and rows != model.get_input_embeddings().weight.shape[0]:
+        config.vocab_size = rows  # the run added tokens: embedding and head grew to this
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     for k in list(state):  # in place: the fp32 tensor goes as its copy comes (4 B/param at most,
         state[k] = state.pop(k).to(dtype)  # not the fp32 dict and a 16-bit one side by side)
+        if dtype == torch.float16 and not torch.isfinite(state[k]).all():
+            from launcher.errors import ConfigError, Problem
+            raise ConfigError([Problem("--dtype", f"{k} holds values beyond fp16's range "
+                                       "(65504)", "export with --dtype bf16 or fp32")])
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = {n for n in missing if getattr(config, "tie_word_embeddings", False)
             and n.endswith("lm_head.weight")}
@@ -192,15 +255,26 @@ def _export_full(cfg: Any, state: dict, out: str, dtype: Any) -> None:
     model.save_pretrained(out, max_shard_size="5GB")
 
 
+def _checkpoint_vocab(model: Any, state: dict) -> Optional[int]:
+    """Rows of the input embedding in the checkpoint (more than model.path's where the run
+    added tokens: launcher/tokens.py), or None where the checkpoint has no such tensor."""
+    emb = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        if p is emb and name in state:
+            return int(state[name].shape[0])
+    return None
+
+
 def _export_lora(cfg: Any, state: dict, out: str, dtype: Any, merge: bool, tokenizer: Any) -> None:
     import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher import freeze, lora
+    from launcher import freeze, lora, tokens
     base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32,
                                                 trust_remote_code=cfg.model.trust_remote_code)
+    tokens.resize(base, tokenizer)  # added tokens: the rows the adapter's embeddings have
     model, _ = freeze.apply(base, cfg, quantized=set())
     trained = {k: v for k, v in state.items() if "lora_" in k or "modules_to_save" in k}
     own = dict(model.named_parameters())
@@ -209,7 +283,8 @@ def _export_lora(cfg: Any, state: dict, out: str, dtype: Any, merge: bool, token
         raise RuntimeError(f"the checkpoint has no weights for the adapter parameters {lost[:5]}")
     model.load_state_dict(trained, strict=False)
     if merge:
-        name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, cfg.model.dtype)
+        name = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(
+            dtype, cfg.model.dtype)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=name))
         lora.export_merged(model, cfg, out, tokenizer)
     else:
@@ -252,6 +327,7 @@ def export_checkpoint(source: str, out: str, *, merge_lora: bool = False,
             _export_full(cfg, state, tmp, tdtype)
             _generation_config(cfg.model.path, tmp)
         tokenizer.save_pretrained(tmp)
+        save_chat(cfg, tokenizer, tmp)
         fix_modes(tmp)
         if os.path.isdir(out):
             os.rmdir(out)

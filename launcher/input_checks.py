@@ -152,8 +152,10 @@ def _row_problem(d: "DataConfig", row: dict) -> str | None:
     if d.messages_field is not None:
         try:
             messages.normalise(row[d.messages_field])
+            if d.tools_field:
+                messages.tools_of(row.get(d.tools_field))
         except messages.BadRow as exc:
-            return f"'{d.messages_field}' {exc}"
+            return f"'{d.tools_field if str(exc).startswith('tools:') else d.messages_field}' {exc}"
         return None
     cols = [d.prompt_field, d.response_field] if d.prompt_field else [d.text_field]
     for c in cols:
@@ -167,9 +169,10 @@ def _row_problem(d: "DataConfig", row: dict) -> str | None:
 
 def _wanted(d: "DataConfig") -> tuple[list[str], str]:
     if d.messages_field is not None:
-        return [d.messages_field], "messages_field"
+        return [d.messages_field] + ([d.tools_field] if d.tools_field else []), "messages_field"
     if d.prompt_field is not None:
-        return [d.prompt_field, d.response_field or ""], "prompt_field"
+        return ([d.prompt_field, d.response_field or ""] + ([d.input_field] if d.input_field else []),
+                "prompt_field")
     return [d.text_field], "text_field"
 
 
@@ -203,18 +206,23 @@ def data_problems(key: str, path: str, d: "DataConfig") -> Iterator[Problem]:
         yield Problem(key, f"{path} holds no rows", "point it at a file with examples")
         return
     for c in missing:
+        own = next((f for f in ("input_field", "tools_field", "response_field")
+                    if getattr(d, f) == c and c != getattr(d, field)), None)
+        ckey = field_key if own is None else field_key.rsplit(".", 1)[0] + "." + own
         chat = [n for n in ("messages", "conversations") if n in (names or [])]
-        fix = f"set {field_key} to one of its columns ({', '.join(names or [])})"
+        fix = f"set {ckey} to one of its columns ({', '.join(names or [])})"
         if chat and d.messages_field is None:
             fix += f", or data.messages_field: {chat[0]} for chat data"
-        yield Problem(field_key, f"{path} has no column '{c}'", fix)
+        yield Problem(ckey, f"{path} has no column '{c}'", fix)
     if missing:
         return
+    read = len(rows) + len(bad)  # each row once: `rows` parsed, `bad` did not
     bad = bad + [(n, why) for n, r in rows if (why := _row_problem(d, r))]
-    if len(bad) > bad_row_limit(d, len(rows) + len(bad)):
+    if len(bad) > bad_row_limit(d, read):
         named = "; ".join(f"row {n}: {why}" for n, why in sorted(bad)[:3])
-        yield Problem(key, f"{len(bad)} of the first {len(rows) + len(bad)} rows of {path} "
-                      f"cannot be used ({named})", "fix those rows, point the field at the right "
+        yield Problem(key, f"{len(bad)} of the first {read} rows of {path} "
+                      f"cannot be used ({named}; validate reads the first {FIRST_ROWS} rows, "
+                      "the ranks read them all)", "fix those rows, point the field at the right "
                       "column, or let data.max_bad_rows skip bad rows")
 
 
@@ -312,7 +320,7 @@ def tokenizer_problems(cfg: "RunConfig") -> Iterator[Problem]:
 def template_problems(cfg: "RunConfig") -> Iterator[Problem]:
     folder = cfg.model.tokenizer or cfg.model.path
     for key, d in sources(cfg):
-        if d.messages_field is None:
+        if d.messages_field is None and not (d.prompt_field and d.chat_template):
             continue
         tkey = key.rsplit(".", 1)[0] + ".chat_template" if key.startswith("data.mix") \
             else "data.chat_template"
@@ -328,3 +336,124 @@ def template_problems(cfg: "RunConfig") -> Iterator[Problem]:
                               f"a built-in name ({', '.join(messages.BUILTIN_TEMPLATES)})")
             elif os.path.getsize(p) == 0:
                 yield Problem(tkey, f"the chat template {p} is empty", "write the template in it")
+    yield from _rendered_problems(cfg, folder)
+
+
+def _template_of(d: "DataConfig", folder: str) -> str | None:
+    """The Jinja text a chat source renders with (None where it cannot be read here)."""
+    if d.chat_template is None:
+        return messages.tokenizer_template(folder) if os.path.isdir(folder) else None
+    if messages.template_file(d.chat_template) is None:
+        return messages.CHATML
+    try:
+        with open(d.chat_template, encoding="utf-8") as fh:
+            return fh.read() or None
+    except OSError:
+        return None
+
+
+def _vocab_tokens(folder: str) -> set[str] | None:
+    """The token strings of a tokenizer.json (vocabulary and added tokens); None without one."""
+    try:
+        with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as fh:
+            tj = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    out = set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab if isinstance(v, list) and v}
+    return out | {t.get("content") for t in tj.get("added_tokens") or [] if isinstance(t, dict)}
+
+
+def _rendered_problems(cfg: "RunConfig", folder: str) -> Iterator[Problem]:
+    """What the ranks would find on rendering: the chat template renders the first rows (with
+    jinja2, as transformers does; a template that refuses a row, as Gemma's refuses a system
+    message, is found here); ChatML on a tokenizer without its markers; tools with a template
+    that does not show them."""
+    said: set[str] = set()
+    for key, d in sources(cfg):
+        if key == "data.eval_path" or (d.messages_field is None and not (d.prompt_field and d.chat_template)):
+            continue
+        base = key.rsplit(".", 1)[0] if key.startswith("data.mix") else "data"
+        own = base != "data" and cfg.data.mix[int(base[9:-1])].chat_template is not None
+        tkey = f"{base}.chat_template" if own else "data.chat_template"  # where it was set
+        template = _template_of(d, folder)
+        if template is None:
+            continue
+        if template == messages.CHATML and os.path.isdir(folder):
+            have = _vocab_tokens(folder)
+            added = set(cfg.model.special_tokens) | set(cfg.model.add_tokens)
+            lost = [m for m in messages.CHATML_MARKERS if have is not None and m not in have | added]
+            if lost and tkey not in said:
+                said.add(tkey)
+                yield Problem(tkey, f"chatml marks turns with {' and '.join(lost)}, which the "
+                              f"tokenizer in {folder} does not have: each splits into several "
+                              "tokens, the sequences grow, and an exported model cannot stop on "
+                              "one end-of-turn token", "add them: model.special_tokens: "
+                              f"{list(messages.CHATML_MARKERS)} (their embeddings train), or use "
+                              "the tokenizer's own template (chat_template: null) or a Jinja file")
+        if d.tools_field and "tools" not in template:
+            yield Problem(f"{base}.tools_field", "the chat template never reads `tools`, so the "
+                          "function schemas would not reach the prompt", f"set {tkey} to chatml "
+                          "(it lists them in a system turn) or a template that renders tools")
+        fmt = _format(d.path, d.format) if d.path and os.path.isfile(d.path) else None
+        if fmt not in ("jsonl", "json", "csv"):
+            continue
+        try:
+            render = messages.jinja_renderer(template, _special_tokens(folder))
+            rows, _ = first_rows(d.path, fmt)
+        except ImportError:
+            return  # no jinja2 here: the ranks render
+        except Exception as exc:  # noqa: BLE001 - a template that does not compile, a bad file
+            if isinstance(exc, (OSError, ValueError)):
+                continue
+            yield Problem(tkey, f"the chat template does not compile: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}", "fix the template")
+            continue
+        refused = []
+        for n, row in rows:
+            conv = _conversation(d, row)
+            if conv is None:
+                continue
+            try:
+                tools = messages.tools_of(row.get(d.tools_field)) if d.tools_field else None
+                render(conv, tools=tools)
+            except messages.BadRow:
+                continue  # counted by the data rule
+            except Exception as exc:  # noqa: BLE001 - raise_exception, a Jinja error
+                refused.append((n, f"{type(exc).__name__}: {str(exc)[:160]}"))
+        if len(refused) > bad_row_limit(d, len(rows)):
+            n, why = refused[0]
+            system = any(m.get("role") == "system" for _, r in rows[:1]
+                         for m in (_conversation(d, r) or []))
+            yield Problem(tkey, f"the chat template refuses {len(refused)} of the first {len(rows)} "
+                          f"rows of {d.path} (row {n}: {why})",
+                          ("the template takes no system message: merge it into the first user "
+                           "turn, or use chatml or a Jinja file that takes one" if system else
+                           "fix those rows, use a template that takes them, or let "
+                           "data.max_bad_rows skip them"))
+
+
+def _conversation(d: "DataConfig", row: dict) -> list[dict] | None:
+    try:
+        if d.messages_field is not None:
+            return messages.normalise(row.get(d.messages_field))
+        return [{"role": "user", "content": str(row.get(d.prompt_field) or "")},
+                {"role": "assistant", "content": str(row.get(d.response_field) or "")}]
+    except messages.BadRow:
+        return None
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """bos_token, eos_token, ... of a tokenizer folder (the variables templates use)."""
+    try:
+        with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as fh:
+            tc = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        v = tc.get(k)
+        v = v.get("content") if isinstance(v, dict) else v
+        if isinstance(v, str):
+            out[k] = v
+    return out

@@ -18,7 +18,8 @@ and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
 print one line `stopped at step N ...; resume with: ...`; `ftlaunch run` exits 75 (the ranks
 exit 0 so that torchrun reports no failure: run_state.rank_exit_code). A second Ctrl-C kills
-the ranks at once and says which checkpoint is kept (exit 130). The exit code is otherwise the
+torchrun and every process below it at once (found through /proc: torchrun starts each worker in
+a session of its own), and says which complete checkpoint a resume takes (exit 130). The exit code is otherwise the
 ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any failure as 1).
 
 A run directory whose last launch finished at or past train.max_steps is left as it is ("is
@@ -38,7 +39,7 @@ import time
 from typing import Any, Sequence
 
 from launcher import layout, run_state
-from launcher.batch import local_batch_problem
+from launcher.batch import batch_sizes, local_batch_problem
 from launcher.config import RunConfig
 from launcher.device import resolve_device, visible_gpus
 from launcher.errors import ConfigError, Problem
@@ -130,8 +131,74 @@ def kept(run_dir: str) -> str:
             f"steps after it are lost; resume with: {run_state.resume_command(run_dir)}")
 
 
+def live_parents() -> dict[int, int]:
+    """pid -> parent pid of every live process, from /proc (zombies left out: they are gone)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "(comm)", which may hold spaces
+        if len(fields) > 1 and fields[0] != "Z":
+            out[int(name)] = int(fields[1])
+    return out
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below root (children, their children, ...), root included when alive.
+    torchrun starts each worker in its own session, so only the parent links reach them all."""
+    kids: dict[int, list[int]] = {}
+    parents = live_parents()
+    for pid, ppid in parents.items():
+        kids.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root] if root in parents else []
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(kids.get(pid, []))
+    return found
+
+
+def kill_tree(root: int, wait_s: float = 10.0) -> set[int]:
+    """SIGKILL root and every process below it; returns those still alive after wait_s (none,
+    normally). The tree is first frozen (SIGSTOP, until no new process appears), so that no
+    process forks, restarts a worker or is reparented away between the listing and the kill."""
+    stopped: set[int] = set()
+    for _ in range(20):
+        new = descendants(root) - stopped
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.time() + wait_s
+    alive = set(stopped)
+    while alive and time.time() < deadline:
+        live = live_parents()
+        alive = {p for p in alive if p in live}
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
-    """Run the ranks in their own process group; Ctrl-C asks them to stop (see module doc)."""
+    """Run the ranks in their own process group; Ctrl-C asks them to stop (see module doc). The
+    second Ctrl-C kills torchrun and every process below it (its workers run in sessions of
+    their own, out of reach of a process-group kill) and says which checkpoint a resume takes."""
     started = time.time()
     proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     presses = 0
@@ -143,11 +210,11 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
             run_state.request_stop(run_dir)
             print(f"\nftlaunch: {signal.Signals(signum).name}: stopping after this step, with a "
                   "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-        else:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        elif presses == 2:
+            left = kill_tree(proc.pid)
+            if left:
+                print(f"ftlaunch: processes {sorted(left)} did not end after SIGKILL",
+                      file=sys.stderr, flush=True)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -156,8 +223,9 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if presses >= 2:
-        run_state.clear_stop(run_dir)
-        print(f"ftlaunch: stopped at once; {kept(run_dir)}", file=sys.stderr, flush=True)
+        # the STOP file stays: a rank that outlived the kill still stops at its next step
+        print(f"ftlaunch: stopped at once, every process of the run ended; {kept(run_dir)}",
+              file=sys.stderr, flush=True)
         return 130
     return run_state.launch_exit_code(rc, run_dir, started)
 
@@ -204,6 +272,8 @@ def main(args: Any) -> int:
                 and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
             print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
             return layout.EXIT_OK
+    if not args.dry_run:  # before the plan and the tokenizing: refused in a second
+        rundir.check(cfg, rundir.on_existing(args))
     try:
         plan = plan_text(cfg, getattr(args, "force", False))
         if plan:
@@ -215,7 +285,10 @@ def main(args: Any) -> int:
         run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
                                  else rundir.on_existing(args))
         run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
-        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, run directory {run_dir}"
+        micro, accum, global_batch = batch_sizes(cfg, nproc)
+        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, global batch "
+              f"{micro} micro x {accum} accum x {nproc} rank{'s' if nproc > 1 else ''} = "
+              f"{global_batch} sequences, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
         return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,

@@ -221,7 +221,7 @@ def finish(s: Setup, p: Progress) -> int:
     """After the last step: final evaluation, checkpoint, export; exit 0."""
     cfg, run_dir = s.cfg, s.cfg.run_dir
     if s.splits.eval is not None and p.resumed_at != p.step:  # else it is in metrics.jsonl
-        log.info(f"eval loss {write_eval(p, evaluate(s)):.4f} at step {p.step}")
+        write_eval(p, evaluate(s))
     path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
     if p.saving and cfg.output.save_final:
         with rank0_phase(cfg.train):  # rank 0 merges and writes while the others wait
@@ -238,6 +238,8 @@ def finish(s: Setup, p: Progress) -> int:
 
 
 def write_eval(p: Progress, loss: float) -> float:
+    """Record an evaluation (metrics.jsonl, trackers) and print it, mid-run as at the end."""
+    log.info(f"eval loss {loss:.4f} at step {p.step}")
     p.metrics.write({"step": p.step, "eval_loss": loss, "elapsed_s": p.elapsed()})
     p.trackers.log(p.step, {"loss": loss}, "eval")
     return loss

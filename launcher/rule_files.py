@@ -6,6 +6,7 @@ template, new tokens, and the parameter names that freeze patterns and LoRA targ
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator
 
 from launcher import freeze, input_checks, loaded_names, model_info
@@ -17,8 +18,17 @@ from launcher.rules import input_rule, rule
 def _model_folder(cfg: RunConfig) -> Iterator[Problem]:
     m = cfg.model
     if not os.path.isdir(m.path):
+        parent = os.path.dirname(m.path.rstrip("/"))
+        hub = "/".join(m.path.rstrip("/").split("/")[-2:])
+        hint = ""
+        # a Hub id ORG/NAME resolved against the run file's folder: that folder exists, ORG not
+        if (not os.path.isdir(parent) and os.path.isdir(os.path.dirname(parent))
+                and re.fullmatch(r"[\w.-]+/[\w.-]+", hub)):
+            hint = (f"; if {hub} is a Hugging Face Hub id: ftlaunch reads local folders (compute "
+                    f"nodes are often offline), so download it first (huggingface-cli download "
+                    f"{hub} --local-dir models/{hub.split('/')[1]}) and set model.path to that folder")
         yield Problem("model.path", f"no such folder: {m.path}", "point it at a save_pretrained "
-                      "folder (with config.json)")
+                      "folder (with config.json)" + hint)
     elif model_info.model_config(m.path) is None:
         yield Problem("model.path", f"{m.path} has no readable config.json",
                       "point it at a Hugging Face model folder")

@@ -147,6 +147,35 @@ def _refuse(message: str, fix: str) -> ConfigError:
     return ConfigError([Problem("output.dir", message, fix)], "run directory")
 
 
+def check(cfg: RunConfig, on_existing: OnExisting = "refuse") -> None:
+    """The refusals of `prepare`, without touching anything: `ftlaunch run` asks before the plan
+    and the tokenizing, so a run directory made with another config is refused in a second."""
+    if on_existing not in ("refuse", "resume", "overwrite"):
+        raise ValueError(f"on_existing must be refuse, resume or overwrite, not {on_existing!r}")
+    run_dir = cfg.run_dir
+    resolved = os.path.join(run_dir, layout.RESOLVED)
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise _refuse(f"{run_dir} exists and is not a folder", "set output.dir to a folder path")
+    if os.path.exists(resolved):
+        try:
+            with open(resolved, encoding="utf-8") as fh:
+                old = yaml.safe_load(fh)
+            changed = config_changes(old if isinstance(old, dict) else {}, to_dict(cfg))
+            if not isinstance(old, dict):
+                changed = [f"{layout.RESOLVED} is not a run config"]
+        except (OSError, yaml.YAMLError) as exc:
+            changed = [f"{layout.RESOLVED} unreadable: {exc.__class__.__name__}"]
+        if changed and on_existing == "refuse":
+            raise _refuse(f"{run_dir} holds a run made with a different config (changed: "
+                          f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})",
+                          "pass --resume to continue it with the new config, --overwrite to move "
+                          "the old run aside, or set output.dir")
+    elif os.path.isdir(run_dir) and not _ours(run_dir) and on_existing != "overwrite":
+        raise _refuse(f"{run_dir} exists, is not empty and is not a run directory "
+                      f"(no {layout.RESOLVED}): nothing to {on_existing}",
+                      "choose another output.dir, or pass --overwrite to move it aside")
+
+
 def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
             on_existing: OnExisting = "refuse") -> str:
     """Create or reuse cfg.run_dir and write resolved.yaml, ds_config.json (and plan.txt).
@@ -158,36 +187,13 @@ def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
     moved aside (overwrite), never written into.
     Nothing is deleted.
     """
-    if on_existing not in ("refuse", "resume", "overwrite"):
-        raise ValueError(f"on_existing must be refuse, resume or overwrite, not {on_existing!r}")
+    check(cfg, on_existing)
     run_dir = cfg.run_dir
-    resolved = os.path.join(run_dir, layout.RESOLVED)
+    exists = os.path.exists(os.path.join(run_dir, layout.RESOLVED))
+    if on_existing == "overwrite" and (exists or os.path.isdir(run_dir) and not _ours(run_dir)):
+        move_aside(run_dir)
     new = to_dict(cfg)
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise _refuse(f"{run_dir} exists and is not a folder", "set output.dir to a folder path")
-    if os.path.exists(resolved):
-        try:
-            with open(resolved, encoding="utf-8") as fh:
-                old = yaml.safe_load(fh)
-            changed = config_changes(old if isinstance(old, dict) else {}, new)
-            if not isinstance(old, dict):
-                changed = [f"{layout.RESOLVED} is not a run config"]
-        except (OSError, yaml.YAMLError) as exc:
-            changed = [f"{layout.RESOLVED} unreadable: {exc.__class__.__name__}"]
-        if changed and on_existing == "refuse":
-            raise _refuse(f"{run_dir} holds a run made with a different config (changed: "
-                          f"{', '.join(changed[:8])}{', ...' if len(changed) > 8 else ''})",
-                          "pass --resume to continue it with the new config, --overwrite to move "
-                          "the old run aside, or set output.dir")
-        if on_existing == "overwrite":
-            move_aside(run_dir)
-    elif os.path.isdir(run_dir) and not _ours(run_dir):
-        if on_existing == "overwrite":
-            move_aside(run_dir)
-        else:
-            raise _refuse(f"{run_dir} exists, is not empty and is not a run directory "
-                          f"(no {layout.RESOLVED}): nothing to {on_existing}",
-                          "choose another output.dir, or pass --overwrite to move it aside")
+    resolved = os.path.join(run_dir, layout.RESOLVED)
     _make_run_dir(run_dir, cfg.output.private)
     write_atomic(resolved, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
     write_atomic(os.path.join(run_dir, layout.DS_CONFIG), json.dumps(ds_config, indent=2) + "\n")

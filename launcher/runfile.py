@@ -211,14 +211,38 @@ def _check_field(value: Any, meta: Mapping[str, Any], key: str) -> None:
             if bound is not None and not ok(value, bound):
                 raise BadValue(f"must be {word} {bound}, got {value}", f"use a value {word} {bound}")
     if isinstance(value, str) and meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        from launcher.slurm_checks import suggested_form
+        form = suggested_form(key, value)
         raise BadValue(f"{value!r} does not match the expected form /{meta['pattern']}/",
-                   "see the run-file reference in README.md for examples")
+                       f"write {form!r}" if form else
+                       "see the run-file reference in README.md for examples")
     if isinstance(value, str) and meta.get("path") and not value.strip():
         raise BadValue("empty path", "give a file or folder, or null where allowed")
 
 
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+# the peers' names of run-file keys, for the "unknown key" fix (launcher/convert_peers.py maps
+# whole files)
+PEER_NAMES = {
+    "learning_rate": "train.lr", "num_epochs": "train.epochs", "num_train_epochs": "train.epochs",
+    "sequence_len": "data.max_seq_len", "cutoff_len": "data.max_seq_len",
+    "max_seq_length": "data.max_seq_len", "per_device_train_batch_size": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "base_model": "model.path",
+    "model_name_or_path": "model.path", "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler", "max_grad_norm": "train.grad_clip",
+    "output_dir": "output.dir", "sample_packing": "data.packing", "datasets": "data.path or data.mix",
+    "dataset": "data.path or data.mix", "save_steps": "train.checkpoint_every",
+    "eval_steps": "train.eval_every", "logging_steps": "train.log_every",
+    "warmup_ratio": "train.warmup_ratio", "warmup_steps": "train.warmup_steps",
+    "weight_decay": "train.weight_decay", "bf16": "model.dtype: bf16", "fp16": "model.dtype: fp16",
+    "lora_r": "freeze.lora.r", "lora_rank": "freeze.lora.r", "lora_alpha": "freeze.lora.alpha",
+    "lora_dropout": "freeze.lora.dropout", "lora_target_modules": "freeze.lora.target_modules",
+    "load_in_4bit": "quantization.mode: 4bit", "load_in_8bit": "quantization.mode: 8bit",
+    "save_total_limit": "train.keep_checkpoints", "val_set_size": "data.eval_fraction",
+}
 
 
 def _section(cls: type, node: dict, prefix: str, ctx: Context) -> Any:
@@ -229,7 +253,10 @@ def _section(cls: type, node: dict, prefix: str, ctx: Context) -> Any:
             shown = k or "''"  # an empty key is still named
             key = f"{prefix}.{shown}" if prefix else shown
             hint = did_you_mean(k, fields)
-            if hint:
+            if str(k) in PEER_NAMES and PEER_NAMES[str(k)] != key:
+                hint = (f"{k} is the Axolotl / LLaMA-Factory / HF Trainer name; here it is "
+                        f"{PEER_NAMES[str(k)]} (or convert the whole file: ftlaunch convert)")
+            elif hint:
                 meant = hint.split("'")[1]
                 ctx.suspect.add(f"{prefix}.{meant}" if prefix else meant)
             ctx.add(key, "unknown key", hint or

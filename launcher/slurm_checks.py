@@ -56,6 +56,7 @@ def _breaks(v: str) -> bool:
 
 def problems(cfg: RunConfig) -> Iterator[Problem]:
     c = cfg.cluster
+    yield from mem_problems(cfg)
     for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python"):
         v = getattr(c, name)
         if isinstance(v, str) and _breaks(v):
@@ -111,3 +112,37 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
         except ValueError as exc:
             yield Problem(key, f"{line!r} is not complete shell ({exc}); it would swallow the rest "
                           "of the job script", "close the quote or escape it")
+
+
+def suggested_form(key: str, value: str) -> str | None:
+    """The Slurm form of a cluster.mem or cluster.time written another way (`80GiB` -> `80G`,
+    `25h` -> `1-01:00:00`), for the fix of the schema's pattern problem; None if unreadable."""
+    v = value.strip()
+    if key == "cluster.mem":
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT])(?:i?B)?", v, re.I)
+        if m and float(m.group(1)).is_integer():
+            return f"{int(float(m.group(1)))}{m.group(2).upper()}"
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT])(?:i?B)?", v, re.I)
+        if m:  # 1.5T -> 1536G
+            units = "KMGT"
+            i = units.index(m.group(2).upper())
+            return f"{int(float(m.group(1)) * 1024)}{units[i - 1]}" if i else None
+        return None
+    if key == "cluster.time":
+        m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*(d|days?|h|hours?|hrs?|m|min|mins|minutes?)", v, re.I)
+        if not m:
+            return None
+        minutes = round(float(m.group(1)) * {"d": 1440, "h": 60, "m": 1}[m.group(2)[0].lower()])
+        d, rem = divmod(minutes, 1440)
+        h, mi = divmod(rem, 60)
+        return f"{d}-{h:02d}:{mi:02d}:00" if d else f"{h:02d}:{mi:02d}:00"
+    return None
+
+
+def mem_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """cluster.mem without a unit is megabytes to Slurm: a small number is almost surely GB."""
+    mem = cfg.cluster.mem
+    if isinstance(mem, str) and re.fullmatch(r"[0-9]+", mem.strip()) and 0 < int(mem) < 1024:
+        yield Problem("cluster.mem", f"{mem} without a unit is {mem} MB to Slurm (--mem={mem})",
+                      f"write the unit: {mem}G for {mem} GB (or {mem}M to keep megabytes; 0: all "
+                      "of the node's memory)")

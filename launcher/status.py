@@ -126,6 +126,20 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
+def _epoch_steps(cfg: Any, run_dir: str) -> int:
+    """An epoch run's steps: the exact count rank 0 wrote into RUN_DIR/ds_config.json (the
+    scheduler's total_num_steps), else the login node's estimate."""
+    try:
+        with open(os.path.join(run_dir, layout.DS_CONFIG), encoding="utf-8") as fh:
+            n = json.load(fh)["scheduler"]["params"]["total_num_steps"]
+        if isinstance(n, int) and n > 0:
+            return n
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    from launcher import epochs
+    return epochs.planned_steps(cfg)[0]
+
+
 def collect(run_dir: str, overrides: Any = ()) -> dict:
     """Everything `ftlaunch status` shows, as a JSON-able dict."""
     run_dir = os.path.abspath(run_dir)
@@ -134,7 +148,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
     exit_rec = run_state.last_status(run_dir)
     job = slurm_job(run_dir, cfg.name)
     ckpt = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
-    max_steps = cfg.train.max_steps
+    max_steps = cfg.train.max_steps or _epoch_steps(cfg, run_dir)
     step = int(recent[0]["step"]) if recent else (checkpoint.step_of(ckpt) if ckpt else 0)
     per_step = _step_time(recent)
     state = _state(exit_rec, job, _mtime(os.path.join(run_dir, layout.METRICS)),
@@ -168,7 +182,10 @@ def render(st: dict) -> str:
     ex = st["exit"]
     state = st["state"]
     if ex and state in ("finished", "stopped", "failed"):
-        state += f": exit {ex.get('code')} at step {ex.get('step')} ({ex.get('time', '?')}): " \
+        step = ex.get("step")
+        when = (f"at step {step}" if isinstance(step, int) and step >= 0
+                else "before the first step (while loading)")
+        state += f": exit {ex.get('code')} {when} ({ex.get('time', '?')}): " \
                  f"{str(ex.get('message', '')).strip().splitlines()[-1] if ex.get('message') else ''}"
     rows.append(("state", state))
     pct = 100.0 * st["step"] / st["max_steps"] if st["max_steps"] else 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 from launcher import ds_config, epochs, secret_env
 from launcher.config import RunConfig
 from launcher.batch import batch_sizes
+from launcher.input_checks import FIRST_ROWS
 
 
 def summary(cfg: RunConfig) -> str:
@@ -26,9 +27,8 @@ def summary(cfg: RunConfig) -> str:
         ("model", f"{m.path} ({m.dtype}{', grad checkpointing' if m.gradient_checkpointing else ''})"),
         ("quantization", quant),
         ("freeze", freeze),
-        ("data", f"{d.path} ({d.format or 'by extension'}, {d.max_seq_len} tokens"
-                 f"{', packed' if d.packing else ''}"
-                 f"{', prompt/response' if d.prompt_field else ''})"),
+        ("data", _data(cfg)),
+        ("checked", f"the first {FIRST_ROWS} rows of each data file (the ranks read every row)"),
         ("ranks", f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) = {cfg.world_size}"),
         ("batch", f"{micro} micro x {accum} accum x {cfg.world_size} ranks = {global_batch} sequences"
                   f" = {global_batch * d.max_seq_len:,} tokens/step"),
@@ -80,3 +80,16 @@ def _cpus(cfg: RunConfig) -> str:
     ranks = cfg.cluster.gpus_per_node
     return (f"{n} per node's task ({why}), bound to them by Slurm; each rank "
             f"{max(1, n // ranks)} thread(s) (OMP_NUM_THREADS)")
+
+
+def _data(cfg: RunConfig) -> str:
+    """The data line: the file (or each source of data.mix with its weight) and how it is read."""
+    d = cfg.data
+    shape = (f"{d.max_seq_len} tokens{', packed' if d.packing else ''}"
+             f"{', chat (' + (d.chat_template or 'the tokenizer template') + ')' if d.messages_field else ''}"
+             f"{', prompt/response' if d.prompt_field else ''}")
+    if d.mix:
+        total = sum(m.weight for m in d.mix)
+        srcs = "; ".join(f"{m.path} ({m.weight / total:.0%})" for m in d.mix)
+        return f"mix of {len(d.mix)}: {srcs}; {shape}"
+    return f"{d.path} ({d.format or 'format by extension'}, {shape})"

@@ -55,8 +55,15 @@ def resize(model: Any, tok: Any) -> list[int]:
     weight = model.get_input_embeddings().weight
     rows = weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
     if len(tok) > rows:
-        model.resize_token_embeddings(len(tok), mean_resizing=True)
-        log.info(f"embeddings resized from {rows} to {len(tok)} rows")
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its note on mean resizing, once per matrix: ours says it
+        try:
+            model.resize_token_embeddings(len(tok), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(level)
+        log.info(f"embeddings resized from {rows} to {len(tok)} rows (new rows: the mean of the "
+                 "old ones)")
     return list(_ADDED.get(id(tok), []))
 
 

@@ -286,7 +286,8 @@ def test_axolotl_lora_report_says_what_was_carried_approximated_and_dropped(tiny
     assert run["data"]["packing"] is True and run["data"]["text_field"] == "text"
     assert "  num_epochs -> train.epochs = 4" in report
     assert "  evals_per_epoch -> train.eval_every: 'epoch' (4 per epoch -> once an epoch)" in report
-    assert "  wandb_project: logging services are not run-file settings" in report
+    assert ("  wandb_project -> output.report_to: ['wandb'] (project 'my-proj': set WANDB_PROJECT "
+            "in the job's environment)") in report
     assert "  model_type: AutoModelForCausalLM is used" in report
 
 

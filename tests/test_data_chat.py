@@ -124,7 +124,7 @@ def test_bad_rows_are_named_and_limited(chat_tok, tmp_path):
                        r"data.max_bad_rows"):
         load(chat_tok, path, **kw)
     with pytest.raises(ConfigError, match=r"(?s)2 of 20 rows .*row 14: not valid JSON.*row 18: "
-                       r"'messages' message 0 has role 'wizard'.*max_bad_rows"):
+                       r"'messages' message 1 has role 'wizard'.*max_bad_rows"):
         load(chat_tok, path, max_bad_rows=1, **kw)
     seen: list[str] = []
     splits = data.load(cfg(path, max_bad_rows=0.1, **kw), chat_tok, warn=seen.append)

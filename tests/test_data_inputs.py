@@ -79,13 +79,32 @@ def cases(tmp_path) -> dict[str, tuple[str, list[str]]]:
     safetensors(tmp_path / "wrong" / "model.safetensors", {"model.embed_tokens.weight": [9, 4],
                                                           "model.layers.0.mlp.weight": [4, 4]})
     templ = model(tmp_path, "templ", template=True)
+    sys_chat = jsonl(tmp_path / "sys.jsonl", [{"messages": [{"role": "system", "content": "be brief"}]
+                                               + CONV}] * 3)
+    no_system = tmp_path / "gemma.jinja"  # as Gemma's template: no system role
+    no_system.write_text("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}"
+                         "{{ m['content'] }}{% endfor %}")
+    tools = jsonl(tmp_path / "tools.jsonl", [{"tools": '[{"name": "add"}]', "conversations": [
+        {"from": "human", "value": "x"}, {"from": "function_call", "value": "{}"},
+        {"from": "observation", "value": "2"}, {"from": "gpt", "value": "y"}]}])
+    alpaca = jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "add", "input": "2 3", "output": "5"}])
 
     def run(m, data):
         return (f"name: t\nmodel: {{path: {m}}}\ndata: {{{data}, max_seq_len: 16}}\n"
                 "train: {max_steps: 1, device: cpu}\n")
     return {
         "good": (run(good, f"path: {text}"), []),
-        "good_chat": (run(good, f"path: {chat}, messages_field: messages, chat_template: chatml"), []),
+        "good_chat": (run(good, f"path: {chat}, messages_field: messages, chat_template: chatml")
+                      .replace("model: {", "model: {special_tokens: ['<|im_start|>', '<|im_end|>'], "), []),
+        "chatml_no_markers": (run(good, f"path: {chat}, messages_field: messages, "
+                                        "chat_template: chatml"), []),
+        "system_refused": (run(good, f"path: {sys_chat}, messages_field: messages, "
+                                     f"chat_template: {no_system}"), []),
+        "tools_ignored": (run(templ, f"path: {tools}, messages_field: conversations, "
+                                    "tools_field: tools"), []),
+        "alpaca_input_missing": (run(good, f"path: {alpaca}, prompt_field: instruction, "
+                                           "response_field: output, input_field: inputs"), []),
         "good_sharegpt": (run(templ, f"path: {share}, messages_field: conversations"), []),
         "good_bad_rows_allowed": (run(good, f"path: {bad_json}, max_bad_rows: 1"), []),
         "chat_under_text": (run(good, f"path: {chat}"), []),
@@ -133,9 +152,15 @@ EXPECT = {  # name -> (key, in the message, in the fix)
                      "copy the folder again"),
     "no_template": ("data.chat_template", "has none", "data.chat_template: chatml"),
     "template_file_missing": ("data.chat_template", "no such chat template file", "Jinja file"),
+    "chatml_no_markers": ("data.chat_template", "chatml marks turns with <|im_start|> and "
+                          "<|im_end|>, which the tokenizer", "model.special_tokens"),
+    "system_refused": ("data.chat_template", "the chat template refuses 3 of the first 3 rows",
+                       "takes no system message"),
+    "tools_ignored": ("data.tools_field", "never reads `tools`", "chatml"),
+    "alpaca_input_missing": ("data.input_field", "has no column 'inputs'", "set data.input_field"),
     "empty_file": ("data.path", "is empty (0 bytes)", "a file with examples"),
     "bad_json": ("data.path", "row 6: not valid JSON", "data.max_bad_rows"),
-    "unknown_role": ("data.path", "row 2: 'messages' message 0 has role 'wizard'",
+    "unknown_role": ("data.path", "row 2: 'messages' message 1 has role 'wizard'",
                      "data.max_bad_rows"),
     "prompt_not_text": ("data.path", "column 'q' holds list values", "fix those rows"),
     "mix_missing_column": ("data.mix[1].text_field", "has no column 'text'",

@@ -160,3 +160,84 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny, tmp_path, write_run):
     assert not (tmp_path / "run" / "STOP").exists()  # honoured and removed
     with open(tmp_path / "run" / "exit_status.json") as fh:
         assert json.load(fh)["code"] == 75
+
+
+def test_kill_tree_reaches_processes_in_their_own_sessions(tmp_path):
+    """What torchrun does to its workers (start_new_session): a process-group kill misses them;
+    kill_tree finds them through /proc and ends them all, grandchildren included."""
+    pids = tmp_path / "pids"
+    script = textwrap.dedent(f"""\
+        import os, subprocess, sys, time
+        kids = [subprocess.Popen([sys.executable, "-c",
+                 "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+                 "'import time; time.sleep(300)']); time.sleep(300)"], start_new_session=True)
+                for _ in range(2)]
+        time.sleep(1.0)
+        open({str(pids)!r}, "w").write(" ".join(str(k.pid) for k in kids))
+        time.sleep(300)
+        """)
+    p = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 60
+    while not pids.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    tree = local_run.descendants(p.pid)
+    assert len(tree) == 5, tree  # the parent, 2 workers in sessions of their own, 2 grandchildren
+    workers = [int(x) for x in pids.read_text().split()]
+    assert all(os.getsid(w) == w for w in workers)  # out of reach of killpg(p.pid)
+    assert local_run.kill_tree(p.pid) == set()
+    p.wait(timeout=10)
+    assert not (tree & set(local_run.live_parents()))
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_double_ctrl_c_ends_every_process_of_the_run(tiny, tmp_path, write_run):
+    """Ctrl-C twice on 2 CPU ranks: exit 130, no process of the run left 5 s after the exit,
+    one message naming the checkpoint a resume takes, and the STOP file kept."""
+    path = write_run(run_text(tiny, tmp_path, train="{max_steps: 5000, micro_batch_size: 4, "
+                                                      "lr: 1.0e-3, device: cpu, checkpoint_every: 2}"))
+    # rank 1 hangs in step 6 (SIGSTOP to itself), so the first Ctrl-C cannot end the run: what
+    # makes a user press it twice; checkpoints at steps 2 and 4 are complete by then
+    env = {**rank_env(), "FTLAUNCH_FAULT": "step@6:freeze", "FTLAUNCH_FAULT_RANK": "1"}
+    p = ftlaunch("run", path, env=env)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert p.poll() is None, p.communicate()[1][-4000:]
+    run = local_run.descendants(p.pid) - {p.pid}
+    assert len(run) >= 3  # torchrun and its 2 workers
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-4000:]
+    time.sleep(5)
+    assert not (run & set(local_run.live_parents())), "processes of the run still alive"
+    lines = [x for x in err.splitlines() if "stopped at once" in x]
+    assert len(lines) == 1, err[-4000:]
+    from launcher import checkpoint as ck
+    kept = ck.latest_complete(str(tmp_path / "run" / "checkpoints"), warn=lambda m: None)
+    assert ck.step_of(kept) == 4 and f"kept {kept} (step 4)" in lines[0]
+    assert "every process of the run ended" in lines[0] and "--resume" in lines[0]
+    assert "no complete checkpoint" not in err
+    assert (tmp_path / "run" / "STOP").exists()
+
+
+def test_a_run_directory_of_another_config_is_refused_before_the_plan(tiny, tmp_path, write_run,
+                                                                     no_launch, monkeypatch):
+    """Refused in a second, before the memory plan and the tokenizing (they are not reached)."""
+    from launcher import rundir
+    path = write_run(run_text(tiny, tmp_path))
+    cfg = load(path, local_run.local_overrides(load(path), "cpu", 2))
+    rundir.prepare(cfg, {}, on_existing="refuse")
+    def not_reached(*a, **k):
+        raise AssertionError("planned or tokenized before the run directory was checked")
+    monkeypatch.setattr(local_run, "plan_text", not_reached)
+    monkeypatch.setattr(local_run, "check_data", not_reached)
+    with pytest.raises(ConfigError, match=r"(?s)holds a run made with a different config \(changed: "
+                                          r"train.lr\).*--resume"):
+        local_run.main(args(path, overrides=["train.lr=0.5"]))

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from launcher.config import RunConfig
     from launcher.data.loading import Splits
 
-VERSION = 1
+VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
 _NO_KEY = ("cache", "cache_dir")
 
 

@@ -31,15 +31,7 @@ IGNORE = -100  # label of a position without loss (the value Hugging Face losses
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config import DataConfig
 
-CHATML = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- message['content'] + '<|im_end|>' -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}{{- message['content'] + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+CHATML = messages.CHATML  # launcher/messages.py: the login node renders it too
 BUILTIN = {"chatml": CHATML}
 _MARKERS = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
 
@@ -86,32 +78,38 @@ class Renderer:
         self.variables = {k: v for k, v in (getattr(tokenizer, "special_tokens_map", {}) or {}).items()
                           if isinstance(v, str)}
 
-    def render(self, conv: list[dict], generation_prompt: bool = False, marked: bool = False):
-        out, spans = self._render_fn([conv], chat_template=self.template,
-                                     return_assistant_tokens_mask=marked,
+    def render(self, conv: list[dict], generation_prompt: bool = False, marked: bool = False,
+               tools: list | None = None):
+        out, spans = self._render_fn([list(conv)], chat_template=self.template,
+                                     return_assistant_tokens_mask=marked, tools=tools,
                                      add_generation_prompt=generation_prompt, **self.variables)
         return out[0], (spans[0] if marked else [])
 
     def spans(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character spans trained on."""
+        """The rendered text and the character spans trained on (the row's `tools`, where it
+        has them, passed to the template)."""
+        tools = getattr(conv, "tools", None)
         if self.train_on == "all":
-            text, _ = self.render(conv)
+            text, _ = self.render(conv, tools=tools)
             return text, [(0, len(text))]
         if self.markers:
-            text, spans = self.render(conv, marked=True)
+            text, spans = self.render(conv, marked=True, tools=tools)
             return text, [(a, b) for a, b in spans if b > a]
-        text, _ = self.render(conv)
+        text, _ = self.render(conv, tools=tools)
         spans = []
         for i, m in enumerate(conv):
             if m["role"] != "assistant":
                 continue
-            head, _ = self.render(conv[:i], generation_prompt=True) if i else ("", None)
-            turn, _ = self.render(conv[:i + 1])
+            head, _ = (self.render(conv[:i], generation_prompt=True, tools=tools) if i
+                       else ("", None))
+            turn, _ = self.render(conv[:i + 1], tools=tools)
             if not (turn.startswith(head) and text.startswith(turn)):
                 raise messages.BadRow(
-                    f"the chat template renders turn {i} differently once later turns follow "
-                    "(it rewrites earlier turns), so the assistant part cannot be found; use a "
-                    "template with {% generation %} markers, or data.chat_template: chatml")
+                    f"message {i + 1}: the inference prompt (the turns before it with the "
+                    "generation prompt) is not a prefix of the training text, so the assistant "
+                    "part cannot be found and a model trained on it would see another prompt "
+                    "than at inference; use a template with {% generation %} markers, or "
+                    "data.chat_template: chatml")
             end = len(turn.rstrip())
             if end > len(head):
                 spans.append((len(head), end))

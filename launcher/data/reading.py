@@ -282,9 +282,10 @@ def _wanted(d: "DataConfig", fmt: str) -> tuple[list[str], str]:
                            f"records with that column, or set {k} to null")
         return ["text"], "data.text_field"  # a text file's lines are the text
     if d.messages_field is not None:
-        return [d.messages_field], "data.messages_field"
+        return [d.messages_field] + ([d.tools_field] if d.tools_field else []), "data.messages_field"
     if d.prompt_field is not None:
-        return [d.prompt_field, d.response_field or ""], "data.prompt_field"
+        return ([d.prompt_field, d.response_field or ""] + ([d.input_field] if d.input_field else []),
+                "data.prompt_field")
     return [d.text_field], "data.text_field"
 
 
@@ -367,16 +368,28 @@ def _read(d: "DataConfig", path: str, key: str, fmt: str, wanted: list[str]):
         return cols, names, bad, numbers
 
 
+class Chat(list):
+    """One conversation's messages, and the function schemas of its row (`tools`, or None)."""
+    tools: list | None = None
+
+
+def _chat(conv: list[dict], tools: list | None) -> Chat:
+    out = Chat(conv)
+    out.tools = tools
+    return out
+
+
 def _chat_records(d: "DataConfig", column: list, path: str, key: str, lines: list[int],
-                  bad: list[tuple[int, str]]) -> Records:
-    """The conversations of a messages column; rows that are none are added to `bad` (checked
-    against data.max_bad_rows here, and again with the template's refusals after rendering)."""
-    from launcher.messages import BadRow, normalise
+                  bad: list[tuple[int, str]], tools: list | None = None) -> Records:
+    """The conversations of a messages column (with each row's `tools` where data.tools_field
+    names a column); rows that are none are added to `bad` (checked against data.max_bad_rows
+    here, and again with the template's refusals after rendering)."""
+    from launcher.messages import BadRow, normalise, tools_of
 
     chats, numbers, bad = [], [], list(bad)
     for i, v in enumerate(column):
         try:
-            chats.append(normalise(v))
+            chats.append(_chat(normalise(v), tools_of(tools[i]) if tools is not None else None))
             numbers.append(lines[i])
         except BadRow as exc:
             bad.append((lines[i], f"'{d.messages_field}' {exc}"))
@@ -407,14 +420,24 @@ def records(cfg: "RunConfig", path: str, key: str, warnings: list[str],
         raise fail(key, f"{path} holds no rows", "point it at a file with examples")
     lines = lines or list(range(1, rows + 1))
     if d.messages_field is not None:
-        return _chat_records(d, cols[d.messages_field], path, key, lines, bad)
+        return _chat_records(d, cols[d.messages_field], path, key, lines, bad,
+                             cols[d.tools_field] if d.tools_field else None)
     check_bad_rows(d, bad, rows + len(bad), key, path, warnings)
     if d.prompt_field is not None:
         prompts = _as_text(cols[d.prompt_field], "data.prompt_field", d.prompt_field, path)
         texts = _as_text(cols[d.response_field], "data.response_field", d.response_field, path)
+        if d.input_field:  # alpaca: instruction + "\n" + input, where input is not empty
+            inputs = _as_text(cols[d.input_field], "data.input_field", d.input_field, path)
+            prompts = [p if p is None or not (x or "").strip() else f"{p}\n{x}"
+                       for p, x in zip(prompts, inputs)]
         keep = [i for i in range(rows) if prompts[i] is not None
                 and texts[i] is not None and texts[i].strip()]
         what = f"a missing prompt or an empty '{d.response_field}'"
+        if d.chat_template is not None:  # a user and an assistant turn, rendered by the template
+            chats = [_chat([{"role": "user", "content": prompts[i]},
+                            {"role": "assistant", "content": texts[i]}], None) for i in keep]
+            return Records(texts=[], prompts=None, dropped=rows - len(keep), rows=rows,
+                           chats=chats, row_numbers=[lines[i] for i in keep])
     else:
         column = wanted[0]
         prompts = None

@@ -60,6 +60,8 @@ def node_memory(cfg: Any, given: str | int | None, local: bool) -> tuple[int | N
         mem = host_memory()
         if mem:
             return mem, "this host (MemTotal)"
+    if cfg.cluster.mem is not None and cfg.cluster.mem.strip() == "0":
+        return None, "cluster.mem 0 (all of the node's memory, whatever that is)"
     return None, "unknown"
 
 

@@ -98,8 +98,11 @@ def _verdict(p: Any) -> list[str]:
         lines.append(f"verdict per GPU: {'fits' if p.fits_gpu else 'does NOT fit'} in "
                      f"{gib(p.gpu_memory)} per {unit}")
     if p.node_memory is None:
-        lines.append(f"verdict per node: node memory unknown: set cluster.mem or pass "
-                     f"--node-memory; this plan needs {gib(p.node_cpu)} of CPU memory per node")
+        known = ("cluster.mem 0 asks for all of the node's memory, whose size the login node "
+                 "cannot know" if str(getattr(p, "node_memory_source", "")).startswith("cluster.mem 0")
+                 else "node memory unknown")
+        lines.append(f"verdict per node: {known}: pass --node-memory (or set cluster.mem to the "
+                     f"size); this plan needs {gib(p.node_cpu)} of CPU memory per node")
     else:
         lines.append(f"verdict per node: {'fits' if p.fits_node else 'does NOT fit'}: needs "
                      f"{gib(p.node_cpu)} ({p.node_phase}) of {gib(p.node_memory)} "
