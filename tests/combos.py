@@ -189,6 +189,13 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
                                         "mem": "64G", "time": "01:00:00"},
                             "output": {"dir": os.path.join(out_dir, "run"),
                                        "report_to": list(row["report_to"])}}
+    if row.get("private"):
+        tree["output"]["private"] = True
+    if row.get("gpu_type"):
+        tree["cluster"]["gpu_type"] = row["gpu_type"]
+        del tree["cluster"]["gpu_memory"]  # the card's memory, from the table
+    if row.get("from_shell"):
+        tree["cluster"]["env_from_shell"] = [FROM_SHELL]
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -223,6 +230,9 @@ def levels() -> dict[str, list[Any]]:
         "ds_file": [False, True],
         "report_to": [[]] + [[t] for t in schema_choices("output.report_to")],
         "watchdog": [False, True],
+        "private": [False, True],                                # output.private
+        "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
+        "from_shell": [False, True],                             # cluster.env_from_shell
     }
 
 
@@ -231,7 +241,9 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.mix", "data.path", "data.messages_field", "data.prompt_field", "data.packing",
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
-               "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss")
+               "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell")
+FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 
 
 

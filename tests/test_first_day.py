@@ -35,8 +35,9 @@ def call(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_first_day(tiny, tmp_path, capsys, monkeypatch):
+def test_first_day(tiny, tmp_path, capsys, monkeypatch, umask_kept):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_API_KEY", "first-day-secret-value")  # in the user's shell only
     files = combos.write_data(str(tmp_path / "data"), n=20)
     run = {"name": "first-day",
            "model": {"path": tiny["model"], "dtype": "fp32"},
@@ -49,7 +50,9 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch):
                      "device": "cpu", "checkpoint_every": 10, "eval_every": 20},
            "freeze": {"policy": "full"},
            "deepspeed": {"zero_stage": 1},
-           "output": {"dir": str(tmp_path / "run")}}
+           # a shared cluster: the run is the user's alone, the W&B key comes from the shell
+           "cluster": {"env_from_shell": ["WANDB_API_KEY"]},
+           "output": {"dir": str(tmp_path / "run"), "private": True}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run, sort_keys=False))
 
@@ -95,6 +98,13 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch):
     assert "resumed from" in out + err
     assert "2 cpu ranks, global batch 4 micro x 1 accum x 2 ranks = 8 sequences" in out
     assert "eval loss" in err and "at step 40" in err  # evaluations are printed as they come
+
+    # the run directory is private and no file of it holds the key
+    assert os.stat(tmp_path / "run").st_mode & 0o777 == 0o700
+    for dirpath, _, names in os.walk(tmp_path / "run"):
+        for n in names:
+            with open(os.path.join(dirpath, n), "rb") as fh:
+                assert b"first-day-secret-value" not in fh.read(), os.path.join(dirpath, n)
 
     # 6. status
     code, out, err = call(["status", str(tmp_path / "run"), "--json"], capsys)

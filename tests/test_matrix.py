@@ -56,9 +56,11 @@ def call(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("i", range(len(ROWS)), ids=[f"row{i}" for i in range(len(ROWS))])
-def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, monkeypatch):
+def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, monkeypatch,
+                                         umask_kept):
     row = ROWS[i]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(combos.FROM_SHELL, "not-a-real-key")  # set in the submitting shell
     tree = combos.run_tree(row, matrix_inputs["model"], matrix_inputs["files"], str(tmp_path))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
@@ -75,7 +77,8 @@ def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("a, va, b, vb", combos.REFUSED)
-def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, capsys, monkeypatch):
+def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, capsys, monkeypatch,
+                                      umask_kept):
     """The pairs the covering set leaves out: refused by validate and by every other command,
     with the key and the fix, on the login node."""
     row = dict(ROWS[0], **{a: va, b: vb})
