@@ -184,6 +184,22 @@ def test_advice_ranked_by_cost_and_each_fits(tmp_path):
     assert "does NOT fit" in text and changes[0] in text
 
 
+def test_advice_leaves_a_margin_not_a_few_megabytes(tmp_path):
+    """A change that would fit with 20 MB to spare is not advised: advice keeps 1% of the GPU."""
+    import dataclasses
+    model = llama_folder(tmp_path, vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                         num_attention_heads=16, num_key_value_heads=16, num_hidden_layers=8)
+    _, cfg = run_cfg(tmp_path, model, stage=0, micro=8, seq=2048, gpus=8)
+    gc = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, gradient_checkpointing=True))
+    with_gc = memory.plan(gc, gpu_memory=2**40, world_size=8).total_per_gpu
+    tight = memory.plan(cfg, gpu_memory=with_gc + 20 * 2**20, world_size=8)
+    assert not tight.fits
+    assert "model.gradient_checkpointing: true" not in [a["change"] for a in tight.advice]
+    assert all(a["total_per_gpu"] <= 0.99 * tight.gpu_memory for a in tight.advice)
+    roomy = memory.plan(cfg, gpu_memory=int(with_gc / 0.98), world_size=8)
+    assert not roomy.fits and "model.gradient_checkpointing: true" in [a["change"] for a in roomy.advice]
+
+
 def test_json_output_and_exit_codes(tmp_path, capsys):
     model = llama_folder(tmp_path)
     run, _ = run_cfg(tmp_path, model)

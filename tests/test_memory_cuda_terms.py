@@ -134,7 +134,7 @@ def test_expandable_segments_in_cluster_env_lower_the_slack_and_the_advice_propo
     assert plain.peak_reserved == plain.peak_allocated + plain.term("allocator")
     assert plain.to_dict()["peak_reserved"] == plain.peak_reserved
     # a card just too small without them: the free change is the first advice, and the note says so
-    tight = plain.total_per_gpu - plain.term("allocator") // 2
+    tight = plain.total_per_gpu - plain.term("allocator") // 10  # (advice keeps a 1% margin)
     p = memory.plan(load(tmp_path, "llama-2-7b", seq=512), gpu_memory=tight)
     assert not p.fits
     assert p.advice[0]["change"] == "cluster.env.PYTORCH_CUDA_ALLOC_CONF: expandable_segments:True"

@@ -104,7 +104,7 @@ def test_unknown_node_memory_is_said_with_the_figure_needed(tmp_path):
     p = memory.plan(cfg, gpu_memory="80GiB", world_size=8, advise=False)
     assert p.node_memory is None and p.fits_node is None
     text = memory.render(p)
-    assert "node memory unknown: set cluster.mem or pass --node-memory" in text
+    assert "node memory unknown: pass --node-memory (or set cluster.mem to the size)" in text
     assert "of CPU memory per node" in text
 
 

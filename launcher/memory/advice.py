@@ -21,7 +21,8 @@ the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of
     LoRA (r=8)                       14   trains adapters only: changes what is learned
     LoRA on a 4-bit base (QLoRA)     16   + 4-bit base weights
 
-Singles, pairs and triples are tried in order of cost (at most MAX_PLANS plans); a
+A change is advised when the plan with it fits with at least MARGIN (1%) of the GPU's memory
+left. Singles, pairs and triples are tried in order of cost (at most MAX_PLANS plans); a
 combination that contains a fitting smaller one is not listed. A free change (cost 0) is tried
 alone only, and a change validate refuses on its own (flash attention without its package) not
 at all.
@@ -41,6 +42,8 @@ Change = tuple[str, int, str, Callable[[RunConfig], RunConfig]]  # name, cost, w
 Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigError if it cannot)
 MAX_SHOWN = 8
 MAX_PLANS = 120
+MARGIN = 0.01  # a change is advised only if it leaves 1% of the GPU's memory free: one that
+               # "fits" with a few MB to spare fails on the first allocation the plan did not see
 # changes of one kind replace each other: a combination takes at most one of each
 GROUPS = {"cluster.env.PYTORCH_CUDA_ALLOC_CONF": "alloc",
           "model.attn_implementation": "attn", "deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
@@ -177,6 +180,6 @@ def advise(base: Any, replan: Replan) -> list[dict[str, Any]]:
             cfg = c[3](cfg)
         tried += 1
         p = _try(replan, cfg)
-        if p is not None and p.fits:
+        if p is not None and p.fits and p.headroom >= MARGIN * p.gpu_memory:
             found.append((names, _entry(combo, p)))
     return [e for _, e in found]
