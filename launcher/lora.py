@@ -138,7 +138,12 @@ def apply_lora(model: Any, cfg: RunConfig):
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=targets,
         modules_to_save=save or None, bias="all" if "biases" in cfg.freeze.also_train else "none",
         task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, peft_cfg)
+    import warnings
+    with warnings.catch_warnings():  # peft reads transformers 5's deprecated property name,
+        # a FutureWarning on every LoRA run that the user can do nothing about
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                                category=FutureWarning)
+        peft_model = get_peft_model(model, peft_cfg)
     for _, p in peft_model.named_parameters():
         if is_quantized_param(p):
             p.requires_grad_(False)

@@ -180,3 +180,16 @@ def test_adapter_and_merged_exports(tiny, tmp_path):
     assert "quantization_config" not in config
     torch.testing.assert_close(torch.tensor(out["logits"]), ref, atol=1e-4, rtol=0)
     assert not os.path.exists(tmp_path / "merged" / "adapter_config.json")
+
+
+def test_apply_lora_says_nothing_the_user_cannot_act_on(tiny):
+    """peft reads transformers 5's deprecated `is_gradient_checkpointing`: its FutureWarning is
+    not shown on every LoRA run."""
+    import warnings
+    cfg = run_config(tiny, "{mode: none}", "{policy: lora, lora: {r: 4}}")
+    model = load(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        lora.apply_lora(model, cfg)
+    assert [str(w.message) for w in seen if issubclass(w.category, FutureWarning)] == []
