@@ -228,6 +228,8 @@ def render(job: Job, template: str | None = None) -> str:
         "node_launch": node_launch,
         "preflight": "1" if job.preflight else "0",
         "exit_preflight": quote(layout.EXIT_PREFLIGHT),
+        "exit_locked": quote(layout.EXIT_LOCKED),
+        "job_lock": quote(os.path.join(job.run_dir, layout.JOB_LOCK), "output.dir"),
         "preflight_launch": join([job.python, "-m", "launcher", "preflight", resolved], "cluster.python"),
         "port_base": quote(dist_env.PORT_BASE), "port_span": quote(dist_env.PORT_SPAN),
         "node_devices_env": NODE_DEVICES_ENV,
@@ -273,7 +275,7 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
 
 
 def main(args: Any) -> int:
-    from launcher import ds_config, rundir, secret_env
+    from launcher import ds_config, job_lock, rundir, secret_env
     from launcher.rundir import on_existing
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides, inputs=True)
@@ -281,6 +283,8 @@ def main(args: Any) -> int:
     if args.submit:
         secret_env.require(cfg)   # before anything is written
     rundir.keep_private(cfg)
+    job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
+                            if args.overwrite else "writing its resolved.yaml and job.sbatch again")
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))
@@ -301,6 +305,13 @@ def main(args: Any) -> int:
             print(submit(job.job_script, test_only=True, export=passed))
         if args.submit:
             job_id = submit(job.job_script, export=passed)
+            owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
+            if owner is not None:   # another submit or sbatch came in between: this one goes
+                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
+                                  f"was submitted: job {job_id} is cancelled (one job per run "
+                                  f"directory); to run this one instead: scancel {owner[0]}, then "
+                                  f"sbatch {quote(job.job_script)}")
             print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
             print(job_id)
     except SubmitError as exc:

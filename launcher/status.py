@@ -27,7 +27,7 @@ import subprocess
 import time
 from typing import Any, Optional
 
-from launcher import checkpoint, layout, run_state
+from launcher import checkpoint, job_lock, layout, run_state
 
 RECENT_STEPS = 20  # step times averaged for the time left
 
@@ -73,7 +73,8 @@ def _run(cmd: list[str]) -> Optional[str]:
 
 def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     """The Slurm job of this run directory: queued or running (squeue: the job whose command is
-    RUN_DIR/job.sbatch), else the newest job with a log in RUN_DIR/logs (sacct, scontrol).
+    RUN_DIR/job.sbatch), else the newest of the job in RUN_DIR/job.lock and the jobs with a log in
+    RUN_DIR/logs (sacct, scontrol).
     None without a job script, Slurm's tools or a job."""
     script = os.path.realpath(os.path.join(run_dir, layout.JOB_SCRIPT))
     if not os.path.exists(script):
@@ -84,7 +85,8 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
         if command and os.path.realpath(command) == script:
             return {"job_id": job, "state": state, "reason": reason, "source": "squeue"}
     ids = sorted({int(m.group(1)) for f in glob.glob(os.path.join(run_dir, layout.LOGS, "job-*.out"))
-                  if (m := re.search(r"job-(\d+)\.out$", f))})
+                  if (m := re.search(r"job-(\d+)\.out$", f))}
+                 | {int(j) for j in [job_lock.read(run_dir)] if j})   # no log: failed to launch
     if not ids:
         return None
     job = str(ids[-1])
