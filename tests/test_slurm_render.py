@@ -277,8 +277,9 @@ def test_script_runs_every_node_with_its_own_rank_exact_env_and_paths(tmp_path, 
         assert env_seen["MASTER_ADDR"] == "127.0.0.1" and env_seen["MASTER_PORT"] == "19242"
     srun_args = read_nul(os.path.join(fake, "srun.args"))
     logs = os.path.join(job.run_dir, "logs").replace("%", "%%")
-    assert srun_args[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1",
-                             f"--output={logs}/job-%j-node%n.log", "--open-mode=append"]
+    assert srun_args[:6] == ["--export=ALL", "--kill-on-bad-exit=1", "--nodes=2",
+                             "--ntasks-per-node=1", f"--output={logs}/job-%j-node%n.log",
+                             "--open-mode=append"]
     assert "ranks finished" in out.stdout
 
 
