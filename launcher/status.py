@@ -103,8 +103,9 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     m = re.search(r"JobState=(\S+)", out or "")
     if m:
         reason = re.search(r"Reason=(\S+)", out or "")
+        code = re.search(r" ExitCode=(\S+)", out or "")
         return {"job_id": job, "state": m.group(1), "reason": reason.group(1) if reason else "",
-                "source": "scontrol"}
+                "exit_code": code.group(1) if code else "", "source": "scontrol"}
     return {"job_id": job, "state": "UNKNOWN", "reason": "no longer known to Slurm",
             "source": "logs"}
 

@@ -1,0 +1,304 @@
+"""What the job script and `ftlaunch status` say must be true: on the real test cluster (fixture
+`slurm_cluster`, ranks stood in for by tests/cluster/helpers.FAKE_METRIC_RANKS, which leave
+metrics.jsonl and exit_status.json as real ones do), a STOP file ends the job COMPLETED,
+`scontrol requeue` is reported as a requeue, `--export=NONE` still reaches every srun step,
+and every node failing the preflight fails the job instead of excluding them all; each test
+reads the run directory afterwards: one job's steps, once each. Then the fast checks of the
+rules behind them (validate) and of status, stop and runs on hand-made run directories.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+from helpers import (FAKE_METRIC_RANKS, job_info, logs, wait_final, wait_until,  # noqa: E402
+                     write_exe)
+
+from launcher import cli, job_lock, layout, slurm, status  # noqa: E402
+from launcher.errors import ConfigError  # noqa: E402
+from launcher.runfile import load  # noqa: E402
+
+
+def ns(run_file, *flags, overrides=()):
+    a = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
+                           test_only=False, force=False, resume=False, overwrite=False)
+    for f in flags:
+        setattr(a, f, True)
+    return a
+
+
+def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_steps=6):
+    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
+    tree = {"name": "truths", "model": {"path": fake_model},
+            "data": {"path": data, "max_seq_len": 64}, "train": {"max_steps": max_steps},
+            "cluster": cluster, "output": {"dir": str(run_dir)}}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def steps(run_dir):
+    with open(run_dir / layout.METRICS) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def status_json(run_dir, capsys):
+    capsys.readouterr()
+    assert cli.main(["status", str(run_dir), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def cluster(slurm_cluster, monkeypatch, tmp_path):
+    for k, v in slurm_cluster["env"].items():
+        monkeypatch.setenv(k, v)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "6", "FAKE_HOLD_STEP": "3"}.items():
+        monkeypatch.setenv(k, v)   # sbatch passes the environment on to the job
+    monkeypatch.chdir(tmp_path)
+    return {**slurm_cluster, "fake": fake,
+            "python": write_exe(str(tmp_path / "python"), FAKE_METRIC_RANKS)}
+
+
+def one_node(cluster, **more):
+    return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
+            "python": cluster["python"], "preflight": False, **more}
+
+
+def submit(run_file, capsys, *flags):
+    capsys.readouterr()
+    assert slurm.main(ns(run_file, "submit", "force", *flags)) == 0
+    job = capsys.readouterr().out.strip().splitlines()[-1]
+    assert job.isdigit(), job
+    return job
+
+
+def three_steps(job, cluster, run_dir):
+    wait_until(job, cluster["env"], lambda i: (run_dir / layout.METRICS).exists()
+               and len(steps(run_dir)) >= 3 or i.get("JobState") not in ("PENDING", "RUNNING"),
+               180, str(run_dir), "3 steps")
+
+
+# ------------------------------------------------------------------ on the test cluster
+@pytest.mark.slurm
+def test_ftlaunch_stop_ends_the_job_completed_and_a_resubmit_continues(cluster, tmp_path,
+                                                                        fake_model, capsys,
+                                                                        monkeypatch):
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster))
+    first = submit(run_file, capsys)
+    three_steps(first, cluster, run_dir)
+    assert cli.main(["stop", rd]) == 0
+    assert f"Slurm job {first} ends COMPLETED" in capsys.readouterr().out
+    info = wait_final(first, cluster["env"], 180, rd)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs(rd)}"
+    out = (run_dir / "logs" / f"job-{first}.out").read_text()
+    assert "stopped on request (STOP file) after a checkpoint; continue with: sbatch" in out
+    st = status_json(run_dir, capsys)
+    assert st["state"] == "stopped" and st["step"] == 3 and st["time_left_s"] is None, st
+    assert st["resume"] == f"sbatch {run_dir / layout.JOB_SCRIPT}"
+
+    monkeypatch.delenv("FAKE_HOLD_STEP")
+    second = submit(run_file, capsys)   # the first job ended: allowed
+    info = wait_final(second, cluster["env"], 180, rd)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(rd)}"
+    rows = steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], rows
+    assert [r["job"] for r in rows] == [first] * 3 + [second] * 3
+    assert status_json(run_dir, capsys)["state"] == "finished"
+
+
+@pytest.mark.slurm
+def test_scontrol_requeue_is_reported_as_a_requeue(cluster, tmp_path, fake_model, capsys):
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster))
+    job = submit(run_file, capsys)
+    three_steps(job, cluster, run_dir)
+    assert subprocess.run(["scontrol", "requeue", job], timeout=60).returncode == 0
+    info = wait_final(job, cluster["env"], 300, rd)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{logs(rd)}"
+    text = (run_dir / "logs" / f"job-{job}.out").read_text()
+    err = (run_dir / "logs" / f"job-{job}.err").read_text()
+    assert f"Slurm has requeued job {job} (TERM): it starts again and resumes" in text, logs(rd)
+    assert "not requeued" not in text + err
+    rows = steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], rows
+    assert [r["restart"] for r in rows] == [0, 0, 0, 1, 1, 1] and {r["job"] for r in rows} == {job}
+
+
+@pytest.mark.slurm
+def test_export_none_in_sbatch_extra_still_reaches_the_ranks(cluster, tmp_path, fake_model,
+                                                             capsys, monkeypatch):
+    """sbatch --export=NONE gives the batch shell no submitting environment and srun would give
+    its tasks none either: the script's srun --export=ALL passes the batch shell's on (here
+    cluster.env and the rendezvous)."""
+    monkeypatch.delenv("FAKE_HOLD_STEP")
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(
+        cluster, sbatch_extra=["--export=NONE"], env={"FAKE_STEPS": "6"}))
+    monkeypatch.setenv("FAKE_STEPS", "1")   # not passed: the job must take cluster.env's 6
+    job = submit(run_file, capsys)
+    info = wait_final(job, cluster["env"], 180, rd)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(rd)}"
+    rows = steps(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6], rows
+    assert {r["master"] for r in rows} == {"127.0.0.1"}   # the batch shell's rendezvous
+    stored = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True,
+                            text=True, timeout=60).stdout
+    assert "#SBATCH --export=NONE" in stored
+
+
+@pytest.mark.slurm
+def test_every_node_failing_the_preflight_fails_the_job(cluster, tmp_path, fake_model, capsys,
+                                                        monkeypatch):
+    monkeypatch.setenv("FAKE_BAD_ALL", "1")
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster, nodes=2,
+                                                                     preflight=True))
+    job = submit(run_file, capsys)
+    info = wait_final(job, cluster["env"], 180, rd)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{layout.EXIT_PREFLIGHT}:0", \
+        f"{info}\n{logs(rd)}"
+    assert info["Restarts"] == "0" and info.get("ExcNodeList") in ("(null)", None), info
+    err = (run_dir / "logs" / f"job-{job}.err").read_text()
+    assert "every node of the job (2 of 2) failed the preflight" in err
+    assert "0 GPUs visible, 1 expected" in err
+    assert not (run_dir / layout.METRICS).exists()
+    st = status_json(run_dir, capsys)
+    assert st["state"] == "failed" and st["slurm"]["state"] == "FAILED", st
+    assert st["job_failure"].startswith(f"job {job} FAILED, exit {layout.EXIT_PREFLIGHT}:0: "
+                                        "ftlaunch: every node of the job (2 of 2) failed the "
+                                        "preflight"), st
+
+
+# ------------------------------------------------------------------ fast: the rules
+@pytest.mark.parametrize("time_limit,grace,ok", [("24:00:00", 120, True), ("8:00", 120, True),
+                                                 ("7:59", 120, False), ("10:00", 300, False)])
+def test_the_time_limit_leaves_room_past_grace_and_the_early_signal(tmp_path, fake_model,
+                                                                    time_limit, grace, ok):
+    run_file = write_runfile(tmp_path, fake_model, tmp_path / "run",
+                             {"time": time_limit, "grace_s": grace})
+    if ok:
+        load(run_file)
+        return
+    with pytest.raises(ConfigError, match=r"cluster\.time(.|\n)*before the stop signal: grace_s "
+                       rf"{grace} s, and Slurm sends it up to 60 s early(.|\n)*raise cluster.time "
+                       r"to at least"):
+        load(run_file)
+
+
+def test_a_python_command_prefix_is_refused_with_the_fix(tmp_path, fake_model):
+    for python in ("env python", "apptainer exec x.sif python"):
+        run_file = write_runfile(tmp_path, fake_model, tmp_path / "run", {"python": python})
+        with pytest.raises(ConfigError, match=r"cluster\.python(.|\n)*is a command, not one "
+                           r"program(.|\n)*wrapper script"):
+            load(run_file)
+    spaced = tmp_path / "my env" / "python"
+    spaced.parent.mkdir()
+    write_exe(str(spaced), "#!/bin/sh\n")
+    load(write_runfile(tmp_path, fake_model, tmp_path / "run", {"python": str(spaced)}))
+
+
+def test_export_none_is_allowed_and_other_exports_are_not(tmp_path, fake_model):
+    load(write_runfile(tmp_path, fake_model, tmp_path / "run", {"sbatch_extra": ["--export=NONE"]}))
+    with pytest.raises(ConfigError, match=r"--export=NONE keeps the variables of "
+                       r"cluster.env_from_shell"):
+        load(write_runfile(tmp_path, fake_model, tmp_path / "run", {
+            "sbatch_extra": ["--export=NONE"], "env_from_shell": ["HF_TOKEN"]}))
+    with pytest.raises(ConfigError, match=r"--export is set by the launcher"):
+        load(write_runfile(tmp_path, fake_model, tmp_path / "run",
+                           {"sbatch_extra": ["--export=ALL,X=1"]}))
+
+
+# ------------------------------------------------------------------ fast: status, stop, runs
+def rendered(tmp_path, fake_model, name="run", **cluster):
+    run_dir = tmp_path / name
+    run_file = write_runfile(tmp_path, fake_model, run_dir, cluster or {"nodes": 1},
+                             name=f"{name}.yaml", max_steps=100)
+    assert slurm.main(ns(run_file)) == 0
+    return run_dir
+
+
+def metrics_lines(run_dir, n, step_time=0.5):
+    with open(run_dir / layout.METRICS, "w") as fh:
+        for s in range(1, n + 1):
+            fh.write(json.dumps({"step": s, "loss": 2.0, "tokens_per_s": 100.0,
+                                 "step_time_s": step_time}) + "\n")
+
+
+def test_status_of_a_stopped_slurm_run_says_resubmit_and_no_time_left(tmp_path, fake_model,
+                                                                      capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = rendered(tmp_path, fake_model)
+    metrics_lines(run_dir, 10)
+    time.sleep(0.01)
+    (run_dir / layout.EXIT_STATUS).write_text(json.dumps(
+        {"code": 75, "step": 10, "message": "stopped on request", "rank": 0}))
+    capsys.readouterr()
+    assert cli.main(["status", str(run_dir)]) == 0
+    text = capsys.readouterr().out
+    assert f"resume     sbatch {run_dir / layout.JOB_SCRIPT}" in text, text
+    assert "--resume" not in text and " left" not in text, text
+
+
+def test_status_says_when_no_step_came_for_a_while(tmp_path, fake_model, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = rendered(tmp_path, fake_model)
+    metrics_lines(run_dir, 10)
+    st = status.collect(str(run_dir))
+    assert st["state"] == "running" and st["no_step_for_s"] is None
+    old = time.time() - 300
+    os.utime(run_dir / layout.METRICS, (old, old))
+    st = status.collect(str(run_dir))
+    assert st["state"] == "running" and st["no_step_for_s"] >= 299, st
+    assert "progress   no step for 5m0" in status.render(st)
+
+
+def test_status_takes_several_run_directories_and_runs_lists_them(tmp_path, fake_model, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a = rendered(tmp_path, fake_model, "a")
+    b = rendered(tmp_path, fake_model, "b")
+    metrics_lines(b, 7)
+    (b / layout.EXIT_STATUS).write_text(json.dumps({"code": 0, "step": 100, "message": "done"}))
+    capsys.readouterr()
+    assert cli.main(["status", str(a), str(b), "--json", "train.max_steps=100"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [s["run_dir"] for s in both] == [str(a), str(b)]
+    assert [s["state"] for s in both] == ["not started", "finished"]
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("not started") and lines[0].endswith(str(a))
+    assert lines[1].startswith("finished") and "7/100" in lines[1] and lines[1].endswith(str(b))
+
+
+def test_stop_of_a_queued_job_says_scancel_and_makes_no_stop_file(tmp_path, fake_model, capsys,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = rendered(tmp_path, fake_model)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_exe(str(bin_dir / "squeue"), "#!/bin/sh\necho PENDING\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job_lock.record(str(run_dir), "55", "a test")
+    capsys.readouterr()
+    assert cli.main(["stop", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"job 55 of {run_dir} is PENDING, not training yet" in err and "scancel 55" in err
+    assert not (run_dir / layout.STOP_REQUEST).exists()
+    os.remove(bin_dir / "squeue")   # no Slurm here: a local run is asked to stop
+    assert cli.main(["stop", str(run_dir)]) == 0
+    assert (run_dir / layout.STOP_REQUEST).exists()
