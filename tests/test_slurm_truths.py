@@ -302,3 +302,35 @@ def test_stop_of_a_queued_job_says_scancel_and_makes_no_stop_file(tmp_path, fake
     os.remove(bin_dir / "squeue")   # no Slurm here: a local run is asked to stop
     assert cli.main(["stop", str(run_dir)]) == 0
     assert (run_dir / layout.STOP_REQUEST).exists()
+
+
+def test_an_unwritable_output_dir_is_a_clear_error_not_a_traceback(tmp_path, fake_model, capsys,
+                                                                   monkeypatch):
+    """A folder that cannot be made (here: below a file; for a user, a folder of someone else's)
+    is refused naming output.dir, the reason and the fix."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("")
+    run_file = write_runfile(tmp_path, fake_model, tmp_path / "a-file" / "run", {"nodes": 1})
+    assert cli.main(["slurm", run_file]) == layout.EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "output.dir: cannot write the run directory" in err and "Not a directory" in err, err
+    assert "fix: set output.dir to a folder you can write" in err and "Traceback" not in err
+
+
+def test_a_job_that_failed_to_launch_is_shown(tmp_path, fake_model, capsys, monkeypatch):
+    """No log at all (the job could not even open logs/job-ID.out): status still shows the
+    recorded job and says the run failed, with Slurm's state and exit code."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = rendered(tmp_path, fake_model)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_exe(str(bin_dir / "squeue"), "#!/bin/sh\nexit 0\n")   # no longer queued
+    write_exe(str(bin_dir / "sacct"), '#!/bin/sh\n[ "$5" = 55 ] && echo "FAILED|1:0"\nexit 0\n')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job_lock.record(str(run_dir), "55", "a test")
+    assert not os.listdir(run_dir / layout.LOGS)
+    st = status.collect(str(run_dir))
+    assert st["slurm"]["job_id"] == "55" and st["state"] == "failed", st
+    assert st["job_failure"] == ("job 55 FAILED, exit 1:0: no log (the job did not start, or "
+                                 "could not write logs/)")
+    assert "failure    job 55 FAILED" in status.render(st)
