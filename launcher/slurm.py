@@ -261,11 +261,33 @@ def submit(script_path: str, test_only: bool = False, export: str | None = None)
 
 
 # ------------------------------------------------------------------ ftlaunch slurm
+def partition_node_memory(partition: str | None) -> Optional[tuple[int, str]]:
+    """(bytes, where from): the memory of the smallest node of the partition (the default one
+    when None), from `sinfo -o %m` (MiB per node); None without sinfo or an answer."""
+    cmd = ["sinfo", "-h", "-o", "%m"] + (["-p", partition] if partition else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sizes = [int(m.group(1)) for line in proc.stdout.split()
+             if (m := re.fullmatch(r"(\d+)\+?", line.strip()))] if proc.returncode == 0 else []
+    if not sizes:
+        return None
+    where = f"partition {partition}" if partition else "the default partition"
+    return min(sizes) * 2**20, f"sinfo: the smallest node of {where}"
+
+
 def _memory_plan(cfg: RunConfig, force: bool) -> str:
-    """The plan text; ConfigError when the plan does not fit and force is off."""
+    """The plan text; ConfigError when the plan does not fit and force is off. Without
+    cluster.mem, a node's memory is the partition's smallest node's (sinfo), never this host's."""
     from launcher import memory
     from launcher.errors import ConfigError, Problem
-    plan = memory.plan(cfg)
+    from launcher.sizes import parse_slurm_mem
+    node = None if cfg.cluster.mem and parse_slurm_mem(cfg.cluster.mem) is not None else \
+        partition_node_memory(cfg.cluster.partition)
+    plan = memory.plan(cfg, node_memory=node[0] if node else None, local=False)
+    if node:
+        plan.node_memory_source = node[1]
     text = memory.render(plan)
     if not plan.fits and not force:
         raise ConfigError([Problem("cluster", "the memory plan says the job does not fit:\n"

@@ -334,3 +334,21 @@ def test_a_job_that_failed_to_launch_is_shown(tmp_path, fake_model, capsys, monk
     assert st["job_failure"] == ("job 55 FAILED, exit 1:0: no log (the job did not start, or "
                                  "could not write logs/)")
     assert "failure    job 55 FAILED" in status.render(st)
+
+
+@pytest.mark.slurm
+def test_without_cluster_mem_the_plan_compares_with_the_partitions_nodes(cluster, tmp_path,
+                                                                         fake_model, capsys):
+    """cluster.mem unset: plan.txt's node verdict is against the partition's smallest node
+    (sinfo: 2048 MiB on the test cluster), not the memory of the host that submits."""
+    run_dir = tmp_path / "run"
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster,
+                                                                     sbatch_extra=["--hold"]))
+    job = submit(run_file, capsys)
+    try:
+        plan = (run_dir / layout.PLAN).read_text()
+        assert "verdict per node: does NOT fit: needs" in plan, plan   # a 7B model's shards
+        assert "of 2.00 GiB (sinfo: the smallest node of partition debug)" in plan, plan
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    assert job_lock.read(str(run_dir)) == job
