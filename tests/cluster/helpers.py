@@ -107,7 +107,8 @@ esac
 # there it stops like launcher/train.py under torchrun: node 0 (rank 0) removes STOP, and the
 # launcher exits 1 (torchrun's code for any failed rank). Node FAKE_SLOW_NODE takes FAKE_SLOW_S
 # more seconds to stop (a slow checkpoint).
-# Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank.
+# Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank. With FAKE_CHECKPOINTS set,
+# node 0 makes a checkpoint folder at every step (progress, for the requeue decision).
 FAKE_PYTHON = r"""#!/bin/bash
 node=$SLURM_NODEID
 if [ "$1 $2 $3" = "-m launcher preflight" ]; then   # the preflight: passes, or node 0 names FAKE_BAD
@@ -146,6 +147,9 @@ for ((step = start; step <= ${FAKE_STEPS:-3}; step++)); do
   [ "$node" = 0 ] && : > "$FAKE_DIR/running"
   sleep "${FAKE_STEP_S:-0.05}"
   echo "$step" > "$progress"
+  if [ "$node" = 0 ] && [ -n "${FAKE_CHECKPOINTS:-}" ]; then   # a checkpoint every step
+    mkdir -p "$run_dir/checkpoints/step-$(printf %08d "$step")"
+  fi
 done
 echo "${SLURM_RESTART_COUNT:-0}" > "$FAKE_DIR/done.$node"
 """
