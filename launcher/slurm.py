@@ -323,8 +323,11 @@ def main(args: Any) -> int:
         for problem in secret_env.missing(cfg):
             log.warning(f"{problem.key}: {problem.message}")
     try:
-        if args.test_only:
-            print(submit(job.job_script, test_only=True, export=passed))
+        if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
+            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s
+            answer = submit(job.job_script, test_only=True, export=passed)
+            if args.test_only:
+                print(answer)
         if args.submit:
             job_id = submit(job.job_script, export=passed)
             owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")

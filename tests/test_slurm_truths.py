@@ -352,3 +352,20 @@ def test_without_cluster_mem_the_plan_compares_with_the_partitions_nodes(cluster
     finally:
         subprocess.run(["scancel", job], timeout=60)
     assert job_lock.read(str(run_dir)) == job
+
+
+@pytest.mark.slurm
+def test_submit_asks_test_only_first_and_submits_nothing_slurm_cannot_run(cluster, tmp_path,
+                                                                         fake_model, capsys):
+    """More nodes than the partition has would pend forever: --submit asks sbatch --test-only
+    first and stops with the scheduler's words; no job, no lock."""
+    run_dir = tmp_path / "run"
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster, nodes=20))
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                            timeout=60).stdout.split()
+    assert slurm.main(ns(run_file, "submit", "force")) == 1
+    err = capsys.readouterr().err
+    assert "sbatch --test-only" in err and "Requested node configuration is not available" in err
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
+                           timeout=60).stdout.split()
+    assert after == before and job_lock.read(str(run_dir)) is None
