@@ -267,6 +267,9 @@ class ClusterConfig:
     reservation: Optional[str] = opt(None, "Reservation (`--reservation`).")
     exclusive: bool = opt(False, "Whole nodes (`--exclusive`).")
     sbatch_extra: list[str] = opt([], "More `#SBATCH` options, each `--name=value` or `--flag`.")
+    after: list[str] = opt([], "Slurm job ids this job waits for: it starts once they all "
+                           "completed successfully (`--dependency=afterok:ID:...`), e.g. "
+                           "after=[4242] to chain runs.")
     setup: list[str] = opt([], "Shell lines run in the job's batch shell before launch (module "
                            "load, source .venv/bin/activate); srun carries the environment they "
                            "set to every node. Your own shell, run as written.")

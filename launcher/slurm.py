@@ -110,6 +110,9 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
              SbatchOption("--open-mode", "append", "output.dir"),
              SbatchOption("--signal", f"B:USR1@{c.grace_s}", "cluster.grace_s"),
              SbatchOption("--requeue" if c.requeue else "--no-requeue", None, "cluster.requeue")]
+    if c.after:
+        opts.append(SbatchOption("--dependency", "afterok:" + ":".join(str(j) for j in c.after),
+                                 "cluster.after"))
     if c.env_from_shell:   # sbatch's default is ALL: kept, and the names said (and checked) here
         opts.append(SbatchOption("--export", export_list(c.env_from_shell), "cluster.env_from_shell"))
     for i, item in enumerate(c.sbatch_extra):

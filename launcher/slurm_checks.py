@@ -28,6 +28,7 @@ MANAGED = {
     "--chdir": "the job runs where `ftlaunch slurm` ran",
     "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
     "--array": "array jobs would share one run directory",
+    "--dependency": "cluster.after",
     "--export": "cluster.env_from_shell (sbatch_extra may say --export=NONE)",
 }
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
@@ -97,6 +98,10 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                       "`apptainer exec x.sif python` fails at execve)",
                       "give the path of a Python executable, or of a wrapper script that runs "
                       'the command: #!/bin/bash + exec apptainer exec x.sif python "$@"')
+    for i, job in enumerate(c.after):
+        if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
+            yield Problem(f"cluster.after[{i}]", f"{job!r} is not a Slurm job id",
+                          "give the number sbatch printed (e.g. 4242), as a string or a number")
     for i, item in enumerate(c.sbatch_extra):
         key = f"cluster.sbatch_extra[{i}]"
         m = SBATCH_EXTRA.fullmatch(item)

@@ -369,3 +369,38 @@ def test_submit_asks_test_only_first_and_submits_nothing_slurm_cannot_run(cluste
     after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
                            timeout=60).stdout.split()
     assert after == before and job_lock.read(str(run_dir)) is None
+
+
+def test_cluster_after_renders_a_dependency_and_refuses_what_is_no_job_id(tmp_path, fake_model):
+    from helpers import sbatch_options
+    cfg = load(write_runfile(tmp_path, fake_model, tmp_path / "run", {"after": ["4242", "17_3"]}))
+    text = slurm.render(slurm.build(cfg, workdir="/w"))
+    assert "--dependency=afterok:4242:17_3" in sbatch_options(text)
+    with pytest.raises(ConfigError, match=r"cluster\.after\[1\](.|\n)*'job 7' is not a Slurm job id"):
+        load(write_runfile(tmp_path, fake_model, tmp_path / "run", {"after": ["1", "job 7"]}))
+    with pytest.raises(ConfigError, match=r"--dependency is set by the launcher from cluster.after"):
+        load(write_runfile(tmp_path, fake_model, tmp_path / "run",
+                           {"sbatch_extra": ["--dependency=afterok:1"]}))
+
+
+@pytest.mark.slurm
+def test_a_run_chained_after_another_job_waits_for_it(cluster, tmp_path, fake_model, capsys,
+                                                      monkeypatch):
+    monkeypatch.delenv("FAKE_HOLD_STEP")
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first = submit(write_runfile(tmp_path, fake_model, first_dir, one_node(
+        cluster, sbatch_extra=["--hold"]), name="first.yaml"), capsys)
+    second = submit(write_runfile(tmp_path, fake_model, second_dir, one_node(
+        cluster, after=[first]), name="second.yaml"), capsys)
+    try:
+        info = job_info(second, cluster["env"])
+        assert info["JobState"] == "PENDING" and info["Reason"] == "Dependency", info
+        assert info["Dependency"].startswith(f"afterok:{first}"), info
+        subprocess.run(["scontrol", "release", first], check=True, timeout=60)
+        info = wait_final(second, cluster["env"], 180, str(second_dir))
+        assert info["JobState"] == "COMPLETED", f"{info}\n{logs(str(second_dir))}"
+        assert job_info(first, cluster["env"])["JobState"] == "COMPLETED"
+        assert [r["step"] for r in steps(second_dir)] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in steps(first_dir)] == [1, 2, 3, 4, 5, 6]
+    finally:
+        subprocess.run(["scancel", first, second], timeout=60)
