@@ -313,6 +313,14 @@ def main(args: Any) -> int:
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))
+    done = run_state.finished(run_dir, cfg.train.max_steps) if args.submit else None
+    if done:   # a job would hold its nodes only to say so
+        from launcher.errors import ConfigError, Problem
+        raise ConfigError([Problem(
+            "train.max_steps", f"{run_dir} is finished: step {done.get('step')} of "
+            f"{cfg.train.max_steps} done; a job would train nothing",
+            f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
+            "or pass --overwrite to start again")], "run directory")
     job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
     text = render(job)
     rundir.write_atomic(job.job_script, text)

@@ -404,3 +404,20 @@ def test_a_run_chained_after_another_job_waits_for_it(cluster, tmp_path, fake_mo
         assert [r["step"] for r in steps(first_dir)] == [1, 2, 3, 4, 5, 6]
     finally:
         subprocess.run(["scancel", first, second], timeout=60)
+
+
+def test_submitting_a_finished_run_is_refused_before_sbatch(tmp_path, fake_model, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_dir = rendered(tmp_path, fake_model)   # max_steps 100
+    (run_dir / layout.EXIT_STATUS).write_text(json.dumps({"code": 0, "step": 100}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_exe(str(bin_dir / "sbatch"), f"#!/bin/sh\ntouch {tmp_path}/sbatch-ran\necho 1\n")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(ConfigError, match=r"train\.max_steps(.|\n)*is finished: step 100 of 100 "
+                       r"done; a job would train nothing(.|\n)*train\.max_steps=N, N > 100"):
+        slurm.main(ns(str(tmp_path / "run.yaml"), "submit", "force"))
+    assert not (tmp_path / "sbatch-ran").exists()
+    assert slurm.main(ns(str(tmp_path / "run.yaml"), "submit", "force",
+                         overrides=["train.max_steps=120"])) == 0
+    assert (tmp_path / "sbatch-ran").exists()
