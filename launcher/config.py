@@ -285,6 +285,13 @@ class ClusterConfig:
                                      "refusing them; validate, slurm and run warn.")
     launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
     python: str = opt("python", "Python on the compute nodes (after setup).")
+    container: Optional[str] = opt(None, "Container image the preflight and the ranks run in "
+                                   "(cluster.python is then the image's): a .sif or docker:// "
+                                   "URI for apptainer/singularity, an image for pyxis.")
+    container_runtime: Literal["apptainer", "singularity", "pyxis"] = opt(
+        "apptainer", "How cluster.container runs: `apptainer exec` / `singularity exec` before "
+        "python (--nv on GPUs, the run directory bound), or pyxis's srun --container-image "
+        "(the run directory mounted).")
     grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "
                        "requeues (`--signal=B:USR1@grace_s`).", ge=10, le=3600)
     requeue: bool = opt(True, "Requeue after preemption or the time limit, resuming.")

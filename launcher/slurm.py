@@ -64,6 +64,8 @@ class Job:
     requeue: bool = True
     max_restarts: int = 3
     preflight: bool = True                      # `ftlaunch preflight` on every node first
+    container_prefix: tuple[str, ...] = ()      # words before python (apptainer/singularity exec)
+    srun_container: tuple[str, ...] = ()        # srun options (pyxis's --container-image)
 
     @property
     def job_script(self) -> str:
@@ -119,13 +121,30 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
         m = _EXTRA.fullmatch(item)
         option, value = (m.group(1), m.group(2)) if m else (item, None)
         opts.append(SbatchOption(option, value, f"cluster.sbatch_extra[{i}]"))
+    prefix, srun_opts = container_words(cfg, workdir)
     return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
                nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
                env_from_shell=tuple(c.env_from_shell), private=cfg.output.private,
                launcher=c.launcher, python=c.python,
                command=("launcher", "train", os.path.join(run_dir, layout.RESOLVED)),
-               requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight)
+               requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight,
+               container_prefix=prefix, srun_container=srun_opts)
+
+
+def container_words(cfg: RunConfig, workdir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(words before python, srun options) that run the preflight and the ranks in
+    cluster.container: `apptainer exec [--nv] --bind RUN_DIR IMAGE` (singularity alike), or
+    pyxis's `--container-image=IMAGE --container-mounts=RUN_DIR --container-workdir=WORKDIR`."""
+    c = cfg.cluster
+    if not c.container:
+        return (), ()
+    run_dir = cfg.run_dir
+    if c.container_runtime == "pyxis":
+        return (), (f"--container-image={c.container}", f"--container-mounts={run_dir}",
+                    f"--container-workdir={workdir}")
+    gpu = ("--nv",) if cfg.train.device != "cpu" else ()
+    return (c.container_runtime, "exec", *gpu, "--bind", run_dir, c.container), ()
 
 
 # ------------------------------------------------------------------ render
@@ -236,6 +255,10 @@ def render(job: Job, template: str | None = None) -> str:
         "preflight_launch": join([job.python, "-m", "launcher", "preflight", resolved], "cluster.python"),
         "port_base": quote(dist_env.PORT_BASE), "port_span": quote(dist_env.PORT_SPAN),
         "node_devices_env": NODE_DEVICES_ENV,
+        "container": join(job.container_prefix, "cluster.container") if job.container_prefix
+                     else "",
+        "srun_container": join(job.srun_container, "cluster.container") if job.srun_container
+                          else "",
     }
     return fill(template, values, name)
 

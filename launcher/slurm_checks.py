@@ -68,7 +68,8 @@ def _breaks(v: str) -> bool:
 
 def problems(cfg: RunConfig) -> Iterator[Problem]:
     c = cfg.cluster
-    for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python"):
+    for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python",
+                 "container"):
         v = getattr(c, name)
         if isinstance(v, str) and _breaks(v):
             yield Problem(f"cluster.{name}", "contains a line break, which cannot be made safe in "

@@ -133,7 +133,8 @@ def test_no_variables_in_sbatch_lines_and_node_rank_only_inside_the_task(fake_mo
     outside = text.replace(task.group(0), "")
     assert [line for line in outside.splitlines()
             if "SLURM_NODEID" in line and not line.lstrip().startswith("#")] == []
-    assert '  bash -c "$NODE_TASK" "$STOP_MARK" "${NODE_LAUNCH[@]}" &' in text.splitlines()
+    assert '  bash -c "$NODE_TASK" "$STOP_MARK" "${#CONTAINER[@]}" "${CONTAINER[@]}" '\
+        '"${NODE_LAUNCH[@]}" &' in text.splitlines()
 
 
 # ------------------------------------------------------------------ hostile values
@@ -277,7 +278,7 @@ def test_script_runs_every_node_with_its_own_rank_exact_env_and_paths(tmp_path, 
         assert env_seen["MASTER_ADDR"] == "127.0.0.1" and env_seen["MASTER_PORT"] == "19242"
     srun_args = read_nul(os.path.join(fake, "srun.args"))
     logs = os.path.join(job.run_dir, "logs").replace("%", "%%")
-    assert srun_args[:6] == ["--export=ALL", "--kill-on-bad-exit=1", "--nodes=2",
+    assert srun_args[:6] == ["--export=ALL", "--kill-on-bad-exit=1", "--nodes=2",  # no container
                              "--ntasks-per-node=1", f"--output={logs}/job-%j-node%n.log",
                              "--open-mode=append"]
     assert "ranks finished" in out.stdout

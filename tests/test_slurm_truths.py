@@ -421,3 +421,63 @@ def test_submitting_a_finished_run_is_refused_before_sbatch(tmp_path, fake_model
     assert slurm.main(ns(str(tmp_path / "run.yaml"), "submit", "force",
                          overrides=["train.max_steps=120"])) == 0
     assert (tmp_path / "sbatch-ran").exists()
+
+
+# ------------------------------------------------------------------ containers
+FAKE_APPTAINER = r"""#!/bin/bash
+# A stand-in runtime: records its arguments, then runs the command after the image, like
+# `apptainer exec [--nv] [--bind DIR] IMAGE CMD...` does inside the image.
+printf '%s\0' "$@" > "$FAKE_DIR/container.$SLURM_NODEID.$$"
+[ "$1" = exec ] || { echo "fake apptainer: not exec: $1" >&2; exit 99; }
+shift
+while [ "${1#--}" != "$1" ]; do
+  case $1 in --bind) shift 2 ;; *) shift ;; esac
+done
+shift   # the image
+exec "$@"
+"""
+
+
+def test_a_container_is_rendered_quoted_for_each_runtime(tmp_path, fake_model):
+    from helpers import sbatch_options  # noqa: F401  (the same helpers as the render tests)
+    image = "/images/it's a (test).sif"
+    for runtime in ("apptainer", "singularity"):
+        cfg = load(write_runfile(tmp_path, fake_model, tmp_path / "run",
+                                 {"container": image, "container_runtime": runtime}))
+        text = slurm.render(slurm.build(cfg, workdir="/w"))
+        words = f"{runtime} exec --nv --bind {tmp_path}/run '/images/it'\"'\"'s a (test).sif'"
+        assert f"CONTAINER=({words})" in text, text
+        assert "SRUN_CONTAINER=()" in text
+    cfg = load(write_runfile(tmp_path, fake_model, tmp_path / "run",
+                             {"container": "nvcr.io#nvidia/pytorch:24.01-py3",
+                              "container_runtime": "pyxis"}))
+    text = slurm.render(slurm.build(cfg, workdir="/w"))
+    assert "CONTAINER=()" in text
+    assert (f"SRUN_CONTAINER=('--container-image=nvcr.io#nvidia/pytorch:24.01-py3' "
+            f"--container-mounts={tmp_path}/run --container-workdir=/w)") in text, text
+
+
+@pytest.mark.slurm
+def test_the_preflight_and_ranks_run_in_the_container(cluster, tmp_path, fake_model, capsys,
+                                                      monkeypatch):
+    """cluster.container with a stand-in `apptainer` on PATH: the preflight and the node's
+    launcher both run through `apptainer exec --bind RUN_DIR IMAGE`, and train."""
+    monkeypatch.delenv("FAKE_HOLD_STEP")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_exe(str(bin_dir / "apptainer"), FAKE_APPTAINER)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    image = str(tmp_path / "image dir" / "x.sif")
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(
+        cluster, preflight=True, container=image))
+    job = submit(run_file, capsys)
+    info = wait_final(job, cluster["env"], 180, rd)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(rd)}"
+    assert [r["step"] for r in steps(run_dir)] == [1, 2, 3, 4, 5, 6]
+    from helpers import read_nul
+    calls = [read_nul(str(p)) for p in cluster["fake"].glob("container.0.*")]
+    want = ["exec", "--nv", "--bind", rd, image, cluster["python"], "-m"]
+    assert sorted(c[:8] for c in calls) == sorted([want + ["launcher"],
+                                                   want + ["torch.distributed.run"]]), calls
