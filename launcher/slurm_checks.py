@@ -97,8 +97,9 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("cluster.python", f"{c.python!r} is a command, not one program: the job "
                       "runs it as a single executable path (a prefix such as `env python` or "
                       "`apptainer exec x.sif python` fails at execve)",
-                      "give the path of a Python executable, or of a wrapper script that runs "
-                      'the command: #!/bin/bash + exec apptainer exec x.sif python "$@"')
+                      "give the path of a Python executable; for a container set "
+                      "cluster.container (and container_runtime); otherwise a wrapper script "
+                      'that runs the command: #!/bin/bash + exec env python "$@"')
     for i, job in enumerate(c.after):
         if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
             yield Problem(f"cluster.after[{i}]", f"{job!r} is not a Slurm job id",
