@@ -439,7 +439,6 @@ exec "$@"
 
 
 def test_a_container_is_rendered_quoted_for_each_runtime(tmp_path, fake_model):
-    from helpers import sbatch_options  # noqa: F401  (the same helpers as the render tests)
     image = "/images/it's a (test).sif"
     for runtime in ("apptainer", "singularity"):
         cfg = load(write_runfile(tmp_path, fake_model, tmp_path / "run",
