@@ -53,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _commands(sub) -> None:
+    _commands_before(sub)
+    _commands_on_and_after(sub)
 
+
+def _commands_before(sub) -> None:
+    """What a user runs before the queue: checks, DeepSpeed JSON, plan, data, the job, a local run."""
     p = _command(sub, "validate", "check a run file: every problem at once, or OK",
                  example="RUN.yaml train.lr=1e-4 deepspeed.zero_stage=3")
 
@@ -95,6 +100,9 @@ def _commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="run even if the memory plan does not fit")
     _add_existing(p)
 
+
+def _commands_on_and_after(sub) -> None:
+    """What the job runs on the nodes, and what a user runs during and after a run."""
     p = _command(sub, "train", "the per-rank entry point (started by torchrun/deepspeed/srun)",
                  example="RUN.yaml train.log_every=10")
 
@@ -115,10 +123,17 @@ def _commands(sub) -> None:
     p = _command(sub, "status", "where a run stands: step of max, losses, tokens/s, time left, "
                  "last checkpoint, last failure, Slurm job state", run_file=False,
                  example="runs/demo --json")
-    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
+    p.add_argument("run_dir", nargs="+", metavar="RUN_DIR", help="the run directory (or several)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="overrides of the run's resolved.yaml (e.g. train.max_steps=...)")
+
+    p = _command(sub, "runs", "the runs under a folder: state, step, Slurm job", run_file=False,
+                 example="runs/ --json")
+    p.add_argument("dir", nargs="?", metavar="DIR", help="where to look (default: runs/, else .)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(sub, "stop", "ask a run's ranks to checkpoint and stop (a Slurm job then ends "
+                 "COMPLETED; submit it again to continue)", run_file=False, example="runs/demo")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory")
 
     p = _command(sub, "preflight", "check the nodes before training (the job script runs it, one "
                  "task per node)", run_file=False, example="RUN_DIR/resolved.yaml")
@@ -273,7 +288,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     return status_main(args)
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launcher.status import runs_main
+    return runs_main(args)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from launcher.stop import main as stop_main
+    return stop_main(args)
+
+
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,
             "data": cmd_data, "slurm": cmd_slurm, "run": cmd_run, "train": cmd_train,
             "preflight": cmd_preflight, "convert": cmd_convert, "export": cmd_export,
-            "status": cmd_status}
+            "status": cmd_status, "runs": cmd_runs, "stop": cmd_stop}

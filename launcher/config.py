@@ -279,6 +279,9 @@ class ClusterConfig:
     reservation: Optional[str] = opt(None, "Reservation (`--reservation`).")
     exclusive: bool = opt(False, "Whole nodes (`--exclusive`).")
     sbatch_extra: list[str] = opt([], "More `#SBATCH` options, each `--name=value` or `--flag`.")
+    after: list[str] = opt([], "Slurm job ids this job waits for: it starts once they all "
+                           "completed successfully (`--dependency=afterok:ID:...`), e.g. "
+                           "after=[4242] to chain runs.")
     setup: list[str] = opt([], "Shell lines run in the job's batch shell before launch (module "
                            "load, source .venv/bin/activate); srun carries the environment they "
                            "set to every node. Your own shell, run as written.")
@@ -294,6 +297,13 @@ class ClusterConfig:
                                      "refusing them; validate, slurm and run warn.")
     launcher: Literal["torchrun", "deepspeed"] = opt("torchrun", "Per-node process launcher.")
     python: str = opt("python", "Python on the compute nodes (after setup).")
+    container: Optional[str] = opt(None, "Container image the preflight and the ranks run in "
+                                   "(cluster.python is then the image's): a .sif or docker:// "
+                                   "URI for apptainer/singularity, an image for pyxis.")
+    container_runtime: Literal["apptainer", "singularity", "pyxis"] = opt(
+        "apptainer", "How cluster.container runs: `apptainer exec` / `singularity exec` before "
+        "python (--nv on GPUs, the run directory bound), or pyxis's srun --container-image "
+        "(the run directory mounted).")
     grace_s: int = opt(120, "Seconds before the time limit at which the job checkpoints and "
                        "requeues (`--signal=B:USR1@grace_s`).", ge=10, le=3600)
     requeue: bool = opt(True, "Requeue after preemption or the time limit, resuming.")

@@ -194,9 +194,15 @@ def prepare(cfg: RunConfig, ds_config: dict, *, plan_text: str | None = None,
         move_aside(run_dir)
     new = to_dict(cfg)
     resolved = os.path.join(run_dir, layout.RESOLVED)
-    _make_run_dir(run_dir, cfg.output.private)
-    write_atomic(resolved, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
-    write_atomic(os.path.join(run_dir, layout.DS_CONFIG), json.dumps(ds_config, indent=2) + "\n")
-    if plan_text is not None:
-        write_atomic(os.path.join(run_dir, layout.PLAN), plan_text)
+    try:
+        _make_run_dir(run_dir, cfg.output.private)
+        write_atomic(resolved, yaml.safe_dump(new, sort_keys=False, allow_unicode=True))
+        write_atomic(os.path.join(run_dir, layout.DS_CONFIG), json.dumps(ds_config, indent=2) + "\n")
+        if plan_text is not None:
+            write_atomic(os.path.join(run_dir, layout.PLAN), plan_text)
+    except OSError as exc:   # a folder not ours to write, a full disk, a file in the way
+        where = exc.filename or run_dir
+        raise _refuse(f"cannot write the run directory {run_dir}: {exc.strerror or exc} ({where})",
+                      "set output.dir to a folder you can write, or make this one writable "
+                      "for you") from None
     return run_dir

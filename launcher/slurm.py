@@ -64,6 +64,8 @@ class Job:
     requeue: bool = True
     max_restarts: int = 3
     preflight: bool = True                      # `ftlaunch preflight` on every node first
+    container_prefix: tuple[str, ...] = ()      # words before python (apptainer/singularity exec)
+    srun_container: tuple[str, ...] = ()        # srun options (pyxis's --container-image)
 
     @property
     def job_script(self) -> str:
@@ -110,19 +112,39 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
              SbatchOption("--open-mode", "append", "output.dir"),
              SbatchOption("--signal", f"B:USR1@{c.grace_s}", "cluster.grace_s"),
              SbatchOption("--requeue" if c.requeue else "--no-requeue", None, "cluster.requeue")]
+    if c.after:
+        opts.append(SbatchOption("--dependency", "afterok:" + ":".join(str(j) for j in c.after),
+                                 "cluster.after"))
     if c.env_from_shell:   # sbatch's default is ALL: kept, and the names said (and checked) here
         opts.append(SbatchOption("--export", export_list(c.env_from_shell), "cluster.env_from_shell"))
     for i, item in enumerate(c.sbatch_extra):
         m = _EXTRA.fullmatch(item)
         option, value = (m.group(1), m.group(2)) if m else (item, None)
         opts.append(SbatchOption(option, value, f"cluster.sbatch_extra[{i}]"))
+    prefix, srun_opts = container_words(cfg, workdir)
     return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
                nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
                env_from_shell=tuple(c.env_from_shell), private=cfg.output.private,
                launcher=c.launcher, python=c.python,
                command=("launcher", "train", os.path.join(run_dir, layout.RESOLVED)),
-               requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight)
+               requeue=c.requeue, max_restarts=c.max_restarts, preflight=c.preflight,
+               container_prefix=prefix, srun_container=srun_opts)
+
+
+def container_words(cfg: RunConfig, workdir: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(words before python, srun options) that run the preflight and the ranks in
+    cluster.container: `apptainer exec [--nv] --bind RUN_DIR IMAGE` (singularity alike), or
+    pyxis's `--container-image=IMAGE --container-mounts=RUN_DIR --container-workdir=WORKDIR`."""
+    c = cfg.cluster
+    if not c.container:
+        return (), ()
+    run_dir = cfg.run_dir
+    if c.container_runtime == "pyxis":
+        return (), (f"--container-image={c.container}", f"--container-mounts={run_dir}",
+                    f"--container-workdir={workdir}")
+    gpu = ("--nv",) if cfg.train.device != "cpu" else ()
+    return (c.container_runtime, "exec", *gpu, "--bind", run_dir, c.container), ()
 
 
 # ------------------------------------------------------------------ render
@@ -228,9 +250,15 @@ def render(job: Job, template: str | None = None) -> str:
         "node_launch": node_launch,
         "preflight": "1" if job.preflight else "0",
         "exit_preflight": quote(layout.EXIT_PREFLIGHT),
+        "exit_locked": quote(layout.EXIT_LOCKED),
+        "job_lock": quote(os.path.join(job.run_dir, layout.JOB_LOCK), "output.dir"),
         "preflight_launch": join([job.python, "-m", "launcher", "preflight", resolved], "cluster.python"),
         "port_base": quote(dist_env.PORT_BASE), "port_span": quote(dist_env.PORT_SPAN),
         "node_devices_env": NODE_DEVICES_ENV,
+        "container": join(job.container_prefix, "cluster.container") if job.container_prefix
+                     else "",
+        "srun_container": join(job.srun_container, "cluster.container") if job.srun_container
+                          else "",
     }
     return fill(template, values, name)
 
@@ -259,11 +287,33 @@ def submit(script_path: str, test_only: bool = False, export: str | None = None)
 
 
 # ------------------------------------------------------------------ ftlaunch slurm
+def partition_node_memory(partition: str | None) -> Optional[tuple[int, str]]:
+    """(bytes, where from): the memory of the smallest node of the partition (the default one
+    when None), from `sinfo -o %m` (MiB per node); None without sinfo or an answer."""
+    cmd = ["sinfo", "-h", "-o", "%m"] + (["-p", partition] if partition else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sizes = [int(m.group(1)) for line in proc.stdout.split()
+             if (m := re.fullmatch(r"(\d+)\+?", line.strip()))] if proc.returncode == 0 else []
+    if not sizes:
+        return None
+    where = f"partition {partition}" if partition else "the default partition"
+    return min(sizes) * 2**20, f"sinfo: the smallest node of {where}"
+
+
 def _memory_plan(cfg: RunConfig, force: bool) -> str:
-    """The plan text; ConfigError when the plan does not fit and force is off."""
+    """The plan text; ConfigError when the plan does not fit and force is off. Without
+    cluster.mem, a node's memory is the partition's smallest node's (sinfo), never this host's."""
     from launcher import memory
     from launcher.errors import ConfigError, Problem
-    plan = memory.plan(cfg)
+    from launcher.sizes import parse_slurm_mem
+    node = None if cfg.cluster.mem and parse_slurm_mem(cfg.cluster.mem) is not None else \
+        partition_node_memory(cfg.cluster.partition)
+    plan = memory.plan(cfg, node_memory=node[0] if node else None, local=False)
+    if node:
+        plan.node_memory_source = node[1]
     text = memory.render(plan)
     if not plan.fits and not force:
         raise ConfigError([Problem("cluster", "the memory plan says the job does not fit:\n"
@@ -273,7 +323,7 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
 
 
 def main(args: Any) -> int:
-    from launcher import ds_config, rundir, secret_env
+    from launcher import ds_config, job_lock, rundir, secret_env
     from launcher.rundir import on_existing
     from launcher.runfile import load
     cfg = load(args.run_file, args.overrides, inputs=True)
@@ -281,9 +331,19 @@ def main(args: Any) -> int:
     if args.submit:
         secret_env.require(cfg)   # before anything is written
     rundir.keep_private(cfg)
+    job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
+                            if args.overwrite else "writing its resolved.yaml and job.sbatch again")
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))
+    done = run_state.finished(run_dir, cfg.train.max_steps) if args.submit else None
+    if done:   # a job would hold its nodes only to say so
+        from launcher.errors import ConfigError, Problem
+        raise ConfigError([Problem(
+            "train.max_steps", f"{run_dir} is finished: step {done.get('step')} of "
+            f"{cfg.train.max_steps} done; a job would train nothing",
+            f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
+            "or pass --overwrite to start again")], "run directory")
     job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
     text = render(job)
     rundir.write_atomic(job.job_script, text)
@@ -297,10 +357,20 @@ def main(args: Any) -> int:
         for problem in secret_env.missing(cfg):
             log.warning(f"{problem.key}: {problem.message}")
     try:
-        if args.test_only:
-            print(submit(job.job_script, test_only=True, export=passed))
+        if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
+            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s
+            answer = submit(job.job_script, test_only=True, export=passed)
+            if args.test_only:
+                print(answer)
         if args.submit:
             job_id = submit(job.job_script, export=passed)
+            owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
+            if owner is not None:   # another submit or sbatch came in between: this one goes
+                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+                raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
+                                  f"was submitted: job {job_id} is cancelled (one job per run "
+                                  f"directory); to run this one instead: scancel {owner[0]}, then "
+                                  f"sbatch {quote(job.job_script)}")
             print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
             print(job_id)
     except SubmitError as exc:

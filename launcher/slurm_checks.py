@@ -6,11 +6,12 @@ render time for jobs built in code.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from typing import Iterator
 
-from launcher.config import ENV_NAME, SBATCH_EXTRA, RunConfig
+from launcher.config import ENV_NAME, SBATCH_EXTRA, ClusterConfig, RunConfig
 from launcher.errors import Problem
 
 # Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
@@ -27,11 +28,17 @@ MANAGED = {
     "--chdir": "the job runs where `ftlaunch slurm` ran",
     "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
     "--array": "array jobs would share one run directory",
-    "--export": "cluster.env_from_shell",
+    "--dependency": "cluster.after",
+    "--export": "cluster.env_from_shell (sbatch_extra may say --export=NONE)",
 }
 # Set by the job script or the per-node launcher for the ranks; a user value would be overwritten.
 RESERVED_ENV = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                 "NODE_RANK", "GROUP_RANK"}
+# Slurm sends --signal's signal up to this much earlier than asked (its timer's resolution).
+SIGNAL_EARLY_S = 60
+# Training time each start must have before the earliest grace signal (start-up, a step, a
+# checkpoint): less, and a restart is signalled before it makes progress, again and again.
+MIN_WORK_S = 300
 _TIME = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?")
 
 
@@ -50,6 +57,11 @@ def time_limit_s(text: str) -> int | None:
     return nums[0] * 60 + (nums[1] if len(nums) == 2 else 0)   # M or M:S
 
 
+def _clock(seconds: int) -> str:
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}"
+
+
 def _breaks(v: str) -> bool:
     return "\n" in v or "\r" in v or "\0" in v
 
@@ -57,7 +69,8 @@ def _breaks(v: str) -> bool:
 def problems(cfg: RunConfig) -> Iterator[Problem]:
     c = cfg.cluster
     yield from mem_problems(cfg)
-    for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python"):
+    for name in ("partition", "account", "qos", "constraint", "reservation", "mem", "time", "python",
+                 "container"):
         v = getattr(c, name)
         if isinstance(v, str) and _breaks(v):
             yield Problem(f"cluster.{name}", "contains a line break, which cannot be made safe in "
@@ -69,11 +82,43 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("output.dir", f"{run_dir!r} contains a line break or a backslash, which Slurm "
                       "log file names cannot hold (a backslash switches off %j)",
                       "choose a run directory without them")
+    yield from _time_problems(c)
+    yield from _python_problems(c)
+    for i, job in enumerate(c.after):
+        if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
+            yield Problem(f"cluster.after[{i}]", f"{job!r} is not a Slurm job id",
+                          "give the number sbatch printed (e.g. 4242), as a string or a number")
+    yield from _sbatch_extra_problems(c)
+    yield from _env_problems(c)
+
+
+def _time_problems(c: ClusterConfig) -> Iterator[Problem]:
+    """cluster.time against grace_s and Slurm's early signal."""
     limit = time_limit_s(c.time)
     if limit and c.grace_s >= limit:   # 0: no time limit
         yield Problem("cluster.grace_s", f"grace_s {c.grace_s} s is not shorter than the time limit "
                       f"{c.time} ({limit} s): the job would be told to stop as it starts",
                       "lower grace_s or raise cluster.time")
+    elif limit and limit - c.grace_s - SIGNAL_EARLY_S < MIN_WORK_S:
+        yield Problem("cluster.time", f"{c.time} ({limit} s) leaves {limit - c.grace_s - SIGNAL_EARLY_S}"
+                      f" s before the stop signal: grace_s {c.grace_s} s, and Slurm sends it up to "
+                      f"{SIGNAL_EARLY_S} s early; each start would be stopped before it trains",
+                      f"raise cluster.time to at least {_clock(c.grace_s + SIGNAL_EARLY_S + MIN_WORK_S)} "
+                      "or lower cluster.grace_s")
+
+
+def _python_problems(c: ClusterConfig) -> Iterator[Problem]:
+    if isinstance(c.python, str) and c.python.strip() != c.python or (
+            len(c.python.split()) > 1 and not os.path.isfile(c.python)):
+        yield Problem("cluster.python", f"{c.python!r} is a command, not one program: the job "
+                      "runs it as a single executable path (a prefix such as `env python` or "
+                      "`apptainer exec x.sif python` fails at execve)",
+                      "give the path of a Python executable; for a container set "
+                      "cluster.container (and container_runtime); otherwise a wrapper script "
+                      'that runs the command: #!/bin/bash + exec env python "$@"')
+
+
+def _sbatch_extra_problems(c: ClusterConfig) -> Iterator[Problem]:
     for i, item in enumerate(c.sbatch_extra):
         key = f"cluster.sbatch_extra[{i}]"
         m = SBATCH_EXTRA.fullmatch(item)
@@ -83,6 +128,10 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
         elif not m:
             yield Problem(key, f"{item!r} is not an sbatch long option", "write --name=value or --flag "
                           "(short options like -N are not accepted)")
+        elif m.group(1) == "--export" and m.group(2) == "NONE":
+            if c.env_from_shell:   # NONE would keep those variables from the job
+                yield Problem(key, "--export=NONE keeps the variables of cluster.env_from_shell "
+                              "from the job", "remove one of the two (cluster.env sets values)")
         elif m.group(1) in MANAGED:
             source = MANAGED[m.group(1)]
             if source.startswith(("cluster.", "name")):
@@ -91,6 +140,10 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
             else:
                 yield Problem(key, f"{m.group(1)} is set or ruled out by the launcher ({source})",
                               "remove it from sbatch_extra")
+
+
+def _env_problems(c: ClusterConfig) -> Iterator[Problem]:
+    """cluster.env names and values, cluster.setup lines: what the job script can carry."""
     for name, value in c.env.items():
         key = f"cluster.env.{name}"
         if not ENV_NAME.fullmatch(name):

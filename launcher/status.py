@@ -27,9 +27,13 @@ import subprocess
 import time
 from typing import Any, Optional
 
-from launcher import checkpoint, layout, run_state
+from launcher import checkpoint, job_lock, layout, run_state
 
 RECENT_STEPS = 20  # step times averaged for the time left
+STALE_MIN_S = 60   # a running run with no step for this long (and 10 step times) is said to be stale
+# Slurm states of a job that ended without success.
+JOB_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+              "DEADLINE", "PREEMPTED")
 
 
 def _metrics(run_dir: str) -> tuple[list[dict], Optional[dict]]:
@@ -73,7 +77,8 @@ def _run(cmd: list[str]) -> Optional[str]:
 
 def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     """The Slurm job of this run directory: queued or running (squeue: the job whose command is
-    RUN_DIR/job.sbatch), else the newest job with a log in RUN_DIR/logs (sacct, scontrol).
+    RUN_DIR/job.sbatch), else the newest of the job in RUN_DIR/job.lock and the jobs with a log in
+    RUN_DIR/logs (sacct, scontrol).
     None without a job script, Slurm's tools or a job."""
     script = os.path.realpath(os.path.join(run_dir, layout.JOB_SCRIPT))
     if not os.path.exists(script):
@@ -84,7 +89,8 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
         if command and os.path.realpath(command) == script:
             return {"job_id": job, "state": state, "reason": reason, "source": "squeue"}
     ids = sorted({int(m.group(1)) for f in glob.glob(os.path.join(run_dir, layout.LOGS, "job-*.out"))
-                  if (m := re.search(r"job-(\d+)\.out$", f))})
+                  if (m := re.search(r"job-(\d+)\.out$", f))}
+                 | {int(j) for j in [job_lock.read(run_dir)] if j})   # no log: failed to launch
     if not ids:
         return None
     job = str(ids[-1])
@@ -97,10 +103,29 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     m = re.search(r"JobState=(\S+)", out or "")
     if m:
         reason = re.search(r"Reason=(\S+)", out or "")
+        code = re.search(r" ExitCode=(\S+)", out or "")
         return {"job_id": job, "state": m.group(1), "reason": reason.group(1) if reason else "",
-                "source": "scontrol"}
+                "exit_code": code.group(1) if code else "", "source": "scontrol"}
     return {"job_id": job, "state": "UNKNOWN", "reason": "no longer known to Slurm",
             "source": "logs"}
+
+
+def _job_failure(run_dir: str, job: Optional[dict]) -> Optional[str]:
+    """Why an ended, failed Slurm job failed, in its own words: the last `ftlaunch:` line of
+    logs/job-ID.err (else its last line), with Slurm's state and exit code."""
+    if not job or job["state"] not in JOB_FAILED:
+        return None
+    why = ""
+    try:
+        with open(os.path.join(run_dir, layout.LOGS, f"job-{job['job_id']}.err"),
+                  encoding="utf-8", errors="replace") as fh:
+            lines = [line.strip() for line in fh if line.strip()]
+        ours = [line for line in lines if line.startswith("ftlaunch:")]
+        why = (ours or lines or [""])[-1]
+    except OSError:
+        why = "no log (the job did not start, or could not write logs/)"
+    code = f", exit {job['exit_code']}" if job.get("exit_code") else ""
+    return f"job {job['job_id']} {job['state']}{code}" + (f": {why}" if why else "")
 
 
 def _state(exit_rec: Optional[dict], job: Optional[dict], metrics_mtime: float,
@@ -151,8 +176,16 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
     max_steps = cfg.train.max_steps or _epoch_steps(cfg, run_dir)
     step = int(recent[0]["step"]) if recent else (checkpoint.step_of(ckpt) if ckpt else 0)
     per_step = _step_time(recent)
-    state = _state(exit_rec, job, _mtime(os.path.join(run_dir, layout.METRICS)),
-                   _mtime(run_state.status_path(run_dir)))
+    metrics_mtime = _mtime(os.path.join(run_dir, layout.METRICS))
+    state = _state(exit_rec, job, metrics_mtime, _mtime(run_state.status_path(run_dir)))
+    job_failure = _job_failure(run_dir, job)
+    if job_failure and state in ("not started", "running"):   # the job ended before the ranks did
+        state = "failed"
+    else:
+        job_failure = None
+    since_step = time.time() - metrics_mtime if metrics_mtime else None
+    stale = (state == "running" and since_step is not None
+             and since_step > max(STALE_MIN_S, 10 * (per_step or 0)))
     return {
         "run": cfg.name, "run_dir": run_dir, "state": state, "step": step, "max_steps": max_steps,
         "loss": recent[0]["loss"] if recent else None,
@@ -161,13 +194,26 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
         "eval_step": last_eval["step"] if last_eval else None,
         "tokens_per_s": recent[0].get("tokens_per_s") if recent else None,
         "step_time_s": per_step,
-        "time_left_s": (None if per_step is None or state == "finished"
+        "time_left_s": (None if per_step is None or state not in ("running", "queued")
                         else round(per_step * max(0, max_steps - step), 1)),
+        "no_step_for_s": round(since_step) if stale else None,
         "checkpoint": ckpt, "checkpoint_step": checkpoint.step_of(ckpt) if ckpt else None,
         "exit": exit_rec,
         "last_failure": exit_rec if exit_rec and run_state.is_failure(exit_rec.get("code")) else None,
         "slurm": job,
+        "job_failure": job_failure,
+        "resume": resume_advice(run_dir) if state == "stopped" else None,
     }
+
+
+def resume_advice(run_dir: str) -> str:
+    """How to continue the run where it lives: a Slurm run is submitted again (its job script
+    resumes from the newest complete checkpoint); a local one runs again with --resume."""
+    from launcher.shell import quote
+    script = os.path.join(run_dir, layout.JOB_SCRIPT)
+    if os.path.exists(script):
+        return f"sbatch {quote(script)}"
+    return run_state.resume_command(run_dir)
 
 
 def _duration(seconds: float) -> str:
@@ -202,24 +248,79 @@ def render(st: dict) -> str:
         if st["time_left_s"] is not None:
             speed += f"; about {_duration(st['time_left_s'])} left"
         rows.append(("speed", speed))
+    if st.get("no_step_for_s"):
+        rows.append(("progress", f"no step for {_duration(st['no_step_for_s'])}: a node may be down "
+                     "or the ranks stuck; see the logs in " + os.path.join(st["run_dir"], layout.LOGS)))
     rows.append(("checkpoint", f"{st['checkpoint']} (step {st['checkpoint_step']}), the newest "
                  "complete one" if st["checkpoint"] else "none complete"))
     if st["last_failure"]:
         rows.append(("failure", f"rank {st['last_failure'].get('rank')} on "
                      f"{st['last_failure'].get('host')}: {st['last_failure'].get('message')}"))
+    if st.get("job_failure"):
+        rows.append(("failure", st["job_failure"]))
     if st["slurm"]:
         j = st["slurm"]
         rows.append(("slurm", f"job {j['job_id']} {j['state']}"
                      + (f" ({j['reason']})" if j.get("reason") and j["reason"] != "None" else "")))
-    if st["state"] == "stopped":
-        rows.append(("resume", run_state.resume_command(st["run_dir"])))
+    if st.get("resume"):
+        rows.append(("resume", st["resume"]))
     return "".join(f"{k:<11}{v}\n" for k, v in rows)
 
 
 def main(args: Any) -> int:
-    st = collect(args.run_dir, args.overrides)
+    """One run directory or several (a key=value word that is not a folder is an override)."""
+    words = args.run_dir if isinstance(args.run_dir, list) else [args.run_dir]
+    dirs = [w for w in words if "=" not in w or os.path.isdir(w)]
+    overrides = [w for w in words if w not in dirs] + list(args.overrides)
+    runs = [collect(d, overrides) for d in dirs]
     if args.json:
-        print(json.dumps(st, indent=2))
+        print(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2))
     else:
-        print(render(st), end="")
+        print("\n".join(render(st) for st in runs), end="")
+    return 0
+
+
+# ------------------------------------------------------------------ ftlaunch runs [DIR]
+def find_runs(top: str, depth: int = 2) -> list[str]:
+    """Run directories (folders holding resolved.yaml) at or below top, at most depth levels
+    down, sorted; folders moved aside by --overwrite (NAME.old-TIME) included."""
+    found = []
+    top = os.path.abspath(top)
+    for folder, subdirs, files in os.walk(top):
+        level = folder[len(top):].count(os.sep)
+        if layout.RESOLVED in files:
+            found.append(folder)
+            subdirs[:] = []   # a run directory's own folders hold no runs
+        elif level >= depth:
+            subdirs[:] = []
+        else:
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return sorted(found)
+
+
+def runs_main(args: Any) -> int:
+    """`ftlaunch runs [DIR]`: one line per run directory under DIR (default runs/ if there,
+    else .): state, step of max, Slurm job, path."""
+    top = args.dir or ("runs" if os.path.isdir("runs") else ".")
+    rows = []
+    for run_dir in find_runs(top):
+        try:
+            st = collect(run_dir)
+        except Exception as exc:   # noqa: BLE001 - one unreadable run does not hide the others
+            rows.append({"run_dir": run_dir, "error": str(exc).splitlines()[0]})
+            continue
+        rows.append(st)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no run directories (with {layout.RESOLVED}) under {os.path.abspath(top)}")
+        return 0
+    for st in rows:
+        if "error" in st:
+            print(f"{'?':<12} {'':<14} {'':<22} {st['run_dir']}  ({st['error']})")
+            continue
+        job = st["slurm"]
+        print(f"{st['state']:<12} {st['step']:>6}/{st['max_steps']:<7} "
+              f"{(job['job_id'] + ' ' + job['state']) if job else '-':<22} {st['run_dir']}")
     return 0

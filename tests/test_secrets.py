@@ -252,7 +252,7 @@ def test_submit_passes_export_on_sbatchs_command_line(tmp_path, fake_model, monk
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("SBATCH_EXPORT", "NONE")
     from launcher import memory
-    monkeypatch.setattr(memory, "plan", lambda cfg: types.SimpleNamespace(fits=True))
+    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=True))
     monkeypatch.setattr(memory, "render", lambda plan, *a, **k: "PLAN\n")
     monkeypatch.chdir(tmp_path)
     run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})

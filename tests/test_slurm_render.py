@@ -133,7 +133,8 @@ def test_no_variables_in_sbatch_lines_and_node_rank_only_inside_the_task(fake_mo
     outside = text.replace(task.group(0), "")
     assert [line for line in outside.splitlines()
             if "SLURM_NODEID" in line and not line.lstrip().startswith("#")] == []
-    assert '  bash -c "$NODE_TASK" "$STOP_MARK" "${NODE_LAUNCH[@]}" &' in text.splitlines()
+    assert '  bash -c "$NODE_TASK" "$STOP_MARK" "${#CONTAINER[@]}" "${CONTAINER[@]}" '\
+        '"${NODE_LAUNCH[@]}" &' in text.splitlines()
 
 
 # ------------------------------------------------------------------ hostile values
@@ -277,8 +278,9 @@ def test_script_runs_every_node_with_its_own_rank_exact_env_and_paths(tmp_path, 
         assert env_seen["MASTER_ADDR"] == "127.0.0.1" and env_seen["MASTER_PORT"] == "19242"
     srun_args = read_nul(os.path.join(fake, "srun.args"))
     logs = os.path.join(job.run_dir, "logs").replace("%", "%%")
-    assert srun_args[:5] == ["--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=1",
-                             f"--output={logs}/job-%j-node%n.log", "--open-mode=append"]
+    assert srun_args[:6] == ["--export=ALL", "--kill-on-bad-exit=1", "--nodes=2",  # no container
+                             "--ntasks-per-node=1", f"--output={logs}/job-%j-node%n.log",
+                             "--open-mode=append"]
     assert "ranks finished" in out.stdout
 
 
@@ -310,13 +312,18 @@ def start_and_signal(script, env, fake, sig, cwd):
     return proc.returncode, out
 
 
-@pytest.mark.parametrize("restart,requeue,expect_requeue", [
-    ("0", True, True), ("2", True, True), ("3", True, False), ("0", False, False)])
+@pytest.mark.parametrize("restart,requeue,progress,expect_requeue", [
+    ("0", True, False, True), ("2", True, True, True), ("3", True, True, False),
+    ("0", False, True, False), ("2", True, False, False)])
 def test_usr1_stops_the_ranks_then_requeues_within_max_restarts(
-        tmp_path, fake_model, restart, requeue, expect_requeue):
+        tmp_path, fake_model, restart, requeue, progress, expect_requeue):
+    """A restart (restart > 0) that ends with the checkpoint it began with made no progress:
+    not requeued again."""
     job, script, fake, env = rendered_run(tmp_path, fake_model,
                                           {"requeue": requeue, "max_restarts": 3})
     env = {**env, "FAKE_STEPS": "2000", "SLURM_RESTART_COUNT": restart}
+    if progress:
+        env["FAKE_CHECKPOINTS"] = "1"
     stop_file = os.path.join(job.run_dir, layout.STOP_REQUEST)
     with open(stop_file, "w"):
         pass   # left from an earlier start: must not stop this one
@@ -337,6 +344,8 @@ def test_usr1_stops_the_ranks_then_requeues_within_max_restarts(
         assert rc == layout.EXIT_STOPPED, out
         assert not os.path.exists(requeued)
         assert "not requeued" in out
+        if not progress:
+            assert "restart 2 made no progress (newest checkpoint still none)" in out
 
 
 def test_term_stops_the_ranks_without_requeue(tmp_path, fake_model):
@@ -437,7 +446,7 @@ def test_ftlaunch_slurm_writes_the_run_dir_and_prints_the_command(tmp_path, fake
 def _stub_plan(monkeypatch, fits: bool, text: str) -> None:
     """Replace the memory plan (it imports torch) by a fixed verdict and text."""
     from launcher import memory
-    monkeypatch.setattr(memory, "plan", lambda cfg: types.SimpleNamespace(fits=fits))
+    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=fits))
     monkeypatch.setattr(memory, "render", lambda plan, *a, **k: text)
 
 

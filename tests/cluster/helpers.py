@@ -107,7 +107,8 @@ esac
 # there it stops like launcher/train.py under torchrun: node 0 (rank 0) removes STOP, and the
 # launcher exits 1 (torchrun's code for any failed rank). Node FAKE_SLOW_NODE takes FAKE_SLOW_S
 # more seconds to stop (a slow checkpoint).
-# Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank.
+# Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank. With FAKE_CHECKPOINTS set,
+# node 0 makes a checkpoint folder at every step (progress, for the requeue decision).
 FAKE_PYTHON = r"""#!/bin/bash
 node=$SLURM_NODEID
 if [ "$1 $2 $3" = "-m launcher preflight" ]; then   # the preflight: passes, or node 0 names FAKE_BAD
@@ -146,6 +147,9 @@ for ((step = start; step <= ${FAKE_STEPS:-3}; step++)); do
   [ "$node" = 0 ] && : > "$FAKE_DIR/running"
   sleep "${FAKE_STEP_S:-0.05}"
   echo "$step" > "$progress"
+  if [ "$node" = 0 ] && [ -n "${FAKE_CHECKPOINTS:-}" ]; then   # a checkpoint every step
+    mkdir -p "$run_dir/checkpoints/step-$(printf %08d "$step")"
+  fi
 done
 echo "${SLURM_RESTART_COUNT:-0}" > "$FAKE_DIR/done.$node"
 """
@@ -273,3 +277,44 @@ def restart_node(cluster_dir: str, node: str, env: dict, timeout: float = 60) ->
                            capture_output=True, env=full, timeout=60)
         time.sleep(0.2)
     raise AssertionError(f"{node} is not idle {timeout:.0f} s after its slurmd started: {out}")
+
+
+# Ranks that leave what real ones leave in the run directory, one node's worth: node 0 appends a
+# metrics.jsonl line per step (with the job id, restart and MASTER_ADDR it saw), resuming after
+# the last line, and writes exit_status.json (0 done, 75 stopped). STOP (RUN_DIR/STOP) is honoured
+# at each step boundary as launcher/train.py does under torchrun: removed, 75 recorded, exit 1.
+# After step FAKE_HOLD_STEP the ranks wait for FAKE_DIR/release or STOP. The preflight passes, or
+# with FAKE_BAD_ALL every node fails it the same way (node 0 lists them all).
+FAKE_METRIC_RANKS = r"""#!/bin/bash
+if [ "$1 $2 $3" = "-m launcher preflight" ]; then
+  if [ -n "${FAKE_BAD_ALL:-}" ]; then
+    if [ "$SLURM_NODEID" = 0 ]; then
+      scontrol show hostnames "$SLURM_JOB_NODELIST" | sed 's/$/ 0 GPUs visible, 1 expected/' > "${5#--bad-nodes=}"
+    fi
+    exit 1
+  fi
+  exit 0
+fi
+run_dir=$(dirname "${@: -1}")
+m="$run_dir/metrics.jsonl"
+[ "$SLURM_NODEID" = 0 ] || exit 0
+start=1
+[ -f "$m" ] && start=$(( $(wc -l < "$m") + 1 ))
+for ((step = start; step <= ${FAKE_STEPS:-0}; step++)); do
+  if [ -e "$run_dir/STOP" ]; then
+    rm -f "$run_dir/STOP"
+    printf '{"code": 75, "step": %d, "message": "stopped on request", "rank": 0}\n' "$((step - 1))" > "$run_dir/exit_status.json"
+    exit 1
+  fi
+  sleep "${FAKE_STEP_S:-0.05}"
+  printf '{"step": %d, "loss": 1.0, "job": "%s", "restart": %d, "master": "%s"}\n' "$step" \
+    "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" "${MASTER_ADDR:-}" >> "$m"
+  if [ "$step" = "${FAKE_HOLD_STEP:-}" ]; then
+    for ((i = 0; i < 3000; i++)); do
+      [ -e "${FAKE_DIR:-/nonexistent}/release" ] || [ -e "$run_dir/STOP" ] && break
+      sleep 0.1
+    done
+  fi
+done
+printf '{"code": 0, "step": %d, "message": "done", "rank": 0}\n' "${FAKE_STEPS:-0}" > "$run_dir/exit_status.json"
+"""
