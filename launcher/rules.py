@@ -46,6 +46,15 @@ def check(cfg: RunConfig, unreliable: Iterable[str] = (), inputs: bool = False) 
     return out
 
 
+def input_problems(cfg: RunConfig) -> list[Problem]:
+    """The input rules alone: what the data files, model weights, tokenizer and chat template
+    say (for `ftlaunch slurm` rendering a job before the files are all in place)."""
+    out: list[Problem] = []
+    for r in INPUT_RULES:
+        out += list(r(_Reads(cfg, "", set())))  # type: ignore[arg-type]
+    return out
+
+
 def _overlaps(read: str, bad: str) -> bool:
     return (read == bad or read.startswith((bad + ".", bad + "["))
             or bad.startswith((read + ".", read + "[")))

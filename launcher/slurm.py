@@ -326,7 +326,16 @@ def main(args: Any) -> int:
     from launcher import ds_config, job_lock, rundir, secret_env
     from launcher.rundir import on_existing
     from launcher.runfile import load
-    cfg = load(args.run_file, args.overrides, inputs=True)
+    queue = args.submit or args.test_only
+    # rendering only: the job can be written before the weights and data are all in place (a
+    # model folder with its config.json alone); what the job would fail on is said, and
+    # --submit / --test-only refuse it
+    cfg = load(args.run_file, args.overrides, inputs=queue)
+    if not queue:
+        from launcher.rules import input_problems
+        for problem in input_problems(cfg):
+            log.warning(f"{problem.key}: {problem.message}; the job would fail on it: fix it "
+                        f"before --submit ({problem.fix})")
     secret_env.warn_in_clear(cfg)
     if args.submit:
         secret_env.require(cfg)   # before anything is written

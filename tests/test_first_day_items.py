@@ -149,3 +149,25 @@ def test_cluster_mem_0_is_all_of_the_node_not_unknown(tiny, tmp_path, capsys):
     assert cli.main(["plan", str(run)]) == 0
     out = capsys.readouterr().out
     assert "cluster.mem 0 asks for all of the node's memory" in out and "unknown" not in out
+
+
+def test_slurm_renders_for_a_folder_with_config_json_alone_and_submit_refuses(tmp_path, capsys,
+                                                                              monkeypatch):
+    """The job is written before the weights are downloaded (plan can plan it too); what the job
+    would fail on is said, and --submit refuses it before anything reaches sbatch."""
+    import os
+    import shutil
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "m").mkdir()
+    shutil.copy(os.path.join(root, "tests", "configs", "llama-2-7b", "config.json"), tmp_path / "m")
+    jsonl(tmp_path / "d.jsonl", [{"text": "hello there"}])
+    run = tmp_path / "run.yaml"
+    run.write_text("name: x\nmodel: {path: m}\ndata: {path: d.jsonl, max_seq_len: 64}\n"
+                   "train: {max_steps: 10}\ncluster: {nodes: 1, gpus_per_node: 8}\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["slurm", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert (tmp_path / "runs" / "x" / "job.sbatch").exists()
+    assert "model.path:" in err and "holds no weights" in err and "before --submit" in err
+    assert cli.main(["slurm", str(run), "--submit", "--overwrite"]) == 2
+    assert "holds no weights" in capsys.readouterr().err
