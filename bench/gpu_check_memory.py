@@ -154,7 +154,8 @@ def one(cfg, device: str, steps: int) -> dict:
                  "host_peak_rss": _rss_peak(), "plan_node_cpu": p.node_cpu,
                  "plan_node_phase": p.node_phase}
     row = {"params": p.inv.total, "trainable": p.inv.trainable,
-           "plan_peak_allocated": p.peak_allocated, "plan_total": p.total_per_gpu,
+           "plan_peak_allocated": p.peak_allocated, "plan_peak_reserved": p.peak_reserved,
+           "plan_total": p.total_per_gpu,
            "measured": measured, "ratio": measured / p.peak_allocated,
            "step_s": round((time.time() - t0) / steps, 3),
            "plan_terms": {t.key: t.bytes for t in p.terms}, **extra}

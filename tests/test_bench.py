@@ -47,8 +47,12 @@ def test_gpu_markdown_reports_errors_and_rows():
                "zero2 full": {"trainable": 10, "tokens_per_s": 123.0, "flops_per_token": 60,
                               "mfu": 0.5, "max_memory_allocated": 2**30},
                "zero3 lora": {"skipped": "deadline reached"}}},
+           "memory": {"rows": {"zero2 full": {"plan_peak_allocated": 2**30, "measured": 2**30,
+                                              "ratio": 1.0, "plan_peak_reserved": 2 * 2**30,
+                                              "max_memory_reserved": 3 * 2**29}}},
            "errors": {"quantization": "Traceback ...\nModuleNotFoundError: No module named 'bitsandbytes'"}}
     text = gpu_check.markdown(res)
+    assert "| zero2 full | 1.00 | 1.00 | 1.000 | 2.00 | 1.50 | 0.750 |" in text  # reserved vs plan
     assert "NVIDIA H200" in text and "| zero2 full | 10 | 123 | 60 | 0.500 | 1.00 |" in text
     assert "deadline reached" in text
     assert "No module named 'bitsandbytes'" in text
