@@ -188,11 +188,10 @@ def markdown(res: dict) -> str:
                  "|---|---|---|---|---|---|---|"]
         for k, r in mem["rows"].items():
             if "ratio" in r:
-                res = r.get("max_memory_reserved")
-                plan_res = r.get("plan_peak_reserved")
-                rr = f"{res / plan_res:.3f}" if res and plan_res else "-"
+                reserved, plan_res = r.get("max_memory_reserved"), r.get("plan_peak_reserved")
+                rr = f"{reserved / plan_res:.3f}" if reserved and plan_res else "-"
                 lines.append(f"| {k} | {_gib(r['plan_peak_allocated'])} | {_gib(r['measured'])} "
-                             f"| {r['ratio']:.3f} | {_gib(plan_res)} | {_gib(res)} | {rr} |")
+                             f"| {r['ratio']:.3f} | {_gib(plan_res)} | {_gib(reserved)} | {rr} |")
             else:
                 lines.append(f"| {k} | error: {r.get('error', '?')[:120]} | | | | | |")
         parts.append("\n".join(lines) + f"\n\nmeasured = {next((r.get('measured_kind') for r in mem['rows'].values() if 'measured_kind' in r), '?')}\n")
