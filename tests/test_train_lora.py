@@ -100,5 +100,6 @@ def _record_gathers(out_prefix: str) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     _record_gathers(sys.argv[2])
+    os.environ["FTLAUNCH_RANK_GUARD"] = "0"  # train in this process, where the recorder is
     from launcher import cli
     sys.exit(cli.main(["train", sys.argv[1]]))
