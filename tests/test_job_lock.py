@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import FINAL, job_info, logs, wait_final, wait_until, write_exe  # noqa: E402
+from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,  # noqa: E402
+                     write_exe)
 
 from launcher import job_lock, layout, slurm  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
@@ -154,15 +155,7 @@ done
 
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
-    for k, v in slurm_cluster["env"].items():
-        monkeypatch.setenv(k, v)
-    fake = tmp_path / "fake"
-    fake.mkdir()
-    for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "6", "FAKE_HOLD_STEP": "3"}.items():
-        monkeypatch.setenv(k, v)   # sbatch passes the environment on to the job
-    monkeypatch.chdir(tmp_path)
-    return {**slurm_cluster, "fake": fake,
-            "python": write_exe(str(tmp_path / "python"), FAKE_RANKS)}
+    return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_RANKS)
 
 
 def steps(run_dir):

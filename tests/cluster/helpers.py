@@ -318,3 +318,17 @@ for ((step = start; step <= ${FAKE_STEPS:-0}; step++)); do
 done
 printf '{"code": 0, "step": %d, "message": "done", "rank": 0}\n' "${FAKE_STEPS:-0}" > "$run_dir/exit_status.json"
 """
+
+
+def fake_job_cluster(slurm_cluster: dict, monkeypatch, tmp_path, ranks_script: str) -> dict:
+    """The test cluster's environment, a folder the fake ranks (FAKE_DIR: 6 steps, held at step 3
+    until `release` appears there) write to, and `ranks_script` as the job's python: what the
+    job-lock and Slurm-truth tests share."""
+    for k, v in slurm_cluster["env"].items():
+        monkeypatch.setenv(k, v)
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "6", "FAKE_HOLD_STEP": "3"}.items():
+        monkeypatch.setenv(k, v)   # sbatch passes the environment on to the job
+    monkeypatch.chdir(tmp_path)
+    return {**slurm_cluster, "fake": fake, "python": write_exe(str(tmp_path / "python"), ranks_script)}
