@@ -359,6 +359,10 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
     if env.rank == 0:
         with open(out, "w", encoding="utf-8") as fh:
             json.dump(results, fh, indent=1)
+    # Leave together and close the group: a rank that exits with gloo's threads still
+    # running can abort in static destruction ("terminate called without an active exception").
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_ranks(run_files: list[str], out: str, steps: int = 3, nproc: int = 2,
