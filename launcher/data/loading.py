@@ -59,6 +59,9 @@ def load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
     source of data.mix on its own. Identical on every rank. Raises ConfigError (source "data")
     for anything wrong with it; warnings (dropped rows, truncation) go to `warn` (stderr on rank
     0) and Splits.warnings."""
+    if cfg.train.objective != "sft":  # preference pairs (launcher/data/pairs.py)
+        from launcher.data.pairs import load_pairs
+        return load_pairs(cfg, tokenizer, max_positions=max_positions, warn=warn)
     d = cfg.data
     _check(cfg, max_positions)
     warnings: list[str] = []
