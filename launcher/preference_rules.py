@@ -7,7 +7,7 @@ from typing import Iterator
 
 from launcher.config import RunConfig
 from launcher.errors import Problem
-from launcher.rules import rule
+from launcher.rules import input_rule, rule
 
 REFERENCE_FREE = ("simpo", "orpo")
 
@@ -51,3 +51,52 @@ def _preference_reference(cfg: RunConfig) -> Iterator[Problem]:
         yield Problem("train.reference", f"{t.objective} uses no reference model, so "
                       f"reference {t.reference} does nothing", "remove train.reference "
                       "(or use objective dpo or ipo)")
+
+
+@input_rule
+def _preference_rows(cfg: RunConfig) -> Iterator[Problem]:
+    """The first rows of the preference files, read as the ranks will read every row."""
+    import os
+
+    from launcher import input_checks
+    from launcher.messages import BadRow
+    from launcher.preference_rows import row_pair
+    real = getattr(cfg, "_obj", cfg)
+    d = real.data
+    if real.train.objective == "sft":
+        return
+    for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
+        if not path or not os.path.isfile(path):
+            continue
+        fmt = input_checks._format(path, d.format)
+        if fmt in (None, "saved", "parquet"):
+            continue  # the ranks' reader says what is wrong with these
+        if fmt == "text":
+            yield Problem("data.format", "preference data needs a prompt, a chosen and a "
+                          "rejected answer per row, which a text file cannot hold",
+                          "use jsonl/json/csv/parquet records (docs/preference.md)")
+            continue
+        try:
+            rows, bad = input_checks.first_rows(path, fmt)
+        except (OSError, UnicodeDecodeError, EOFError, ValueError) as exc:
+            yield Problem(key, f"cannot read {path} as {fmt}: {exc}", "fix the file")
+            continue
+        names = list(dict.fromkeys(k for _, r in rows for k in r))
+        for field in ("chosen_field", "rejected_field", "prompt_field", "messages_field"):
+            col = getattr(d, field)
+            if col and rows and col not in names:
+                yield Problem(f"data.{field}", f"{path} has no column '{col}'",
+                              f"set data.{field} to one of its columns ({', '.join(names)})")
+                return
+        read = len(rows) + len(bad)  # each row once: `rows` parsed, `bad` did not
+        for n, r in rows:
+            try:
+                row_pair(d, r)
+            except BadRow as exc:
+                bad.append((n, str(exc)))
+        if len(bad) > input_checks.bad_row_limit(d, read):
+            named = "; ".join(f"row {n}: {why}" for n, why in sorted(bad)[:3])
+            yield Problem(key, f"{len(bad)} of the first {read} rows of {path} are not "
+                          f"preference pairs ({named})", "give each row a prompt and a chosen "
+                          "and a rejected answer (docs/preference.md), or let "
+                          "data.max_bad_rows skip bad rows")
