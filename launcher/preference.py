@@ -282,7 +282,7 @@ def build_reference(s: Any) -> Optional[Reference]:
     if t.reference == "adapters_off":
         return build_adapters_off_reference(s.engine)
     if t.reference == "precomputed":
-        return build_precomputed_reference(s)
+        return build_precomputed_reference(s) if s.splits is not None else None
     return build_model_reference(s.cfg, s.device, s.ds_config, s.tokenizer)
 
 
@@ -291,16 +291,18 @@ def forward(s: Any, batch: dict, *, eval_table: Any = None) -> tuple[Any, dict]:
     """One micro batch of pairs (on the device): the policy's forward over both answers, the
     reference's log-probs, the loss and its metrics."""
     index = batch.pop("index")
-    out = s.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logps, counts = sequence_logps(out.logits, batch["labels"])
-    ref = None
+    ref = None  # first: its forward's temporaries are freed before the policy's activations exist
     if s.reference is not None:
         if eval_table is not None:
             import torch
             rows = eval_table[index.cpu().numpy()]
-            ref = torch.as_tensor(rows.T.reshape(-1).copy(), dtype=torch.float32).to(logps.device)
+            ref = torch.as_tensor(rows.T.reshape(-1).copy(), dtype=torch.float32).to(
+                batch["input_ids"].device)
         else:
             ref = s.reference.logps(batch, index)
+    out = s.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logps, counts = sequence_logps(out.logits, batch["labels"])
+    del out
     return pair_loss(s.cfg.train, logps, counts, ref)
 
 

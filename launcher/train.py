@@ -244,7 +244,7 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     masked = tokens.train_new_rows(model, new_rows, cfg)
     engine = build_engine(cfg, model, ds_config, masked)
     s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
-    if cfg.train.objective != "sft" and splits is not None:  # DPO/IPO's frozen reference
+    if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
         from launcher import preference
         s.reference = preference.build_reference(s)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
