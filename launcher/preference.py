@@ -41,11 +41,13 @@ def sequence_logps(logits: Any, labels: Any) -> tuple[Any, Any]:
     """Per row: the summed log-prob of its labelled tokens (fp32) and their count. Labels are
     not shifted (position t's logits predict label t+1), as Hugging Face causal LMs take them."""
     import torch
-    logits = logits[:, :-1].float()
     labels = labels[:, 1:]
     mask = labels != IGNORE
     ids = torch.where(mask, labels, torch.zeros_like(labels))
-    picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    # fp32 log_softmax then gather: what the SFT loss (cross entropy) keeps and frees, so the
+    # plan's loss terms hold for both (logsumexp would keep its fp32 input as well)
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    picked = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1), mask.sum(-1)
 
 
@@ -125,6 +127,10 @@ class Reference:
             return self._forward(batch)
 
 
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
 def _logits_forward(module: Any) -> Any:
     def run(batch: dict) -> Any:
         out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -144,11 +150,12 @@ def reference_ds_config(ds_config: dict) -> dict:
     return cfg
 
 
-def build_model_reference(cfg: Any, device: str, ds_config: dict, tokenizer: Any) -> Reference:
-    """train.reference model: the initial model loaded again, frozen, in eval mode; under ZeRO-3
-    partitioned as it loads (zero.Init) and wrapped in an inference engine (no optimizer)."""
+def build_model_reference(cfg: Any, device: str, ds_config: dict, tokenizer: Any,
+                          load_model: Any) -> Reference:
+    """train.reference model: the initial model loaded again (`load_model`: launcher/train.py's,
+    as the policy was), frozen, in eval mode; under ZeRO-3 partitioned as it loads (zero.Init)
+    and wrapped in an inference engine (no optimizer)."""
     from launcher import tokens
-    from launcher.train import load_model
     ref, hf_ds = load_model(cfg, device, ds_config)
     tokens.resize(ref, tokenizer)  # the same vocabulary as the policy
     ref.requires_grad_(False)
@@ -230,7 +237,6 @@ def compute_table(s: Any, split: Any) -> Any:
 
     from launcher.collectives import all_reduce_
     from launcher.data.pairs import collate_pairs
-    from launcher.loop_steps import to_device
     n, rank, world = len(split), s.env.rank, s.env.world_size
     micro = s.cfg.train.micro_batch_size
     mine = list(range(rank, n, world))
@@ -274,8 +280,9 @@ def build_precomputed_reference(s: Any) -> Reference:
     return ref
 
 
-def build_reference(s: Any) -> Optional[Reference]:
-    """The run's reference (None for sft, simpo, orpo)."""
+def build_reference(s: Any, load_model: Any) -> Optional[Reference]:
+    """The run's reference (None for sft, simpo, orpo); `load_model`: how the policy was loaded
+    (launcher/train.py), for a reference model."""
     t = s.cfg.train
     if not uses_reference(t):
         return None
@@ -283,7 +290,7 @@ def build_reference(s: Any) -> Optional[Reference]:
         return build_adapters_off_reference(s.engine)
     if t.reference == "precomputed":
         return build_precomputed_reference(s) if s.splits is not None else None
-    return build_model_reference(s.cfg, s.device, s.ds_config, s.tokenizer)
+    return build_model_reference(s.cfg, s.device, s.ds_config, s.tokenizer, load_model)
 
 
 # ------------------------------------------------------------------ one micro batch
@@ -314,7 +321,6 @@ def evaluate(s: Any) -> float:
 
     from launcher.collectives import all_reduce_sum
     from launcher.data.pairs import collate_pairs
-    from launcher.loop_steps import to_device
     ev = s.splits.eval
     micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
     mine = list(range(rank, len(ev), world))

@@ -246,7 +246,7 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
     if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
         from launcher import preference
-        s.reference = preference.build_reference(s)
+        s.reference = preference.build_reference(s, load_model)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
     return s
 
