@@ -69,3 +69,39 @@ def test_dpo_peak_within_10_percent_of_plan(tiny, tmp_path):
     for r in ranks:
         assert r["reference"] == p.term("reference"), (r["reference"], p.term("reference"))
         assert abs(r["peak"] / p.total_per_gpu - 1) <= 0.10, (r["peak"], p.total_per_gpu, p.terms)
+
+
+def test_advice_offers_the_reference_without_a_copy(tmp_path):
+    """A DPO plan that fits only without the second copy: the advice lists the reference
+    changes first (adapters off under LoRA, then precomputed log-probs)."""
+    import json
+
+    from launcher import memory, runfile
+    model = tmp_path / "llama-1b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+        "intermediate_size": 5504, "num_hidden_layers": 16, "num_attention_heads": 16,
+        "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 2048,
+        "torch_dtype": "bfloat16"}))
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    run = tmp_path / "run.yaml"
+    run.write_text(textwrap.dedent(f"""\
+        name: dpo-advice
+        model: {{path: {model}, dtype: bf16, gradient_checkpointing: true}}
+        data: {{path: {tmp_path}/pairs.jsonl, prompt_field: prompt, max_seq_len: 512}}
+        train: {{max_steps: 10, micro_batch_size: 1, objective: dpo}}
+        freeze: {{policy: lora}}
+        deepspeed: {{zero_stage: 2}}
+        cluster: {{gpus_per_node: 8}}
+        """))
+    cfg = runfile.load(str(run))
+    full = memory.plan(cfg, gpu_memory=80 * 2**30, advise=False)
+    ref = full.term("reference")
+    base = sum(p.numel for p in full.inv.params if p.group != "adapters")
+    assert ref == 2 * base + full.inv.buffer_bytes and base > 9 * 10**8  # bf16, 0.94B
+    tight = full.total_per_gpu - ref // 2  # fits without the copy, not with it
+    p = memory.plan(cfg, gpu_memory=tight)
+    assert not p.fits
+    changes = [a["change"] for a in p.advice]
+    assert changes[:2] == ["train.reference: adapters_off", "train.reference: precomputed"], changes
