@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (job_info, kill_node, logs, restart_node, wait_final,  # noqa: E402
                      wait_until, write_exe)
 
-from launcher import layout, slurm  # noqa: E402
+from launcher.cluster import layout, slurm  # noqa: E402
 
 pytestmark = [pytest.mark.slurm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
