@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import yaml
 
-from launcher import cli, runfile
+from launcher import cli
+from launcher.config import runfile
 from launcher.data.chat import IGNORE
 
 
@@ -47,7 +48,7 @@ def run_file(write_run, tiny, data: str, extra: str = "", objective: str = "dpo"
 
 
 def load_pairs(path: str, overrides=()):
-    from launcher import inputs
+    from launcher.rank import inputs
     cfg = runfile.load(path, list(overrides))
     tok = inputs.load_tokenizer(cfg)
     return inputs.load_data(cfg, tok), tok
@@ -89,7 +90,7 @@ def test_truncation_keeps_the_prompt_end_and_both_answers_or_drops(tiny, write_r
             {"prompt": "short", "chosen": " x" * 60, "rejected": " y"}] + TEXT[:2]
     path = run_file(write_run, tiny, write_rows(tmp_path / "p.jsonl", long), ", prompt_field: prompt")
     warnings = []
-    from launcher import inputs
+    from launcher.rank import inputs
     from launcher.data.pairs import load_pairs as load
     cfg = runfile.load(path)
     tok = inputs.load_tokenizer(cfg)

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from launcher import preference  # noqa: E402
+from launcher.rank import preference  # noqa: E402
 from launcher.data.chat import IGNORE  # noqa: E402
 
 # two pairs: policy and reference summed log-probs, token counts of each answer

@@ -22,7 +22,8 @@ def _bench():
 
 def test_plan_counts_two_sequences_and_the_reference(tiny, tmp_path):
     """Torch-light: the planned terms move with the objective and the reference kind."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     base = tmp_path / "base.yaml"
     base.write_text(RUN.format(model=tiny["model"], data=tiny["qa"], out=tmp_path, stage=2,
                                dtype="bf16", objective="sft", reference="model", micro=4))
@@ -57,7 +58,8 @@ RUN = textwrap.dedent("""\
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_dpo_peak_within_10_percent_of_plan(tiny, tmp_path):
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     bench = _bench()
     run = tmp_path / "dpo.yaml"
     run.write_text(RUN.format(model=tiny["model"], data=tiny["qa"], out=tmp_path, stage=2,
@@ -76,7 +78,8 @@ def test_advice_offers_the_reference_without_a_copy(tmp_path):
     changes first (adapters off under LoRA, then precomputed log-probs)."""
     import json
 
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     model = tmp_path / "llama-1b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({

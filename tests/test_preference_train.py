@@ -65,7 +65,7 @@ def run_yaml(tiny: dict, data: str, out: str, name: str, *, stage: int, dtype: s
 # ------------------------------------------------------------------ rank side
 def reference_stats(s) -> dict:
     """ZeRO-3: the reference engine's bytes on this rank and in whole; its optimizer state."""
-    from launcher import engine_stats
+    from launcher.rank import engine_stats
     engine = s.reference.holder[0]
     params = list(engine.module.parameters())
     own = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in params)
@@ -82,8 +82,9 @@ def reference_stats(s) -> dict:
 def rank_main(spec_file: str, out: str) -> None:
     import gc
 
-    from launcher import runfile, train
-    from launcher.dist_env import from_environ
+    from launcher.config import runfile
+    from launcher.rank import train
+    from launcher.cluster.dist_env import from_environ
     env = from_environ()
     with open(spec_file, encoding="utf-8") as fh:
         spec = json.load(fh)

@@ -30,12 +30,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.data.chat import IGNORE
-from launcher.preference_rows import Pair, row_pair  # noqa: F401  (one reading of a row)
+from launcher.checks.preference_rows import Pair, row_pair  # noqa: F401  (one reading of a row)
 from launcher.data.reading import (_check_path, _format_of, _read, check_bad_rows, fail,
                                    print_warning)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from launcher.config import DataConfig, RunConfig
+    from launcher.config.schema import DataConfig, RunConfig
     from launcher.data.loading import Splits
     from launcher.data.tokenize import Tokens
 
@@ -48,7 +48,7 @@ def is_preference(cfg: "RunConfig") -> bool:
 def read_pairs(cfg: "RunConfig", path: str, key: str, warnings: list[str]
                ) -> tuple[list[Pair], list[int], int]:
     """The pairs of a file or saved folder, their row numbers, and the rows read."""
-    from launcher.messages import BadRow
+    from launcher.checks.messages import BadRow
 
     d = cfg.data
     _check_path(path, key)
@@ -119,7 +119,7 @@ def _side_tokens(tokenizer, pairs: list[Pair], d: "DataConfig", add_eos: bool
             for ans in (p.chosen, p.rejected):
                 text, spans = renderer.spans(p.prompt + ans)
                 if not text.startswith(head):
-                    from launcher.messages import BadRow
+                    from launcher.checks.messages import BadRow
                     raise BadRow("the chat template renders the prompt differently inside the "
                                  "conversation, so the answer cannot be found")
                 spans = [(max(a, len(head)), b) for a, b in spans if b > len(head)]
@@ -199,7 +199,7 @@ def load_pairs(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
                warn: Callable[[str], None] = print_warning) -> "Splits":
     """`launcher.data.load` for preference data: one source (data.path), its eval split."""
     from launcher.data.loading import Splits
-    from launcher.messages import BadRow
+    from launcher.checks.messages import BadRow
     import numpy as np
 
     d = cfg.data

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import RunConfig
+from launcher.config.schema import RunConfig
 from launcher.memory.terms import Term
 
 
@@ -36,4 +36,4 @@ def reference_terms(r: Any) -> list[Term]:
         return []
     n, formula = reference_bytes(r)
     return [Term("reference", "reference model (frozen copy)", int(n), "static", formula,
-                 "launcher/preference.py build_model_reference; TRL prepare_deepspeed")]
+                 "launcher/rank/preference.py build_model_reference; TRL prepare_deepspeed")]
