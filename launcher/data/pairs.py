@@ -40,10 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from launcher.data.tokenize import Tokens
 
 
-def is_preference(cfg: "RunConfig") -> bool:
-    return cfg.train.objective != "sft"
-
-
 # ------------------------------------------------------------------------------ rows
 def read_pairs(cfg: "RunConfig", path: str, key: str, warnings: list[str]
                ) -> tuple[list[Pair], list[int], int]:

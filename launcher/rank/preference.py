@@ -184,8 +184,12 @@ def build_adapters_off_reference(engine: Any) -> Reference:
 
 
 def _table_key(cfg: Any, n_train: int, n_eval: int) -> str:
+    """What the log-probs depend on: the model (its files' sizes and times too), quantization,
+    freeze policy (new LoRA/embedding rows), data settings and seed, and the pair counts."""
     from launcher.config.schema import to_dict
-    blob = json.dumps({"model": to_dict(cfg.model), "quant": to_dict(cfg.quantization),
+    from launcher.data.cache import _files
+    blob = json.dumps({"model": to_dict(cfg.model), "files": _files(cfg.model.path),
+                       "quant": to_dict(cfg.quantization),
                        "freeze": to_dict(cfg.freeze), "data": to_dict(cfg.data),
                        "seed": cfg.train.seed, "n": [n_train, n_eval]}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
