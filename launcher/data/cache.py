@@ -28,7 +28,7 @@ from launcher.data.tokenize import Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import RunConfig
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
 
 VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
 _NO_KEY = ("cache", "cache_dir")
@@ -122,7 +122,7 @@ def _write(folder: str, splits: "Splits") -> None:
 def _read(folder: str) -> "Splits":
     import numpy as np
 
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
     from launcher.data.mixing import Mixture
 
     with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:

@@ -2,29 +2,17 @@
 eval split, the mixture over data.mix's sources, and the stats (`load` -> `Splits`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from launcher.data.batching import pack
 from launcher.data.mixing import Mixture, concat
 from launcher.checks.input_checks import source_settings
 from launcher.data.reading import Records, fail, print_warning, records, split_eval, subset
+from launcher.data.splits import Splits  # noqa: F401  (what load returns)
 from launcher.data.tokenize import Tokens, tokenize_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import DataConfig, RunConfig
-
-@dataclass
-class Splits:
-    """What `load` returns: train and eval (None without eval data) examples, plus what happened.
-    `mixture`: the draw by weight over data.mix's sources (None for one source), for the Sampler."""
-
-    train: Tokens
-    eval: Tokens | None
-    warnings: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    mixture: Mixture | None = None
-
 
 def _tokens(cfg: "RunConfig", d: "DataConfig", tokenizer, rec: Records, key: str, split: str,
             warnings: list[str]) -> Tokens:

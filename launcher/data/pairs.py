@@ -36,7 +36,7 @@ from launcher.data.reading import (_check_path, _format_of, _read, check_bad_row
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import DataConfig, RunConfig
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
     from launcher.data.tokenize import Tokens
 
 
@@ -194,7 +194,7 @@ def tokenize_pairs(cfg: "RunConfig", tokenizer, pairs: list[Pair], key: str, wha
 def load_pairs(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
                warn: Callable[[str], None] = print_warning) -> "Splits":
     """`launcher.data.load` for preference data: one source (data.path), its eval split."""
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
     from launcher.checks.messages import BadRow
     import numpy as np
 
