@@ -492,8 +492,10 @@ def main(args: Any) -> int:
         kernels = measure(cfg)
     p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
              node_memory=getattr(args, "node_memory", None))
+    from launcher.memory import clock
+    est = clock.estimate(cfg)
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**p.to_dict(), "time": est.to_dict()}, indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
+        sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + clock.text(est))
     return 0 if p.fits else 1
