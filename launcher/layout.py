@@ -13,7 +13,6 @@ STOP_REQUEST = "STOP"             # file: its presence asks every rank to checkp
 TENSORBOARD = "tensorboard"       # TensorBoard event files (output.report_to)
 WANDB = "wandb"                   # W&B's offline runs and the run id (output.report_to)
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/job_lock.py)
-STEP_TIME = "step_time.json"      # a dry run's measured step time (launcher/step_time.py)
 ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
 

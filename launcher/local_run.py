@@ -248,14 +248,14 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
 
 
 def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str) -> None:
-    """Keep the dry run's measured step time in the run's own directory (step_time.json)."""
+    """Keep the dry run's measured step time for runs of these settings (launcher/step_time.py)."""
     from launcher import step_time
     rec = step_time.record_dry_run(os.path.join(dry_dir, layout.METRICS), base, nproc, device)
     if rec is not None:
         print(f"ftlaunch: measured {rec['step_time_s']:.3g} s a step ({rec['micro_batch_s']:.3g} s "
               f"a micro batch) on {nproc} {device} rank{'s' if nproc > 1 else ''}; kept in "
-              f"{os.path.join(base.run_dir, layout.STEP_TIME)} for `ftlaunch plan` and "
-              "cluster.time: auto", flush=True)
+              f"{step_time.store_path(base)} for `ftlaunch plan` and cluster.time: auto",
+              flush=True)
 
 
 def main(args: Any) -> int:

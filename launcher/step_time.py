@@ -2,9 +2,11 @@
 
 Torch-free (login node). A step time is measured in two places:
 
-- `ftlaunch run --dry-run` trains a few steps in a temporary folder; `record_dry_run` keeps
-  their median (the first step, which warms up kernels and allocators, left out) in
-  RUN_DIR/step_time.json of the run's real directory;
+- `ftlaunch run --dry-run` trains a few steps in a temporary folder (nothing of the run is
+  kept); `record_dry_run` keeps their median (the first step, which warms up kernels and
+  allocators, left out) in the cache beside the tokenized data: $FTLAUNCH_CACHE/step_time/KEY.json,
+  else ~/.cache/ftlaunch/step_time/KEY.json, KEY = `compute_key`, so any run with the same
+  settings finds it;
 - a job's own metrics.jsonl (`step_time_s` of each line, launcher/loop_steps.py `log_step`).
 
 Both are kept per micro batch (step time / accumulation steps), so the measurement carries
@@ -30,18 +32,17 @@ from typing import Any, Optional
 
 from launcher import layout
 
-STEP_TIME = layout.STEP_TIME
 
 
 def compute_key(cfg: Any) -> str:
     """What a step's time depends on, as a short hash: a measurement of other settings is stale."""
-    from launcher.config import to_dict
-    d = to_dict(cfg)
-    keep = {"model": d["model"], "freeze": d["freeze"], "quantization": d["quantization"],
-            "deepspeed": d["deepspeed"], "seq": d["data"]["max_seq_len"],
-            "packing": d["data"]["packing"], "micro": d["train"]["micro_batch_size"],
-            "device": d["train"]["device"], "optimizer": d["train"]["optimizer"]}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    m, f, d, t, z = cfg.model, cfg.freeze, cfg.data, cfg.train, cfg.deepspeed
+    keep = [m.path, m.dtype, m.gradient_checkpointing, m.attn_implementation, f.policy,
+            f.trainable_layers, list(f.train), list(f.also_train), f.lora.r,
+            list(f.lora.target_modules), cfg.quantization.mode, z.zero_stage,
+            z.offload_optimizer, z.offload_param, d.max_seq_len, d.packing, t.micro_batch_size,
+            t.device, t.optimizer]
+    return hashlib.sha256(json.dumps(keep, default=str).encode()).hexdigest()[:16]
 
 
 def step_times(metrics_path: str) -> list[float]:
@@ -62,9 +63,16 @@ def step_times(metrics_path: str) -> list[float]:
     return out[1:]
 
 
+def store_path(cfg: Any) -> str:
+    """Where a dry run's measurement for cfg's settings is kept (the module docstring)."""
+    root = os.environ.get("FTLAUNCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                            "ftlaunch")
+    return os.path.join(root, "step_time", compute_key(cfg) + ".json")
+
+
 def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str) -> Optional[dict]:
-    """Write the dry run's measurement into cfg.run_dir/step_time.json; the record, or None when
-    fewer than one step after the first was logged."""
+    """Keep the dry run's measurement (store_path); the record, or None when no step after the
+    first was logged."""
     from launcher.batch import batch_sizes
     from launcher.rundir import write_atomic
     times = step_times(metrics_path)
@@ -75,14 +83,15 @@ def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str) -> Opti
     rec = {"micro_batch_s": step / accum, "step_time_s": step, "accum": accum, "world": world,
            "device": device, "steps": len(times), "source": "ftlaunch run --dry-run",
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": compute_key(cfg)}
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    write_atomic(os.path.join(cfg.run_dir, STEP_TIME), json.dumps(rec, indent=2) + "\n")
+    path = store_path(cfg)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomic(path, json.dumps(rec, indent=2) + "\n")
     return rec
 
 
 def measured(cfg: Any, world: int) -> Optional[tuple[float, str]]:
     """(seconds per optimizer step on `world` ranks, where from) from the run directory: the
-    job's own steps (metrics.jsonl) first, else the dry run's step_time.json; None when neither
+    job's own steps (metrics.jsonl) first, else a dry run's (store_path); None when neither
     was measured with these settings on this kind of device."""
     from launcher.batch import batch_sizes
     _, accum, _ = batch_sizes(cfg, world)
@@ -91,32 +100,31 @@ def measured(cfg: Any, world: int) -> Optional[tuple[float, str]]:
         recent = times[-50:]
         return statistics.median(recent), f"measured: median of {len(recent)} logged steps in " \
             f"{layout.METRICS}"
-    try:
-        with open(os.path.join(cfg.run_dir, STEP_TIME), encoding="utf-8") as fh:
-            rec = json.load(fh)
-    except (OSError, ValueError):
-        return None
+    rec = _stored(cfg)
     want = "cpu" if cfg.train.device == "cpu" else "cuda"
-    if rec.get("key") != compute_key(cfg) or rec.get("device") != want:
+    if rec is None or rec.get("key") != compute_key(cfg) or rec.get("device") != want:
         return None
     per = float(rec["micro_batch_s"])
     return per * accum, (f"measured: {rec.get('source')} ({rec.get('time')}), {per:.3g} s per "
                          f"micro batch x {accum} accumulation steps")
 
 
-def stale_note(cfg: Any) -> str:
-    """Why a step_time.json present is not used ('' when absent or used)."""
+def _stored(cfg: Any) -> Optional[dict]:
     try:
-        with open(os.path.join(cfg.run_dir, STEP_TIME), encoding="utf-8") as fh:
+        with open(store_path(cfg), encoding="utf-8") as fh:
             rec = json.load(fh)
     except (OSError, ValueError):
-        return ""
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def stale_note(cfg: Any) -> str:
+    """Why a dry run's measurement of these settings is not used ('' when none or used)."""
+    rec = _stored(cfg)
     want = "cpu" if cfg.train.device == "cpu" else "cuda"
-    if rec.get("device") != want:
-        return (f"{STEP_TIME} was measured on {rec.get('device')} ranks, the run trains on {want}: "
-                "not used")
-    if rec.get("key") != compute_key(cfg):
-        return f"{STEP_TIME} was measured with other settings (model, batch, freeze, DeepSpeed): not used"
+    if rec is not None and rec.get("device") != want:
+        return (f"the dry run of these settings ran on {rec.get('device')} ranks, the run trains "
+                f"on {want}: its step time is not used")
     return ""
 
 

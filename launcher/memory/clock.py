@@ -5,8 +5,8 @@
     auto_time(cfg, est)          # (--time, the lines saying how) for cluster.time: auto
 
 The step time is, in this order of preference:
-1. measured: the run directory's own logged steps (metrics.jsonl), else a dry run's
-   (`ftlaunch run --dry-run` writes RUN_DIR/step_time.json; launcher/step_time.py);
+1. measured: the run directory's own logged steps (metrics.jsonl), else a dry run's of the
+   same settings (`ftlaunch run --dry-run` keeps it in the cache; launcher/step_time.py);
 2. estimated: FLOPs per step per GPU (launcher/memory/flops.py) / (the card's peak dense FLOP/s
    for the training dtype (launcher/gpus.py) x an assumed model FLOPs utilization, ASSUMED_MFU).
 
@@ -236,7 +236,9 @@ def margin(cfg: RunConfig, est: Estimate) -> list[tuple[str, float]]:
         out.append(("preflight (cluster.preflight_timeout_s)", float(cfg.cluster.preflight_timeout_s)))
     out.append((f"{n_ckpt} checkpoint(s) of {ckpt / 1e9:.1f} GB at 1 GB/s per node", n_ckpt * ckpt / rate))
     if cfg.output.save_final:
-        out.append(("export (output.save_final)", inv.weight_bytes / LOAD_BYTES_PER_S))
+        lora_only = cfg.freeze.policy == "lora" and not cfg.output.merge_lora
+        exported = inv.trainable * inv.lp_bytes if lora_only else inv.weight_bytes
+        out.append(("export (output.save_final)", exported / LOAD_BYTES_PER_S))
     out.append((f"{TRAIN_MARGIN:.0%} of the training time", TRAIN_MARGIN * (est.train_s or 0)))
     out.append((f"grace_s {cfg.cluster.grace_s} + Slurm's early signal {SIGNAL_EARLY_S} s",
                 float(cfg.cluster.grace_s + SIGNAL_EARLY_S)))
