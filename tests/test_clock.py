@@ -118,6 +118,9 @@ def test_auto_time_is_rendered_in_the_job_script_and_capped_by_max_time(tmp_path
     assert cli.main(["slurm", path]) == 0
     out = capsys.readouterr().out
     assert "#SBATCH --time=0:30:00\n" in (tmp_path / "run" / "job.sbatch").read_text()
+    assert cli.main(["plan", path]) in (0, 1)   # the plan says the same
+    planned = capsys.readouterr().out
+    assert "  cluster.time auto: " in planned and "capped at the partition's MaxTime 0:30:00" in planned
     assert re.search(r"capped at the partition's MaxTime 0:30:00: the run continues through the "
                      r"time-limit signal \(checkpoint grace_s 120 s before the limit\), requeue "
                      r"and resume, about \d+ jobs", out), out

@@ -277,6 +277,15 @@ def auto_time(cfg: RunConfig, est: Estimate, max_time: Optional[str]) -> tuple[s
     return limit, lines
 
 
+def plan_time_lines(cfg: RunConfig, est: Estimate) -> list[str]:
+    """What cluster.time auto would set (and its cap), for `ftlaunch plan`; [] for a given time
+    or when the step time is unknown (validate says why)."""
+    from launcher.step_time import partition_max_time
+    if cfg.cluster.time != "auto" or est.train_s is None:
+        return []
+    return auto_time(cfg, est, partition_max_time(cfg.cluster.partition))[1]
+
+
 def resolve_time(cfg: RunConfig) -> tuple[RunConfig, list[str], dict[str, Any]]:
     """cfg with cluster.time auto replaced by the estimate (capped at the partition's MaxTime
     from `scontrol show partition`); the lines saying how; the estimate as a dict (written to

@@ -494,8 +494,11 @@ def main(args: Any) -> int:
              node_memory=getattr(args, "node_memory", None))
     from launcher.memory import clock
     est = clock.estimate(cfg)
+    limit = clock.plan_time_lines(cfg, est)
     if getattr(args, "json", False):
-        sys.stdout.write(json.dumps({**p.to_dict(), "time": est.to_dict()}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({**p.to_dict(), "time": {**est.to_dict(), "time_limit": limit}},
+                                    indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + clock.text(est))
+        sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + clock.text(est)
+                         + "".join(f"  {line}\n" for line in limit))
     return 0 if p.fits else 1
