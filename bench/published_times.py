@@ -4,7 +4,7 @@
 
 Each setting is rebuilt as a run file over the published architecture (config.json written
 here from the paper's sizes, no weights) and estimated with launcher/memory/clock.py: FLOPs of
-the step from the meta-device model, the GPU's peak from launcher/gpus.py, the assumed MFU.
+the step from the meta-device model, the GPU's peak from launcher/config/gpus.py, the assumed MFU.
 The mean tokens per example is our assumption where the paper gives none (said in the row).
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ output: {{dir: {os.path.join(folder, 'run')}}}
 
 def main() -> int:
     from launcher.memory import clock
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     rows = ["| setting | published | ftlaunch estimate (MFU 35%) | FLOPs per token | published = MFU of |",
             "|---|---|---|---|---|"]
     notes = []

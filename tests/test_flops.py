@@ -1,7 +1,7 @@
 """The FLOP count of a training step (launcher/memory/flops.py) against torch's own counter
 (`torch.utils.flop_counter.FlopCounterMode`) on real architectures built from their published
 config.json (tests/configs), with 3 blocks instead of dozens, on the meta device: the model
-is set up as the ranks set it up (launcher/freeze.py apply, peft for LoRA, HF gradient
+is set up as the ranks set it up (launcher/model/freeze.py apply, peft for LoRA, HF gradient
 checkpointing, non-reentrant), one forward and backward of a 256-token sequence is counted, and
 the analytic count must agree within 5%."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from launcher.runfile import load
+from launcher.config.runfile import load
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 FAMILIES = ["llama-2-7b", "mistral-7b", "qwen2-7b", "gemma-2-9b", "phi-3-mini", "gpt2",
@@ -60,12 +60,12 @@ cluster: {{nodes: 1, gpus_per_node: 1}}
 
 def counted_by_torch(cfg, monkeypatch) -> int:
     """One forward and backward of a SEQ-token sequence under FlopCounterMode, the model built
-    and frozen as launcher/train.py does it, on the meta device."""
+    and frozen as launcher/rank/train.py does it, on the meta device."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import freeze
+    from launcher.model import freeze
     hf = AutoConfig.from_pretrained(cfg.model.path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf)

@@ -6,9 +6,9 @@
 
 The step time is, in this order of preference:
 1. measured: the run directory's own logged steps (metrics.jsonl), else a dry run's of the
-   same settings (`ftlaunch run --dry-run` keeps it in the cache; launcher/step_time.py);
+   same settings (`ftlaunch run --dry-run` keeps it in the cache; launcher/cluster/step_time.py);
 2. estimated: FLOPs per step per GPU (launcher/memory/flops.py) / (the card's peak dense FLOP/s
-   for the training dtype (launcher/gpus.py) x an assumed model FLOPs utilization, ASSUMED_MFU).
+   for the training dtype (launcher/config/gpus.py) x an assumed model FLOPs utilization, ASSUMED_MFU).
 
 Tokens per epoch come from the tokenized cache where the data was tokenized already (the data
 check of `ftlaunch run`, or a rank, wrote it: launcher/data/cache.py), else from the data files
@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from launcher.config import RunConfig
+from launcher.config.schema import RunConfig
 
 ASSUMED_MFU = 0.35       # model FLOPs utilization assumed before anything was measured
 LOAD_BYTES_PER_S = 1e9   # reading the weights, writing checkpoints: 1 GB/s per node, assumed
@@ -77,12 +77,12 @@ def _cached_stats(cfg: RunConfig) -> Optional[dict]:
     """The tokenized data's stats (train_examples, train_tokens) where the cache holds it."""
     import json
 
-    from launcher import model_info
+    from launcher.model import info as model_info
     from launcher.data.cache import cache_key, cache_root
     if not cfg.data.cache:
         return None
     try:
-        from launcher.inputs import load_tokenizer
+        from launcher.rank.inputs import load_tokenizer
         tok = load_tokenizer(cfg)
         key = cache_key(cfg, tok, model_info.folder_max_positions(cfg.model.path))
         with open(os.path.join(cache_root(cfg), key, "meta.json"), encoding="utf-8") as fh:
@@ -93,8 +93,8 @@ def _cached_stats(cfg: RunConfig) -> Optional[dict]:
 
 def _tokens(cfg: RunConfig, world: int) -> tuple[int, str, Optional[int], str, int, str]:
     """(steps, how; tokens per epoch, how; row length for the FLOPs, how)."""
-    from launcher import epochs
-    from launcher.batch import batch_sizes
+    from launcher.config import epochs
+    from launcher.config.batch import batch_sizes
     d, t = cfg.data, cfg.train
     stats = _cached_stats(cfg)
     if stats and stats.get("train_examples") and stats.get("train_tokens"):
@@ -126,9 +126,9 @@ def _tokens(cfg: RunConfig, world: int) -> tuple[int, str, Optional[int], str, i
 
 def estimate(cfg: RunConfig, world: Optional[int] = None) -> Estimate:
     """The run's time estimate on `world` ranks (default: the cluster's)."""
-    from launcher import step_time
-    from launcher.batch import batch_sizes
-    from launcher.gpus import lookup
+    from launcher.cluster import step_time
+    from launcher.config.batch import batch_sizes
+    from launcher.config.gpus import lookup
     from launcher.memory.flops import count
     world = world or cfg.world_size
     steps, steps_how, tokens, tok_how, seq, seq_how = _tokens(cfg, world)
@@ -226,7 +226,7 @@ def _checkpoints(cfg: RunConfig, steps: int) -> int:
 def margin(cfg: RunConfig, est: Estimate) -> list[tuple[str, float]]:
     """(what, seconds) added to the training time for --time."""
     from launcher.memory.inventory import inventory
-    from launcher.slurm_checks import SIGNAL_EARLY_S
+    from launcher.checks.slurm_checks import SIGNAL_EARLY_S
     inv = inventory(cfg)
     rate = LOAD_BYTES_PER_S * max(1, cfg.cluster.nodes)
     ckpt = _checkpoint_bytes(cfg, inv)
@@ -248,9 +248,9 @@ def margin(cfg: RunConfig, est: Estimate) -> list[tuple[str, float]]:
 def auto_time(cfg: RunConfig, est: Estimate, max_time: Optional[str]) -> tuple[str, list[str]]:
     """(--time for cluster.time: auto, the lines that say how); max_time: the partition's
     MaxTime (None: no cap). ConfigError when the step time is unknown."""
-    from launcher.errors import ConfigError, Problem
-    from launcher.slurm_checks import MIN_WORK_S, SIGNAL_EARLY_S, time_limit_s
-    from launcher.step_time import time_limit
+    from launcher.config.errors import ConfigError, Problem
+    from launcher.checks.slurm_checks import MIN_WORK_S, SIGNAL_EARLY_S, time_limit_s
+    from launcher.cluster.step_time import time_limit
     if est.train_s is None:
         raise ConfigError([Problem("cluster.time", f"auto cannot estimate the run's time: step "
                                    f"time {est.step_how}",
@@ -280,10 +280,18 @@ def auto_time(cfg: RunConfig, est: Estimate, max_time: Optional[str]) -> tuple[s
 def plan_time_lines(cfg: RunConfig, est: Estimate) -> list[str]:
     """What cluster.time auto would set (and its cap), for `ftlaunch plan`; [] for a given time
     or when the step time is unknown (validate says why)."""
-    from launcher.step_time import partition_max_time
+    from launcher.cluster.step_time import partition_max_time
     if cfg.cluster.time != "auto" or est.train_s is None:
         return []
     return auto_time(cfg, est, partition_max_time(cfg.cluster.partition))[1]
+
+
+def plan_section(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """The time section of `ftlaunch plan`: (its text, its JSON)."""
+    est = estimate(cfg)
+    limit = plan_time_lines(cfg, est)
+    return (text(est) + "".join(f"  {line}\n" for line in limit),
+            {**est.to_dict(), "time_limit": limit})
 
 
 def resolve_time(cfg: RunConfig) -> tuple[RunConfig, list[str], dict[str, Any]]:
@@ -292,7 +300,7 @@ def resolve_time(cfg: RunConfig) -> tuple[RunConfig, list[str], dict[str, Any]]:
     RUN_DIR/estimate.json for `ftlaunch status`)."""
     import dataclasses
 
-    from launcher.step_time import partition_max_time
+    from launcher.cluster.step_time import partition_max_time
     est = estimate(cfg)
     limit, lines = auto_time(cfg, est, partition_max_time(cfg.cluster.partition))
     cfg = dataclasses.replace(cfg, cluster=dataclasses.replace(cfg.cluster, time=limit))

@@ -5,7 +5,7 @@ n^2 products), as `torch.utils.flop_counter.FlopCounterMode` does: a multiply-ad
 so a linear layer of `in x out` weights costs 2 x in x out per token forward. Norms, activations,
 the loss and the optimizer are left out (a few percent of a step on GPUs).
 
-What the backward pass computes depends on what trains (launcher/freeze.py decides it, the
+What the backward pass computes depends on what trains (launcher/model/freeze.py decides it, the
 inventory records it), walked block by block in execution order:
 
 - a weight gradient (2 x in x out per token) for each trainable weight;
@@ -85,7 +85,7 @@ class StepFlops:
 
 
 def _linear_of(model: Any) -> dict[str, tuple[int, int]]:
-    from launcher.lora import _is_linear, in_out
+    from launcher.model.lora import _is_linear, in_out
     return {n: in_out(m) for n, m in model.named_modules() if n and _is_linear(m)}
 
 
@@ -142,8 +142,8 @@ class _Walk:
 def count(cfg: Any, seq: int, inv: Any = None) -> StepFlops:
     """FLOPs of one sequence of `seq` tokens, forward and backward (and recomputation), for the
     run's model, freeze policy, LoRA and gradient checkpointing."""
-    from launcher import freeze
-    from launcher.lora import output_head_name
+    from launcher.model import freeze
+    from launcher.model.lora import output_head_name
     from launcher.memory.inventory import _text_config, inventory, meta_model_for
     inv = inv if inv is not None else inventory(cfg)
     model = meta_model_for(cfg)
