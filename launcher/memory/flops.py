@@ -33,7 +33,7 @@ eager and sdpa kernels compute it with a causal mask; FlashAttention skips the m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 ATTN_OUT = ("o_proj", "c_proj", "dense", "out_proj", "wo", "o")
@@ -67,7 +67,6 @@ class StepFlops:
     backward_attention: int = 0
     recompute: int = 0            # gradient checkpointing
     attention_forward: int = 0    # the n^2 part of `forward` (kept inside it)
-    parts: dict[str, int] = field(default_factory=dict)
 
     @property
     def backward(self) -> int:
@@ -127,7 +126,7 @@ class _Walk:
             f.backward_input += base + 2 * s * lin.lora * lin.fin   # W^T dy, A^T d(Ax)
         if lin.saves_input and not lin.lora:   # a trainable weight: x^T dy
             f.backward_weight += base
-        if lin.lora:   # dB = d(Ax)..., d(Ax) = B^T dy, dA
+        if lin.lora:   # dB = dy^T (Ax), dA = d(Ax)^T x; d(Ax) = B^T dy
             f.backward_weight += 2 * s * lin.lora * lin.fout + 2 * s * lin.lora * lin.fin
             f.backward_input += 2 * s * lin.lora * lin.fout
         return in_grad or lin.trains or lin.lora > 0
