@@ -85,7 +85,8 @@ def pairwise(levels: dict[str, list[Any]], seed: int = 0, candidates: int = 30,
 # refusal once per pair; the covering set leaves them out so that its rows run every command
 REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "full"),
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
-           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3)]
+           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
+           ("time", "auto", "gpu_type", None)]   # no peak FLOP/s and nothing measured
 # preference pairs (train.objective) are padded per micro batch and read from one source
 PREFERENCE = ("dpo", "simpo")
 REFUSED += [("objective", o, "packing", True) for o in PREFERENCE] + \
@@ -231,6 +232,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
         del tree["cluster"]["gpu_memory"]  # the card's memory, from the table
     if row.get("from_shell"):
         tree["cluster"]["env_from_shell"] = [FROM_SHELL]
+    if row.get("time"):
+        tree["cluster"]["time"] = row["time"]
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -269,6 +272,7 @@ def levels() -> dict[str, list[Any]]:
         "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
         "from_shell": [False, True],                             # cluster.env_from_shell
         "objective": ["sft", *PREFERENCE],                       # train.objective
+        "time": [None, "auto"],                                  # cluster.time (None: 01:00:00)
     }
 
 
@@ -278,7 +282,8 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
-               "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective")
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective",
+               "cluster.time")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 
 

@@ -88,7 +88,7 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
-           "offload": "deepspeed.offload_optimizer",
+           "offload": "deepspeed.offload_optimizer", "time": "cluster.time",
            "objective": "data.packing" if b == "packing" else "data.mix"}[a]
     for cmd in COMMANDS:
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)

@@ -81,6 +81,7 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                       "log file names cannot hold (a backslash switches off %j)",
                       "choose a run directory without them")
     yield from _time_problems(c)
+    yield from auto_time_problems(cfg)
     yield from _python_problems(c)
     for i, job in enumerate(c.after):
         if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
@@ -103,6 +104,29 @@ def _time_problems(c: ClusterConfig) -> Iterator[Problem]:
                       f"{SIGNAL_EARLY_S} s early; each start would be stopped before it trains",
                       f"raise cluster.time to at least {_clock(c.grace_s + SIGNAL_EARLY_S + MIN_WORK_S)} "
                       "or lower cluster.grace_s")
+
+
+def auto_time_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """cluster.time auto needs a step count and a step time (launcher/memory/clock.py)."""
+    if cfg.cluster.time != "auto":
+        return
+    from launcher.cluster import step_time
+    from launcher.config import epochs
+    fix = "or give cluster.time as H:MM:SS"
+    if cfg.train.max_steps is None and not any(
+            os.path.exists(path) for path, _ in epochs._sources(cfg)):
+        yield Problem("cluster.time", "auto cannot estimate the steps: train.epochs over data that "
+                      "is not a local file or folder (nothing to count on the login node)",
+                      f"set train.max_steps, {fix}")
+    if step_time.measured(cfg, cfg.world_size) is not None:
+        return
+    if cfg.train.device == "cpu":
+        yield Problem("cluster.time", "auto on CPU ranks needs a measured step time (there is no "
+                      "peak FLOP/s for a CPU)", f"run `ftlaunch run RUN.yaml --dry-run` first, {fix}")
+    elif not cfg.cluster.gpu_type:
+        yield Problem("cluster.time", "auto needs the GPU's peak FLOP/s or a measured step time",
+                      f"set cluster.gpu_type (e.g. H100-SXM, A100-80GB), run `ftlaunch run "
+                      f"RUN.yaml --dry-run` on the cluster's GPUs, {fix}")
 
 
 def _python_problems(c: ClusterConfig) -> Iterator[Problem]:

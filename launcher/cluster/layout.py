@@ -13,6 +13,7 @@ STOP_REQUEST = "STOP"             # file: its presence asks every rank to checkp
 TENSORBOARD = "tensorboard"       # TensorBoard event files (output.report_to)
 WANDB = "wandb"                   # W&B's offline runs and the run id (output.report_to)
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/cluster/job_lock.py)
+ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
 
 EXIT_OK = 0

@@ -247,6 +247,17 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
     return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
+def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str) -> None:
+    """Keep the dry run's measured step time for runs of these settings (launcher/cluster/step_time.py)."""
+    from launcher.cluster import step_time
+    rec = step_time.record_dry_run(os.path.join(dry_dir, layout.METRICS), base, nproc, device)
+    if rec is not None:
+        print(f"ftlaunch: measured {rec['step_time_s']:.3g} s a step ({rec['micro_batch_s']:.3g} s "
+              f"a micro batch) on {nproc} {device} rank{'s' if nproc > 1 else ''}; kept in "
+              f"{step_time.store_path(base)} for `ftlaunch plan` and cluster.time: auto",
+              flush=True)
+
+
 def main(args: Any) -> int:
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import rundir
@@ -262,7 +273,7 @@ def main(args: Any) -> int:
         extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
                   "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
-                  f"output.dir={tmp}"]
+                  "train.log_every=1", f"output.dir={tmp}"]
     cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
     secret_env.warn_in_clear(cfg)
     secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
@@ -293,8 +304,11 @@ def main(args: Any) -> int:
               f"{global_batch} sequences, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
-        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
+        code = launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
                                         cluster_env=dict(cfg.cluster.env)), run_dir)
+        if args.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
+            record_step_time(base, run_dir, nproc, device)
+        return code
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -100,6 +100,11 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
+    if c.time == "auto":   # `ftlaunch slurm` replaces it with the estimate (resolve_time)
+        from launcher.config.errors import ConfigError, Problem
+        raise ConfigError([Problem("cluster.time", "auto must be resolved before the job is "
+                                   "built", "build the job through `ftlaunch slurm`, or pass the "
+                                   "config through launcher.memory.clock.resolve_time first")])
     for name, option in (("mem", "--mem"), ("time", "--time"),
                          ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
                          ("constraint", "--constraint"), ("reservation", "--reservation")):
@@ -345,6 +350,11 @@ def main(args: Any) -> int:
     rundir.keep_private(cfg)
     job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
                             if args.overwrite else "writing its resolved.yaml and job.sbatch again")
+    time_lines: list[str] = []
+    estimate = None
+    if cfg.cluster.time == "auto":   # the plan's estimate (builds the meta-device model)
+        from launcher.memory.clock import resolve_time
+        cfg, time_lines, estimate = resolve_time(cfg)
     plan_text = _memory_plan(cfg, args.force) if args.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
                              on_existing=on_existing(args))
@@ -356,6 +366,11 @@ def main(args: Any) -> int:
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
+    if estimate is not None:
+        import json
+        rundir.write_atomic(os.path.join(run_dir, layout.ESTIMATE), json.dumps(estimate, indent=2) + "\n")
+    for line in time_lines:
+        print(line)
     job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
     text = render(job)
     rundir.write_atomic(job.job_script, text)

@@ -15,8 +15,8 @@ from launcher.memory.activations import activations, from_frozen_trace, from_tra
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.checks.attn_kernels import resolved as resolved_kernel
-from launcher.memory.node import node_memory as node_memory_of
-from launcher.memory.node import node_peak, node_terms
+from launcher.memory.clock import plan_section
+from launcher.memory.node import node_memory as node_memory_of, node_peak, node_terms
 from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
@@ -494,8 +494,8 @@ def main(args: Any) -> int:
         kernels = measure(cfg)
     p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
              node_memory=getattr(args, "node_memory", None))
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+    if getattr(args, "json", False):   # + the time estimate (launcher/memory/clock.py)
+        sys.stdout.write(json.dumps({**p.to_dict(), "time": plan_section(cfg)[1]}, indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
+        sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + plan_section(cfg)[0])
     return 0 if p.fits else 1

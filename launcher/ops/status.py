@@ -198,6 +198,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
         "time_left_s": (None if per_step is None or state not in ("running", "queued")
                         else round(per_step * max(0, max_steps - step), 1)),
         "no_step_for_s": round(since_step) if stale else None,
+        **_clock(run_dir, recent, per_step, max_steps, step, state),
         "checkpoint": ckpt, "checkpoint_step": checkpoint.step_of(ckpt) if ckpt else None,
         "exit": exit_rec,
         "last_failure": exit_rec if exit_rec and run_state.is_failure(exit_rec.get("code")) else None,
@@ -205,6 +206,25 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
         "job_failure": job_failure,
         "resume": resume_advice(run_dir) if state == "stopped" else None,
     }
+
+
+def _clock(run_dir: str, recent: list[dict], per_step: Optional[float], max_steps: int,
+           step: int, state: str) -> dict:
+    """Estimated training time (RUN_DIR/estimate.json, written where cluster.time was auto),
+    training time elapsed (metrics.jsonl's elapsed_s, over every launch) and the projected end
+    (now + the steps left at the measured step time)."""
+    estimated = None
+    try:
+        with open(os.path.join(run_dir, layout.ESTIMATE), encoding="utf-8") as fh:
+            estimated = json.load(fh).get("train_s")
+    except (OSError, ValueError, AttributeError):
+        pass
+    elapsed = recent[0].get("elapsed_s") if recent else None
+    end = None
+    if per_step is not None and state == "running":
+        end = time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            time.time() + per_step * max(0, max_steps - step)))
+    return {"estimated_s": estimated, "elapsed_s": elapsed, "projected_end": end}
 
 
 def resume_advice(run_dir: str) -> str:
@@ -249,6 +269,15 @@ def render(st: dict) -> str:
         if st["time_left_s"] is not None:
             speed += f"; about {_duration(st['time_left_s'])} left"
         rows.append(("speed", speed))
+    if st.get("estimated_s") is not None or st.get("elapsed_s") is not None:
+        parts = []
+        if st.get("estimated_s") is not None:
+            parts.append(f"estimated {_duration(st['estimated_s'])} of training")
+        if st.get("elapsed_s") is not None:
+            parts.append(f"elapsed {_duration(st['elapsed_s'])}")
+        if st.get("projected_end"):
+            parts.append(f"projected end {st['projected_end']}")
+        rows.append(("time", ", ".join(parts)))
     if st.get("no_step_for_s"):
         rows.append(("progress", f"no step for {_duration(st['no_step_for_s'])}: a node may be down "
                      "or the ranks stuck; see the logs in " + os.path.join(st["run_dir"], layout.LOGS)))
