@@ -176,10 +176,11 @@ def _ftlaunch(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_dry_run_estimate_within_20_percent_of_a_200_step_run(tiny, tmp_path):
-    """Stated tolerance, not a speed assertion: the dry run's 3 steps (median of the 2 after
-    the first) predict the training time of 200 steps (metrics.jsonl's elapsed_s at the end)
-    within 20% on the same machine."""
+def test_a_dry_run_sets_the_step_time_the_estimate_uses(tiny, tmp_path):
+    """`run --dry-run` measures its steps and keeps the step time beside the data cache (the run
+    directory stays absent); the plan's estimate then uses it, with the tokens counted by the
+    tokenized cache. How close it comes to the real run is a benchmark, not a test:
+    bench/clock_accuracy.py (docs/time.md)."""
     from launcher.memory import clock
     path = tmp_path / "run.yaml"
     path.write_text(f"""\
@@ -191,17 +192,14 @@ deepspeed: {{zero_stage: 1}}
 cluster: {{nodes: 1, gpus_per_node: 1}}
 output: {{dir: {tmp_path / 'run'}, save_final: false}}
 """)
+    cfg = load(str(path), [])
+    assert not clock.estimate(cfg).step_how.startswith("measured")
     dry = _ftlaunch("run", str(path), "--dry-run", "--nproc", "1")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "ftlaunch: measured " in dry.stdout and not (tmp_path / "run").exists()
-    cfg = load(str(path), [])
     est = clock.estimate(cfg)
     assert est.step_how.startswith("measured: ftlaunch run --dry-run")
     assert "counted by the tokenized cache" in est.tokens_how
-    real = _ftlaunch("run", str(path), "--nproc", "1")
-    assert real.returncode == 0, real.stderr[-3000:]
-    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    measured = [r for r in lines if "loss" in r][-1]["elapsed_s"]
-    error = est.train_s / measured - 1
-    print(f"estimate {est.train_s:.2f} s, 200-step run {measured:.2f} s, error {error:+.1%}")
-    assert abs(error) < 0.20, (est.train_s, measured)
+    said = float(re.search(r"ftlaunch: measured ([0-9.e+-]+) s a step", dry.stdout).group(1))
+    assert abs(est.step_s / said - 1) < 0.01, (est.step_s, said)   # printed to 3 digits
+    assert est.steps == 200 and est.train_s == pytest.approx(200 * est.step_s)
