@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher import (checkpoint, data, export, faults, layout, lr_schedule, metrics, run_state,
-                      timeouts)
+from launcher import (checkpoint, data, export, faults, layout, longseq, lr_schedule, metrics,
+                      run_state, timeouts)
 from launcher.batch import batch_sizes
 from launcher.collectives import all_reduce_sum
 from launcher.data import loader
@@ -37,7 +37,11 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 def collate_for(s: Setup) -> Any:
-    """The batches' collate: packed rows in the form the model's attention kernel needs."""
+    """The batches' collate: packed rows in the form the model's attention kernel needs; for a
+    loss computed in the loop (launcher/longseq.py), this rank's slice of the sequences."""
+    if longseq.active(s.cfg):
+        import functools
+        return functools.partial(longseq.sp_collate, pad_id=s.pad_id, size=s.sp.size, rank=s.sp.rank)
     return data.model_collate(s.model, s.pad_id, s.cfg.model.dtype)
 
 
@@ -48,7 +52,7 @@ def evaluate(s: Setup) -> float:
     ev = s.splits.eval if s.splits else None
     if ev is None or len(ev) == 0:
         return float("nan")
-    micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
+    (rank, world), micro = s.dp, s.cfg.train.micro_batch_size
     mine = list(range(rank, len(ev), world))
     n_batches = math.ceil(math.ceil(len(ev) / world) / micro)
     weights = [1.0 if mine[b * micro:(b + 1) * micro] else 0.0 for b in range(n_batches)]
@@ -60,6 +64,11 @@ def evaluate(s: Setup) -> float:
     with torch.no_grad():
         for weight, batch in zip(weights, s.eval_batches):
             batch.pop("num_tokens", None)
+            if longseq.active(s.cfg):  # every rank of a sequence-parallel group: the same loss, n
+                _, loss, n = longseq.micro_loss(s.engine, s.hidden, to_device(batch, s.device),
+                                                s.sp, s.cfg.train.tiled_loss)
+                loss_sum = loss_sum + loss.float() * (weight * n)
+                continue
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())  # on the host, before the copy
             batch = to_device(batch, s.device)
             out = s.engine(**batch)
@@ -99,7 +108,8 @@ def begin(s: Setup) -> Progress:
     """The loop's starting point: step 0, or the newest complete checkpoint (train.resume auto),
     whose weights, optimizer, sampler position and metrics file are restored."""
     cfg, env, t = s.cfg, s.env, s.cfg.train
-    sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
+    dp_rank, dp_world = s.dp  # a sequence-parallel group reads one share of the data
+    sampler = data.Sampler(len(s.splits.train), rank=dp_rank, world_size=dp_world,
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
                            mixture=s.splits.mixture)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -174,7 +184,11 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
         batch = next(batches)  # collated (data.loader.train_batches)
         n_tokens += float(batch.pop("num_tokens"))
         batch = to_device(batch, s.device)
-        loss = engine(**batch).loss
+        if longseq.active(s.cfg):  # the loss computed here: sequence parallel, tiled
+            loss, shown, _ = longseq.micro_loss(engine, s.hidden, batch, s.sp, s.cfg.train.tiled_loss,
+                                                s.cfg.train.activation_offload and s.device != "cpu")
+        else:
+            loss = shown = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
         if micro == 0:
@@ -182,7 +196,7 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
         engine.backward(loss)
         if micro < p.accum - 1:
             engine.step()
-        loss_sum = loss_sum + loss.detach().float()
+        loss_sum = loss_sum + shown.detach().float()
     return loss_sum, n_tokens
 
 

@@ -342,6 +342,7 @@ def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------ files the run will read
 from launcher import rule_files  # noqa: E402,F401  (its rules register here, in this order)
+from launcher import longseq_rules  # noqa: E402,F401  (sequence parallelism, tiling, offload)
 
 
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster
