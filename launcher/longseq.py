@@ -315,8 +315,9 @@ def mpu_for(sp: SeqPar) -> Any:
     if not sp.on:
         return None
     names = {k: getattr(sp.mpu, k) for k in dir(sp.mpu) if k.startswith(("get_", "initialize_"))}
-    return types.SimpleNamespace(**names, get_model_parallel_rank=lambda: 0,
-                                 get_model_parallel_world_size=lambda: 1)
+    names.setdefault("get_model_parallel_rank", lambda: 0)
+    names.setdefault("get_model_parallel_world_size", lambda: 1)
+    return types.SimpleNamespace(**names)
 
 
 def prepare_model(model: Any, cfg: Any, sp: SeqPar) -> Optional[HiddenStates]:
