@@ -85,7 +85,8 @@ def pairwise(levels: dict[str, list[Any]], seed: int = 0, candidates: int = 30,
 # refusal once per pair; the covering set leaves them out so that its rows run every command
 REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "full"),
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
-           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3)]
+           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
+           ("longseq", "tiled", "zero", 3)]  # the tiled MLP's chunked gathers under ZeRO-3
 
 
 def allowed(a: str, va: Any, b: str, vb: Any) -> bool:
@@ -173,6 +174,10 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
             data["eval_fraction"] = 0.1
     if row["watchdog"]:
         train["watchdog"] = {"max_loss": 50.0, "patience": 2}
+    if row.get("longseq") == "sp":
+        train["sequence_parallel"] = 2
+    elif row.get("longseq") == "tiled":
+        train.update(tiled_loss=True, tiled_mlp=True, activation_offload=True)
     model_sec: dict[str, Any] = {"path": model, "dtype": "fp32" if row["zero"] == 0 else "bf16"}
     if row["tokens"]:
         model_sec["special_tokens"] = ["<|tool|>"]
@@ -233,6 +238,7 @@ def levels() -> dict[str, list[Any]]:
         "private": [False, True],                                # output.private
         "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
         "from_shell": [False, True],                             # cluster.env_from_shell
+        "longseq": ["none", "sp", "tiled"],  # train.sequence_parallel 2 / tiled loss, MLP, offload
     }
 
 
@@ -242,7 +248,9 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
-               "output.private", "cluster.gpu_type", "cluster.env_from_shell")
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell",
+               "train.sequence_parallel", "train.tiled_loss", "train.tiled_mlp",
+               "train.activation_offload")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 
 

@@ -87,7 +87,7 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
-           "offload": "deepspeed.offload_optimizer"}[a]
+           "offload": "deepspeed.offload_optimizer", "longseq": "train.tiled_mlp"}[a]
     for cmd in COMMANDS:
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
         assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])
