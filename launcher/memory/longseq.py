@@ -142,10 +142,10 @@ def _with_len(cfg: Any, s: int) -> Any:
 
 
 def sp_choice(cfg: Any, world: int, heads: int, kv: int) -> int:
-    """The largest N that divides the ranks of one node (the all-to-all stays inside it) and the
-    heads, with KV heads dividing it or divisible by it (1 where none: one GPU)."""
-    most = min(world, cfg.cluster.gpus_per_node)
-    ok = [n for n in range(1, most + 1) if most % n == 0 and heads % n == 0
+    """The largest N that divides the world size and the heads, with KV heads dividing it or
+    divisible by it (1 where none: one GPU). Past one node the all-to-all crosses the network,
+    as in ALST's multi-node runs."""
+    ok = [n for n in range(1, world + 1) if world % n == 0 and heads % n == 0
           and (kv % n == 0 or n % kv == 0)]
     return max(ok)
 
