@@ -4,7 +4,8 @@ sequence that trains under a fixed memory budget with the switches on vs off (on
     .venv/bin/python bench/longseq_memory.py [--seq 4096] [--budget 1GiB] [--doc docs/long-sequences.md]
 
 Model: a Llama of 4 blocks, hidden 256, 4 heads (2 KV), MLP 688, vocabulary 32,000, fp32,
-gradient checkpointing, ZeRO-2, built here (examples/tiny_recipe.py). Each setting runs in its own
+gradient checkpointing, ZeRO-2 (buckets of 5M elements: RLIMIT_AS counts DeepSpeed's
+default 500M-element bucket as 2 GB of address space even where it is never touched), built here (examples/tiny_recipe.py). Each setting runs in its own
 ranks (torchrun; 2 ranks for sequence_parallel 2, else 1), through the training loop's own code
 (launcher/train.py setup, launcher/loop_steps.py collate_for, launcher/longseq.py micro_loss).
 
@@ -14,7 +15,7 @@ ranks (torchrun; 2 ranks for sequence_parallel 2, else 1), through the training 
    length (launcher/memory/longseq.py KEYS: activations, backward temporaries, chunks, masks,
    all-to-all buffers); the weights, gradients and optimizer state are in the baseline.
 2. Longest sequence under a budget: after the warm step, RLIMIT_AS is set to the process's address
-   space + --budget, then steps at growing lengths (x1.25, multiples of 512) until one fails to
+   space + --budget, then steps at growing lengths (x1.25, multiples of 256) until one fails to
    allocate; the longest that trained is reported. Sequence-parallel ranks fail together
    (torchrun ends the group when a rank fails); the last length both finished is the answer.
 
@@ -49,7 +50,8 @@ name: ls-{tag}
 model: {{path: {model}, tokenizer: {tok}, dtype: fp32, gradient_checkpointing: true}}
 data: {{path: {data}, max_seq_len: {seq}, packing: false}}
 train: {{max_steps: 10, micro_batch_size: 1, device: cpu{train}}}
-deepspeed: {{zero_stage: 2}}
+deepspeed: {{zero_stage: 2, overrides: {{zero_optimization: {{reduce_bucket_size: 5000000,
+           allgather_bucket_size: 5000000}}}}}}
 cluster: {{gpus_per_node: {ranks}}}
 output: {{dir: {out}}}
 """
@@ -168,7 +170,7 @@ def planned(run: str) -> int:
     return sum(t.bytes for t in p.terms if t.key in KEYS)
 
 
-def growing(start: int, stop: int, step: int = 512) -> list[int]:
+def growing(start: int, stop: int, step: int = 256) -> list[int]:
     out, s = [], start
     while s <= stop:
         out.append(s)
@@ -184,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--seq", type=int, default=4096, help="length of the step-memory comparison")
     ap.add_argument("--budget", default="1GiB", help="memory above the baseline for part 2")
+    ap.add_argument("--start", type=int, default=1024, help="first length tried in part 2")
     ap.add_argument("--max", type=int, default=1 << 17, help="longest length tried in part 2")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--parts", default="1,2", help="1: step memory vs plan; 2: longest under budget")
     ap.add_argument("--doc", help="write the tables into this markdown file between the markers")
     ap.add_argument("--work", default=os.path.join("/tmp", f"longseq-bench-{os.getuid()}"))
     a = ap.parse_args(argv)
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"Step memory at {a.seq:,} tokens (one rank's RSS high-water mark above its baseline "
              "after a warm step; plan: its activation terms):", "",
              "| setting | ranks | plan | measured | measured / plan |", "|---|---|---|---|---|"]
-    for name in names:
+    for name in names if "1" in a.parts.split(",") else []:
         run = write_run(a.work, paths, name, a.seq)
         n = int(SETTINGS[name].get("sequence_parallel", 1))
         t0 = time.time()
@@ -211,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         print(lines[-1], f"({time.time() - t0:.0f} s)", flush=True)
     budget = parse_size(a.budget, "--budget")
     lines += ["", f"Longest sequence that trains under a budget of {a.budget} above the baseline "
-              "(RLIMIT_AS; lengths x1.25 from 1,024):", "", "| setting | ranks | longest | plan's "
+              f"(RLIMIT_AS; lengths x1.25 from {a.start:,}):", "", "| setting | ranks | longest | plan's "
               "activations there |", "|---|---|---|---|"]
     longest = {}
-    for name in ("plain", "all"):
+    for name in ("plain", "all") if "2" in a.parts.split(",") else []:
         n = int(SETTINGS[name].get("sequence_parallel", 1))
         run = write_run(a.work, paths, name, a.seq)
-        got = ranks(run, n, growing(1024, a.max), budget, out)
+        got = ranks(run, n, growing(a.start, a.max), budget, out)
         longest[name] = got[-1]["seq"] if got else 0
         plan = planned(write_run(a.work, paths, name, longest[name])) if longest[name] else 0
         lines.append(f"| {name} | {n} | {longest[name]:,} | {plan / 2**20:,.1f} MiB |")

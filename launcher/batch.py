@@ -108,7 +108,8 @@ def batch_problem(cfg: RunConfig, world_size: int | None = None) -> Problem | No
         assert cfg.train.global_batch_size is not None
         note = ""
         if cfg.train.grad_accum is None and cfg.train.global_batch_size % world:
-            note = f" (a global batch must be a multiple of the {world} data-parallel ranks)"
+            kind = " data-parallel" if cfg.train.sequence_parallel > 1 else ""
+            note = f" (a global batch must be a multiple of the {world}{kind} ranks)"
         options = [_describe_option(o, cfg, world) for o in batch_options(cfg, world)]
         return Problem("train.global_batch_size", f"{exc}{note}", "use one of: " + "; ".join(options))
     return None

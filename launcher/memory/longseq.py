@@ -11,7 +11,7 @@ V vocabulary, lp bytes of the training dtype):
 - the loss computed in the loop: lm_head on the hidden states, no model logits kept; packed rows
   (and eager) get one (b, 1, s, s) mask of the whole sequence (bool for sdpa, lp for eager).
 - tiled_loss: no 4 b s_l V fp32 log-probabilities kept, no 8 b s_l V loss gradients; one chunk
-  of C = 2^24 / V tokens at a time: (lp + 16) C V, and the lp b s_l h gradient of the input.
+  of C = 2^24 / V tokens at a time: (lp + 8) C V, and the lp b s_l h gradient of the input.
 - tiled_mlp: a block keeps its MLP input only, not the (4 lp b s_l i gated) intermediates; one
   chunk of h tokens of them at a time, and the lp b s_l h input gradient.
 - activation_offload: everything autograd saves in the forward goes to pinned host memory (a
@@ -96,8 +96,9 @@ def act_terms(cfg: Any, inv: Any, zero3_linear: bool = False) -> LongSeqActs:
         logits_saved = loss_grad = 0
         c = min(b * s_l, max(1, math.ceil(LOSS_CHUNK_ELEMS / V)))
         add("tiled_loss_chunk", "tiled loss: one chunk of logits + input gradient",
-            (lp + 16) * c * V + lp * b * s_l * h, "fwd",
-            f"(lp + 16) C V with C = {c} tokens (2^24 / V) + lp b s_l h")
+            (lp + 8) * c * V + lp * b * s_l * h, "fwd",
+            f"(lp + 8) C V with C = {c} tokens (2^24 / V): the chunk's logits, fp32 log-probabilities "
+            "and their gradient; + lp b s_l h")
         why.append("tiled_loss: - 4 b s_l V log-probabilities, - 8 b s_l V loss gradients")
     extra = max(loss_grad, per_layer - logits_saved) if ckpt else loss_grad
     offloaded = 0
