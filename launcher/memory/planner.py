@@ -14,7 +14,8 @@ from launcher.memory.activations import activations, from_frozen_trace, from_tra
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.attn_kernels import resolved as resolved_kernel
-from launcher.memory import longseq
+from launcher.memory.longseq import (act_terms, offload_node_term, render_max_seq_len,
+                                     switches_on)
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
@@ -153,8 +154,8 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     terms += _overhead_terms(r, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
     node = node_terms(r, total)
-    if longseq.switches_on(cfg) and cfg.train.activation_offload:
-        node += [t for t in [longseq.offload_node_term(cfg, world, longseq.act_terms(
+    if switches_on(cfg) and cfg.train.activation_offload:
+        node += [t for t in [offload_node_term(cfg, world, act_terms(
             cfg, r.inv).offloaded)] if t]
     phase, node_cpu = node_peak(node)
     local = device == "cpu" if local is None else local
@@ -289,8 +290,8 @@ def _activation_terms(r: _Setting) -> list[Term]:
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
-    if longseq.switches_on(cfg):  # sequence parallel, tiled, offloaded: the formula's terms
-        return longseq.act_terms(cfg, inv, linear3).terms
+    if switches_on(cfg):  # sequence parallel, tiled, offloaded: the formula's terms
+        return act_terms(cfg, inv, linear3).terms
     # packed rows carry a (b, 1, s, s) mask except under flash attention (launcher/data/batching.py)
     packed = cfg.data.packing and attn != "flash_attention_2"
     # padded rows: transformers builds a (b, 1, s, s) mask for sdpa/eager; flash attention unpads
@@ -503,5 +504,5 @@ def main(args: Any) -> int:
     else:
         sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
     if getattr(args, "max_seq_len", False):
-        sys.stdout.write(longseq.render_max_seq_len(p))
+        sys.stdout.write(render_max_seq_len(p))
     return 0 if p.fits else 1
