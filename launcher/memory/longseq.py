@@ -33,7 +33,7 @@ from launcher.memory.terms import Term, gib
 
 LOSS_CHUNK_ELEMS = 1 << 24  # launcher/longseq.py loss_chunks: fp32 logits per chunk
 KEYS = ("activations", "loss_backward", "packed_mask", "sp_all_to_all", "sp_mask",
-        "tiled_loss_chunk", "tiled_mlp_chunk", "offload_staging")
+        "offload_staging")
 SRC = "launcher/memory/longseq.py (formula); bench/longseq_memory.py (measured on CPU)"
 
 
@@ -81,26 +81,26 @@ def act_terms(cfg: Any, inv: Any, zero3_linear: bool = False) -> LongSeqActs:
         else:
             saved += n_active * q
         why.append("eager: + (4 + lp) b a (s^2 / N - s_l^2) per block (whole-sequence attention)")
+    # the backward's worst moment: the loss's gradient (first), then one block at a time
+    mlp_chunk = loss_chunk = 0
     if t.tiled_mlp:
         mlp = (4 if shape.gated_mlp else 2) * lp * b * s_l * i
         if ckpt:
             per_layer = max(0, per_layer - mlp)
         else:
             saved = max(0, saved - n_active * mlp)
-        chunk = (4 if shape.gated_mlp else 2) * lp * b * min(h, s_l) * i + lp * b * s_l * h
-        add("tiled_mlp_chunk", "tiled MLP: one chunk + input gradient", chunk, "fwd",
-            "(4 lp b i gated) x min(h, s_l) tokens + lp b s_l h")
-        why.append(f"tiled_mlp: - {4 if shape.gated_mlp else 2} lp b s_l i per block")
+        mlp_chunk = (4 if shape.gated_mlp else 2) * lp * b * min(h, s_l) * i + lp * b * s_l * h
+        why.append(f"tiled_mlp: - {4 if shape.gated_mlp else 2} lp b s_l i per block; one chunk "
+                   "(4 lp b i gated x min(h, s_l) tokens + lp b s_l h) in the backward")
     if t.tiled_loss:
         saved -= logits_saved
         logits_saved = loss_grad = 0
         c = min(b * s_l, max(1, math.ceil(LOSS_CHUNK_ELEMS / V)))
-        add("tiled_loss_chunk", "tiled loss: one chunk of logits + input gradient",
-            (lp + 8) * c * V + lp * b * s_l * h, "fwd",
-            f"(lp + 8) C V with C = {c} tokens (2^24 / V): the chunk's logits, fp32 log-probabilities "
-            "and their gradient; + lp b s_l h")
-        why.append("tiled_loss: - 4 b s_l V log-probabilities, - 8 b s_l V loss gradients")
-    extra = max(loss_grad, per_layer - logits_saved) if ckpt else loss_grad
+        loss_chunk = (lp + 8) * c * V + lp * b * s_l * h
+        why.append(f"tiled_loss: - 4 b s_l V log-probabilities, - 8 b s_l V loss gradients; one "
+                   f"chunk in the backward: (lp + 8) C V, C = {c} tokens (2^24 / V), + lp b s_l h")
+    block = (per_layer + mlp_chunk - logits_saved) if ckpt else mlp_chunk
+    extra = max(loss_grad, loss_chunk, block)
     offloaded = 0
     if t.activation_offload:
         offloaded = max(0, saved - logits_saved)
@@ -110,7 +110,8 @@ def act_terms(cfg: Any, inv: Any, zero3_linear: bool = False) -> LongSeqActs:
         why.append(f"activation_offload: {gib(offloaded)} to pinned host memory per rank")
     add("activations", "activations", saved, "fwd", "; ".join(why))
     add("loss_backward", "backward temporaries", extra, "fwd",
-        "fp32 gradients of the loss (8 b s_l V, none when tiled) or one block recomputed")
+        "the largest of: fp32 gradients of the loss (8 b s_l V), the tiled loss's chunk, one "
+        "block recomputed (with the tiled MLP's chunk)")
     if n > 1:
         add("sp_all_to_all", "sequence parallel all-to-all buffers",
             2 * lp * b * s_l * d * (2 * a + 2 * max(kv, n)), "fwd",
