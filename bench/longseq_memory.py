@@ -7,7 +7,8 @@ Model: a Llama of 4 blocks, hidden 256, 4 heads (2 KV), MLP 688, vocabulary 32,0
 gradient checkpointing, ZeRO-2 (buckets of 5M elements: RLIMIT_AS counts DeepSpeed's
 default 500M-element bucket as 2 GB of address space even where it is never touched), built here (examples/tiny_recipe.py). Each setting runs in its own
 ranks (torchrun; 2 ranks for sequence_parallel 2, else 1), through the training loop's own code
-(launcher/train.py setup, launcher/loop_steps.py collate_for, launcher/longseq.py micro_loss).
+(launcher/rank/train.py setup, launcher/rank/loop_steps.py collate_for,
+launcher/rank/longseq.py micro_loss).
 
 1. Step memory: after one warm step at a short length (optimizer state, gradients and kernels
    allocated), the rank's RSS is the baseline and its high-water mark is reset; one step at --seq
@@ -61,8 +62,8 @@ output: {{dir: {out}}}
 def one_step(s, seq: int, gen) -> None:
     import torch
 
-    from launcher import longseq
-    from launcher.loop_steps import collate_for, to_device
+    from launcher.rank import longseq
+    from launcher.rank.loop_steps import collate_for, to_device
     vocab = int(s.engine.module.config.vocab_size)
     ids = torch.randint(3, vocab, (seq,), generator=gen).tolist()
     batch = collate_for(s)([{"input_ids": ids, "labels": ids}])
@@ -83,8 +84,9 @@ def rank_main(run: str, lengths: list[int], budget: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher import runfile, train
-    from launcher.dist_env import from_environ
+    from launcher.config import runfile
+    from launcher.rank import train
+    from launcher.cluster.dist_env import from_environ
     from plan_vs_measured import _reset_peak, _status
     cfg = runfile.load(run)
     env = from_environ()
@@ -164,7 +166,8 @@ def ranks(run: str, nproc: int, lengths: list[int], budget: int, out: str) -> li
 
 
 def planned(run: str) -> int:
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     from launcher.memory.longseq import KEYS
     p = memory.plan(runfile.load(run), advise=False)
     return sum(t.bytes for t in p.terms if t.key in KEYS)
@@ -179,7 +182,7 @@ def growing(start: int, stop: int, step: int = 256) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.sizes import parse_size
+    from launcher.config.sizes import parse_size
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", help=argparse.SUPPRESS)
     ap.add_argument("--lengths", help=argparse.SUPPRESS)

@@ -4,7 +4,7 @@
 
 Each rank builds the same tiny fp32 Llama (4 heads, 2 KV heads), computes the plain loss and
 gradients of a batch by itself (the project's collate and the model's own loss: the reference),
-then the same batch with train.sequence_parallel 2 (launcher/longseq.py: sp_collate, the Ulysses
+then the same batch with train.sequence_parallel 2 (launcher/rank/longseq.py: sp_collate, the Ulysses
 attention, the loss computed in the loop), sums the gradients over the group and compares. For
 eager and sdpa, with padded rows and with packed rows. Rank 0 writes the largest differences.
 """
@@ -49,10 +49,10 @@ def main(out: str, port: str) -> None:
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import deepspeed
-    from launcher.train import skip_cpu_shm_op
+    from launcher.rank.train import skip_cpu_shm_op
     skip_cpu_shm_op()  # not used by training collectives; its first build takes minutes
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
-    from launcher import longseq
+    from launcher.rank import longseq
     from launcher.data.batching import collate
     rank = dist.get_rank()
     sp = longseq.init_groups(2, rank)

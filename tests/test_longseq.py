@@ -15,8 +15,10 @@ import textwrap
 
 import pytest
 
-from launcher import batch, ds_config, runfile, validate
-from launcher.errors import ConfigError
+from launcher.checks import validate
+from launcher.config import batch, runfile
+from launcher.config.errors import ConfigError
+from launcher.dsconfig import build as ds_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "tests", "configs")
@@ -57,7 +59,7 @@ def tiny_llama():
 def test_tiled_loss_equals_the_untiled_loss_and_gradients():
     import torch
 
-    from launcher import longseq
+    from launcher.rank import longseq
     torch.manual_seed(1)
     head = torch.nn.Linear(32, 96, bias=False)
     h = torch.randn(2, 23, 32, requires_grad=True)  # 46 tokens: chunks of unequal size
@@ -78,7 +80,7 @@ def test_tiled_loss_equals_the_untiled_loss_and_gradients():
 def test_tiled_mlp_equals_the_untiled_mlp():
     import torch
 
-    from launcher import longseq
+    from launcher.rank import longseq
     plain, tiled = tiny_llama(), tiny_llama()
     assert longseq.install_tiled_mlp(tiled, shards=3) == 2  # one per decoder layer
     ids = torch.randint(0, 96, (2, 20))
@@ -93,7 +95,7 @@ def test_tiled_mlp_equals_the_untiled_mlp():
 
 
 def test_sp_collate_slices_tokens_positions_and_shifted_labels():
-    from launcher import longseq
+    from launcher.rank import longseq
     rows = [{"input_ids": list(range(10, 17)), "labels": list(range(10, 17)),
              "doc_lengths": [3, 4]}]
     parts = [longseq.sp_collate(rows, 0, size=2, rank=r) for r in (0, 1)]
@@ -109,7 +111,7 @@ def test_sp_collate_slices_tokens_positions_and_shifted_labels():
 def test_doc_mask_is_causal_within_documents():
     import torch
 
-    from launcher import longseq
+    from launcher.rank import longseq
     m = longseq.doc_mask(torch.tensor([[0, 1, 0, 1, 2]]))[0, 0]
     assert m.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
                           [False, False, True, False, False], [False, False, True, True, False],

@@ -1,5 +1,5 @@
 """The long-sequence switches in the memory plan (train.sequence_parallel, tiled_loss, tiled_mlp,
-activation_offload; launcher/longseq.py runs them) and `ftlaunch plan --max-seq-len`.
+activation_offload; launcher/rank/longseq.py runs them) and `ftlaunch plan --max-seq-len`.
 
 With any switch on, the activation terms come from the enumerated formula (activations.py) for
 this rank's s / N tokens, then each switch changes what it changes (b micro batch, s sequence,
@@ -27,11 +27,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher.attn_kernels import resolved as resolved_kernel
+from launcher.checks.attn_kernels import resolved as resolved_kernel
 from launcher.memory.activations import activations, grads_map
 from launcher.memory.terms import Term, gib
 
-LOSS_CHUNK_ELEMS = 1 << 24  # launcher/longseq.py loss_chunks: fp32 logits per chunk
+LOSS_CHUNK_ELEMS = 1 << 24  # launcher/rank/longseq.py loss_chunks: fp32 logits per chunk
 KEYS = ("activations", "loss_backward", "packed_mask", "sp_all_to_all", "sp_mask",
         "offload_staging")
 SRC = "launcher/memory/longseq.py (formula); bench/longseq_memory.py (measured on CPU)"
@@ -215,7 +215,7 @@ def max_seq_len_table(p: Any) -> list[tuple[str, int, str]]:
 
 def render_max_seq_len(p: Any) -> str:
     """The text of `ftlaunch plan --max-seq-len`."""
-    from launcher.model_info import folder_max_positions
+    from launcher.model.info import folder_max_positions
     rows = max_seq_len_table(p)
     cfg = p.cfg
     lines = [f"longest sequence that fits per GPU ({gib(p.gpu_memory)}, {p.world_size} ranks, "
