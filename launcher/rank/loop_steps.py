@@ -192,6 +192,7 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
             loss = shown = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
+            shown = shown * float("nan")
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
         engine.backward(loss)
