@@ -75,6 +75,8 @@ def _commands_before(sub) -> None:
     p.add_argument("--node-memory", help="CPU memory of one node, e.g. 512GiB (default: cluster.mem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", action="store_true", help="show the formula behind every term")
+    p.add_argument("--max-seq-len", action="store_true", help="also the longest sequence that fits "
+                   "per GPU as configured and with each long-sequence switch on (docs/long-sequences.md)")
     p.add_argument("--probe", action="store_true",
                    help="train.device cpu: measure the ranks' kernel memory on this machine "
                         "(a few seconds, cached) instead of planning its range")

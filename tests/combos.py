@@ -86,11 +86,14 @@ def pairwise(levels: dict[str, list[Any]], seed: int = 0, candidates: int = 30,
 REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "full"),
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
            ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
-           ("time", "auto", "gpu_type", None)]   # no peak FLOP/s and nothing measured
-# preference pairs (train.objective) are padded per micro batch and read from one source
+           ("time", "auto", "gpu_type", None),   # no peak FLOP/s and nothing measured
+           ("longseq", "tiled", "zero", 3)]  # the tiled MLP's chunked gathers under ZeRO-3
+# preference pairs (train.objective) are padded per micro batch and read from one source, and
+# take their log-probs from whole logits (no sequence-parallel or tiled loss)
 PREFERENCE = ("dpo", "simpo")
 REFUSED += [("objective", o, "packing", True) for o in PREFERENCE] + \
-    [("objective", o, "sources", "mix") for o in PREFERENCE]
+    [("objective", o, "sources", "mix") for o in PREFERENCE] + \
+    [("objective", o, "longseq", v) for o in PREFERENCE for v in ("sp", "tiled")]
 
 
 def allowed(a: str, va: Any, b: str, vb: Any) -> bool:
@@ -209,6 +212,10 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
             data["eval_fraction"] = 0.1
     if row["watchdog"]:
         train["watchdog"] = {"max_loss": 50.0, "patience": 2}
+    if row.get("longseq") == "sp":
+        train["sequence_parallel"] = 2
+    elif row.get("longseq") == "tiled":
+        train.update(tiled_loss=True, tiled_mlp=True, activation_offload=True)
     model_sec: dict[str, Any] = {"path": model, "dtype": "fp32" if row["zero"] == 0 else "bf16"}
     if row["tokens"]:
         model_sec["special_tokens"] = ["<|tool|>"]
@@ -273,6 +280,7 @@ def levels() -> dict[str, list[Any]]:
         "from_shell": [False, True],                             # cluster.env_from_shell
         "objective": ["sft", *PREFERENCE],                       # train.objective
         "time": [None, "auto"],                                  # cluster.time (None: 01:00:00)
+        "longseq": ["none", "sp", "tiled"],  # train.sequence_parallel 2 / tiled loss, MLP, offload
     }
 
 
@@ -283,7 +291,8 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
                "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective",
-               "cluster.time")
+               "cluster.time", "train.sequence_parallel", "train.tiled_loss", "train.tiled_mlp",
+               "train.activation_offload")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 
 

@@ -89,7 +89,9 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
            "offload": "deepspeed.offload_optimizer", "time": "cluster.time",
-           "objective": "data.packing" if b == "packing" else "data.mix"}[a]
+           "longseq": "train.tiled_mlp",
+           "objective": {"packing": "data.packing", "sources": "data.mix",
+                         "longseq": "train.sequence_parallel" if vb == "sp" else "train.tiled_loss"}.get(b)}[a]
     for cmd in COMMANDS:
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
         assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])

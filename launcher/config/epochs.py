@@ -76,15 +76,17 @@ def resolve(cfg: RunConfig, n_sequences: int, world: int) -> RunConfig:
         assert t.max_steps is not None
         return with_steps(cfg, t.max_steps)
     micro, accum, _ = batch_sizes(cfg, world)
-    return with_steps(cfg, steps_for_epochs(t.epochs, n_sequences, world, micro, accum))
+    dp = world // t.sequence_parallel  # the ranks of a sequence-parallel group read the same data
+    return with_steps(cfg, steps_for_epochs(t.epochs, n_sequences, dp, micro, accum))
 
 
 def describe(cfg: RunConfig, n_sequences: int, world: int) -> str:
     """The line the ranks and `ftlaunch run` print for an epoch run."""
     t = cfg.train
     micro, accum, global_batch = batch_sizes(cfg, world)
-    per_epoch = micro_batches_per_epoch(n_sequences, world, micro)
-    steps = steps_for_epochs(t.epochs or 0, n_sequences, world, micro, accum)
+    dp = world // t.sequence_parallel
+    per_epoch = micro_batches_per_epoch(n_sequences, dp, micro)
+    steps = steps_for_epochs(t.epochs or 0, n_sequences, dp, micro, accum)
     return (f"epochs: {t.epochs:g} x {n_sequences} sequences / global batch {global_batch} "
             f"({per_epoch} micro batches of {micro} per rank per epoch, accum {accum}) = "
             f"{steps} steps, warmup {warmup_steps(cfg, steps)}")
@@ -155,6 +157,6 @@ def planned_steps(cfg: RunConfig, world: Optional[int] = None) -> tuple[int, str
     world = world or cfg.world_size
     n, how = estimated_sequences(cfg)
     micro, accum, _ = batch_sizes(cfg, world)
-    steps = steps_for_epochs(t.epochs or 1, n, world, micro, accum)
+    steps = steps_for_epochs(t.epochs or 1, n, world // t.sequence_parallel, micro, accum)
     return steps, (f"estimated from {how}; the ranks count exactly from the tokenized data "
                    "and print it")

@@ -262,6 +262,19 @@ class TrainConfig:
         "policy lora: the base with the adapters switched off, no copy), or precomputed "
         "(log-probs of the initial model in one pass before training, kept with the tokenized "
         "data).")
+    sequence_parallel: int = opt(1, "Ranks that share one sequence (Ulysses sequence parallelism, "
+                                 "docs/long-sequences.md): each holds 1/N of every sequence's "
+                                 "tokens and attention runs on 1/N of the heads after an "
+                                 "all-to-all. The data-parallel size becomes world size / N "
+                                 "(batch arithmetic, sampler, evaluation). 1: off.", ge=1, le=64)
+    tiled_loss: bool = opt(False, "Compute the logits and the loss in chunks of tokens (never the "
+                           "whole [tokens x vocab] logits at once); the same loss and gradients.")
+    tiled_mlp: bool = opt(False, "Run each layer's MLP over chunks of the sequence (DeepSpeed's "
+                          "TiledMLP, recomputed in the backward): its intermediates shrink to "
+                          "one chunk's.")
+    activation_offload: bool = opt(False, "Keep the activations saved for the backward (with "
+                                   "gradient checkpointing: each layer's input) in pinned host "
+                                   "memory instead of GPU memory (torch's save_on_cpu).")
 
 
 @dataclass(frozen=True)

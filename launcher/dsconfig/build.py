@@ -126,6 +126,8 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
         out["scheduler"] = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": steps, "warmup_min_ratio": 0.0, "warmup_num_steps": warm,
             "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}}
+    if t.sequence_parallel > 1:  # zero.Init's batch check before the ranks pass the groups
+        out["sequence_parallel_size"] = t.sequence_parallel
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)

@@ -77,7 +77,8 @@ REMOVED_TOP = {"nebula", "compression_training", "amp", "quantize_training", "sp
                "curriculum_learning", "progressive_layer_drop"}
 REMOVED_ZERO = {"mics_shard_size", "mics_hierarchical_params_gather", "zeropp_loco_param"}
 UNSUPPORTED_TOP = {"sequence_parallel_size": "sequence parallelism changes the data-parallel world "
-                   "size the batch arithmetic is done for; the launcher trains data-parallel only"}
+                   "size the batch arithmetic is done for: the launcher sets it from "
+                   "train.sequence_parallel (remove it here and set that)"}
 
 # zero_optimization: DeepSpeedZeroConfig fields (by their JSON name) and aliases.
 ZERO_KEYS: dict[str, str] = {

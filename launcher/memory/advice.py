@@ -87,6 +87,27 @@ def _env(name: str, value: str) -> Callable[[RunConfig], RunConfig]:
     return lambda c: _rep(c, cluster=_rep(c.cluster, env={**c.cluster.env, name: value}))
 
 
+def _train(**kw: Any) -> Callable[[RunConfig], RunConfig]:
+    return lambda c: _rep(c, train=_rep(c.train, **kw))
+
+
+def _long_sequence(c: RunConfig) -> Iterator[Change]:
+    """The long-sequence switches, where activations grow with the sequence."""
+    t = c.train
+    if not t.tiled_loss:
+        yield ("train.tiled_loss: true", 1, "lm_head recomputed in chunks (no [tokens x vocab] "
+               "logits)", _train(tiled_loss=True))
+    if not t.tiled_mlp and c.deepspeed.zero_stage < 3:
+        yield "train.tiled_mlp: true", 4, "each MLP recomputed in chunks", _train(tiled_mlp=True)
+    if not t.activation_offload and t.device != "cpu":
+        yield ("train.activation_offload: true", 5, "activations cross PCIe; needs node memory",
+               _train(activation_offload=True))
+    n = 2 * t.sequence_parallel
+    if t.device != "cpu" and c.world_size % n == 0 and c.data.max_seq_len % n == 0:
+        yield (f"train.sequence_parallel: {n}", 6, f"1/{n} of each sequence per GPU, an all-to-all "
+               "per layer; data-parallel ranks / 2", _train(sequence_parallel=n))
+
+
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
     gpu = t.device != "cpu"
@@ -97,6 +118,8 @@ def candidates(c: RunConfig) -> Iterator[Change]:
         yield ("model.attn_implementation: flash_attention_2", 1, "needs the flash_attn package "
                "on the nodes; packs without a (b,1,s,s) mask", lambda c: _rep(
                    c, model=_rep(c.model, attn_implementation="flash_attention_2")))
+    if c.data.max_seq_len >= 4096:  # long sequences: activations (docs/long-sequences.md)
+        yield from _long_sequence(c)
     if ds.zero_stage < 2:
         yield "deepspeed.zero_stage: 2", 1, "no slowdown to speak of", _ds(zero_stage=2)
     if t.optimizer == "adamw" and ds.offload_optimizer == "none":

@@ -16,7 +16,10 @@ from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.checks.attn_kernels import resolved as resolved_kernel
 from launcher.memory.clock import plan_section
-from launcher.memory.node import node_memory as node_memory_of, node_peak, node_terms
+from launcher.memory.longseq import (act_terms, offload_node_term, render_max_seq_len,
+                                     switches_on)
+from launcher.memory.node import node_memory as node_memory_of
+from launcher.memory.node import node_peak, node_terms
 from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
@@ -154,6 +157,9 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     terms += _overhead_terms(r, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
     node = node_terms(r, total)
+    if switches_on(cfg) and cfg.train.activation_offload:
+        node += [t for t in [offload_node_term(cfg, world, act_terms(
+            cfg, r.inv).offloaded)] if t]
     phase, node_cpu = node_peak(node)
     local = device == "cpu" if local is None else local
     nmem, nmem_src = node_memory_of(cfg, node_memory, local)
@@ -287,6 +293,8 @@ def _activation_terms(r: _Setting) -> list[Term]:
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
+    if switches_on(cfg):  # sequence parallel, tiled, offloaded: the formula's terms
+        return act_terms(cfg, inv, linear3).terms
     # packed rows carry a (b, 1, s, s) mask except under flash attention (launcher/data/batching.py)
     packed = cfg.data.packing and attn != "flash_attention_2"
     # padded rows: transformers builds a (b, 1, s, s) mask for sdpa/eager; flash attention unpads
@@ -498,4 +506,6 @@ def main(args: Any) -> int:
         sys.stdout.write(json.dumps({**p.to_dict(), "time": plan_section(cfg)[1]}, indent=2) + "\n")
     else:
         sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + plan_section(cfg)[0])
+    if getattr(args, "max_seq_len", False):
+        sys.stdout.write(render_max_seq_len(p))
     return 0 if p.fits else 1

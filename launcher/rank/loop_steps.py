@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher.rank import checkpoint, export, faults, lr_schedule, metrics, timeouts
+from launcher.rank import checkpoint, export, faults, longseq, lr_schedule, metrics, timeouts
 from launcher import data
 from launcher.cluster import layout, run_state
 from launcher.config.batch import batch_sizes
@@ -39,10 +39,14 @@ def to_device(batch: dict, device: str) -> dict:
 
 def collate_for(s: Setup) -> Any:
     """The batches' collate: packed rows in the form the model's attention kernel needs
-    (preference objectives: pairs, launcher/data/pairs.py)."""
+    (preference objectives: pairs, launcher/data/pairs.py); for a loss computed in the loop
+    (launcher/rank/longseq.py), this rank's slice of the sequences."""
     if s.cfg.train.objective != "sft":
         from launcher.data.pairs import pair_collate
         return pair_collate(s.pad_id)
+    if longseq.active(s.cfg):
+        import functools
+        return functools.partial(longseq.sp_collate, pad_id=s.pad_id, size=s.sp.size, rank=s.sp.rank)
     return data.model_collate(s.model, s.pad_id, s.cfg.model.dtype)
 
 
@@ -56,7 +60,7 @@ def evaluate(s: Setup) -> float:
     if s.cfg.train.objective != "sft":
         from launcher.rank import preference
         return preference.evaluate(s)
-    micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
+    (rank, world), micro = s.dp, s.cfg.train.micro_batch_size
     mine = list(range(rank, len(ev), world))
     n_batches = math.ceil(math.ceil(len(ev) / world) / micro)
     weights = [1.0 if mine[b * micro:(b + 1) * micro] else 0.0 for b in range(n_batches)]
@@ -68,6 +72,11 @@ def evaluate(s: Setup) -> float:
     with torch.no_grad():
         for weight, batch in zip(weights, s.eval_batches):
             batch.pop("num_tokens", None)
+            if longseq.active(s.cfg):  # every rank of a sequence-parallel group: the same loss, n
+                _, loss, n = longseq.micro_loss(s.engine, s.hidden, to_device(batch, s.device),
+                                                s.sp, s.cfg.train.tiled_loss)
+                loss_sum = loss_sum + loss.float() * (weight * n)
+                continue
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())  # on the host, before the copy
             batch = to_device(batch, s.device)
             out = s.engine(**batch)
@@ -109,7 +118,8 @@ def begin(s: Setup) -> Progress:
     """The loop's starting point: step 0, or the newest complete checkpoint (train.resume auto),
     whose weights, optimizer, sampler position and metrics file are restored."""
     cfg, env, t = s.cfg, s.env, s.cfg.train
-    sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
+    dp_rank, dp_world = s.dp  # a sequence-parallel group reads one share of the data
+    sampler = data.Sampler(len(s.splits.train), rank=dp_rank, world_size=dp_world,
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
                            mixture=s.splits.mixture)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -185,20 +195,25 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
         batch = next(batches)  # collated (data.loader.train_batches)
         n_tokens += float(batch.pop("num_tokens"))
         batch = to_device(batch, s.device)
-        if s.cfg.train.objective == "sft":
-            loss = engine(**batch).loss
-        else:  # a micro batch of pairs (launcher/rank/preference.py)
+        if s.cfg.train.objective != "sft":  # a micro batch of pairs (launcher/rank/preference.py)
             from launcher.rank import preference
             loss, stats = preference.forward(s, batch)
+            shown = loss
             p.pref = {k: p.pref.get(k, 0.0) + v for k, v in stats.items()}
+        elif longseq.active(s.cfg):  # the loss computed here: sequence parallel, tiled
+            loss, shown, _ = longseq.micro_loss(engine, s.hidden, batch, s.sp, s.cfg.train.tiled_loss,
+                                                s.cfg.train.activation_offload and s.device != "cpu")
+        else:
+            loss = shown = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
+            shown = shown * float("nan")
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
         engine.backward(loss)
         if micro < p.accum - 1:
             engine.step()
-        loss_sum = loss_sum + loss.detach().float()
+        loss_sum = loss_sum + shown.detach().float()
     return loss_sum, n_tokens
 
 

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher.rank import checkpoint, faults, inputs, lr_schedule, timeouts
+from launcher.rank import checkpoint, faults, inputs, longseq, lr_schedule, timeouts
 from launcher import data
 from launcher.model import decay, tokens
 from launcher.cluster import dist_env, layout, run_state, rundir
@@ -169,7 +169,8 @@ def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
     return model, hf_ds
 
 
-def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None) -> Any:
+def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None,
+                 mpu: Any = None) -> Any:
     """deepspeed.initialize over the parameters that require grad now (call after the freeze
     policy), in the HF Trainer's weight-decay groups (launcher/model/decay.py: no decay on biases and
     norms). adamw: DeepSpeed builds the optimizer from ds_config; 8-bit: bitsandbytes'."""
@@ -182,7 +183,7 @@ def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[l
         optimizer = quantize.build_8bit_optimizer(cfg, params)
     # launcher/rank/lr_schedule.py's schedule wins over ds_config.json's (no zero-lr step)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: lr_schedule.install(opt, cfg.train))
     return engine
 
@@ -215,6 +216,13 @@ class Setup:
     hf_ds_config: Any = None  # keeps ZeRO-3's zero.Init hook alive (transformers holds a weakref)
     eval_batches: Any = None  # the eval loader (data.loader.batches), made by the first evaluate
     reference: Any = None     # preference objectives: launcher/rank/preference.py Reference (or None)
+    sp: Any = None            # longseq.SeqPar: this rank's sequence-parallel group
+    hidden: Any = None        # longseq.HiddenStates when the loss is computed in the loop
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        """(data-parallel rank, size): ranks of one sequence-parallel group read the same data."""
+        return longseq.dp_layout(self.env.rank, self.env.world_size, self.cfg.train.sequence_parallel)
 
     @property
     def model(self) -> Any:
@@ -231,6 +239,7 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     env = env or dist_env.from_environ()
     hf_logging.disable_progress_bar()
     device = init_distributed(cfg, env)
+    sp = longseq.init_groups(cfg.train.sequence_parallel, env.rank)
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
     tokenizer = inputs.load_tokenizer(cfg)  # model.pad_token / special_tokens / add_tokens added
     splits = None
@@ -245,8 +254,10 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     new_rows = tokens.resize(model, tokenizer)  # before the freeze
     model, report = freeze.apply(model, cfg)
     masked = tokens.train_new_rows(model, new_rows, cfg)
-    engine = build_engine(cfg, model, ds_config, masked)
-    s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
+    hidden = longseq.prepare_model(model, cfg, sp)
+    engine = build_engine(cfg, model, ds_config, masked, longseq.mpu_for(sp))
+    s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds,
+              sp=sp, hidden=hidden)
     if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
         from launcher.rank import preference
         s.reference = preference.build_reference(s, load_model)
