@@ -151,6 +151,8 @@ CASES = [
     ("_sp_kernel", "model: {path: model, trust_remote_code: true}\ncluster: {gpus_per_node: 2}\n"
      "train: {max_steps: 10, sequence_parallel: 2}", [], "train.sequence_parallel",
      r"model code from the model folder"),
+    ("_sp_objective", "train: {max_steps: 10, objective: dpo, tiled_loss: true}", [],
+     "train.tiled_loss", r"does not combine with train.objective dpo"),
     ("_tiled_mlp_zero3", "train: {max_steps: 10, tiled_mlp: true}\ndeepspeed: {zero_stage: 3}", [],
      "train.tiled_mlp", r"under ZeRO-3 each MLP chunk gathers"),
     ("_offload_device", "train: {max_steps: 10, device: cpu, activation_offload: true}\n"
