@@ -270,8 +270,10 @@ class ClusterConfig:
                                        "rank and each of its data workers.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
-    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",
-                    pattern=r"([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
+    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00); "
+                    "`partition-default`: no --time, the partition's DefaultTime (else its "
+                    "MaxTime) applies, read by --submit from `scontrol show partition`.",
+                    pattern=r"([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}|partition-default")
     partition: Optional[str] = opt(None, "Partition (`--partition`).")
     account: Optional[str] = opt(None, "Account (`--account`).")
     qos: Optional[str] = opt(None, "Quality of service (`--qos`).")

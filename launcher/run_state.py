@@ -109,26 +109,57 @@ def is_failure(code: object) -> bool:
 
 
 def write_exit_status(run_dir: str, rank: int, code: int, step: int, checkpoint: Optional[str],
-                      message: str, *, since: Optional[float] = None) -> None:
+                      message: str, *, since: Optional[float] = None,
+                      at: Optional[float] = None) -> None:
     """Record how the run ended for this rank. Rank 0 records every ending; any rank records
-    its own failure (code not 0 or 75), and the first failure recorded since `since` (this
-    launch's start) stands: a peer's consequent error (a closed connection, a timeout) never
-    replaces the root cause. A record that cannot be written is skipped (the exit code and
-    stderr still tell)."""
+    its own failure (code not 0 or 75), and the first failure of this launch (since `since`)
+    stands: a peer's consequent error (a closed connection, a timeout) never replaces the root
+    cause. `at` is when the failure happened (default: now): a rank's guardian records a death
+    by signal a moment after it, and it replaces a peer's record of a later failure. `step` is
+    the last step the rank completed. A record that cannot be written is skipped (the exit code
+    and stderr still tell)."""
     failed = is_failure(code)
     if not (rank == 0 or failed):
         return
+    at = time.time() if at is None else at
     if failed and since is not None:
         first = read_exit_status(run_dir, since)  # this launch's, if any
-        if first is not None and is_failure(first.get("code")) and first.get("rank") != rank:
+        if (first is not None and is_failure(first.get("code")) and first.get("rank") != rank
+                and not (isinstance(first.get("at"), (int, float)) and first["at"] > at)):
             return
     try:
         write_atomic(status_path(run_dir), json.dumps(
             {"code": code, "step": step, "checkpoint": checkpoint, "message": message,
              "rank": rank, "host": socket.gethostname(),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)),
+             "at": round(at, 3)}) + "\n")
     except OSError:
         pass
+
+
+# ------------------------------------------------------------------ a rank's progress
+# The write end of a pipe to the rank's guardian (launcher/rank_guard.py): the rank writes each
+# step it completes there, so a rank killed by a signal is recorded with its last step.
+PROGRESS_FD_ENV = "FTLAUNCH_PROGRESS_FD"
+_last_step = -1
+
+
+def report_step(step: int) -> None:
+    """This rank completed `step` (or resumed at it): kept for its own failure record, and told
+    to its guardian, if it has one."""
+    global _last_step
+    _last_step = step
+    fd = os.environ.get(PROGRESS_FD_ENV)
+    if fd and fd.isdigit():
+        try:
+            os.write(int(fd), f"{step}\n".encode())
+        except OSError:
+            pass   # no guardian listening: the record then says step -1
+
+
+def last_step() -> int:
+    """The last step this rank completed (-1: none yet, still loading)."""
+    return _last_step
 
 
 def launch_exit_code(rc: int, run_dir: str, since: float) -> int:
