@@ -361,22 +361,19 @@ def _check_point(args: Any, label: str, overrides: list[str]) -> Point:
     point = Point(label, cfg)
     if not args.submit:
         return point
-    point.plan_text = _memory_plan(cfg, args.force)
-    if args.overwrite:
-        done = None
-    else:
-        done = run_state.finished(cfg.run_dir, cfg.train.max_steps)
+    part = slurm_partition.lookup(cfg.cluster.partition)   # cheap checks first: then the plan
+    problems = slurm_partition.time_problems(cfg, part)
+    if problems:
+        raise ConfigError(problems, f"partition {part.name if part else ''}".strip())
+    point.part_note = slurm_partition.describe_time(cfg, part)
+    done = None if args.overwrite else run_state.finished(cfg.run_dir, cfg.train.max_steps)
     if done:   # a job would hold its nodes only to say so
         raise ConfigError([Problem(
             "train.max_steps", f"{cfg.run_dir} is finished: step {done.get('step')} of "
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
-    part = slurm_partition.lookup(cfg.cluster.partition)
-    problems = slurm_partition.time_problems(cfg, part)
-    if problems:
-        raise ConfigError(problems, f"partition {part.name if part else ''}".strip())
-    point.part_note = slurm_partition.describe_time(cfg, part)
+    point.plan_text = _memory_plan(cfg, args.force)
     return point
 
 
