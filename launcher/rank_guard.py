@@ -138,7 +138,7 @@ def run(args: Any, command: Optional[list[str]] = None) -> int:
     print(f"ftlaunch: {message}", file=sys.stderr, flush=True)
     if run_dir is not None:
         run_state.write_exit_status(run_dir, rank, 128 + signum, step, None, message,
-                                    since=started, at=died_at)
+                                    since=started, at=died_at, died_by=signum)
     sys.stdout.flush()
     sys.stderr.flush()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # the child's core (if any) is the one

@@ -369,3 +369,25 @@ def test_a_rank_killed_by_a_signal_is_recorded_with_its_last_step_before_a_peers
     st = status.collect(str(run_dir))
     assert st["state"] == "failed" and st["last_failure"]["rank"] == 1, st
     assert "state      failed: exit 137 at step 4 (" in status.render(st)
+
+
+def test_which_death_by_signal_replaces_a_recorded_failure(tmp_path):
+    from launcher.run_state import last_status, write_exit_status
+    rd, now = str(tmp_path), time.time()
+
+    def record(rank, code, died_by=None, at=None):
+        write_exit_status(rd, rank, code, 2, None, f"rank {rank} code {code}", since=now - 10,
+                          at=at, died_by=died_by)
+        return (last_status(rd)["rank"], last_status(rd)["code"])
+
+    # rank 0's connection error, stamped a moment before rank 1's SIGKILL was seen: replaced
+    assert record(0, 1, at=now) == (0, 1)
+    assert record(1, 137, signal.SIGKILL, at=now + 0.5) == (1, 137)
+    # the launcher's SIGTERM to the survivor after it: replaces nothing
+    assert record(0, 143, signal.SIGTERM, at=now + 1) == (1, 137)
+    # a peer's error long before a death: the error is the root cause
+    (tmp_path / "exit_status.json").unlink()
+    assert record(0, 1, at=now - 5) == (0, 1)
+    assert record(1, 137, signal.SIGKILL, at=now) == (0, 1)
+    # a rank's own error, then its death by a signal while exiting: its error stands
+    assert record(0, 134, signal.SIGABRT, at=now + 0.1) == (0, 1)
