@@ -196,6 +196,11 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
         del tree["cluster"]["gpu_memory"]  # the card's memory, from the table
     if row.get("from_shell"):
         tree["cluster"]["env_from_shell"] = [FROM_SHELL]
+    if row.get("after"):
+        tree["cluster"]["after"] = list(row["after"])
+    if row.get("container"):
+        tree["cluster"]["container"] = CONTAINER_IMAGES[row["container"]]
+        tree["cluster"]["container_runtime"] = row["container"]
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -233,6 +238,9 @@ def levels() -> dict[str, list[Any]]:
         "private": [False, True],                                # output.private
         "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
         "from_shell": [False, True],                             # cluster.env_from_shell
+        "after": [[], ["4242"]],                                 # cluster.after
+        "container": [None] + schema_choices("cluster.container_runtime"),  # cluster.container
+        "sweep": [False, True],                                  # ftlaunch slurm --sweep
     }
 
 
@@ -242,8 +250,14 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
-               "output.private", "cluster.gpu_type", "cluster.env_from_shell")
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell", "cluster.after",
+               "cluster.container", "cluster.container_runtime")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
+CONTAINER_IMAGES = {"apptainer": "/images/train run.sif", "singularity": "docker://pytorch/pytorch:2.4",
+                    "pyxis": "nvcr.io#nvidia/pytorch:24.01-py3"}
+# what the sweep rows add to `ftlaunch slurm`, and the run directories it makes (beside run/)
+SWEEP = ["--sweep", "train.lr=1e-3,2e-3"]
+SWEEP_DIRS = ["run_lr-1e-3", "run_lr-2e-3"]
 
 
 
