@@ -299,6 +299,30 @@ def test_squeue_that_does_not_answer_never_ends_a_job(tmp_path, fake_model, monk
         job_lock.refuse_if_live(str(run_dir), "--submit")   # no error
 
 
+@pytest.mark.slurm
+def test_a_job_whose_squeue_does_not_answer_leaves_the_run_directory_alone(
+        cluster, tmp_path, fake_model, monkeypatch):
+    """The job script's own check (sbatch by hand, a stand-in squeue that cannot reach
+    slurmctld first on the job's PATH): the recorded job is not taken for ended, so the new job
+    exits 73 touching nothing."""
+    run_dir = tmp_path / "run"
+    rd = str(run_dir)
+    run_file = write_runfile(tmp_path, fake_model, run_dir, one_node(cluster))
+    assert slurm.main(ns(run_file)) == 0
+    job_lock.record(rd, "999999", "a test")
+    bin_dir(tmp_path, monkeypatch, squeue=SQUEUE_DOWN)   # sbatch passes PATH on to the job
+    done = subprocess.run(["sbatch", "--parsable", str(run_dir / layout.JOB_SCRIPT)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    info = wait_final(job, cluster["env"], 180, rd)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == f"{layout.EXIT_LOCKED}:0", \
+        f"{info}\n{logs(rd)}"
+    err = (run_dir / "logs" / f"job-{job}.err").read_text()
+    assert f"belongs to job 999999 (UNKNOWN): job {job} exits without touching it" in err, err
+    assert job_lock.read(rd) == "999999" and not (run_dir / layout.METRICS).exists()
+
+
 # ------------------------------------------------------------------ --gres beside --gpus-per-node
 def test_gres_gpus_beside_gpus_per_node_are_refused_other_gres_kept(tmp_path, fake_model):
     for item in ("--gres=gpu:2", "--gres=gpu:a100:2,nvme:1", "--gres=gpu"):
