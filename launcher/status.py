@@ -167,7 +167,7 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
-def _epoch_steps(cfg: Any, run_dir: str) -> int:
+def epoch_steps(cfg: Any, run_dir: str) -> int:
     """An epoch run's steps: the exact count rank 0 wrote into RUN_DIR/ds_config.json (the
     scheduler's total_num_steps), else the login node's estimate."""
     try:
@@ -189,7 +189,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
     exit_rec = run_state.last_status(run_dir)
     job = slurm_job(run_dir, cfg.name)
     ckpt = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
-    max_steps = cfg.train.max_steps or _epoch_steps(cfg, run_dir)
+    max_steps = cfg.train.max_steps or epoch_steps(cfg, run_dir)
     step = int(recent[0]["step"]) if recent else (checkpoint.step_of(ckpt) if ckpt else 0)
     per_step = _step_time(recent)
     metrics_mtime = _mtime(os.path.join(run_dir, layout.METRICS))

@@ -415,3 +415,20 @@ def test_which_death_by_signal_replaces_a_recorded_failure(tmp_path):
     assert record(1, 137, signal.SIGKILL, at=now) == (0, 1)
     # a rank's own error, then its death by a signal while exiting: its error stands
     assert record(0, 134, signal.SIGABRT, at=now + 0.1) == (0, 1)
+
+
+def test_stop_of_a_finished_epoch_run_changes_nothing(tmp_path, fake_model, capsys, monkeypatch):
+    """train.epochs (no max_steps in the run file): the steps rank 0 counted (ds_config.json's
+    total_num_steps) decide that the run is finished; no STOP file is made."""
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_file = write_runfile(tmp_path, fake_model, run_dir, {"nodes": 1},
+                             train={"max_steps": None, "epochs": 2})
+    assert slurm.main(ns(run_file)) == 0
+    (run_dir / layout.DS_CONFIG).write_text(json.dumps(
+        {"scheduler": {"params": {"total_num_steps": 5}}}))
+    (run_dir / layout.EXIT_STATUS).write_text(json.dumps({"code": 0, "step": 5}))
+    capsys.readouterr()
+    assert cli.main(["stop", str(run_dir)]) == 0
+    assert f"{run_dir} is finished: step 5 of 5 done" in capsys.readouterr().out
+    assert not (run_dir / layout.STOP_REQUEST).exists()
