@@ -1,5 +1,5 @@
-"""Many jobs and their truths: sweeps (launcher/sweep.py), the plan's verdict at --submit, the
-partition's default time (launcher/slurm_partition.py), `ftlaunch run` and `status` beside a
+"""Many jobs and their truths: sweeps (launcher/cluster/sweep.py), the plan's verdict at --submit, the
+partition's default time (launcher/cluster/slurm_partition.py), `ftlaunch run` and `status` beside a
 live job whose ranks froze, squeue that does not answer, --gres beside --gpus-per-node, and the
 rendezvous and preflight ports against the ephemeral range.
 
@@ -25,9 +25,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,  # noqa: E402
                      wait_final, wait_until, write_exe)
 
-from launcher import cli, dist_env, job_lock, layout, slurm, status, sweep  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
-from launcher.runfile import load  # noqa: E402
+from launcher import cli  # noqa: E402
+from launcher.cluster import dist_env, job_lock, layout, slurm, sweep  # noqa: E402
+from launcher.ops import status  # noqa: E402
+from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.runfile import load  # noqa: E402
 
 
 def ns(run_file, *flags, overrides=(), sweeps=()):
@@ -369,17 +371,17 @@ def test_a_rank_killed_by_a_signal_is_recorded_with_its_last_step_before_a_peers
         tmp_path, fake_model, monkeypatch):
     """Rank 1's guardian reads the steps its rank reports; the rank dies by SIGKILL after step
     4; rank 0's consequent error, recorded first but stamped after the death, is replaced."""
-    from launcher import run_state
+    from launcher.cluster import run_state
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     run_file = write_runfile(tmp_path, fake_model, run_dir, {"nodes": 1})
     assert slurm.main(ns(run_file)) == 0
-    child = (f"import os, signal, time\nfrom launcher import run_state\n"
+    child = (f"import os, signal, time\nfrom launcher.cluster import run_state\n"
              f"for s in range(5): run_state.report_step(s)\n"
              f"run_state.write_exit_status({str(run_dir)!r}, 0, 1, 3, None, "
              f"'rank 0: RuntimeError: Connection closed by peer', since=0, at=time.time() + 5)\n"
              f"os.kill(os.getpid(), signal.SIGKILL)\n")
-    guard = ("import sys, argparse\nfrom launcher import rank_guard\n"
+    guard = ("import sys, argparse\nfrom launcher.cluster import rank_guard\n"
              f"a = argparse.Namespace(run_file={run_file!r}, overrides=[])\n"
              f"sys.exit(rank_guard.run(a, [sys.executable, '-c', {child!r}]))")
     p = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=120,
@@ -396,7 +398,7 @@ def test_a_rank_killed_by_a_signal_is_recorded_with_its_last_step_before_a_peers
 
 
 def test_which_death_by_signal_replaces_a_recorded_failure(tmp_path):
-    from launcher.run_state import last_status, write_exit_status
+    from launcher.cluster.run_state import last_status, write_exit_status
     rd, now = str(tmp_path), time.time()
 
     def record(rank, code, died_by=None, at=None):
