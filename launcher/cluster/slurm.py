@@ -327,7 +327,7 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
 @dataclass
 class Point:
     """One job of `ftlaunch slurm`: its config and what was decided for it before any write."""
-    label: str                   # "" for a plain run; a sweep point's overrides, else
+    label: str                   # a sweep point's values ("train.lr=1e-5 ..."); "" for one run
     cfg: RunConfig
     plan_text: Optional[str] = None
     part_note: Optional[str] = None
