@@ -175,7 +175,7 @@ def report_step(step: int) -> None:
         try:
             os.write(int(fd), f"{step}\n".encode())
         except OSError:
-            pass   # no guardian listening: the record then says step -1
+            pass   # the guardian is gone: only this rank's own record can say the step
 
 
 def last_step() -> int:
