@@ -123,6 +123,10 @@ CASES = [
      "freeze.freeze[1]", r"'\.\*' matches every parameter name .* nothing would be trainable"),
     ("_merge_lora", "output: {merge_lora: true}", [], "output.merge_lora",
      r"merging needs LoRA adapters"),
+    ("_preference_data", "train: {max_steps: 10, objective: dpo}\ndata: {path: train.jsonl, "
+     "max_seq_len: 64, packing: true}", [], "data.packing", r"packing would merge"),
+    ("_preference_reference", "train: {max_steps: 10, objective: dpo, reference: adapters_off}",
+     [], "train.reference", r"adapters_off uses the base under LoRA adapters"),
     ("_model_folder", "model: {path: nowhere}", [], "model.path", r"no such folder: .*nowhere"),
     ("_model_folder", "model: {path: empty_model}", [], "model.path", r"has no readable config.json"),
     ("_attn_kernel", "model: {path: gemma2, attn_implementation: sdpa}", [],

@@ -344,6 +344,7 @@ def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------ files the run will read
 from launcher.checks import file_rules as rule_files  # noqa: E402,F401  (its rules register here, in this order)
+from launcher.checks import preference_rules  # noqa: E402,F401  (train.objective's rules)
 
 
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster

@@ -175,6 +175,11 @@ class DataConfig:
                       "tokenizer, template and settings) for resumes and later jobs.")
     cache_dir: Optional[str] = opt(None, "Where the tokenized data is kept; null: "
                                    "$FTLAUNCH_CACHE or ~/.cache/ftlaunch/data.", path=True)
+    chosen_field: str = opt("chosen", "Preference data (train.objective other than sft): the "
+                            "preferred answer: text, one message, or a message list (TRL's "
+                            "layout; the messages both lists share are the prompt).")
+    rejected_field: str = opt("rejected", "Preference data: the dispreferred answer, in the "
+                              "same form as chosen_field.")
 
 
 @dataclass(frozen=True)
@@ -237,6 +242,26 @@ class TrainConfig:
                      "ignored on CPU ranks.")
     watchdog: WatchdogConfig = opt(WatchdogConfig(), "Loss watchdog: stops the run at a step "
                                    "boundary with a checkpoint and exit code 76 (never requeued).")
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = opt(
+        "sft", "sft: next-token loss; preference pairs (data.chosen_field / rejected_field): "
+        "dpo, ipo (both against train.reference), simpo, orpo (reference-free) "
+        "(docs/preference.md).")
+    beta: float = opt(0.1, "dpo/ipo/simpo: the preference strength (DPO's beta, IPO's tau, "
+                      "SimPO's beta; TRL's and LLaMA-Factory's pref_beta); orpo: unused.", gt=0)
+    label_smoothing: float = opt(0.0, "dpo: the assumed share of flipped labels (conservative "
+                                 "DPO); simpo: the same smoothing of its sigmoid loss.", ge=0, lt=0.5)
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma of the paper "
+                             "(TRL's simpo_gamma), subtracted from beta x the difference of "
+                             "the answers' mean log-probs.", ge=0)
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen "
+                             "answer's next-token loss (TRL's and Axolotl's beta / orpo_alpha).",
+                             ge=0)
+    reference: Literal["model", "adapters_off", "precomputed"] = opt(
+        "model", "dpo/ipo: the frozen reference: model (a second copy of the initial model, "
+        "partitioned like the policy under ZeRO-3, no optimizer state), adapters_off (freeze."
+        "policy lora: the base with the adapters switched off, no copy), or precomputed "
+        "(log-probs of the initial model in one pass before training, kept with the tokenized "
+        "data).")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from launcher.data.tokenize import Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import RunConfig
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
 
 VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
 _NO_KEY = ("cache", "cache_dir")
@@ -84,7 +84,7 @@ def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
         if s.chat_template and os.path.isfile(s.chat_template):
             with open(s.chat_template, encoding="utf-8") as fh:
                 templates.append(fh.read())
-    blob = json.dumps({"v": VERSION, "data": settings, "files": files, "seed": cfg.train.seed,
+    blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft", "files": files, "seed": cfg.train.seed,
                        "positions": max_positions, "tok": _tokenizer_id(tokenizer),
                        "templates": templates}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -122,7 +122,7 @@ def _write(folder: str, splits: "Splits") -> None:
 def _read(folder: str) -> "Splits":
     import numpy as np
 
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
     from launcher.data.mixing import Mixture
 
     with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:

@@ -21,6 +21,7 @@ from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import cpu_runtime_terms
+from launcher.memory.reference import reference_terms, sequences_per_micro_batch
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
                                    cuda_slack, gib, nccl_communicators,
                                    nccl_range, param_groups, states)
@@ -148,7 +149,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     r = _setting(cfg, world, device, ds)
     terms = (_model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
-             + _load_terms(r))
+             + _load_terms(r) + reference_terms(r))
     worst, peak = _peak(terms)
     terms += _overhead_terms(r, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
@@ -282,7 +283,7 @@ def _bucket_terms(r: _Setting) -> list[Term]:
 def _activation_terms(r: _Setting) -> list[Term]:
     """What autograd keeps from the forward, and the backward's worst temporaries."""
     cfg, inv = r.cfg, r.inv
-    s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    s, b = cfg.data.max_seq_len, sequences_per_micro_batch(cfg)
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa

@@ -30,6 +30,7 @@ import sys
 from typing import Any
 
 from launcher.memory.terms import Term, gib
+from launcher.memory.reference import sequences_per_micro_batch
 
 MIB = 2**20
 # Where the kernels are not measured: the range seen across processors (lowest: fp32 or bf16
@@ -168,9 +169,9 @@ def measure(cfg: Any, timeout: float = 300) -> int | None:
     """The kernels term for cfg's CPU ranks on this machine (cached), or None where the probe
     could not run (the plan then states the range)."""
     m = cfg.model
-    args = [m.path, m.dtype, str(cfg.train.micro_batch_size), str(cfg.data.max_seq_len),
+    args = [m.path, m.dtype, str(sequences_per_micro_batch(cfg)), str(cfg.data.max_seq_len),
             m.attn_implementation or ""]
-    key = cache_key(m.path, m.dtype, cfg.train.micro_batch_size, cfg.data.max_seq_len,
+    key = cache_key(m.path, m.dtype, sequences_per_micro_batch(cfg), cfg.data.max_seq_len,
                     m.attn_implementation)
     cached = _read_cache().get(key)
     if cached is not None:

@@ -46,8 +46,12 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 def load_data(cfg: RunConfig, tokenizer: Any) -> data.Splits:
     """The training (and eval) examples, checked against the model's positions; tokenized once
     per node and cached (launcher/data/cache.py)."""
-    return data.cached_load(cfg, tokenizer,
-                            max_positions=model_info.folder_max_positions(cfg.model.path))
+    splits = data.cached_load(cfg, tokenizer,
+                              max_positions=model_info.folder_max_positions(cfg.model.path))
+    if cfg.train.objective != "sft":
+        from launcher.data.pairs import as_pairs
+        splits = as_pairs(splits)  # 2n sequences seen as n pairs
+    return splits
 
 
 def check_data(cfg: RunConfig) -> data.Splits:

@@ -38,7 +38,11 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 def collate_for(s: Setup) -> Any:
-    """The batches' collate: packed rows in the form the model's attention kernel needs."""
+    """The batches' collate: packed rows in the form the model's attention kernel needs
+    (preference objectives: pairs, launcher/data/pairs.py)."""
+    if s.cfg.train.objective != "sft":
+        from launcher.data.pairs import pair_collate
+        return pair_collate(s.pad_id)
     return data.model_collate(s.model, s.pad_id, s.cfg.model.dtype)
 
 
@@ -49,6 +53,9 @@ def evaluate(s: Setup) -> float:
     ev = s.splits.eval if s.splits else None
     if ev is None or len(ev) == 0:
         return float("nan")
+    if s.cfg.train.objective != "sft":
+        from launcher.rank import preference
+        return preference.evaluate(s)
     micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
     mine = list(range(rank, len(ev), world))
     n_batches = math.ceil(math.ceil(len(ev) / world) / micro)
@@ -91,6 +98,8 @@ class Progress:
     window_steps: int = 0
     resumed_at: int = -1             # the step of the checkpoint this launch resumed from
     trackers: Any = None             # metrics.Trackers (output.report_to), rank 0
+    pref: dict = None                # preference objectives: this step's metric sums (accumulate)
+    pref_means: dict = None          # ... and their means over all ranks (train_loop)
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.time() - self.start, 3)
@@ -171,11 +180,17 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
     engine = s.engine
     loss_sum: Any = 0.0  # a tensor on the engine's device after the first micro batch: no host
     n_tokens = 0.0       # synchronisation per micro batch (the step's all-reduce reads it once)
+    p.pref = {}
     for micro in range(p.accum):
         batch = next(batches)  # collated (data.loader.train_batches)
         n_tokens += float(batch.pop("num_tokens"))
         batch = to_device(batch, s.device)
-        loss = engine(**batch).loss
+        if s.cfg.train.objective == "sft":
+            loss = engine(**batch).loss
+        else:  # a micro batch of pairs (launcher/rank/preference.py)
+            from launcher.rank import preference
+            loss, stats = preference.forward(s, batch)
+            p.pref = {k: p.pref.get(k, 0.0) + v for k, v in stats.items()}
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
         if micro == 0:
@@ -209,7 +224,7 @@ def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
            "grad_norm": float(norm) if norm is not None else None,
            "tokens_per_s": p.window_tokens / window,
            "step_time_s": round(window / max(p.window_steps, 1), 4),
-           **metrics.memory_fields(s.device),
+           **(p.pref_means or {}), **metrics.memory_fields(s.device),
            "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
     p.metrics.write(rec)
     p.trackers.log(p.step, {k: v for k, v in rec.items() if k not in ("step", "elapsed_s")}, "train")

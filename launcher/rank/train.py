@@ -214,6 +214,7 @@ class Setup:
     pad_id: int
     hf_ds_config: Any = None  # keeps ZeRO-3's zero.Init hook alive (transformers holds a weakref)
     eval_batches: Any = None  # the eval loader (data.loader.batches), made by the first evaluate
+    reference: Any = None     # preference objectives: launcher/rank/preference.py Reference (or None)
 
     @property
     def model(self) -> Any:
@@ -245,8 +246,12 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     model, report = freeze.apply(model, cfg)
     masked = tokens.train_new_rows(model, new_rows, cfg)
     engine = build_engine(cfg, model, ds_config, masked)
+    s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
+    if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
+        from launcher.rank import preference
+        s.reference = preference.build_reference(s, load_model)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
-    return Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
+    return s
 
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
@@ -278,9 +283,12 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         loss_sum, n_tokens = accumulate(s, p, batches)
         faults.fault("step", p.step + 1, s.env.rank, s.cfg.run_dir)
         # one collective a step, before the update: the loss (log, watchdog), the stop agreement
-        loss_all, micro_all, tokens_all, signalled, stop_file_seen = all_reduce_sum(
-            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main),
-            s.device)
+        # (and a preference objective's reward metrics)
+        pref = list(p.pref.values())
+        loss_all, micro_all, tokens_all, signalled, stop_file_seen, *pref = all_reduce_sum(
+            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main)
+            + pref, s.device)
+        p.pref_means = {k: v / micro_all for k, v in zip(p.pref, pref)}
         why = dog.check(p.step + 1, loss_all / micro_all)
         if why:
             bar.close()
