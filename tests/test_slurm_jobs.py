@@ -218,6 +218,13 @@ def job_processes(job: str) -> list[int]:
     return found
 
 
+def signal_if_alive(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 @pytest.mark.slurm
 def test_frozen_ranks_show_as_running_with_no_step_and_ftlaunch_run_is_refused(
         cluster, tmp_path, fake_model, capsys, monkeypatch):
@@ -237,7 +244,7 @@ def test_frozen_ranks_show_as_running_with_no_step_and_ftlaunch_run_is_refused(
         frozen = job_processes(job)
         assert frozen, f"no task process of job {job}"
         for pid in frozen:
-            os.kill(pid, signal.SIGSTOP)
+            signal_if_alive(pid, signal.SIGSTOP)   # a `sleep` of the ranks' loop may just have ended
         monkeypatch.setattr(status, "STALE_MIN_S", 2)   # instead of a minute
         time.sleep(3)
         st = status.collect(rd)
@@ -253,7 +260,7 @@ def test_frozen_ranks_show_as_running_with_no_step_and_ftlaunch_run_is_refused(
         assert f"scancel {job}" in err
     finally:
         for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+            signal_if_alive(pid, signal.SIGCONT)
         (cluster["fake"] / "release").touch()
     info = wait_final(job, cluster["env"], 180, rd)
     assert info["JobState"] == "COMPLETED", f"{info}\n{logs(rd)}"
