@@ -92,6 +92,9 @@ def _commands_before(sub) -> None:
     p.add_argument("--test-only", action="store_true",
                    help="ask the scheduler whether and where it would run (sbatch --test-only)")
     p.add_argument("--force", action="store_true", help="submit even if the plan does not fit")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a run directory and a job for each value (repeat for every combination; "
+                        "every point is checked before any is written or submitted)")
     _add_existing(p)
 
     p = _command(sub, "run", "run here: all local GPUs, or CPU ranks where there are none")

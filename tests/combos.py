@@ -241,6 +241,11 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
         tree["cluster"]["env_from_shell"] = [FROM_SHELL]
     if row.get("time"):
         tree["cluster"]["time"] = row["time"]
+    if row.get("after"):
+        tree["cluster"]["after"] = list(row["after"])
+    if row.get("container"):
+        tree["cluster"]["container"] = CONTAINER_IMAGES[row["container"]]
+        tree["cluster"]["container_runtime"] = row["container"]
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -281,6 +286,9 @@ def levels() -> dict[str, list[Any]]:
         "objective": ["sft", *PREFERENCE],                       # train.objective
         "time": [None, "auto"],                                  # cluster.time (None: 01:00:00)
         "longseq": ["none", "sp", "tiled"],  # train.sequence_parallel 2 / tiled loss, MLP, offload
+        "after": [[], ["4242"]],                                 # cluster.after
+        "container": [None] + schema_choices("cluster.container_runtime"),  # cluster.container
+        "sweep": [False, True],                                  # ftlaunch slurm --sweep
     }
 
 
@@ -292,8 +300,14 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
                "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective",
                "cluster.time", "train.sequence_parallel", "train.tiled_loss", "train.tiled_mlp",
-               "train.activation_offload")
+               "train.activation_offload", "cluster.after", "cluster.container",
+               "cluster.container_runtime")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
+CONTAINER_IMAGES = {"apptainer": "/images/train run.sif", "singularity": "docker://pytorch/pytorch:2.4",
+                    "pyxis": "nvcr.io#nvidia/pytorch:24.01-py3"}
+# what the sweep rows add to `ftlaunch slurm`, and the run directories it makes (beside run/)
+SWEEP = ["--sweep", "train.lr=1e-3,2e-3"]
+SWEEP_DIRS = ["run_lr-1e-3", "run_lr-2e-3"]
 
 
 

@@ -286,6 +286,9 @@ def main(args: Any) -> int:
             print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
             return layout.EXIT_OK
     if not args.dry_run:  # before the plan and the tokenizing: refused in a second
+        from launcher.cluster import job_lock   # a Slurm job queued or running on it owns it
+        job_lock.refuse_if_live(cfg.run_dir, "ftlaunch run" + (" --overwrite" if args.overwrite
+                                                               else ""))
         rundir.check(cfg, rundir.on_existing(args))
     try:
         plan = plan_text(cfg, getattr(args, "force", False))

@@ -81,6 +81,28 @@ def _where(args: Any) -> tuple[Optional[str], Optional[int], int]:
     return cfg.run_dir, cfg.train.dist_timeout_s, rank
 
 
+class _Progress:
+    """Reads the steps the child reports (one line each) in a thread; `last` is the newest."""
+
+    def __init__(self, fd: int) -> None:
+        import threading
+        self._fd, self._step = fd, -1
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with os.fdopen(self._fd, "rb") as fh:
+            for line in fh:   # ends when every holder of the write end is gone
+                if line.strip().isdigit():
+                    self._step = int(line)
+
+    def last(self, wait_s: float) -> int:
+        """The newest step, after waiting up to wait_s for lines still in the pipe (its write
+        end may outlive the child in a data worker it forked)."""
+        self._thread.join(wait_s)
+        return self._step
+
+
 def run(args: Any, command: Optional[list[str]] = None) -> int:
     """Run the rank's work as a child and wait; its exit code, or its signal recorded and
     raised again here."""
@@ -88,8 +110,12 @@ def run(args: Any, command: Optional[list[str]] = None) -> int:
     started = time.time() - 1   # mtime granularity, as train.main
     command = command or [sys.executable, "-m", "launcher", "train", args.run_file,
                           *args.overrides]
-    child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1"},
-                             preexec_fn=_die_with_parent)
+    read_fd, write_fd = os.pipe()   # the child writes each step it completes (report_step)
+    child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1",
+                                           run_state.PROGRESS_FD_ENV: str(write_fd)},
+                             preexec_fn=_die_with_parent, pass_fds=(write_fd,))
+    os.close(write_fd)
+    progress = _Progress(read_fd)
 
     def forward(signum: int, frame: Any) -> None:
         try:
@@ -100,14 +126,19 @@ def run(args: Any, command: Optional[list[str]] = None) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     rc = child.wait()
+    died_at = time.time()
     if rc >= 0:
         return rc
     signum = -rc
+    step = progress.last(wait_s=0.5)
     run_dir, timeout, rank = _where(args)
     message = death_message(signum, rank, timeout, run_dir or ".")
+    if step >= 0:
+        message += f" (after step {step}, the last it completed)"
     print(f"ftlaunch: {message}", file=sys.stderr, flush=True)
     if run_dir is not None:
-        run_state.write_exit_status(run_dir, rank, 128 + signum, -1, None, message, since=started)
+        run_state.write_exit_status(run_dir, rank, 128 + signum, step, None, message,
+                                    since=started, at=died_at, died_by=signum)
     sys.stdout.flush()
     sys.stderr.flush()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # the child's core (if any) is the one

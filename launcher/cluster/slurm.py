@@ -13,7 +13,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from launcher import __version__
@@ -21,6 +21,7 @@ from launcher.cluster import dist_env, layout, run_state
 from launcher.common.log import get_logger
 from launcher.config.schema import SBATCH_EXTRA as _EXTRA, RunConfig
 from launcher.model.device import NODE_DEVICES_ENV
+from launcher.checks.slurm_checks import PARTITION_DEFAULT
 from launcher.cluster.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
                             slurm_filename)
 
@@ -109,7 +110,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
                          ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
                          ("constraint", "--constraint"), ("reservation", "--reservation")):
         value = getattr(c, name)
-        if value is not None:
+        if value is not None and not (name == "time" and value == PARTITION_DEFAULT):
             opts.append(SbatchOption(option, str(value), f"cluster.{name}"))
     if c.exclusive:
         opts.append(SbatchOption("--exclusive", None, "cluster.exclusive"))
@@ -328,17 +329,33 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     return text
 
 
-def main(args: Any) -> int:
-    from launcher.dsconfig import build as ds_config
-    from launcher.cluster import job_lock, rundir
+@dataclass
+class Point:
+    """One job of `ftlaunch slurm`: its config and what was decided for it before any write."""
+    label: str                   # a sweep point's values ("train.lr=1e-5 ..."); "" for one run
+    cfg: RunConfig
+    plan_text: Optional[str] = None
+    part_note: Optional[str] = None
+    job: Optional[Job] = None
+    passed: Optional[str] = None
+    time_lines: list = field(default_factory=list)   # cluster.time auto: how --time was set
+    estimate: Optional[dict] = None                  # ... and the estimate, kept in the run dir
+
+
+def _check_point(args: Any, label: str, overrides: list[str]) -> Point:
+    """Everything that can refuse a job before anything is written: the run file and its inputs
+    (when queueing), the live job owning the run directory, the existing run directory, the
+    memory plan, a finished run, the partition's time limits. ConfigError names the problem."""
+    from launcher.cluster import job_lock, rundir, slurm_partition
     from launcher.config import secret_env
+    from launcher.config.errors import ConfigError, Problem
     from launcher.cluster.rundir import on_existing
     from launcher.config.runfile import load
     queue = args.submit or args.test_only
     # rendering only: the job can be written before the weights and data are all in place (a
     # model folder with its config.json alone); what the job would fail on is said, and
     # --submit / --test-only refuse it
-    cfg = load(args.run_file, args.overrides, inputs=queue)
+    cfg = load(args.run_file, overrides, inputs=queue)
     if not queue:
         from launcher.checks.rules import input_problems
         for problem in input_problems(cfg):
@@ -347,60 +364,134 @@ def main(args: Any) -> int:
     secret_env.warn_in_clear(cfg)
     if args.submit:
         secret_env.require(cfg)   # before anything is written
-    rundir.keep_private(cfg)
     job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
                             if args.overwrite else "writing its resolved.yaml and job.sbatch again")
-    time_lines: list[str] = []
-    estimate = None
+    rundir.check(cfg, on_existing(args))
+    point = Point(label, cfg)
     if cfg.cluster.time == "auto":   # the plan's estimate (builds the meta-device model)
         from launcher.memory.clock import resolve_time
-        cfg, time_lines, estimate = resolve_time(cfg)
-    plan_text = _memory_plan(cfg, args.force) if args.submit else None
-    run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
-                             on_existing=on_existing(args))
-    done = run_state.finished(run_dir, cfg.train.max_steps) if args.submit else None
+        cfg, point.time_lines, point.estimate = resolve_time(cfg)
+        point.cfg = cfg
+    if not args.submit:
+        return point
+    part = slurm_partition.lookup(cfg.cluster.partition)   # cheap checks first: then the plan
+    problems = slurm_partition.time_problems(cfg, part)
+    if problems:
+        raise ConfigError(problems, f"partition {part.name if part else ''}".strip())
+    point.part_note = slurm_partition.describe_time(cfg, part)
+    done = None if args.overwrite else run_state.finished(cfg.run_dir, cfg.train.max_steps)
     if done:   # a job would hold its nodes only to say so
-        from launcher.config.errors import ConfigError, Problem
         raise ConfigError([Problem(
-            "train.max_steps", f"{run_dir} is finished: step {done.get('step')} of "
+            "train.max_steps", f"{cfg.run_dir} is finished: step {done.get('step')} of "
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
-    if estimate is not None:
+    point.plan_text = _memory_plan(cfg, args.force)
+    return point
+
+
+def _write_point(args: Any, point: Point) -> None:
+    """The run directory and its job script."""
+    from launcher.dsconfig import build as ds_config
+    from launcher.cluster import rundir
+    from launcher.cluster.rundir import on_existing
+    cfg = point.cfg
+    rundir.keep_private(cfg)
+    run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=point.plan_text,
+                             on_existing=on_existing(args))
+    if point.estimate is not None:
         import json
-        rundir.write_atomic(os.path.join(run_dir, layout.ESTIMATE), json.dumps(estimate, indent=2) + "\n")
-    for line in time_lines:
+        rundir.write_atomic(os.path.join(run_dir, layout.ESTIMATE),
+                            json.dumps(point.estimate, indent=2) + "\n")
+    for line in point.time_lines:
         print(line)
     job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
-    text = render(job)
-    rundir.write_atomic(job.job_script, text)
+    rundir.write_atomic(job.job_script, render(job))
     os.chmod(job.job_script, 0o700 if job.private else 0o755)
-    print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
+    point.job = job
+    point.passed = export_list(job.env_from_shell) if job.env_from_shell else None
+    print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})"
+          + (f"  [{point.label}]" if point.label else ""))
     print(f"submit with: sbatch {quote(job.job_script)}")
-    passed = export_list(job.env_from_shell) if job.env_from_shell else None
-    if passed and not args.submit:
-        print(f"the job takes {', '.join(job.env_from_shell)} from the environment sbatch runs in "
+
+
+def verdict_lines(plan_text: str) -> list[str]:
+    """The memory plan's verdict lines (per GPU, per node, overall), as `--submit` shows them."""
+    return [line.strip() for line in plan_text.splitlines() if line.strip().startswith("verdict")]
+
+
+def _submit_point(point: Point) -> str:
+    """Submit one written point: its job id (the run directory's lock taken) or SubmitError."""
+    from launcher.cluster import job_lock
+    job = point.job
+    run_dir = job.run_dir
+    job_id = submit(job.job_script, export=point.passed)
+    owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
+    if owner is not None:   # another submit or sbatch came in between: this one goes
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+        raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
+                          f"was submitted: job {job_id} is cancelled (one job per run "
+                          f"directory); to run this one instead: scancel {owner[0]}, then "
+                          f"sbatch {quote(job.job_script)}")
+    return job_id
+
+
+def main(args: Any) -> int:
+    from launcher.config import secret_env
+    from launcher.config.errors import ConfigError, Problem
+    sweep = getattr(args, "sweep", None) or []
+    if sweep:
+        from launcher.cluster import sweep as sweeps
+        labelled = sweeps.expand(args.run_file, list(args.overrides), sweep)
+    else:
+        labelled = [("", list(args.overrides))]
+    points, problems = [], []
+    for label, overrides in labelled:   # every point checked before anything is written
+        try:
+            points.append(_check_point(args, label, overrides))
+        except ConfigError as exc:
+            if not label:
+                raise
+            problems += [Problem(p.key, p.message, p.fix, f"sweep point {label}"
+                                 + (f", {p.where}" if p.where else "")) for p in exc.problems]
+    if problems:
+        raise ConfigError(problems, f"sweep of {args.run_file} ({len(labelled)} points; nothing "
+                          "written or submitted)")
+    for point in points:
+        _write_point(args, point)
+    first = points[0].job
+    if first.env_from_shell and not args.submit:
+        print(f"the job takes {', '.join(first.env_from_shell)} from the environment sbatch runs in "
               "(cluster.env_from_shell): export them first")
-        for problem in secret_env.missing(cfg):
+        for problem in secret_env.missing(points[0].cfg):
             log.warning(f"{problem.key}: {problem.message}")
+    ids: list[str] = []
     try:
         if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
-            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s
-            answer = submit(job.job_script, test_only=True, export=passed)
-            if args.test_only:
-                print(answer)
+            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s, for
+            # every point before any is submitted
+            for point in points:
+                answer = submit(point.job.job_script, test_only=True, export=point.passed)
+                if args.test_only:
+                    print((f"[{point.label}] " if point.label else "") + answer)
         if args.submit:
-            job_id = submit(job.job_script, export=passed)
-            owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
-            if owner is not None:   # another submit or sbatch came in between: this one goes
-                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
-                raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
-                                  f"was submitted: job {job_id} is cancelled (one job per run "
-                                  f"directory); to run this one instead: scancel {owner[0]}, then "
-                                  f"sbatch {quote(job.job_script)}")
-            print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
-            print(job_id)
+            for point in points:
+                for line in [*verdict_lines(point.plan_text or ""), point.part_note or ""]:
+                    if line:
+                        print((f"[{point.label}] " if point.label else "") + f"plan: {line}"
+                              if line.startswith("verdict") else line)
+            for point in points:
+                job_id = _submit_point(point)
+                ids.append(job_id)
+                print(f"submitted; logs in {os.path.join(point.job.run_dir, layout.LOGS)}"
+                      + (f"  [{point.label}]" if point.label else "") + "; job id:")
+                print(job_id)
+            if len(ids) > 1:
+                print(f"{len(ids)} jobs: {' '.join(ids)}; list them with: ftlaunch runs "
+                      f"{quote(os.path.dirname(points[0].job.run_dir))}")
     except SubmitError as exc:
-        print(f"ftlaunch: {exc}\nthe run directory is kept: {run_dir}", file=sys.stderr)
+        kept = (f"the run directory is kept: {points[0].job.run_dir}" if len(points) == 1 else
+                f"the run directories are kept; submitted before this: {' '.join(ids) or 'none'}")
+        print(f"ftlaunch: {exc}\n{kept}", file=sys.stderr)
         return 1
     return 0

@@ -308,10 +308,12 @@ class ClusterConfig:
                                        "rank and each of its data workers.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
-    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00), or auto: "
+    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00); auto: "
                     "the plan's time estimate with a margin (load, preflight, checkpoints, "
-                    "export), capped at the partition's MaxTime (docs/time.md).",
-                    pattern=r"auto|([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
+                    "export), capped at the partition's MaxTime (docs/time.md); "
+                    "`partition-default`: no --time, the partition's DefaultTime (else its "
+                    "MaxTime) applies, read by --submit from `scontrol show partition`.",
+                    pattern=r"auto|partition-default|([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
     partition: Optional[str] = opt(None, "Partition (`--partition`).")
     account: Optional[str] = opt(None, "Account (`--account`).")
     qos: Optional[str] = opt(None, "Quality of service (`--qos`).")

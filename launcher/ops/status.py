@@ -14,7 +14,7 @@ newest loss and eval loss lines), exit_status.json (launcher/cluster/run_state.p
 manifest, launcher/cluster/checkpoint_files.py), and, where Slurm's tools are installed, the job that runs
 the run's job.sbatch (`squeue`) or, once it left the queue, the newest job of logs/job-ID.out
 (`sacct`, then `scontrol show job`). States: finished, stopped, failed, running, queued,
-not started.
+not started, unknown (squeue is installed and did not answer: the job may still run).
 """
 from __future__ import annotations
 
@@ -66,14 +66,23 @@ def _step_time(recent: list[dict]) -> Optional[float]:
     return None
 
 
+SLURM_TIMEOUT_S = 30   # a Slurm tool that has not answered by then did not answer
+NO_ANSWER = "NO_ANSWER"   # _run: the tool is there and did not answer (timed out or failed)
+
+
 def _run(cmd: list[str]) -> Optional[str]:
+    """The tool's output; None where it is not installed; NO_ANSWER where it timed out or failed."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return NO_ANSWER
+    except OSError:
         return None
-    return p.stdout if p.returncode == 0 else None
+    if p.returncode == 0:
+        return p.stdout
+    return NO_ANSWER if job_lock.unanswered(p.stderr) else None
 
 
 def slurm_job(run_dir: str, name: str) -> Optional[dict]:
@@ -85,6 +94,10 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     if not os.path.exists(script):
         return None  # a local run: no Slurm job to ask about
     out = _run(["squeue", "-h", "--name", name, "-o", "%i|%T|%r|%o"])
+    if out == NO_ANSWER:   # Slurm may still run it: never taken for ended (the lock holds)
+        job = job_lock.read(run_dir)
+        return {"job_id": job or "?", "state": job_lock.UNKNOWN, "source": "squeue",
+                "reason": f"squeue did not answer within {SLURM_TIMEOUT_S} s, or failed"}
     for line in (out or "").splitlines():
         job, state, reason, command = (line.split("|", 3) + ["", "", "", ""])[:4]
         if command and os.path.realpath(command) == script:
@@ -96,11 +109,12 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
         return None
     job = str(ids[-1])
     out = _run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State,ExitCode"])
-    if out and out.strip():
+    if out and out != NO_ANSWER and out.strip():
         state, _, code = out.strip().splitlines()[0].partition("|")
         return {"job_id": job, "state": state.split()[0], "reason": "", "exit_code": code,
                 "source": "sacct"}
     out = _run(["scontrol", "show", "job", job])
+    out = "" if out == NO_ANSWER else out
     m = re.search(r"JobState=(\S+)", out or "")
     if m:
         reason = re.search(r"Reason=(\S+)", out or "")
@@ -135,6 +149,8 @@ def _state(exit_rec: Optional[dict], job: Optional[dict], metrics_mtime: float,
         return "queued"
     if job and job["state"] in ("RUNNING", "COMPLETING", "SUSPENDED"):
         return "running"
+    if job and job["state"] == job_lock.UNKNOWN and job["source"] == "squeue":
+        return "unknown"   # squeue did not answer: the job may be queued, running or ended
     if exit_rec is None or metrics_mtime > exit_mtime:
         return "running" if metrics_mtime else "not started"
     code = exit_rec.get("code")
@@ -152,7 +168,7 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
-def _epoch_steps(cfg: Any, run_dir: str) -> int:
+def epoch_steps(cfg: Any, run_dir: str) -> int:
     """An epoch run's steps: the exact count rank 0 wrote into RUN_DIR/ds_config.json (the
     scheduler's total_num_steps), else the login node's estimate."""
     try:
@@ -174,7 +190,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
     exit_rec = run_state.last_status(run_dir)
     job = slurm_job(run_dir, cfg.name)
     ckpt = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
-    max_steps = cfg.train.max_steps or _epoch_steps(cfg, run_dir)
+    max_steps = cfg.train.max_steps or epoch_steps(cfg, run_dir)
     step = int(recent[0]["step"]) if recent else (checkpoint.step_of(ckpt) if ckpt else 0)
     per_step = _step_time(recent)
     metrics_mtime = _mtime(os.path.join(run_dir, layout.METRICS))

@@ -8,7 +8,7 @@ and the same directory as the batch node's (a token the job script wrote there, 
 the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; with NVMe offload,
 libaio for DeepSpeed's async_io op, `nvme_path` writable and the memlock limit above the pinned
 swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
-address, port MASTER_PORT + PORT_SPAN); node 0 judges them together (`judge`: missing reports,
+address, port MASTER_PORT - PORT_SPAN: dist_env.preflight_port); node 0 judges them together (`judge`: missing reports,
 versions that differ from the other nodes', GPU memory against the memory plan), then, if every
 node passed, all nodes run a timed all-reduce (NCCL on GPUs, gloo otherwise) whose bus bandwidth
 is printed. Node 0 writes RUN_DIR/preflight.json and preflight.txt (per node: GPUs, free memory,
@@ -374,7 +374,7 @@ def _where(env: Mapping[str, str]) -> tuple[int, int, str, str, int]:
     name = env.get("SLURMD_NODENAME") or socket.gethostname()
     host = env.get("MASTER_ADDR") or dist_env.DEFAULT_ADDR
     port = env.get("MASTER_PORT")
-    port_n = int(port) + dist_env.PORT_SPAN if port else dist_env.free_port()
+    port_n = dist_env.preflight_port(int(port)) if port else dist_env.free_port()
     return node_id, nnodes, name, host, port_n
 
 
@@ -430,6 +430,10 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
         if len(hosts) == nnodes:   # SLURM_NODEID numbers the nodes in this order
             names = {i: (r["node"] if r else hosts[i]) for i, r in reports.items()}
     notes: list[str] = []
+    if os.environ.get("MASTER_PORT", "").isdigit():   # the ports against the ephemeral range
+        master = int(os.environ["MASTER_PORT"])
+        notes.append(dist_env.port_note({"rendezvous": master,
+                                         "preflight store": dist_env.preflight_port(master)}))
     numbers: dict[str, Any] = {}
     if cfg is not None:
         try:

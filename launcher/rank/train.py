@@ -275,6 +275,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     if t.resume == "auto" and run_state.announce_finished(s.cfg.run_dir, t.max_steps, s.env.is_main):
         return layout.EXIT_OK  # the last launch finished at or past max_steps: nothing changes
     p = begin(s)
+    run_state.report_step(p.step)
     dog = Watchdog(t.watchdog)
     per_epoch = p.sampler.batches_per_epoch  # eval_every / checkpoint_every: epoch
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
@@ -306,6 +307,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
             return diverged(s, p, why)
         engine.step()  # the update (DeepSpeed applies it at the accumulation boundary)
         p.step += 1
+        run_state.report_step(p.step)
         p.tokens_seen += int(tokens_all)
         p.window_tokens += tokens_all
         p.window_steps += 1
@@ -377,6 +379,6 @@ def main(args: Any) -> int:
             run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None, str(exc))
         return 1
     except Exception as exc:
-        run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None,
+        run_state.write_exit_status(cfg.run_dir, env.rank, 1, run_state.last_step(), None,
                                     f"rank {env.rank}: {type(exc).__name__}: {exc}", since=started)
         raise
