@@ -335,8 +335,9 @@ def _load_resharded(engine: Any, path: str, cfg: Any, saved_world: int, state: d
     """Convert (rank 0, once) and load the universal form of a checkpoint of saved_world ranks.
     The optimizer's per-group hyperparameters other than the lr are kept as this run set them
     (DeepSpeed's ZeRO-3 universal load copies group 0's onto every group: weight decay would
-    reach the no-decay group). Returns this rank's state: its RNG restored where the checkpoint
-    has a rank of its number; the sampler position is the caller's to map."""
+    reach the no-decay group) and every state gets its own step counter (`_unshare_steps`).
+    Returns this rank's state: its RNG restored where the checkpoint has a rank of its number;
+    the sampler position is the caller's to map."""
     import torch
 
     from launcher import reshard
@@ -367,6 +368,7 @@ def _load_resharded(engine: Any, path: str, cfg: Any, saved_world: int, state: d
         raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {uni}/{DS_TAG}")
     for g, k in zip(engine.optimizer.param_groups, kept):
         g.update(k)
+    _unshare_steps(getattr(engine.optimizer, "optimizer", engine.optimizer))
     mine = os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt")
     rank_state: dict = {}
     if os.path.exists(mine):
@@ -374,6 +376,20 @@ def _load_resharded(engine: Any, path: str, cfg: Any, saved_world: int, state: d
         set_rng_state(rank_state.pop("rng"))
     rank_state.pop("sampler", None)
     return rank_state
+
+
+def _unshare_steps(optimizer: Any) -> None:
+    """Give every optimizer state its own `step` tensor. DeepSpeed's ZeRO-3 universal load puts
+    one tensor object in the state of every sub-group; torch's AdamW increments it in place, once
+    per sub-group, so with two groups (decay and no decay) the bias correction would run ahead."""
+    import torch
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
 
 
 def peek(run_dir: str) -> dict | None:

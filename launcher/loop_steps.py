@@ -116,7 +116,8 @@ def begin(s: Setup) -> Progress:
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
         if "sampler" not in rank_state:  # written by another number of ranks (launcher/reshard.py)
             rank_state["sampler"] = reshard.sampler_state(state, cfg, env.world_size, log.warning)
-            log.info(f"resuming {resume_from} (written by {state['world_size']} ranks) on "
+            was = int(state["world_size"])
+            log.info(f"resuming {resume_from} (written by {was} rank{'s' if was > 1 else ''}) on "
                      f"{env.world_size} through its universal checkpoint "
                      f"{reshard.universal_dir(resume_from)}"
                      + (f"; {s.resume_note}" if s.resume_note else ""))

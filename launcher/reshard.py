@@ -170,7 +170,7 @@ def convert(path: str, tag: str = "ds") -> str:
     tmp = os.path.join(path, TMP_UNIVERSAL)
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    args = argparse_namespace(input_folder=os.path.join(path, tag),
+    args = converter_args(input_folder=os.path.join(path, tag),
                               output_folder=os.path.join(tmp, tag))
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -181,11 +181,11 @@ def convert(path: str, tag: str = "ds") -> str:
     return final
 
 
-def argparse_namespace(**paths: str) -> Any:
+def converter_args(**paths: str) -> Any:
     """ds_to_universal.main's arguments: one process (no worker pool inside a rank), strict
     checks, the universal info injected."""
-    import argparse
-    return argparse.Namespace(num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+    import types
+    return types.SimpleNamespace(num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
                               strict=True, inject_missing_state=True, **paths)
 
 

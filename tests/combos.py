@@ -85,7 +85,8 @@ def pairwise(levels: dict[str, list[Any]], seed: int = 0, candidates: int = 30,
 # refusal once per pair; the covering set leaves them out so that its rows run every command
 REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "full"),
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
-           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3)]
+           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
+           ("min_nodes", True, "zero", 0)]
 
 
 def allowed(a: str, va: Any, b: str, vb: Any) -> bool:
@@ -196,6 +197,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
         del tree["cluster"]["gpu_memory"]  # the card's memory, from the table
     if row.get("from_shell"):
         tree["cluster"]["env_from_shell"] = [FROM_SHELL]
+    if row.get("min_nodes"):  # may continue on 1 of 2 nodes (resumes through a universal checkpoint)
+        tree["cluster"].update(nodes=2, min_nodes=1)
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -233,6 +236,7 @@ def levels() -> dict[str, list[Any]]:
         "private": [False, True],                                # output.private
         "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
         "from_shell": [False, True],                             # cluster.env_from_shell
+        "min_nodes": [False, True],                              # cluster.min_nodes
     }
 
 
@@ -242,7 +246,7 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
-               "output.private", "cluster.gpu_type", "cluster.env_from_shell")
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell", "cluster.min_nodes")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 
 

@@ -3,8 +3,8 @@
 A pairwise covering set over the feature switches (tests/combos.py `levels`: steps or epochs with
 epoch-based eval and saves, one file or a mix, five data layouts, packing, three chat templates,
 added tokens, the freeze policies, quantization, the ZeRO stages, offload, a DeepSpeed file,
-trackers, the watchdog; the schema's own values), each row's run file through every login
-command, in process: validate, ds-config, plan (the tiny model's config), data, slurm (render).
+trackers, the watchdog, cluster.min_nodes; the schema's own values), each row's run file through
+every login command, in process: validate, ds-config, plan (the tiny model's config), data, slurm (render).
 Never a traceback: exit 0, or exit 2 with a message that names a key and its fix.
 """
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
-           "offload": "deepspeed.offload_optimizer"}[a]
+           "offload": "deepspeed.offload_optimizer", "min_nodes": "deepspeed.zero_stage"}[a]
     for cmd in COMMANDS:
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
         assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])

@@ -137,7 +137,11 @@ def original_state(ds_dir: str) -> dict[str, dict]:
 
 
 def universal_state(uni_ds: str, names) -> dict[str, dict]:
-    return {n: {k: _load(os.path.join(uni_ds, "zero", n, f"{k}.pt"))["param"]
+    """The same, from the universal checkpoint's per-parameter files ({"param": t} or t alone)."""
+    def read(path):
+        sd = _load(path)
+        return sd["param"] if isinstance(sd, dict) else sd
+    return {n: {k: read(os.path.join(uni_ds, "zero", n, f"{k}.pt"))
                 for k in ("fp32", "exp_avg", "exp_avg_sq")} for n in names}
 
 
@@ -162,7 +166,8 @@ def test_resume_on_another_world_size(tiny, same_length, tmp_path, stage, freeze
     p = torchrun(after, run_file)
     assert p.returncode == 0, p.stderr[-4000:]
     ckpt = os.path.join(folder, "run", "checkpoints", ck.step_name(AT))
-    line = (f"resuming {ckpt} (written by {before} ranks) on {after} through its universal "
+    line = (f"resuming {ckpt} (written by {before} rank{'s' if before > 1 else ''}) on {after} "
+            "through its universal "
             f"checkpoint {ckpt}/universal; grad_accum {4 // before} -> {4 // after} keeps the "
             "global batch of 4")
     assert line in p.stderr, p.stderr[-3000:]
