@@ -34,7 +34,9 @@ FREEZE = {
     "last_layers": "{policy: last_layers, trainable_layers: 1, also_train: [norms, lm_head]}",
     "lora": "{policy: lora, lora: {r: 4, dropout: 0.0}}",
 }
-COVER = [(1, "full", 2, 1), (2, "last_layers", 1, 2), (3, "lora", 2, 1), (3, "full", 1, 2)]
+# each stage, each freeze policy and each direction once; ZeRO-3 with two parameter groups (decay
+# and no decay), where DeepSpeed's universal load shared one step counter between them
+COVER = [(1, "lora", 2, 1), (2, "last_layers", 1, 2), (3, "full", 2, 1)]
 ALL = [(z, f, a, b) for z, f, (a, b) in itertools.product((1, 2, 3), FREEZE, ((2, 1), (1, 2)))]
 CASES = ALL if os.environ.get("FTLAUNCH_RESHARD_ALL") == "1" else COVER
 
