@@ -303,3 +303,11 @@ def test_conversion_is_atomic(tmp_path):
         reshard.convert(str(path))
     assert not (path / "universal").exists() and not reshard.ready(str(path))
     assert sorted(os.listdir(path / "ds")) == ["junk.pt"]
+
+
+def test_segments_span_each_launch_to_the_next(tmp_path):
+    reshard.record_segment(str(tmp_path), 0, 3)
+    reshard.record_segment(str(tmp_path), 20, 2)
+    got = reshard.segments(str(tmp_path), 37)
+    assert [(g["from"], g["to"], g["world_size"]) for g in got] == [(0, 20, 3), (20, 37, 2)]
+    assert reshard.segments(str(tmp_path / "none"), 5) == []
