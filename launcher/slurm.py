@@ -100,8 +100,12 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     logs = slurm_filename(os.path.join(run_dir, layout.LOGS), "output.dir")
     opts = [SbatchOption("--job-name", cfg.name, "name"),
             SbatchOption("--chdir", workdir, "working directory"),
-            SbatchOption("--nodes", node_range(c.nodes, c.min_nodes), "cluster.nodes"),
-            SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
+            SbatchOption("--nodes", node_range(c.nodes, c.min_nodes), "cluster.nodes")]
+    if c.min_nodes in (None, c.nodes):
+        # with a node range, --ntasks-per-node=1 makes Slurm count MIN tasks and allocate MIN
+        # nodes even when MAX are free (measured, Slurm 22.05); without it each node gets one
+        # task's worth (cpus-per-task) and the srun lines say --ntasks-per-node=1 themselves
+        opts.append(SbatchOption("--ntasks-per-node", "1", "cluster.nodes"))
     if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))

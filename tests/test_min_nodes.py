@@ -16,9 +16,12 @@ def test_min_nodes_renders_a_node_range_and_takes_the_count_slurm_gives(fake_mod
     text = render(cfg)
     assert "#SBATCH --nodes=2-4" in text.splitlines()
     assert 'NNODES="$SLURM_JOB_NUM_NODES"' in text.splitlines()
+    # with it, Slurm would start the job on MIN nodes although MAX are free
+    assert "#SBATCH --ntasks-per-node=1" not in text
     check_script(tmp_path, text)
     fixed = render(make_cfg(fake_model, {"nodes": 4, "min_nodes": 4, "gpus_per_node": 8}))
     assert "#SBATCH --nodes=4" in fixed.splitlines() and "NNODES=4" in fixed.splitlines()
+    assert "#SBATCH --ntasks-per-node=1" in fixed.splitlines()
 
 
 def test_min_nodes_above_nodes_is_refused(fake_model):
