@@ -108,8 +108,11 @@ def keep_batch(cfg: RunConfig, state: dict, world: int) -> tuple[RunConfig, Opti
         now = batch_sizes(cfg, world)[2]
     except ValueError:
         now = None
-    if now == glob:
-        return cfg, None
+    old_accum = glob // (micro * saved_world)
+    if now == glob:  # the run file's global_batch_size keeps it by itself
+        accum = glob // (micro * world)
+        return cfg, (f"grad_accum {old_accum} -> {accum} keeps the global batch of {glob}"
+                     if accum != old_accum else None)
     accum = derived_accum(glob, micro, world)
     if accum is None:
         from launcher.batch import dividing_ranks
@@ -124,7 +127,6 @@ def keep_batch(cfg: RunConfig, state: dict, world: int) -> tuple[RunConfig, Opti
                                    f"(written by {saved_world} ranks) cannot be kept on {world} "
                                    f"ranks: it is not a multiple of micro_batch_size x ranks = "
                                    f"{micro} x {world}", fix)])
-    old_accum = glob // (micro * saved_world)
     train = dataclasses.replace(t, grad_accum=accum, global_batch_size=glob)
     return dataclasses.replace(cfg, train=train), \
         f"grad_accum {old_accum} -> {accum} keeps the global batch of {glob}"

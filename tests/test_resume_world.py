@@ -263,6 +263,9 @@ def test_keep_batch_recomputes_accumulation(tmp_path):
     assert note == "grad_accum 2 -> 4 keeps the global batch of 16"
     same, note = reshard.keep_batch(cfg, state, 4)
     assert same is cfg and note is None
+    by_global = _cfg(tmp_path, "micro_batch_size: 2, global_batch_size: 16", gpus=4)
+    same, note = reshard.keep_batch(by_global, state, 2)
+    assert same is by_global and note == "grad_accum 2 -> 4 keeps the global batch of 16"
 
 
 def test_keep_batch_refuses_what_cannot_be_kept(tmp_path):
