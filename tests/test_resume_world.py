@@ -288,13 +288,20 @@ def test_keep_batch_follows_a_changed_run_file(tmp_path):
     assert same is cfg and note == "the run file changed the batch since the checkpoint"
 
 
-def test_zero0_is_refused_with_the_reason_and_fix(tmp_path):
+def test_zero0_fp16_and_8bit_optimizers_are_refused_with_the_reason(tmp_path):
     cfg = _cfg(tmp_path, "micro_batch_size: 1", extra="deepspeed: {zero_stage: 0}")
     with pytest.raises(ConfigError, match=r"ck was written by 2 ranks, this launch has 1: (.|\n)*"
                        r"stage 0 has none(.|\n)*fix: set deepspeed.zero_stage: 1"):
         reshard.check_supported(cfg, "ck", 2, 1)
     ok = _cfg(tmp_path, "micro_batch_size: 1", extra="deepspeed: {zero_stage: 3}")
     assert reshard.unsupported(ok) == []
+    import dataclasses
+    fp16 = dataclasses.replace(ok, model=dataclasses.replace(ok.model, dtype="fp16"))
+    with pytest.raises(ConfigError, match=r"model.dtype: ck was written by 2 ranks, this launch "
+                       r"has 1: fp16's dynamic loss scaler(.|\n)*fix: use model.dtype: bf16"):
+        reshard.check_supported(fp16, "ck", 2, 1)
+    bnb = dataclasses.replace(ok, train=dataclasses.replace(ok.train, optimizer="adamw_8bit"))
+    assert [p.key for p in reshard.unsupported(bnb)] == ["train.optimizer"]
 
 
 def test_conversion_is_atomic(tmp_path):
