@@ -6,7 +6,7 @@
    `datasets.load_dataset("json")` + `Dataset.map(apply_chat_template(tokenize=True,
    return_assistant_tokens_mask=True), batched=True)`. Target: ratio >= 0.9.
 2. Once per node: two processes started together, as two ranks of one node, each loading the data
-   the ranks' way (`launcher.inputs.load_data`) before their first step: with data.cache (one
+   the ranks' way (`launcher.rank.inputs.load_data`) before their first step: with data.cache (one
    tokenizes, the other waits and maps the result) vs data.cache: false (both tokenize).
 
     python bench/data_preprocess.py [--conversations 20000]
@@ -28,7 +28,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 RANK = """
 import sys, time, json
 t0 = time.time()
-from launcher import inputs, runfile
+from launcher.rank import inputs
+from launcher.config import runfile
 cfg = runfile.load(sys.argv[1], sys.argv[2:])
 tok = inputs.load_tokenizer(cfg)
 splits = inputs.load_data(cfg, tok)
@@ -49,7 +50,7 @@ def write_data(folder: str, n: int) -> str:
 
 def ours(path: str, tok) -> tuple[float, int]:
     from launcher import data
-    from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
     cfg = RunConfig(name="b", model=ModelConfig(path="/none"), train=TrainConfig(max_steps=1),
                     data=DataConfig(path=path, messages_field="messages", chat_template="chatml",
                                     max_seq_len=512, cache=False))

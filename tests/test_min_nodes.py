@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import rules
-from launcher.errors import ConfigError
+from launcher.checks import rules
+from launcher.config.errors import ConfigError
 from test_slurm_render import check_script, make_cfg, render
 
 

@@ -1,4 +1,4 @@
-"""Resume on another number of ranks (launcher/reshard.py): 2 -> 1 and 1 -> 2 CPU ranks.
+"""Resume on another number of ranks (launcher/cluster/reshard.py): 2 -> 1 and 1 -> 2 CPU ranks.
 
 A reference run trains STEPS steps uninterrupted, checkpointing at step AT. A copy of its run
 directory, cut back to that checkpoint, resumes on the other number of ranks: the checkpoint is
@@ -22,10 +22,10 @@ import textwrap
 
 import pytest
 
-from launcher import checkpoint as ck
-from launcher import reshard
+from launcher.rank import checkpoint as ck
+from launcher.cluster import reshard
 from launcher.data.batching import Sampler
-from launcher.errors import ConfigError
+from launcher.config.errors import ConfigError
 from test_train_engine import ROOT, rank_env
 
 STEPS, AT = 6, 3
@@ -202,7 +202,7 @@ def test_resume_on_another_world_size(tiny, same_length, tmp_path, stage, freeze
 # ------------------------------------------------------------------ without ranks
 def _cfg(tmp_path, train: str, gpus: int = 2, extra: str = ""):
     """A run config from its text, the file checks left out (no model or data needed here)."""
-    from launcher import runfile
+    from launcher.config import runfile
     cfg, problems = runfile.parse(textwrap.dedent(f"""\
         name: r
         model: {{path: {tmp_path}, dtype: fp32}}

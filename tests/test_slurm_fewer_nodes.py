@@ -20,7 +20,8 @@ from helpers import logs, restart_node, wait_final  # noqa: E402
 from test_slurm_scale import (cluster, hosts, kill_after_a_checkpoint, metrics,  # noqa: E402,F401
                               prepare, until_requeued_and_done)
 
-from launcher import layout, slurm, status  # noqa: E402
+from launcher.cluster import slurm  # noqa: E402
+from launcher.ops import status  # noqa: E402
 
 pytestmark = [pytest.mark.slurm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

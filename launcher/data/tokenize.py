@@ -28,7 +28,7 @@ from launcher.data.reading import Records, fail, print_warning
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from launcher.config import DataConfig, RunConfig
+    from launcher.config.schema import DataConfig, RunConfig
 
 
 _TOKENIZE_CHUNK = 2048
