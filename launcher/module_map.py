@@ -58,6 +58,9 @@ ROOM_CROSSINGS = {
         "tokens per epoch counted by the tokenized cache, where the data was tokenized already",
     ("launcher.memory.clock", "launcher.rank.inputs"):
         "the tokenizer loaded as the ranks load it: the tokenized cache's key depends on it",
+    ("launcher.checks.validate", "launcher.cluster.reshard"):
+        "cluster.min_nodes is refused where a resume on fewer ranks cannot work (one home: "
+        "`reshard.unsupported`, also asked at the resume itself)",
 }
 # Modules at the top of the package: the command line and the two generators of docs.
 TOP_MODULES = {"launcher", "launcher.__main__", "launcher.cli", "launcher.module_map",
@@ -84,6 +87,8 @@ LAZY_HEAVY_REASONS = {
                                                        "key (transformers, as the plan's meta model)",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
+    ("launcher.cluster.reshard", "deepspeed"): "DeepSpeed's universal-checkpoint converter, run "
+                                                "once by rank 0 at a resume on another world size",
     ("launcher.model.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the "
                                        "plan uses the name rule alone, torch-free",
     ("launcher.model.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks "

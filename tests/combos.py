@@ -87,7 +87,8 @@ REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "ful
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
            ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
            ("time", "auto", "gpu_type", None),   # no peak FLOP/s and nothing measured
-           ("longseq", "tiled", "zero", 3)]  # the tiled MLP's chunked gathers under ZeRO-3
+           ("longseq", "tiled", "zero", 3), ("min_nodes", True, "zero", 0),
+           ("min_nodes", True, "longseq", "sp")]   # a sequence-parallel layout is not resharded  # the tiled MLP's chunked gathers under ZeRO-3
 # preference pairs (train.objective) are padded per micro batch and read from one source, and
 # take their log-probs from whole logits (no sequence-parallel or tiled loss)
 PREFERENCE = ("dpo", "simpo")
@@ -246,6 +247,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
     if row.get("container"):
         tree["cluster"]["container"] = CONTAINER_IMAGES[row["container"]]
         tree["cluster"]["container_runtime"] = row["container"]
+    if row.get("min_nodes"):  # may continue on 1 of 2 nodes (resumes through a universal checkpoint)
+        tree["cluster"].update(nodes=2, min_nodes=1)
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -289,6 +292,7 @@ def levels() -> dict[str, list[Any]]:
         "after": [[], ["4242"]],                                 # cluster.after
         "container": [None] + schema_choices("cluster.container_runtime"),  # cluster.container
         "sweep": [False, True],                                  # ftlaunch slurm --sweep
+        "min_nodes": [False, True],                              # cluster.min_nodes
     }
 
 
@@ -301,7 +305,7 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective",
                "cluster.time", "train.sequence_parallel", "train.tiled_loss", "train.tiled_mlp",
                "train.activation_offload", "cluster.after", "cluster.container",
-               "cluster.container_runtime")
+               "cluster.container_runtime", "cluster.min_nodes")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
 CONTAINER_IMAGES = {"apptainer": "/images/train run.sif", "singularity": "docker://pytorch/pytorch:2.4",
                     "pyxis": "nvcr.io#nvidia/pytorch:24.01-py3"}

@@ -4,7 +4,7 @@ A pairwise covering set over the feature switches (tests/combos.py `levels`: ste
 epoch-based eval and saves, one file or a mix, five data layouts, packing, three chat templates,
 added tokens, the freeze policies, quantization, the ZeRO stages, offload, a DeepSpeed file,
 trackers, the watchdog, the preference objectives on pairs in four layouts, cluster.after, a
-container per runtime, a sweep; the schema's own values), each row's run file through every
+container per runtime, a sweep, cluster.min_nodes; the schema's own values), each row's run file through every
 login command, in process: validate, ds-config, plan (the tiny model's config), data, slurm
 (render; a sweep's rows render a run directory per point).
 Never a traceback: exit 0, or exit 2 with a message that names a key and its fix.
@@ -93,6 +93,7 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
            "offload": "deepspeed.offload_optimizer", "time": "cluster.time",
+           "min_nodes": "train.sequence_parallel" if b == "longseq" else "deepspeed.zero_stage",
            "longseq": "train.tiled_mlp",
            "objective": {"packing": "data.packing", "sources": "data.mix",
                          "longseq": "train.sequence_parallel" if vb == "sp" else "train.tiled_loss"}.get(b)}[a]

@@ -130,6 +130,13 @@ CASES = [
      "max_seq_len: 64, packing: true}", [], "data.packing", r"packing would merge"),
     ("_preference_reference", "train: {max_steps: 10, objective: dpo, reference: adapters_off}",
      [], "train.reference", r"adapters_off uses the base under LoRA adapters"),
+    ("_min_nodes", "cluster: {nodes: 2, min_nodes: 3}", [], "cluster.min_nodes",
+     r"3 is more than cluster.nodes 2"),
+    ("_min_nodes", "cluster: {nodes: 3, min_nodes: 1, gpus_per_node: 2}\ntrain: {max_steps: 10, "
+     "micro_batch_size: 2, global_batch_size: 36}", [], "cluster.min_nodes",
+     r"the global batch of 36 cannot be kept on 2 node\(s\)"),
+    ("_min_nodes", "cluster: {nodes: 2, min_nodes: 1}\ndeepspeed: {zero_stage: 0}", [],
+     "deepspeed.zero_stage", r"continue on fewer nodes, .*stage 0 has none"),
     ("_model_folder", "model: {path: nowhere}", [], "model.path", r"no such folder: .*nowhere"),
     ("_model_folder", "model: {path: empty_model}", [], "model.path", r"has no readable config.json"),
     ("_attn_kernel", "model: {path: gemma2, attn_implementation: sdpa}", [],

@@ -56,6 +56,7 @@ class Job:
     nodes: int
     nproc_per_node: int
     sbatch: tuple[SbatchOption, ...]
+    min_nodes: Optional[int] = None             # cluster.min_nodes: the job runs on what it gets
     setup: tuple[Raw, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     env_from_shell: tuple[str, ...] = ()        # names taken from the submitting environment
@@ -75,6 +76,11 @@ class Job:
 
 
 # ------------------------------------------------------------------ build
+def node_range(nodes: int, min_nodes: Optional[int]) -> str:
+    """`--nodes`: N, or MIN-N with cluster.min_nodes (Slurm starts the job on MIN to N nodes)."""
+    return f"{min_nodes}-{nodes}" if min_nodes not in (None, nodes) else str(nodes)
+
+
 def task_cpus(cfg: RunConfig) -> tuple[int, str]:
     """(CPUs of each node's task, where the number comes from). The job runs one task per node
     that starts every rank of the node; without `--cpus-per-task` Slurm gives that task one CPU
@@ -96,8 +102,12 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     logs = slurm_filename(os.path.join(run_dir, layout.LOGS), "output.dir")
     opts = [SbatchOption("--job-name", cfg.name, "name"),
             SbatchOption("--chdir", workdir, "working directory"),
-            SbatchOption("--nodes", str(c.nodes), "cluster.nodes"),
-            SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
+            SbatchOption("--nodes", node_range(c.nodes, c.min_nodes), "cluster.nodes")]
+    if c.min_nodes in (None, c.nodes):
+        # with a node range, --ntasks-per-node=1 makes Slurm count MIN tasks and allocate MIN
+        # nodes even when MAX are free (measured, Slurm 22.05); without it each node gets one
+        # task's worth (cpus-per-task) and the srun lines say --ntasks-per-node=1 themselves
+        opts.append(SbatchOption("--ntasks-per-node", "1", "cluster.nodes"))
     if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
@@ -130,6 +140,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
         opts.append(SbatchOption(option, value, f"cluster.sbatch_extra[{i}]"))
     prefix, srun_opts = container_words(cfg, workdir)
     return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
+               min_nodes=c.min_nodes if c.min_nodes not in (None, c.nodes) else None,
                nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
                env_from_shell=tuple(c.env_from_shell), private=cfg.output.private,
@@ -246,7 +257,8 @@ def render(job: Job, template: str | None = None) -> str:
         "stop_file": quote(run_state.stop_path(job.run_dir), "output.dir"),
         "node_log": quote(slurm_filename(os.path.join(job.run_dir, layout.LOGS), "output.dir")
                           + "/job-%j-node%n.log", "output.dir"),
-        "nodes": quote(job.nodes), "nproc_per_node": quote(job.nproc_per_node),
+        "nodes": Raw('"$SLURM_JOB_NUM_NODES"') if job.min_nodes else quote(job.nodes),
+        "nproc_per_node": quote(job.nproc_per_node),
         "requeue": "1" if job.requeue else "0", "max_restarts": quote(job.max_restarts),
         "exit_stopped": quote(layout.EXIT_STOPPED),
         "exit_diverged": quote(layout.EXIT_DIVERGED),

@@ -298,6 +298,10 @@ class DeepSpeedSection:
 @dataclass(frozen=True)
 class ClusterConfig:
     nodes: int = opt(1, "Nodes.", ge=1, le=4096)
+    min_nodes: Optional[int] = opt(None, "Fewest nodes the job may run on (`--nodes=MIN-MAX`, MAX "
+                                   "= nodes): after a node failure and requeue it continues on "
+                                   "what Slurm gives, resuming through a universal checkpoint "
+                                   "(docs/slurm.md); null: exactly cluster.nodes.", ge=1, le=4096)
     gpus_per_node: int = opt(1, "GPUs (ranks) per node; with train.device cpu, CPU ranks per node "
                              "(no GPUs requested).", ge=1, le=64)
     cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`, passed "

@@ -28,7 +28,7 @@ import time
 from typing import Any, Optional
 
 from launcher.cluster import checkpoint_files as checkpoint
-from launcher.cluster import job_lock, layout, run_state
+from launcher.cluster import job_lock, layout, reshard, run_state
 
 RECENT_STEPS = 20  # step times averaged for the time left
 STALE_MIN_S = 60   # a running run with no step for this long (and 10 step times) is said to be stale
@@ -221,6 +221,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
         "slurm": job,
         "job_failure": job_failure,
         "resume": resume_advice(run_dir) if state == "stopped" else None,
+        "segments": reshard.segments(run_dir, step),
     }
 
 
@@ -297,6 +298,10 @@ def render(st: dict) -> str:
     if st.get("no_step_for_s"):
         rows.append(("progress", f"no step for {_duration(st['no_step_for_s'])}: a node may be down "
                      "or the ranks stuck; see the logs in " + os.path.join(st["run_dir"], layout.LOGS)))
+    if len(st.get("segments") or []) > 1:  # launches, each with its world size
+        rows.append(("segments", "; ".join(
+            f"steps {g['from']}-{g['to']} on {g['world_size']} rank{'s' if g['world_size'] != 1 else ''}"
+            + (f" (job {g['job']})" if g.get("job") else "") for g in st["segments"])))
     rows.append(("checkpoint", f"{st['checkpoint']} (step {st['checkpoint_step']}), the newest "
                  "complete one" if st["checkpoint"] else "none complete"))
     if st["last_failure"]:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from launcher.rank import checkpoint, export, faults, longseq, lr_schedule, metrics, timeouts
 from launcher import data
-from launcher.cluster import layout, run_state
+from launcher.cluster import layout, reshard, run_state
 from launcher.config.batch import batch_sizes
 from launcher.rank.collectives import all_reduce_sum
 from launcher.data import loader
@@ -130,10 +130,17 @@ def begin(s: Setup) -> Progress:
         resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
         if resume_from:
             run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
-            state, rank_state = checkpoint.load(s.engine, resume_from)
+            state, rank_state = checkpoint.load(s.engine, resume_from, cfg)
     if resume_from:
         p.step, p.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if "sampler" not in rank_state:  # written by another number of ranks (launcher/cluster/reshard.py)
+            rank_state["sampler"] = reshard.sampler_state(state, cfg, env.world_size, log.warning)
+            was = int(state["world_size"])
+            log.info(f"resuming {resume_from} (written by {was} rank{'s' if was > 1 else ''}) on "
+                     f"{env.world_size} through its universal checkpoint "
+                     f"{reshard.universal_dir(resume_from)}"
+                     + (f"; {s.resume_note}" if s.resume_note else ""))
         sampler.load_state_dict(rank_state["sampler"])
         p.metrics.truncate(int(state.get("metrics_offset", 0)))
         p.last_ckpt, p.last_ckpt_step, p.resumed_at = resume_from, p.step, p.step
@@ -142,6 +149,8 @@ def begin(s: Setup) -> Progress:
                  f"{t.max_steps} runs at lr {lr:.3g}")
     elif env.is_main and p.saving:
         p.metrics.truncate(0)
+    if env.is_main and p.saving:
+        reshard.record_segment(cfg.run_dir, p.step, env.world_size)
     p.trackers = metrics.Trackers.open(cfg, p.step, main=env.is_main and p.saving)
     p.start = p.window_start = time.time()  # this launch's clock (elapsed_s adds elapsed_before)
     return p
@@ -156,6 +165,8 @@ def save(s: Setup, p: Progress, at: int) -> str:
         p.last_ckpt = checkpoint.save(
             s.engine, s.cfg.run_dir, at,
             {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
+             "batch": dict(zip(("micro", "accum", "global"),
+                               batch_sizes(s.cfg, s.env.world_size))),
              "elapsed_s": p.elapsed_before + time.time() - p.start,
              "metrics_offset": p.metrics.offset()},
             {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints,

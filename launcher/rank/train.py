@@ -215,6 +215,7 @@ class Setup:
     pad_id: int
     hf_ds_config: Any = None  # keeps ZeRO-3's zero.Init hook alive (transformers holds a weakref)
     eval_batches: Any = None  # the eval loader (data.loader.batches), made by the first evaluate
+    resume_note: Optional[str] = None  # how the batch was kept for a resume on another world size
     reference: Any = None     # preference objectives: launcher/rank/preference.py Reference (or None)
     sp: Any = None            # longseq.SeqPar: this rank's sequence-parallel group
     hidden: Any = None        # longseq.HiddenStates when the loss is computed in the loop
@@ -243,8 +244,11 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
     tokenizer = inputs.load_tokenizer(cfg)  # model.pad_token / special_tokens / add_tokens added
     splits = None
+    resume_note = None
     if load_data:  # before the model: bad data fails in seconds, not after a 100 GB load
         splits = inputs.load_data(cfg, tokenizer)
+        if cfg.train.resume == "auto":  # a checkpoint of another world size: keep its batch
+            cfg, resume_note = resume_batch(cfg, env.world_size)
         if cfg.train.epochs is not None:
             log.info(epochs.describe(cfg, len(splits.train), env.world_size))
         cfg = epochs.resolve(cfg, len(splits.train), env.world_size)  # max_steps from epochs
@@ -257,12 +261,22 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     hidden = longseq.prepare_model(model, cfg, sp)
     engine = build_engine(cfg, model, ds_config, masked, longseq.mpu_for(sp))
     s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds,
-              sp=sp, hidden=hidden)
+              sp=sp, hidden=hidden, resume_note=resume_note)
     if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
         from launcher.rank import preference
         s.reference = preference.build_reference(s, load_model)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
     return s
+
+
+def resume_batch(cfg: RunConfig, world: int) -> tuple[RunConfig, Optional[str]]:
+    """The run config for resuming the newest checkpoint on `world` ranks: if it was written by
+    another number of ranks, grad_accum recomputed to keep its global batch (launcher/cluster/reshard.py)."""
+    from launcher.cluster import reshard
+    state = checkpoint.peek(cfg.run_dir)
+    if not state or int(state.get("world_size") or world) == world:
+        return cfg, None
+    return reshard.keep_batch(cfg, state, world)
 
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
