@@ -285,12 +285,13 @@ def micro_loss(engine: Any, hidden: HiddenStates, batch: dict, sp: SeqPar, tiled
     to backpropagate on this rank, the micro batch's mean token loss for the log (the same on
     every rank of the group), labelled tokens of the whole sequence)."""
     import torch
-    import torch.distributed as dist
+
+    from launcher.rank import collectives
 
     labels = batch["shift_labels"]
     count = (labels != IGNORE).sum().float()
     if sp.on:
-        dist.all_reduce(count, group=sp.group)
+        collectives.all_reduce_(count, group=sp.group)
     denom = count.clamp(min=1.0)
     ctx = (torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
            if offload else contextlib.nullcontext())
@@ -302,7 +303,7 @@ def micro_loss(engine: Any, hidden: HiddenStates, batch: dict, sp: SeqPar, tiled
     loss = head_loss(head, h, labels, denom, tiled)
     shown = loss.detach().clone()
     if sp.on:
-        dist.all_reduce(shown, group=sp.group)
+        collectives.all_reduce_(shown, group=sp.group)
     return loss, shown, float(count)
 
 
