@@ -7,20 +7,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Sequence
 
 from launcher.cluster import layout
 from launcher.config.errors import ConfigError
+from launcher.config.yaml_reader import OVERRIDE_WORD
 
 
 OVERRIDE_HELP = """overrides:
   key.sub=value anywhere on the command line, before or after the options, applied in order
   on top of {what} (split on the first '='; later wins), e.g.
     ftlaunch {cmd} {example}"""
-# A command-line word that is an override: a dotted key, '=', anything (never an option).
-OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+|\[[0-9]+\])*=")
+# A command-line word that is an override: a dotted key, '=', anything (never an option); the
+# grammar is the reader's, so every form recognised here is applied there.
+OVERRIDE = OVERRIDE_WORD
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:

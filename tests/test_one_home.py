@@ -1,0 +1,94 @@
+"""Rules defined once: each has one definition, and a test that fails when a second one appears
+(or when a user of the rule stops using the one definition)."""
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+from launcher import cli
+from launcher.config import runfile, yaml_reader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "launcher")
+BASE = ("name: t\nmodel: {path: /m}\ndata: {path: /d}\ntrain: {max_steps: 1}\n"
+        "cluster: {setup: ['a', 'b']}\n")
+
+
+def trees() -> dict[str, ast.Module]:
+    out = {}
+    for folder, _, files in os.walk(PKG):
+        for f in files:
+            if f.endswith(".py"):
+                path = os.path.join(folder, f)
+                with open(path, encoding="utf-8") as fh:
+                    out[os.path.relpath(path, PKG)] = ast.parse(fh.read())
+    return out
+
+
+def regex_literals(tree: ast.Module) -> list[str]:
+    return [n.args[0].value for n in ast.walk(tree) if isinstance(n, ast.Call)
+            and ast.unparse(n.func) == "re.compile" and n.args
+            and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str)]
+
+
+# ------------------------------------------------------------------ override keys
+def setup_of(*overrides: str):
+    cfg, problems = runfile.parse(BASE, overrides)
+    return cfg.cluster.setup, [p for p in problems if p.key not in ("model.path", "data.path")]
+
+
+def test_the_cli_recognises_overrides_with_the_readers_grammar():
+    assert cli.OVERRIDE is yaml_reader.OVERRIDE_WORD
+    owners = sorted(m for m, t in trees().items()
+                    if any("[0-9]+" in r and "=" in r and "A-Za-z_" in r for r in regex_literals(t)))
+    assert owners == [os.path.join("config", "yaml_reader.py")]
+
+
+@pytest.mark.parametrize("word, setup", [
+    ("cluster.setup[0]=echo hi", ["echo hi", "b"]),
+    ("cluster.setup[1]=module load x", ["a", "module load x"]),
+    ("cluster.setup[2]=c", ["a", "b", "c"]),          # one past the end appends
+    ("cluster.setup=['x']", ["x"]),
+])
+def test_every_override_form_the_cli_accepts_is_applied_by_the_reader(word, setup):
+    assert cli.OVERRIDE.match(word)
+    args = cli.parse(["validate", "run.yaml", word])
+    assert args.overrides == [word]
+    got, problems = setup_of(*args.overrides)
+    assert problems == [] and got == setup
+
+
+def test_an_index_past_the_end_names_the_list_and_its_length():
+    _, problems = setup_of("cluster.setup[5]=x")
+    assert [(p.key, p.message) for p in problems] == [
+        ("cluster.setup[5]", "no item 5 to set: cluster.setup has 2 item(s)")]
+    assert "append at [2]" in problems[0].fix
+
+
+def test_an_index_into_a_missing_item_says_to_set_the_item_whole():
+    cfg, problems = runfile.parse(BASE, ["data.mix[0].path=/x"])
+    mine = [p for p in problems if p.key == "data.mix[0].path"]
+    assert [p.message for p in mine] == ["no item 0 to set: data.mix has 0 item(s)"]
+    assert mine[0].fix == "set the whole item: data.mix[0]={...}"
+
+
+def test_a_bad_index_is_reported_as_one():
+    _, problems = setup_of("cluster.setup[x]=c")
+    assert [(p.key, p.message) for p in problems] == [
+        ("<override>", "bad list index in override 'cluster.setup[x]'")]
+
+
+def test_an_override_of_a_list_item_is_located_at_that_item():
+    _, problems = runfile.parse(BASE, ["cluster.setup[0]=echo\0"])
+    located = [p for p in problems if p.key.startswith("cluster.setup")]
+    assert located and all(p.where == "override 'cluster.setup[0]=echo\0'" for p in located)
+
+
+@pytest.mark.parametrize("key, steps", [
+    ("a.b", ["a", "b"]), ("a.b[0]", ["a", "b", 0]), ("a[1][2].c", ["a", 1, 2, "c"]),
+    ("a..b", None), ("a[x]", None), ("[0]", None), ("a.b[0]x", None),
+])
+def test_key_steps(key, steps):
+    assert yaml_reader.key_steps(key) == steps
