@@ -92,3 +92,55 @@ def test_an_override_of_a_list_item_is_located_at_that_item():
 ])
 def test_key_steps(key, steps):
     assert yaml_reader.key_steps(key) == steps
+
+
+# ------------------------------------------------------------------ data file formats
+FORMAT_SPELLINGS = {".jsonl", ".ndjson", ".pq", ".parquet", ".gz", ".bz2", ".xz", ".zst", ".csv"}
+
+
+def test_file_extensions_are_spelled_in_one_module():
+    """The format a file name says, and its compression, are read by config/data_files.py alone."""
+    owners = sorted({m for m, t in trees().items() for n in ast.walk(t)
+                     if isinstance(n, ast.Constant) and n.value in FORMAT_SPELLINGS})
+    assert owners == [os.path.join("config", "data_files.py")]
+
+
+@pytest.mark.parametrize("name, fmt", [
+    ("a.jsonl", "jsonl"), ("a.ndjson.gz", "jsonl"), ("A.JSON", "json"), ("a.csv.bz2", "csv"),
+    ("a.parquet", "parquet"), ("a.pq", "parquet"), ("a.txt.xz", "text"), ("a.zst", None),
+    ("a.gz", None), ("a.tsv", None)])
+def test_the_checks_and_the_ranks_reader_agree_on_the_format(tmp_path, name, fmt):
+    from launcher.checks import input_checks
+    from launcher.config import data_files
+    from launcher.config.errors import ConfigError
+    from launcher.data import reading
+    path = tmp_path / name
+    path.write_bytes(b"")
+    assert data_files.format_of(str(path)) == fmt
+    assert input_checks.file_format(str(path), None) == fmt
+    if fmt is None:
+        with pytest.raises(ConfigError, match=r"cannot tell the format of .* from its extension"):
+            reading.source_format(str(path), "data.path", None)
+    else:
+        assert reading.source_format(str(path), "data.path", None) == fmt
+
+
+def test_the_step_estimate_reads_compressed_and_parquet_files(tmp_path):
+    """The login node's row count (ds_config's step arithmetic) reads .gz and parquet like the
+    ranks do, not as raw bytes."""
+    import gzip
+    import json
+
+    from launcher.config import epochs
+    rows = [{"text": f"row {i}"} for i in range(7)]
+    plain = tmp_path / "d.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wt") as fh:
+        fh.write(plain.read_text())
+    assert epochs.row_count(str(plain), None)[0] == 7
+    assert epochs.row_count(str(gz), None) == epochs.row_count(str(plain), None)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "d.parquet")
+    assert epochs.row_count(str(tmp_path / "d.parquet"), None)[0] == 7
