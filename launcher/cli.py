@@ -219,7 +219,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from launcher.dsconfig import build as ds_config
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     from launcher.config.runfile import load
     cfg = load(args.run_file, args.overrides)
     built = ds_config.build(cfg, args.world_size)

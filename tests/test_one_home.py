@@ -144,3 +144,47 @@ def test_the_step_estimate_reads_compressed_and_parquet_files(tmp_path):
     import pyarrow as pa
     pq.write_table(pa.table({"text": [r["text"] for r in rows]}), tmp_path / "d.parquet")
     assert epochs.row_count(str(tmp_path / "d.parquet"), None)[0] == 7
+
+
+# ------------------------------------------------------------------ cache root, atomic writes
+def test_the_cache_root_and_its_variable_are_spelled_once():
+    spelled = {"FTLAUNCH_CACHE", "XDG_CACHE_HOME", ".cache", "~/.cache"}
+    owners = sorted({m for m, t in trees().items() for n in ast.walk(t)
+                     if isinstance(n, ast.Constant) and n.value in spelled})
+    assert owners == [os.path.join("common", "files.py")]
+
+
+def test_every_cache_lives_under_the_one_root(monkeypatch, tmp_path):
+    from launcher.checks import loaded_names
+    from launcher.common import files
+    from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from launcher.data import cache
+    from launcher.memory import probe
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
+    cfg = RunConfig(name="t", model=ModelConfig(path="/m"), data=DataConfig(path="/d"),
+                    train=TrainConfig(max_steps=1))
+    assert files.cache_root() == str(tmp_path)
+    assert cache.cache_root(cfg) == str(tmp_path / "data")
+    assert probe.cache_file() == str(tmp_path / "runtime-probe.json")
+    assert loaded_names.cache_file() == str(tmp_path / "conversion-rules.json")
+    monkeypatch.delenv(files.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert files.cache_root() == str(tmp_path / "xdg" / "ftlaunch")
+
+
+def test_files_are_replaced_through_write_atomic_only():
+    """A file is written to a temporary name and renamed by common/files.py's write_atomic alone;
+    data/cache.py renames a whole folder it published (another operation)."""
+    callers = sorted({m for m, t in trees().items() for n in ast.walk(t)
+                      if isinstance(n, ast.Call) and ast.unparse(n.func) in ("os.replace",
+                                                                             "tempfile.mkstemp")})
+    assert callers == [os.path.join("common", "files.py"), os.path.join("data", "cache.py")]
+
+
+def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
+    from launcher.common.files import write_atomic
+    target = tmp_path / "f.json"
+    write_atomic(str(target), "old")
+    with pytest.raises(TypeError, match=r"write\(\) argument must be str"):
+        write_atomic(str(target), b"new")  # type: ignore[arg-type]
+    assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f.json"]

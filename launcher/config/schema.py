@@ -174,7 +174,7 @@ class DataConfig:
     cache: bool = opt(True, "Tokenize once per node and keep the result (keyed by the data, "
                       "tokenizer, template and settings) for resumes and later jobs.")
     cache_dir: Optional[str] = opt(None, "Where the tokenized data is kept; null: "
-                                   "$FTLAUNCH_CACHE or ~/.cache/ftlaunch/data.", path=True)
+                                   "data/ under $FTLAUNCH_CACHE (default ~/.cache/ftlaunch).", path=True)
 
 
 @dataclass(frozen=True)

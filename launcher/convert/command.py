@@ -89,7 +89,7 @@ def _order(tree: dict) -> dict:
 
 
 def main(args: Any) -> int:
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     try:
         with open(args.config, encoding="utf-8") as fh:
             tree = yaml.safe_load(fh)

@@ -162,10 +162,10 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
 
 def fix_modes(folder: str) -> None:
     """Give every file under folder the mode the user's umask makes (safetensors writes 0600)."""
-    from launcher.cluster.rundir import _UMASK
+    from launcher.common.files import umask_state
     for dirpath, _, names in os.walk(folder):
         for n in names:
-            os.chmod(os.path.join(dirpath, n), 0o666 & ~_UMASK)
+            os.chmod(os.path.join(dirpath, n), 0o666 & ~umask_state()[1])
 
 
 # ------------------------------------------------------------------ ftlaunch export

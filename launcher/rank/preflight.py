@@ -449,7 +449,7 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
     text = summary_text(reports, names, bad, net, notes, time.monotonic() - start)
     print(text, end="")
     run_dir = os.path.dirname(os.path.abspath(args.run_file))
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     try:
         write_atomic(os.path.join(run_dir, SUMMARY_TEXT), text)
         write_atomic(os.path.join(run_dir, SUMMARY_JSON), json.dumps(
