@@ -188,3 +188,64 @@ def test_write_atomic_keeps_the_old_file_when_the_write_fails(tmp_path):
     with pytest.raises(TypeError, match=r"write\(\) argument must be str"):
         write_atomic(str(target), b"new")  # type: ignore[arg-type]
     assert target.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["f.json"]
+
+
+# ------------------------------------------------------------------ run directory, device, version
+def test_the_default_run_directory_is_decided_by_the_schema_alone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = runfile.parse("name: demo\nmodel: {path: /m}\ndata: {path: /d}\ntrain: {max_steps: 1}\n")
+    assert cfg.output.dir == cfg.run_dir == str(tmp_path / "runs" / "demo")
+    joins = sorted({m for m, t in trees().items() for n in ast.walk(t) if isinstance(n, ast.Call)
+                    and ast.unparse(n.func) == "os.path.join"
+                    and any(isinstance(a, ast.Constant) and a.value == "runs" for a in n.args)})
+    assert joins == [os.path.join("config", "schema.py")]
+
+
+def test_auto_means_cuda_for_a_job_in_one_place():
+    """The login node's reading of train.device (auto -> cuda on the job's nodes) is
+    model/device.py's job_device; no other module spells "cpu" if ... else "cuda"."""
+    from launcher.model import device
+    from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    def cfg(dev):
+        return RunConfig(name="t", model=ModelConfig(path="/m"), data=DataConfig(path="/d"),
+                         train=TrainConfig(max_steps=1, device=dev))
+    assert [device.job_device(cfg(d)) for d in ("auto", "cuda", "cpu")] == ["cuda", "cuda", "cpu"]
+    spelled = sorted({m for m, t in trees().items() for n in ast.walk(t) if isinstance(n, ast.IfExp)
+                      and {getattr(n.body, "value", None), getattr(n.orelse, "value", None)}
+                      == {"cpu", "cuda"}})
+    assert spelled == [os.path.join("model", "device.py")]
+    compared = sorted({m for m, t in trees().items() for n in ast.walk(t)
+                       if isinstance(n, ast.Compare)
+                       and ast.unparse(n).endswith(("train.device != 'cpu'", "t.device != 'cpu'"))})
+    assert compared == []
+
+
+def test_the_version_is_written_in_one_file():
+    import importlib.metadata
+    import tomllib
+
+    import launcher
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "launcher.__version__"}
+    assert importlib.metadata.version("ftlaunch") == launcher.__version__
+
+
+def test_a_job_made_by_hand_takes_the_run_files_cluster_defaults():
+    import dataclasses
+
+    from launcher.cluster import slurm
+    from launcher.config.schema import ClusterConfig
+    cluster = ClusterConfig()
+    shared = [f for f in dataclasses.fields(slurm.Job) if hasattr(cluster, f.name)
+              and f.default is not dataclasses.MISSING
+              and isinstance(getattr(cluster, f.name), (str, int, bool))]
+    assert {f.name for f in shared} >= {"launcher", "python", "requeue", "max_restarts", "preflight"}
+    assert all(f.default == getattr(cluster, f.name) for f in shared)
+    job_class = next(n for n in ast.walk(trees()[os.path.join("cluster", "slurm.py")])
+                     if isinstance(n, ast.ClassDef) and n.name == "Job")
+    literal = [n.target.id for n in job_class.body if isinstance(n, ast.AnnAssign)
+               and n.target.id in {f.name for f in shared} and isinstance(n.value, ast.Constant)]
+    assert literal == []

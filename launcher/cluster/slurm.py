@@ -19,8 +19,8 @@ from typing import Any, Optional
 from launcher import __version__
 from launcher.cluster import dist_env, layout, run_state
 from launcher.common.log import get_logger
-from launcher.config.schema import SBATCH_EXTRA as _EXTRA, RunConfig
-from launcher.model.device import NODE_DEVICES_ENV
+from launcher.config.schema import SBATCH_EXTRA as _EXTRA, ClusterConfig, RunConfig
+from launcher.model.device import NODE_DEVICES_ENV, job_device
 from launcher.cluster.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
                             slurm_filename)
 
@@ -45,6 +45,9 @@ class SbatchOption:
     key: str                    # the config key it comes from (named in errors)
 
 
+_CLUSTER = ClusterConfig()  # the run file's cluster defaults: a Job made by hand takes the same
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything the job script says, decided before rendering."""
@@ -59,12 +62,12 @@ class Job:
     env: tuple[tuple[str, str], ...] = ()
     env_from_shell: tuple[str, ...] = ()        # names taken from the submitting environment
     private: bool = False                       # output.private: umask 077 in the job
-    launcher: str = "torchrun"                  # torchrun | deepspeed
-    python: str = "python"
+    launcher: str = _CLUSTER.launcher            # torchrun | deepspeed
+    python: str = _CLUSTER.python
     command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
-    requeue: bool = True
-    max_restarts: int = 3
-    preflight: bool = True                      # `ftlaunch preflight` on every node first
+    requeue: bool = _CLUSTER.requeue
+    max_restarts: int = _CLUSTER.max_restarts
+    preflight: bool = _CLUSTER.preflight        # `ftlaunch preflight` on every node first
     container_prefix: tuple[str, ...] = ()      # words before python (apptainer/singularity exec)
     srun_container: tuple[str, ...] = ()        # srun options (pyxis's --container-image)
 
@@ -97,7 +100,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
             SbatchOption("--chdir", workdir, "working directory"),
             SbatchOption("--nodes", str(c.nodes), "cluster.nodes"),
             SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
-    if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
+    if job_device(cfg) == "cuda":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
     for name, option in (("mem", "--mem"), ("time", "--time"),
@@ -144,7 +147,7 @@ def container_words(cfg: RunConfig, workdir: str) -> tuple[tuple[str, ...], tupl
     if c.container_runtime == "pyxis":
         return (), (f"--container-image={c.container}", f"--container-mounts={run_dir}",
                     f"--container-workdir={workdir}")
-    gpu = ("--nv",) if cfg.train.device != "cpu" else ()
+    gpu = ("--nv",) if job_device(cfg) == "cuda" else ()
     return (c.container_runtime, "exec", *gpu, "--bind", run_dir, c.container), ()
 
 

@@ -23,6 +23,7 @@ from launcher.config import epochs
 from launcher.config.schema import RunConfig
 from launcher.config.errors import ConfigError, Problem, did_you_mean
 from launcher.config.batch import batch_problem, batch_sizes
+from launcher.model.device import job_device
 from launcher.dsconfig.keys import (  # noqa: F401  (the tables, re-exported for callers)
     FILLED, LAUNCHER_DEFAULTS, TOP_KEYS, ZERO_KEYS, BF16_KEYS, FP16_KEYS,
     OFFLOAD_PARAM_KEYS, OFFLOAD_OPTIMIZER_KEYS, SECTIONS, KNOWN_TOP, KNOWN_ZERO, REMOVED_TOP,
@@ -86,7 +87,7 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
     """The keys the launcher decides from the run file (see FILLED)."""
     t, ds = cfg.train, cfg.deepspeed
     micro, accum, global_batch = batch_sizes(cfg, world_size)
-    device = device or ("cpu" if t.device == "cpu" else "cuda")
+    device = device or job_device(cfg)
     out: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 from launcher.config.schema import RunConfig
 from launcher.config.errors import ConfigError
+from launcher.model.device import job_device
 from launcher.memory.terms import ALLOC_CONF, EXPANDABLE, expandable_segments
 from launcher.checks.validate import check
 
@@ -85,7 +86,7 @@ def _env(name: str, value: str) -> Callable[[RunConfig], RunConfig]:
 
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
-    gpu = t.device != "cpu"
+    gpu = job_device(c) == "cuda"
     if gpu and not expandable_segments(c.cluster.env):
         yield (f"cluster.env.{ALLOC_CONF}: {EXPANDABLE}", 0, "none (less allocator "
                "fragmentation)", _env(ALLOC_CONF, EXPANDABLE))

@@ -26,6 +26,7 @@ from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, Stat
                                    nccl_range, param_groups, states)
 from launcher.config.gpus import CARDS, lookup
 from launcher.config.sizes import parse_size
+from launcher.model.device import job_device
 
 DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
 # launcher/rank/train.py keeps only `.loss` of the model output, so the lp logits die before backward
@@ -144,7 +145,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     node_memory: one node's CPU memory (else cluster.mem, else this host's where local: default
     for train.device cpu)."""
     world = world_size or cfg.world_size
-    device = "cpu" if cfg.train.device == "cpu" else "cuda"
+    device = job_device(cfg)
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     r = _setting(cfg, world, device, ds)
     terms = (_model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)

@@ -204,7 +204,8 @@ def check_node(run_file: str, env: Mapping[str, str], node: str) -> tuple[dict[s
     if cfg is not None:
         problems += check_inputs(cfg)
         problems += check_nvme(cfg)
-        gpu = cfg.train.device != "cpu"
+        from launcher.model.device import job_device
+        gpu = job_device(cfg) == "cuda"
         if gpu:
             try:
                 report["gpus"] = gpu_inventory(env)

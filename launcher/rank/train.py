@@ -140,7 +140,7 @@ def build_ds_config(cfg: RunConfig, env: RankEnv, device: str) -> dict:
     """The DeepSpeed config for this launch's world size. A batch that does not split over
     env.world_size ranks is a ConfigError naming train.global_batch_size (ds_config.build)."""
     from launcher.dsconfig import build as ds_config
-    return ds_config.build(cfg, env.world_size, "cpu" if device == "cpu" else "cuda")
+    return ds_config.build(cfg, env.world_size, device.split(":")[0])  # cuda:N -> cuda
 
 
 def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
