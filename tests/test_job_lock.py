@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,  # noqa: E402
+from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,
                      write_exe)
 
-from launcher.cluster import job_lock, layout, slurm  # noqa: E402
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.cluster import job_lock, layout, slurm
+from launcher.config.errors import ConfigError
 
 FAKE_SQUEUE = r"""#!/bin/bash
 # squeue -h -j ID -o %T: the state in $FAKE_SQUEUE_DIR/ID, else nothing (Slurm forgot the job)

@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import sbatch_options, write_exe  # noqa: E402
+from helpers import sbatch_options, write_exe
 
-from launcher import cli  # noqa: E402
+from launcher import cli
 from launcher.config import schema as config, runfile, secret_env
 from launcher.cluster import layout, local_run, rundir, slurm
 from launcher.rank import metrics
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.errors import ConfigError
 
 SECRET = "s3cr3t-value-9f2c41"          # planted; must appear in no file and no message
 TOKEN = "hf_" + "A1b2C3d4" * 5            # the form of a Hugging Face token

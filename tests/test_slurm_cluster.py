@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, job_info, logs, read_env, read_nul, wait_final,  # noqa: E402
+from helpers import (FAKE_PYTHON, logs, read_env, read_nul, wait_final,
                      wait_until, write_exe)
 
-from launcher.cluster import layout, shell, slurm  # noqa: E402
+from launcher.cluster import layout, shell, slurm
 
 pytestmark = [pytest.mark.slurm]
 

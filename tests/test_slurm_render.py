@@ -21,12 +21,12 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,  # noqa: E402
+from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,
                      sbatch_options, write_exe)
 
-from launcher.cluster import layout, slurm  # noqa: E402
+from launcher.cluster import layout, slurm
 from launcher.config import runfile
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.errors import ConfigError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 CI = os.environ.get("CI", "").lower() == "true"

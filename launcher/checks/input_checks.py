@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.checks import messages
 from launcher.model import info as model_info
-from launcher.config.data_files import format_of, open_text  # noqa: F401 (open_text: used here, and by data/)
+from launcher.config.data_files import format_of, open_text
 from launcher.config.errors import Problem
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -11,7 +11,8 @@ resolved (train.device auto -> cuda or cpu) and written into the run's resolved.
 with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
 (global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
 data are loaded here once, by the ranks' own reader (`python -m launcher.rank.inputs`, a child process:
-this half imports none of the rank half), so bad data fails in seconds with the data's own error. The memory plan is printed
+this half imports none of the rank half), so bad data fails in seconds with the data's own error.
+The memory plan is printed
 and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from launcher.convert.out import Out, Report  # noqa: F401  (Report: the API's)
+from launcher.convert.out import Out, Report
 from launcher.config.errors import ConfigError, Problem
 
 PEERS = ("axolotl", "llamafactory")

@@ -453,7 +453,8 @@ def records(cfg: "RunConfig", path: str, key: str, warnings: list[str],
 
 
 def subset(rec: Records, idx: list[int]) -> Records:
-    pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+    def pick(xs: list | None) -> list | None:
+        return None if xs is None else [xs[i] for i in idx]
     return Records(texts=pick(rec.texts) if rec.chats is None else [], prompts=pick(rec.prompts),
                    dropped=0, rows=len(idx), chats=pick(rec.chats), row_numbers=pick(rec.row_numbers))
 

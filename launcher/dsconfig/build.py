@@ -5,7 +5,8 @@ run file (FILLED below: the table from run-file fields to DeepSpeed keys), then 
 `deepspeed.overrides`. A user's own JSON file (`deepspeed.config_file`) takes the place of the
 first two: taken as written, "auto" resolved as the HF Trainer does and only the run file's keys
 set in it (launcher/dsconfig/user_file.py). Overrides are checked here, on the login node, against the tables of the
-keys DeepSpeed 0.19 reads (launcher/dsconfig/keys.py, re-exported here): unknown keys (DeepSpeed ignores a misspelt top-level key
+keys DeepSpeed 0.19 reads (launcher/dsconfig/keys.py, re-exported here): unknown keys (DeepSpeed
+ignores a misspelt top-level key
 without a word), "auto" values (DeepSpeed silently drops them), keys removed from DeepSpeed,
 wrong types and ranges, keys owned by a run-file field, and the combinations DeepSpeed would
 only refuse on the ranks. Alias names (`prefetch_bucket_size` / `stage3_prefetch_bucket_size`,

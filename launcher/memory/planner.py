@@ -128,7 +128,7 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory, "local GPU"
-    except Exception:  # pragma: no cover - a broken CUDA install must not break planning
+    except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA install must not break planning
         pass
     return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
                                 "or local GPU): an H100's 81,559 MiB")

@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from typing import Any, Callable
 

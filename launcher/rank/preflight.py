@@ -3,11 +3,13 @@
 The job script runs it as one srun task per node (`cluster.preflight: true`). Each node checks
 itself (`check_node`): GPUs visible = gpus_per_node (torch's device count in the task's own
 environment, as the ranks will count them), their model, compute capability, free memory and the
-driver; what the run's optimizer needs on the node (launcher/rank/node_checks.py); the run directory writable, its write speed,
+driver; what the run's optimizer needs on the node (launcher/rank/node_checks.py); the run
+directory writable, its write speed,
 and the same directory as the batch node's (a token the job script wrote there, compared with
 the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; with NVMe offload,
 libaio for DeepSpeed's async_io op, `nvme_path` writable and the memlock limit above the pinned
-swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
+swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The
+reports meet in a TCP store on node 0 (the rendezvous
 address, port MASTER_PORT + PORT_SPAN); node 0 judges them together (`judge`: missing reports,
 versions that differ from the other nodes', GPU memory against the memory plan), then, if every
 node passed, all nodes run a timed all-reduce (NCCL on GPUs, gloo otherwise) whose bus bandwidth
@@ -412,7 +414,7 @@ def main(args: Any) -> int:
         try:
             if json.loads(store.get("verdict"))["allreduce"]:
                 allreduce(store, node_id, nnodes, timeout)
-        except Exception as exc:   # node 0 decides and reports; this node says what it saw
+        except Exception as exc:  # noqa: BLE001 - node 0 decides and reports; this node says what it saw
             print(f"ftlaunch preflight: {name}: no verdict or all-reduce with node 0 within "
                   f"{timeout} s: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
@@ -435,7 +437,7 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
     if cfg is not None:
         try:
             numbers = plan_numbers(cfg)
-        except Exception as exc:   # the plan is advice here: training decides
+        except Exception as exc:  # noqa: BLE001 - the plan is advice here: training decides
             notes.append(f"no memory plan ({type(exc).__name__}: {exc}); GPU memory not checked")
     bad = judge(reports, names, numbers.get("per_gpu"))
     net = None
@@ -443,7 +445,7 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
     if not bad:
         try:
             net = allreduce(store, 0, nnodes, timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as the node's verdict
             notes.append(f"all-reduce failed: {type(exc).__name__}: {exc}")
     if numbers.get("checkpoint_bytes") is not None and cfg is not None:
         notes.append(checkpoint_note(numbers["checkpoint_bytes"], reports, cfg.cluster.grace_s))
