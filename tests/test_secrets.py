@@ -8,7 +8,6 @@ The same on the test Slurm cluster, with a whole run: tests/test_slurm_cluster.p
 """
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 import subprocess
@@ -42,11 +41,7 @@ def write_runfile(tmp_path, fake_model, cluster=None, output=None, name="demo"):
 
 
 def args(run_file, *flags, overrides=()):
-    ns = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                            test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(ns, f, True)
-    return ns
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 def every_file(*folders):
@@ -272,9 +267,7 @@ def test_local_run_checks_the_environment(tmp_path, fake_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
-    ns = argparse.Namespace(run_file=run_file, overrides=["train.device=cpu"], nproc=1,
-                            max_steps=None, dry_run=False, force=False, resume=False,
-                            overwrite=False)
+    ns = local_run.RunCall(run_file=run_file, overrides=("train.device=cpu",), nproc=1)
     with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment"):
         local_run.main(ns)
     assert not (tmp_path / "runs").exists()

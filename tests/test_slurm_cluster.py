@@ -7,7 +7,6 @@ Skipped where Slurm is not installed (never in CI). Jobs are polled with `scontr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -44,11 +43,7 @@ def run(cmd, **kw):
 
 
 def ns(run_file, *flags):
-    a = argparse.Namespace(run_file=run_file, overrides=[], submit=False, test_only=False,
-                           force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
 def write_runfile(path, tree):

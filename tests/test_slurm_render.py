@@ -5,7 +5,6 @@ Regenerate the golden files after an intended change: FTLAUNCH_REGEN_GOLDEN=1 py
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -400,11 +399,7 @@ def write_runfile(tmp_path, fake_model, cluster=None, name="demo"):
 
 
 def args(run_file, *flags, overrides=()):
-    ns = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                            test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(ns, f, True)
-    return ns
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 FAKE_SBATCH = r"""#!/bin/bash

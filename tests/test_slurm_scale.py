@@ -8,7 +8,6 @@ Never skipped in CI (the fixture fails there instead). Jobs are polled with `sco
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -36,11 +35,7 @@ def cluster(slurm_cluster, monkeypatch):
 
 
 def ns(run_file, *flags):
-    a = argparse.Namespace(run_file=run_file, overrides=[], submit=False, test_only=False,
-                           force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
 def write_runfile(path, tree):

@@ -3,7 +3,7 @@
 `build(cfg, workdir=...)` turns a run config into a `Job` (every sbatch option, the environment,
 the setup lines, the per-node launch); `render(job)` fills slurm/job.sbatch with it, strictly (a
 placeholder without a value, or a value without a placeholder, is an error) and without touching
-any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(args)` is
+any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(SlurmCall)` is
 `ftlaunch slurm`. The script's variables are listed in slurm/README.md; what it does at run time
 (rendezvous, stop protocol, requeue) in docs/slurm.md.
 """
@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from launcher import __version__
 from launcher.cluster import dist_env, layout, run_state
@@ -326,32 +326,44 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     return text
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class SlurmCall:
+    """What `ftlaunch slurm` was asked: the run file and overrides, and what to do with the job."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    submit: bool = False
+    test_only: bool = False
+    force: bool = False        # submit a job whose memory plan does not fit
+    resume: bool = False
+    overwrite: bool = False
+
+
+def main(call: SlurmCall) -> int:
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import job_lock, rundir
     from launcher.config import secret_env
     from launcher.cluster.rundir import on_existing
     from launcher.config.runfile import load
-    queue = args.submit or args.test_only
+    queue = call.submit or call.test_only
     # rendering only: the job can be written before the weights and data are all in place (a
     # model folder with its config.json alone); what the job would fail on is said, and
     # --submit / --test-only refuse it
-    cfg = load(args.run_file, args.overrides, inputs=queue)
+    cfg = load(call.run_file, call.overrides, inputs=queue)
     if not queue:
         from launcher.checks.rules import input_problems
         for problem in input_problems(cfg):
             log.warning(f"{problem.key}: {problem.message}; the job would fail on it: fix it "
                         f"before --submit ({problem.fix})")
     secret_env.warn_in_clear(cfg)
-    if args.submit:
+    if call.submit:
         secret_env.require(cfg)   # before anything is written
     rundir.keep_private(cfg)
-    job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
-                            if args.overwrite else "writing its resolved.yaml and job.sbatch again")
-    plan_text = _memory_plan(cfg, args.force) if args.submit else None
+    job_lock.refuse_if_live(cfg.run_dir, "--submit" if call.submit else "--overwrite"
+                            if call.overwrite else "writing its resolved.yaml and job.sbatch again")
+    plan_text = _memory_plan(cfg, call.force) if call.submit else None
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
-                             on_existing=on_existing(args))
-    done = run_state.finished(run_dir, cfg.train.max_steps) if args.submit else None
+                             on_existing=on_existing(call))
+    done = run_state.finished(run_dir, cfg.train.max_steps) if call.submit else None
     if done:   # a job would hold its nodes only to say so
         from launcher.config.errors import ConfigError, Problem
         raise ConfigError([Problem(
@@ -359,25 +371,25 @@ def main(args: Any) -> int:
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
-    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
+    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(call.run_file))
     text = render(job)
     rundir.write_atomic(job.job_script, text)
     os.chmod(job.job_script, 0o700 if job.private else 0o755)
     print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
     print(f"submit with: sbatch {quote(job.job_script)}")
     passed = export_list(job.env_from_shell) if job.env_from_shell else None
-    if passed and not args.submit:
+    if passed and not call.submit:
         print(f"the job takes {', '.join(job.env_from_shell)} from the environment sbatch runs in "
               "(cluster.env_from_shell): export them first")
         for problem in secret_env.missing(cfg):
             log.warning(f"{problem.key}: {problem.message}")
     try:
-        if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
+        if call.test_only or call.submit:   # a job Slurm cannot run (time over the partition's
             # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s
             answer = submit(job.job_script, test_only=True, export=passed)
-            if args.test_only:
+            if call.test_only:
                 print(answer)
-        if args.submit:
+        if call.submit:
             job_id = submit(job.job_script, export=passed)
             owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
             if owner is not None:   # another submit or sbatch came in between: this one goes

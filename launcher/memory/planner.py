@@ -485,17 +485,29 @@ def checked_text(p: Plan, force: bool = False) -> str:
     return text
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class PlanCall:
+    """What `ftlaunch plan` was asked: the run file and overrides, sizes, output form, the probe."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    gpu_memory: str | None = None
+    node_memory: str | None = None
+    json: bool = False
+    explain: bool = False
+    probe: bool = False
+
+
+def main(call: PlanCall) -> int:
     """`ftlaunch plan`: 0 fits, 1 does not (a ConfigError is the caller's: exit 2)."""
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     kernels = None
-    if getattr(args, "probe", False) and cfg.train.device == "cpu":
+    if call.probe and cfg.train.device == "cpu":
         from launcher.memory.probe import measure
         kernels = measure(cfg)
-    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
-             node_memory=getattr(args, "node_memory", None))
-    if getattr(args, "json", False):
+    p = plan(cfg, call.gpu_memory, kernels=kernels,
+             node_memory=call.node_memory)
+    if call.json:
         sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
+        sys.stdout.write(render(p, explain=call.explain))
     return 0 if p.fits else 1

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from typing import Any, Mapping, Optional
+from dataclasses import dataclass
 
 from launcher import __version__
 from launcher.rank import collectives, node_checks
@@ -392,11 +393,19 @@ def _collect(store, nnodes: int, deadline: float) -> dict[int, Optional[dict]]:
         time.sleep(0.1)
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class PreflightCall:
+    """What `ftlaunch preflight` was asked: the run's resolved.yaml, and where to write the
+    nodes found unfit."""
+    run_file: str
+    bad_nodes: str | None = None
+
+
+def main(call: PreflightCall) -> int:
     env = dict(os.environ)
     start = time.monotonic()
     node_id, nnodes, name, host, port = _where(env)
-    report, cfg = check_node(args.run_file, env, name)
+    report, cfg = check_node(call.run_file, env, name)
     if cfg is not None:
         from launcher.cluster.rundir import keep_private
         keep_private(cfg)   # the summary files: output.private
@@ -420,10 +429,10 @@ def main(args: Any) -> int:
             return 1
         print(f"ftlaunch preflight: {name}: {'passed' if not report['problems'] else 'FAILED'}")
         return 0 if not report["problems"] else 1
-    return _node0(args, store, report, cfg, nnodes, start, timeout)
+    return _node0(call, store, report, cfg, nnodes, start, timeout)
 
 
-def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) -> int:
+def _node0(call: PreflightCall, store, report, cfg, nnodes: int, start: float, timeout: int) -> int:
     reports = _collect(store, nnodes, start + timeout)
     names = {i: (r["node"] if r else f"node index {i}") for i, r in reports.items()}
     if os.environ.get("SLURM_JOB_NODELIST") and nnodes > 1:
@@ -451,15 +460,15 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
         notes.append(checkpoint_note(numbers["checkpoint_bytes"], reports, cfg.cluster.grace_s))
     text = summary_text(reports, names, bad, net, notes, time.monotonic() - start)
     print(text, end="")
-    run_dir = os.path.dirname(os.path.abspath(args.run_file))
+    run_dir = os.path.dirname(os.path.abspath(call.run_file))
     from launcher.common.files import write_atomic
     try:
         write_atomic(os.path.join(run_dir, SUMMARY_TEXT), text)
         write_atomic(os.path.join(run_dir, SUMMARY_JSON), json.dumps(
             {"nodes": {names[i]: r for i, r in reports.items()}, "bad": bad, "allreduce": net,
              "checkpoint_bytes": numbers.get("checkpoint_bytes"), "notes": notes}, indent=1) + "\n")
-        if args.bad_nodes and bad:
-            write_atomic(args.bad_nodes, "".join(
+        if call.bad_nodes and bad:
+            write_atomic(call.bad_nodes, "".join(
                 n + " " + "; ".join(r).replace("\n", " ") + "\n" for n, r in sorted(bad.items())))
     except OSError as exc:
         print(f"ftlaunch preflight: cannot write the summary in {run_dir}: {exc}", file=sys.stderr)

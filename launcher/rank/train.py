@@ -326,9 +326,16 @@ def shutdown(*, barrier: bool, t: Any = None) -> None:
         dist.destroy_process_group()
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class TrainCall:
+    """What `ftlaunch train` (each rank) was asked: the run file and its overrides."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+
+
+def main(call: TrainCall) -> int:
     from launcher.config import runfile
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     rundir.keep_private(cfg)   # checkpoints, metrics, trackers, the export: output.private
     env = dist_env.from_environ()
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
