@@ -50,6 +50,7 @@ def test_every_command_but_the_two_printed_by_the_cli_has_a_call():
     (["convert", "ax.yaml", "--from", "axolotl", "-o", "out.yaml"],
      ConvertCall(config="ax.yaml", output="out.yaml", peer="axolotl")),
     (["stop", "runs/demo"], StopCall(run_dir="runs/demo")),
+    (["status", "runs/a", "runs/b", "--json"], StatusCall(run_dir=("runs/a", "runs/b"), json=True)),
     (["train", "r.yaml", "a.b=1"], TrainCall(run_file="r.yaml", overrides=("a.b=1",))),
 ])
 def test_the_cli_builds_the_call(argv, call):

@@ -280,7 +280,7 @@ class StatusCall:
 
 def main(call: StatusCall) -> int:
     """One run directory or several (a key=value word that is not a folder is an override)."""
-    words = call.run_dir if isinstance(call.run_dir, list) else [call.run_dir]
+    words = [call.run_dir] if isinstance(call.run_dir, str) else list(call.run_dir)
     dirs = [w for w in words if "=" not in w or os.path.isdir(w)]
     overrides = [w for w in words if w not in dirs] + list(call.overrides)
     runs = [collect(d, overrides) for d in dirs]
