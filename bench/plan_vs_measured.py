@@ -486,7 +486,8 @@ def measure(model: str, settings: list[str], work: str, steps: int = 3,
                      "plan_tensors": p.peak_allocated, "measured_peak": peak,
                      "ratio": peak / p.total_per_gpu, "seconds": round(time.time() - t0, 1),
                      "plan_terms": {k: p.term(k) for k in ("weights", "gradients", "masters", "optimizer")},
-                     "engine": {k: max(r[k] for r in ranks) for k in ("weights", "grads", "grads_storage", "masters", "optimizer")},
+                     "engine": {k: max(r[k] for r in ranks)
+                                for k in ("weights", "grads", "grads_storage", "masters", "optimizer")},
                      "after_init": max(r["after_init"] for r in ranks)})
     return rows
 
@@ -502,7 +503,8 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['setting']} | {r['params']:,} ({r['trainable']:,}) | "
                    f"{mib(r['plan_total'])} | {mib(r['measured_peak'])} | {r['ratio']:.3f} | {dcell} |")
     out.append("")
-    out.append("| model | setting | weights plan/engine | grads plan/engine | masters plan/engine | optimizer plan/engine |")
+    out.append("| model | setting | weights plan/engine | grads plan/engine | masters plan/engine "
+               "| optimizer plan/engine |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:
         cells = []

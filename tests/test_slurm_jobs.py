@@ -9,7 +9,6 @@ ones do), each test reads the run directories afterwards: each job's steps, once
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -33,12 +32,8 @@ from launcher.config.runfile import load  # noqa: E402
 
 
 def ns(run_file, *flags, overrides=(), sweeps=()):
-    a = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                           test_only=False, force=False, resume=False, overwrite=False,
-                           sweep=list(sweeps))
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), sweep=tuple(sweeps),
+                           **{f: True for f in flags})
 
 
 def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", train=None):
@@ -388,9 +383,8 @@ def test_a_rank_killed_by_a_signal_is_recorded_with_its_last_step_before_a_peers
              f"run_state.write_exit_status({str(run_dir)!r}, 0, 1, 3, None, "
              f"'rank 0: RuntimeError: Connection closed by peer', since=0, at=time.time() + 5)\n"
              f"os.kill(os.getpid(), signal.SIGKILL)\n")
-    guard = ("import sys, argparse\nfrom launcher.cluster import rank_guard\n"
-             f"a = argparse.Namespace(run_file={run_file!r}, overrides=[])\n"
-             f"sys.exit(rank_guard.run(a, [sys.executable, '-c', {child!r}]))")
+    guard = ("import sys\nfrom launcher.cluster import rank_guard\n"
+             f"sys.exit(rank_guard.run({run_file!r}, (), [sys.executable, '-c', {child!r}]))")
     p = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        env={**os.environ, "RANK": "1", "WORLD_SIZE": "2"})

@@ -8,7 +8,6 @@ rules behind them (validate) and of status, stop and runs on hand-made run direc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,22 +18,18 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,  # noqa: E402
+from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
                      wait_until, write_exe)
 
-from launcher import cli  # noqa: E402
+from launcher import cli
 from launcher.cluster import job_lock, layout, slurm
 from launcher.ops import status
-from launcher.config.errors import ConfigError  # noqa: E402
-from launcher.config.runfile import load  # noqa: E402
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import load
 
 
 def ns(run_file, *flags, overrides=()):
-    a = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                           test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_steps=6):

@@ -41,7 +41,7 @@ def read(run_dir: str) -> Optional[str]:
 
 def record(run_dir: str, job_id: str, by: str) -> None:
     """Write job_id as the owner of run_dir (atomically: readers see the old id or the new)."""
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     write_atomic(path(run_dir), f"{job_id}\n# recorded by {by}, "
                  f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
 

@@ -11,7 +11,8 @@ resolved (train.device auto -> cuda or cpu) and written into the run's resolved.
 with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
 (global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
 data are loaded here once, by the ranks' own reader (`python -m launcher.rank.inputs`, a child process:
-this half imports none of the rank half), so bad data fails in seconds with the data's own error. The memory plan is printed
+this half imports none of the rank half), so bad data fails in seconds with the data's own error.
+The memory plan is printed
 and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from typing import Any, Sequence
+from dataclasses import dataclass
 
 from launcher.cluster import layout, run_state
 from launcher.config.batch import batch_sizes, local_batch_problem
@@ -258,58 +260,71 @@ def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str) -> 
               flush=True)
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class RunCall:
+    """What `ftlaunch run` was asked: the run file and overrides, the ranks, a dry run."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    nproc: int | None = None
+    max_steps: int | None = None
+    dry_run: bool = False
+    force: bool = False        # start although the memory plan does not fit
+    resume: bool = False
+    overwrite: bool = False
+
+
+def main(call: RunCall) -> int:
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import rundir
     from launcher.config import runfile, secret_env
-    base = runfile.load(args.run_file, args.overrides)
-    device, nproc = local_ranks(base, args.nproc)
+    base = runfile.load(call.run_file, call.overrides)
+    device, nproc = local_ranks(base, call.nproc)
     extra = local_overrides(base, device, nproc)
-    if args.max_steps is not None:
-        extra += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
+    if call.max_steps is not None:
+        extra += [f"train.max_steps={call.max_steps}", "train.epochs=null"]
     tmp = None
-    if args.dry_run:
+    if call.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
         extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
                   "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
                   "train.log_every=1", f"output.dir={tmp}"]
-    cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
+    cfg = runfile.load(call.run_file, list(call.overrides) + extra, inputs=True)
     secret_env.warn_in_clear(cfg)
     secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
     rundir.keep_private(cfg)
-    if not args.dry_run:
-        print(f"ftlaunch: {max_steps_source(base, args.run_file, args.max_steps)}", flush=True)
+    if not call.dry_run:
+        print(f"ftlaunch: {max_steps_source(base, call.run_file, call.max_steps)}", flush=True)
         done = run_state.finished(cfg.run_dir, cfg.train.max_steps)
-        if (done and cfg.train.resume == "auto" and not args.overwrite
+        if (done and cfg.train.resume == "auto" and not call.overwrite
                 and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
             print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
             return layout.EXIT_OK
-    if not args.dry_run:  # before the plan and the tokenizing: refused in a second
+    if not call.dry_run:  # before the plan and the tokenizing: refused in a second
         from launcher.cluster import job_lock   # a Slurm job queued or running on it owns it
-        job_lock.refuse_if_live(cfg.run_dir, "ftlaunch run" + (" --overwrite" if args.overwrite
+        job_lock.refuse_if_live(cfg.run_dir, "ftlaunch run" + (" --overwrite" if call.overwrite
                                                                else ""))
-        rundir.check(cfg, rundir.on_existing(args))
+        rundir.check(cfg, rundir.on_existing(call))
     try:
-        plan = plan_text(cfg, getattr(args, "force", False))
+        plan = plan_text(cfg, call.force)
         if plan:
             print(plan, end="", flush=True)
-        code = check_data(args.run_file, list(args.overrides) + extra)
+        code = check_data(call.run_file, list(call.overrides) + extra)
         if code:
             return code
         ds = ds_config.build(cfg, nproc, device)
-        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
-                                 else rundir.on_existing(args))
+        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if call.dry_run
+                                 else rundir.on_existing(call))
         run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
         micro, accum, global_batch = batch_sizes(cfg, nproc)
         print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, global batch "
               f"{micro} micro x {accum} accum x {nproc} rank{'s' if nproc > 1 else ''} = "
               f"{global_batch} sequences, run directory {run_dir}"
-              + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
+              + (" (dry run: nothing is kept)" if call.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
-        code = launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
+        code = launch(cmd, rank_environ(device, nproc, dry_run=call.dry_run,
                                         cluster_env=dict(cfg.cluster.env)), run_dir)
-        if args.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
+        if call.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
             record_step_time(base, run_dir, nproc, device)
         return code
     finally:

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 GUARDED_ENV = "FTLAUNCH_RANK_GUARDED"   # set in the child: it does the work
 SWITCH_ENV = "FTLAUNCH_RANK_GUARD"      # "0": no guardian
@@ -65,7 +65,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _where(args: Any) -> tuple[Optional[str], Optional[int], int]:
+def _where(run_file: str, overrides: Sequence[str]) -> tuple[Optional[str], Optional[int], int]:
     """(run directory, dist_timeout_s, rank) for the record; None where the run file does not
     load (the child then reports that itself)."""
     from launcher.cluster import dist_env
@@ -75,7 +75,7 @@ def _where(args: Any) -> tuple[Optional[str], Optional[int], int]:
         rank = 0
     try:
         from launcher.config.runfile import load
-        cfg = load(args.run_file, args.overrides)
+        cfg = load(run_file, overrides)
     except Exception:  # noqa: BLE001 - the child reports the run file's problems
         return None, None, rank
     return cfg.run_dir, cfg.train.dist_timeout_s, rank
@@ -103,13 +103,12 @@ class _Progress:
         return self._step
 
 
-def run(args: Any, command: Optional[list[str]] = None) -> int:
+def run(run_file: str, overrides: Sequence[str] = (), command: Optional[list[str]] = None) -> int:
     """Run the rank's work as a child and wait; its exit code, or its signal recorded and
     raised again here."""
     from launcher.cluster import run_state
     started = time.time() - 1   # mtime granularity, as train.main
-    command = command or [sys.executable, "-m", "launcher", "train", args.run_file,
-                          *args.overrides]
+    command = command or [sys.executable, "-m", "launcher", "train", run_file, *overrides]
     read_fd, write_fd = os.pipe()   # the child writes each step it completes (report_step)
     child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1",
                                            run_state.PROGRESS_FD_ENV: str(write_fd)},
@@ -131,7 +130,7 @@ def run(args: Any, command: Optional[list[str]] = None) -> int:
         return rc
     signum = -rc
     step = progress.last(wait_s=0.5)
-    run_dir, timeout, rank = _where(args)
+    run_dir, timeout, rank = _where(run_file, overrides)
     message = death_message(signum, rank, timeout, run_dir or ".")
     if step >= 0:
         message += f" (after step {step}, the last it completed)"

@@ -25,7 +25,7 @@ import time
 from typing import Any, NoReturn, Optional
 
 from launcher.cluster import layout
-from launcher.cluster.rundir import write_atomic
+from launcher.common.files import write_atomic
 
 
 # ------------------------------------------------------------------ stop requests

@@ -3,7 +3,7 @@
 `build(cfg, workdir=...)` turns a run config into a `Job` (every sbatch option, the environment,
 the setup lines, the per-node launch); `render(job)` fills slurm/job.sbatch with it, strictly (a
 placeholder without a value, or a value without a placeholder, is an error) and without touching
-any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(args)` is
+any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(SlurmCall)` is
 `ftlaunch slurm`. The script's variables are listed in slurm/README.md; what it does at run time
 (rendezvous, stop protocol, requeue) in docs/slurm.md.
 """
@@ -14,13 +14,13 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from launcher import __version__
 from launcher.cluster import dist_env, layout, run_state
 from launcher.common.log import get_logger
-from launcher.config.schema import SBATCH_EXTRA as _EXTRA, RunConfig
-from launcher.model.device import NODE_DEVICES_ENV
+from launcher.config.schema import SBATCH_EXTRA as _EXTRA, ClusterConfig, RunConfig
+from launcher.model.device import NODE_DEVICES_ENV, job_device
 from launcher.checks.slurm_checks import PARTITION_DEFAULT
 from launcher.cluster.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
                             slurm_filename)
@@ -46,6 +46,9 @@ class SbatchOption:
     key: str                    # the config key it comes from (named in errors)
 
 
+_CLUSTER = ClusterConfig()  # the run file's cluster defaults: a Job made by hand takes the same
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything the job script says, decided before rendering."""
@@ -61,12 +64,12 @@ class Job:
     env: tuple[tuple[str, str], ...] = ()
     env_from_shell: tuple[str, ...] = ()        # names taken from the submitting environment
     private: bool = False                       # output.private: umask 077 in the job
-    launcher: str = "torchrun"                  # torchrun | deepspeed
-    python: str = "python"
+    launcher: str = _CLUSTER.launcher            # torchrun | deepspeed
+    python: str = _CLUSTER.python
     command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
-    requeue: bool = True
-    max_restarts: int = 3
-    preflight: bool = True                      # `ftlaunch preflight` on every node first
+    requeue: bool = _CLUSTER.requeue
+    max_restarts: int = _CLUSTER.max_restarts
+    preflight: bool = _CLUSTER.preflight        # `ftlaunch preflight` on every node first
     container_prefix: tuple[str, ...] = ()      # words before python (apptainer/singularity exec)
     srun_container: tuple[str, ...] = ()        # srun options (pyxis's --container-image)
 
@@ -108,7 +111,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
         # nodes even when MAX are free (measured, Slurm 22.05); without it each node gets one
         # task's worth (cpus-per-task) and the srun lines say --ntasks-per-node=1 themselves
         opts.append(SbatchOption("--ntasks-per-node", "1", "cluster.nodes"))
-    if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
+    if job_device(cfg) == "cuda":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
     if c.time == "auto":   # `ftlaunch slurm` replaces it with the estimate (resolve_time)
@@ -161,7 +164,7 @@ def container_words(cfg: RunConfig, workdir: str) -> tuple[tuple[str, ...], tupl
     if c.container_runtime == "pyxis":
         return (), (f"--container-image={c.container}", f"--container-mounts={run_dir}",
                     f"--container-workdir={workdir}")
-    gpu = ("--nv",) if cfg.train.device != "cpu" else ()
+    gpu = ("--nv",) if job_device(cfg) == "cuda" else ()
     return (c.container_runtime, "exec", *gpu, "--bind", run_dir, c.container), ()
 
 
@@ -341,6 +344,19 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class SlurmCall:
+    """What `ftlaunch slurm` was asked: the run file and overrides, and what to do with the job."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    submit: bool = False
+    test_only: bool = False
+    force: bool = False        # submit a job whose memory plan does not fit
+    resume: bool = False
+    overwrite: bool = False
+    sweep: tuple[str, ...] = ()   # KEY=V1,V2 each: a run directory and a job per combination
+
+
 @dataclass
 class Point:
     """One job of `ftlaunch slurm`: its config and what was decided for it before any write."""
@@ -354,7 +370,7 @@ class Point:
     estimate: Optional[dict] = None                  # ... and the estimate, kept in the run dir
 
 
-def _check_point(args: Any, label: str, overrides: list[str]) -> Point:
+def _check_point(call: SlurmCall, label: str, overrides: list[str]) -> Point:
     """Everything that can refuse a job before anything is written: the run file and its inputs
     (when queueing), the live job owning the run directory, the existing run directory, the
     memory plan, a finished run, the partition's time limits. ConfigError names the problem."""
@@ -363,46 +379,46 @@ def _check_point(args: Any, label: str, overrides: list[str]) -> Point:
     from launcher.config.errors import ConfigError, Problem
     from launcher.cluster.rundir import on_existing
     from launcher.config.runfile import load
-    queue = args.submit or args.test_only
+    queue = call.submit or call.test_only
     # rendering only: the job can be written before the weights and data are all in place (a
     # model folder with its config.json alone); what the job would fail on is said, and
     # --submit / --test-only refuse it
-    cfg = load(args.run_file, overrides, inputs=queue)
+    cfg = load(call.run_file, overrides, inputs=queue)
     if not queue:
         from launcher.checks.rules import input_problems
         for problem in input_problems(cfg):
             log.warning(f"{problem.key}: {problem.message}; the job would fail on it: fix it "
                         f"before --submit ({problem.fix})")
     secret_env.warn_in_clear(cfg)
-    if args.submit:
+    if call.submit:
         secret_env.require(cfg)   # before anything is written
-    job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
-                            if args.overwrite else "writing its resolved.yaml and job.sbatch again")
-    rundir.check(cfg, on_existing(args))
+    job_lock.refuse_if_live(cfg.run_dir, "--submit" if call.submit else "--overwrite"
+                            if call.overwrite else "writing its resolved.yaml and job.sbatch again")
+    rundir.check(cfg, on_existing(call))
     point = Point(label, cfg)
     if cfg.cluster.time == "auto":   # the plan's estimate (builds the meta-device model)
         from launcher.memory.clock import resolve_time
         cfg, point.time_lines, point.estimate = resolve_time(cfg)
         point.cfg = cfg
-    if not args.submit:
+    if not call.submit:
         return point
     part = slurm_partition.lookup(cfg.cluster.partition)   # cheap checks first: then the plan
     problems = slurm_partition.time_problems(cfg, part)
     if problems:
         raise ConfigError(problems, f"partition {part.name if part else ''}".strip())
     point.part_note = slurm_partition.describe_time(cfg, part)
-    done = None if args.overwrite else run_state.finished(cfg.run_dir, cfg.train.max_steps)
+    done = None if call.overwrite else run_state.finished(cfg.run_dir, cfg.train.max_steps)
     if done:   # a job would hold its nodes only to say so
         raise ConfigError([Problem(
             "train.max_steps", f"{cfg.run_dir} is finished: step {done.get('step')} of "
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
-    point.plan_text = _memory_plan(cfg, args.force)
+    point.plan_text = _memory_plan(cfg, call.force)
     return point
 
 
-def _write_point(args: Any, point: Point) -> None:
+def _write_point(call: SlurmCall, point: Point) -> None:
     """The run directory and its job script."""
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import rundir
@@ -410,14 +426,14 @@ def _write_point(args: Any, point: Point) -> None:
     cfg = point.cfg
     rundir.keep_private(cfg)
     run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=point.plan_text,
-                             on_existing=on_existing(args))
+                             on_existing=on_existing(call))
     if point.estimate is not None:
         import json
         rundir.write_atomic(os.path.join(run_dir, layout.ESTIMATE),
                             json.dumps(point.estimate, indent=2) + "\n")
     for line in point.time_lines:
         print(line)
-    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
+    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(call.run_file))
     rundir.write_atomic(job.job_script, render(job))
     os.chmod(job.job_script, 0o700 if job.private else 0o755)
     point.job = job
@@ -448,45 +464,45 @@ def _submit_point(point: Point) -> str:
     return job_id
 
 
-def main(args: Any) -> int:
+def main(call: SlurmCall) -> int:
     from launcher.config import secret_env
     from launcher.config.errors import ConfigError, Problem
-    sweep = getattr(args, "sweep", None) or []
+    sweep = list(call.sweep)
     if sweep:
         from launcher.cluster import sweep as sweeps
-        labelled = sweeps.expand(args.run_file, list(args.overrides), sweep)
+        labelled = sweeps.expand(call.run_file, list(call.overrides), sweep)
     else:
-        labelled = [("", list(args.overrides))]
+        labelled = [("", list(call.overrides))]
     points, problems = [], []
     for label, overrides in labelled:   # every point checked before anything is written
         try:
-            points.append(_check_point(args, label, overrides))
+            points.append(_check_point(call, label, overrides))
         except ConfigError as exc:
             if not label:
                 raise
             problems += [Problem(p.key, p.message, p.fix, f"sweep point {label}"
                                  + (f", {p.where}" if p.where else "")) for p in exc.problems]
     if problems:
-        raise ConfigError(problems, f"sweep of {args.run_file} ({len(labelled)} points; nothing "
+        raise ConfigError(problems, f"sweep of {call.run_file} ({len(labelled)} points; nothing "
                           "written or submitted)")
     for point in points:
-        _write_point(args, point)
+        _write_point(call, point)
     first = points[0].job
-    if first.env_from_shell and not args.submit:
+    if first.env_from_shell and not call.submit:
         print(f"the job takes {', '.join(first.env_from_shell)} from the environment sbatch runs in "
               "(cluster.env_from_shell): export them first")
         for problem in secret_env.missing(points[0].cfg):
             log.warning(f"{problem.key}: {problem.message}")
     ids: list[str] = []
     try:
-        if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
+        if call.test_only or call.submit:   # a job Slurm cannot run (time over the partition's
             # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s, for
             # every point before any is submitted
             for point in points:
                 answer = submit(point.job.job_script, test_only=True, export=point.passed)
-                if args.test_only:
+                if call.test_only:
                     print((f"[{point.label}] " if point.label else "") + answer)
-        if args.submit:
+        if call.submit:
             for point in points:
                 for line in [*verdict_lines(point.plan_text or ""), point.part_note or ""]:
                     if line:

@@ -27,6 +27,7 @@ import os
 from typing import Any, Optional
 
 from launcher.config.batch import batch_sizes
+from launcher.config.data_files import format_of, open_text, parquet_rows
 from launcher.config.schema import RunConfig
 
 CHARS_PER_TOKEN = 4  # the login-node estimate of packed sequences
@@ -93,16 +94,18 @@ def describe(cfg: RunConfig, n_sequences: int, world: int) -> str:
 
 
 # ------------------------------------------------------------------ the login-node estimate
-def _count_rows(path: str, fmt: Optional[str]) -> tuple[Optional[int], int]:
+def row_count(path: str, fmt: Optional[str]) -> tuple[Optional[int], int]:
     """(non-blank rows or None when the format cannot be counted without `datasets`, characters)."""
-    name = path.lower()
-    fmt = fmt or ("jsonl" if name.endswith((".jsonl", ".ndjson")) else "json" if name.endswith(".json")
-                  else "csv" if name.endswith(".csv") else "text" if name.endswith((".txt", ".text"))
-                  else None)
+    fmt = fmt or format_of(path)
+    if fmt == "parquet" and os.path.isfile(path):
+        return parquet_rows(path), _size(path)
     if fmt not in ("jsonl", "json", "csv", "text") or not os.path.isfile(path):
         return None, _size(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        fh = open_text(path, errors="replace")
+        if fh is None:  # zstd: read by `datasets` on the ranks only
+            return None, _size(path)
+        with fh:
             if fmt == "json":
                 text = fh.read()
                 rows = json.loads(text)
@@ -136,7 +139,7 @@ def estimated_sequences(cfg: RunConfig) -> tuple[int, str]:
     d = cfg.data
     rows, chars = 0, 0
     for path, fmt in _sources(cfg):
-        r, c = _count_rows(path, fmt)
+        r, c = row_count(path, fmt)
         if d.max_samples is not None and r is not None and r > d.max_samples:
             c, r = c * d.max_samples // r, d.max_samples
         rows = None if (rows is None or r is None) else rows + r

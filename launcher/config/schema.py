@@ -174,7 +174,7 @@ class DataConfig:
     cache: bool = opt(True, "Tokenize once per node and keep the result (keyed by the data, "
                       "tokenizer, template and settings) for resumes and later jobs.")
     cache_dir: Optional[str] = opt(None, "Where the tokenized data is kept; null: "
-                                   "$FTLAUNCH_CACHE or ~/.cache/ftlaunch/data.", path=True)
+                                   "data/ under $FTLAUNCH_CACHE (default ~/.cache/ftlaunch).", path=True)
     chosen_field: str = opt("chosen", "Preference data (train.objective other than sft): the "
                             "preferred answer: text, one message, or a message list (TRL's "
                             "layout; the messages both lists share are the prompt).")

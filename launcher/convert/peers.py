@@ -321,7 +321,7 @@ def _has_column(path: Any, base_dir: str, column: str) -> bool:
     if not isinstance(path, str):
         return False
     full = path if os.path.isabs(path) else os.path.join(base_dir, path)
-    fmt = input_checks._format(full, None)
+    fmt = input_checks.file_format(full, None)
     if not os.path.isfile(full) or fmt not in ("jsonl", "json", "csv"):
         return False
     try:

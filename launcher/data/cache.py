@@ -6,8 +6,8 @@ later jobs.
 The key is a hash of everything the result depends on: each data file's path, size and
 modification time (every file of a saved folder), the tokenizer (its whole serialised form and
 special tokens), the chat template text, the data settings, the seed (eval split, mixture draw),
-the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: $FTLAUNCH_CACHE,
-else ~/.cache/ftlaunch/data) each key is a folder of .npy arrays (memory-mapped: the ranks of a
+the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: data/ under the cache root,
+$FTLAUNCH_CACHE else ~/.cache/ftlaunch) each key is a folder of .npy arrays (memory-mapped: the ranks of a
 node share one copy in the page cache) and a meta.json.
 
 Once per node: the first rank to take the key's file lock (fcntl) builds and publishes the folder
@@ -23,6 +23,7 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Callable
 
+from launcher.common import files as common_files
 from launcher.data.reading import print_warning
 from launcher.data.tokenize import Tokens
 
@@ -35,8 +36,8 @@ _NO_KEY = ("cache", "cache_dir")
 
 
 def cache_root(cfg: "RunConfig") -> str:
-    return (cfg.data.cache_dir or os.environ.get("FTLAUNCH_CACHE")
-            or os.path.join(os.path.expanduser("~"), ".cache", "ftlaunch", "data"))
+    """data.cache_dir, else data/ under the cache root (launcher/common/files.py)."""
+    return cfg.data.cache_dir or os.path.join(common_files.cache_root(), "data")
 
 
 def _files(path: str | None) -> list:

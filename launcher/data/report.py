@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from typing import Any
+from dataclasses import dataclass
 
 from launcher.data.tokenize import IGNORE, Tokens
 
@@ -97,19 +98,28 @@ def render(info: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(args) -> int:
+@dataclass(frozen=True)
+class DataCall:
+    """What `ftlaunch data` was asked: the run file and overrides, examples to show, JSON output."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    show: int = 0
+    json: bool = False
+
+
+def main(call: DataCall) -> int:
     from launcher.rank import inputs
     from launcher.config.runfile import load
 
-    cfg = load(args.run_file, args.overrides, inputs=True)
+    cfg = load(call.run_file, call.overrides, inputs=True)
     tok = inputs.load_tokenizer(cfg)
     splits = inputs.load_data(cfg, tok)
     info = summary(splits)
-    n = max(0, min(args.show or 0, len(splits.train)))
+    n = max(0, min(call.show or 0, len(splits.train)))
     shown = [splits.train[i] for i in range(n)]
     if "pairs" in info:
-        return _show_pairs(tok, info, shown, args.json)
-    if args.json:
+        return _show_pairs(tok, info, shown, call.json)
+    if call.json:
         info["shown"] = [marked(tok, e["input_ids"], e["labels"], False) for e in shown]
         print(json.dumps(info, indent=1))
         return 0

@@ -23,7 +23,8 @@ FILLED: dict[str, str] = {
     "gradient_clipping": "train.grad_clip",
     "fp16.enabled": "model.dtype",
     "bf16.enabled": "model.dtype",
-    "optimizer": "train.optimizer / lr / betas / eps / weight_decay (+ torch_adam, and fused on GPUs, unless offloaded)",
+    "optimizer": "train.optimizer / lr / betas / eps / weight_decay (+ torch_adam, and fused on GPUs, "
+                 "unless offloaded)",
     "scheduler": "train.scheduler / warmup_steps / max_steps / min_lr_ratio",
     "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 from launcher.config.schema import RunConfig
 from launcher.config.errors import ConfigError
+from launcher.model.device import job_device
 from launcher.memory.terms import ALLOC_CONF, EXPANDABLE, expandable_segments
 from launcher.checks.validate import check
 
@@ -110,7 +111,7 @@ def _long_sequence(c: RunConfig) -> Iterator[Change]:
 
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
-    gpu = t.device != "cpu"
+    gpu = job_device(c) == "cuda"
     if gpu and not expandable_segments(c.cluster.env):
         yield (f"cluster.env.{ALLOC_CONF}: {EXPANDABLE}", 0, "none (less allocator "
                "fragmentation)", _env(ALLOC_CONF, EXPANDABLE))

@@ -30,6 +30,7 @@ from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, Stat
                                    nccl_range, param_groups, states)
 from launcher.config.gpus import CARDS, lookup
 from launcher.config.sizes import parse_size
+from launcher.model.device import job_device
 
 DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
 # launcher/rank/train.py keeps only `.loss` of the model output, so the lp logits die before backward
@@ -131,7 +132,7 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
         import torch
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory, "local GPU"
-    except Exception:  # pragma: no cover - a broken CUDA install must not break planning
+    except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA install must not break planning
         pass
     return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
                                 "or local GPU): an H100's 81,559 MiB")
@@ -148,7 +149,7 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     node_memory: one node's CPU memory (else cluster.mem, else this host's where local: default
     for train.device cpu)."""
     world = world_size or cfg.world_size
-    device = "cpu" if cfg.train.device == "cpu" else "cuda"
+    device = job_device(cfg)
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     r = _setting(cfg, world, device, ds)
     terms = (_model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
@@ -493,19 +494,32 @@ def checked_text(p: Plan, force: bool = False) -> str:
     return text
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class PlanCall:
+    """What `ftlaunch plan` was asked: the run file and overrides, sizes, output form, the probe."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    gpu_memory: str | None = None
+    node_memory: str | None = None
+    json: bool = False
+    explain: bool = False
+    probe: bool = False
+    max_seq_len: bool = False   # also the longest sequence that fits (launcher/memory/longseq.py)
+
+
+def main(call: PlanCall) -> int:
     """`ftlaunch plan`: 0 fits, 1 does not (a ConfigError is the caller's: exit 2)."""
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     kernels = None
-    if getattr(args, "probe", False) and cfg.train.device == "cpu":
+    if call.probe and cfg.train.device == "cpu":
         from launcher.memory.probe import measure
         kernels = measure(cfg)
-    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
-             node_memory=getattr(args, "node_memory", None))
-    if getattr(args, "json", False):   # + the time estimate (launcher/memory/clock.py)
+    p = plan(cfg, call.gpu_memory, kernels=kernels,
+             node_memory=call.node_memory)
+    if call.json:   # + the time estimate (launcher/memory/clock.py)
         sys.stdout.write(json.dumps({**p.to_dict(), "time": plan_section(cfg)[1]}, indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)) + plan_section(cfg)[0])
-    if getattr(args, "max_seq_len", False):
+        sys.stdout.write(render(p, explain=call.explain) + plan_section(cfg)[0])
+    if call.max_seq_len:
         sys.stdout.write(render_max_seq_len(p))
     return 0 if p.fits else 1

@@ -386,7 +386,7 @@ def _cached(path: str, key: tuple, compute):
             _TRACES.clear()
         try:
             _TRACES[full] = compute()
-        except Exception as exc:  # any failure of a meta forward: the caller falls back
+        except Exception as exc:  # noqa: BLE001 - any failure of a meta forward: the caller falls back
             _TRACES[full] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
     return _TRACES[full]
 

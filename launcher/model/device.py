@@ -61,6 +61,14 @@ def restore_node_devices(env: MutableMapping[str, str], launcher: str) -> Option
     return mapped
 
 
+def job_device(cfg: RunConfig) -> str:
+    """The ranks' device as the login node decides it, without looking for GPUs: "cpu" for
+    train.device cpu, else "cuda" (auto means GPUs on the nodes a job gets). The DeepSpeed config,
+    the memory plan, its advice and the job script all ask here; `ftlaunch run` and the ranks,
+    which run where they look, use resolve_device."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
+
+
 def resolve_device(cfg: RunConfig) -> str:
     """"cuda" or "cpu": train.device, with auto -> cuda when a GPU is visible, else cpu.
     train.device cuda where no GPU is visible is a ConfigError."""

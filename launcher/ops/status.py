@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import time
 from typing import Any, Optional
+from dataclasses import dataclass
 
 from launcher.cluster import checkpoint_files as checkpoint
 from launcher.cluster import job_lock, layout, reshard, run_state
@@ -318,13 +319,22 @@ def render(st: dict) -> str:
     return "".join(f"{k:<11}{v}\n" for k, v in rows)
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class StatusCall:
+    """What `ftlaunch status` was asked: run directories (key=value words among them are
+    overrides), more overrides, JSON output."""
+    run_dir: str | tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    json: bool = False
+
+
+def main(call: StatusCall) -> int:
     """One run directory or several (a key=value word that is not a folder is an override)."""
-    words = args.run_dir if isinstance(args.run_dir, list) else [args.run_dir]
+    words = [call.run_dir] if isinstance(call.run_dir, str) else list(call.run_dir)
     dirs = [w for w in words if "=" not in w or os.path.isdir(w)]
-    overrides = [w for w in words if w not in dirs] + list(args.overrides)
+    overrides = [w for w in words if w not in dirs] + list(call.overrides)
     runs = [collect(d, overrides) for d in dirs]
-    if args.json:
+    if call.json:
         print(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2))
     else:
         print("\n".join(render(st) for st in runs), end="")
@@ -349,10 +359,17 @@ def find_runs(top: str, depth: int = 2) -> list[str]:
     return sorted(found)
 
 
-def runs_main(args: Any) -> int:
+@dataclass(frozen=True)
+class RunsCall:
+    """What `ftlaunch runs` was asked: the folder to look in (None: runs/, else .), JSON output."""
+    dir: str | None = None
+    json: bool = False
+
+
+def runs_main(call: RunsCall) -> int:
     """`ftlaunch runs [DIR]`: one line per run directory under DIR (default runs/ if there,
     else .): state, step of max, Slurm job, path."""
-    top = args.dir or ("runs" if os.path.isdir("runs") else ".")
+    top = call.dir or ("runs" if os.path.isdir("runs") else ".")
     rows = []
     for run_dir in find_runs(top):
         try:
@@ -361,7 +378,7 @@ def runs_main(args: Any) -> int:
             rows.append({"run_dir": run_dir, "error": str(exc).splitlines()[0]})
             continue
         rows.append(st)
-    if args.json:
+    if call.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
 
 from launcher.cluster import job_lock, run_state
 from launcher.ops import status
 
 
-def main(args: Any) -> int:
-    run_dir = os.path.abspath(args.run_dir)
+@dataclass(frozen=True)
+class StopCall:
+    """What `ftlaunch stop` was asked: the run directory."""
+    run_dir: str
+
+
+def main(call: StopCall) -> int:
+    run_dir = os.path.abspath(call.run_dir)
     cfg = run_state.load_run(run_dir)   # a ConfigError names a folder that is no run directory
     max_steps = cfg.train.max_steps or status.epoch_steps(cfg, run_dir)   # an epoch run's too
     done = run_state.finished(run_dir, max_steps)

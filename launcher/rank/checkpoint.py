@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from launcher.cluster.checkpoint_files import (MANIFEST, PREFIX, complete, conte
                                                latest_complete, listing, problem, read_manifest,
                                                root, sha256, step_name, step_of)
 from launcher.common.log import get_logger
-from launcher.cluster.rundir import write_atomic
+from launcher.common.files import write_atomic
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"

@@ -33,7 +33,8 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     except (OSError, ValueError) as exc:
         raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
                                    f"cannot load a tokenizer from {path}: {exc}",
-                                   "point model.tokenizer at a folder saved with save_pretrained")])
+                                   "point model.tokenizer at a folder saved with save_pretrained")]
+                          ) from exc
     from launcher.model import tokens
     tokens.apply_to_tokenizer(tok, cfg)  # model.pad_token / special_tokens / add_tokens
     if tok.pad_token is None and tok.eos_token is not None:

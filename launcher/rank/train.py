@@ -140,7 +140,7 @@ def build_ds_config(cfg: RunConfig, env: RankEnv, device: str) -> dict:
     """The DeepSpeed config for this launch's world size. A batch that does not split over
     env.world_size ranks is a ConfigError naming train.global_batch_size (ds_config.build)."""
     from launcher.dsconfig import build as ds_config
-    return ds_config.build(cfg, env.world_size, "cpu" if device == "cpu" else "cuda")
+    return ds_config.build(cfg, env.world_size, device.split(":")[0])  # cuda:N -> cuda
 
 
 def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
@@ -361,9 +361,16 @@ def shutdown(*, barrier: bool, t: Any = None) -> None:
         dist.destroy_process_group()
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class TrainCall:
+    """What `ftlaunch train` (each rank) was asked: the run file and its overrides."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+
+
+def main(call: TrainCall) -> int:
     from launcher.config import runfile
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     rundir.keep_private(cfg)   # checkpoints, metrics, trackers, the export: output.private
     env = dist_env.from_environ()
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
