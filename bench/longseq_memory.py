@@ -5,7 +5,8 @@ sequence that trains under a fixed memory budget with the switches on vs off (on
 
 Model: a Llama of 4 blocks, hidden 256, 4 heads (2 KV), MLP 688, vocabulary 32,000, fp32,
 gradient checkpointing, ZeRO-2 (buckets of 5M elements: RLIMIT_AS counts DeepSpeed's
-default 500M-element bucket as 2 GB of address space even where it is never touched), built here (examples/tiny_recipe.py). Each setting runs in its own
+default 500M-element bucket as 2 GB of address space even where it is never touched), built here
+(examples/tiny_recipe.py). Each setting runs in its own
 ranks (torchrun; 2 ranks for sequence_parallel 2, else 1), through the training loop's own code
 (launcher/rank/train.py setup, launcher/rank/loop_steps.py collate_for,
 launcher/rank/longseq.py micro_loss).

@@ -88,7 +88,7 @@ REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "ful
            ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
            ("time", "auto", "gpu_type", None),   # no peak FLOP/s and nothing measured
            ("longseq", "tiled", "zero", 3), ("min_nodes", True, "zero", 0),
-           ("min_nodes", True, "longseq", "sp")]   # a sequence-parallel layout is not resharded  # the tiled MLP's chunked gathers under ZeRO-3
+           ("min_nodes", True, "longseq", "sp")]   # a sequence-parallel layout is not resharded
 # preference pairs (train.objective) are padded per micro batch and read from one source, and
 # take their log-probs from whole logits (no sequence-parallel or tiled loss)
 PREFERENCE = ("dpo", "simpo")

@@ -45,7 +45,6 @@ def grads(m) -> dict:
 
 
 def main(out: str, port: str) -> None:
-    import torch
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     import deepspeed

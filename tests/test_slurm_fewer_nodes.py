@@ -16,12 +16,12 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import logs, restart_node, wait_final  # noqa: E402
-from test_slurm_scale import (cluster, hosts, kill_after_a_checkpoint, metrics,  # noqa: E402,F401
+from helpers import logs, restart_node, wait_final
+from test_slurm_scale import (cluster, hosts, kill_after_a_checkpoint, metrics,  # noqa: F401
                               prepare, until_requeued_and_done)
 
-from launcher.cluster import slurm  # noqa: E402
-from launcher.ops import status  # noqa: E402
+from launcher.cluster import slurm
+from launcher.ops import status
 
 pytestmark = [pytest.mark.slurm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ def tree(tiny, data, run_dir, partition, nodes, min_nodes, keep_to):
 
 @pytest.mark.slow
 @pytest.mark.multirank
-def test_a_3_node_job_loses_a_node_and_finishes_on_2(cluster, tiny, tmp_path, monkeypatch):
+def test_a_3_node_job_loses_a_node_and_finishes_on_2(cluster, tiny, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "long.jsonl"  # every example cut to max_seq_len: equal micro batches
     with open(tiny["text"]) as fh:

@@ -21,14 +21,14 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,  # noqa: E402
+from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,
                      wait_final, wait_until, write_exe)
 
-from launcher import cli  # noqa: E402
-from launcher.cluster import dist_env, job_lock, layout, slurm, sweep  # noqa: E402
-from launcher.ops import status  # noqa: E402
-from launcher.config.errors import ConfigError  # noqa: E402
-from launcher.config.runfile import load  # noqa: E402
+from launcher import cli
+from launcher.cluster import dist_env, job_lock, layout, slurm, sweep
+from launcher.ops import status
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import load
 
 
 def ns(run_file, *flags, overrides=(), sweeps=()):

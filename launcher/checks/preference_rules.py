@@ -68,7 +68,7 @@ def _preference_rows(cfg: RunConfig) -> Iterator[Problem]:
     for key, path in (("data.path", d.path), ("data.eval_path", d.eval_path)):
         if not path or not os.path.isfile(path):
             continue
-        fmt = input_checks._format(path, d.format)
+        fmt = input_checks.file_format(path, d.format)
         if fmt in (None, "saved", "parquet"):
             continue  # the ranks' reader says what is wrong with these
         if fmt == "text":

@@ -4,8 +4,8 @@ Torch-free (login node). A step time is measured in two places:
 
 - `ftlaunch run --dry-run` trains a few steps in a temporary folder (nothing of the run is
   kept); `record_dry_run` keeps their median (the first step, which warms up kernels and
-  allocators, left out) in the cache beside the tokenized data: $FTLAUNCH_CACHE/step_time/KEY.json,
-  else ~/.cache/ftlaunch/step_time/KEY.json, KEY = `compute_key`, so any run with the same
+  allocators, left out) in the cache beside the tokenized data: step_time/KEY.json under the
+  cache root (launcher/common/files.py cache_root), KEY = `compute_key`, so any run with the same
   settings finds it;
 - a job's own metrics.jsonl (`step_time_s` of each line, launcher/rank/loop_steps.py `log_step`).
 
@@ -31,6 +31,7 @@ import time
 from typing import Any, Optional
 
 from launcher.cluster import layout
+from launcher.model.device import job_device
 
 
 
@@ -65,9 +66,8 @@ def step_times(metrics_path: str) -> list[float]:
 
 def store_path(cfg: Any) -> str:
     """Where a dry run's measurement for cfg's settings is kept (the module docstring)."""
-    root = os.environ.get("FTLAUNCH_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                            "ftlaunch")
-    return os.path.join(root, "step_time", compute_key(cfg) + ".json")
+    from launcher.common.files import cache_root
+    return os.path.join(cache_root(), "step_time", compute_key(cfg) + ".json")
 
 
 def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str) -> Optional[dict]:
@@ -101,7 +101,7 @@ def measured(cfg: Any, world: int) -> Optional[tuple[float, str]]:
         return statistics.median(recent), f"measured: median of {len(recent)} logged steps in " \
             f"{layout.METRICS}"
     rec = _stored(cfg)
-    want = "cpu" if cfg.train.device == "cpu" else "cuda"
+    want = job_device(cfg)
     if rec is None or rec.get("key") != compute_key(cfg) or rec.get("device") != want:
         return None
     per = float(rec["micro_batch_s"])
@@ -121,7 +121,7 @@ def _stored(cfg: Any) -> Optional[dict]:
 def stale_note(cfg: Any) -> str:
     """Why a dry run's measurement of these settings is not used ('' when none or used)."""
     rec = _stored(cfg)
-    want = "cpu" if cfg.train.device == "cpu" else "cuda"
+    want = job_device(cfg)
     if rec is not None and rec.get("device") != want:
         return (f"the dry run of these settings ran on {rec.get('device')} ranks, the run trains "
                 f"on {want}: its step time is not used")

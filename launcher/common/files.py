@@ -22,11 +22,22 @@ def cache_root() -> str:
 def write_atomic(path: str, text: str) -> None:
     """Write text to path through a temporary file in the same folder and a rename: readers
     see the old file or the new one, never half of it; on failure nothing is left behind."""
+    if not isinstance(text, str):
+        raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+    _replace(path, text.encode("utf-8"))
+
+
+def write_atomic_bytes(path: str, data: bytes) -> None:
+    """write_atomic for bytes (an .npz table, for example)."""
+    _replace(path, bytes(data))
+
+
+def _replace(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)

@@ -14,7 +14,8 @@ as "80GB" reports 81,559 MiB (H100) or 81,920 MiB (A100), about 79.6-80 GiB, of 
 CUDA context takes its part before any tensor (the plan's "CUDA context" term). Peak FLOP/s are
 the vendors' dense (no sparsity) tensor-core figures for bf16 and fp16 with fp32 accumulation
 (None where the card has no such unit), TF32 tensor-core (dense) and plain fp32; the time
-estimate (launcher/memory/clock.py) divides a step's FLOPs by the one of the training dtype. Sources: NVIDIA's data sheets (A100, H100, H200, L40S,
+estimate (launcher/memory/clock.py) divides a step's FLOPs by the one of the training dtype.
+Sources: NVIDIA's data sheets (A100, H100, H200, L40S,
 L4, A10, V100, T4, RTX A6000), AMD's (MI250X, MI300X); memory totals as the driver reports them
 (recorded from such cards, not measured here: docs/gpu-results.md lists the check).
 """

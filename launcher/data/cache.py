@@ -85,7 +85,8 @@ def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
         if s.chat_template and os.path.isfile(s.chat_template):
             with open(s.chat_template, encoding="utf-8") as fh:
                 templates.append(fh.read())
-    blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft", "files": files, "seed": cfg.train.seed,
+    blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft",
+                       "files": files, "seed": cfg.train.seed,
                        "positions": max_positions, "tok": _tokenizer_id(tokenizer),
                        "templates": templates}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

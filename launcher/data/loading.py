@@ -8,7 +8,7 @@ from launcher.data.batching import pack
 from launcher.data.mixing import Mixture, concat
 from launcher.checks.input_checks import source_settings
 from launcher.data.reading import Records, fail, print_warning, records, split_eval, subset
-from launcher.data.splits import Splits  # noqa: F401  (what load returns)
+from launcher.data.splits import Splits
 from launcher.data.tokenize import Tokens, tokenize_records
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.data.chat import IGNORE
-from launcher.checks.preference_rows import Pair, row_pair  # noqa: F401  (one reading of a row)
-from launcher.data.reading import (_check_path, _format_of, _read, check_bad_rows, fail,
+from launcher.checks.preference_rows import Pair, row_pair
+from launcher.data.reading import (_check_path, _read, check_bad_rows, fail, source_format,
                                    print_warning)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,7 +48,7 @@ def read_pairs(cfg: "RunConfig", path: str, key: str, warnings: list[str]
 
     d = cfg.data
     _check_path(path, key)
-    fmt = _format_of(path, key, d.format)
+    fmt = source_format(path, key, d.format)
     if fmt == "text":
         raise fail("data.format", "preference data needs a prompt, a chosen and a rejected "
                    "answer per row, which a text file cannot hold",

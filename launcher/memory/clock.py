@@ -87,7 +87,7 @@ def _cached_stats(cfg: RunConfig) -> Optional[dict]:
         key = cache_key(cfg, tok, model_info.folder_max_positions(cfg.model.path))
         with open(os.path.join(cache_root(cfg), key, "meta.json"), encoding="utf-8") as fh:
             return json.load(fh).get("stats")
-    except Exception:   # no tokenizer, no cache entry: fall back to the estimate from the files
+    except Exception:   # noqa: BLE001 - no tokenizer, no cache entry: the estimate from the files
         return None
 
 

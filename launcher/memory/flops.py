@@ -21,7 +21,8 @@ inventory records it), walked block by block in execution order:
   with early stop) recomputes a block's forward during its backward, in blocks whose backward
   runs. The recomputation stops at the last tensor the backward needs; autograd saves an
   operation's inputs before running it, so the block's last projection (the MLP's down
-  projection, or under LoRA its adapter's B, which peft runs after the base) is not recomputed unless something after it saves a tensor (a post-MLP norm as in
+  projection, or under LoRA its adapter's B, which peft runs after the base) is not recomputed
+  unless something after it saves a tensor (a post-MLP norm as in
   Gemma 2, a residual dropout > 0 as in GPT-2).
 - under gradient checkpointing transformers makes the embeddings' output require grad
   (`_activation_checkpointing_enable` calls `enable_input_require_grads` for every input_ids

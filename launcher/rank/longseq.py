@@ -185,7 +185,7 @@ def install_tiled_mlp(model: Any, shards: Optional[int] = None) -> int:
 
     count = 0
     for mod in model.modules():
-        if hasattr(mod, "mlp") and isinstance(getattr(mod, "mlp"), __import__("torch").nn.Module):
+        if hasattr(mod, "mlp") and isinstance(mod.mlp, __import__("torch").nn.Module):
             mlp = mod.mlp
             if not hasattr(mlp, "_untiled_forward"):
                 mlp._untiled_forward = mlp.forward

@@ -218,16 +218,20 @@ def _load_table(cfg: Any, key: str) -> Optional[dict]:
 
 
 def _save_table(cfg: Any, key: str, tables: dict) -> None:
+    import io
+
     import numpy as np
+
+    from launcher.common.files import write_atomic_bytes
     arrays = {"key": np.array(key), "train": tables["train"]}
     if tables.get("eval") is not None:
         arrays["eval"] = tables["eval"]
     for i, p in enumerate(table_paths(cfg)):
         path = p if i == 0 else os.path.join(p, f"{key}.npz")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        write_atomic_bytes(path, buf.getvalue())
 
 
 def compute_table(s: Any, split: Any) -> Any:
