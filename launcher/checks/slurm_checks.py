@@ -14,6 +14,7 @@ from typing import Iterator
 from launcher.config.schema import ENV_NAME, SBATCH_EXTRA, ClusterConfig, RunConfig
 from launcher.config.errors import Problem
 from launcher.config.secret_env import RESERVED_ENV
+from launcher.model.device import job_device
 
 # Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
 MANAGED = {
@@ -89,7 +90,7 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
         if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
             yield Problem(f"cluster.after[{i}]", f"{job!r} is not a Slurm job id",
                           "give the number sbatch printed (e.g. 4242), as a string or a number")
-    yield from _sbatch_extra_problems(c, gpus=cfg.train.device != "cpu")
+    yield from _sbatch_extra_problems(c, gpus=job_device(cfg) == "cuda")
     yield from _env_problems(c)
 
 

@@ -100,11 +100,11 @@ def _long_sequence(c: RunConfig) -> Iterator[Change]:
                "logits)", _train(tiled_loss=True))
     if not t.tiled_mlp and c.deepspeed.zero_stage < 3:
         yield "train.tiled_mlp: true", 4, "each MLP recomputed in chunks", _train(tiled_mlp=True)
-    if not t.activation_offload and t.device != "cpu":
+    if not t.activation_offload and job_device(c) == "cuda":
         yield ("train.activation_offload: true", 5, "activations cross PCIe; needs node memory",
                _train(activation_offload=True))
     n = 2 * t.sequence_parallel
-    if t.device != "cpu" and c.world_size % n == 0 and c.data.max_seq_len % n == 0:
+    if job_device(c) == "cuda" and c.world_size % n == 0 and c.data.max_seq_len % n == 0:
         yield (f"train.sequence_parallel: {n}", 6, f"1/{n} of each sequence per GPU, an all-to-all "
                "per layer; data-parallel ranks / 2", _train(sequence_parallel=n))
 
