@@ -7,7 +7,6 @@ a second submit, `--overwrite` and `sbatch job.sbatch` by hand while a job runs,
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+from helpers import metric_rows as steps  # noqa: E402
 from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,  # noqa: E402
                      write_exe)
 
@@ -156,11 +156,6 @@ done
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_RANKS)
-
-
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def sbatch(script):
