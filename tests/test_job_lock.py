@@ -6,7 +6,6 @@ a second submit, `--overwrite` and `sbatch job.sbatch` by hand while a job runs,
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+from helpers import metric_rows as steps
 from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,
                      write_exe)
 
@@ -151,11 +151,6 @@ done
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_RANKS)
-
-
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def sbatch(script):

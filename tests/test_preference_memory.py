@@ -3,21 +3,10 @@ reference copy's bytes as planned, and the whole rank's peak within 10% of the p
 per-GPU figure (kernels warmed below the baseline, as tests/test_memory_engine.py does)."""
 from __future__ import annotations
 
-import importlib.util
-import os
 import textwrap
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "plan_vs_measured", os.path.join(ROOT, "bench", "plan_vs_measured.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from test_memory_engine import BENCH
 
 
 def test_plan_counts_two_sequences_and_the_reference(tiny, tmp_path):
@@ -60,7 +49,7 @@ RUN = textwrap.dedent("""\
 def test_dpo_peak_within_10_percent_of_plan(tiny, tmp_path):
     from launcher import memory
     from launcher.config import runfile
-    bench = _bench()
+    bench = BENCH  # bench/plan_vs_measured.py, as tests/test_memory_engine.py loads it
     run = tmp_path / "dpo.yaml"
     run.write_text(RUN.format(model=tiny["model"], data=tiny["qa"], out=tmp_path, stage=2,
                               dtype="bf16", objective="dpo", reference="model", micro=8)

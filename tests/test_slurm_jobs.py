@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,
+from helpers import metric_rows as steps
+from helpers import (one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,
                      wait_final, wait_until, write_exe)
 
 from launcher import cli
@@ -47,19 +48,9 @@ def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", train
     return str(path)
 
 
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_METRIC_RANKS)
-
-
-def one_node(cluster, **more):
-    return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
-            "python": cluster["python"], "preflight": False, **more}
 
 
 def bin_dir(tmp_path, monkeypatch, **tools):

@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
+from helpers import metric_rows as steps
+from helpers import (one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
                      wait_until, write_exe)
 
 from launcher import cli
@@ -42,11 +43,6 @@ def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_s
     return str(path)
 
 
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def status_json(run_dir, capsys):
     capsys.readouterr()
     assert cli.main(["status", str(run_dir), "--json"]) == 0
@@ -56,11 +52,6 @@ def status_json(run_dir, capsys):
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_METRIC_RANKS)
-
-
-def one_node(cluster, **more):
-    return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
-            "python": cluster["python"], "preflight": False, **more}
 
 
 def submit(run_file, capsys, *flags):
