@@ -11,7 +11,8 @@ V vocabulary, lp bytes of the training dtype):
 - the loss computed in the loop: lm_head on the hidden states, no model logits kept; packed rows
   (and eager) get one (b, 1, s, s) mask of the whole sequence (bool for sdpa, lp for eager).
 - tiled_loss: no 4 b s_l V fp32 log-probabilities kept, no 8 b s_l V loss gradients; one chunk
-  of C = 2^24 / V tokens at a time, recomputed in the backward with autograd: 12 C V whatever lp
+  of C tokens at a time (about 2^24 / V: torch.chunk's size, `loss_chunk_tokens`), recomputed
+  in the backward with autograd: 12 C V whatever lp
   (the fp32 log-probabilities log_softmax saves, their gradient from nll_loss and the logits'
   gradient log_softmax's backward writes, all three alive at once; the fp32 upcast of lp logits
   is freed before), plus lm_head's weight gradient when it trains (lp V h, kept in its .grad
