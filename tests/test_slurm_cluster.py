@@ -284,7 +284,7 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
 
 
 # ------------------------------------------------------------------ preference tuning
-DPO_STEPS = 40
+DPO_STEPS = 60   # enough steps that the stop (USR1 after step 4) lands mid-run on a fast CPU
 
 
 def submit_dpo(tmp_path, tiny, cluster, pairs, name, capsys):
