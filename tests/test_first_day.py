@@ -22,7 +22,7 @@ import yaml
 
 import combos
 from launcher import cli
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 
 def ftlaunch(*argv: str) -> subprocess.Popen:

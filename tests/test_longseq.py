@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from ranks import start_torchrun
 
 from launcher.checks import validate
 from launcher.config import batch, runfile
@@ -234,12 +235,6 @@ def sp_run(tiny: dict, folder, n: int, steps: int) -> str:
     return str(path)
 
 
-def torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
-    from test_train_engine import rank_env
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "launcher", "train", *args]
-    return subprocess.Popen(cmd, env=rank_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
 def losses(run_dir) -> list[float]:
@@ -253,12 +248,12 @@ def test_sequence_parallel_training_resumes_and_matches_one_rank(tiny, tmp_path)
     """sequence_parallel 2 on 2 ranks (1 data-parallel rank), stopped after step 2 and resumed
     to step 4, against 1 rank without it: the same losses (the gradients agree, or step 3 and 4
     would not)."""
-    one = torchrun(1, [sp_run(tiny, tmp_path, 1, 4)])
-    two = torchrun(2, [sp_run(tiny, tmp_path, 2, 2)])
+    one = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 1, 4)], nproc=1)
+    two = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 2, 2)])
     for proc in (two, one):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
-    again = torchrun(2, [sp_run(tiny, tmp_path, 2, 2), "train.max_steps=4"])
+    again = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 2, 2), "train.max_steps=4"])
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert "resumed from" in out + err and "step-00000002" in out + err

@@ -142,7 +142,7 @@ RUN_IDS = [f"{r['objective']}-{r['freeze']}-zero{r['zero']}" if "objective" in r
 
 
 def ftlaunch(*argv: str, cwd: str) -> subprocess.CompletedProcess:
-    from test_train_engine import ROOT, rank_env
+    from ranks import ROOT, rank_env
     return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=cwd,
                           env={**rank_env(), "PYTHONPATH": ROOT}, capture_output=True, text=True,
                           timeout=600)

@@ -16,10 +16,9 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, logs, read_env, read_nul, wait_final,
+from helpers import (dump_runfile, FAKE_PYTHON, logs, read_env, read_nul, wait_final,
                      wait_until, write_exe)
 
 from launcher.cluster import layout, shell, slurm
@@ -48,9 +47,6 @@ def ns(run_file, *flags):
     return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
-def write_runfile(path, tree):
-    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
-    return str(path)
 
 
 def base_tree(fake_model, run_dir, cluster):
@@ -86,13 +82,13 @@ def test_sbatch_reads_hostile_values_exactly(cluster, tmp_path):
 def test_test_only_answers_with_the_schedulers_words(cluster, tmp_path, fake_model, capsys,
                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ok = write_runfile(tmp_path / "ok.yaml", base_tree(fake_model, tmp_path / "ok", {
+    ok = dump_runfile(tmp_path / "ok.yaml", base_tree(fake_model, tmp_path / "ok", {
         "nodes": 2, "gpus_per_node": 2, "partition": cluster["partition"]}))
     assert slurm.main(ns(ok, "test_only")) == 0
     out = capsys.readouterr().out
     assert "to start at" in out and "node[1-2]" in out, out
 
-    impossible = write_runfile(tmp_path / "big.yaml", base_tree(fake_model, tmp_path / "big", {
+    impossible = dump_runfile(tmp_path / "big.yaml", base_tree(fake_model, tmp_path / "big", {
         "nodes": 2, "gpus_per_node": 4, "partition": cluster["partition"]}))
     assert slurm.main(ns(impossible, "test_only")) == 1
     err = capsys.readouterr().err
@@ -114,7 +110,7 @@ def test_stop_on_real_slurm_with_fake_ranks(cluster, tmp_path, fake_model, monke
     python = write_exe(str(py_dir / "python"), FAKE_PYTHON)
     env_corpus = {f"FTL_V{i}": v for i, v in enumerate(HOSTILE + ["line1\nline2"])}
     run_dir = tmp_path / HOSTILE_DIR
-    run_file = write_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
+    run_file = dump_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
         "nodes": 2, "gpus_per_node": 2, "partition": cluster["partition"], "python": python,
         "env": env_corpus}))
     for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "600", "FAKE_STEP_S": "0.1",
@@ -162,7 +158,7 @@ def test_a_dead_node_ends_the_job(cluster, tmp_path, fake_model, monkeypatch, ca
     fake.mkdir()
     python = write_exe(str(tmp_path / "python"), FAKE_PYTHON)
     run_dir = tmp_path / "run"
-    run_file = write_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
+    run_file = dump_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
         "nodes": 2, "partition": cluster["partition"], "python": python}))
     for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "600", "FAKE_STEP_S": "0.1",
                  "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "3"}.items():
@@ -199,7 +195,7 @@ def submit_tiny(tmp_path, tiny, cluster, name, capsys, **cluster_fields):
     run_dir = tmp_path / name
     tree = tiny_tree(tiny, run_dir, cluster["partition"])
     tree["cluster"].update(cluster_fields)
-    run_file = write_runfile(tmp_path / f"{name}.yaml", tree)
+    run_file = dump_runfile(tmp_path / f"{name}.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert job_id.isdigit(), job_id
@@ -378,7 +374,7 @@ def test_a_secret_reaches_the_job_and_no_file(cluster, tiny, tmp_path, capsys, m
     tree["cluster"].update(nodes=1, python=python, preflight=True,
                            env_from_shell=["FTL_TEST_API_TOKEN"])
     tree["output"].update(private=True, report_to=["tensorboard", "wandb"])
-    run_file = write_runfile(tmp_path / "private.yaml", tree)
+    run_file = dump_runfile(tmp_path / "private.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     rd = str(run_dir)
