@@ -294,7 +294,7 @@ def submit_dpo(tmp_path, tiny, cluster, pairs, name, capsys):
                          checkpoint_every=20, objective="dpo", beta=0.1, reference="model")
     tree["freeze"] = {"policy": "full"}
     tree["deepspeed"] = {"zero_stage": 3}
-    run_file = write_runfile(tmp_path / f"{name}.yaml", tree)
+    run_file = dump_runfile(tmp_path / f"{name}.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert job_id.isdigit(), job_id
