@@ -249,3 +249,15 @@ def test_a_job_made_by_hand_takes_the_run_files_cluster_defaults():
     literal = [n.target.id for n in job_class.body if isinstance(n, ast.AnnAssign)
                and n.target.id in {f.name for f in shared} and isinstance(n.value, ast.Constant)]
     assert literal == []
+
+
+# ------------------------------------------------------------------ the plan's verdict
+def test_the_plans_fit_verdict_is_raised_in_one_place():
+    """`ftlaunch run` and `ftlaunch slurm` refuse a plan that does not fit through
+    memory.checked_text (the per-GPU / per-node detail and the --force fix written once)."""
+    raisers = sorted(name for name, tree in trees().items()
+                     for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "memory plan")
+    assert raisers == ["memory/planner.py"], raisers
+    users = sorted(name for name, tree in trees().items() if "checked_text(" in ast.unparse(tree)
+                   and name not in ("memory/planner.py", "memory/__init__.py"))
+    assert users == ["cluster/local_run.py", "cluster/slurm.py"], users

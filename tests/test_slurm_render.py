@@ -439,8 +439,10 @@ def test_ftlaunch_slurm_writes_the_run_dir_and_prints_the_command(tmp_path, fake
 def _stub_plan(monkeypatch, fits: bool, text: str) -> None:
     """Replace the memory plan (it imports torch) by a fixed verdict and text."""
     from launcher import memory
-    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=fits))
-    monkeypatch.setattr(memory, "render", lambda plan, *a, **k: text)
+    from launcher.memory import planner
+    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(
+        fits=fits, fits_gpu=fits, fits_node=None))
+    monkeypatch.setattr(planner, "render", lambda plan, *a, **k: text)
 
 
 def test_ftlaunch_slurm_submit_and_test_only(tmp_path, fake_model, capsys, fake_sbatch, monkeypatch):
