@@ -261,3 +261,18 @@ def test_the_plans_fit_verdict_is_raised_in_one_place():
     users = sorted(name for name, tree in trees().items() if "checked_text(" in ast.unparse(tree)
                    and name not in ("memory/planner.py", "memory/__init__.py"))
     assert users == ["cluster/local_run.py", "cluster/slurm.py"], users
+
+
+# ------------------------------------------------------------------ what a rule reads
+def test_a_property_read_by_a_rule_records_the_fields_its_own_code_reads():
+    """The rule registry skips a rule whose inputs are unreliable by the keys it read; a property
+    (world_size, run_dir) is read through the same recording view, not through a second list."""
+    from launcher.checks import rules
+    from launcher.config.schema import RunConfig
+    cfg, _ = runfile.parse(BASE, ["output.dir=/tmp/x"])
+    reads: set[str] = set()
+    view = rules._Reads(cfg, "", reads)
+    assert view.world_size == cfg.world_size and reads == {"cluster.nodes", "cluster.gpus_per_node"}
+    reads.clear()
+    assert view.run_dir == "/tmp/x" and reads == {"output.dir"}
+    assert {n for n, v in vars(RunConfig).items() if isinstance(v, property)} == {"world_size", "run_dir"}
