@@ -271,7 +271,7 @@ def test_a_property_read_by_a_rule_records_the_fields_its_own_code_reads():
     from launcher.config.schema import RunConfig
     cfg, _ = runfile.parse(BASE, ["output.dir=/tmp/x"])
     reads: set[str] = set()
-    view = rules._Reads(cfg, "", reads)
+    view = rules.Reads(cfg, "", reads)
     assert view.world_size == cfg.world_size and reads == {"cluster.nodes", "cluster.gpus_per_node"}
     reads.clear()
     assert view.run_dir == "/tmp/x" and reads == {"output.dir"}

@@ -40,7 +40,7 @@ def check(cfg: RunConfig, unreliable: Iterable[str] = (), inputs: bool = False) 
     out: list[Problem] = []
     for r in RULES + (INPUT_RULES if inputs else []):
         reads: set[str] = set()
-        found = list(r(_Reads(cfg, "", reads)))  # type: ignore[arg-type]
+        found = list(r(Reads(cfg, "", reads)))  # type: ignore[arg-type]
         if not any(_overlaps(k, b) for k in reads for b in bad):
             out += found
     return out
@@ -51,7 +51,7 @@ def input_problems(cfg: RunConfig) -> list[Problem]:
     say (for `ftlaunch slurm` rendering a job before the files are all in place)."""
     out: list[Problem] = []
     for r in INPUT_RULES:
-        out += list(r(_Reads(cfg, "", set())))  # type: ignore[arg-type]
+        out += list(r(Reads(cfg, "", set())))  # type: ignore[arg-type]
     return out
 
 
@@ -60,7 +60,7 @@ def _overlaps(read: str, bad: str) -> bool:
             or bad.startswith((read + ".", read + "[")))
 
 
-class _Reads:
+class Reads:
     """A read-only view of a config that records the dotted keys a rule reads."""
 
     def __init__(self, obj: Any, prefix: str, reads: set[str]):
@@ -73,7 +73,7 @@ class _Reads:
         value = getattr(self._obj, name)
         key = f"{self._prefix}.{name}" if self._prefix else name
         if dataclasses.is_dataclass(value):
-            return _Reads(value, key, self._reads)
+            return Reads(value, key, self._reads)
         else:
             self._reads.add(key)
         return value

@@ -53,6 +53,45 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _to_bool(v: Any, node: Scalar) -> bool:
+    if not isinstance(v, bool):
+        raise BadValue(f"expected true or false, got {v!r}", "write true or false")
+    return v
+
+
+def _to_int(v: Any, node: Scalar) -> int:
+    if isinstance(v, float) and math.isfinite(v) and v.is_integer():
+        return int(v)  # 1e3, 2.0
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise BadValue(f"expected an integer, got {v!r}", "write a whole number")
+    return v
+
+
+def _to_float(v: Any, node: Scalar) -> float:
+    if isinstance(v, str):
+        try:
+            v = float(v)  # a quoted number
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise BadValue(f"expected a number, got {v!r}", "write a number such as 2.0e-5")
+    if not math.isfinite(v):
+        raise BadValue(f"expected a finite number, got {v!r}", "write a finite number")
+    return float(v)
+
+
+def _to_str(v: Any, node: Scalar) -> str:
+    if isinstance(v, str):
+        return v
+    if node.raw is not None and v is not None:
+        return node.raw  # e.g. time: 24:00:00 (YAML 1.1 would read a base-60 integer)
+    raise BadValue(f"expected a string, got {v!r}", "quote the value")
+
+
+# A scalar field's type -> its conversion from the YAML value (and its node, for the raw text).
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _convert(node: Any, tp: Any, key: str, ctx: Context) -> Any:
     """Node -> value of type tp; raises BadValue for a problem at this key."""
     if isinstance(node, Scalar) and node.value is UNREADABLE:
@@ -99,33 +138,8 @@ def _convert(node: Any, tp: Any, key: str, ctx: Context) -> Any:
                 return c  # the schema's own value (2, not 2.0)
         hint = did_you_mean(str(v), [str(c) for c in choices]) if isinstance(v, str) else ""
         raise BadValue(f"{v!r} is not {_type_name(tp)}", hint or f"use {_type_name(tp)}")
-    if tp is bool:
-        if not isinstance(v, bool):
-            raise BadValue(f"expected true or false, got {v!r}", "write true or false")
-        return v
-    if tp is int:
-        if isinstance(v, float) and math.isfinite(v) and v.is_integer():
-            return int(v)  # 1e3, 2.0
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise BadValue(f"expected an integer, got {v!r}", "write a whole number")
-        return v
-    if tp is float:
-        if isinstance(v, str):
-            try:
-                v = float(v)  # a quoted number
-            except ValueError:
-                pass
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise BadValue(f"expected a number, got {v!r}", "write a number such as 2.0e-5")
-        if not math.isfinite(v):
-            raise BadValue(f"expected a finite number, got {v!r}", "write a finite number")
-        return float(v)
-    if tp is str:
-        if isinstance(v, str):
-            return v
-        if node.raw is not None and v is not None:
-            return node.raw  # e.g. time: 24:00:00 (YAML 1.1 would read a base-60 integer)
-        raise BadValue(f"expected a string, got {v!r}", "quote the value")
+    if tp in _SCALARS:
+        return _SCALARS[tp](v, node)
     if tp is Any:
         return plain(node)
     raise BadValue(f"unsupported type {tp}")  # pragma: no cover - schema bug

@@ -101,6 +101,76 @@ def _also_train_hit(name: str, groups: Iterable[str], layers: Sequence[str]) -> 
     return None
 
 
+# One function per policy: (every name, the numbered blocks, the freeze section) -> the names it
+# selects with the key that selected each, and the problems it found. also_train and the freeze
+# patterns apply after it, in select.
+Chosen = dict[str, str]
+
+
+def _full(names: list[str], layers: list[str], freeze: FreezeConfig) -> tuple[Chosen, list[Problem]]:
+    return {n: "freeze.policy" for n in names}, []
+
+
+def _last_layers(names: list[str], layers: list[str], freeze: FreezeConfig
+                 ) -> tuple[Chosen, list[Problem]]:
+    k = freeze.trainable_layers
+    if not layers:
+        return {}, [Problem("freeze.policy", "no numbered transformer blocks found in the "
+                            "parameter names (e.g. model.layers.0.)",
+                            "use policy patterns with regexes of what trains")]
+    if k == 0 or abs(k) > len(layers):
+        return {}, [Problem("freeze.trainable_layers", f"{k} blocks asked, the model has "
+                            f"{len(layers)} ({layers[0]} .. {layers[-1]})",
+                            f"use 1..{len(layers)} (or -1..-{len(layers)} for the first N)")]
+    blocks = layers[-k:] if k > 0 else layers[:-k]
+    return {n: "freeze.trainable_layers" for n in names if any(n.startswith(p) for p in blocks)}, []
+
+
+def _patterns(names: list[str], layers: list[str], freeze: FreezeConfig
+              ) -> tuple[Chosen, list[Problem]]:
+    chosen: Chosen = {}
+    problems: list[Problem] = []
+    for i, pat in enumerate(freeze.train):
+        hits = [n for n in names if re.search(pat, n)]
+        if not hits:
+            problems.append(_no_match(f"freeze.train[{i}]", pat, names))
+        for n in hits:
+            chosen.setdefault(n, f"freeze.train[{i}]")
+    return chosen, problems
+
+
+def _lora(names: list[str], layers: list[str], freeze: FreezeConfig) -> tuple[Chosen, list[Problem]]:
+    return {}, []   # the adapters come from lora.py; only also_train trains here
+
+
+POLICIES = {"full": _full, "last_layers": _last_layers, "patterns": _patterns, "lora": _lora}
+
+
+def _also_train(names: list[str], layers: list[str], freeze: FreezeConfig
+                ) -> tuple[Chosen, list[Problem]]:
+    chosen: Chosen = {}
+    problems: list[Problem] = []
+    for g in freeze.also_train:
+        hits = [n for n in names if _also_train_hit(n, [g], layers)]
+        if not hits:
+            problems.append(Problem("freeze.also_train", f"group {g!r} matches no parameter of "
+                                    "this model", f"remove {g!r} from also_train"))
+        for n in hits:
+            chosen.setdefault(n, "freeze.also_train")
+    return chosen, problems
+
+
+def _frozen_by_pattern(names: list[str], freeze: FreezeConfig) -> tuple[set[str], list[Problem]]:
+    frozen: set[str] = set()
+    problems: list[Problem] = []
+    for i, pat in enumerate(freeze.freeze if freeze.policy == "patterns" else ()):
+        hits = [n for n in names if re.search(pat, n)]
+        if not hits:
+            problems.append(_no_match(f"freeze.freeze[{i}]", pat, names))
+        frozen.update(hits)
+    return frozen, problems
+
+
 def select(names: Sequence[str], freeze: FreezeConfig, *,
            quantized: AbstractSet[str] = frozenset(),
            tied: Mapping[str, str] | None = None) -> frozenset[str]:
@@ -116,65 +186,21 @@ def select(names: Sequence[str], freeze: FreezeConfig, *,
     patterns: start all frozen, then `train` regexes (re.search), then `also_train` groups,
     then `freeze` regexes (freeze wins). lora: only also_train (adapters come from lora.py).
     A pattern matching nothing, too many layers, or nothing trainable (except lora) raise
-    ConfigError naming the key. Long because it is one pass in the order above, each policy's
-    step a few lines that read against this docstring.
+    ConfigError naming the key.
     """
     tied = dict(tied or {})
-    canon = lambda n: tied.get(n, n)  # noqa: E731
     all_names = list(dict.fromkeys(list(names) + list(tied)))
     layers = find_layers(all_names)
-    why: dict[str, str] = {}  # selected name -> the key that selected it
-    problems: list[Problem] = []
-
-    def take(name: str, key: str) -> None:
-        why.setdefault(name, key)
-
-    if freeze.policy == "full":
-        for n in all_names:
-            take(n, "freeze.policy")
-    elif freeze.policy == "last_layers":
-        k = freeze.trainable_layers
-        if not layers:
-            problems.append(Problem("freeze.policy", "no numbered transformer blocks found in the "
-                                    "parameter names (e.g. model.layers.0.)",
-                                    "use policy patterns with regexes of what trains"))
-        elif k == 0 or abs(k) > len(layers):
-            problems.append(Problem("freeze.trainable_layers", f"{k} blocks asked, the model has "
-                                    f"{len(layers)} ({layers[0]} .. {layers[-1]})",
-                                    f"use 1..{len(layers)} (or -1..-{len(layers)} for the first N)"))
-        else:
-            chosen = layers[-k:] if k > 0 else layers[:-k]
-            for n in all_names:
-                if any(n.startswith(p) for p in chosen):
-                    take(n, "freeze.trainable_layers")
-    elif freeze.policy == "patterns":
-        for i, pat in enumerate(freeze.train):
-            hits = [n for n in all_names if re.search(pat, n)]
-            if not hits:
-                problems.append(_no_match(f"freeze.train[{i}]", pat, all_names))
-            for n in hits:
-                take(n, f"freeze.train[{i}]")
-    for g in freeze.also_train:
-        hits = [n for n in all_names if _also_train_hit(n, [g], layers)]
-        if not hits:
-            problems.append(Problem("freeze.also_train", f"group {g!r} matches no parameter of "
-                                    "this model", f"remove {g!r} from also_train"))
-        for n in hits:
-            take(n, "freeze.also_train")
-    frozen_by_pattern: set[str] = set()
-    if freeze.policy == "patterns":
-        for i, pat in enumerate(freeze.freeze):
-            hits = [n for n in all_names if re.search(pat, n)]
-            if not hits:
-                problems.append(_no_match(f"freeze.freeze[{i}]", pat, all_names))
-            frozen_by_pattern.update(canon(n) for n in hits)
-    if problems:
-        raise ConfigError(problems, "freeze policy")
-
+    why, problems = POLICIES[freeze.policy](all_names, layers, freeze)
+    also, more = _also_train(all_names, layers, freeze)
+    frozen, most = _frozen_by_pattern(all_names, freeze)
+    if problems + more + most:
+        raise ConfigError(problems + more + most, "freeze policy")
+    frozen = {tied.get(n, n) for n in frozen}
     chosen_canon: dict[str, str] = {}
-    for n, key in why.items():
-        c = canon(n)
-        if c not in frozen_by_pattern:
+    for n, key in _merged(why, also).items():
+        c = tied.get(n, n)
+        if c not in frozen:
             chosen_canon.setdefault(c, key)
     bad = sorted(n for n in chosen_canon if n in quantized)
     if bad:
@@ -189,6 +215,15 @@ def select(names: Sequence[str], freeze: FreezeConfig, *,
         raise ConfigError([Problem("freeze", f"policy {freeze.policy} leaves nothing trainable",
                                    "train at least one block or group")], "freeze policy")
     return frozenset(chosen_canon)
+
+
+def _merged(first: Chosen, then: Chosen) -> Chosen:
+    """The policy's choices, then also_train's for the names it did not choose (the first key that
+    selected a name is the one an error names), in the order the names were chosen."""
+    out = dict(first)
+    for n, key in then.items():
+        out.setdefault(n, key)
+    return out
 
 
 def _no_match(key: str, pat: str, names: Sequence[str]) -> Problem:
