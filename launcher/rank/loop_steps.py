@@ -265,7 +265,9 @@ def timed_save(s: Setup, p: Progress) -> None:
     write {"step", "checkpoint_s", "elapsed_s"} to metrics.jsonl for the time estimate
     (launcher/cluster/step_time.py `loop_timings`)."""
     started = time.time()
+    kept = p.last_ckpt, p.last_ckpt_step
     save(s, p, p.step, force=True)
+    p.last_ckpt, p.last_ckpt_step = kept     # the folder goes with the dry run: not a checkpoint
     p.metrics.write({"step": p.step, "checkpoint_s": round(time.time() - started, 4),
                      "elapsed_s": p.elapsed()})
 
