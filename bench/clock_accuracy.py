@@ -9,8 +9,10 @@ Both sides are the same quantity: the ranks' wall time, torchrun started to exit
 (start-up and shut-down, the first steps' warm-up, STEPS x the median step, the evaluations and
 checkpoint saves at their intervals) for the dry run. The launcher's own checks before the
 ranks start (plan, data check) are in neither. Prints, per repeat, each term of the estimate,
-the measured time, their ratio, the dry run's step spread, the real run's median logged step,
-and /proc/loadavg before and after (the machine may be shared with other work).
+the measured time, their ratio, the dry run's step spread, the real run's median logged step
+(and the estimate's terms with it in place of the dry run's: how much of the error is the step
+time moving between the two), and /proc/loadavg before the dry run, between and after (the
+machine may be shared with other work).
 
 The model is the tiny Llama of examples/tiny_recipe.py (2 blocks, hidden 64), fp32, ZeRO-1,
 one CPU rank, packed 128-token rows, micro batch 8, 5% of the data held out for evaluation
@@ -88,17 +90,21 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
     cfg = load(path, [])
     est = clock.estimate(cfg)
     rec = step_time.dry_record(cfg) or {}
+    load_between = loadavg()
     real = ftlaunch("run", path, "--nproc", "1")
     measured = ranks_s(real)
     load_after = loadavg()
     with open(os.path.join(work, "run", "metrics.jsonl"), encoding="utf-8") as fh:
         rows = [json.loads(x) for x in fh]
     logged = [r["step_time_s"] for r in rows if "loss" in r][1:]
+    real_step = statistics.median(logged) if logged else None
+    # the estimate's terms with the real run's own step time: what is left is the fixed terms'
+    own = est.total_s - est.train_s + steps * real_step if real_step else None
     return {"steps": steps, "estimate_s": est.total_s, "train_s": est.train_s,
             "fixed": est.fixed, "measured_s": measured, "ratio": est.total_s / measured,
             "step_s": est.step_s, "low_s": rec.get("low_s"), "high_s": rec.get("high_s"),
-            "dry_ranks_s": dry_ranks, "real_step_s": statistics.median(logged) if logged else None,
-            "load_before": load_before, "load_after": load_after}
+            "dry_ranks_s": dry_ranks, "real_step_s": real_step, "own_s": own,
+            "load_before": load_before, "load_between": load_between, "load_after": load_after}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(a.repeat):
         r = measure(a.steps, work, tiny)
         results.append(r)
-        print(f"run {i + 1}: load {r['load_before']} before, {r['load_after']} after")
+        print(f"run {i + 1}: load {r['load_before']} before the dry run, {r['load_between']} "
+              f"before the real run, {r['load_after']} after")
         print(f"  estimate after a dry run {r['estimate_s']:.2f} s = {r['steps']} steps x "
               f"{r['step_s']:.4f} s {r['train_s']:.2f} s"
               + "".join(f" + {what} {x:.2f} s" for what, x in r["fixed"]))
@@ -122,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['dry_ranks_s']:.2f} s")
         print(f"  measured {r['steps']}-step run {r['measured_s']:.2f} s (the ranks' wall time), "
               f"median logged step {r['real_step_s']:.4f} s")
-        print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})", flush=True)
+        print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})")
+        if r["own_s"]:
+            print(f"  the same terms with the real run's median step: {r['own_s']:.2f} s (error "
+                  f"{r['own_s'] / r['measured_s'] - 1:+.1%}): the rest is the step time moving "
+                  "between the dry run and the run", flush=True)
     if len(results) > 1:
         print("errors: " + ", ".join(f"{r['ratio'] - 1:+.1%}" for r in results))
     return 0
