@@ -31,7 +31,7 @@ A dry run trains step_time.DRY_WARMUP + DRY_MEASURED steps (2 + 16: on the tiny 
 tests about a second; a model whose step takes 10 s, three minutes) with no LR warm-up (it does
 not change a step's cost), no evaluation or checkpoint along the way, one metrics line a step,
 then the final evaluation (where there is eval data) and, for a checkpoint of at most
-step_time.DRY_SAVE_MAX_BYTES, one checkpoint save into its temporary folder, timed. The ranks'
+DRY_SAVE_MAX_BYTES, one checkpoint save into its temporary folder, timed. The ranks'
 wall time is timed here and printed (`the ranks ran ...`), for a real run as for a dry one;
 launcher/cluster/step_time.py `record_dry_run` keeps what the time estimate needs.
 """
@@ -59,6 +59,7 @@ from launcher.common.log import get_logger
 log = get_logger(__name__)
 
 DEFAULT_CPU_RANKS = 2
+DRY_SAVE_MAX_BYTES = 2e9  # a dry run times one checkpoint save up to this size (its temporary folder)
 
 
 def local_ranks(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
@@ -256,6 +257,17 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
     return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
+def dry_save(cfg: RunConfig) -> bool:
+    """Whether the dry run times one checkpoint save (in its temporary folder): where the
+    checkpoint (launcher/memory/clock.py `checkpoint_bytes`) is at most DRY_SAVE_MAX_BYTES; a
+    larger one is estimated at the assumed write rate instead."""
+    from launcher.memory.clock import checkpoint_bytes
+    try:
+        return checkpoint_bytes(cfg) <= DRY_SAVE_MAX_BYTES
+    except Exception:   # noqa: BLE001 - no model inventory: the assumed rate
+        return False
+
+
 def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str,
                      ranks_s: float) -> None:
     """Keep the dry run's measured step time and fixed costs for runs of these settings
@@ -338,7 +350,7 @@ def main(call: RunCall) -> int:
               + (" (dry run: nothing is kept)" if call.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
         env = rank_environ(device, nproc, dry_run=call.dry_run, cluster_env=dict(cfg.cluster.env))
-        if call.dry_run and step_time.dry_save(base):
+        if call.dry_run and dry_save(base):
             env[layout.TIME_SAVE_ENV] = "1"
         started = time.monotonic()
         code = launch(cmd, env, run_dir)

@@ -12,7 +12,7 @@ Torch-free (login node). A step time is measured in two places:
   - the start-up and shut-down: the ranks' wall time (torchrun started to exited, timed by the
     launcher) less the training loop's own time (metrics.jsonl's last elapsed_s);
   - one evaluation (the final one, where the run has eval data) and one checkpoint save (where
-    the launcher asked for it: `dry_save`), each timed on the ranks;
+    the launcher asked for it: launcher/cluster/local_run.py `dry_save`), each timed on the ranks;
 - a job's own metrics.jsonl (`step_time_s` of each line, launcher/rank/loop_steps.py `log_step`).
 
 The step time is kept per micro batch (step time / accumulation steps), so the measurement
@@ -42,7 +42,6 @@ from launcher.model.device import job_device
 
 DRY_WARMUP = 2           # the dry run's first steps, timed apart (kernels, allocator, loader workers)
 DRY_MEASURED = 16        # the steps after them whose median is the step time
-DRY_SAVE_MAX_BYTES = 2e9  # the dry run times one checkpoint save up to this size (its temporary folder)
 
 def compute_key(cfg: Any) -> str:
     """What a step's time depends on, as a short hash: a measurement of other settings is stale."""
@@ -131,17 +130,6 @@ def store_path(cfg: Any) -> str:
     """Where a dry run's measurement for cfg's settings is kept (the module docstring)."""
     from launcher.common.files import cache_root
     return os.path.join(cache_root(), "step_time", compute_key(cfg) + ".json")
-
-
-def dry_save(cfg: Any) -> bool:
-    """Whether the dry run times one checkpoint save (in its temporary folder): where the
-    checkpoint (launcher/memory/clock.py `checkpoint_bytes`) is at most DRY_SAVE_MAX_BYTES; a
-    larger one is estimated at the assumed write rate instead."""
-    from launcher.memory.clock import checkpoint_bytes
-    try:
-        return checkpoint_bytes(cfg) <= DRY_SAVE_MAX_BYTES
-    except Exception:   # noqa: BLE001 - no model inventory: the assumed rate
-        return False
 
 
 def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str,
