@@ -12,7 +12,8 @@ ranks start (plan, data check) are in neither. Prints, per repeat, each term of 
 the measured time, their ratio, the dry run's step spread, the real run's median logged step
 (and the estimate's terms with it in place of the dry run's: how much of the error is the step
 time moving between the two), and /proc/loadavg before the dry run, between and after (the
-machine may be shared with other work).
+machine may be shared with other work), with the CPU each `ftlaunch run` got: its process
+tree's CPU seconds per second of wall time.
 
 The model is the tiny Llama of examples/tiny_recipe.py (2 blocks, hidden 64), fp32, ZeRO-1,
 one CPU rank, packed 128-token rows, micro batch 8, 5% of the data held out for evaluation
@@ -24,17 +25,29 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 RANKS_RAN = re.compile(r"ftlaunch: the ranks ran ([0-9.]+) s")
+
+
+def cpu_share(fn, *argv: str) -> tuple[subprocess.CompletedProcess, float]:
+    """fn(*argv) and the CPU its process tree used per second of wall time (user + system of the
+    children waited for, over the wall time): 1.0 is a whole core; under other work, less."""
+    before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    proc = fn(*argv)
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - wall
+    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return proc, used / max(wall, 1e-9)
 
 
 def ftlaunch(*argv: str) -> subprocess.CompletedProcess:
@@ -85,13 +98,13 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
     path = run_file(work, steps, tiny)
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)   # a fresh run each repeat
     load_before = loadavg()
-    dry = ftlaunch("run", path, "--dry-run", "--nproc", "1")
+    dry, dry_cpu = cpu_share(ftlaunch, "run", path, "--dry-run", "--nproc", "1")
     dry_ranks = ranks_s(dry)
     cfg = load(path, [])
     est = clock.estimate(cfg)
     rec = step_time.dry_record(cfg) or {}
     load_between = loadavg()
-    real = ftlaunch("run", path, "--nproc", "1")
+    real, real_cpu = cpu_share(ftlaunch, "run", path, "--nproc", "1")
     measured = ranks_s(real)
     load_after = loadavg()
     with open(os.path.join(work, "run", "metrics.jsonl"), encoding="utf-8") as fh:
@@ -104,6 +117,7 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
             "fixed": est.fixed, "measured_s": measured, "ratio": est.total_s / measured,
             "step_s": est.step_s, "low_s": rec.get("low_s"), "high_s": rec.get("high_s"),
             "dry_ranks_s": dry_ranks, "real_step_s": real_step, "own_s": own,
+            "dry_cpu": dry_cpu, "real_cpu": real_cpu,
             "load_before": load_before, "load_between": load_between, "load_after": load_after}
 
 
@@ -121,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(a.steps, work, tiny)
         results.append(r)
         print(f"run {i + 1}: load {r['load_before']} before the dry run, {r['load_between']} "
-              f"before the real run, {r['load_after']} after")
+              f"before the real run, {r['load_after']} after; CPU share (cores used per second: "
+              f"1 rank of 1 thread, so 1.0 at most) {r['dry_cpu']:.2f} in the dry run, "
+              f"{r['real_cpu']:.2f} in the run")
         print(f"  estimate after a dry run {r['estimate_s']:.2f} s = {r['steps']} steps x "
               f"{r['step_s']:.4f} s {r['train_s']:.2f} s"
               + "".join(f" + {what} {x:.2f} s" for what, x in r["fixed"]))
