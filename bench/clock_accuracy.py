@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})")
         if r["own_s"]:
             print(f"  the same terms with the real run's median step: {r['own_s']:.2f} s (error "
-                  f"{r['own_s'] / r['measured_s'] - 1:+.1%}): the rest is the step time moving "
-                  "between the dry run and the run", flush=True)
+                  f"{r['own_s'] / r['measured_s'] - 1:+.1%}: the fixed terms' share of the error; "
+                  "the rest is the step time moving between the dry run and the run)", flush=True)
     if len(results) > 1:
         print("errors: " + ", ".join(f"{r['ratio'] - 1:+.1%}" for r in results))
     return 0
