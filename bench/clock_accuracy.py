@@ -111,13 +111,17 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
         rows = [json.loads(x) for x in fh]
     logged = [r["step_time_s"] for r in rows if "loss" in r][1:]
     real_step = statistics.median(logged) if logged else None
+    # the run's own start-up and shut-down: its ranks' time less its loop (the last line's
+    # elapsed_s) and less its final checkpoint save (after that line; the dry run's time for it)
+    loop = max(float(r["elapsed_s"]) for r in rows if "elapsed_s" in r)
+    real_startup = measured - loop - float(rec.get("checkpoint_s") or 0.0)
     # the estimate's terms with the real run's own step time: what is left is the fixed terms'
     own = est.total_s - est.train_s + steps * real_step if real_step else None
     return {"steps": steps, "estimate_s": est.total_s, "train_s": est.train_s,
             "fixed": est.fixed, "measured_s": measured, "ratio": est.total_s / measured,
             "step_s": est.step_s, "low_s": rec.get("low_s"), "high_s": rec.get("high_s"),
             "dry_ranks_s": dry_ranks, "real_step_s": real_step, "own_s": own,
-            "dry_cpu": dry_cpu, "real_cpu": real_cpu,
+            "startup_s": rec.get("startup_s"), "real_startup_s": real_startup, "dry_cpu": dry_cpu, "real_cpu": real_cpu,
             "load_before": load_before, "load_between": load_between, "load_after": load_after}
 
 
@@ -145,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['dry_ranks_s']:.2f} s")
         print(f"  measured {r['steps']}-step run {r['measured_s']:.2f} s (the ranks' wall time), "
               f"median logged step {r['real_step_s']:.4f} s")
+        print(f"  start-up and shut-down: {r['startup_s']:.2f} s in the dry run, "
+              f"{r['real_startup_s']:.2f} s in the run")
         print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})")
         if r["own_s"]:
             print(f"  the same terms with the real run's median step: {r['own_s']:.2f} s (error "
