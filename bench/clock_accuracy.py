@@ -12,8 +12,9 @@ ranks start (plan, data check) are in neither. Prints, per repeat, each term of 
 the measured time, their ratio, the dry run's step spread, the real run's median logged step
 (and the estimate's terms with it in place of the dry run's: how much of the error is the step
 time moving between the two), and /proc/loadavg before the dry run, between and after (the
-machine may be shared with other work), with the CPU each `ftlaunch run` got: its process
-tree's CPU seconds per second of wall time.
+machine may be shared with other work), with the share of the CPU the ranks got: their CPU
+seconds per second of wall time (one rank of OMP_NUM_THREADS=1: about 1 on an idle machine,
+less when other work takes the cores).
 
 The model is the tiny Llama of examples/tiny_recipe.py (2 blocks, hidden 64), fp32, ZeRO-1,
 one CPU rank, packed 128-token rows, micro batch 8, 5% of the data held out for evaluation
@@ -25,29 +26,17 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
-RANKS_RAN = re.compile(r"ftlaunch: the ranks ran ([0-9.]+) s")
-
-
-def cpu_share(fn, *argv: str) -> tuple[subprocess.CompletedProcess, float]:
-    """fn(*argv) and the CPU its process tree used per second of wall time (user + system of the
-    children waited for, over the wall time): 1.0 is a whole core; under other work, less."""
-    before, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-    proc = fn(*argv)
-    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - wall
-    used = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return proc, used / max(wall, 1e-9)
+RANKS_RAN = re.compile(r"ftlaunch: the ranks ran ([0-9.]+) s .*; ([0-9.]+) CPU seconds")
 
 
 def ftlaunch(*argv: str) -> subprocess.CompletedProcess:
@@ -82,13 +71,14 @@ def loadavg() -> str:
         return "?"
 
 
-def ranks_s(proc: subprocess.CompletedProcess) -> float:
+def ranks_s(proc: subprocess.CompletedProcess) -> tuple[float, float]:
+    """The ranks' (wall seconds, CPU seconds), as `ftlaunch run` prints them."""
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     m = RANKS_RAN.search(proc.stdout)
     if not m:
         raise SystemExit(f"no 'the ranks ran' line in:\n{proc.stdout[-3000:]}")
-    return float(m.group(1))
+    return float(m.group(1)), float(m.group(2))
 
 
 def measure(steps: int, work: str, tiny: dict) -> dict:
@@ -98,14 +88,12 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
     path = run_file(work, steps, tiny)
     shutil.rmtree(os.path.join(work, "run"), ignore_errors=True)   # a fresh run each repeat
     load_before = loadavg()
-    dry, dry_cpu = cpu_share(ftlaunch, "run", path, "--dry-run", "--nproc", "1")
-    dry_ranks = ranks_s(dry)
+    dry_ranks, dry_cpu = ranks_s(ftlaunch("run", path, "--dry-run", "--nproc", "1"))
     cfg = load(path, [])
     est = clock.estimate(cfg)
     rec = step_time.dry_record(cfg) or {}
     load_between = loadavg()
-    real, real_cpu = cpu_share(ftlaunch, "run", path, "--nproc", "1")
-    measured = ranks_s(real)
+    measured, real_cpu = ranks_s(ftlaunch("run", path, "--nproc", "1"))
     load_after = loadavg()
     with open(os.path.join(work, "run", "metrics.jsonl"), encoding="utf-8") as fh:
         rows = [json.loads(x) for x in fh]
@@ -115,13 +103,17 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
     # elapsed_s) and less its final checkpoint save (after that line; the dry run's time for it)
     loop = max(float(r["elapsed_s"]) for r in rows if "elapsed_s" in r)
     real_startup = measured - loop - float(rec.get("checkpoint_s") or 0.0)
+    # the run at the dry run's CPU share: how much of the error is the share the machine gave
+    at_dry_share = real_cpu / (dry_cpu / dry_ranks)
     # the estimate's terms with the real run's own step time: what is left is the fixed terms'
     own = est.total_s - est.train_s + steps * real_step if real_step else None
     return {"steps": steps, "estimate_s": est.total_s, "train_s": est.train_s,
             "fixed": est.fixed, "measured_s": measured, "ratio": est.total_s / measured,
             "step_s": est.step_s, "low_s": rec.get("low_s"), "high_s": rec.get("high_s"),
             "dry_ranks_s": dry_ranks, "real_step_s": real_step, "own_s": own,
-            "startup_s": rec.get("startup_s"), "real_startup_s": real_startup, "dry_cpu": dry_cpu, "real_cpu": real_cpu,
+            "startup_s": rec.get("startup_s"), "real_startup_s": real_startup,
+            "dry_cpu": dry_cpu / dry_ranks, "real_cpu": real_cpu / measured,
+            "at_dry_share_s": at_dry_share,
             "load_before": load_before, "load_between": load_between, "load_after": load_after}
 
 
@@ -139,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         r = measure(a.steps, work, tiny)
         results.append(r)
         print(f"run {i + 1}: load {r['load_before']} before the dry run, {r['load_between']} "
-              f"before the real run, {r['load_after']} after; CPU share (cores used per second: "
-              f"1 rank of 1 thread, so 1.0 at most) {r['dry_cpu']:.2f} in the dry run, "
-              f"{r['real_cpu']:.2f} in the run")
+              f"before the real run, {r['load_after']} after; the ranks' CPU share (CPU seconds per "
+              f"second) {r['dry_cpu']:.2f} in the dry run, {r['real_cpu']:.2f} in the run")
         print(f"  estimate after a dry run {r['estimate_s']:.2f} s = {r['steps']} steps x "
               f"{r['step_s']:.4f} s {r['train_s']:.2f} s"
               + "".join(f" + {what} {x:.2f} s" for what, x in r["fixed"]))
@@ -152,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  start-up and shut-down: {r['startup_s']:.2f} s in the dry run, "
               f"{r['real_startup_s']:.2f} s in the run")
         print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})")
+        print(f"  the run at the dry run's CPU share would take {r['at_dry_share_s']:.2f} s: "
+              f"estimate / that {r['estimate_s'] / r['at_dry_share_s']:.3f}")
         if r["own_s"]:
             print(f"  the same terms with the real run's median step: {r['own_s']:.2f} s (error "
                   f"{r['own_s'] / r['measured_s'] - 1:+.1%}: the fixed terms' share of the error; "

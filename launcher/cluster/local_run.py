@@ -32,7 +32,8 @@ tests about a second; a model whose step takes 10 s, three minutes) with no LR w
 not change a step's cost), no evaluation or checkpoint along the way, one metrics line a step,
 then the final evaluation (where there is eval data) and, for a checkpoint of at most
 DRY_SAVE_MAX_BYTES, one checkpoint save into its temporary folder, timed. The ranks'
-wall time is timed here and printed (`the ranks ran ...`), for a real run as for a dry one;
+wall time and CPU time are taken here and printed (`the ranks ran ...`), for a real run as for
+a dry one;
 launcher/cluster/step_time.py `record_dry_run` keeps what the time estimate needs.
 """
 from __future__ import annotations
@@ -257,6 +258,15 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
     return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's children that ended so far (torchrun and,
+    as torchrun waits for them, its ranks): around `launch`, what the ranks used, which shows
+    how much of the machine they got (a shared machine gives them less)."""
+    import resource
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 def dry_save(cfg: RunConfig) -> bool:
     """Whether the dry run times one checkpoint save (in its temporary folder): where the
     checkpoint (launcher/memory/clock.py `checkpoint_bytes`) is at most DRY_SAVE_MAX_BYTES; a
@@ -352,10 +362,11 @@ def main(call: RunCall) -> int:
         env = rank_environ(device, nproc, dry_run=call.dry_run, cluster_env=dict(cfg.cluster.env))
         if call.dry_run and dry_save(base):
             env[layout.TIME_SAVE_ENV] = "1"
-        started = time.monotonic()
+        started, cpu = time.monotonic(), children_cpu_s()
         code = launch(cmd, env, run_dir)
-        ranks_s = time.monotonic() - started
-        print(f"ftlaunch: the ranks ran {ranks_s:.2f} s (torchrun started to exited)", flush=True)
+        ranks_s, cpu = time.monotonic() - started, children_cpu_s() - cpu
+        print(f"ftlaunch: the ranks ran {ranks_s:.2f} s (torchrun started to exited; {cpu:.1f} "
+              f"CPU seconds, {cpu / max(ranks_s, 1e-9):.2f} cores on average)", flush=True)
         if call.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
             record_step_time(base, run_dir, nproc, device, ranks_s)
         return code
