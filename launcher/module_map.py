@@ -65,6 +65,10 @@ ROOM_CROSSINGS = {
 # Modules at the top of the package: the command line and the two generators of docs.
 TOP_MODULES = {"launcher", "launcher.__main__", "launcher.cli", "launcher.module_map",
                "launcher.reference"}
+# The heavy libraries: the login half imports none of them at import time (tests/test_layout.py),
+# and validate, ds-config and script rendering none at all (tests/test_light_imports.py).
+HEAVY = frozenset({"torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft",
+                   "safetensors", "accelerate", "tokenizers", "tensorboard", "wandb"})
 # (login-half module, heavy library or rank-half module): imported inside a function only, and why.
 _META = "the memory plan's meta-device model (config.json only, no weights read)"
 LAZY_HEAVY_REASONS = {

@@ -204,6 +204,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
     train: dict[str, Any] = {"micro_batch_size": 2, "lr": 1.0e-3}
     if objective != "sft":
         train["objective"] = objective
+    if row.get("reference"):
+        train["reference"] = row["reference"]
     if row["steps"] == "max_steps":
         train["max_steps"] = 4
     else:
@@ -435,4 +437,14 @@ def run_row(row: dict) -> dict:
     return {"steps": row["steps"], "sources": mix or "single", "layout": layout, "packing": False,
             "template": "chatml", "tokens": row["tokens"], "freeze": row["freeze"], "quant": "none",
             "zero": row["zero"], "offload": "none", "ds_file": False, "report_to": [],
-            "watchdog": False}
+            "watchdog": False, "objective": row.get("objective", "sft"),
+            "reference": row.get("reference")}
+
+
+# preference rows of the run subset, beside the covering set: pairs through 2 CPU ranks, the
+# reference as the LoRA base with its adapters off (ZeRO-2) and as a partitioned copy (ZeRO-3)
+PREFERENCE_RUN_ROWS = [
+    {"freeze": "lora", "zero": 2, "tokens": False, "data": "messages", "steps": "max_steps",
+     "objective": "dpo", "reference": "adapters_off"},
+    {"freeze": "full", "zero": 3, "tokens": False, "data": "messages", "steps": "max_steps",
+     "objective": "dpo", "reference": "model"}]

@@ -111,3 +111,19 @@ def slurm_cluster(tmp_path_factory):
         yield {"dir": state, "partition": "debug", "env": {"SLURM_CONF": os.path.join(state, "slurm.conf")}}
     finally:
         subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)
+
+
+# ------------------------------------------------------------------ the order files start in
+# `make test` spreads files over workers (pytest-xdist, --dist loadfile): a file's tests stay on one
+# worker, so its module fixtures (a cluster, a built model) are made once. Files start heaviest
+# first (Slurm jobs, then several ranks, then slow ones) so the long files do not start last.
+_WEIGHT = {"slurm": 0, "multirank": 1, "slow": 2}
+
+
+def pytest_collection_modifyitems(config, items):
+    weight: dict[str, int] = {}
+    for item in items:
+        marks = [_WEIGHT[m.name] for m in item.iter_markers() if m.name in _WEIGHT]
+        path = str(item.path)
+        weight[path] = min([weight.get(path, 3), *marks])
+    items.sort(key=lambda item: weight[str(item.path)])

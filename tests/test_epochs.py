@@ -21,7 +21,7 @@ from launcher.cluster import layout
 from launcher.data import Sampler
 from launcher.rank.watchdog import Watchdog
 from launcher.config.schema import WatchdogConfig
-from test_train_engine import ROOT, rank_env, torchrun
+from ranks import ROOT, metric_rows, rank_env, torchrun
 
 
 def by_hand(n: int, world: int, micro: int, accum: int, n_epochs: int) -> int:
@@ -108,9 +108,6 @@ def test_loaded_sequences_equal_the_data_tokenized_by_hand(tiny, tmp_path, packi
     assert len(splits.train) == hand_sequences(tiny, 32, packing, max_samples)
 
 
-def metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
 
 
 @pytest.mark.multirank
@@ -125,7 +122,7 @@ def test_two_ranks_packed_train_exactly_the_epochs(tiny, tmp_path):
                              eval_every="epoch", checkpoint_every="epoch", keep_checkpoints=5))
     p = torchrun(["-m", "launcher", "train", str(path)])
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = metrics(str(tmp_path / "run"))
+    rows = metric_rows(str(tmp_path / "run"))
     steps = [r["step"] for r in rows if "loss" in r]
     assert steps == list(range(1, want + 1)), (n, want, p.stderr[-2000:])
     assert f"epochs: 2 x {n} sequences / global batch 16" in p.stderr and f"= {want} steps" in p.stderr
@@ -153,7 +150,7 @@ def test_one_rank_unpacked_trains_exactly_the_epochs(tiny, tmp_path):
     p = subprocess.run([sys.executable, "-m", "launcher", "train", str(path)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    steps = [r["step"] for r in metrics(str(tmp_path / "run")) if "loss" in r]
+    steps = [r["step"] for r in metric_rows(str(tmp_path / "run")) if "loss" in r]
     assert n == 100 and want == 9 and steps == list(range(1, want + 1))
     assert "epochs: 1.5 x 100 sequences / global batch 16" in p.stderr and "= 9 steps" in p.stderr
 
@@ -176,7 +173,7 @@ def test_the_watchdog_stops_a_nan_loss_with_a_checkpoint_of_the_last_good_step(t
     assert "the loss of step 4 is nan" in st["message"]
     assert "loss watchdog: the loss of step 4 is nan; stopped at step 3" in p.stderr
     assert "checkpoint of the last good step" in p.stderr
-    rows = metrics(str(run))
+    rows = metric_rows(str(run))
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
     from launcher.rank import checkpoint

@@ -13,7 +13,7 @@ import pytest
 from launcher import cli
 from launcher.config.errors import ConfigError
 from launcher.rank.export import find_checkpoint
-from test_train_engine import ROOT, torchrun
+from ranks import ROOT, torchrun
 
 CASES = {"zero3": ("fp32", 3, "{policy: last_layers, trainable_layers: 1, also_train: [lm_head]}"),
          "lora": ("bf16", 2, "{policy: lora, also_train: [lm_head], lora: {r: 4}}")}

@@ -26,7 +26,7 @@ import pytest
 
 from launcher.rank import checkpoint as ck
 from launcher.rank import faults
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 TIMEOUT_S = 20      # train.dist_timeout_s for these runs
 HUNG_TIMEOUT_S = 10  # the smallest allowed: the hung-rank test waits for it

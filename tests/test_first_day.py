@@ -3,12 +3,14 @@ data in both layouts (messages and ShareGPT) mixed, counted in epochs, ChatML wi
 added as new tokens; validate (refused first: the tokenizer lacks the markers; then fixed as the
 message says), data --show, plan, run on 2 CPU ranks, Ctrl-C, resume, status, runs, stop (of
 the finished run: nothing to stop), export, load the
-export and generate with its saved template (it stops at the end-of-turn token); then a peer's
-config converted and validated from its own folder.
+export and generate with its saved template (it stops at the end-of-turn token); DPO on
+preference pairs from that export (data, plan, a 3-step run logging the rewards, export); then a
+peer's config converted and validated from its own folder.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -20,7 +22,7 @@ import yaml
 
 import combos
 from launcher import cli
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 
 def ftlaunch(*argv: str) -> subprocess.Popen:
@@ -152,7 +154,41 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch, umask_kept):
     assert eot in new and new.index(eot) == len(new) - 1, tok.decode(new)  # stopped there
     assert len(new) < 24
 
-    # 9. a peer's config, converted beside it and validated from another folder
+    # 9. preference tuning on the SFT export: TRL-style pairs (the messages both sides share
+    # are the prompt), data shows both sides, plan counts the reference, a short DPO run, export
+    dpo = {"name": "first-day-dpo", "model": {"path": str(export), "dtype": "fp32"},
+           "data": {"path": files["pairs_trl"], "max_seq_len": 48,
+                    "cache_dir": str(tmp_path / "cache")},
+           "train": {"objective": "dpo", "beta": 0.1, "max_steps": 3, "micro_batch_size": 2,
+                     "lr": 1.0e-3, "device": "cpu"},
+           "freeze": {"policy": "full"}, "deepspeed": {"zero_stage": 1},
+           "output": {"dir": str(tmp_path / "dpo")}}
+    dpo_path = tmp_path / "dpo.yaml"
+    dpo_path.write_text(yaml.safe_dump(dpo, sort_keys=False))
+    code, out, err = call(["data", str(dpo_path), "--show", "1"], capsys)
+    assert code == 0, err
+    assert "pairs: 20;" in out and "pair 0 chosen" in out and "pair 0 rejected" in out, out
+    code, out, err = call(["plan", str(dpo_path)], capsys)
+    assert code == 0 and "verdict:" in out and "reference model (frozen copy)" in out, out + err
+    p = ftlaunch("run", str(dpo_path))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0 and "Traceback" not in err, err[-4000:]
+    with open(tmp_path / "dpo" / "metrics.jsonl", encoding="utf-8") as fh:
+        lines = [json.loads(x) for x in fh if '"loss"' in x]
+    assert [x["step"] for x in lines] == [1, 2, 3], lines
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-4), lines[0]  # reference = policy
+    for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+        assert all(key in x for x in lines), (key, lines)
+    assert lines[-1]["reward_margin"] != 0.0, lines
+    dpo_export = tmp_path / "export-dpo"
+    code, out, err = call(["export", str(tmp_path / "dpo"), "-o", str(dpo_export)], capsys)
+    assert code == 0, err
+    tuned = AutoModelForCausalLM.from_pretrained(str(dpo_export)).eval()
+    assert AutoTokenizer.from_pretrained(str(dpo_export)).chat_template == tok.chat_template
+    moved = [n for n, w in tuned.state_dict().items() if not torch.equal(w, model.state_dict()[n])]
+    assert moved, "the DPO export holds the SFT weights unchanged"
+
+    # 10. a peer's config, converted beside it and validated from another folder
     peer = tmp_path / "axolotl"
     peer.mkdir()
     row = {"peer": "axolotl", "datasets": 2, "steps": "epochs", "tuning": "lora", "tokens": True,

@@ -11,11 +11,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import metric_rows as steps
-from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,
+from ranks import metric_rows as steps
+from helpers import (write_runfile, FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,
                      write_exe)
 
 from launcher.cluster import job_lock, layout, slurm
@@ -33,14 +32,6 @@ def ns(run_file, *flags, overrides=()):
     return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
-def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml"):
-    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
-    tree = {"name": "lock-test", "model": {"path": fake_model},
-            "data": {"path": data, "max_seq_len": 64}, "train": {"max_steps": 6},
-            "cluster": cluster, "output": {"dir": str(run_dir)}}
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
 
 
 @pytest.fixture

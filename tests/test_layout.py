@@ -10,8 +10,7 @@ import pytest
 from launcher import module_map
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = {"torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft", "safetensors",
-         "accelerate", "tokenizers", "tensorboard", "wandb"}
+HEAVY = module_map.HEAVY
 # Login-half modules allowed to import heavy libraries inside a function, and why.
 LAZY_HEAVY = module_map.LAZY_HEAVY
 

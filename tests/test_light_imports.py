@@ -10,8 +10,10 @@ import textwrap
 
 import pytest
 
+from launcher import module_map
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEAVY = ("torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft", "accelerate")
+HEAVY = tuple(sorted(module_map.HEAVY))
 BLOCKER = f"""\
 import importlib.abc, importlib.machinery, sys
 

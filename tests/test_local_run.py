@@ -15,7 +15,7 @@ import pytest
 from launcher.cluster import local_run, run_state
 from launcher.config.errors import ConfigError
 from launcher.config.runfile import load
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 
 def run_text(tiny: dict, tmp_path, **over) -> str:

@@ -7,6 +7,7 @@ forward (sdpa, eager, packed rows; 1e-5) and a sequence-parallel run, resumed, a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -14,6 +15,7 @@ import sys
 import textwrap
 
 import pytest
+from ranks import start_torchrun
 
 from launcher.checks import validate
 from launcher.config import batch, runfile
@@ -75,6 +77,51 @@ def test_tiled_loss_equals_the_untiled_loss_and_gradients():
     for a, b in zip(grads[False], grads[True]):
         assert float((a - b).abs().max()) < 1e-6
     assert float(grads[True][0]) > 0
+
+
+PROBE = """
+import gc, json, sys
+import torch
+from launcher.rank import longseq
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(x.split()[1]) * 1024 for x in fh if x.startswith(key))
+V, h, tokens, head_trains = 32000, 512, 1024, sys.argv[1] == "1"
+torch.manual_seed(0)
+head = torch.nn.Linear(h, V, bias=False).requires_grad_(head_trains)
+x = torch.randn(1, tokens, h, requires_grad=True)
+y = torch.randint(0, V, (1, tokens))
+def step():
+    longseq.head_loss(head, x, y, torch.tensor(float(tokens)), True).backward()
+step()
+head.weight.grad = x.grad = None
+gc.collect()
+base = status("VmRSS")
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # resets VmHWM to the current RSS
+step()
+print(json.dumps(status("VmHWM") - base))
+"""
+
+
+def test_tiled_loss_backward_holds_what_the_plan_counts():
+    """The tiled loss's backward measured (one process's RSS high-water mark, fp32, large
+    allocations mapped and unmapped one by one) against the plan's figure for it: 12 C V (the
+    fp32 log-probabilities, their gradient and the logits' gradient at once), lm_head's weight
+    gradient held across the chunks when it trains, the input's gradient. Within 10%; without
+    the weight gradient (62.5 MiB here) the trained head would measure a third above it."""
+    from launcher.memory.longseq import tiled_loss_backward
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="65536",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for trains in (True, False):
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(int(trains))], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        plan = tiled_loss_backward(1024, 32000, 512, 4, trains)
+        assert 0.9 < measured / plan < 1.1, (trains, measured / 2**20, plan / 2**20)
+    assert tiled_loss_backward(2048, 32000, 512, 4, True) - tiled_loss_backward(
+        2048, 32000, 512, 4, False) == 4 * 32000 * 512
 
 
 def test_tiled_mlp_equals_the_untiled_mlp():
@@ -186,6 +233,18 @@ def test_plan_models_each_switch(tmp_path):
     offloaded = [t for t in plans["offload"].node_terms if t.key == "activation_offload"]
     assert offloaded and offloaded[0].bytes > act["loss"] / 2
     assert base.train.tiled_loss
+    # the tiled loss's chunk: lm_head's weight gradient counted where it trains (full), not
+    # under LoRA (the head frozen)
+    from launcher.memory.longseq import tiled_loss_backward
+    over = ["train.tiled_mlp=true", "data.max_seq_len=8192"]
+    lora = memory.plan(runfile.load(path, over), advise=False)
+    full = memory.plan(runfile.load(path, over + ["freeze.policy=full"]), advise=False)
+    for p, trains in ((lora, False), (full, True)):
+        formula = next(t.formula for t in p.terms if t.key == "activations")
+        assert ("lm_head weight gradient" in formula) == trains, formula
+        assert p.term("loss_backward") >= tiled_loss_backward(8192, 128256, 4096, 2, trains)
+    assert tiled_loss_backward(8192, 128256, 4096, 2, True) - tiled_loss_backward(
+        8192, 128256, 4096, 2, False) == 2 * 128256 * 4096
 
 
 def test_plan_max_seq_len_grows_with_every_switch(tmp_path, capsys):
@@ -224,9 +283,9 @@ def sp_run(tiny: dict, folder, n: int, steps: int) -> str:
     path.write_text(textwrap.dedent(f"""\
         name: sp{n}
         model: {{path: {tiny['model']}, dtype: fp32}}
-        data: {{path: {tiny['text']}, max_seq_len: 32, packing: true}}
+        data: {{path: {tiny['text']}, max_seq_len: 32, packing: true, eval_fraction: 0.05}}
         train: {{max_steps: {steps}, micro_batch_size: 4, lr: 3.0e-3, scheduler: constant,
-                 checkpoint_every: 2, device: cpu, sequence_parallel: {n}}}
+                 checkpoint_every: 2, eval_every: 2, device: cpu, sequence_parallel: {n}}}
         deepspeed: {{zero_stage: 2}}
         cluster: {{nodes: 1, gpus_per_node: {n}}}
         output: {{dir: {folder}/run{n}, save_final: false}}
@@ -234,17 +293,11 @@ def sp_run(tiny: dict, folder, n: int, steps: int) -> str:
     return str(path)
 
 
-def torchrun(nproc: int, args: list[str]) -> subprocess.Popen:
-    from test_train_engine import rank_env
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), "-m", "launcher", "train", *args]
-    return subprocess.Popen(cmd, env=rank_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
 
 
-def losses(run_dir) -> list[float]:
+def losses(run_dir, key: str = "loss") -> list[float]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
+        return [r[key] for r in map(json.loads, fh) if key in r]
 
 
 @pytest.mark.multirank
@@ -252,16 +305,20 @@ def losses(run_dir) -> list[float]:
 def test_sequence_parallel_training_resumes_and_matches_one_rank(tiny, tmp_path):
     """sequence_parallel 2 on 2 ranks (1 data-parallel rank), stopped after step 2 and resumed
     to step 4, against 1 rank without it: the same losses (the gradients agree, or step 3 and 4
-    would not)."""
-    one = torchrun(1, [sp_run(tiny, tmp_path, 1, 4)])
-    two = torchrun(2, [sp_run(tiny, tmp_path, 2, 2)])
+    would not), and the same evaluation losses (the loss and its token count computed on the
+    ranks, reduced once at the end of the evaluation)."""
+    one = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 1, 4)], nproc=1)
+    two = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 2, 2)])
     for proc in (two, one):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
-    again = torchrun(2, [sp_run(tiny, tmp_path, 2, 2), "train.max_steps=4"])
+    again = start_torchrun(["-m", "launcher", "train", sp_run(tiny, tmp_path, 2, 2), "train.max_steps=4"])
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert "resumed from" in out + err and "step-00000002" in out + err
     ref, got = losses(tmp_path / "run1"), losses(tmp_path / "run2")
     assert len(ref) == len(got) == 4
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)
+    ref, got = losses(tmp_path / "run1", "eval_loss"), losses(tmp_path / "run2", "eval_loss")
+    assert len(ref) == len(got) >= 2 and all(math.isfinite(x) for x in got), (ref, got)
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-5, (ref, got)

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from test_train_engine import torchrun
+from ranks import torchrun
 
 STEPS = 6
 

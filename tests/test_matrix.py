@@ -12,6 +12,7 @@ Never a traceback: exit 0, or exit 2 with a message that names a key and its fix
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -135,11 +136,13 @@ def test_converted_peer_configs_pass_every_login_command(i, matrix_inputs, tmp_p
 
 
 # ------------------------------------------------------------------ through the ranks
-RUN_ROWS = combos.pairwise(combos.run_levels())
+RUN_ROWS = combos.pairwise(combos.run_levels()) + combos.PREFERENCE_RUN_ROWS
+RUN_IDS = [f"{r['objective']}-{r['freeze']}-zero{r['zero']}" if "objective" in r else f"run{i}"
+           for i, r in enumerate(RUN_ROWS)]
 
 
 def ftlaunch(*argv: str, cwd: str) -> subprocess.CompletedProcess:
-    from test_train_engine import ROOT, rank_env
+    from ranks import ROOT, rank_env
     return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=cwd,
                           env={**rank_env(), "PYTHONPATH": ROOT}, capture_output=True, text=True,
                           timeout=600)
@@ -147,17 +150,23 @@ def ftlaunch(*argv: str, cwd: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.multirank
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(len(RUN_ROWS)), ids=[f"run{i}" for i in range(len(RUN_ROWS))])
+@pytest.mark.parametrize("i", range(len(RUN_ROWS)), ids=RUN_IDS)
 def test_run_export_load_status(i, matrix_inputs, tmp_path, capsys):
     """A smaller covering set through one CPU rank: `run --dry-run` (the first row), a run of 2
-    steps, `export` of its checkpoint, the export loaded and generating, `status`."""
+    steps, `export` of its checkpoint, the export loaded and generating, `status`. The DPO rows
+    (pairs; the reference as LoRA's base with the adapters off at ZeRO-2 in bf16, or as a ZeRO-3
+    copy) run 2 CPU ranks and log the first step at ln 2 with the rewards beside it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     row = combos.run_row(RUN_ROWS[i])
+    preference = row["objective"] != "sft"
     tree = combos.run_tree(row, matrix_inputs["model"], matrix_inputs["files"], str(tmp_path))
     tree["model"]["dtype"] = "fp32"
     tree["train"].update(device="cpu", micro_batch_size=2)
     tree["data"]["max_samples"] = 8  # an epoch of 8 rows per source: a few steps
+    if preference and row["freeze"] == "lora":  # no dropout: the first policy is the reference
+        tree["freeze"]["lora"] = {"r": 4, "dropout": 0.0}
+        tree["model"]["dtype"] = "bf16"  # ZeRO-2 in bf16, the adapters off as the reference
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     if i == 0:
@@ -165,8 +174,18 @@ def test_run_export_load_status(i, matrix_inputs, tmp_path, capsys):
         assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-4000:]
         assert not (tmp_path / "run").exists()
     extra = ["--max-steps", "2"] if row["steps"] == "max_steps" else []
-    p = ftlaunch("run", str(path), "--nproc", "1", *extra, cwd=str(tmp_path))
+    nproc = "2" if preference else "1"
+    p = ftlaunch("run", str(path), "--nproc", nproc, *extra, cwd=str(tmp_path))
     assert p.returncode == 0 and "Traceback" not in p.stderr, (row, p.stderr[-4000:])
+    assert f"{nproc} cpu rank" in p.stdout, p.stdout[-2000:]
+    if preference:
+        with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as fh:
+            lines = [json.loads(x) for x in fh if '"loss"' in x]
+        assert [x["step"] for x in lines] == [1, 2], lines
+        assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-5), lines[0]
+        assert lines[0]["reward_margin"] == pytest.approx(0.0, abs=1e-5), lines[0]
+        for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+            assert all(key in x for x in lines), (key, lines)
     out = tmp_path / "hf"
     code, text, err = call(["export", str(tmp_path / "run"), "-o", str(out)], capsys)
     assert code == 0, (row, err)

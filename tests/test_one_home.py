@@ -249,3 +249,30 @@ def test_a_job_made_by_hand_takes_the_run_files_cluster_defaults():
     literal = [n.target.id for n in job_class.body if isinstance(n, ast.AnnAssign)
                and n.target.id in {f.name for f in shared} and isinstance(n.value, ast.Constant)]
     assert literal == []
+
+
+# ------------------------------------------------------------------ the plan's verdict
+def test_the_plans_fit_verdict_is_raised_in_one_place():
+    """`ftlaunch run` and `ftlaunch slurm` refuse a plan that does not fit through
+    memory.checked_text (the per-GPU / per-node detail and the --force fix written once)."""
+    raisers = sorted(name for name, tree in trees().items()
+                     for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "memory plan")
+    assert raisers == ["memory/planner.py"], raisers
+    users = sorted(name for name, tree in trees().items() if "checked_text(" in ast.unparse(tree)
+                   and name not in ("memory/planner.py", "memory/__init__.py"))
+    assert users == ["cluster/local_run.py", "cluster/slurm.py"], users
+
+
+# ------------------------------------------------------------------ what a rule reads
+def test_a_property_read_by_a_rule_records_the_fields_its_own_code_reads():
+    """The rule registry skips a rule whose inputs are unreliable by the keys it read; a property
+    (world_size, run_dir) is read through the same recording view, not through a second list."""
+    from launcher.checks import rules
+    from launcher.config.schema import RunConfig
+    cfg, _ = runfile.parse(BASE, ["output.dir=/tmp/x"])
+    reads: set[str] = set()
+    view = rules._Reads(cfg, "", reads)
+    assert view.world_size == cfg.world_size and reads == {"cluster.nodes", "cluster.gpus_per_node"}
+    reads.clear()
+    assert view.run_dir == "/tmp/x" and reads == {"output.dir"}
+    assert {n for n, v in vars(RunConfig).items() if isinstance(v, property)} == {"world_size", "run_dir"}

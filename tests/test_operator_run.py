@@ -26,7 +26,7 @@ import pytest
 from launcher.rank import checkpoint, lr_schedule
 from launcher import cli
 from launcher.config.runfile import load
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 

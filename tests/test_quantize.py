@@ -213,7 +213,7 @@ def test_refused_combinations_fail_in_validate_before_anything_loads(tiny, tmp_p
                                 train=", optimizer: adamw_8bit"))
     script = textwrap.dedent("""
         import contextlib, importlib.util, io, json, sys
-        HEAVY = ("torch", "transformers", "bitsandbytes", "peft", "deepspeed", "datasets")
+        from launcher.module_map import HEAVY
         from launcher import cli
         def run(path):
             err = io.StringIO()

@@ -18,6 +18,7 @@ import sys
 import textwrap
 
 import pytest
+from ranks import loss_rows, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,15 +44,6 @@ def run_yaml(tiny, out: str, *, mode: str, freeze: str, zero: int, optimizer: st
         """)
 
 
-def torchrun(args: list[str], cwd: str, timeout: int = 400, **extra_env: str
-             ) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra_env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *args]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
 
 
 # The rank side of the matrix: for each run file, what `ftlaunch train` does (runfile.load,
@@ -119,9 +111,6 @@ def adamw8bit_bytes(sizes: list[int]) -> int:
     return small + sum(2 * n + 8 * math.ceil(n / 256) for n in big) + (2 * 256 * 4 if big else 0)
 
 
-def metrics(run_dir: str) -> list[float]:
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
-        return [r["loss"] for r in map(json.loads, fh) if "loss" in r]
 
 
 @pytest.mark.multirank
@@ -136,13 +125,13 @@ def test_quantized_bases_train_only_what_they_should(tiny, tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)
     # FTLAUNCH_NO_SAVE: no checkpoints or export here; the second test does those
-    torchrun([str(script), str(tmp_path), *files], cwd=str(tmp_path), FTLAUNCH_NO_SAVE="1")
+    torchrun([str(script), str(tmp_path), *files], cwd=str(tmp_path), check=True, FTLAUNCH_NO_SAVE="1")
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
     for i, ((mode, freeze, zero, optimizer), r0, r1) in enumerate(zip(MATRIX, *ranks)):
         case = f"{mode} {freeze} zero{zero} {optimizer}"
         assert r0["code"] == r1["code"] == 0, case
-        losses = metrics(str(tmp_path / f"out{i}"))
+        losses = [r["loss"] for r in loss_rows(str(tmp_path / f"out{i}"))]
         assert len(losses) == 10 and sum(losses[-3:]) / 3 < losses[0] - 0.1, (case, losses)
 
         # what trains: adapters, or the norms and lm_head; never a quantized tensor
@@ -236,9 +225,9 @@ def test_ftlaunch_train_on_8bit_base_exports_a_merged_model(tiny, tmp_path):
     run.write_text(run_yaml(tiny, str(out), mode="8bit", freeze="lora", zero=2, steps=12,
                             optimizer="adamw_8bit", extra=", merge_lora: true"
                             ).replace("policy: lora,", "policy: lora, also_train: [norms],"))
-    torchrun(["-m", "launcher", "train", str(run)], cwd=str(tmp_path))
+    torchrun(["-m", "launcher", "train", str(run)], cwd=str(tmp_path), check=True)
 
-    losses = metrics(str(out))
+    losses = [r["loss"] for r in loss_rows(str(out))]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < losses[0] - 0.1, losses
     report = (out / "freeze_report.txt").read_text()
     assert "quantized" in report and "81,920" in report  # 14 int8 matrices, listed as quantized

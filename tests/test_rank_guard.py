@@ -8,12 +8,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from launcher.cluster import layout, rank_guard
 from launcher.ops import status
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 
 def test_death_messages_name_the_usual_sender():
@@ -24,6 +25,46 @@ def test_death_messages_name_the_usual_sender():
     assert "/runs/x/logs/nccl-trace-rank-3" in abort and "train.save_timeout_s" in abort
     assert "out-of-memory killer" in rank_guard.death_message(signal.SIGKILL, 0, 600, "/r")
     assert "native code" in rank_guard.death_message(signal.SIGSEGV, 0, 600, "/r")
+
+
+CHILD = """
+import signal, sys, time
+def term(signum, frame):
+    open(sys.argv[1] + ".term", "w").write("TERM")
+    sys.exit(3)
+signal.signal(signal.SIGTERM, term)
+open(sys.argv[1], "w").write("ready")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_stopped_child_still_receives_the_forwarded_sigterm(tmp_path):
+    """torchrun ends the ranks of a failed launch with SIGTERM and, 30 s later, SIGKILL: the guardian
+    sends the stopped child a SIGCONT with the SIGTERM, so its handler runs (exit code 3 here)."""
+    ready = tmp_path / "ready"
+    guard = ("import sys; from launcher.cluster import rank_guard; "
+             f"sys.exit(rank_guard.run('unused.yaml', command=[sys.executable, '-c', {CHILD!r}, {str(ready)!r}]))")
+    p = subprocess.Popen([sys.executable, "-c", guard], env=rank_env(), cwd=str(tmp_path))
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            time.sleep(0.1)
+        assert ready.exists(), "the child never started"
+        child = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        assert len(child) == 1, child
+        os.kill(child[0], signal.SIGSTOP)
+        for _ in range(100):   # the kernel marks it stopped
+            if open(f"/proc/{child[0]}/stat").read().rsplit(")", 1)[1].split()[0] == "T":
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=120) == 3
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert (tmp_path / "ready.term").read_text() == "TERM"
 
 
 def test_guard_is_off_in_the_child_and_on_request():

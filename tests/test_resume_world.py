@@ -26,7 +26,7 @@ from launcher.rank import checkpoint as ck
 from launcher.cluster import reshard
 from launcher.data.batching import Sampler
 from launcher.config.errors import ConfigError
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 STEPS, AT = 6, 3
 FREEZE = {

@@ -8,6 +8,7 @@ The same on the test Slurm cluster, with a whole run: tests/test_slurm_cluster.p
 """
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+import helpers
 from helpers import sbatch_options, write_exe
 
 from launcher import cli
@@ -29,15 +31,10 @@ from launcher.config.errors import ConfigError
 SECRET = "s3cr3t-value-9f2c41"          # planted; must appear in no file and no message
 TOKEN = "hf_" + "A1b2C3d4" * 5            # the form of a Hugging Face token
 
+# The run files here: run "demo", 4 steps, its directory under tmp_path/runs.
+write_runfile = functools.partial(helpers.write_runfile, run_name="demo", steps=4)
 
-def write_runfile(tmp_path, fake_model, cluster=None, output=None, name="demo"):
-    data_path = os.path.join(os.path.dirname(fake_model), "train.jsonl")
-    tree = {"name": name, "model": {"path": fake_model}, "data": {"path": data_path, "max_seq_len": 64},
-            "train": {"max_steps": 4}, "cluster": cluster or {},
-            "output": {"dir": str(tmp_path / "runs" / name), **(output or {})}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
+
 
 
 def args(run_file, *flags, overrides=()):
@@ -97,7 +94,7 @@ def test_literal_assignments_in_setup_lines(line, names):
 
 # ------------------------------------------------------------------ refused, with the fix
 def test_validate_refuses_secrets_in_cluster_env_with_the_fix(tmp_path, fake_model, capsys):
-    run_file = write_runfile(tmp_path, fake_model, {"env": {"NCCL_DEBUG": "INFO"}})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env": {"NCCL_DEBUG": "INFO"}})
     code = cli.main(["validate", run_file, f"cluster.env.WANDB_API_KEY={SECRET}",
                      f"cluster.env.HF_TOKEN={SECRET}", "cluster.env.TOKENIZERS_PARALLELISM=false"])
     err = capsys.readouterr().err
@@ -112,7 +109,7 @@ def test_validate_refuses_secrets_in_cluster_env_with_the_fix(tmp_path, fake_mod
 
 
 def test_a_token_value_under_any_name_is_refused(tmp_path, fake_model):
-    run_file = write_runfile(tmp_path, fake_model, {"env": {"MY_VAR": TOKEN}})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env": {"MY_VAR": TOKEN}})
     with pytest.raises(ConfigError, match="MY_VAR has the form of an access token") as exc:
         runfile.load(run_file)
     assert TOKEN not in exc.value.render()
@@ -126,7 +123,7 @@ def test_a_token_value_under_any_name_is_refused(tmp_path, fake_model):
 def test_an_override_holding_a_secret_is_never_repeated(tmp_path, fake_model, override, key):
     with pytest.raises(ConfigError, match="looks like a secret|form of an access token|assigns a "
                                           "literal value") as exc:
-        runfile.load(write_runfile(tmp_path, fake_model), [override])
+        runfile.load(write_runfile(tmp_path, fake_model, cluster=None), [override])
     assert key in exc.value.keys
     assert f"override '{override.partition('=')[0]}=...'" in exc.value.render()
     assert SECRET not in exc.value.render() and TOKEN not in exc.value.render()
@@ -134,7 +131,7 @@ def test_an_override_holding_a_secret_is_never_repeated(tmp_path, fake_model, ov
 
 def test_slurm_refuses_and_writes_nothing(tmp_path, fake_model, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_file = write_runfile(tmp_path, fake_model, {"env": {"HF_TOKEN": SECRET}})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env": {"HF_TOKEN": SECRET}})
     assert cli.main(["slurm", run_file]) == layout.EXIT_CONFIG
     err = capsys.readouterr().err
     assert "cluster.env.HF_TOKEN" in err and "cluster.env_from_shell: [HF_TOKEN]" in err, err
@@ -143,7 +140,7 @@ def test_slurm_refuses_and_writes_nothing(tmp_path, fake_model, capsys, monkeypa
 
 
 def test_export_in_sbatch_extra_is_the_launchers(tmp_path, fake_model):
-    run_file = write_runfile(tmp_path, fake_model, {"sbatch_extra": ["--export=ALL,HF_TOKEN=x"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"sbatch_extra": ["--export=ALL,HF_TOKEN=x"]})
     with pytest.raises(ConfigError, match="--export is set by the launcher from "
                                           "cluster.env_from_shell") as exc:
         runfile.load(run_file)
@@ -153,7 +150,7 @@ def test_export_in_sbatch_extra_is_the_launchers(tmp_path, fake_model):
 # ------------------------------------------------------------------ the opt-out
 def test_the_opt_out_writes_in_clear_and_warns(tmp_path, fake_model, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    run_file = write_runfile(tmp_path, fake_model, {"env": {"HF_TOKEN": SECRET},
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env": {"HF_TOKEN": SECRET},
                                                     "allow_secrets_in_env": True})
     assert cli.main(["validate", run_file]) == 0
     err = capsys.readouterr().err
@@ -171,7 +168,7 @@ def test_pass_through_rendered_as_export_and_never_written(tmp_path, fake_model,
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("WANDB_API_KEY", SECRET + "-w")
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
     assert slurm.main(args(run_file)) == 0
     out = capsys.readouterr().out
     assert "takes HF_TOKEN, WANDB_API_KEY from the environment sbatch runs in" in out
@@ -189,7 +186,7 @@ def test_validate_names_the_pass_through_and_what_is_unset(tmp_path, fake_model,
                                                           monkeypatch):
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
     assert cli.main(["validate", run_file]) == 0
     out = capsys.readouterr().out
     assert "from this shell: HF_TOKEN, WANDB_API_KEY (not set here: WANDB_API_KEY)" in out, out
@@ -197,7 +194,7 @@ def test_validate_names_the_pass_through_and_what_is_unset(tmp_path, fake_model,
 
 
 def test_no_pass_through_no_export_line(tmp_path, fake_model):
-    cfg = runfile.load(write_runfile(tmp_path, fake_model))
+    cfg = runfile.load(write_runfile(tmp_path, fake_model, cluster=None))
     text = slurm.render(slurm.build(cfg, workdir="/w"))
     assert not [o for o in sbatch_options(text) if o.startswith("--export")]
     assert "env_from_shell" not in text and "umask" not in text
@@ -206,7 +203,7 @@ def test_no_pass_through_no_export_line(tmp_path, fake_model):
 def test_the_script_stops_when_the_variable_did_not_arrive(tmp_path, fake_model):
     """`sbatch job.sbatch` from a shell without the variable (or with SBATCH_EXPORT=NONE): the
     batch shell stops before anything runs, naming the variable."""
-    cfg = runfile.load(write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]}))
+    cfg = runfile.load(write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN"]}))
     script = tmp_path / "job.sbatch"
     script.write_text(slurm.render(slurm.build(cfg, workdir=str(tmp_path))))
     env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "node1"}
@@ -220,7 +217,7 @@ def test_submit_checks_the_environment_first(tmp_path, fake_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN", "WANDB_API_KEY"]})
     with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment") as exc:
         slurm.main(args(run_file, "submit", "force"))
     assert exc.value.keys == ["cluster.env_from_shell[0]", "cluster.env_from_shell[1]"]
@@ -232,7 +229,7 @@ def test_without_submit_a_missing_variable_is_a_warning(tmp_path, fake_model, mo
                                                          capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN"]})
     assert slurm.main(args(run_file)) == 0
     err = capsys.readouterr().err
     assert "warning: cluster.env_from_shell[0]: HF_TOKEN is not set in this environment" in err, err
@@ -253,7 +250,7 @@ def test_submit_passes_export_on_sbatchs_command_line(tmp_path, fake_model, monk
     monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=True))
     monkeypatch.setattr(memory, "render", lambda plan, *a, **k: "PLAN\n")
     monkeypatch.chdir(tmp_path)
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN"]})
     assert slurm.main(args(run_file, "submit")) == 0
     assert capsys.readouterr().out.strip().endswith("4243")
     script = str(tmp_path / "runs" / "demo" / layout.JOB_SCRIPT)
@@ -266,7 +263,7 @@ def test_submit_passes_export_on_sbatchs_command_line(tmp_path, fake_model, monk
 def test_local_run_checks_the_environment(tmp_path, fake_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN"]})
     ns = local_run.RunCall(run_file=run_file, overrides=("train.device=cpu",), nproc=1)
     with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment"):
         local_run.main(ns)
@@ -275,7 +272,7 @@ def test_local_run_checks_the_environment(tmp_path, fake_model, monkeypatch):
 
 # ------------------------------------------------------------------ copies that leave the machine
 def test_wandb_config_has_no_secret_value(tmp_path, fake_model, monkeypatch):
-    cfg = runfile.load(write_runfile(tmp_path, fake_model, {
+    cfg = runfile.load(write_runfile(tmp_path, fake_model, cluster={
         "env": {"HF_TOKEN": SECRET, "NCCL_DEBUG": "INFO"}, "allow_secrets_in_env": True,
         "setup": [f"export WANDB_API_KEY={SECRET}", "module load cuda"], "env_from_shell": ["X_KEY"]}))
     seen = {}
@@ -322,7 +319,7 @@ def test_private_run_directory_and_files(tmp_path, fake_model, monkeypatch, umas
 def test_private_makes_an_existing_run_directory_private(tmp_path, fake_model, monkeypatch,
                                                          umask_kept):
     monkeypatch.chdir(tmp_path)
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file)) == 0
     run_dir = tmp_path / "runs" / "demo"
     os.chmod(run_dir, 0o755)
@@ -333,7 +330,7 @@ def test_private_makes_an_existing_run_directory_private(tmp_path, fake_model, m
 def test_not_private_by_default(tmp_path, fake_model, monkeypatch, umask_kept):
     rundir.set_umask_state(0o022, 0o022)
     monkeypatch.chdir(tmp_path)
-    assert runfile.load(write_runfile(tmp_path, fake_model)).output.private is False
+    assert runfile.load(write_runfile(tmp_path, fake_model, cluster=None)).output.private is False
     assert slurm.main(args(str(tmp_path / "run.yaml"))) == 0
     run_dir = tmp_path / "runs" / "demo"
     assert mode(run_dir) == 0o755 and mode(run_dir / layout.RESOLVED) == 0o644

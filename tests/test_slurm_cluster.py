@@ -1,23 +1,24 @@
 """On a real Slurm cluster started by the tests (tests/cluster/start.sh, fixture `slurm_cluster`):
 sbatch reads hostile values as the renderer meant, node ranks and environment reach each node,
 the stop protocol checkpoints, requeues and resumes, impossible requests fail --test-only, and
-generated jobs run the real training entry point on 2 nodes of CPU ranks.
+generated jobs run the real training entry point on 2 nodes of CPU ranks (SFT, and DPO at ZeRO-3
+through a preemption).
 
 Skipped where Slurm is not installed (never in CI). Jobs are polled with `scontrol show job`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, logs, read_env, read_nul, wait_final,
+from helpers import (dump_runfile, FAKE_PYTHON, logs, read_env, read_nul, wait_final,
                      wait_until, write_exe)
 
 from launcher.cluster import layout, shell, slurm
@@ -46,9 +47,6 @@ def ns(run_file, *flags):
     return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
-def write_runfile(path, tree):
-    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
-    return str(path)
 
 
 def base_tree(fake_model, run_dir, cluster):
@@ -84,13 +82,13 @@ def test_sbatch_reads_hostile_values_exactly(cluster, tmp_path):
 def test_test_only_answers_with_the_schedulers_words(cluster, tmp_path, fake_model, capsys,
                                                       monkeypatch):
     monkeypatch.chdir(tmp_path)
-    ok = write_runfile(tmp_path / "ok.yaml", base_tree(fake_model, tmp_path / "ok", {
+    ok = dump_runfile(tmp_path / "ok.yaml", base_tree(fake_model, tmp_path / "ok", {
         "nodes": 2, "gpus_per_node": 2, "partition": cluster["partition"]}))
     assert slurm.main(ns(ok, "test_only")) == 0
     out = capsys.readouterr().out
     assert "to start at" in out and "node[1-2]" in out, out
 
-    impossible = write_runfile(tmp_path / "big.yaml", base_tree(fake_model, tmp_path / "big", {
+    impossible = dump_runfile(tmp_path / "big.yaml", base_tree(fake_model, tmp_path / "big", {
         "nodes": 2, "gpus_per_node": 4, "partition": cluster["partition"]}))
     assert slurm.main(ns(impossible, "test_only")) == 1
     err = capsys.readouterr().err
@@ -112,7 +110,7 @@ def test_stop_on_real_slurm_with_fake_ranks(cluster, tmp_path, fake_model, monke
     python = write_exe(str(py_dir / "python"), FAKE_PYTHON)
     env_corpus = {f"FTL_V{i}": v for i, v in enumerate(HOSTILE + ["line1\nline2"])}
     run_dir = tmp_path / HOSTILE_DIR
-    run_file = write_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
+    run_file = dump_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
         "nodes": 2, "gpus_per_node": 2, "partition": cluster["partition"], "python": python,
         "env": env_corpus}))
     for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "600", "FAKE_STEP_S": "0.1",
@@ -160,7 +158,7 @@ def test_a_dead_node_ends_the_job(cluster, tmp_path, fake_model, monkeypatch, ca
     fake.mkdir()
     python = write_exe(str(tmp_path / "python"), FAKE_PYTHON)
     run_dir = tmp_path / "run"
-    run_file = write_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
+    run_file = dump_runfile(tmp_path / "run.yaml", base_tree(fake_model, run_dir, {
         "nodes": 2, "partition": cluster["partition"], "python": python}))
     for k, v in {"FAKE_DIR": str(fake), "FAKE_STEPS": "600", "FAKE_STEP_S": "0.1",
                  "FAKE_CRASH_NODE": "1", "FAKE_CRASH_STEP": "3"}.items():
@@ -197,7 +195,7 @@ def submit_tiny(tmp_path, tiny, cluster, name, capsys, **cluster_fields):
     run_dir = tmp_path / name
     tree = tiny_tree(tiny, run_dir, cluster["partition"])
     tree["cluster"].update(cluster_fields)
-    run_file = write_runfile(tmp_path / f"{name}.yaml", tree)
+    run_file = dump_runfile(tmp_path / f"{name}.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert job_id.isdigit(), job_id
@@ -281,6 +279,70 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (got, want)
 
 
+# ------------------------------------------------------------------ preference tuning
+DPO_STEPS = 60   # enough steps that the stop (USR1 after step 4) lands mid-run on a fast CPU
+
+
+def submit_dpo(tmp_path, tiny, cluster, pairs, name, capsys):
+    """A 2-node DPO job: full fine-tune at ZeRO-3, the reference a frozen copy of the model
+    partitioned over the two ranks (train.reference: model)."""
+    run_dir = tmp_path / name
+    tree = tiny_tree(tiny, run_dir, cluster["partition"])
+    tree["model"]["dtype"] = "fp32"
+    tree["data"] = {"path": pairs, "prompt_field": "prompt", "max_seq_len": 32, "shuffle": True}
+    tree["train"].update(max_steps=DPO_STEPS, micro_batch_size=2, lr=2.0e-3, warmup_steps=2,
+                         checkpoint_every=20, objective="dpo", beta=0.1, reference="model")
+    tree["freeze"] = {"policy": "full"}
+    tree["deepspeed"] = {"zero_stage": 3}
+    run_file = dump_runfile(tmp_path / f"{name}.yaml", tree)
+    assert slurm.main(ns(run_file, "submit")) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert job_id.isdigit(), job_id
+    return job_id, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_dpo_zero3_on_two_nodes_preempted_resumes_with_the_unpreempted_losses(
+        cluster, tiny, tmp_path, capsys, monkeypatch):
+    """Two 2-node DPO jobs (ZeRO-3, train.reference: model, one CPU rank per node): one runs
+    through; the other gets USR1 in its batch shell mid-run, its ranks checkpoint and stop, the
+    job requeues itself (scontrol requeue), restarts and resumes, the reference loaded again from
+    the model: the losses of the first, step for step, and each job's first loss ln 2."""
+    from test_preference_train import write_pairs
+    monkeypatch.chdir(tmp_path)
+    pairs = write_pairs(str(tmp_path / "pairs.jsonl"))
+    job_a, run_a = submit_dpo(tmp_path, tiny, cluster, pairs, "dpo-unpreempted", capsys)
+    job_b, run_b = submit_dpo(tmp_path, tiny, cluster, pairs, "dpo-preempted", capsys)
+    rb = str(run_b)
+    wait_until(job_b, cluster["env"], lambda i: (run_b / layout.METRICS).exists()
+               and len(metrics(run_b)) >= 4 or i.get("JobState") not in ("PENDING", "RUNNING"),
+               600, rb, "training steps")
+    assert run(["scancel", "--signal=USR1", "--batch", job_b]).returncode == 0
+
+    info = wait_final(job_a, cluster["env"], 600, str(run_a))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs(str(run_a))}"
+    ref = metrics(run_a)
+    assert [r["step"] for r in ref] == list(range(1, DPO_STEPS + 1))
+    assert ref[0]["loss"] == pytest.approx(math.log(2), abs=1e-4), ref[0]
+    assert ref[-1]["loss"] < ref[0]["loss"] and ref[-1]["reward_margin"] > 0, ref[-1]
+
+    info = wait_final(job_b, cluster["env"], 600, rb)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", f"{info}\n{logs(rb)}"
+    text = node_logs(run_b, job_b)[0]
+    stopped = [int(x) for x in re.findall(r"stopped at step (\d+)", text)]
+    assert len(stopped) == 1 and 1 <= stopped[0] < DPO_STEPS, text[-3000:]
+    assert f"resumed from {run_b / layout.CHECKPOINTS}/step-{stopped[0]:08d} (step {stopped[0]})" \
+        in text, text[-3000:]
+    assert "requeueing: restart 1 of 3" in (run_b / "logs" / f"job-{job_b}.out").read_text()
+    rows = metrics(run_b)
+    assert [r["step"] for r in rows] == list(range(1, DPO_STEPS + 1))
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-4), rows[0]
+    for got, want in zip(rows, ref):
+        for key in ("loss", "reward_margin"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (key, got, want)
+
+
 # ------------------------------------------------------------------ secrets
 @pytest.mark.slow
 @pytest.mark.multirank
@@ -312,7 +374,7 @@ def test_a_secret_reaches_the_job_and_no_file(cluster, tiny, tmp_path, capsys, m
     tree["cluster"].update(nodes=1, python=python, preflight=True,
                            env_from_shell=["FTL_TEST_API_TOKEN"])
     tree["output"].update(private=True, report_to=["tensorboard", "wandb"])
-    run_file = write_runfile(tmp_path / "private.yaml", tree)
+    run_file = dump_runfile(tmp_path / "private.yaml", tree)
     assert slurm.main(ns(run_file, "submit")) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     rd = str(run_dir)

@@ -17,7 +17,8 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import logs, restart_node, wait_final
-from test_slurm_scale import (cluster, hosts, kill_after_a_checkpoint, metrics,  # noqa: F401
+from ranks import loss_rows
+from test_slurm_scale import (cluster, hosts, kill_after_a_checkpoint,  # noqa: F401
                               prepare, until_requeued_and_done)
 
 from launcher.cluster import slurm
@@ -70,7 +71,7 @@ def test_a_3_node_job_loses_a_node_and_finishes_on_2(cluster, tiny, tmp_path, mo
     finally:
         if victim:
             restart_node(cluster["dir"], victim, cluster["env"])
-    rows, ref = metrics(rd), metrics(ref_dir)
+    rows, ref = loss_rows(rd), loss_rows(ref_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1)) == [r["step"] for r in ref]
     worst = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(rows, ref))
     print(f"largest relative loss difference to the uninterrupted 2-node run: {worst:.2e}")

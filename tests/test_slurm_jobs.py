@@ -18,11 +18,10 @@ import sys
 import time
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import metric_rows as steps
-from helpers import (one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,
+from ranks import metric_rows as steps
+from helpers import (write_runfile, one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, sbatch_options,
                      wait_final, wait_until, write_exe)
 
 from launcher import cli
@@ -37,15 +36,6 @@ def ns(run_file, *flags, overrides=(), sweeps=()):
                            **{f: True for f in flags})
 
 
-def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", train=None):
-    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
-    tree = {"name": "jobs", "model": {"path": fake_model},
-            "data": {"path": data, "max_seq_len": 64},
-            "train": {"max_steps": 6, "lr": 1.0e-4, **(train or {})},
-            "cluster": cluster, "output": {"dir": str(run_dir)}}
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
 
 
 @pytest.fixture

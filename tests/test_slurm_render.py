@@ -6,6 +6,7 @@ Regenerate the golden files after an intended change: FTLAUNCH_REGEN_GOLDEN=1 py
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
+import helpers
 from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,
                      sbatch_options, write_exe)
 
@@ -35,6 +37,9 @@ HOSTILE = ["two words", "it's", 'say "hi"', "$(touch /tmp/ftl-pwned)", "`id`", "
            "tab\there", "'\"'\"'", "!x"]
 MULTILINE = ["line1\nline2", "cr\rhere"]
 SBATCH_FIELDS = ["partition", "account", "qos", "constraint", "reservation"]
+
+# The run files here: run "demo", 4 steps, its directory under tmp_path/runs.
+write_runfile = functools.partial(helpers.write_runfile, run_name="demo", steps=4)
 
 
 def make_cfg(fake_model, cluster=None, *, output_dir="/scratch/runs/demo", train=None, name="demo"):
@@ -388,14 +393,6 @@ def test_script_refuses_to_run_outside_slurm(tmp_path, fake_model):
 
 
 # ------------------------------------------------------------------ ftlaunch slurm
-def write_runfile(tmp_path, fake_model, cluster=None, name="demo"):
-    data_path = os.path.join(os.path.dirname(fake_model), "train.jsonl")
-    tree = {"name": name, "model": {"path": fake_model}, "data": {"path": data_path, "max_seq_len": 64},
-            "train": {"max_steps": 4}, "cluster": cluster or {},
-            "output": {"dir": str(tmp_path / "runs" / name)}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
 
 
 def args(run_file, *flags, overrides=()):
@@ -426,7 +423,7 @@ def fake_sbatch(tmp_path, monkeypatch):
 
 def test_ftlaunch_slurm_writes_the_run_dir_and_prints_the_command(tmp_path, fake_model, capsys,
                                                                   monkeypatch):
-    run_file = write_runfile(tmp_path, fake_model, {"nodes": 2})
+    run_file = write_runfile(tmp_path, fake_model, cluster={"nodes": 2})
     monkeypatch.chdir(tmp_path)
     assert slurm.main(args(run_file)) == 0
     run_dir = tmp_path / "runs" / "demo"
@@ -442,13 +439,15 @@ def test_ftlaunch_slurm_writes_the_run_dir_and_prints_the_command(tmp_path, fake
 def _stub_plan(monkeypatch, fits: bool, text: str) -> None:
     """Replace the memory plan (it imports torch) by a fixed verdict and text."""
     from launcher import memory
-    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=fits))
-    monkeypatch.setattr(memory, "render", lambda plan, *a, **k: text)
+    from launcher.memory import planner
+    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(
+        fits=fits, fits_gpu=fits, fits_node=None))
+    monkeypatch.setattr(planner, "render", lambda plan, *a, **k: text)
 
 
 def test_ftlaunch_slurm_submit_and_test_only(tmp_path, fake_model, capsys, fake_sbatch, monkeypatch):
     _stub_plan(monkeypatch, True, "PLAN: fits\n")
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file, "test_only", "submit")) == 0
     out = capsys.readouterr().out
     assert "Job 77 to start" in out and out.strip().endswith("4243")
@@ -461,7 +460,7 @@ def test_sbatch_errors_are_shown_verbatim_and_the_run_dir_kept(tmp_path, fake_mo
                                                                 fake_sbatch, monkeypatch):
     monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
     _stub_plan(monkeypatch, True, "fits\n")
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file, "submit")) == 1
     err = capsys.readouterr().err
     assert ("sbatch: error: Batch job submission failed: Invalid account or account/partition "
@@ -473,7 +472,7 @@ def test_sbatch_errors_are_shown_verbatim_and_the_run_dir_kept(tmp_path, fake_mo
 def test_a_plan_that_does_not_fit_is_refused_unless_forced(tmp_path, fake_model, capsys, fake_sbatch,
                                                            monkeypatch):
     _stub_plan(monkeypatch, False, "per GPU 95 GiB of 80 GiB: does NOT fit\n")
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     with pytest.raises(ConfigError, match=r"does not fit[\s\S]*95 GiB of 80 GiB[\s\S]*--force"):
         slurm.main(args(run_file, "submit"))
     assert not fake_sbatch.exists()
@@ -482,13 +481,13 @@ def test_a_plan_that_does_not_fit_is_refused_unless_forced(tmp_path, fake_model,
 
 
 def test_login_node_path_imports_no_heavy_library(tmp_path, fake_model):
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     code = f"""
 import sys
 from launcher.cli import main
 rc = main(['slurm', {run_file!r}])
-heavy = sorted(m for m in sys.modules if m.split('.')[0] in
-               ('torch', 'deepspeed', 'transformers', 'datasets', 'bitsandbytes'))
+from launcher.module_map import HEAVY
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in HEAVY)
 assert rc == 0 and not heavy, (rc, heavy[:10])
 print('OK')
 """
@@ -508,7 +507,7 @@ def test_slurm_readme_lists_exactly_the_template_placeholders():
 def test_without_sbatch_the_script_is_kept_and_the_message_says_where(tmp_path, fake_model, capsys,
                                                                        monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    run_file = write_runfile(tmp_path, fake_model)
+    run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file, "test_only")) == 1
     err = capsys.readouterr().err
     script = tmp_path / "runs" / "demo" / layout.JOB_SCRIPT

@@ -15,10 +15,10 @@ import subprocess
 import sys
 
 import pytest
-import yaml
+from ranks import loss_rows
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (job_info, kill_node, logs, restart_node, wait_final,
+from helpers import (dump_runfile, job_info, kill_node, logs, restart_node, wait_final,
                      wait_until, write_exe)
 
 from launcher.cluster import layout, slurm
@@ -38,14 +38,11 @@ def ns(run_file, *flags):
     return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
-def write_runfile(path, tree):
-    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
-    return str(path)
 
 
 def prepare(tmp_path, tree, name):
     """`ftlaunch slurm` without submitting: (job script, run dir)."""
-    run_file = write_runfile(tmp_path / f"{name}.yaml", tree)
+    run_file = dump_runfile(tmp_path / f"{name}.yaml", tree)
     assert slurm.main(ns(run_file)) == 0
     run_dir = tree["output"]["dir"]
     return os.path.join(run_dir, layout.JOB_SCRIPT), run_dir
@@ -159,12 +156,12 @@ def test_a_64_node_8_gpu_job_is_accepted_by_test_only(tmp_path, fake_model, monk
         tree = {"name": "big", "model": {"path": fake_model}, "data": {"path": data, "max_seq_len": 64},
                 "train": {"max_steps": 10}, "output": {"dir": str(tmp_path / "big")},
                 "cluster": {"nodes": 64, "gpus_per_node": 8, "cpus_per_task": 96, "partition": "debug"}}
-        assert slurm.main(ns(write_runfile(tmp_path / "big.yaml", tree), "test_only")) == 0
+        assert slurm.main(ns(dump_runfile(tmp_path / "big.yaml", tree), "test_only")) == 0
         out = capsys.readouterr().out
         assert "to start at" in out and "using 6144 processors on nodes node[1-64]" in out, out
         tree["cluster"]["nodes"] = 65
         tree["output"]["dir"] = str(tmp_path / "too-big")
-        assert slurm.main(ns(write_runfile(tmp_path / "too-big.yaml", tree), "test_only")) == 1
+        assert slurm.main(ns(dump_runfile(tmp_path / "too-big.yaml", tree), "test_only")) == 1
         assert "Requested node configuration is not available" in capsys.readouterr().err
     finally:
         subprocess.run([os.path.join(ROOT, "tests", "cluster", "stop.sh"), str(state)],
@@ -280,9 +277,6 @@ def training_tree(tiny, run_dir, partition, nodes, steps, preflight=True):
             "output": {"dir": str(run_dir)}}
 
 
-def metrics(run_dir):
-    with open(os.path.join(run_dir, layout.METRICS)) as fh:
-        return [r for r in (json.loads(x) for x in fh if x.strip()) if "loss" in r]
 
 
 def checkpoints(run_dir):
@@ -297,7 +291,7 @@ def kill_after_a_checkpoint(job, run_dir, cluster, node_index):
             return True
         if not checkpoints(run_dir) or not os.path.exists(os.path.join(run_dir, layout.METRICS)):
             return False
-        return len(metrics(run_dir)) >= int(checkpoints(run_dir)[0][5:]) + 3
+        return len(loss_rows(run_dir)) >= int(checkpoints(run_dir)[0][5:]) + 3
     info = wait_until(job, cluster["env"], ready, 600, run_dir, "a checkpoint")
     assert info["JobState"] == "RUNNING", f"{info}\n{logs(run_dir)}"
     victim = hosts(info["NodeList"], cluster["env"])[node_index]
@@ -340,7 +334,7 @@ def test_a_killed_node_is_requeued_around_and_the_run_ends_as_uninterrupted(clus
     finally:
         if victim:
             restart_node(cluster["dir"], victim, cluster["env"])
-    ref, rows = metrics(ref_dir), metrics(rd)
+    ref, rows = loss_rows(ref_dir), loss_rows(rd)
     assert [r["step"] for r in rows] == list(range(1, steps + 1)) == [r["step"] for r in ref]
     for got, want in zip(rows, ref):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6), (got, want)
@@ -368,7 +362,7 @@ def test_an_8_node_job_loses_a_node_and_trains_to_the_end(cluster, tiny, tmp_pat
     finally:
         if victim:
             restart_node(cluster["dir"], victim, cluster["env"])
-    assert [r["step"] for r in metrics(rd)] == list(range(1, steps + 1))
+    assert [r["step"] for r in loss_rows(rd)] == list(range(1, steps + 1))
     status = json.loads(open(os.path.join(rd, layout.EXIT_STATUS)).read())
     assert status["code"] == 0 and status["step"] == steps
     assert job_info(job, cluster["env"])["JobState"] == "COMPLETED"

@@ -15,11 +15,10 @@ import sys
 import time
 
 import pytest
-import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import metric_rows as steps
-from helpers import (one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
+from ranks import metric_rows as steps
+from helpers import (write_runfile, one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
                      wait_until, write_exe)
 
 from launcher import cli
@@ -33,14 +32,6 @@ def ns(run_file, *flags, overrides=()):
     return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
-def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_steps=6):
-    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
-    tree = {"name": "truths", "model": {"path": fake_model},
-            "data": {"path": data, "max_seq_len": 64}, "train": {"max_steps": max_steps},
-            "cluster": cluster, "output": {"dir": str(run_dir)}}
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(tree))
-    return str(path)
 
 
 def status_json(run_dir, capsys):
@@ -207,7 +198,7 @@ def test_export_none_is_allowed_and_other_exports_are_not(tmp_path, fake_model):
 def rendered(tmp_path, fake_model, name="run", **cluster):
     run_dir = tmp_path / name
     run_file = write_runfile(tmp_path, fake_model, run_dir, cluster or {"nodes": 1},
-                             name=f"{name}.yaml", max_steps=100)
+                             name=f"{name}.yaml", steps=100)
     assert slurm.main(ns(run_file)) == 0
     return run_dir
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from ranks import ROOT, rank_env, torchrun  # noqa: F401  (ROOT and rank_env: this file runs as a rank too)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPE = {0: "bf16", 1: "fp32", 2: "bf16", 3: "fp32"}
 WORLD = 2
 
@@ -34,17 +33,8 @@ def run_yaml(tiny: dict, out_dir: str, stage: int) -> str:
         """)
 
 
-def rank_env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
 
 
-def torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(WORLD), *args]
-    return subprocess.run(cmd, env=rank_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda s: f"zero{s}")

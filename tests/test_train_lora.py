@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from test_train_engine import torchrun
+from ranks import torchrun
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import textwrap
 import pytest
 
 from launcher.rank import checkpoint as ck
-from test_train_engine import torchrun
+from ranks import torchrun
 
 STEPS = 8
 

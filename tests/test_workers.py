@@ -14,7 +14,7 @@ import pytest
 from launcher.config import runfile
 from launcher.data import Sampler, loader
 from launcher.data.batching import counted_collate
-from test_train_engine import ROOT, rank_env
+from ranks import ROOT, rank_env
 
 
 def run_file(tiny: dict, out, data: str, train: str = "max_steps: 2") -> str:

@@ -60,11 +60,6 @@ def _overlaps(read: str, bad: str) -> bool:
             or bad.startswith((read + ".", read + "[")))
 
 
-# Properties of the config classes and the fields they are computed from.
-_PROPERTY_READS = {"world_size": ("cluster.nodes", "cluster.gpus_per_node"),
-                   "run_dir": ("output.dir", "name")}
-
-
 class _Reads:
     """A read-only view of a config that records the dotted keys a rule reads."""
 
@@ -72,11 +67,12 @@ class _Reads:
         self._obj, self._prefix, self._reads = obj, prefix, reads
 
     def __getattr__(self, name: str) -> Any:
+        computed = getattr(type(self._obj), name, None)
+        if isinstance(computed, property):   # a property reads its fields through this view
+            return computed.fget(self)
         value = getattr(self._obj, name)
         key = f"{self._prefix}.{name}" if self._prefix else name
-        if name in _PROPERTY_READS and not self._prefix:
-            self._reads.update(_PROPERTY_READS[name])
-        elif dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value):
             return _Reads(value, key, self._reads)
         else:
             self._reads.add(key)

@@ -6,11 +6,12 @@ kernel's out-of-memory killer sends SIGKILL, native code can crash (SIGSEGV): no
 the rank's own `except`, and exit_status.json would not say what ended the run (`ftlaunch
 status` would show it still running). `ftlaunch train` therefore runs the same command again as
 its child (GUARDED_ENV set there) and waits for it. It forwards SIGTERM, SIGINT and SIGUSR1 (the
-stop protocol), passes the child's exit code on, and when the child died by a signal it records
-the failure (code 128 + the signal, this rank, the signal and what usually sends it; the first
-failure of a launch stands, run_state.write_exit_status) and then dies by the same signal, so
-that torchrun, the deepspeed launcher and srun report what they would have reported. The child
-dies with its guardian (PR_SET_PDEATHSIG). `FTLAUNCH_RANK_GUARD=0` runs the rank without one.
+stop protocol; SIGTERM with a SIGCONT, so that a stopped child receives it), passes the child's
+exit code on, and when the child died by a signal it records the failure (code 128 + the signal,
+this rank, the signal and what usually sends it; the first failure of a launch stands,
+run_state.write_exit_status) and then dies by the same signal, so that torchrun, the deepspeed
+launcher and srun report what they would have reported. The child dies with its guardian
+(PR_SET_PDEATHSIG). `FTLAUNCH_RANK_GUARD=0` runs the rank without one.
 
 Imports no torch: the guardian costs one small Python process per rank.
 """
@@ -119,6 +120,8 @@ def run(run_file: str, overrides: Sequence[str] = (), command: Optional[list[str
     def forward(signum: int, frame: Any) -> None:
         try:
             child.send_signal(signum)
+            if signum == signal.SIGTERM:   # a stopped rank (SIGSTOP, a debugger, a freezer)
+                child.send_signal(signal.SIGCONT)   # gets it now, not at torchrun's SIGKILL 30 s on
         except ProcessLookupError:
             pass
 

@@ -329,19 +329,13 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     """The plan text; ConfigError when the plan does not fit and force is off. Without
     cluster.mem, a node's memory is the partition's smallest node's (sinfo), never this host's."""
     from launcher import memory
-    from launcher.config.errors import ConfigError, Problem
     from launcher.config.sizes import parse_slurm_mem
     node = None if cfg.cluster.mem and parse_slurm_mem(cfg.cluster.mem) is not None else \
         partition_node_memory(cfg.cluster.partition)
     plan = memory.plan(cfg, node_memory=node[0] if node else None, local=False)
     if node:
         plan.node_memory_source = node[1]
-    text = memory.render(plan)
-    if not plan.fits and not force:
-        raise ConfigError([Problem("cluster", "the memory plan says the job does not fit:\n"
-                                   + text, "change what the plan suggests, or pass --force "
-                                   "to submit anyway")], "memory plan")
-    return text
+    return memory.checked_text(plan, force, what="job")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,13 @@ V vocabulary, lp bytes of the training dtype):
 - the loss computed in the loop: lm_head on the hidden states, no model logits kept; packed rows
   (and eager) get one (b, 1, s, s) mask of the whole sequence (bool for sdpa, lp for eager).
 - tiled_loss: no 4 b s_l V fp32 log-probabilities kept, no 8 b s_l V loss gradients; one chunk
-  of C = 2^24 / V tokens at a time: (lp + 8) C V, and the lp b s_l h gradient of the input.
+  of C tokens at a time (about 2^24 / V: torch.chunk's size, `loss_chunk_tokens`), recomputed
+  in the backward with autograd: 12 C V whatever lp
+  (the fp32 log-probabilities log_softmax saves, their gradient from nll_loss and the logits'
+  gradient log_softmax's backward writes, all three alive at once; the fp32 upcast of lp logits
+  is freed before), plus lm_head's weight gradient when it trains (lp V h, kept in its .grad
+  across the chunks: DeepSpeed reduces it after the last, ds_grad_is_ready) and the lp b s_l h
+  gradient of the input.
 - tiled_mlp: a block keeps its MLP input only, not the (4 lp b s_l i gated) intermediates; one
   chunk of h tokens of them at a time, and the lp b s_l h input gradient.
 - activation_offload: everything autograd saves in the forward goes to pinned host memory (a
@@ -48,6 +54,26 @@ class LongSeqActs:
 
     terms: list[Term]
     offloaded: int  # bytes moved to pinned host memory per rank
+
+
+def loss_chunk_tokens(tokens: int, vocab: int) -> int:
+    """Tokens of the tiled loss's largest chunk (launcher/rank/longseq.py loss_chunks: the
+    tokens in ceil(tokens V / 2^24) chunks, torch.chunk's sizes)."""
+    n = max(1, math.ceil(tokens * vocab / LOSS_CHUNK_ELEMS))
+    return math.ceil(tokens / n)
+
+
+def tiled_loss_backward(tokens: int, vocab: int, hidden: int, lp: int, head_grad: bool) -> int:
+    """Bytes the tiled loss's backward holds at its worst moment (module docstring): 12 C V,
+    lm_head's weight gradient (lp V h) when it trains, the input's gradient (lp tokens h)."""
+    c = loss_chunk_tokens(tokens, vocab)
+    return 12 * c * vocab + (lp * vocab * hidden if head_grad else 0) + lp * tokens * hidden
+
+
+def head_trains(inv: Any) -> bool:
+    """Whether lm_head's weight gets a gradient (it trains, or it is the trained embedding)."""
+    groups = ("lm_head", "embeddings") if inv.shape.tied else ("lm_head",)
+    return any(p.trainable and p.group in groups for p in inv.params)
 
 
 def act_terms(cfg: Any, inv: Any, zero3_linear: bool = False) -> LongSeqActs:
@@ -95,10 +121,12 @@ def act_terms(cfg: Any, inv: Any, zero3_linear: bool = False) -> LongSeqActs:
     if t.tiled_loss:
         saved -= logits_saved
         logits_saved = loss_grad = 0
-        c = min(b * s_l, max(1, math.ceil(LOSS_CHUNK_ELEMS / V)))
-        loss_chunk = (lp + 8) * c * V + lp * b * s_l * h
+        trains = head_trains(inv)
+        loss_chunk = tiled_loss_backward(b * s_l, V, h, lp, trains)
         why.append(f"tiled_loss: - 4 b s_l V log-probabilities, - 8 b s_l V loss gradients; one "
-                   f"chunk in the backward: (lp + 8) C V, C = {c} tokens (2^24 / V), + lp b s_l h")
+                   f"chunk in the backward: 12 C V, C = {loss_chunk_tokens(b * s_l, V)} tokens "
+                   f"(2^24 / V), {'+ lp V h (lm_head weight gradient) ' if trains else ''}"
+                   "+ lp b s_l h")
     block = (per_layer + mlp_chunk - logits_saved) if ckpt else mlp_chunk
     extra = max(loss_grad, loss_chunk, block)
     offloaded = 0

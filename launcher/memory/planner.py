@@ -482,14 +482,16 @@ def plan_text(cfg: RunConfig, gpu_memory: str | int | None = None,
     return render(plan(cfg, gpu_memory, world_size, kernels=kernels))
 
 
-def checked_text(p: Plan, force: bool = False) -> str:
-    """The plan's text; a ConfigError carrying it when the plan does not fit and force is off."""
+def checked_text(p: Plan, force: bool = False, what: str = "run") -> str:
+    """The plan's text; a ConfigError carrying it when the plan does not fit and force is off
+    (`what`: the run, or the job `ftlaunch slurm` would submit)."""
     text = render(p)
     if not p.fits and not force:
         where = " and ".join(w for w, ok in (("per GPU", p.fits_gpu), ("per node", p.fits_node))
                              if ok is False)
-        raise ConfigError([Problem("cluster", f"the memory plan does not fit {where}:\n" + text,
-                                   "change what the plan suggests, or pass --force to run anyway")],
+        raise ConfigError([Problem("cluster", f"the memory plan says the {what} does not fit {where}:\n"
+                                   + text, "change what the plan suggests, or pass --force to "
+                                   + ("submit" if what == "job" else "run") + " anyway")],
                           "memory plan")
     return text
 

@@ -280,10 +280,12 @@ class HiddenStates:
 
 
 def micro_loss(engine: Any, hidden: HiddenStates, batch: dict, sp: SeqPar, tiled: bool,
-               offload: bool = False) -> tuple[Any, Any, float]:
+               offload: bool = False) -> tuple[Any, Any, Any]:
     """Forward one micro batch (from `sp_collate`) and compute its loss here. Returns (the loss
     to backpropagate on this rank, the micro batch's mean token loss for the log (the same on
-    every rank of the group), labelled tokens of the whole sequence)."""
+    every rank of the group), labelled tokens of the whole sequence), all three 0-d tensors on
+    the batch's device: nothing is read back to the host here (the caller reduces the log's
+    figures with the loss, at its logging interval)."""
     import torch
 
     from launcher.rank import collectives
@@ -304,7 +306,7 @@ def micro_loss(engine: Any, hidden: HiddenStates, batch: dict, sp: SeqPar, tiled
     shown = loss.detach().clone()
     if sp.on:
         collectives.all_reduce_(shown, group=sp.group)
-    return loss, shown, float(count)
+    return loss, shown, count
 
 
 # ------------------------------------------------------------------ setup

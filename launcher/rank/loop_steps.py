@@ -75,7 +75,8 @@ def evaluate(s: Setup) -> float:
             if longseq.active(s.cfg):  # every rank of a sequence-parallel group: the same loss, n
                 _, loss, n = longseq.micro_loss(s.engine, s.hidden, to_device(batch, s.device),
                                                 s.sp, s.cfg.train.tiled_loss)
-                loss_sum = loss_sum + loss.float() * (weight * n)
+                loss_sum = loss_sum + loss.float() * (weight * n)  # n: a 0-d tensor on the device
+                count = count + weight * n
                 continue
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())  # on the host, before the copy
             batch = to_device(batch, s.device)

@@ -335,16 +335,29 @@ def fake_job_cluster(slurm_cluster: dict, monkeypatch, tmp_path, ranks_script: s
 
 
 # ------------------------------------------------------------------ run files and their records
-def metric_rows(run_dir) -> list[dict]:
-    """Every line of a run directory's metrics.jsonl, in order."""
-    import json
-
-    from launcher.cluster import layout
-    with open(os.path.join(str(run_dir), layout.METRICS)) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
+# (the metrics a run writes: tests/ranks.py)
 def one_node(cluster: dict, **more) -> dict:
     """A one-node, one-rank `cluster:` section on the test cluster with the fake ranks' python."""
     return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
             "python": cluster["python"], "preflight": False, **more}
+
+
+# ------------------------------------------------------------------ run files for the job tests
+def dump_runfile(path, tree: dict) -> str:
+    """Write `tree` as a run file at `path`; its path as text."""
+    import yaml
+    path.write_text(yaml.safe_dump(tree, allow_unicode=True))
+    return str(path)
+
+
+def write_runfile(tmp_path, fake_model, run_dir=None, cluster=None, *, name: str = "run.yaml",
+                  run_name: str = "jobs", steps: int = 6, train: dict | None = None,
+                  output: dict | None = None) -> str:
+    """A run file over the fake model and its train.jsonl (64 tokens a row), `steps` steps, run
+    directory `run_dir` (default tmp_path/runs/run_name), at tmp_path/name."""
+    data = os.path.join(os.path.dirname(fake_model), "train.jsonl")
+    tree = {"name": run_name, "model": {"path": fake_model},
+            "data": {"path": data, "max_seq_len": 64},
+            "train": {"max_steps": steps, **(train or {})}, "cluster": cluster or {},
+            "output": {"dir": str(run_dir or tmp_path / "runs" / run_name), **(output or {})}}
+    return dump_runfile(tmp_path / name, tree)
