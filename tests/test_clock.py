@@ -1,7 +1,8 @@
 """The time estimate (launcher/memory/clock.py, launcher/cluster/step_time.py): the plan's time section,
 cluster.time auto in the job script and its cap at the partition's MaxTime, validate's refusal,
-status's estimated / elapsed / projected end, and (slow) a dry run's estimate against a
-200-step run on CPU."""
+status's estimated / elapsed / projected end, a dry run's arithmetic (median after the warm-up,
+the fixed terms), and (slow) a real dry run's record used by the estimate. How close the estimate
+comes to a real run is a benchmark, not a test: bench/clock_accuracy.py (docs/time.md)."""
 from __future__ import annotations
 
 import json
@@ -166,6 +167,108 @@ def test_status_shows_estimated_elapsed_and_projected_end(tmp_path, capsys, monk
                      rf"projected end {st['projected_end']}\n", text), text
 
 
+# ------------------------------------------------------------------ a dry run's arithmetic
+def test_the_step_time_is_the_median_after_the_warm_up_steps():
+    times = [5.0, 2.0, 1.0, 1.2, 0.9, 1.1, 9.0]        # 2 warm-up steps, then a slow outlier
+    got = step_time.summarize(times, warmup=2)
+    assert got.step_s == 1.1 and got.measured == 5 and got.warmup == 2
+    assert got.warmup_extra_s == pytest.approx(5.0 + 2.0 - 2 * 1.1)
+    assert (got.low_s, got.high_s) == (0.9, 9.0)
+    assert step_time.summarize(times, warmup=0).step_s == 1.2   # the warm-up would raise it
+    fast_start = step_time.summarize([0.5, 0.5, 1.0, 1.0, 1.0], warmup=2)
+    assert fast_start.warmup_extra_s == 0.0                     # never below zero
+    assert step_time.summarize([3.0, 1.0], warmup=2) is None    # nothing after the warm-up
+
+
+def _dry_metrics(path, step_times, eval_at=None, save_s=None):
+    """A dry run's metrics.jsonl: one train line a step (elapsed_s the running sum), then the
+    final eval line and the timed save's line where given."""
+    elapsed, rows = 0.0, []
+    for i, t in enumerate(step_times, 1):
+        elapsed += t
+        rows.append({"step": i, "loss": 2.0, "step_time_s": t, "elapsed_s": elapsed})
+    if eval_at is not None:
+        elapsed += eval_at
+        rows.append({"step": len(step_times), "eval_loss": 2.0, "elapsed_s": elapsed})
+    if save_s is not None:
+        elapsed += save_s
+        rows.append({"step": len(step_times), "checkpoint_s": save_s, "elapsed_s": elapsed})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return elapsed
+
+
+def test_the_dry_run_record_holds_start_up_warm_up_evaluation_and_save(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    cfg = load(_run_file(tmp_path), [])
+    metrics = tmp_path / "metrics.jsonl"
+    times = [4.0, 3.0] + [1.0, 1.5, 0.5] * 5 + [1.0]    # 2 warm-up + 16 measured: median 1.0
+    loop = _dry_metrics(metrics, times, eval_at=2.5, save_s=0.75)
+    assert step_time.loop_timings(str(metrics)) == {"loop_s": loop, "eval_s": 2.5,
+                                                    "checkpoint_s": 0.75}
+    rec = step_time.record_dry_run(str(metrics), cfg, 8, "cuda", ranks_s=loop + 30.0)
+    # micro batch 4 x 8 ranks, global 64: 2 accumulation steps
+    assert rec["step_time_s"] == 1.0 and rec["micro_batch_s"] == 0.5 and rec["accum"] == 2
+    assert rec["steps"] == 16 and rec["warmup_steps"] == 2 and rec["warmup_extra_s"] == 5.0
+    assert rec["startup_s"] == pytest.approx(30.0)
+    assert (rec["eval_s"], rec["checkpoint_s"], rec["low_s"], rec["high_s"]) == (2.5, 0.75, 0.5, 1.5)
+    assert step_time.dry_record(cfg) == rec                   # kept for these settings
+    assert step_time.dry_record(load(_run_file(tmp_path), ["train.micro_batch_size=2"])) is None
+    # without the launcher's wall time, no start-up; without eval / save lines, none of them
+    _dry_metrics(metrics, times)
+    rec = step_time.record_dry_run(str(metrics), cfg, 8, "cuda")
+    assert rec["startup_s"] is None and rec["eval_s"] is None and rec["checkpoint_s"] is None
+
+
+def test_evaluations_and_checkpoints_are_counted_at_their_intervals():
+    from launcher.memory import clock
+    assert clock.times_due(50, 200, None) == 3        # 50, 100, 150; 200 is the final one
+    assert clock.times_due(7, 200, None) == 28        # 7 ... 196
+    assert clock.times_due(0, 200, None) == 0
+    assert clock.times_due("epoch", 200, 3) == 2      # the third epoch ends at the last step
+    assert clock.times_due("epoch", 200, 2.5) == 2
+
+
+def test_the_run_terms_add_the_fixed_costs_apart_from_the_steps():
+    from launcher.memory import clock
+    rec = {"startup_s": 30.0, "warmup_steps": 2, "warmup_extra_s": 5.0, "eval_s": 2.5,
+           "checkpoint_s": 0.75}
+    terms = clock.run_terms(rec, evals=2, saves=4, save_assumed=(9.0, "assumed"))
+    assert [round(x, 6) for _, x in terms] == [30.0, 5.0, 5.0, 3.0]
+    assert terms[2][0] == "2 evaluations x 2.5 s (dry run)"
+    assert terms[3][0] == "4 checkpoint saves x 0.75 s (dry run)"
+    # a save the dry run did not time: the assumed one; no eval time: said, and 0
+    del rec["checkpoint_s"], rec["eval_s"]
+    terms = dict(clock.run_terms(rec, evals=1, saves=3, save_assumed=(9.0, "18 GB at 1 GB/s")))
+    assert terms["3 checkpoint saves x 9 s (18 GB at 1 GB/s)"] == 27.0
+    assert terms["1 evaluation (not timed: the dry run had no eval data)"] == 0.0
+    assert clock.run_terms({}, evals=0, saves=0, save_assumed=None) == []
+
+
+def test_the_estimate_after_a_dry_run_states_each_term_and_their_total(tmp_path, monkeypatch,
+                                                                        capsys):
+    from launcher.memory import clock
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
+    path = _run_file(tmp_path, time_value="24:00:00", train="max_steps: 200")
+    overrides = ["train.checkpoint_every=50", "data.eval_fraction=0.1", "train.eval_every=100",
+                 "output.save_final=false"]
+    cfg = load(path, overrides)
+    metrics = tmp_path / "metrics.jsonl"
+    loop = _dry_metrics(metrics, [4.0, 3.0] + [1.0] * 16, eval_at=2.5, save_s=0.75)
+    step_time.record_dry_run(str(metrics), cfg, 8, "cuda", ranks_s=loop + 30.0)
+    est = clock.estimate(cfg)
+    assert est.step_s == 1.0 and est.train_s == 200.0
+    assert [round(x, 6) for _, x in est.fixed] == [30.0, 5.0, 5.0, 3.0]   # 2 evals, 4 saves
+    assert est.total_s == pytest.approx(200 + 30 + 5 + 2 * 2.5 + 4 * 0.75)
+    assert "median of 16 steps after 2 warm-up (1-1 s)" in est.step_how
+    assert cli.main(["plan", path, *overrides]) in (0, 1)
+    section = capsys.readouterr().out.split("time:")[1]
+    assert ("wall time          4m03s = training 3m20s (200 steps x 1 s) + start-up and shut-down "
+            "(dry run: the ranks' wall time less their loop) 30.0s + warm-up (dry run: the first 2 "
+            "steps beyond the median) 5.0s + 2 evaluations x 2.5 s (dry run) 5.0s + 4 checkpoint "
+            "saves x 0.75 s (dry run) 3.0s;") in section
+    assert est.to_dict()["total_s"] == pytest.approx(243.0)
+
+
 # ------------------------------------------------------------------ measured on CPU ranks
 def _ftlaunch(*argv: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
@@ -203,3 +306,9 @@ output: {{dir: {tmp_path / 'run'}, save_final: false}}
     said = float(re.search(r"ftlaunch: measured ([0-9.e+-]+) s a step", dry.stdout).group(1))
     assert abs(est.step_s / said - 1) < 0.01, (est.step_s, said)   # printed to 3 digits
     assert est.steps == 200 and est.train_s == pytest.approx(200 * est.step_s)
+    # the fixed costs, timed by the dry run: start-up, warm-up, the one (final) checkpoint save
+    what = [w for w, _ in est.fixed]
+    assert what[0].startswith("start-up and shut-down (dry run") and what[1].startswith("warm-up")
+    assert what[2].startswith("1 checkpoint save x ") and what[2].endswith(" s (dry run)"), what
+    assert est.total_s == pytest.approx(est.train_s + sum(x for _, x in est.fixed))
+    assert est.fixed[0][1] > 0

@@ -116,7 +116,7 @@ def ftlaunch(*argv: str, **kw) -> subprocess.Popen:
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_dry_run_trains_three_steps_and_keeps_nothing(tiny, tmp_path, write_run):
+def test_dry_run_trains_its_steps_and_keeps_nothing(tiny, tmp_path, write_run):
     path = write_run(run_text(tiny, tmp_path))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -124,8 +124,12 @@ def test_dry_run_trains_three_steps_and_keeps_nothing(tiny, tmp_path, write_run)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-4000:]
     assert "freeze policy last_layers:" in out       # the report, printed by rank 0
-    assert "done: 3 steps; checkpoint (not saved: dry run)" in out
+    assert "done: 18 steps; checkpoint (not saved: dry run)" in out   # 2 warm-up + 16 timed
     assert "dry run: nothing is kept" in out
+    # the tiny model's checkpoint is small: one save was timed, in the temporary folder
+    assert re.search(r"ftlaunch: measured \S+ s a step \(\S+ s a micro batch; median of 16 steps "
+                     r"after 2, \S+ s\), start-up and shut-down \S+ s, warm-up \S+ s, a "
+                     r"checkpoint save \S+ s on 2 cpu ranks", out), out
     assert not (tmp_path / "run").exists()
     assert not [n for n in os.listdir(scratch) if n.startswith("ftlaunch-dry-")]  # gone too
 

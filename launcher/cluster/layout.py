@@ -1,4 +1,5 @@
-"""Names inside a run directory, and the exit codes ranks and scripts agree on."""
+"""Names inside a run directory, and the exit codes (and one environment variable) ranks and
+scripts agree on."""
 
 RESOLVED = "resolved.yaml"        # the run file with every default filled in, absolute paths
 DS_CONFIG = "ds_config.json"      # the complete DeepSpeed config the ranks use
@@ -15,6 +16,7 @@ WANDB = "wandb"                   # W&B's offline runs and the run id (output.re
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/cluster/job_lock.py)
 ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
+TIME_SAVE_ENV = "FTLAUNCH_TIME_SAVE"  # =1: a dry run's ranks time one checkpoint save (rank/loop_steps.py)
 SEGMENTS = "segments.jsonl"       # one line per launch: step, world_size, job, time (cluster/reshard.py)
 
 EXIT_OK = 0

@@ -3,7 +3,7 @@
     ftlaunch run RUN.yaml                  # all local GPUs, or 2 CPU ranks where there is none
     ftlaunch run RUN.yaml --nproc 4        # 4 ranks
     ftlaunch run RUN.yaml --max-steps 10   # train.max_steps=10 (the LR schedule follows it)
-    ftlaunch run RUN.yaml --dry-run        # check everything, 3 steps in a temporary folder
+    ftlaunch run RUN.yaml --dry-run        # check everything, 18 steps in a temporary folder
     ftlaunch run RUN.yaml --resume         # continue a run whose config changed
 
 Before any rank starts: the run file is loaded and checked (exit 2 on a problem), the device
@@ -26,6 +26,15 @@ ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any fa
 A run directory whose last launch finished at or past train.max_steps is left as it is ("is
 finished; nothing changed"); a larger --max-steps continues it. Which of --max-steps and the run
 file set train.max_steps is printed.
+
+A dry run trains step_time.DRY_WARMUP + DRY_MEASURED steps (2 + 16: on the tiny Llama of the
+tests about a second; a model whose step takes 10 s, three minutes) with no LR warm-up (it does
+not change a step's cost), no evaluation or checkpoint along the way, one metrics line a step,
+then the final evaluation (where there is eval data) and, for a checkpoint of at most
+DRY_SAVE_MAX_BYTES, one checkpoint save into its temporary folder, timed. The ranks'
+wall time and CPU time are taken here and printed (`the ranks ran ...`), for a real run as for
+a dry one;
+launcher/cluster/step_time.py `record_dry_run` keeps what the time estimate needs.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ import time
 from typing import Any, Sequence
 from dataclasses import dataclass
 
-from launcher.cluster import layout, run_state
+from launcher.cluster import layout, run_state, step_time
 from launcher.config.batch import batch_sizes, local_batch_problem
 from launcher.config.schema import RunConfig
 from launcher.model.device import resolve_device, visible_gpus
@@ -50,8 +59,8 @@ from launcher.common.log import get_logger
 
 log = get_logger(__name__)
 
-DRY_RUN_STEPS = 3
 DEFAULT_CPU_RANKS = 2
+DRY_SAVE_MAX_BYTES = 2e9  # a dry run times one checkpoint save up to this size (its temporary folder)
 
 
 def local_ranks(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
@@ -249,15 +258,42 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
     return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
-def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str) -> None:
-    """Keep the dry run's measured step time for runs of these settings (launcher/cluster/step_time.py)."""
-    from launcher.cluster import step_time
-    rec = step_time.record_dry_run(os.path.join(dry_dir, layout.METRICS), base, nproc, device)
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's children that ended so far (torchrun and,
+    as torchrun waits for them, its ranks): around `launch`, what the ranks used, which shows
+    how much of the machine they got (a shared machine gives them less)."""
+    import resource
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def dry_save(cfg: RunConfig) -> bool:
+    """Whether the dry run times one checkpoint save (in its temporary folder): where the
+    checkpoint (launcher/memory/clock.py `checkpoint_bytes`) is at most DRY_SAVE_MAX_BYTES; a
+    larger one is estimated at the assumed write rate instead."""
+    from launcher.memory.clock import checkpoint_bytes
+    try:
+        return checkpoint_bytes(cfg) <= DRY_SAVE_MAX_BYTES
+    except Exception:   # noqa: BLE001 - no model inventory: the assumed rate
+        return False
+
+
+def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str,
+                     ranks_s: float) -> None:
+    """Keep the dry run's measured step time and fixed costs for runs of these settings
+    (launcher/cluster/step_time.py)."""
+    rec = step_time.record_dry_run(os.path.join(dry_dir, layout.METRICS), base, nproc, device,
+                                   ranks_s)
     if rec is not None:
+        extra = "".join(f", {what} {rec[key]:.3g} s" for what, key in (
+            ("start-up and shut-down", "startup_s"), ("warm-up", "warmup_extra_s"),
+            ("an evaluation", "eval_s"), ("a checkpoint save", "checkpoint_s"))
+            if rec.get(key) is not None)
         print(f"ftlaunch: measured {rec['step_time_s']:.3g} s a step ({rec['micro_batch_s']:.3g} s "
-              f"a micro batch) on {nproc} {device} rank{'s' if nproc > 1 else ''}; kept in "
-              f"{step_time.store_path(base)} for `ftlaunch plan` and cluster.time: auto",
-              flush=True)
+              f"a micro batch; median of {rec['steps']} steps after {rec['warmup_steps']}, "
+              f"{rec['low_s']:.3g}-{rec['high_s']:.3g} s){extra} on {nproc} {device} "
+              f"rank{'s' if nproc > 1 else ''}; kept in {step_time.store_path(base)} for "
+              "`ftlaunch plan` and cluster.time: auto", flush=True)
 
 
 @dataclass(frozen=True)
@@ -285,10 +321,11 @@ def main(call: RunCall) -> int:
     tmp = None
     if call.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
-        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
+        steps = step_time.DRY_WARMUP + step_time.DRY_MEASURED
+        extra += [f"train.max_steps={steps}", "train.epochs=null", "train.warmup_steps=0",
                   "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
-                  "train.log_every=1", f"output.dir={tmp}"]
+                  "train.keep_checkpoints=1", "train.log_every=1", f"output.dir={tmp}"]
     cfg = runfile.load(call.run_file, list(call.overrides) + extra, inputs=True)
     secret_env.warn_in_clear(cfg)
     secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
@@ -322,10 +359,16 @@ def main(call: RunCall) -> int:
               f"{global_batch} sequences, run directory {run_dir}"
               + (" (dry run: nothing is kept)" if call.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
-        code = launch(cmd, rank_environ(device, nproc, dry_run=call.dry_run,
-                                        cluster_env=dict(cfg.cluster.env)), run_dir)
+        env = rank_environ(device, nproc, dry_run=call.dry_run, cluster_env=dict(cfg.cluster.env))
+        if call.dry_run and dry_save(base):
+            env[layout.TIME_SAVE_ENV] = "1"
+        started, cpu = time.monotonic(), children_cpu_s()
+        code = launch(cmd, env, run_dir)
+        ranks_s, cpu = time.monotonic() - started, children_cpu_s() - cpu
+        print(f"ftlaunch: the ranks ran {ranks_s:.2f} s (torchrun started to exited; {cpu:.1f} "
+              f"CPU seconds, {cpu / max(ranks_s, 1e-9):.2f} cores on average)", flush=True)
         if call.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
-            record_step_time(base, run_dir, nproc, device)
+            record_step_time(base, run_dir, nproc, device, ranks_s)
         return code
     finally:
         if tmp:

@@ -2,18 +2,24 @@
 
 Torch-free (login node). A step time is measured in two places:
 
-- `ftlaunch run --dry-run` trains a few steps in a temporary folder (nothing of the run is
-  kept); `record_dry_run` keeps their median (the first step, which warms up kernels and
-  allocators, left out) in the cache beside the tokenized data: step_time/KEY.json under the
-  cache root (launcher/common/files.py cache_root), KEY = `compute_key`, so any run with the same
-  settings finds it;
+- `ftlaunch run --dry-run` trains DRY_WARMUP + DRY_MEASURED steps in a temporary folder
+  (nothing of the run is kept); `record_dry_run` keeps, in the cache beside the tokenized data
+  (step_time/KEY.json under the cache root, launcher/common/files.py cache_root; KEY =
+  `compute_key`, so any run with the same settings finds it):
+  - the step time: the median of the DRY_MEASURED steps after the first DRY_WARMUP (which warm
+    up kernels, allocators and the data loader's workers), and their spread (lowest, highest);
+  - the warm-up: what the first DRY_WARMUP steps took beyond DRY_WARMUP median steps;
+  - the start-up and shut-down: the ranks' wall time (torchrun started to exited, timed by the
+    launcher) less the training loop's own time (metrics.jsonl's last elapsed_s);
+  - one evaluation (the final one, where the run has eval data) and one checkpoint save (where
+    the launcher asked for it: launcher/cluster/local_run.py `dry_save`), each timed on the ranks;
 - a job's own metrics.jsonl (`step_time_s` of each line, launcher/rank/loop_steps.py `log_step`).
 
-Both are kept per micro batch (step time / accumulation steps), so the measurement carries
-over to another world size with the same micro batch: a step there takes accum' micro batches.
-A measurement counts only for the settings it was taken with (`compute_key`: the model, dtype,
-freeze policy, quantization, DeepSpeed settings, micro batch, sequence length and device);
-the time of communication across more nodes is not in a one-node measurement.
+The step time is kept per micro batch (step time / accumulation steps), so the measurement
+carries over to another world size with the same micro batch: a step there takes accum' micro
+batches. A measurement counts only for the settings it was taken with (`compute_key`: the model,
+dtype, freeze policy, quantization, DeepSpeed settings, micro batch, sequence length and
+device); the time of communication across more nodes is not in a one-node measurement.
 
 `time_limit(seconds)` writes Slurm's D-HH:MM:SS; `partition_max_time(partition)` reads the
 partition's MaxTime from `scontrol show partition` (None when it reports none or UNLIMITED).
@@ -28,12 +34,14 @@ import re
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from launcher.cluster import layout
 from launcher.model.device import job_device
 
-
+DRY_WARMUP = 2           # the dry run's first steps, timed apart (kernels, allocator, loader workers)
+DRY_MEASURED = 16        # the steps after them whose median is the step time
 
 def compute_key(cfg: Any) -> str:
     """What a step's time depends on, as a short hash: a measurement of other settings is stale."""
@@ -46,10 +54,9 @@ def compute_key(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(keep, default=str).encode()).hexdigest()[:16]
 
 
-def step_times(metrics_path: str) -> list[float]:
-    """Seconds per step of each train line of a metrics.jsonl, the first line left out (it
-    includes the warm-up: first kernels, allocator growth)."""
-    out: list[float] = []
+def train_lines(metrics_path: str) -> list[dict]:
+    """The train lines (those with a loss and a step_time_s) of a metrics.jsonl, in order."""
+    out: list[dict] = []
     try:
         with open(metrics_path, encoding="utf-8") as fh:
             for line in fh:
@@ -58,10 +65,65 @@ def step_times(metrics_path: str) -> list[float]:
                 except ValueError:
                     continue
                 if "loss" in rec and isinstance(rec.get("step_time_s"), (int, float)):
-                    out.append(float(rec["step_time_s"]))
+                    out.append(rec)
     except OSError:
         return []
-    return out[1:]
+    return out
+
+
+def step_times(metrics_path: str) -> list[float]:
+    """Seconds per step of each train line of a metrics.jsonl, the first line left out (it
+    includes the warm-up: first kernels, allocator growth)."""
+    return [float(r["step_time_s"]) for r in train_lines(metrics_path)][1:]
+
+
+@dataclass(frozen=True)
+class StepSummary:
+    """A dry run's steps, summarized: `summarize`."""
+    step_s: float          # median of the measured steps
+    measured: int          # how many steps the median is of
+    warmup: int            # the first steps left out of it
+    warmup_extra_s: float  # what those took beyond `warmup` median steps (never below 0)
+    low_s: float           # the fastest and slowest measured step
+    high_s: float
+
+
+def summarize(times: list[float], warmup: int) -> Optional[StepSummary]:
+    """The step time of per-step times `times` (one a step, in order): the median of those after
+    the first `warmup`, and what the first `warmup` cost beyond as many median steps; None when
+    no step is left after the warm-up."""
+    kept = times[warmup:]
+    if not kept:
+        return None
+    step = statistics.median(kept)
+    extra = max(0.0, sum(times[:warmup]) - warmup * step)
+    return StepSummary(step, len(kept), warmup, extra, min(kept), max(kept))
+
+
+def loop_timings(metrics_path: str) -> dict[str, Optional[float]]:
+    """From a dry run's metrics.jsonl: the training loop's seconds (the last line's elapsed_s),
+    one evaluation's (the final eval line's elapsed_s less the last train line's) and one
+    checkpoint save's (the line launcher/rank/loop_steps.py `finish` writes when asked to time
+    one); None for what is not in it."""
+    rows: list[dict] = []
+    try:
+        with open(metrics_path, encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    train = [r for r in rows if "loss" in r and "elapsed_s" in r]
+    evals = [r for r in rows if "eval_loss" in r and "elapsed_s" in r]
+    saves = [r for r in rows if "checkpoint_s" in r]
+    loop = max((float(r["elapsed_s"]) for r in rows if "elapsed_s" in r), default=None)
+    eval_s = None
+    if train and evals and float(evals[-1]["elapsed_s"]) >= float(train[-1]["elapsed_s"]):
+        eval_s = float(evals[-1]["elapsed_s"]) - float(train[-1]["elapsed_s"])
+    return {"loop_s": loop, "eval_s": eval_s,
+            "checkpoint_s": float(saves[-1]["checkpoint_s"]) if saves else None}
 
 
 def store_path(cfg: Any) -> str:
@@ -70,18 +132,27 @@ def store_path(cfg: Any) -> str:
     return os.path.join(cache_root(), "step_time", compute_key(cfg) + ".json")
 
 
-def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str) -> Optional[dict]:
-    """Keep the dry run's measurement (store_path); the record, or None when no step after the
-    first was logged."""
+def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str,
+                   ranks_s: Optional[float] = None) -> Optional[dict]:
+    """Keep the dry run's measurement (store_path); the record, or None when fewer than
+    DRY_WARMUP + 1 steps were logged. ranks_s: the ranks' wall time, timed by the launcher
+    (torchrun started to exited), for the start-up and shut-down term."""
     from launcher.config.batch import batch_sizes
     from launcher.cluster.rundir import write_atomic
-    times = step_times(metrics_path)
-    if not times:
+    summary = summarize([float(r["step_time_s"]) for r in train_lines(metrics_path)], DRY_WARMUP)
+    if summary is None:
         return None
     _, accum, _ = batch_sizes(cfg, world)
-    step = statistics.median(times)
-    rec = {"micro_batch_s": step / accum, "step_time_s": step, "accum": accum, "world": world,
-           "device": device, "steps": len(times), "source": "ftlaunch run --dry-run",
+    timed = loop_timings(metrics_path)
+    startup = None
+    if ranks_s is not None and timed["loop_s"] is not None:
+        startup = max(0.0, ranks_s - timed["loop_s"])
+    rec = {"micro_batch_s": summary.step_s / accum, "step_time_s": summary.step_s,
+           "accum": accum, "world": world, "device": device, "steps": summary.measured,
+           "warmup_steps": summary.warmup, "warmup_extra_s": summary.warmup_extra_s,
+           "low_s": summary.low_s, "high_s": summary.high_s, "startup_s": startup,
+           "eval_s": timed["eval_s"], "checkpoint_s": timed["checkpoint_s"],
+           "source": "ftlaunch run --dry-run",
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": compute_key(cfg)}
     path = store_path(cfg)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -100,13 +171,25 @@ def measured(cfg: Any, world: int) -> Optional[tuple[float, str]]:
         recent = times[-50:]
         return statistics.median(recent), f"measured: median of {len(recent)} logged steps in " \
             f"{layout.METRICS}"
-    rec = _stored(cfg)
-    want = job_device(cfg)
-    if rec is None or rec.get("key") != compute_key(cfg) or rec.get("device") != want:
+    rec = dry_record(cfg)
+    if rec is None:
         return None
     per = float(rec["micro_batch_s"])
-    return per * accum, (f"measured: {rec.get('source')} ({rec.get('time')}), {per:.3g} s per "
-                         f"micro batch x {accum} accumulation steps")
+    spread = ""
+    if rec.get("low_s") is not None and rec.get("high_s") is not None:
+        spread = (f", median of {rec.get('steps')} steps after {rec.get('warmup_steps')} warm-up "
+                  f"({float(rec['low_s']):.3g}-{float(rec['high_s']):.3g} s)")
+    return per * accum, (f"measured: {rec.get('source')} ({rec.get('time')}{spread}), {per:.3g} s "
+                         f"per micro batch x {accum} accumulation steps")
+
+
+def dry_record(cfg: Any) -> Optional[dict]:
+    """The dry run's record (record_dry_run) for cfg's settings on its device; None when there
+    is none, or it was taken with other settings or on another kind of device."""
+    rec = _stored(cfg)
+    if rec is None or rec.get("key") != compute_key(cfg) or rec.get("device") != job_device(cfg):
+        return None
+    return rec
 
 
 def _stored(cfg: Any) -> Optional[dict]:

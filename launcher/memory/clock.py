@@ -10,6 +10,12 @@ The step time is, in this order of preference:
 2. estimated: FLOPs per step per GPU (launcher/memory/flops.py) / (the card's peak dense FLOP/s
    for the training dtype (launcher/config/gpus.py) x an assumed model FLOPs utilization, ASSUMED_MFU).
 
+After a dry run, the estimate of the whole run adds, as separate terms (`fixed_terms`): the
+ranks' start-up and shut-down, the first steps' warm-up, the evaluations and the checkpoint
+saves at their configured intervals (each timed once by the dry run; a checkpoint too large to
+write in a dry run at the assumed 1 GB/s per node), and the export (assumed rate).
+`Estimate.total_s` is their sum with the training steps.
+
 Tokens per epoch come from the tokenized cache where the data was tokenized already (the data
 check of `ftlaunch run`, or a rank, wrote it: launcher/data/cache.py), else from the data files
 (characters / 4, stated as an estimate). A step's FLOPs are counted for rows of max_seq_len
@@ -49,6 +55,7 @@ class Estimate:
     step_s: Optional[float]          # seconds per optimizer step
     step_how: str
     notes: list[str] = field(default_factory=list)
+    fixed: list[tuple[str, float]] = field(default_factory=list)  # (what, seconds): fixed_terms
 
     @property
     def flops_per_step(self) -> int:
@@ -57,6 +64,12 @@ class Estimate:
     @property
     def train_s(self) -> Optional[float]:
         return None if self.step_s is None else self.step_s * self.steps
+
+    @property
+    def total_s(self) -> Optional[float]:
+        """The whole run: the steps plus the fixed terms (start-up, warm-up, evaluations,
+        checkpoints, export) where a dry run measured them."""
+        return None if self.train_s is None else self.train_s + sum(s for _, s in self.fixed)
 
     @property
     def gpu_hours(self) -> Optional[float]:
@@ -70,7 +83,8 @@ class Estimate:
                 "flops_per_step": self.flops_per_step, "world": self.world, "peak": self.peak,
                 "peak_how": self.peak_how, "mfu": self.mfu, "step_s": self.step_s,
                 "step_how": self.step_how, "train_s": self.train_s, "gpu_hours": self.gpu_hours,
-                "notes": self.notes}
+                "fixed": [{"what": w, "seconds": x} for w, x in self.fixed],
+                "total_s": self.total_s, "notes": self.notes}
 
 
 def _cached_stats(cfg: RunConfig) -> Optional[dict]:
@@ -159,8 +173,85 @@ def estimate(cfg: RunConfig, world: Optional[int] = None) -> Estimate:
     if cfg.quantization.mode != "none" and got is None:
         notes.append("quantized base: dequantizing the weights in every product makes the real "
                      "utilization lower than the assumed one")
+    rec = step_time.dry_record(cfg)
+    fixed = fixed_terms(cfg, steps, rec) if rec is not None and step_s is not None else []
     return Estimate(steps, steps_how, global_batch, seq, seq_how, tokens, tok_how, fl, world,
-                    peak, peak_how, ASSUMED_MFU, step_s, step_how, notes)
+                    peak, peak_how, ASSUMED_MFU, step_s, step_how, notes, fixed)
+
+
+# ------------------------------------------------------------------ the run's fixed costs
+def times_due(every: Any, steps: int, epochs: Optional[float]) -> int:
+    """How often an eval_every / checkpoint_every of `every` (0, N or "epoch") acts before the
+    last step (launcher/rank/train.py: at step s < steps with s % N == 0, or at an epoch's end);
+    the one at the end of the run (`finish`) is not counted here."""
+    if every == "epoch":
+        return max(0, math.ceil(epochs or 1) - 1)
+    return (steps - 1) // int(every) if every and steps > 0 else 0
+
+
+def run_terms(rec: dict, evals: int, saves: int, save_assumed: Optional[tuple[float, str]],
+              export: Optional[tuple[float, str]] = None) -> list[tuple[str, float]]:
+    """(what, seconds) a run spends besides its steps, from a dry run's record `rec`
+    (launcher/cluster/step_time.py `record_dry_run`): start-up and shut-down, the first steps'
+    warm-up, `evals` evaluations and `saves` checkpoint saves (timed once each by the dry run;
+    a save it did not time: save_assumed = (seconds, how)), and the export (seconds, how)."""
+    out: list[tuple[str, float]] = []
+    if rec.get("startup_s") is not None:
+        out.append(("start-up and shut-down (dry run: the ranks' wall time less their loop)",
+                    float(rec["startup_s"])))
+    if rec.get("warmup_extra_s") is not None and rec.get("warmup_steps"):
+        out.append((f"warm-up (dry run: the first {rec['warmup_steps']} steps beyond the median)",
+                    float(rec["warmup_extra_s"])))
+    if evals:
+        if rec.get("eval_s") is not None:
+            each = float(rec["eval_s"])
+            out.append((f"{evals} evaluation{'s' if evals > 1 else ''} x {each:.3g} s (dry run)",
+                        evals * each))
+        else:
+            out.append((f"{evals} evaluation{'s' if evals > 1 else ''} (not timed: the dry run "
+                        "had no eval data)", 0.0))
+    if saves:
+        plural = "s" if saves > 1 else ""
+        if rec.get("checkpoint_s") is not None:
+            each = float(rec["checkpoint_s"])
+            out.append((f"{saves} checkpoint save{plural} x {each:.3g} s (dry run)", saves * each))
+        elif save_assumed is not None:
+            each, how = save_assumed
+            out.append((f"{saves} checkpoint save{plural} x {each:.3g} s ({how})", saves * each))
+    if export is not None:
+        out.append(export)
+    return out
+
+
+def fixed_terms(cfg: RunConfig, steps: int, rec: dict) -> list[tuple[str, float]]:
+    """run_terms for cfg: evaluations and checkpoints at train.eval_every / checkpoint_every
+    over `steps` steps, plus the one each at the end (the final evaluation where there is eval
+    data; the final checkpoint always)."""
+    t, d = cfg.train, cfg.data
+    has_eval = bool(d.eval_path) or d.eval_fraction > 0
+    evals = times_due(t.eval_every, steps, t.epochs) + 1 if has_eval else 0
+    saves = times_due(t.checkpoint_every, steps, t.epochs) + 1
+    save_assumed = export = None
+    needs_inventory = rec.get("checkpoint_s") is None or cfg.output.save_final
+    inv = _inventory(cfg) if needs_inventory else None
+    rate = LOAD_BYTES_PER_S * max(1, cfg.cluster.nodes)
+    if inv is not None:
+        size = _checkpoint_bytes(cfg, inv)
+        save_assumed = (size / rate, f"{size / 1e9:.2g} GB at 1 GB/s per node, assumed")
+        if cfg.output.save_final:
+            lora_only = cfg.freeze.policy == "lora" and not cfg.output.merge_lora
+            exported = inv.trainable * inv.lp_bytes if lora_only else inv.weight_bytes
+            export = (f"export (output.save_final: {exported / 1e9:.2g} GB at 1 GB/s, assumed)",
+                      exported / LOAD_BYTES_PER_S)
+    return run_terms(rec, evals, saves, save_assumed, export)
+
+
+def _inventory(cfg: RunConfig) -> Any:
+    from launcher.memory.inventory import inventory
+    try:
+        return inventory(cfg)
+    except Exception:   # noqa: BLE001 - no model to count: the term is left out
+        return None
 
 
 def _h(seconds: float) -> str:
@@ -171,6 +262,11 @@ def _h(seconds: float) -> str:
     if d:
         return f"{d}d{h:02d}h{m:02d}m"
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _t(seconds: float) -> str:
+    """A duration for the wall-time line: tenths of a second under a minute."""
+    return f"{seconds:.1f}s" if seconds < 60 else _h(seconds)
 
 
 def _f(x: float) -> str:
@@ -200,14 +296,27 @@ def text(est: Estimate) -> str:
         lines.append(f"  step time          {est.step_how}")
     else:
         lines.append(f"  step time          {est.step_s:.3g} s ({est.step_how})")
-        lines.append(f"  wall time          {_h(est.train_s)} of training, {est.gpu_hours:,.1f} "
-                     f"GPU-hours on {est.world} ranks (load, checkpoints and export not included)")
+        if est.fixed:
+            lines.append(f"  wall time          {_t(est.total_s)} = training {_t(est.train_s)} "
+                         f"({est.steps:,} steps x {est.step_s:.3g} s)"
+                         + "".join(f" + {what} {_t(x)}" for what, x in est.fixed)
+                         + f"; {est.gpu_hours:,.1f} GPU-hours of training on {est.world} ranks")
+        else:
+            lines.append(f"  wall time          {_h(est.train_s)} of training, {est.gpu_hours:,.1f} "
+                         f"GPU-hours on {est.world} ranks (load, checkpoints and export not "
+                         "included: a dry run measures them)")
     for n in est.notes:
         lines.append(f"  note: {n}")
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------ cluster.time: auto
+def checkpoint_bytes(cfg: RunConfig) -> int:
+    """Bytes a checkpoint of cfg writes (`_checkpoint_bytes` over the model's inventory)."""
+    from launcher.memory.inventory import inventory
+    return _checkpoint_bytes(cfg, inventory(cfg))
+
+
 def _checkpoint_bytes(cfg: RunConfig, inv: Any) -> int:
     """Bytes a checkpoint writes: the weights in the training dtype (LoRA: adapters alone), fp32
     masters and two Adam moments of what trains."""

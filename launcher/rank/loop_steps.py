@@ -157,9 +157,9 @@ def begin(s: Setup) -> Progress:
     return p
 
 
-def save(s: Setup, p: Progress, at: int) -> str:
-    """A checkpoint of step `at` (collective); its path."""
-    if not p.saving:
+def save(s: Setup, p: Progress, at: int, *, force: bool = False) -> str:
+    """A checkpoint of step `at` (collective); its path. force: also in a dry run (`timed_save`)."""
+    if not p.saving and not force:
         return "(not saved: dry run)"
     sampler = p.sampler
     with rank0_phase(s.cfg.train):  # DeepSpeed's rank 0 writes the model states, ours prunes
@@ -260,11 +260,26 @@ def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
     p.window_start, p.window_tokens, p.window_steps = now, 0.0, 0
 
 
+def timed_save(s: Setup, p: Progress) -> None:
+    """A dry run asked for one checkpoint save to be timed (layout.TIME_SAVE_ENV, set by
+    `ftlaunch run --dry-run` for a small checkpoint): save into its temporary run directory and
+    write {"step", "checkpoint_s", "elapsed_s"} to metrics.jsonl for the time estimate
+    (launcher/cluster/step_time.py `loop_timings`)."""
+    started = time.time()
+    kept = p.last_ckpt, p.last_ckpt_step
+    save(s, p, p.step, force=True)
+    p.last_ckpt, p.last_ckpt_step = kept     # the folder goes with the dry run: not a checkpoint
+    p.metrics.write({"step": p.step, "checkpoint_s": round(time.time() - started, 4),
+                     "elapsed_s": p.elapsed()})
+
+
 def finish(s: Setup, p: Progress) -> int:
     """After the last step: final evaluation, checkpoint, export; exit 0."""
     cfg, run_dir = s.cfg, s.cfg.run_dir
     if s.splits.eval is not None and p.resumed_at != p.step:  # else it is in metrics.jsonl
         write_eval(p, evaluate(s))
+    if not p.saving and os.environ.get(layout.TIME_SAVE_ENV) == "1":
+        timed_save(s, p)
     path = save(s, p, p.step) if p.last_ckpt_step != p.step else p.last_ckpt
     if p.saving and cfg.output.save_final:
         with rank0_phase(cfg.train):  # rank 0 merges and writes while the others wait
