@@ -10,9 +10,10 @@ Before any rank starts: the run file is loaded and checked (exit 2 on a problem)
 resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
 with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
 (global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
-data are loaded here once, by the ranks' own reader (`python -m launcher.inputs`, a child process:
-this half imports none of the rank half), so bad data fails in seconds with the data's own error. The memory plan is printed
-and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
+data are loaded here once, by the ranks' own reader (`python -m launcher.inputs`, a child process
+that runs while the memory plan is made: this half imports none of the rank half), so bad data
+fails in seconds with the data's own error; with data.cache on, the ranks map what it tokenized.
+The memory plan is printed and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
 -m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
 
 Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
@@ -230,10 +231,37 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     return run_state.launch_exit_code(rc, run_dir, started)
 
 
-def check_data(run_file: str, overrides: list[str]) -> int:
+class DataCheck:
     """The ranks' tokenizer and data reader, run once in a child process before any rank starts
-    (`python -m launcher.inputs`): 0, or 2 after it printed the data's problem."""
-    return subprocess.run([sys.executable, "-m", "launcher.inputs", run_file, *overrides]).returncode
+    (`python -m launcher.inputs`). It runs while the memory plan is made; `wait()` prints what
+    it printed (after the plan, as if the two had run one after the other) and returns its exit
+    code: 0, or 2 after the data's problem. With data.cache on, the tokenized data it leaves in
+    the cache is what the ranks map."""
+
+    def __init__(self, run_file: str, overrides: list[str]):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.inputs", run_file,
+                                      *overrides], stdout=self.out, stderr=self.err)
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        for fh, stream in ((self.out, sys.stdout), (self.err, sys.stderr)):
+            fh.seek(0)
+            stream.write(fh.read())
+            stream.flush()
+            fh.close()
+        return code
+
+    def cancel(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+def check_data(run_file: str, overrides: list[str]) -> DataCheck:
+    """Start the data check (`DataCheck`)."""
+    return DataCheck(run_file, overrides)
 
 
 def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
@@ -275,10 +303,15 @@ def main(args: Any) -> int:
     if not args.dry_run:  # before the plan and the tokenizing: refused in a second
         rundir.check(cfg, rundir.on_existing(args))
     try:
-        plan = plan_text(cfg, getattr(args, "force", False))
+        checking = check_data(args.run_file, list(args.overrides) + extra)  # beside the plan
+        try:
+            plan = plan_text(cfg, getattr(args, "force", False))
+        except BaseException:
+            checking.cancel()
+            raise
         if plan:
             print(plan, end="", flush=True)
-        code = check_data(args.run_file, list(args.overrides) + extra)
+        code = checking.wait()
         if code:
             return code
         ds = ds_config.build(cfg, nproc, device)

@@ -112,6 +112,12 @@ class Plan:
 
 
 # ------------------------------------------------------------------ building a plan
+def gpu_driver_present() -> bool:
+    """An NVIDIA (or ROCm) driver on this machine: without one torch sees no GPU either."""
+    import os
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/kfd")
+
+
 def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     if isinstance(given, int):
         return given, "given"
@@ -122,12 +128,13 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
     if card is not None:
         return card.memory, f"cluster.gpu_type {card.name}: {card.memory // 2**20:,} MiB"
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory, "local GPU"
-    except Exception:  # pragma: no cover - a broken CUDA install must not break planning
-        pass
+    if gpu_driver_present():  # without a driver torch sees no GPU: not imported for nothing
+        try:
+            import torch
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_properties(0).total_memory, "local GPU"
+        except Exception:  # pragma: no cover - a broken CUDA install must not break planning
+            pass
     return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
                                 "or local GPU): an H100's 81,559 MiB")
 

@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass
 
 from launcher.memory.inventory import TRACES as _TRACES
+from launcher.memory import facts_cache
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -384,10 +385,13 @@ def _cached(path: str, key: tuple, compute):
     if full not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
-        try:
-            _TRACES[full] = compute()
-        except Exception as exc:  # any failure of a meta forward: the caller falls back
-            _TRACES[full] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        def reason_or_trace():
+            try:
+                return compute()
+            except Exception as exc:  # any failure of a meta forward: the caller falls back
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        _TRACES[full] = (facts_cache.get("trace", full, reason_or_trace)
+                         if facts_cache.plain_folder(path) else reason_or_trace())
     return _TRACES[full]
 
 
