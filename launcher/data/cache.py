@@ -11,7 +11,8 @@ else ~/.cache/ftlaunch/data) each key is a folder of .npy arrays (memory-mapped:
 node share one copy in the page cache) and a meta.json.
 
 Once per node: the first rank to take the key's file lock (fcntl) builds and publishes the folder
-atomically (a rename); the others wait on the lock, then map the result. Ranks on other nodes do
+atomically (a rename), tokenizing with every CPU of the task (data.preprocessing_workers null:
+`tokenize.default_workers`); the others wait on the lock, then map the result. Ranks on other nodes do
 the same on their own disk, or find the folder already there on a shared one. `data.cache:
 false` makes every rank tokenize for itself.
 """
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from launcher.data.loading import Splits
 
 VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
-_NO_KEY = ("cache", "cache_dir")
+_NO_KEY = ("cache", "cache_dir", "preprocessing_workers")  # same tokens whatever they are
 
 
 def cache_root(cfg: "RunConfig") -> str:
@@ -143,6 +144,16 @@ def _read(folder: str) -> "Splits":
                   stats=meta["stats"], mixture=None if mix is None else Mixture(**mix))
 
 
+def with_workers(cfg: "RunConfig", *, for_node: bool) -> "RunConfig":
+    """cfg with data.preprocessing_workers resolved (tokenize.default_workers): the tokens are
+    the same for any number of workers (tests/test_workers.py), so it is not in the key."""
+    from dataclasses import replace
+
+    from launcher.data.tokenize import default_workers
+    n = default_workers(cfg, for_node=for_node)
+    return replace(cfg, data=replace(cfg.data, preprocessing_workers=n))
+
+
 def cached_load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
                 warn: Callable[[str], None] = print_warning) -> "Splits":
     """`launcher.data.load`, through the cache (see the module docstring)."""
@@ -150,8 +161,9 @@ def cached_load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None
 
     from launcher.data.loading import load
 
-    if not cfg.data.cache:
-        return load(cfg, tokenizer, max_positions=max_positions, warn=warn)
+    if not cfg.data.cache:  # every rank tokenizes: the node's CPUs shared among them
+        return load(with_workers(cfg, for_node=False), tokenizer, max_positions=max_positions,
+                    warn=warn)
     root = cache_root(cfg)
     os.makedirs(root, exist_ok=True)
     folder = os.path.join(root, cache_key(cfg, tokenizer, max_positions))
@@ -161,8 +173,9 @@ def cached_load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None
             if os.path.exists(os.path.join(folder, "meta.json")):
                 splits, how = _read(folder), "reused"
             else:
-                splits, how = load(cfg, tokenizer, max_positions=max_positions,
-                                   warn=lambda m: None), "built"
+                # the other ranks of the node wait: this one tokenizes with all of its CPUs
+                splits, how = load(with_workers(cfg, for_node=True), tokenizer,
+                                   max_positions=max_positions, warn=lambda m: None), "built"
                 _write(folder, splits)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -1,0 +1,117 @@
+"""What a run's start does once and hands on: tokenizing with the node's CPUs (data.preprocessing_workers
+null), the node's cache built that way equal to one process's tokens, and the plan's model facts
+kept on disk (launcher/memory/facts_cache.py) so a second plan builds no meta-device model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from launcher import data
+from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.data import tokenize
+
+CONV = [{"role": "user", "content": "the cat sees the river number {i}?"},
+        {"role": "assistant", "content": "yes, the cat sees river {i}."}]
+
+
+def cfg(path=None, **kw) -> RunConfig:
+    return RunConfig(name="t", model=ModelConfig(path="/nonexistent-model"),
+                     data=DataConfig(path=None if path is None else str(path), **kw),
+                     train=TrainConfig(max_steps=1, seed=7))
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tiny):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny["tokenizer"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tok
+
+
+def test_default_workers_are_the_tasks_cpus_for_the_builder_and_shared_otherwise(monkeypatch):
+    monkeypatch.setattr(tokenize, "node_cpus", lambda: 8)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert tokenize.default_workers(cfg(), for_node=True) == 8      # the others wait
+    assert tokenize.default_workers(cfg(), for_node=False) == 2     # 4 ranks share 8 CPUs
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert tokenize.default_workers(cfg(), for_node=False) == 1
+    assert tokenize.default_workers(cfg(preprocessing_workers=3), for_node=True) == 3
+
+
+def test_the_node_cache_built_by_every_cpu_equals_one_processs_tokens(chat_tok, tmp_path,
+                                                                     monkeypatch):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{k: v.format(i=i) for k, v in m.items()}
+                                                     for m in CONV]}) + "\n" for i in range(200)))
+    common = dict(messages_field="messages", chat_template="chatml", max_seq_len=64)
+    one = data.load(cfg(path, preprocessing_workers=1, cache=False, **common), chat_tok,
+                    warn=lambda m: None)
+    asked: list[int] = []
+    in_workers = tokenize._in_workers
+
+    def recorded(fn, job, rows, workers):
+        asked.append(workers)
+        return in_workers(fn, job, rows, workers)
+
+    monkeypatch.setattr(tokenize, "_in_workers", recorded)
+    monkeypatch.setattr(tokenize, "node_cpus", lambda: 3)
+    built = data.cached_load(cfg(path, cache_dir=str(tmp_path / "c"), **common), chat_tok,
+                             warn=lambda m: None)
+    assert built.stats["cache"] == "built" and asked == [3]  # 3 processes, 67 conversations each
+    reused = data.cached_load(cfg(path, cache_dir=str(tmp_path / "c"), preprocessing_workers=2,
+                                  **common), chat_tok, warn=lambda m: None)
+    assert reused.stats["cache"] == "reused"  # the worker count is not part of the key
+    for got in (built, reused):
+        for a in ("ids", "labels", "offsets"):
+            assert np.array_equal(getattr(got.train, a), getattr(one.train, a)), a
+    assert one.train.num_tokens > 200 * 10
+
+
+def test_few_rows_are_tokenized_in_this_process(monkeypatch):
+    def no_pool(*a, **k):
+        raise AssertionError("a process pool for 100 rows")
+    import multiprocessing
+    monkeypatch.setattr(multiprocessing, "get_context", no_pool)
+    rows = list(range(100))
+    got = tokenize._in_workers(lambda job, r: (list(r), [job], []), "j", rows, 8)
+    assert got == (rows, ["j"], [])  # 100 // 64 = 1 process: this one
+
+
+def test_a_second_plan_reads_the_model_facts_from_disk(tiny, tmp_path, monkeypatch):
+    from launcher import memory, runfile
+    from launcher.memory import facts_cache, inventory
+    monkeypatch.setenv(facts_cache.ENV, "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: t\nmodel: {{path: {tiny['model']}}}\n"
+                   f"data: {{path: {tiny['text']}, max_seq_len: 64}}\ntrain: {{max_steps: 3}}\n")
+    cfg_ = runfile.load(str(run))
+    memory.clear_meta_cache()
+    first = memory.plan(cfg_)
+    kept = {p.name.split("-")[0] for p in (tmp_path / "xdg" / "ftlaunch" / "plan-facts").iterdir()}
+    assert kept == {"inventory", "trace"}
+    memory.clear_meta_cache()
+
+    def not_built(*a, **k):
+        raise AssertionError("the meta-device model was built again")
+    monkeypatch.setattr(inventory, "meta_model", not_built)
+    second = memory.plan(cfg_)
+    assert second.total_per_gpu == first.total_per_gpu and second.terms == first.terms
+    # off: every plan derives its facts (the test suite runs so)
+    monkeypatch.setenv(facts_cache.ENV, "0")
+    memory.clear_meta_cache()
+    with pytest.raises(AssertionError, match="the meta-device model was built again"):
+        memory.plan(cfg_)
+    memory.clear_meta_cache()
+
+
+def test_a_model_folder_with_code_of_its_own_is_not_kept(tmp_path):
+    from launcher.memory import facts_cache
+    (tmp_path / "config.json").write_text("{}")
+    assert facts_cache.plain_folder(str(tmp_path))
+    (tmp_path / "modeling_custom.py").write_text("")
+    assert not facts_cache.plain_folder(str(tmp_path))
+    assert not facts_cache.plain_folder(str(tmp_path / "missing"))
+
