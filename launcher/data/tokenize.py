@@ -105,6 +105,19 @@ def _encode_chunk(tokenizer, texts: list[str]) -> list[list[int]]:
 _POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
 
 
+def _pool(n: int):
+    """n forked processes with the default signal handlers: a rank's own (SIGTERM asks for a
+    stop, launcher/run_state.py) would keep a worker alive when the pool ends it."""
+    import multiprocessing
+    return multiprocessing.get_context("fork").Pool(n, initializer=_default_signals)
+
+
+def _default_signals() -> None:
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _encode_in_worker(texts: list[str]) -> list[list[int]]:
     return _encode_chunk(_POOL_TOKENIZER, texts)
 
@@ -122,10 +135,9 @@ def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
     chunks = [texts[a:a + size] for a in range(0, len(texts), size)]
     out: list[list[int]] = []
     if workers > 1 and len(chunks) > 1:
-        import multiprocessing
         _POOL_TOKENIZER = tokenizer
         try:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            with _pool(min(workers, len(chunks))) as pool:
                 for ids in pool.imap(_encode_in_worker, chunks):
                     out.extend(ids)
         finally:
@@ -274,11 +286,10 @@ def _in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, l
         return fn(job, rows)
     size = -(-len(rows) // workers)
     chunks = [rows[a:a + size] for a in range(0, len(rows), size)]
-    import multiprocessing
     _POOL_JOB = (fn, job)
     out: tuple[list, list, list] = ([], [], [])
     try:
-        with multiprocessing.get_context("fork").Pool(len(chunks)) as pool:
+        with _pool(len(chunks)) as pool:
             for part in pool.imap(_run_job, chunks):
                 for whole, piece in zip(out, part):
                     whole.extend(piece)
