@@ -20,6 +20,12 @@ from launcher.config import TORCH_DTYPE, RunConfig
 from launcher.errors import ConfigError, Problem
 
 
+def gpu_driver_present() -> bool:
+    """An NVIDIA (or ROCm) driver on this machine: without one torch sees no GPU either, so a
+    login-node check need not import torch to find none."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/kfd")
+
+
 def visible_gpus() -> int:
     """CUDA devices this process can see (0 without CUDA)."""
     import torch

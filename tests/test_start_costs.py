@@ -49,13 +49,13 @@ def test_the_node_cache_built_by_every_cpu_equals_one_processs_tokens(chat_tok, 
     one = data.load(cfg(path, preprocessing_workers=1, cache=False, **common), chat_tok,
                     warn=lambda m: None)
     asked: list[int] = []
-    in_workers = tokenize._in_workers
+    in_workers = tokenize.in_workers
 
     def recorded(fn, job, rows, workers):
         asked.append(workers)
         return in_workers(fn, job, rows, workers)
 
-    monkeypatch.setattr(tokenize, "_in_workers", recorded)
+    monkeypatch.setattr(tokenize, "in_workers", recorded)
     monkeypatch.setattr(tokenize, "node_cpus", lambda: 3)
     built = data.cached_load(cfg(path, cache_dir=str(tmp_path / "c"), **common), chat_tok,
                              warn=lambda m: None)
@@ -72,9 +72,9 @@ def test_the_node_cache_built_by_every_cpu_equals_one_processs_tokens(chat_tok, 
 def test_few_rows_are_tokenized_in_this_process(monkeypatch):
     def no_pool(*a, **k):
         raise AssertionError("a process pool for 100 rows")
-    monkeypatch.setattr(tokenize, "_pool", no_pool)
+    monkeypatch.setattr(tokenize, "worker_pool", no_pool)
     rows = list(range(100))
-    got = tokenize._in_workers(lambda job, r: (list(r), [job], []), "j", rows, 8)
+    got = tokenize.in_workers(lambda job, r: (list(r), [job], []), "j", rows, 8)
     assert got == (rows, ["j"], [])  # 100 // 64 = 1 process: this one
 
 
@@ -84,7 +84,7 @@ def test_a_pool_worker_ends_on_sigterm_even_in_a_rank_that_handles_it(monkeypatc
     import signal
     old = signal.signal(signal.SIGTERM, lambda *a: None)
     try:
-        with tokenize._pool(1) as pool:
+        with tokenize.worker_pool(1) as pool:
             assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, old)
@@ -102,7 +102,7 @@ def test_a_second_plan_reads_the_model_facts_from_disk(tiny, tmp_path, monkeypat
     memory.clear_meta_cache()
     first = memory.plan(cfg_)
     kept = {p.name.split("-")[0] for p in (tmp_path / "xdg" / "ftlaunch" / "plan-facts").iterdir()}
-    assert kept == {"inventory", "trace"}
+    assert kept == {"inventory", "trace"}, kept
     memory.clear_meta_cache()
 
     def not_built(*a, **k):

@@ -105,7 +105,7 @@ def _encode_chunk(tokenizer, texts: list[str]) -> list[list[int]]:
 _POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
 
 
-def _pool(n: int):
+def worker_pool(n: int):
     """n forked processes with the default signal handlers: a rank's own (SIGTERM asks for a
     stop, launcher/run_state.py) would keep a worker alive when the pool ends it."""
     import multiprocessing
@@ -137,7 +137,7 @@ def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
     if workers > 1 and len(chunks) > 1:
         _POOL_TOKENIZER = tokenizer
         try:
-            with _pool(min(workers, len(chunks))) as pool:
+            with worker_pool(min(workers, len(chunks))) as pool:
                 for ids in pool.imap(_encode_in_worker, chunks):
                     out.extend(ids)
         finally:
@@ -268,7 +268,7 @@ def _render_and_encode(job: tuple, rows: list[tuple[list[dict], int]]) -> tuple[
     return ids, labels, bad
 
 
-_POOL_JOB: tuple = ()  # (function, its fixed argument) the forked workers of _in_workers run
+_POOL_JOB: tuple = ()  # (function, its fixed argument) the forked workers of in_workers run
 
 
 def _run_job(rows: list) -> tuple[list, list, list]:
@@ -276,7 +276,7 @@ def _run_job(rows: list) -> tuple[list, list, list]:
     return fn(job, rows)
 
 
-def _in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, list]:
+def in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, list]:
     """fn(job, rows) over contiguous chunks of rows in `workers` forked processes (fewer where
     there are few rows: _MIN_TEXTS_PER_WORKER each), the three lists of each chunk joined in
     order: the same result as fn(job, rows) in this process."""
@@ -289,7 +289,7 @@ def _in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, l
     _POOL_JOB = (fn, job)
     out: tuple[list, list, list] = ([], [], [])
     try:
-        with _pool(len(chunks)) as pool:
+        with worker_pool(len(chunks)) as pool:
             for part in pool.imap(_run_job, chunks):
                 for whole, piece in zip(out, part):
                     whole.extend(piece)
@@ -305,7 +305,7 @@ def _chat_examples(d: "DataConfig", tokenizer, rec: Records, key: str,
 
     renderer = chat.Renderer(chat.template_text(d, tokenizer), tokenizer, d.train_on)
     numbers = rec.row_numbers or list(range(1, len(rec) + 1))
-    ids, labels, bad = _in_workers(_render_and_encode, (renderer, tokenizer),
+    ids, labels, bad = in_workers(_render_and_encode, (renderer, tokenizer),
                                    list(zip(rec.chats, numbers)), workers)
     check_bad_rows(d, (rec.bad or []) + bad, rec.rows, key, d.path or key, warnings)
     out = _Examples(total=len(ids))

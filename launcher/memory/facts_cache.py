@@ -65,14 +65,24 @@ def plain_folder(path: str) -> bool:
         return False
 
 
+def or_reason(compute: Callable[[], Any]) -> Any:
+    """compute(), or where it raises the one-line reason (kept like a result: the same inputs
+    fail the same way)."""
+    try:
+        return compute()
+    except Exception as exc:  # noqa: BLE001 - any failure becomes its reason
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
 def key(kind: str, parts: tuple) -> str:
     return hashlib.sha256(repr((kind, _stamp(), parts)).encode()).hexdigest()[:32]
 
 
-def get(kind: str, parts: tuple, compute: Callable[[], Any]) -> Any:
-    """The fact of `kind` for `parts` from the disk, else `compute()` (kept for next time).
-    An exception of compute() is not kept: it is raised again by the next call."""
-    if not enabled():
+def get(kind: str, parts: tuple, compute: Callable[[], Any], *, folder: str) -> Any:
+    """The fact of `kind` for `parts` (of the model in `folder`) from the disk, else `compute()`
+    (kept for next time unless the folder holds code: `plain_folder`). An exception of
+    compute() is not kept: it is raised again by the next call."""
+    if not enabled() or not plain_folder(folder):
         return compute()
     path = os.path.join(root(), f"{kind}-{key(kind, parts)}.pickle")
     try:

@@ -239,8 +239,8 @@ def inventory(cfg: RunConfig) -> Inventory:
     if key not in _INVENTORIES:
         if len(_INVENTORIES) >= 64:
             _INVENTORIES.clear()
-        _INVENTORIES[key] = facts_cache.get("inventory", key, lambda: build_inventory(cfg)) \
-            if facts_cache.plain_folder(cfg.model.path) else build_inventory(cfg)
+        _INVENTORIES[key] = facts_cache.get("inventory", key, lambda: build_inventory(cfg),
+                                            folder=cfg.model.path)
     return _INVENTORIES[key]
 
 

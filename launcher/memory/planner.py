@@ -23,6 +23,7 @@ from launcher.memory.probe import cpu_runtime_terms
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
                                    cuda_slack, gib, nccl_communicators,
                                    nccl_range, param_groups, states)
+from launcher.device import gpu_driver_present
 from launcher.gpus import CARDS, lookup
 from launcher.sizes import parse_size
 
@@ -112,12 +113,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------ building a plan
-def gpu_driver_present() -> bool:
-    """An NVIDIA (or ROCm) driver on this machine: without one torch sees no GPU either."""
-    import os
-    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/kfd")
-
-
 def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     if isinstance(given, int):
         return given, "given"
@@ -207,7 +202,6 @@ def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None)
     st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer,
                 groups=param_groups(inv, cfg.train.weight_decay))
     return _Setting(cfg, inv, st, ds, zero, world, device)
-
 
 
 def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:

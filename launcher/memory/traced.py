@@ -385,13 +385,8 @@ def _cached(path: str, key: tuple, compute):
     if full not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
-        def reason_or_trace():
-            try:
-                return compute()
-            except Exception as exc:  # any failure of a meta forward: the caller falls back
-                return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-        _TRACES[full] = (facts_cache.get("trace", full, reason_or_trace)
-                         if facts_cache.plain_folder(path) else reason_or_trace())
+        _TRACES[full] = facts_cache.get("trace", full, lambda: facts_cache.or_reason(compute),
+                                        folder=path)  # a failed meta forward: the caller falls back
     return _TRACES[full]
 
 
