@@ -37,15 +37,25 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(values: list[Any], device: Any) -> list[float]:
+def all_reduce_sum(values: list[Any], device: Any, out: Any = None) -> list[float]:
     """Sum each value over the ranks (float64, on `device`). Values are Python numbers or 0-d
     tensors (on any device: a loss kept on the GPU is reduced without an extra host copy each).
-    One collective for the whole list; one host synchronisation, when the result is read."""
+    One collective for the whole list; one host synchronisation, when the result is read.
+    `out`: a float64 tensor of len(values) on `device`, kept by a caller that reduces every
+    step, filled in place (the numbers in one copy) instead of a new tensor per value."""
     import torch
-    parts = [v.detach().reshape(()).to(device=device, dtype=torch.float64)
-             if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
-             for v in values]
-    t = torch.stack(parts)
+    if out is not None:
+        out.copy_(torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
+                               dtype=torch.float64))
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                out[i].copy_(v.detach().reshape(()))
+        t = out
+    else:
+        t = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64)
+                         if isinstance(v, torch.Tensor)
+                         else torch.tensor(float(v), dtype=torch.float64, device=device)
+                         for v in values])
     if initialized():
         dist = _dist()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)

@@ -46,6 +46,7 @@ class StepSync:
         self.blocking = watchdog_on(s.cfg.train.watchdog)
         self.unreduced = 0.0            # this rank's tokens not yet summed over the ranks
         self.pending: Optional[collectives.Pending] = None
+        self.kept: dict[int, Any] = {}  # the reduce buffers on the device, by length: made once
 
     def _votes(self) -> list[float]:
         return self.stop.votes(self.s.cfg.run_dir, self.s.env.is_main)
@@ -62,11 +63,17 @@ class StepSync:
         self.unreduced += n_tokens
         if not self.blocking and not log_due:
             return None, 0.0, None
-        extra = self._votes() if self.blocking else []
-        loss, micro, tokens, *votes = collectives.all_reduce_sum(
-            [loss_sum, float(accum), self.unreduced] + extra, self.s.device)
+        values = [loss_sum, float(accum), self.unreduced] + (self._votes() if self.blocking else [])
+        loss, micro, tokens, *votes = collectives.all_reduce_sum(values, self.s.device,
+                                                                 self._buffer(len(values)))
         self.unreduced = 0.0
         return loss / micro, tokens, (votes[0], votes[1]) if votes else None
+
+    def _buffer(self, n: int) -> Any:
+        if n not in self.kept:
+            import torch
+            self.kept[n] = torch.zeros(n, dtype=torch.float64, device=self.s.device)
+        return self.kept[n]
 
     def stop_votes(self, votes: Optional[Votes]) -> Votes:
         """After the update: the stop votes to act on now (this step's with the watchdog on, the

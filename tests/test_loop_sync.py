@@ -59,6 +59,18 @@ def per_step(calls: list, kind: str) -> dict[int, int]:
     return out
 
 
+def test_a_kept_buffer_gives_the_sums_new_tensors_give():
+    import torch
+
+    from launcher import collectives
+    buf = torch.full((4,), 9.0, dtype=torch.float64)
+    for values in ([torch.tensor(2.5, dtype=torch.bfloat16), 1.0, 7, 0],
+                   [torch.tensor(1.25), 2.0, 0, torch.tensor([3.0])]):
+        assert collectives.all_reduce_sum(values, "cpu", buf) == \
+            collectives.all_reduce_sum(values, "cpu")
+    assert buf.tolist() == [1.25, 2.0, 0.0, 3.0]  # filled in place, every value overwritten
+
+
 @pytest.fixture(scope="module")
 def runs(tiny, tmp_path_factory):
     base = tmp_path_factory.mktemp("sync")
