@@ -9,7 +9,7 @@
    return_assistant_tokens_mask=True), batched=True)` (one process, its default). Target: ratio
    >= 0.9. The same path with data.preprocessing_workers 1 is shown beside it.
 2. Once per node: N processes started together, as N ranks of one node (LOCAL_WORLD_SIZE=N),
-   each loading the data the ranks' way (`launcher.inputs.load_data`) before their first step:
+   each loading the data the ranks' way (`launcher.rank.inputs.load_data`) before their first step:
    with data.cache (one tokenizes with every CPU, the others wait and map the result) vs
    data.cache: false (each tokenizes, the CPUs shared). N = 2, and 8 (8 ranks emulated on the
    machine's cores).
@@ -33,7 +33,8 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "examples")]
 RANK = """
 import sys, time, json
 t0 = time.time()
-from launcher import inputs, runfile
+from launcher.rank import inputs
+from launcher.config import runfile
 cfg = runfile.load(sys.argv[1], sys.argv[2:])
 tok = inputs.load_tokenizer(cfg)
 splits = inputs.load_data(cfg, tok)
@@ -54,7 +55,7 @@ def write_data(folder: str, n: int) -> str:
 
 def ours(path: str, tok, workers: int | None = None) -> tuple[float, int]:
     from launcher import data
-    from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
     cfg = RunConfig(name="b", model=ModelConfig(path="/none"), train=TrainConfig(max_steps=1),
                     data=DataConfig(path=path, messages_field="messages", chat_template="chatml",
                                     max_seq_len=512, cache=False, preprocessing_workers=workers))

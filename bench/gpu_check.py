@@ -91,7 +91,9 @@ def throughput_one(cfg, device: str, warm: int, steps: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import ds_config, freeze, train
+    from launcher.dsconfig import build as ds_config
+    from launcher.model import freeze
+    from launcher.rank import train
     cuda = device.startswith("cuda")
     ds = ds_config.build(cfg, 1, "cuda" if cuda else "cpu")  # the launcher's optimizer, as runs get it
     torch.manual_seed(0)
@@ -136,7 +138,7 @@ def run_throughput(device: str, out: dict, *, tiny: bool, deadline: float) -> di
     from transformers import LlamaConfig
 
     import gpu_check_memory as gm
-    from launcher.runfile import parse
+    from launcher.config.runfile import parse
     work = tempfile.mkdtemp(prefix="gpu_check_tput.")
     model_dir = os.path.join(work, "model")
     LlamaConfig(**(gm.TINY if tiny else gm.BIG)).save_pretrained(model_dir)

@@ -9,7 +9,7 @@ A Llama of about 1.1B parameters (TinyLlama's shape: 22 blocks, hidden 2048, MLP
 weights on disk: the plan reads the config.json written to a temporary folder). Each setting
 (ZeRO-2 / ZeRO-3 on one rank, bf16; full fine-tune, frozen all but the last 2 blocks, LoRA,
 gradient checkpointing) builds the model on the device, applies the freeze policy
-(launcher.freeze / launcher.lora, as training does), initializes DeepSpeed with the run's
+(launcher.model.freeze / launcher.model.lora, as training does), initializes DeepSpeed with the run's
 DeepSpeed config (torch's AdamW: no fused_adam op to compile; the plan is given the same
 config), resets the peak counter, runs a few steps and compares the peak with the plan's
 `peak_allocated` (the plan's tensor peak: what max_memory_allocated counts). Target: within 10%.
@@ -97,7 +97,7 @@ def _init_dist(device: str) -> None:
         os.environ.setdefault(k, v)
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        from launcher.train import skip_cpu_shm_op
+        from launcher.rank.train import skip_cpu_shm_op
         skip_cpu_shm_op()
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl",
@@ -110,7 +110,9 @@ def one(cfg, device: str, steps: int) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import ds_config, freeze, memory
+    from launcher.dsconfig import build as ds_config
+    from launcher.model import freeze
+    from launcher import memory
     ds = ds_config.build(cfg, 1, device="cpu" if device == "cpu" else "cuda")
     p = memory.plan(cfg, world_size=1, advise=False, ds=ds)
     torch.manual_seed(0)
@@ -171,8 +173,8 @@ def run(device: str, out: dict, *, tiny: bool = False, steps: int = 3, micro: in
     """Every setting on `device` ("cuda", "cuda:0" or "cpu"); results in out["memory"]."""
     from transformers import LlamaConfig
 
-    from launcher.errors import ConfigError
-    from launcher.runfile import parse
+    from launcher.config.errors import ConfigError
+    from launcher.config.runfile import parse
     work = tempfile.mkdtemp(prefix="gpu_check_memory.")
     model_dir = os.path.join(work, "model")
     LlamaConfig(**(TINY if tiny else BIG)).save_pretrained(model_dir)  # config.json only

@@ -61,7 +61,7 @@ def build_model(folder: str, arch: dict[str, int], device: str) -> dict[str, Any
 
 
 def run_config(model: str, folder: str, mode: str, optimizer: str, device: str, shape: dict):
-    from launcher.runfile import parse
+    from launcher.config.runfile import parse
     data = os.path.join(folder, "data.jsonl")
     if not os.path.exists(data):
         with open(data, "w", encoding="utf-8") as fh:
@@ -88,7 +88,9 @@ def one_run(cfg: Any, device: str, shape: dict) -> dict[str, Any]:
     """Load, LoRA, engine, steps: the launcher's own functions; memory and speed recorded."""
     import torch
 
-    from launcher import ds_config, freeze, quantize, train
+    from launcher.dsconfig import build as ds_config
+    from launcher.model import freeze, quantize
+    from launcher.rank import train
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
@@ -135,7 +137,7 @@ def one_run(cfg: Any, device: str, shape: dict) -> dict[str, Any]:
         rec["train_peak_bytes"] = torch.cuda.max_memory_allocated() - base
         rec["train_peak_gib"] = round(rec["train_peak_bytes"] / 2**30, 3)
         rec["after_load_gib"] = round(rec["after_load_bytes"] / 2**30, 3)
-    from launcher import engine_stats
+    from launcher.rank import engine_stats
     rec.update(engine_stats.summary(engine))
     del engine, model
     gc.collect()
@@ -150,7 +152,8 @@ def run(device: Any, out: dict, *, tiny: bool | None = None) -> dict:
     A failing run is recorded with its error and the others still run."""
     import torch
 
-    from launcher import dist_env, train
+    from launcher.cluster import dist_env
+    from launcher.rank import train
     device = str(device)
     if device == "cuda":
         device = "cuda:0"

@@ -1,6 +1,6 @@
 """GPU check, the real rank path: `ftlaunch run` through torchrun with NCCL on the local GPU(s),
 as users start it, with the launcher's own defaults (torch's fused AdamW, the collectives of the
-loop forced through launcher/collectives.py even at one rank, checkpoints, the final export).
+loop forced through launcher/rank/collectives.py even at one rank, checkpoints, the final export).
 
 Rows (each its own try/except in `run`; a missing package skips its row with the reason):
   dry-run        `ftlaunch run RUN --dry-run`: checks, plan, 3 steps, nothing kept
@@ -172,7 +172,7 @@ def hand_loop(model: str, tokenizer: str, data: str, ds_json: str, steps: int, m
     import deepspeed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.train import skip_cpu_shm_op
+    from launcher.rank.train import skip_cpu_shm_op
     if cuda:
         torch.cuda.set_device(0)
     else:

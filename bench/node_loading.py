@@ -58,7 +58,8 @@ def checkpoint_bytes(model_dir: str) -> int:
 def measure(work: str, settings: list[str], steps: int = 2) -> list[dict]:
     """Per setting: the plan's loading terms and per-node figure (above the ranks' baselines),
     each rank's measured loading memory and its peak RSS over loading and `steps` steps."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     from launcher.memory import node, probe
     paths = sharded_model(work)
     runs = []

@@ -7,14 +7,14 @@ A Llama of about 6.5M parameters (8 blocks, hidden 256, MLP 688, vocab ~384; mad
 examples/tiny_recipe.build_model, random weights) trains on 2 CPU ranks, ZeRO-2, bf16. One
 rank subprocess (torch.distributed.run) builds the engines one after another:
 
-- ftlaunch:  from_pretrained -> freeze.apply -> deepspeed.initialize(trainable)   (launcher/train.py)
+- ftlaunch:  from_pretrained -> freeze.apply -> deepspeed.initialize(trainable)   (launcher/rank/train.py)
 - mistake:   from_pretrained -> deepspeed.initialize(all) -> freeze.apply (requires_grad=False)
 - estimator: DeepSpeed's estimate_zero2_model_states_mem_needs on the model; it counts every
   parameter (`model_to_params`), trainable or not. Its optimizer-state term is 8 bytes a
   parameter (AdamW's two fp32 moments), split over the ranks.
 
 Each engine runs one optimizer step (torch optimizers create their state at the first step);
-the optimizer-state bytes are read from the engine's tensors (launcher/engine_stats.py) and
+the optimizer-state bytes are read from the engine's tensors (launcher/rank/engine_stats.py) and
 summed over the ranks. Freeze fractions 0, ~50, ~90, ~99% by last_layers / patterns.
 """
 from __future__ import annotations
@@ -92,7 +92,10 @@ def rank_main(model: str, data: str, out_json: str) -> None:
     from deepspeed.runtime.zero.stage_1_and_2 import (estimate_zero2_model_states_mem_needs,
                                                       model_to_params)
 
-    from launcher import dist_env, engine_stats, freeze, runfile, train
+    from launcher.cluster import dist_env
+    from launcher.rank import engine_stats, train
+    from launcher.model import freeze
+    from launcher.config import runfile
     env = dist_env.from_environ()
 
     def parse(text: str):

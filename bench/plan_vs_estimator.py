@@ -60,7 +60,8 @@ def estimator(model, stage: int, world: int) -> tuple[int, str]:
 
 
 def rows_for(model_name: str, work: str, reuse: list[dict], steps: int) -> list[dict]:
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     have = {(r["model"], r["setting"]): r for r in reuse}
     missing = [s for s in SETTINGS if (model_name, s) not in have]
     if missing:

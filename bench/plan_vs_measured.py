@@ -4,10 +4,10 @@
 
 For each model and setting it writes a run file (train.device cpu, 2 ranks, packed sequences),
 plans it with `launcher.memory.plan(cfg, world_size=2)`, then starts 2 ranks with torchrun that
-build the engine exactly as training does (`launcher.train.setup`) and run a few steps on
+build the engine exactly as training does (`launcher.rank.train.setup`) and run a few steps on
 random full-length batches. Each rank reports:
 
-- engine bytes read from its tensors (launcher.engine_stats + the parameters' own storage):
+- engine bytes read from its tensors (launcher.rank.engine_stats + the parameters' own storage):
   weights, gradients (after backward, at the accumulation boundary), fp32 masters, optimizer
   state (after the first step);
 - peak RSS above its baseline: `VmHWM` after the steps minus `VmRSS` at the baseline, where
@@ -275,8 +275,9 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
     import transformers  # noqa: F401  (imported before the baseline)
     from transformers.models.llama import modeling_llama  # noqa: F401
 
-    from launcher import engine_stats, runfile, train
-    from launcher.dist_env import from_environ
+    from launcher.rank import engine_stats, train
+    from launcher.config import runfile
+    from launcher.cluster.dist_env import from_environ
     import importlib
     for name in PRE_IMPORT:  # what setup() would import lazily: not the run's memory
         try:
@@ -451,7 +452,8 @@ def write_run(work: str, model: str, setting: str, paths: dict) -> str:
 def measure(model: str, settings: list[str], work: str, steps: int = 3,
             default_malloc_too: bool = False) -> list[dict]:
     """Plan and measure each setting in its own pair of rank processes (clean RSS)."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     from launcher.memory import probe as runtime_probe
     paths = build_model(work, model)
     rows = []

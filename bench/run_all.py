@@ -67,7 +67,7 @@ def part_optimizer_memory(docs: str) -> str:
              f"{r['estimator_optimizer_state'] / r['ftlaunch']['optimizer_state_bytes']:.2f}x" for r in rows]
     return (f"## Optimizer memory vs freeze fraction\n\n{rows[0]['params']:,}-parameter Llama "
             "(8 blocks, hidden 256), bf16, ZeRO-2, 2 CPU ranks; AdamW state read from the engines "
-            "after one step (launcher/engine_stats.py), summed over ranks. \"Frozen after "
+            "after one step (launcher/rank/engine_stats.py), summed over ranks. \"Frozen after "
             "initialize\" builds the engine over all parameters and then sets requires_grad=False "
             "(the common mistake); the estimator column is the 8 bytes a parameter of AdamW state "
             "in DeepSpeed's `estimate_zero2_model_states_mem_needs`, which counts every parameter. "

@@ -12,7 +12,7 @@ a step). Each contender runs as its own `torch.distributed.run` job with OMP_NUM
 - ftlaunch train: the rank half alone, `torch.distributed.run ... -m launcher train RUN.yaml`
   (no plan, no data check up front): where `ftlaunch run`'s start-up time goes.
 - deepspeed loop: this file with `--peer ds`: tokenize, pack, shard, `deepspeed.initialize` with
-  the DeepSpeed config ftlaunch wrote (launcher.ds_config.build), forward (input_ids,
+  the DeepSpeed config ftlaunch wrote (launcher.dsconfig.build.build), forward (input_ids,
   attention_mask, labels, as a data collator gives them) / backward / step.
 - HF Trainer: this file with `--peer hf`: transformers' Trainer with the same DeepSpeed config
   file, the same packed data and batch.
@@ -20,7 +20,7 @@ a step). Each contender runs as its own `torch.distributed.run` job with OMP_NUM
 Throughput: tokens/s over the steps after the first WARM (the first steps pay for allocation and
 lazy initialisation). Time to first step: from starting the command to the first step's end,
 seen by the driver (it polls each job's per-step log). The peers skip DeepSpeed's CPU shm_comm
-op build as ftlaunch does (launcher.train.skip_cpu_shm_op), so the comparison is of the loops
+op build as ftlaunch does (launcher.rank.train.skip_cpu_shm_op), so the comparison is of the loops
 and the set-up, not of a one-off compile.
 """
 from __future__ import annotations
@@ -76,7 +76,7 @@ def peer_ds(model_path: str, data: str, ds_json: str, steps: int, log: str) -> N
     import torch
     from transformers import AutoModelForCausalLM
 
-    from launcher.train import skip_cpu_shm_op
+    from launcher.rank.train import skip_cpu_shm_op
     skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -106,7 +106,7 @@ def peer_hf(model_path: str, data: str, ds_json: str, steps: int, log: str) -> N
     import torch
     from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 
-    from launcher.train import skip_cpu_shm_op
+    from launcher.rank.train import skip_cpu_shm_op
     skip_cpu_shm_op()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -191,7 +191,8 @@ def run_ftlaunch(paths: dict, work: str, steps: int, *, rank_half: bool = False)
     the ranks alone: `torch.distributed.run ... -m launcher train RUN.yaml`."""
     import shutil
 
-    from launcher import layout, runfile
+    from launcher.cluster import layout
+    from launcher.config import runfile
     run_file = os.path.join(work, "run.yaml")
     run_dir = runfile.load(run_file).run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -225,7 +226,8 @@ def run_peer(kind: str, paths: dict, work: str, ds_json: str, steps: int) -> dic
 def prepare(work: str, steps: int) -> tuple[dict, str]:
     import optimizer_memory
     import tiny_recipe
-    from launcher import ds_config, runfile
+    from launcher.dsconfig import build as ds_config
+    from launcher.config import runfile
     paths = optimizer_memory.build_inputs(os.path.join(work, "inputs"))
     tiny_recipe.write_jsonl(paths["text"], [{"text": s} for s in tiny_recipe.sentences(3000)])
     text = RUN.format(model=paths["model"], data=paths["text"], seq=SEQ, steps=steps, micro=MICRO,

@@ -95,7 +95,7 @@ def main(extra: list[str]) -> int:
     if rc:
         return rc
     sys.path.insert(0, ROOT)
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     run_dir = load(RUN_FILE).run_dir
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as fh:
         losses = [r["loss"] for r in map(json.loads, fh) if "loss" in r]

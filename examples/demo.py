@@ -42,7 +42,7 @@ def run(extra: list[str]) -> int:
 
 def run_dir() -> str:
     sys.path.insert(0, ROOT)
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     return load(RUN_FILE).run_dir
 
 

@@ -11,8 +11,8 @@ import re
 import sys
 from typing import Sequence
 
-from launcher import layout
-from launcher.errors import ConfigError
+from launcher.cluster import layout
+from launcher.config.errors import ConfigError
 
 
 OVERRIDE_HELP = """overrides:
@@ -160,7 +160,7 @@ def _positive_int(text: str) -> int:
 
 
 def _add_existing(p: argparse.ArgumentParser) -> None:
-    """--resume / --overwrite; the policy they make is launcher.rundir.on_existing."""
+    """--resume / --overwrite; the policy they make is launcher.cluster.rundir.on_existing."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true",
                    help="continue an existing run directory even if the config changed")
@@ -206,10 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from launcher.runfile import load
-    from launcher.summary import summary
+    from launcher.config.runfile import load
+    from launcher.checks.summary import summary
     cfg = load(args.run_file, args.overrides, inputs=True)
-    from launcher.secret_env import warn_in_clear
+    from launcher.config.secret_env import warn_in_clear
     warn_in_clear(cfg)
     print(f"OK {args.run_file}")
     print(summary(cfg))
@@ -217,14 +217,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
-    from launcher import ds_config
-    from launcher.rundir import write_atomic
-    from launcher.runfile import load
+    from launcher.dsconfig import build as ds_config
+    from launcher.cluster.rundir import write_atomic
+    from launcher.config.runfile import load
     cfg = load(args.run_file, args.overrides)
     built = ds_config.build(cfg, args.world_size)
     text = ds_config.dumps(built)
     if cfg.deepspeed.config_file:
-        from launcher import ds_file
+        from launcher.dsconfig import user_file as ds_file
         for line in ds_file.notes(cfg, built):
             print(f"note: {line}", file=sys.stderr)
     if args.output:
@@ -250,51 +250,51 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from launcher.slurm import main as slurm_main
+    from launcher.cluster.slurm import main as slurm_main
     return slurm_main(args)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.local_run import main as run_main
+    from launcher.cluster.local_run import main as run_main
     return run_main(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher import rank_guard
+    from launcher.cluster import rank_guard
     if rank_guard.wanted():  # the work runs in a child; a death by signal is recorded
         return rank_guard.run(args)
-    from launcher.train import main as train_main
+    from launcher.rank.train import main as train_main
     return train_main(args)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from launcher.convert import main as convert_main
+    from launcher.convert.command import main as convert_main
     return convert_main(args)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from launcher import run_state
-    from launcher.preflight import main as preflight_main
+    from launcher.cluster import run_state
+    from launcher.rank.preflight import main as preflight_main
     run_state.leave(preflight_main(args))  # a process of its own (srun), like a rank
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import main as export_main
+    from launcher.rank.export import main as export_main
     return export_main(args)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher.status import main as status_main
+    from launcher.ops.status import main as status_main
     return status_main(args)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from launcher.status import runs_main
+    from launcher.ops.status import runs_main
     return runs_main(args)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from launcher.stop import main as stop_main
+    from launcher.ops.stop import main as stop_main
     return stop_main(args)
 
 

@@ -2,9 +2,11 @@
 
     python -m launcher.module_map --write      # regenerate docs/modules.md (a test checks it)
 
-The login half answers on a login node without torch; the rank half runs on the ranks. Which
-modules are the rank half, and which login-half modules may import a heavy library inside a
-function (and why), is stated here once: tests/test_structure.py enforces it on every import.
+The package is a set of rooms (folders), each with one job; each room belongs to one half. The
+login half answers on a login node without torch; the rank half runs on the compute nodes. The
+halves are a rule over the folders (LOGIN_PACKAGES, RANK_PACKAGES), and which login-half modules
+may import a heavy library or a rank-half module inside a function (and why) is stated here
+once: tests/test_layout.py enforces both on every import.
 """
 from __future__ import annotations
 
@@ -12,56 +14,91 @@ import ast
 import os
 import sys
 
-RANK_HALF = {
-    "launcher.train", "launcher.loop_steps", "launcher.preflight", "launcher.export",
-    "launcher.lr_schedule", "launcher.node_checks", "launcher.timeouts",
-    "launcher.engine_stats", "launcher.inputs", "launcher.tokens",
-    "launcher.data",
+# The rooms of the package, each a folder with one job, and the half each belongs to. A module
+# lives in one of them (or is one of TOP_MODULES); the halves are a rule over these folders.
+LOGIN_PACKAGES = {
+    "launcher.common": "shared utilities every room uses (logging)",
+    "launcher.config": "the run file: schema, YAML reader, overrides, sizes, batch and step "
+                       "arithmetic, secrets, ConfigError",
+    "launcher.model": "the model as the run builds it, torch-free at import: config.json facts, "
+                      "device and dtype, freeze policies, LoRA, quantization, decay, tokens",
+    "launcher.dsconfig": "the complete DeepSpeed config and DeepSpeed's key tables",
+    "launcher.checks": "`validate`: the rule registry and the login-node input checks",
+    "launcher.memory": "`plan`: the memory planner",
+    "launcher.cluster": "launching: shell text, sbatch, `ftlaunch run`, rendezvous env, rank "
+                        "guardian, the run directory and its files",
+    "launcher.convert": "`convert`: peers' configs -> run file",
+    "launcher.ops": "`status` and `stop`: during and after a run, from its files",
 }
-RANK_PACKAGES = ("launcher.data.",)   # every module of these packages is rank half too
+RANK_PACKAGES = {
+    "launcher.data": "training data: read, tokenize, mask, pack, sample, collate",
+    "launcher.rank": "the per-rank entry point, the loop, collectives, checkpoints, metrics, "
+                     "the per-node preflight, the export",
+}
+# Rooms are listed in dependency order: a room imports only itself and the rooms listed before it
+# (the top-level modules may import any room). The exceptions, each inside a function, and why:
+ROOMS = (*LOGIN_PACKAGES, *RANK_PACKAGES)
+ROOM_CROSSINGS = {
+    ("launcher.config.runfile", "launcher.checks.validate"):
+        "`load` reports the cross-field rules with the file's own problems in one error; the "
+        "rules read the typed config, so they run once it is built",
+    ("launcher.config.runfile", "launcher.checks.slurm_checks"):
+        "a bad cluster value's message names the form Slurm takes (`suggested_form`, one home)",
+    ("launcher.checks.summary", "launcher.cluster.slurm"):
+        "the summary shows the CPUs each node's task asks for (`task_cpus`, one home: the job)",
+    ("launcher.data.report", "launcher.rank.inputs"):
+        "`ftlaunch data` reads the tokenizer and the data exactly as a rank does",
+}
+# Modules at the top of the package: the command line and the two generators of docs.
+TOP_MODULES = {"launcher", "launcher.__main__", "launcher.cli", "launcher.module_map",
+               "launcher.reference"}
 # (login-half module, heavy library or rank-half module): imported inside a function only, and why.
 _META = "the memory plan's meta-device model (config.json only, no weights read)"
 LAZY_HEAVY_REASONS = {
-    ("launcher.cli", "launcher.train"): "`ftlaunch train`: the ranks' entry point, run by torchrun",
-    ("launcher.cli", "launcher.preflight"): "`ftlaunch preflight`: run by the job on every node",
-    ("launcher.cli", "launcher.data"): "`ftlaunch data`: tokenizes the data as the ranks will",
-    ("launcher.cli", "launcher.data.report"): "`ftlaunch data`: tokenizes the data as the ranks will",
+    ("launcher.cli", "launcher.rank.train"): "`ftlaunch train`: the ranks' entry point, run by "
+                                             "torchrun",
+    ("launcher.cli", "launcher.rank.preflight"): "`ftlaunch preflight`: run by the job on every "
+                                                 "node",
+    ("launcher.cli", "launcher.rank.export"): "`ftlaunch export`: DeepSpeed's consolidation of a "
+                                              "checkpoint",
+    ("launcher.cli", "launcher.data.report"): "`ftlaunch data`: tokenizes the data as the ranks "
+                                              "will",
     ("launcher.memory.inventory", "torch"): _META,
     ("launcher.memory.inventory", "transformers"): _META,
-    ("launcher.cli", "launcher.export"): "`ftlaunch export`: DeepSpeed's consolidation of a checkpoint",
-    ("launcher.checkpoint", "torch"): "saving and loading through the engine, and the ranks' "
-                                      "collectives (ranks only); listing and verifying "
-                                      "checkpoints (status, run) is torch-free",
-    ("launcher.collectives", "torch"): "the ranks' collectives (one door for all of them); "
-                                       "checkpoint listing imports the module torch-free",
-    ("launcher.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the plan "
-                                 "uses the name rule alone, torch-free",
-    ("launcher.metrics", "torch"): "the ranks' memory figure per step and TensorBoard writer "
-                                   "(torch.utils.tensorboard); validate only asks whether "
-                                   "tensorboard is installed",
-    ("launcher.metrics", "wandb"): "the ranks' W&B run; validate only asks whether it is installed",
     ("launcher.memory.traced", "torch"): "the plan's activations, traced on meta-device blocks",
     ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
-    ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
-    ("launcher.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks start "
-                                  "here); the ranks map dtype names",
-    ("launcher.lora", "torch"): "LoRA applied to a model: on the ranks, and by the memory plan "
-                                "on its meta-device model",
-    ("launcher.lora", "peft"): "LoRA applied to a model (ranks; the plan's meta model)",
-    ("launcher.lora", "deepspeed"): "ZeRO-3 parameters gathered for the LoRA export (ranks)",
-    ("launcher.lora", "transformers"): "the merged LoRA export (ranks)",
-    ("launcher.quantize", "bitsandbytes"): "the 8-bit optimizer and the installed check (ranks); "
-                                           "validate uses only its torch-free checks",
-    ("launcher.quantize", "transformers"): "BitsAndBytesConfig for from_pretrained (ranks)",
+    ("launcher.model.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the "
+                                       "plan uses the name rule alone, torch-free",
+    ("launcher.model.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks "
+                                        "start here), the plan reads a local GPU's memory "
+                                        "where a driver is; the ranks map dtype names",
+    ("launcher.model.lora", "torch"): "LoRA applied to a model: on the ranks, and by the memory "
+                                      "plan on its meta-device model",
+    ("launcher.model.lora", "peft"): "LoRA applied to a model (ranks; the plan's meta model)",
+    ("launcher.model.lora", "deepspeed"): "ZeRO-3 parameters gathered for the LoRA export (ranks)",
+    ("launcher.model.lora", "transformers"): "the merged LoRA export (ranks)",
+    ("launcher.model.quantize", "bitsandbytes"): "the 8-bit optimizer and the installed check "
+                                                 "(ranks); validate uses only its torch-free checks",
+    ("launcher.model.quantize", "transformers"): "BitsAndBytesConfig for from_pretrained (ranks)",
+    ("launcher.model.tokens", "torch"): "the new embedding rows trained (ranks)",
+    ("launcher.model.tokens", "transformers"): "quiet resize of the embeddings (ranks)",
 }
 LAZY_HEAVY = set(LAZY_HEAVY_REASONS)
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def package_of(name: str) -> str | None:
+    """The room (package) a module belongs to, or None for a top-level module."""
+    for pkg in (*LOGIN_PACKAGES, *RANK_PACKAGES):
+        if name == pkg or name.startswith(pkg + "."):
+            return pkg
+    return None
+
+
 def is_rank_half(name: str) -> bool:
-    return name in RANK_HALF or name.startswith(RANK_PACKAGES)
+    return package_of(name) in RANK_PACKAGES
 
 
 def modules(root: str = ROOT) -> dict[str, str]:
@@ -89,21 +126,40 @@ def render(root: str = ROOT) -> str:
     mods = modules(root)
     lines = ["# Module map", "",
              "Generated from the module docstrings by `python -m launcher.module_map --write`; "
-             "tests/test_structure.py fails when it is stale, on any import cycle, and on any "
-             "import of the rank half (or of torch, deepspeed, transformers, datasets, "
-             "bitsandbytes, peft) from the login half.", ""]
+             "tests/test_layout.py fails when it is stale, on any import cycle, on a module outside "
+             "the rooms below, and on any import of the rank half (or of torch, deepspeed, "
+             "transformers, datasets, bitsandbytes, peft) from the login half outside the lazy "
+             "imports listed at the end.", "",
+             "`launcher/` is a set of rooms, one folder per role. The login half (the top-level "
+             "modules and " + ", ".join(f"`{p.split('.')[1]}/`" for p in LOGIN_PACKAGES) +
+             ") never imports the rank half (" +
+             ", ".join(f"`{p.split('.')[1]}/`" for p in RANK_PACKAGES) +
+             ") or a heavy library at import time.", ""]
+    rooms = [("top", "the command line and the generators of the docs", None)]
+    rooms += [(p, what, p) for p, what in LOGIN_PACKAGES.items()]
+    rooms += [(p, what, p) for p, what in RANK_PACKAGES.items()]
     halves = (("login", "answers on a login node without torch: run files, checks, DeepSpeed "
-               "JSON, the memory plan, Slurm scripts, launching", lambda m: not is_rank_half(m)),
+               "JSON, the memory plan, Slurm scripts, launching", False),
               ("rank", "runs on the compute nodes, on every rank under torchrun / srun (and the "
-               "per-node preflight): model, DeepSpeed, data, training, checkpoints", lambda m: is_rank_half(m)))
-    for half, what, keep in halves:
-        lines += [f"## The {half} half", "", what + ".", "", "| module | what it does |", "|---|---|"]
-        for name in sorted(mods):
-            if name != "launcher" and keep(name):
-                text = summary(mods[name]).replace("|", "\\|")
-                lines.append(f"| `{name}` | {text} |")
-        lines.append("")
-    lines += ["## What the login half imports inside a function, and why", "",
+               "per-node preflight): data, training, checkpoints, export", True))
+    for half, what, rank in halves:
+        lines += [f"## The {half} half", "", what[0].upper() + what[1:] + ".", ""]
+        for pkg, room, key in rooms:
+            if (key in RANK_PACKAGES) != rank:
+                continue
+            title = "top level" if key is None else f"`{pkg.split('.')[1]}/`"
+            lines += [f"### {title}: {room}", "", "| module | what it does |", "|---|---|"]
+            for name in sorted(mods):
+                if name != "launcher" and package_of(name) == key:
+                    text = summary(mods[name]).replace("|", "\\|")
+                    lines.append(f"| `{name}` | {text} |")
+            lines.append("")
+    lines += ["## Where a room imports a later room (inside a function), and why", "",
+              "Rooms import only the rooms listed before them above, except here.", "",
+              "| module | imports | why |", "|---|---|---|"]
+    for (mod, target), why in sorted(ROOM_CROSSINGS.items()):
+        lines.append(f"| `{mod}` | `{target}` | {why} |")
+    lines += ["", "## What the login half imports inside a function, and why", "",
               "| module | imports | why |", "|---|---|---|"]
     for (mod, lib), why in sorted(LAZY_HEAVY_REASONS.items()):
         lines.append(f"| `{mod}` | {lib} | {why} |")

@@ -37,7 +37,7 @@ def default_text(value: Any) -> str:
 
 def fields_table() -> str:
     """Markdown table of every run-file field: key, type, default, what it does."""
-    from launcher.runfile import fields_reference
+    from launcher.config.runfile import fields_reference
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, type_name, default, doc in fields_reference():
         rows.append(f"| `{key}` | {_cell(type_name)} | {_cell(default_text(default))} | {_cell(doc)} |")
@@ -46,7 +46,7 @@ def fields_table() -> str:
 
 def filled_table() -> str:
     """Markdown tables of the DeepSpeed keys the launcher fills, and its own defaults."""
-    from launcher.ds_config import FILLED, LAUNCHER_DEFAULTS
+    from launcher.dsconfig.build import FILLED, LAUNCHER_DEFAULTS
     rows = ["| DeepSpeed key | decided by (run file) |", "|---|---|"]
     rows += [f"| `{k}` | `{_cell(v)}` |" for k, v in FILLED.items()]
     rows += ["", "Written by the launcher, changeable through `deepspeed.overrides`:", "",
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print(f"usage: {COMMAND} [--check]", file=sys.stderr)
         return 2
-    from launcher.rundir import write_atomic
+    from launcher.cluster.rundir import write_atomic
     for path in MARKERS:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

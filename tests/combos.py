@@ -14,11 +14,11 @@ import random
 import typing
 from typing import Any
 
-from launcher import config, runfile
+from launcher.config import schema as config, runfile
 
 
 def schema_choices(key: str) -> list[Any]:
-    """The values a Literal-typed run-file key allows, read from the schema (launcher/config.py)."""
+    """The values a Literal-typed run-file key allows, read from the schema (launcher/config/schema.py)."""
     cls: Any = config.RunConfig
     *parents, last = key.split(".")
     for p in parents:

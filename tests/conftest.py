@@ -29,9 +29,9 @@ def tiny(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture
 def umask_kept():
-    """output.private changes the process's umask (launcher/rundir.py keep_private): a test that
+    """output.private changes the process's umask (launcher/cluster/rundir.py keep_private): a test that
     runs a private run in this process gets the test's umask back afterwards."""
-    from launcher import rundir
+    from launcher.cluster import rundir
     mask = os.umask(0o022)
     os.umask(mask)
     user, _ = rundir.umask_state()
@@ -51,7 +51,7 @@ def write_run(tmp_path):
 
 def write_fake_model(d) -> str:
     """config.json, a safetensors file with a 2-block Llama's parameter names (tiny shapes) and a
-    two-token tokenizer.json: enough for the login-node checks (launcher/input_checks.py and the
+    two-token tokenizer.json: enough for the login-node checks (launcher/checks/input_checks.py and the
     name checks of freeze patterns and LoRA targets)."""
     import json
     import struct

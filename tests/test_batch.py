@@ -1,4 +1,4 @@
-"""Batch arithmetic (launcher/batch.py): one definition, asked by validate, ds_config, summary,
+"""Batch arithmetic (launcher/config/batch.py): one definition, asked by validate, ds_config, summary,
 `ftlaunch run` and the ranks; each caller's numbers agree with it."""
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from launcher import batch, ds_config, local_run, summary, validate
-from launcher.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-from launcher.errors import ConfigError
+from launcher.config import batch
+from launcher.dsconfig import build as ds_config
+from launcher.cluster import local_run
+from launcher.checks import summary, validate
+from launcher.config.schema import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.config.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,13 +101,14 @@ def test_local_run_keeps_the_global_batch_exactly_when_batch_derives_it(nproc):
 
 
 def test_no_other_module_does_the_arithmetic():
-    """Only batch.py divides the global batch: the callers import it (no copy to disagree)."""
-    for name in ("validate", "ds_config", "summary", "local_run", "loop_steps"):
+    """Only config/batch.py divides the global batch: the callers import it (no copy to disagree)."""
+    for name in ("checks/validate", "dsconfig/build", "checks/summary", "cluster/local_run",
+                 "rank/loop_steps"):
         with open(os.path.join(ROOT, "launcher", f"{name}.py"), encoding="utf-8") as fh:
             tree = ast.parse(fh.read())
         defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         assert not defined & {"batch_sizes", "batch_problem", "batch_options", "derived_accum"}, name
-        asks = any(isinstance(n, ast.ImportFrom) and (n.module == "launcher.batch" or (
-            n.module == "launcher" and "batch" in {a.name for a in n.names})) for n in ast.walk(tree))
-        assert asks, f"{name} does not ask launcher/batch.py"
+        asks = any(isinstance(n, ast.ImportFrom) and (n.module == "launcher.config.batch" or (
+            n.module == "launcher.config" and "batch" in {a.name for a in n.names})) for n in ast.walk(tree))
+        assert asks, f"{name} does not ask launcher/config/batch.py"
         assert "global_batch_size %" not in ast.unparse(tree), f"{name} divides the global batch itself"

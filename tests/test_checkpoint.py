@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from launcher import checkpoint as ck
+from launcher.rank import checkpoint as ck
 
 
 def fake_checkpoint(root: str, step: int, *, manifest: bool = True, payload: bytes = b"weights") -> str:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from launcher import cli, layout
+from launcher import cli
+from launcher.cluster import layout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = """\

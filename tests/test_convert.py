@@ -12,7 +12,9 @@ import textwrap
 import pytest
 import yaml
 
-from launcher import cli, convert, runfile
+from launcher import cli
+from launcher.convert import command as convert
+from launcher.config import runfile
 from test_ds_file import ZERO3
 
 CHAT_KEYS = {"data.messages_field", "data.chat_template", "data.train_on", "data.mix"}

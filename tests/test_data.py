@@ -13,8 +13,8 @@ import sys
 import pytest
 
 from launcher import data
-from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from launcher.errors import ConfigError
+from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.config.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = ["the cat sees the river.", "a dog finds a song near the sea.", "my friend builds a car."]
@@ -325,7 +325,7 @@ def test_all_rows_empty(tok, tmp_path):
 
 
 def test_max_seq_len_beyond_the_model(tok, tiny):
-    from launcher.model_info import max_positions, model_config
+    from launcher.model.info import max_positions, model_config
     limit = max_positions(model_config(tiny["model"]))
     assert limit == 256
     with pytest.raises(ConfigError, match=r"data\.max_seq_len: 512 exceeds the model's 256 "

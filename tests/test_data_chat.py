@@ -7,9 +7,9 @@ import json
 import pytest
 
 from launcher import data
-from launcher.config import DataConfig, MixSource, ModelConfig, RunConfig, TrainConfig
+from launcher.config.schema import DataConfig, MixSource, ModelConfig, RunConfig, TrainConfig
 from launcher.data import chat
-from launcher.errors import ConfigError
+from launcher.config.errors import ConfigError
 
 CONVS = [
     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is 2 plus 3?"},

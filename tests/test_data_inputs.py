@@ -1,4 +1,4 @@
-"""Every input checked by `validate` on the login node (launcher/input_checks.py): data files,
+"""Every input checked by `validate` on the login node (launcher/checks/input_checks.py): data files,
 first rows, columns and types, model weights against config.json, tokenizer, chat template,
 bad rows; each refused with its key and fix, in a process where torch, transformers, datasets
 (and the rest of the heavy packages) cannot be imported."""
@@ -129,7 +129,7 @@ def cases(tmp_path) -> dict[str, tuple[str, list[str]]]:
 
 SCRIPT = """
 import json, sys
-from launcher import runfile
+from launcher.config import runfile
 out = {}
 for name, (text, over) in json.loads(sys.argv[1]).items():
     _, problems = runfile.parse(text, over, source="run.yaml", base_dir=sys.argv[2], inputs=True)
@@ -199,6 +199,6 @@ def test_each_bad_input_is_refused_with_key_and_fix(checked, name):
 
 def test_plan_and_ds_config_do_not_read_the_inputs(tmp_path):
     """Without inputs=True (plan, ds-config) a config.json alone is enough."""
-    from launcher import runfile
+    from launcher.config import runfile
     text, over = cases(tmp_path)["only_config"]
     assert runfile.parse(text, over, base_dir=str(tmp_path))[1] == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import decay
+from launcher.model import decay
 
 FAMILIES = {
     "llama": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,

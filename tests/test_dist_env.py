@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import dist_env
-from launcher.dist_env import RankEnv
+from launcher.cluster import dist_env
+from launcher.cluster.dist_env import RankEnv
 
 
 def test_torchrun():

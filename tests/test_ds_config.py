@@ -29,9 +29,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import ds_config, reference, runfile
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from launcher.dsconfig import build as ds_config
+from launcher import reference
+from launcher.config import runfile
+from launcher.config.schema import RunConfig
+from launcher.config.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESETS = sorted(glob.glob(os.path.join(ROOT, "ds_configs", "*.json")))
@@ -151,7 +153,7 @@ OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 
 
 def expected_refusals(stage, opt_off, param_off, optimizer) -> set[str]:
-    """The keys the rules must refuse, written independently of launcher/validate.py."""
+    """The keys the rules must refuse, written independently of launcher/checks/validate.py."""
     keys = set()
     if param_off != "none" and stage != 3:
         keys.add("deepspeed.offload_param")
@@ -397,7 +399,7 @@ def test_filled_keys_are_all_written(parse):
 
 # ------------------------------------------------------------------ tables kept equal to DeepSpeed
 def pydantic_spec(model) -> dict[str, str]:
-    """The spec strings of launcher/ds_config.py, derived from a DeepSpeed pydantic model."""
+    """The spec strings of launcher/dsconfig/build.py, derived from a DeepSpeed pydantic model."""
     import annotated_types as at
     from pydantic import BaseModel
 

@@ -11,8 +11,9 @@ import os
 
 import pytest
 
-from launcher import ds_config, ds_file, runfile
-from launcher.errors import ConfigError
+from launcher.dsconfig import build as ds_config, user_file as ds_file
+from launcher.config import runfile
+from launcher.config.errors import ConfigError
 from test_ds_config import deepspeed_parse
 
 ZERO2 = {

@@ -16,10 +16,11 @@ import textwrap
 
 import pytest
 
-from launcher import epochs, layout, runfile
+from launcher.config import epochs, runfile
+from launcher.cluster import layout
 from launcher.data import Sampler
-from launcher.watchdog import Watchdog
-from launcher.config import WatchdogConfig
+from launcher.rank.watchdog import Watchdog
+from launcher.config.schema import WatchdogConfig
 from test_train_engine import ROOT, rank_env, torchrun
 
 
@@ -97,7 +98,7 @@ def run_yaml(tiny: dict, out, **train) -> str:
 
 @pytest.mark.parametrize("packing, max_samples", [(True, None), (False, 100)])
 def test_loaded_sequences_equal_the_data_tokenized_by_hand(tiny, tmp_path, packing, max_samples):
-    from launcher import inputs
+    from launcher.rank import inputs
     data = f"max_seq_len: 32, packing: {str(packing).lower()}"
     data += f", max_samples: {max_samples}" if max_samples else ""
     path = tmp_path / "run.yaml"
@@ -178,7 +179,7 @@ def test_the_watchdog_stops_a_nan_loss_with_a_checkpoint_of_the_last_good_step(t
     rows = metrics(str(run))
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    from launcher import checkpoint
+    from launcher.rank import checkpoint
     assert checkpoint.choose_resume(str(run)) == st["checkpoint"]  # complete and verified
 
 
@@ -194,7 +195,7 @@ def test_the_watchdog_counts_steps_above_the_threshold():
 
 def test_tf32_sets_torchs_fp32_precision():
     import torch
-    from launcher.train import set_tf32
+    from launcher.rank.train import set_tf32
     before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
     try:
         set_tf32(True)
@@ -207,7 +208,8 @@ def test_tf32_sets_torchs_fp32_precision():
 
 
 def test_validate_prints_the_estimate_and_ds_config_resolves_the_ratio(tiny, tmp_path, capsys):
-    from launcher import cli, ds_config
+    from launcher import cli
+    from launcher.dsconfig import build as ds_config
     path = tmp_path / "run.yaml"
     path.write_text(run_yaml(tiny, tmp_path, data=f"max_seq_len: 32, eval_path: {tiny['text']}",
                              epochs=2, micro_batch_size=4, warmup_ratio=0.1, eval_every="epoch"))

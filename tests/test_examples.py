@@ -16,8 +16,9 @@ import os
 import pytest
 import yaml
 
-from launcher import ds_config, runfile
-from launcher.config import RunConfig
+from launcher.dsconfig import build as ds_config
+from launcher.config import runfile
+from launcher.config.schema import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")))

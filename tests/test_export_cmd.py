@@ -11,8 +11,8 @@ import textwrap
 import pytest
 
 from launcher import cli
-from launcher.errors import ConfigError
-from launcher.export import find_checkpoint
+from launcher.config.errors import ConfigError
+from launcher.rank.export import find_checkpoint
 from test_train_engine import ROOT, torchrun
 
 CASES = {"zero3": ("fp32", 3, "{policy: last_layers, trainable_layers: 1, also_train: [lm_head]}"),
@@ -84,7 +84,9 @@ def rank_main(run_file: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher import rundir, runfile, train
+    from launcher.cluster import rundir
+    from launcher.config import runfile
+    from launcher.rank import train
     s = train.setup(runfile.load(run_file))
     if dist.get_rank() == 0:  # resolved.yaml: what export reads the model path from
         rundir.prepare(s.cfg, s.ds_config, on_existing="resume")

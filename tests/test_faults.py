@@ -3,7 +3,7 @@ training or raising ends the whole run, bounded in time, non-zero, naming the ra
 where there is one); a frozen rank (SIGSTOP) is ended by train.dist_timeout_s; SIGTERM to a rank
 stops both at a step boundary with a verified checkpoint.
 
-Also: the FTLAUNCH_FAULT spec itself (launcher/faults.py), and docs/faults.md kept honest: every
+Also: the FTLAUNCH_FAULT spec itself (launcher/rank/faults.py), and docs/faults.md kept honest: every
 test the table cites must exist.
 
 The elapsed-time bounds are hang detectors (timeout + a wide margin on a loaded machine), not
@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-from launcher import checkpoint as ck
-from launcher import faults
+from launcher.rank import checkpoint as ck
+from launcher.rank import faults
 from test_train_engine import ROOT, rank_env
 
 TIMEOUT_S = 20      # train.dist_timeout_s for these runs
@@ -144,7 +144,7 @@ def descendants(parent: int) -> list[int]:
 
 def rank_pid(parent: int, local_rank: int) -> int | None:
     """The pid of the rank process with LOCAL_RANK=local_rank below parent: the one doing the
-    work, below its guardian (launcher/rank_guard.py), when there is one."""
+    work, below its guardian (launcher/cluster/rank_guard.py), when there is one."""
     found = None
     for pid in descendants(parent):
         try:
@@ -218,7 +218,7 @@ def test_a_hung_rank_is_ended_by_the_collective_timeout(tiny, tmp_path, fault):
     assert re.search(r"[Tt]imeout|[Tt]imed out", st["message"]), st
 
 
-# ---------------------------------------------------------------- FTLAUNCH_FAULT (launcher/faults.py)
+# ---------------------------------------------------------------- FTLAUNCH_FAULT (launcher/rank/faults.py)
 def test_fault_spec(monkeypatch):
     monkeypatch.setenv("FTLAUNCH_FAULT", "step@3:raise,ckpt-write@4:enospc")
     faults.fault("step", 2, 0)  # other step: nothing
@@ -239,7 +239,7 @@ def test_fault_stop_creates_stop_file(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------- exit_status.json, first failure wins
 def test_the_first_failure_of_a_launch_is_the_recorded_one(tmp_path):
-    from launcher.run_state import write_exit_status
+    from launcher.cluster.run_state import write_exit_status
     run_dir = str(tmp_path)
 
     def record() -> dict:

@@ -9,9 +9,11 @@ import textwrap
 
 import pytest
 
-from launcher import cli, data, epochs, messages, runfile
-from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from launcher.errors import ConfigError
+from launcher import cli, data
+from launcher.config import epochs, runfile
+from launcher.checks import messages
+from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.config.errors import ConfigError
 from test_data_chat import chat_tok  # noqa: F401  (fixture)
 
 
@@ -73,7 +75,7 @@ def test_epochs_with_a_mix_count_every_source(fake_model, tmp_path):
     c = runfile.load(str(run))
     assert epochs.estimated_sequences(c) == (40, "40 rows")
     assert epochs.planned_steps(c, 2)[0] == 20  # 2 epochs x 40 / (2 ranks x 2)
-    from launcher.summary import summary
+    from launcher.checks.summary import summary
     line = [x for x in summary(c).splitlines() if x.strip().startswith("data")][0]
     assert f"mix of 2: {a} (25%); {b} (75%)" in line and "None" not in line
     assert re.search(r"checked +the first 100 rows of each data file \(the ranks read every row\)",
@@ -130,7 +132,7 @@ def test_version(capsys):
 
 
 def test_status_of_a_run_that_failed_while_loading():
-    from launcher import status
+    from launcher.ops import status
     ex = {"code": 1, "step": -1, "time": "t", "message": "ImportError: flash_attn"}
     st = {"run": "r", "run_dir": "/r", "state": "failed", "step": 0, "max_steps": 10,
           "loss": None, "lr": None, "eval_loss": None, "eval_step": None, "tokens_per_s": None,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import freeze
-from launcher.config import FreezeConfig
-from launcher.errors import ConfigError
+from launcher.model import freeze
+from launcher.config.schema import FreezeConfig
+from launcher.config.errors import ConfigError
 
 
 def llama_names(n_layers: int = 4, prefix: str = "") -> list[str]:
@@ -182,7 +182,7 @@ def test_tied_embeddings_count_once():
 def test_apply_on_tiny_model(tiny):
     from transformers import AutoModelForCausalLM
 
-    from launcher.runfile import parse
+    from launcher.config.runfile import parse
     model = AutoModelForCausalLM.from_pretrained(tiny["model"])
     cfg, problems = parse(f"""
 name: t

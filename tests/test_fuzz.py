@@ -15,8 +15,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from launcher import ds_config, memory, runfile, slurm
-from launcher.errors import ConfigError
+from launcher.dsconfig import build as ds_config
+from launcher import memory
+from launcher.config import runfile
+from launcher.cluster import slurm
+from launcher.config.errors import ConfigError
 
 TREE_CASES, TEXT_CASES, OVERRIDE_CASES = 150, 60, 90
 FUZZ_CASES = TREE_CASES + TEXT_CASES + OVERRIDE_CASES  # 300

@@ -1,4 +1,4 @@
-"""The GPU table (launcher/gpus.py), cluster.gpu_type, and the refusals that need the card: bf16
+"""The GPU table (launcher/config/gpus.py), cluster.gpu_type, and the refusals that need the card: bf16
 below sm80, flash_attention_2 below sm80, with fp32, on CPU ranks and without flash_attn."""
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import os
 
 import pytest
 
-from launcher import gpus, local_run, runfile, validate
-from launcher.errors import ConfigError
+from launcher.config import gpus, runfile
+from launcher.cluster import local_run
+from launcher.checks import validate
+from launcher.config.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIB = 2**20

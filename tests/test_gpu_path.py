@@ -12,8 +12,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher import ds_config, lr_schedule, runfile
-from launcher.dist_env import free_port
+from launcher.dsconfig import build as ds_config
+from launcher.rank import lr_schedule
+from launcher.config import runfile
+from launcher.cluster.dist_env import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -77,7 +79,7 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_gpu_json(write_run, tiny, 
 def test_accumulate_never_reads_a_loss_back_to_the_host(monkeypatch):
     import torch
 
-    from launcher import loop_steps
+    from launcher.rank import loop_steps
 
     class DeviceLoss(torch.Tensor):
         def __float__(self):
@@ -162,6 +164,6 @@ def test_flash_packed_rows_carry_the_boundaries_transformers_would_derive():
 def test_to_device_passes_the_max_lengths_through():
     import torch
 
-    from launcher.loop_steps import to_device
+    from launcher.rank.loop_steps import to_device
     out = to_device({"input_ids": torch.ones(1, 3), "max_length_q": 5}, "cpu")
     assert out["max_length_q"] == 5 and out["input_ids"].device.type == "cpu"

@@ -1,4 +1,4 @@
-"""One Slurm job per run directory (launcher/job_lock.py, the lock section of slurm/job.sbatch).
+"""One Slurm job per run directory (launcher/cluster/job_lock.py, the lock section of slurm/job.sbatch).
 
 Fast tests with a stand-in `squeue`; then, on the real test cluster (fixture `slurm_cluster`),
 a second submit, `--overwrite` and `sbatch job.sbatch` by hand while a job runs, and two
@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,  # noqa: E402
                      write_exe)
 
-from launcher import job_lock, layout, slurm  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
+from launcher.cluster import job_lock, layout, slurm  # noqa: E402
+from launcher.config.errors import ConfigError  # noqa: E402
 
 FAKE_SQUEUE = r"""#!/bin/bash
 # squeue -h -j ID -o %T: the state in $FAKE_SQUEUE_DIR/ID, else nothing (Slurm forgot the job)

@@ -12,8 +12,6 @@ from launcher import module_map
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = {"torch", "deepspeed", "transformers", "datasets", "bitsandbytes", "peft", "safetensors",
          "accelerate", "tokenizers", "tensorboard", "wandb"}
-# The rank half: what runs on the ranks (and may import the heavy libraries).
-RANK_HALF = module_map.RANK_HALF
 # Login-half modules allowed to import heavy libraries inside a function, and why.
 LAZY_HEAVY = module_map.LAZY_HEAVY
 
@@ -138,6 +136,50 @@ def test_login_half_never_imports_the_rank_half():
             elif top in HEAVY and (name, top) not in LAZY_HEAVY:
                 bad.append(f"{name}:{line} imports {mod}")
     assert bad == []
+
+
+def test_every_module_lives_in_a_room_of_one_half():
+    """A module is in one of the rooms (folders) of module_map or is a listed top-level module:
+    a new flat module, or a folder not assigned to a half, fails here."""
+    stray = sorted(m for m in modules() if module_map.package_of(m) is None
+                   and m not in module_map.TOP_MODULES)
+    assert stray == []
+    assert not set(module_map.LOGIN_PACKAGES) & set(module_map.RANK_PACKAGES)
+    folders = {f"launcher.{d}" for d in os.listdir(os.path.join(ROOT, "launcher"))
+               if os.path.isdir(os.path.join(ROOT, "launcher", d)) and not d.startswith(("_", "."))}
+    assert folders == set(module_map.LOGIN_PACKAGES) | set(module_map.RANK_PACKAGES)
+
+
+def test_rooms_import_only_earlier_rooms_except_the_listed_crossings():
+    """Dependency order over the folders: a room imports itself and the rooms before it in
+    module_map.ROOMS; a later room only inside a function, listed with its reason."""
+    mods, bad, used = modules(), [], set()
+    order = {room: i for i, room in enumerate(module_map.ROOMS)}
+    for name in sorted(mods):
+        room = module_map.package_of(name)
+        if room is None:
+            continue
+        for mod, line, top_level in imports(mods[name], name):
+            target = mod
+            while target and target not in mods:
+                target = target.rpartition(".")[0]
+            other = module_map.package_of(target) if target else None
+            if other is None or order[other] <= order[room]:
+                continue
+            if (name, target) in module_map.ROOM_CROSSINGS and not top_level:
+                used.add((name, target))
+            else:
+                bad.append(f"{name}:{line} imports {target} ({other} comes after {room})")
+    assert bad == []
+    assert used == set(module_map.ROOM_CROSSINGS), "a listed crossing is gone: remove it"
+
+
+def test_the_halves_are_a_rule_over_folders():
+    assert module_map.is_rank_half("launcher.rank.train")
+    assert module_map.is_rank_half("launcher.data.reading")
+    assert not module_map.is_rank_half("launcher.model.freeze")
+    assert not module_map.is_rank_half("launcher.cli")
+    assert not module_map.is_rank_half("launcher.ranking")  # a prefix is not a folder
 
 
 def test_every_lazy_heavy_import_is_inside_a_function():

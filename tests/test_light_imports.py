@@ -98,7 +98,12 @@ def test_ds_config_runs_without_the_heavy_packages(blocked, tmp_path):
 def test_login_node_modules_import_nothing_heavy(blocked):
     code = textwrap.dedent("""\
         import sys
-        from launcher import cli, convert, convert_llamafactory, convert_peers, ds_config, ds_file, epochs, reference, rundir, runfile, summary, validate
+        from launcher import cli, reference
+        from launcher.convert import command as convert, llamafactory as convert_llamafactory, peers as convert_peers
+        from launcher.dsconfig import build as ds_config, user_file as ds_file
+        from launcher.config import epochs, runfile
+        from launcher.cluster import rundir
+        from launcher.checks import summary, validate
         cfg = runfile.load("run.yaml")
         print(summary.summary(cfg).splitlines()[0])
         ds = ds_config.build(cfg)

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from launcher import loaded_names, runfile, validate
+from launcher.checks import loaded_names, validate
+from launcher.config import runfile
 from test_model_weights import write_safetensors
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -57,7 +58,7 @@ def test_the_renamed_names_are_those_of_the_loaded_model(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import model_info
+    from launcher.model import info as model_info
     mixtral_on_disk(tmp_path / "mixtral")
     disk = list(model_info.weight_tensors(str(tmp_path / "mixtral")))
     got = loaded_names.rename(model_info.model_config(str(tmp_path / "mixtral")), disk)
@@ -79,7 +80,7 @@ def test_the_parsed_rules_are_kept_between_commands_until_transformers_changes(t
     import ast
     import json
     import os
-    from launcher import model_info
+    from launcher.model import info as model_info
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     mixtral_on_disk(tmp_path / "mixtral")
     cfg = model_info.model_config(str(tmp_path / "mixtral"))

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from launcher import local_run, run_state
-from launcher.errors import ConfigError
-from launcher.runfile import load
+from launcher.cluster import local_run, run_state
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import load
 from test_train_engine import ROOT, rank_env
 
 
@@ -84,7 +84,7 @@ def test_local_overrides_keep_global_batch(tiny, tmp_path, write_run):
     assert extra == ["train.device=cpu", "cluster.nodes=1", "cluster.gpus_per_node=2",
                      "train.grad_accum=null"]
     local = load(path, extra)
-    from launcher.batch import batch_sizes
+    from launcher.config.batch import batch_sizes
     assert batch_sizes(local) == (2, 4, 16)
     with pytest.raises(ConfigError, match=r"16 is not a multiple of micro_batch_size x ranks = 2 x 3"):
         local_run.local_overrides(cfg, "cpu", 3)
@@ -154,7 +154,7 @@ def test_ctrl_c_checkpoints_and_exits_75(tiny, tmp_path, write_run):
     assert len(line) == 1 and "(STOP file)" in line[0] and "--resume" in line[0]
     step = int(line[0].split()[3])
     assert 3 <= step < 5000
-    from launcher import checkpoint as ck
+    from launcher.rank import checkpoint as ck
     ckpts = str(tmp_path / "run" / "checkpoints")
     assert ck.latest_complete(ckpts) == os.path.join(ckpts, ck.step_name(step))
     assert not (tmp_path / "run" / "STOP").exists()  # honoured and removed
@@ -219,7 +219,7 @@ def test_double_ctrl_c_ends_every_process_of_the_run(tiny, tmp_path, write_run):
     assert not (run & set(local_run.live_parents())), "processes of the run still alive"
     lines = [x for x in err.splitlines() if "stopped at once" in x]
     assert len(lines) == 1, err[-4000:]
-    from launcher import checkpoint as ck
+    from launcher.rank import checkpoint as ck
     kept = ck.latest_complete(str(tmp_path / "run" / "checkpoints"), warn=lambda m: None)
     assert ck.step_of(kept) == 4 and f"kept {kept} (step 4)" in lines[0]
     assert "every process of the run ended" in lines[0] and "--resume" in lines[0]
@@ -230,7 +230,7 @@ def test_double_ctrl_c_ends_every_process_of_the_run(tiny, tmp_path, write_run):
 def test_a_run_directory_of_another_config_is_refused_before_the_plan(tiny, tmp_path, write_run,
                                                                      no_launch, monkeypatch):
     """Refused in a second, before the memory plan and the tokenizing (they are not reached)."""
-    from launcher import rundir
+    from launcher.cluster import rundir
     path = write_run(run_text(tiny, tmp_path))
     cfg = load(path, local_run.local_overrides(load(path), "cpu", 2))
     rundir.prepare(cfg, {}, on_existing="refuse")

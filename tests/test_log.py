@@ -1,4 +1,4 @@
-"""One way to tell the user something on stderr (launcher/log.py), rank 0 by default, with the
+"""One way to tell the user something on stderr (launcher/common/log.py), rank 0 by default, with the
 text users have always seen; and one answer to "am I rank 0"."""
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher import data, dist_env, log
+from launcher import data
+from launcher.cluster import dist_env
+from launcher.common import log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -54,7 +56,7 @@ def test_the_data_warnings_go_through_the_logger(capsys, monkeypatch):
 
 
 def test_no_module_prints_its_own_warnings():
-    """Warnings are written by launcher/log.py alone (no second format, no second rank check)."""
+    """Warnings are written by launcher/common/log.py alone (no second format, no second rank check)."""
     offenders = []
     for folder, _, files in os.walk(os.path.join(ROOT, "launcher")):
         for name in sorted(files):

@@ -1,4 +1,4 @@
-"""The training loop's host synchronisations (launcher/loop_sync.py), counted by a recorder.
+"""The training loop's host synchronisations (launcher/rank/loop_sync.py), counted by a recorder.
 
 This file is also the rank script (`__main__`): one process (rank 0 of 1, a real process group)
 trains the tiny Llama with `train.main`, while a recorder wraps `collectives.all_reduce_sum` (a
@@ -62,7 +62,7 @@ def per_step(calls: list, kind: str) -> dict[int, int]:
 def test_a_kept_buffer_gives_the_sums_new_tensors_give():
     import torch
 
-    from launcher import collectives
+    from launcher.rank import collectives
     buf = torch.full((4,), 9.0, dtype=torch.float64)
     for values in ([torch.tensor(2.5, dtype=torch.bfloat16), 1.0, 7, 0],
                    [torch.tensor(1.25), 2.0, 0, torch.tensor([3.0])]):
@@ -114,7 +114,8 @@ def test_a_stop_without_the_watchdog_is_honoured_one_step_later(tiny, tmp_path):
 if __name__ == "__main__":
     import types
 
-    from launcher import collectives, run_state, train
+    from launcher.cluster import run_state
+    from launcher.rank import collectives, train
 
     state = {"step": 0, "phase": "loop"}
     calls: list = []

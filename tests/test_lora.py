@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 
-from launcher import lora, quantize
-from launcher.config import LoraConfig
-from launcher.errors import ConfigError
-from launcher.runfile import parse
+from launcher.model import lora, quantize
+from launcher.config.schema import LoraConfig
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import parse
 
 LLAMA_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

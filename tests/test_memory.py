@@ -34,7 +34,7 @@ def llama_folder(tmp_path, name="m", **kw) -> str:
 
 def run_cfg(tmp_path, model, *overrides, dtype="bf16", gc="false", seq=256, micro=2,
             device="cuda", freeze="{policy: full}", stage=2, gpus=1):
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     path = tmp_path / "run.yaml"
     path.write_text(RUN.format(model=model, data=tmp_path / "d.jsonl", dtype=dtype, gc=gc, seq=seq,
@@ -267,7 +267,7 @@ def test_lora_target_matching_nothing_is_config_error(tmp_path, capsys):
 
 
 def test_lora_counts_adapters_and_copies(tmp_path):
-    from launcher import lora
+    from launcher.model import lora
     model = llama_folder(tmp_path)
     _, cfg = run_cfg(tmp_path, model, freeze="{policy: lora, also_train: [lm_head], "
                      "lora: {r: 4, target_modules: [q_proj, v_proj]}}")

@@ -118,8 +118,9 @@ def test_saved_activations_under_freezing_and_lora(tmp_path, name):
     first trainable parameter is kept, LoRA keeps dropout copies. Plan == saved tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from launcher import freeze, memory
-    from launcher.runfile import load
+    from launcher.model import freeze
+    from launcher import memory
+    from launcher.config.runfile import load
     cfg_hf = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     cfg_hf.save_pretrained(tmp_path / "m")

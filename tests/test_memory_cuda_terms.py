@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-from launcher import local_run, memory, metrics, runfile
+from launcher.cluster import local_run
+from launcher import memory
+from launcher.rank import metrics
+from launcher.config import runfile
 from launcher.memory.traced import cuda_sdpa_kernel
 
 HERE = os.path.dirname(os.path.abspath(__file__))

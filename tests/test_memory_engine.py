@@ -1,7 +1,7 @@
 """The plan against real DeepSpeed engines and real rank processes on CPU (2 ranks).
 
 One pair of rank processes builds several engines in sequence, as training does
-(`launcher.train.setup`), and reads the bytes they hold; a second pair measures a whole
+(`launcher.rank.train.setup`), and reads the bytes they hold; a second pair measures a whole
 training process's peak RSS. The rank side is bench/plan_vs_measured.py.
 """
 from __future__ import annotations
@@ -49,7 +49,8 @@ def _write(tmp_path, tiny, i, stage, dtype, freeze, quant, offload) -> str:
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_planned_model_states_equal_engine_bytes(tiny, tmp_path):
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     runs = [_write(tmp_path, tiny, i, *e) for i, e in enumerate(ENGINES)]
     results = BENCH.run_ranks(runs, str(tmp_path / "out.json"), steps=2,
                               extra_env={"PVM_TORCH_ADAM_OFFLOAD": "1"})
@@ -83,7 +84,8 @@ def test_peak_rss_within_15_percent_of_plan(tiny, tmp_path):
     (16.5 MB bf16 on a Xeon with AMX, about 2 MB on an EPYC without AVX512-BF16): the ranks warm
     the run's shapes before their baseline, so the peak holds no kernels, and the plan is made
     with kernels=0. The kernels term is compared with a cold rank in the next test."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     for i, setting in enumerate([(2, "bf16", FULL, "none", "none"), (3, "fp32", LAST, "none", "none")]):
         run = _write(tmp_path, tiny, 10 + i, *setting)
         p = memory.plan(runfile.load(run), world_size=2, advise=False, kernels=0)
@@ -100,7 +102,8 @@ def test_cold_rank_within_15_percent_of_plan_with_kernels_probed_here(tiny, tmp_
     """Kernels included: a cold rank (no shape warm-up) against the plan whose kernels term is
     measured on this machine, in this run, by the probe `ftlaunch run` and `plan --probe` use;
     bf16, where the kernels are the largest share on any processor."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     from launcher.memory import probe as runtime_probe
     run = _write(tmp_path, tiny, 20, 2, "bf16", FULL, "none", "none")
     cfg = runfile.load(run)
@@ -122,7 +125,8 @@ def test_gradients_at_the_end_of_the_backward_by_stage(tiny, tmp_path):
     plan's bucket term, pages written) and after the epilogue in the partitions (its
     gradient term); ZeRO-3 in its flat partition buffer from initialize, plus the last gradient
     too large for the reduce bucket (h x h, the HF Trainer's size), still whole."""
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     runs = [_write(tmp_path, tiny, 30 + s, s, "bf16", FULL, "none", "none") for s in range(4)]
     results = BENCH.run_ranks(runs, str(tmp_path / "bwd.json"), steps=1)
     got = {}

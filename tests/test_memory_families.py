@@ -8,7 +8,7 @@ import os
 import pytest
 
 from launcher import cli, memory
-from launcher.runfile import load
+from launcher.config.runfile import load
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 PUBLISHED = {  # parameters, as published with each model (model cards / safetensors index)
@@ -44,7 +44,7 @@ def test_parameter_counts_equal_the_published_ones(tmp_path, model):
 
 
 def test_attention_kernel_is_the_one_transformers_uses(tmp_path, capsys):
-    from launcher import attn_kernels as kernels
+    from launcher.checks import attn_kernels as kernels
     assert kernels.resolved("gemma2", None) == "eager"  # no sdpa: softcapping
     assert kernels.resolved("llama", None) == "sdpa"
     _, cfg = cfg_for(tmp_path, "gemma-2-9b")

@@ -9,10 +9,11 @@ import types
 
 import pytest
 
-from launcher import ds_config, memory
+from launcher.dsconfig import build as ds_config
+from launcher import memory
 from launcher.memory import nvme
 from launcher.memory.inventory import meta_model
-from launcher.runfile import load
+from launcher.config.runfile import load
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 deepspeed = pytest.importorskip("deepspeed")  # the test extra installs it

@@ -36,8 +36,9 @@ def _storage(model) -> dict[str, int]:
 def test_quantized_bytes_equal_loaded_model(tiny, tmp_path, quant):
     from transformers import AutoModelForCausalLM
 
-    from launcher import memory, quantize
-    from launcher.runfile import load
+    from launcher import memory
+    from launcher.model import quantize
+    from launcher.config.runfile import load
     run = tmp_path / "run.yaml"
     run.write_text(RUN.format(model=tiny["model"], data=tiny["text"], quant=quant))
     cfg = load(str(run))

@@ -83,7 +83,7 @@ def measured(path: str, gc: bool, trainable: frozenset[str] | None = None) -> in
 
 def plan_of(tmp_path, model_dir, gc: bool, freeze: str = "{policy: full}", stage: int = 2):
     from launcher import memory
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     (tmp_path / "d.jsonl").write_text('{"text": "x"}\n')
     run = tmp_path / "run.yaml"
     run.write_text(f"name: t\nmodel: {{path: {model_dir}, dtype: bf16, gradient_checkpointing: "

@@ -47,7 +47,9 @@ def real_saved(m, x) -> int:
 def test_quantized_lora_runs_traced_within_10_percent(tmp_path, family, mode):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import freeze, memory, quantize, runfile
+    from launcher.model import freeze, quantize
+    from launcher import memory
+    from launcher.config import runfile
     tiny(family, tmp_path / "m")
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path / "m"),

@@ -1,9 +1,9 @@
-"""What a model folder says without torch (launcher/model_info.py)."""
+"""What a model folder says without torch (launcher/model/info.py)."""
 from __future__ import annotations
 
 import json
 
-from launcher import model_info
+from launcher.model import info as model_info
 
 
 def test_config_json_readers_look_into_text_config(tmp_path):

@@ -1,4 +1,4 @@
-"""Reading a model folder's safetensors headers without torch (launcher.model_info)."""
+"""Reading a model folder's safetensors headers without torch (launcher.model.info)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from launcher import model_info
+from launcher.model import info as model_info
 
 
 def write_safetensors(path, tensors: dict[str, tuple[str, list[int]]]) -> None:

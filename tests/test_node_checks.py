@@ -1,4 +1,4 @@
-"""What the run's optimizer needs on a node (launcher/node_checks.py), as preflight checks it:
+"""What the run's optimizer needs on a node (launcher/rank/node_checks.py), as preflight checks it:
 DeepSpeedCPUAdam's compiler and ninja (or a built op), bitsandbytes' native library."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from launcher import node_checks, runfile
+from launcher.rank import node_checks
+from launcher.config import runfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import write_exe  # noqa: E402

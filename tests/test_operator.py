@@ -13,8 +13,10 @@ import time
 
 import pytest
 
-from launcher import cli, local_run, lr_schedule, run_state
-from launcher.config import TrainConfig
+from launcher import cli
+from launcher.cluster import local_run, run_state
+from launcher.rank import lr_schedule
+from launcher.config.schema import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,7 +155,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_what_was_kept(tmp_path, capsys):
 
 
 def test_max_steps_source_says_which_won(run_file):
-    from launcher.runfile import load
+    from launcher.config.runfile import load
     base = load(run_file)
     assert local_run.max_steps_source(base, "base.yaml", None) == \
         "train.max_steps 10 (from base.yaml)"

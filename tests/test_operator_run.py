@@ -23,8 +23,9 @@ import time
 
 import pytest
 
-from launcher import checkpoint, cli, export, lr_schedule
-from launcher.runfile import load
+from launcher.rank import checkpoint, export, lr_schedule
+from launcher import cli
+from launcher.config.runfile import load
 from test_train_engine import ROOT, rank_env
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]

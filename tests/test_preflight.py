@@ -14,7 +14,7 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import write_exe  # noqa: E402
 
-from launcher import preflight  # noqa: E402
+from launcher.rank import preflight  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = {"python": "3.11.7", "ftlaunch": "0.1", "torch": "2.13", "deepspeed": "0.19", "transformers": "5.0"}
@@ -68,7 +68,7 @@ def test_gpus_are_counted_as_torch_counts_them_not_by_nvidia_smi(tmp_path, monke
     gpus = preflight.gpu_inventory(env)
     assert [(g["index"], g["name"], g["capability"]) for g in gpus] == [
         (0, "NVIDIA H100 80GB HBM3", "9.0"), (1, "NVIDIA H100 80GB HBM3", "9.0")]
-    from launcher import node_checks
+    from launcher.rank import node_checks
     assert node_checks.driver_version(env) == "550.54.15"
     r = {**report("node1", gpus=gpus), "driver": "550.54.15", "driver_cuda": "12.4",
          "torch_cuda": "12.4", "checks": node_checks.optimizer_checks(
@@ -104,7 +104,7 @@ def test_checkpoint_note_warns_when_grace_is_too_short():
 
 
 def test_import_is_login_safe():
-    code = ("import sys, launcher.preflight, launcher.cli; "
+    code = ("import sys, launcher.rank.preflight, launcher.cli; "
             "print(sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": ROOT})

@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from launcher import cli, quantize
-from launcher.errors import ConfigError
-from launcher.runfile import parse
+from launcher import cli
+from launcher.model import quantize
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -59,7 +59,10 @@ def torchrun(args: list[str], cwd: str, timeout: int = 400, **extra_env: str
 RANK_SCRIPT = r'''
 import json, os, sys
 import torch
-from launcher import dist_env, engine_stats, quantize, runfile, train
+from launcher.cluster import dist_env
+from launcher.rank import engine_stats, train
+from launcher.model import quantize
+from launcher.config import runfile
 
 env = dist_env.from_environ()
 results = []
@@ -183,7 +186,8 @@ ADAPTER_LOGITS = r'''
 import json, sys, torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
-from launcher import quantize, runfile
+from launcher.model import quantize
+from launcher.config import runfile
 cfg = runfile.load(sys.argv[1])
 final, x = sys.argv[2], torch.tensor(json.loads(sys.argv[3]))
 base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.bfloat16,

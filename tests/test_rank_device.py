@@ -1,4 +1,4 @@
-"""Which GPU a rank uses: the local rank modulo the devices its process sees (launcher/device.py),
+"""Which GPU a rank uses: the local rank modulo the devices its process sees (launcher/model/device.py),
 and the node's own devices restored under the deepspeed launcher. CUDA cannot run here: the
 device count is torch's own parse of CUDA_VISIBLE_DEVICES, and init_distributed's calls to
 torch.cuda and deepspeed are recorded."""
@@ -8,7 +8,10 @@ import os
 
 import pytest
 
-from launcher import device, dist_env, runfile, train
+from launcher.model import device
+from launcher.cluster import dist_env
+from launcher.config import runfile
+from launcher.rank import train
 
 UUIDS = "GPU-5f6a1b2c-aaaa-bbbb-cccc-000000000001,GPU-5f6a1b2c-aaaa-bbbb-cccc-000000000002"
 MIG = "MIG-1b2c3d4e-aaaa-bbbb-cccc-000000000003"

@@ -1,5 +1,5 @@
 """A rank that dies by a signal (NCCL's watchdog: SIGABRT; the OOM killer: SIGKILL) still has
-its end recorded in exit_status.json, by its guardian (launcher/rank_guard.py)."""
+its end recorded in exit_status.json, by its guardian (launcher/cluster/rank_guard.py)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,8 @@ import textwrap
 
 import pytest
 
-from launcher import layout, rank_guard, status
+from launcher.cluster import layout, rank_guard
+from launcher.ops import status
 from test_train_engine import ROOT, rank_env
 
 

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from launcher import reference, runfile
+from launcher import reference
+from launcher.config import runfile
 
 
 def test_readme_reference_is_up_to_date():

@@ -1,4 +1,4 @@
-"""The run directory's state files (launcher/run_state.py): STOP and exit_status.json, written,
+"""The run directory's state files (launcher/cluster/run_state.py): STOP and exit_status.json, written,
 read and interpreted in one module."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from launcher import layout, run_state
+from launcher.cluster import layout, run_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

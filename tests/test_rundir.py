@@ -9,9 +9,9 @@ import stat
 import pytest
 import yaml
 
-from launcher import layout, rundir
-from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
-from launcher.errors import ConfigError
+from launcher.cluster import layout, rundir
+from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
+from launcher.config.errors import ConfigError
 
 DS = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 2}
 

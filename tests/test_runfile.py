@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from launcher import runfile, yaml_reader
-from launcher.config import RunConfig
-from launcher.errors import ConfigError, Problem, did_you_mean
+from launcher.config import runfile, yaml_reader
+from launcher.config.schema import RunConfig
+from launcher.config.errors import ConfigError, Problem, did_you_mean
 
 BASE = """\
 name: t

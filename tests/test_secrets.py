@@ -1,5 +1,5 @@
-"""Secrets never written in clear (launcher/secret_env.py) and private run directories
-(output.private, launcher/rundir.py keep_private): refused in cluster.env by validate and slurm with
+"""Secrets never written in clear (launcher/config/secret_env.py) and private run directories
+(output.private, launcher/cluster/rundir.py keep_private): refused in cluster.env by validate and slurm with
 the fix, passed by name with cluster.env_from_shell (`sbatch --export`), checked when submitting,
 never in a file; the opt-out warns; W&B's config has no secret value; private runs are 0700/0600.
 
@@ -21,8 +21,11 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import sbatch_options, write_exe  # noqa: E402
 
-from launcher import cli, config, layout, local_run, metrics, rundir, runfile, secret_env, slurm  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
+from launcher import cli  # noqa: E402
+from launcher.config import schema as config, runfile, secret_env
+from launcher.cluster import layout, local_run, rundir, slurm
+from launcher.rank import metrics
+from launcher.config.errors import ConfigError  # noqa: E402
 
 SECRET = "s3cr3t-value-9f2c41"          # planted; must appear in no file and no message
 TOKEN = "hf_" + "A1b2C3d4" * 5            # the form of a Hugging Face token
@@ -315,7 +318,7 @@ def test_private_run_directory_and_files(tmp_path, fake_model, monkeypatch, umas
     # what the process writes next (metrics, checkpoints, the export) follows
     (run_dir / "later.txt").write_text("x")
     assert mode(run_dir / "later.txt") == 0o600
-    from launcher.export import fix_modes
+    from launcher.rank.export import fix_modes
     (run_dir / "final").mkdir()
     (run_dir / "final" / "w.safetensors").write_text("x")
     os.chmod(run_dir / "final" / "w.safetensors", 0o644)

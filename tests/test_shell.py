@@ -1,4 +1,4 @@
-"""launcher/shell.py: every value quoted so bash (or sbatch) reads back exactly that value."""
+"""launcher/cluster/shell.py: every value quoted so bash (or sbatch) reads back exactly that value."""
 from __future__ import annotations
 
 import os
@@ -11,8 +11,8 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import sbatch_argument  # noqa: E402
 
-from launcher import shell  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
+from launcher.cluster import shell  # noqa: E402
+from launcher.config.errors import ConfigError  # noqa: E402
 
 # Values that break naive shell text: spaces, quotes, substitutions, separators, globs,
 # unicode, leading dashes, percent signs, tabs, backslashes and (for bash) newlines.

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from launcher import runfile
-from launcher.errors import ConfigError
-from launcher.sizes import parse_size
+from launcher.config import runfile
+from launcher.config.errors import ConfigError
+from launcher.config.sizes import parse_size
 
 GIB = 2**30
 RUN = """\

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (FAKE_PYTHON, job_info, logs, read_env, read_nul, wait_final,  # noqa: E402
                      wait_until, write_exe)
 
-from launcher import layout, shell, slurm  # noqa: E402
+from launcher.cluster import layout, shell, slurm  # noqa: E402
 
 pytestmark = [pytest.mark.slurm]
 

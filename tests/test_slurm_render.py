@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,  # noqa: E402
                      sbatch_options, write_exe)
 
-from launcher import layout, runfile, slurm  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
+from launcher.cluster import layout, slurm  # noqa: E402
+from launcher.config import runfile
+from launcher.config.errors import ConfigError  # noqa: E402
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 CI = os.environ.get("CI", "").lower() == "true"
@@ -536,7 +537,7 @@ def test_hostile_names_are_refused(name, fake_model):
 # ------------------------------------------------------------------ port, CPUs, preflight, node failure
 def test_the_rendezvous_port_has_one_definition(fake_model):
     """The script's MASTER_PORT line, run by bash, gives dist_env.slurm_port for every job id."""
-    from launcher import dist_env
+    from launcher.cluster import dist_env
     text = render(make_cfg(fake_model))
     lines = [line.split("#")[0] for line in text.splitlines() if line.startswith("MASTER_PORT=")]
     assert len(lines) == 1, lines
@@ -599,7 +600,7 @@ def test_a_node_refused_by_the_preflight_is_excluded_and_the_job_requeued(
         tmp_path, fake_model, restart, excluded, requeued):
     """Node 0's list of bad nodes: each is added to the job's ExcNodeList after the requeue;
     without restarts left the job stops with EXIT_PREFLIGHT and trains nothing."""
-    from launcher.preflight import EXIT_PREFLIGHT
+    from launcher.rank.preflight import EXIT_PREFLIGHT
     job, script, fake, env = rendered_run(tmp_path, fake_model, {"max_restarts": 3})
     env = {**env, "FAKE_BAD": "node2 cannot write in the run directory", "SLURM_RESTART_COUNT": restart}
     if excluded:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (job_info, kill_node, logs, restart_node, wait_final,  # noqa: E402
                      wait_until, write_exe)
 
-from launcher import layout, slurm  # noqa: E402
+from launcher.cluster import layout, slurm  # noqa: E402
 
 pytestmark = [pytest.mark.slurm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,11 +91,13 @@ def test_each_node_task_is_bound_to_cpus_per_task(cluster, tmp_path, fake_model,
     assert text.count(line) == 1
     control = tmp_path / "control.sbatch"
     control.write_text(text.replace(line, ""))
+    # one after the other: one job per run directory (a second live job would be refused)
     job = slurm.submit(script)
+    info = wait_final(job, cluster["env"], 120, run_dir)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(run_dir)}"
     job_control = slurm.submit(str(control))
-    for j in (job, job_control):
-        info = wait_final(j, cluster["env"], 120, run_dir)
-        assert info["JobState"] == "COMPLETED", f"{info}\n{logs(run_dir)}"
+    info = wait_final(job_control, cluster["env"], 120, run_dir)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{logs(run_dir)}"
     for node in (0, 1):
         assert (fake / f"{job}.{node}").read_text().split() == [
             "Cpus_allowed_list:", "0-1", "OMP_NUM_THREADS=2"]

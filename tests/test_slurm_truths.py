@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,  # noqa: E402
                      wait_until, write_exe)
 
-from launcher import cli, job_lock, layout, slurm, status  # noqa: E402
-from launcher.errors import ConfigError  # noqa: E402
-from launcher.runfile import load  # noqa: E402
+from launcher import cli  # noqa: E402
+from launcher.cluster import job_lock, layout, slurm
+from launcher.ops import status
+from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.runfile import load  # noqa: E402
 
 
 def ns(run_file, *flags, overrides=()):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from launcher import data
-from launcher.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
 from launcher.data import tokenize
 
 CONV = [{"role": "user", "content": "the cat sees the river number {i}?"},
@@ -79,7 +79,7 @@ def test_few_rows_are_tokenized_in_this_process(monkeypatch):
 
 
 def test_a_pool_worker_ends_on_sigterm_even_in_a_rank_that_handles_it(monkeypatch):
-    """A rank takes SIGTERM as a stop request (launcher/run_state.py); the pool's workers must
+    """A rank takes SIGTERM as a stop request (launcher/cluster/run_state.py); the pool's workers must
     not, or the pool's end (which terminates its workers) would wait on them forever."""
     import signal
     old = signal.signal(signal.SIGTERM, lambda *a: None)
@@ -91,7 +91,8 @@ def test_a_pool_worker_ends_on_sigterm_even_in_a_rank_that_handles_it(monkeypatc
 
 
 def test_a_second_plan_reads_the_model_facts_from_disk(tiny, tmp_path, monkeypatch):
-    from launcher import memory, runfile
+    from launcher import memory
+    from launcher.config import runfile
     from launcher.memory import facts_cache, inventory
     monkeypatch.setenv(facts_cache.ENV, "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

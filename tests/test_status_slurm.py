@@ -13,8 +13,10 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
 from helpers import wait_until  # noqa: E402
 
-from launcher import cli, ds_config, rundir  # noqa: E402
-from launcher.runfile import load  # noqa: E402
+from launcher import cli  # noqa: E402
+from launcher.dsconfig import build as ds_config
+from launcher.cluster import rundir
+from launcher.config.runfile import load  # noqa: E402
 
 pytestmark = [pytest.mark.slurm]
 

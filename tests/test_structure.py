@@ -18,15 +18,21 @@ from types import SimpleNamespace
 import pytest
 
 import launcher
-from launcher import config, device, ds_config, local_run, quantize, rundir, shell, slurm, validate
-from launcher.config import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
-from launcher.errors import ConfigError, Problem
+from launcher.config import schema as config
+from launcher.model import device, quantize
+from launcher.dsconfig import build as ds_config
+from launcher.cluster import local_run, rundir, shell, slurm
+from launcher.checks import validate
+from launcher.config.schema import ClusterConfig, DataConfig, ModelConfig, RunConfig, TrainConfig
+from launcher.config.errors import ConfigError, Problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "launcher")
-CORE = {"cli", "validate", "ds_config", "batch", "model_info", "run_state", "rundir", "local_run",
-        "slurm", "slurm_checks", "summary", "train", "log", "device", "inputs", "config", "runfile",
-        "errors", "quantize", "freeze", "lora", "shell"}
+CORE = {"cli", "checks.validate", "dsconfig.build", "config.batch", "model.info",
+        "cluster.run_state", "cluster.rundir", "cluster.local_run", "cluster.slurm",
+        "checks.slurm_checks", "checks.summary", "rank.train", "common.log", "model.device",
+        "rank.inputs", "config.schema", "config.runfile", "config.errors", "model.quantize",
+        "model.freeze", "model.lora", "cluster.shell"}
 
 
 def sources() -> dict[str, ast.Module]:
@@ -90,24 +96,24 @@ def test_only_cli_knows_argparse():
 
 
 def test_run_starts_without_the_rank_half():
-    """`ftlaunch run` imports no rank-half module until it checks the data (then launcher.inputs,
-    never launcher.train)."""
-    code = ("import sys, launcher.local_run, launcher.cli; "
-            "print(sorted(m for m in sys.modules if m in ('launcher.train', 'launcher.inputs', "
+    """`ftlaunch run` imports no rank-half module until it checks the data (then launcher.rank.inputs,
+    never launcher.rank.train)."""
+    code = ("import sys, launcher.cluster.local_run, launcher.cli; "
+            "print(sorted(m for m in sys.modules if m in ('launcher.rank.train', 'launcher.rank.inputs', "
             "'launcher.data', 'transformers', 'datasets', 'deepspeed')))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
-    assert "train" not in imports(sources()["local_run"], set(sources()))
+    assert "rank.train" not in imports(sources()["cluster.local_run"], set(sources()))
 
 
 # ------------------------------------------------------------------ on_existing
 def test_on_existing_has_one_definition_in_rundir():
     defs = sorted(m for m, t in sources().items()
                   for n in ast.walk(t) if isinstance(n, ast.FunctionDef) and n.name == "on_existing")
-    assert defs == ["rundir"]
-    for user in ("local_run", "slurm"):
+    assert defs == ["cluster.rundir"]
+    for user in ("cluster.local_run", "cluster.slurm"):
         assert "cli" not in imports(sources()[user], set(sources())), user
     flags = lambda r, o: SimpleNamespace(resume=r, overwrite=o)  # noqa: E731
     assert [rundir.on_existing(flags(r, o)) for r, o in ((True, False), (False, True), (False, False))] \
@@ -125,12 +131,12 @@ def test_one_dtype_table_and_torch_agrees_with_it():
 
 
 def test_no_module_keeps_its_own_dtype_table():
-    """A run-file dtype name mapped to a torch dtype or a byte count appears in config.py only."""
+    """A run-file dtype name mapped to a torch dtype or a byte count appears in config/schema.py only."""
     entry = re.compile(r"""['"](bf16|fp16|fp32)['"]\s*:\s*(['"](bfloat16|float16|float32)['"]"""
                        r"""|torch\.\w+|[1248]\s*[,}])""")
-    copies = sorted(m for m, t in sources().items() if m != "config" and entry.search(ast.unparse(t)))
+    copies = sorted(m for m, t in sources().items() if m != "config.schema" and entry.search(ast.unparse(t)))
     assert copies == []
-    assert entry.search(ast.unparse(sources()["config"]))  # the pattern does find a table
+    assert entry.search(ast.unparse(sources()["config.schema"]))  # the pattern does find a table
 
 
 def test_the_plan_train_and_quantize_use_the_one_table():
@@ -154,8 +160,8 @@ def test_one_resolve_device(monkeypatch):
     torch = pytest.importorskip("torch")
     defs = sorted(m for m, t in sources().items()
                   for n in ast.walk(t) if isinstance(n, ast.FunctionDef) and n.name == "resolve_device")
-    assert defs == ["device"]
-    from launcher import train
+    assert defs == ["model.device"]
+    from launcher.rank import train
     assert train.resolve_device is device.resolve_device
     cuda = make(device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -176,8 +182,8 @@ def test_one_resolve_device(monkeypatch):
 
 # ------------------------------------------------------------------ ranks' DeepSpeed config
 def test_build_ds_config_keeps_the_key_of_a_config_error(monkeypatch):
-    from launcher import train
-    from launcher.dist_env import RankEnv
+    from launcher.rank import train
+    from launcher.cluster.dist_env import RankEnv
     env = RankEnv(rank=0, world_size=3, local_rank=0, local_world_size=3, node_rank=0, nnodes=1,
                   master_addr="127.0.0.1", master_port=0, launcher="torchrun")
     bad_batch = make(micro_batch_size=2, global_batch_size=8)

@@ -1,11 +1,13 @@
-"""The CPUs of each node's Slurm task (launcher/slurm.py `task_cpus`): always requested, shown
+"""The CPUs of each node's Slurm task (launcher/cluster/slurm.py `task_cpus`): always requested, shown
 by `ftlaunch validate`. The real binding is tested on the local cluster
 (tests/test_slurm_scale.py::test_cpus_per_task_unset_still_gives_each_rank_a_cpu)."""
 from __future__ import annotations
 
 import pytest
 
-from launcher import runfile, slurm, summary
+from launcher.config import runfile
+from launcher.cluster import slurm
+from launcher.checks import summary
 
 
 def cfg_of(tmp_path, fake_model, cluster: str, data: str = ""):

@@ -1,4 +1,4 @@
-"""Collective timeouts (launcher/timeouts.py): a phase where rank 0 works alone gets the long
+"""Collective timeouts (launcher/rank/timeouts.py): a phase where rank 0 works alone gets the long
 timeout on every process group (two real gloo processes); NCCL's flight recorder is pointed at
 the run directory."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from launcher import timeouts
+from launcher.rank import timeouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANKS = textwrap.dedent("""
     import datetime, os, sys, time
     import torch, torch.distributed as dist
-    from launcher import timeouts
+    from launcher.rank import timeouts
     rank, use_phase = int(os.environ["RANK"]), sys.argv[1] == "phase"
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
     other = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
@@ -104,7 +104,8 @@ def test_checkpoints_and_the_export_wait_with_the_long_timeout(tmp_path, fake_mo
     export.save_final replaced)."""
     import types
 
-    from launcher import checkpoint, export, loop_steps, runfile
+    from launcher.rank import checkpoint, export, loop_steps
+    from launcher.config import runfile
     text = f"""
 name: to
 model: {{path: {fake_model}}}
@@ -132,7 +133,7 @@ output: {{dir: {tmp_path}/run}}
 
 
 def test_a_save_timeout_shorter_than_the_step_timeout_is_refused(tmp_path, fake_model):
-    from launcher import runfile
+    from launcher.config import runfile
     text = f"""
 name: to
 model: {{path: {fake_model}}}

@@ -5,7 +5,9 @@ import textwrap
 
 import pytest
 
-from launcher import decay, freeze, inputs, runfile, tokens
+from launcher.model import decay, freeze, tokens
+from launcher.rank import inputs
+from launcher.config import runfile
 
 
 def load(tiny, tmp_path, model_extra: str, freeze_line: str):
@@ -72,6 +74,6 @@ def test_a_policy_that_trains_the_embeddings_needs_no_mask(tiny, tmp_path):
 
 @pytest.mark.parametrize("extra", ["pad_token: ''", "special_tokens: ['']"])
 def test_blank_tokens_are_refused(tiny, tmp_path, extra):
-    from launcher.errors import ConfigError
+    from launcher.config.errors import ConfigError
     with pytest.raises(ConfigError, match=r"(an empty pad token|an empty or blank token)"):
         load(tiny, tmp_path, extra, "{policy: full}")

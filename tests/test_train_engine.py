@@ -156,7 +156,9 @@ def rank_main(run_file: str, out: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher import engine_stats, freeze, runfile, train
+    from launcher.rank import engine_stats, train
+    from launcher.model import freeze
+    from launcher.config import runfile
     cfg = runfile.load(run_file)
     s = train.setup(cfg)
     before = full_params(s.model)

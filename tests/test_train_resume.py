@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-from launcher import checkpoint as ck
+from launcher.rank import checkpoint as ck
 from test_train_engine import torchrun
 
 STEPS = 8

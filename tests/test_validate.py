@@ -1,4 +1,4 @@
-"""Cross-field rules: each rule in launcher/validate.py refuses its case with its message."""
+"""Cross-field rules: each rule in launcher/checks/validate.py refuses its case with its message."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,8 +8,9 @@ import textwrap
 
 import pytest
 
-from launcher import runfile, validate
-from launcher.errors import ConfigError
+from launcher.config import runfile
+from launcher.checks import validate
+from launcher.config.errors import ConfigError
 
 BASE = {
     "name": "name: t\n",

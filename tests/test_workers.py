@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from launcher import runfile
+from launcher.config import runfile
 from launcher.data import Sampler, loader
 from launcher.data.batching import counted_collate
 from test_train_engine import ROOT, rank_env
@@ -35,7 +35,7 @@ def run_file(tiny: dict, out, data: str, train: str = "max_steps: 2") -> str:
 
 
 def test_preprocessing_workers_give_the_tokens_of_one_process(tiny, tmp_path):
-    from launcher import inputs
+    from launcher.rank import inputs
     loaded = []
     for workers in (1, 2):
         (tmp_path / str(workers)).mkdir()
@@ -54,7 +54,7 @@ def test_preprocessing_workers_give_the_tokens_of_one_process(tiny, tmp_path):
 
 def test_worker_batches_equal_in_process_batches_and_the_sampler_counts_what_was_taken(tiny,
                                                                                        tmp_path):
-    from launcher import inputs
+    from launcher.rank import inputs
     cfg = runfile.load(run_file(tiny, tmp_path, "packing: false"))
     train = inputs.load_data(cfg, inputs.load_tokenizer(cfg)).train
     samplers = [Sampler(len(train), rank=1, world_size=2, micro_batch_size=3, seed=5)

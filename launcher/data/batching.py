@@ -246,7 +246,7 @@ def counted_collate(examples: list[dict], pad_id: int, attention: str | None = N
 
 
 def _model_kwargs(model: Any, dtype: str | None) -> dict[str, Any]:
-    from launcher.device import torch_dtype
+    from launcher.model.device import torch_dtype
     return {"attention": getattr(model.config, "_attn_implementation", None),
             "dtype": torch_dtype(dtype) if dtype else None}
 

@@ -28,7 +28,7 @@ from launcher.data.reading import print_warning
 from launcher.data.tokenize import Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
-    from launcher.config import RunConfig
+    from launcher.config.schema import RunConfig
     from launcher.data.loading import Splits
 
 VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
@@ -74,8 +74,8 @@ def _tokenizer_id(tokenizer) -> str:
 
 
 def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
-    from launcher.config import to_dict
-    from launcher.input_checks import source_settings
+    from launcher.config.schema import to_dict
+    from launcher.checks.input_checks import source_settings
 
     d = cfg.data
     settings = {k: v for k, v in to_dict(d).items() if k not in _NO_KEY}

@@ -23,15 +23,15 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from launcher import messages
+from launcher.checks import messages
 from launcher.data.reading import fail
 
 IGNORE = -100  # label of a position without loss (the value Hugging Face losses ignore)
 
 if TYPE_CHECKING:  # pragma: no cover
-    from launcher.config import DataConfig
+    from launcher.config.schema import DataConfig
 
-CHATML = messages.CHATML  # launcher/messages.py: the login node renders it too
+CHATML = messages.CHATML  # launcher/checks/messages.py: the login node renders it too
 BUILTIN = {"chatml": CHATML}
 _MARKERS = re.compile(r"\{\%-?\s*generation\s*-?\%\}")
 

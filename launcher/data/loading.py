@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from launcher.data.batching import pack
 from launcher.data.mixing import Mixture, concat
-from launcher.input_checks import source_settings
+from launcher.checks.input_checks import source_settings
 from launcher.data.reading import Records, fail, print_warning, records, split_eval, subset
 from launcher.data.tokenize import Tokens, tokenize_records
 
 if TYPE_CHECKING:  # pragma: no cover
-    from launcher.config import DataConfig, RunConfig
+    from launcher.config.schema import DataConfig, RunConfig
 
 @dataclass
 class Splits:

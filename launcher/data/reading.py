@@ -25,13 +25,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.errors import ConfigError, Problem, did_you_mean
-from launcher.input_checks import jsonl_lines, open_text
-from launcher.input_checks import bad_row_limit
-from launcher.log import get_logger
+from launcher.config.errors import ConfigError, Problem, did_you_mean
+from launcher.checks.input_checks import jsonl_lines, open_text
+from launcher.checks.input_checks import bad_row_limit
+from launcher.common.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
-    from launcher.config import DataConfig, RunConfig
+    from launcher.config.schema import DataConfig, RunConfig
 
 _EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
                ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
@@ -48,7 +48,7 @@ _FIX = {"saved": "point it at a folder written by Dataset.save_to_disk",
 
 
 # ------------------------------------------------------------------------------ shared helpers
-print_warning = get_logger(__name__).warning  # stderr, rank 0 only (launcher/log.py)
+print_warning = get_logger(__name__).warning  # stderr, rank 0 only (launcher/common/log.py)
 
 
 def fail(key: str, message: str, fix: str = "") -> ConfigError:
@@ -384,7 +384,7 @@ def _chat_records(d: "DataConfig", column: list, path: str, key: str, lines: lis
     """The conversations of a messages column (with each row's `tools` where data.tools_field
     names a column); rows that are none are added to `bad` (checked against data.max_bad_rows
     here, and again with the template's refusals after rendering)."""
-    from launcher.messages import BadRow, normalise, tools_of
+    from launcher.checks.messages import BadRow, normalise, tools_of
 
     chats, numbers, bad = [], [], list(bad)
     for i, v in enumerate(column):

@@ -76,8 +76,8 @@ def render(info: dict[str, Any]) -> str:
 
 
 def main(args) -> int:
-    from launcher import inputs
-    from launcher.runfile import load
+    from launcher.rank import inputs
+    from launcher.config.runfile import load
 
     cfg = load(args.run_file, args.overrides, inputs=True)
     tok = inputs.load_tokenizer(cfg)

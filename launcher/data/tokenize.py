@@ -29,7 +29,7 @@ from launcher.data.reading import Records, fail, print_warning
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
-    from launcher.config import DataConfig, RunConfig
+    from launcher.config.schema import DataConfig, RunConfig
 
 
 _TOKENIZE_CHUNK = 2048
@@ -107,7 +107,7 @@ _POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
 
 def worker_pool(n: int):
     """n forked processes with the default signal handlers: a rank's own (SIGTERM asks for a
-    stop, launcher/run_state.py) would keep a worker alive when the pool ends it."""
+    stop, launcher/cluster/run_state.py) would keep a worker alive when the pool ends it."""
     import multiprocessing
     return multiprocessing.get_context("fork").Pool(n, initializer=_default_signals)
 

@@ -20,7 +20,7 @@ One module per part, each importing only those above it:
     advice.py       the cheapest changes that make a plan fit (re-planned through a callable)
     planner.py      the `Plan` and `plan()`, which put the above together
 
-The attention kernel transformers will use is launcher/attn_kernels.py (outside this package:
+The attention kernel transformers will use is launcher/checks/attn_kernels.py (outside this package:
 validate checks a requested kernel without importing the planner).
 
 On CPU ranks (train.device cpu) the same terms describe each rank process's memory above its

@@ -212,7 +212,7 @@ def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3:
     zero3: DeepSpeed ZeRO-3 runs every linear layer through its own autograd function
     (`zero3_linear_wrap`, memory_efficient_linear), which keeps the input whether the weight
     trains or not."""
-    from launcher.freeze import find_layers
+    from launcher.model.freeze import find_layers
     names = [p.name for p in inv.params if p.group not in ("adapters", "copies")]
     layers = find_layers(names)
     # bitsandbytes' 8-bit matmuls keep their input for the backward, the 4-bit one does not

@@ -33,10 +33,10 @@ import dataclasses
 import itertools
 from typing import Any, Callable, Iterator
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from launcher.config.schema import RunConfig
+from launcher.config.errors import ConfigError
 from launcher.memory.terms import ALLOC_CONF, EXPANDABLE, expandable_segments
-from launcher.validate import check
+from launcher.checks.validate import check
 
 Change = tuple[str, int, str, Callable[[RunConfig], RunConfig]]  # name, cost, what it costs, fn
 Replan = Callable[[RunConfig], Any]   # a changed config -> its Plan (ConfigError if it cannot)

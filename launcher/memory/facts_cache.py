@@ -24,8 +24,8 @@ import pickle
 from typing import Any, Callable
 
 ENV = "FTLAUNCH_PLAN_CACHE"
-_SOURCES = ("memory/inventory.py", "memory/traced.py", "freeze.py", "lora.py", "decay.py",
-            "memory/facts_cache.py")
+_SOURCES = ("memory/inventory.py", "memory/traced.py", "model/freeze.py", "model/lora.py",
+            "model/decay.py", "memory/facts_cache.py")
 _STAMP: list[str] = []
 
 

@@ -7,8 +7,8 @@ every parameter what the rank half will do with it, with the same rules:
 - quantized or not: transformers' own bitsandbytes rule (every `nn.Linear` / `Conv1D` whose name
   passes `should_convert_module` against `get_modules_to_not_convert(model, skip_modules,
   model._keep_in_fp32_modules)`, exactly what `from_pretrained(quantization_config=...)` calls);
-- trainable or not: `launcher.freeze.select` (the function the ranks apply), LoRA adapters from
-  `launcher.lora.target_modules` (r x in + out x r per target, in the training dtype, as
+- trainable or not: `launcher.model.freeze.select` (the function the ranks apply), LoRA adapters from
+  `launcher.model.lora.target_modules` (r x in + out x r per target, in the training dtype, as
   DeepSpeed casts every floating parameter to it);
 - storage bytes, from bitsandbytes' storage layout (bitsandbytes 0.50, read from its source and
   checked against loaded models in tests/test_memory_quant.py):
@@ -24,8 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.config import DTYPE_BYTES, RunConfig
-from launcher.errors import ConfigError, Problem
+from launcher.config.schema import DTYPE_BYTES, RunConfig
+from launcher.config.errors import ConfigError, Problem
 from launcher.memory import facts_cache
 
 BNB4_BLOCK = 64          # Params4bit default blocksize (bitsandbytes.nn.modules.Params4bit)
@@ -60,7 +60,7 @@ class Param:
     quant: str           # "none", "8bit", "4bit"
     nbytes: int          # storage bytes in the training dtype or quantized (+ constants)
     module_numel: int = 0  # elements of the module owning it (ZeRO-3 gathers per module)
-    decay: bool = True     # in the weight-decay group (launcher/decay.py: not biases or norms)
+    decay: bool = True     # in the weight-decay group (launcher/model/decay.py: not biases or norms)
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def build_inventory(cfg: RunConfig) -> Inventory:
     Raises ConfigError (naming the key) for freeze patterns or LoRA targets matching nothing,
     too many layers, quantized parameters selected for training.
     """
-    from launcher import decay, freeze
+    from launcher.model import decay, freeze
     model = meta_model(cfg.model.path, cfg.model.trust_remote_code)
     decays = decay.decay_names(model)
     shape = shape_of(model)
@@ -300,7 +300,7 @@ def _lora_params(model: Any, cfg: RunConfig, base: list[Param], lp: int,
                  notes: list[str]) -> list[Param]:
     """Under LoRA: base parameters frozen except biases (peft bias 'all'), adapters added, and a
     trainable copy of every also_train module (peft modules_to_save keeps the original too)."""
-    from launcher import lora
+    from launcher.model import lora
     lc = cfg.freeze.lora
     modules = dict(model.named_modules())
     targets = lora.target_modules(modules.items(), list(lc.target_modules),

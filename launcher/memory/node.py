@@ -23,10 +23,10 @@ import json
 import os
 from typing import Any
 
-from launcher.config import DTYPE_BYTES, TORCH_DTYPE
+from launcher.config.schema import DTYPE_BYTES, TORCH_DTYPE
 from launcher.memory.nvme import node_terms as nvme_terms
 from launcher.memory.terms import DS_SRC, Term, gib, param_groups
-from launcher.sizes import parse_size, parse_slurm_mem
+from launcher.config.sizes import parse_size, parse_slurm_mem
 
 # bytes per element of a checkpoint dtype, by its torch name (derived from the one dtype table)
 CKPT_BYTES = {**{TORCH_DTYPE[k]: DTYPE_BYTES[k] for k in TORCH_DTYPE}, "float64": 8}
@@ -130,7 +130,7 @@ def node_terms(r: Any, per_rank_total: int) -> list[Term]:
                         state, "save", "all weights x lp (+ buffers) on rank 0's host: "
                         "_zero3_consolidated_16bit_state_dict copies each gathered layer to the CPU; "
                         "the other terms of training stay allocated", "deepspeed 0.19 "
-                        "runtime/engine.py _zero3_consolidated_16bit_state_dict; launcher/export.py"))
+                        "runtime/engine.py _zero3_consolidated_16bit_state_dict; launcher/rank/export.py"))
     # what training holds stays allocated through the final save
     return [t if "train" not in t.phase.split() else
             Term(t.key, t.label, t.bytes, t.phase + " save", t.formula, t.source, t.low) for t in out]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
-from launcher.config import RunConfig
-from launcher.errors import ConfigError
+from launcher.config.schema import RunConfig
+from launcher.config.errors import ConfigError
 from launcher.memory.terms import expandable_segments, gib
 
 Plan = Any  # launcher.memory.planner.Plan (not imported: the planner imports this module)

@@ -7,13 +7,14 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from launcher import ds_config, runfile
-from launcher.config import RunConfig
-from launcher.errors import ConfigError, Problem
+from launcher.dsconfig import build as ds_config
+from launcher.config import runfile
+from launcher.config.schema import RunConfig
+from launcher.config.errors import ConfigError, Problem
 from launcher.memory.activations import activations, from_frozen_trace, from_trace, grads_map
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
-from launcher.attn_kernels import resolved as resolved_kernel
+from launcher.checks.attn_kernels import resolved as resolved_kernel
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
@@ -23,12 +24,12 @@ from launcher.memory.probe import cpu_runtime_terms
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
                                    cuda_slack, gib, nccl_communicators,
                                    nccl_range, param_groups, states)
-from launcher.device import gpu_driver_present
-from launcher.gpus import CARDS, lookup
-from launcher.sizes import parse_size
+from launcher.model.device import local_gpu_memory
+from launcher.config.gpus import CARDS, lookup
+from launcher.config.sizes import parse_size
 
 DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
-# launcher/train.py keeps only `.loss` of the model output, so the lp logits die before backward
+# launcher/rank/train.py keeps only `.loss` of the model output, so the lp logits die before backward
 LOGITS_HELD = False
 MOMENTS = ("fwd", "bwd", "step")
 
@@ -123,13 +124,9 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
     if card is not None:
         return card.memory, f"cluster.gpu_type {card.name}: {card.memory // 2**20:,} MiB"
-    if gpu_driver_present():  # without a driver torch sees no GPU: not imported for nothing
-        try:
-            import torch
-            if torch.cuda.is_available():
-                return torch.cuda.get_device_properties(0).total_memory, "local GPU"
-        except Exception:  # pragma: no cover - a broken CUDA install must not break planning
-            pass
+    local = local_gpu_memory()
+    if local:
+        return local, "local GPU"
     return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
                                 "or local GPU): an H100's 81,559 MiB")
 
@@ -343,7 +340,7 @@ def _activation_terms(r: _Setting) -> list[Term]:
 
 def _card_sm(cfg: RunConfig) -> tuple[int, int]:
     """The compute capability the plan assumes: cluster.gpu_type's, else an sm90 card (H100)."""
-    from launcher.gpus import lookup
+    from launcher.config.gpus import lookup
     card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
     return card.sm if card is not None and card.sm else (9, 0)
 
@@ -394,7 +391,7 @@ def _peak(terms: list[Term]) -> tuple[str, int]:
 def _load_terms(r: _Setting) -> list[Term]:
     """A quantized base at ZeRO-3 on GPUs: transformers skips zero.Init for quantized models
     (modeling_utils: `is_deepspeed_zero3_enabled() and not _is_quantized`) and the ranks load it
-    with device_map {"": their GPU} (launcher/quantize.py load_kwargs), so every rank holds the
+    with device_map {"": their GPU} (launcher/model/quantize.py load_kwargs), so every rank holds the
     whole quantized model until deepspeed.initialize partitions it (DeepSpeedZeRoOffload
     `_convert_to_zero_parameters`, parameter by parameter)."""
     cfg, inv = r.cfg, r.inv
@@ -405,7 +402,7 @@ def _load_terms(r: _Setting) -> list[Term]:
                  inv.weight_bytes, "load",
                  "every parameter as stored (quantized weights packed, the rest lp) + buffers: "
                  "from_pretrained puts the whole model on each rank's GPU",
-                 "transformers modeling_utils (no zero.Init when quantized); launcher/quantize.py "
+                 "transformers modeling_utils (no zero.Init when quantized); launcher/model/quantize.py "
                  "device_map; deepspeed parameter_offload._convert_to_zero_parameters"),
             Term("load_transient", "weight being quantized", transient, "load",
                  "lp x the largest quantized weight: read in lp, then quantized on the GPU (its "

@@ -76,7 +76,7 @@ def one_block_model(model_dir: str, dtype: str, attn: str | None = None,
     """The model of model_dir with a single block, randomly initialised, in train mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.device import torch_dtype
+    from launcher.model.device import torch_dtype
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(getattr(config, key, None), int):

@@ -143,7 +143,7 @@ def adam8_state_bytes(numels: Iterable[int]) -> int:
 
 def param_groups(inv: Inventory, weight_decay: float) -> list[list[int]]:
     """The trainable elements of each optimizer param group, in order, as the ranks build them
-    (launcher/decay.py): with weight decay, the decayed parameters, then biases and norms."""
+    (launcher/model/decay.py): with weight decay, the decayed parameters, then biases and norms."""
     train = [p for p in inv.params if p.trainable]
     if not weight_decay:
         return [[p.numel for p in train]]

@@ -161,7 +161,7 @@ def _with_adapters(m, adapters: set[str], r: int, dropout: float) -> None:
     base(x) + lora_B(lora_A(dropout(x))) x scaling, the adapters in the base weight's dtype."""
     import torch
 
-    from launcher.lora import in_out
+    from launcher.model.lora import in_out
 
     class Adapted(torch.nn.Module):
         def __init__(self, base) -> None:
@@ -395,7 +395,7 @@ def _trace(path: str, b: int, s: int, dtype: str, attn: str, trust: bool, padded
     import torch
     from transformers import AutoConfig
 
-    from launcher.config import TORCH_DTYPE
+    from launcher.config.schema import TORCH_DTYPE
     hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     tdt = getattr(torch, TORCH_DTYPE[dtype])
     one, used, experts = _saved(_with_layers(hf, 1), b, s, tdt, attn, trust, padded, device,
@@ -418,7 +418,7 @@ def frozen_layout(trainable: frozenset[str], layers: int, quantized: frozenset[s
     same parameters and quantize the same modules (the usual case: last_layers, LoRA, a pattern
     per block kind) are traced as 3 and extrapolated; other runs are traced block for block.
     Returns (original indices traced, name map, first)."""
-    from launcher.freeze import find_layers, group_of
+    from launcher.model.freeze import find_layers, group_of
     found = find_layers(sorted(trainable | {q + ".weight" for q in quantized}))
     container = found[0].rsplit(".", 2)[0] if found else None
     prefixes = [f"{container}.{i}." if container is not None else f"<none>.{i}."
@@ -477,7 +477,7 @@ def _trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: f
     import torch
     from transformers import AutoConfig
 
-    from launcher.config import TORCH_DTYPE
+    from launcher.config.schema import TORCH_DTYPE
     hf = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     layers = _layers(hf)
     idx, names, first = frozen_layout(trainable, layers, quantized)

@@ -104,7 +104,7 @@ esac
 # A fake `python`: the per-node launcher's place. Records argv and environment (NUL-separated, per
 # node), then behaves like ranks that train FAKE_STEPS steps, resuming from their progress file,
 # checking the STOP file (next to the last argument, resolved.yaml) before every step; when it is
-# there it stops like launcher/train.py under torchrun: node 0 (rank 0) removes STOP, and the
+# there it stops like launcher/rank/train.py under torchrun: node 0 (rank 0) removes STOP, and the
 # launcher exits 1 (torchrun's code for any failed rank). Node FAKE_SLOW_NODE takes FAKE_SLOW_S
 # more seconds to stop (a slow checkpoint).
 # Node FAKE_CRASH_NODE exits 3 at step FAKE_CRASH_STEP: a dead rank. With FAKE_CHECKPOINTS set,
@@ -282,7 +282,7 @@ def restart_node(cluster_dir: str, node: str, env: dict, timeout: float = 60) ->
 # Ranks that leave what real ones leave in the run directory, one node's worth: node 0 appends a
 # metrics.jsonl line per step (with the job id, restart and MASTER_ADDR it saw), resuming after
 # the last line, and writes exit_status.json (0 done, 75 stopped). STOP (RUN_DIR/STOP) is honoured
-# at each step boundary as launcher/train.py does under torchrun: removed, 75 recorded, exit 1.
+# at each step boundary as launcher/rank/train.py does under torchrun: removed, 75 recorded, exit 1.
 # After step FAKE_HOLD_STEP the ranks wait for FAKE_DIR/release or STOP. The preflight passes, or
 # with FAKE_BAD_ALL every node fails it the same way (node 0 lists them all).
 FAKE_METRIC_RANKS = r"""#!/bin/bash

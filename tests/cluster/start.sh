@@ -123,6 +123,9 @@ MpiDefault=none
 ReturnToService=2
 KillWait=5
 MinJobAge=600
+# Job ids start at the (random) port: two test clusters on one host do not hand out the same ids,
+# so their jobs' MASTER_PORTs (derived from the job id) differ when tests run side by side.
+FirstJobId=$PORT
 GresTypes=gpu
 NodeName=node[1-$NODES] NodeHostname=localhost NodeAddr=127.0.0.1 Port=[$((PORT + 1))-$LAST_NODE_PORT] CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPUS State=$NODE_STATE
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -1,0 +1,333 @@
+"""`ftlaunch run RUN.yaml`: the whole job on this machine, ranks started for you.
+
+    ftlaunch run RUN.yaml                  # all local GPUs, or 2 CPU ranks where there is none
+    ftlaunch run RUN.yaml --nproc 4        # 4 ranks
+    ftlaunch run RUN.yaml --max-steps 10   # train.max_steps=10 (the LR schedule follows it)
+    ftlaunch run RUN.yaml --dry-run        # check everything, 3 steps in a temporary folder
+    ftlaunch run RUN.yaml --resume         # continue a run whose config changed
+
+Before any rank starts: the run file is loaded and checked (exit 2 on a problem), the device
+resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
+with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
+(global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
+data are loaded here once, by the ranks' own reader (`python -m launcher.rank.inputs`, a child process
+that runs while the memory plan is made: this half imports none of the rank half), so bad data
+fails in seconds with the data's own error; with data.cache on, the ranks map what it tokenized.
+The memory plan is printed and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
+-m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
+
+Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
+print one line `stopped at step N ...; resume with: ...`; `ftlaunch run` exits 75 (the ranks
+exit 0 so that torchrun reports no failure: run_state.rank_exit_code). A second Ctrl-C kills
+torchrun and every process below it at once (found through /proc: torchrun starts each worker in
+a session of its own), and says which complete checkpoint a resume takes (exit 130). The exit code is otherwise the
+ranks' (read from RUN_DIR/exit_status.json, since torchrun itself reports any failure as 1).
+
+A run directory whose last launch finished at or past train.max_steps is left as it is ("is
+finished; nothing changed"); a larger --max-steps continues it. Which of --max-steps and the run
+file set train.max_steps is printed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+from launcher.cluster import layout, run_state
+from launcher.config.batch import batch_sizes, local_batch_problem
+from launcher.config.schema import RunConfig
+from launcher.model.device import resolve_device, visible_gpus
+from launcher.config.errors import ConfigError, Problem
+from launcher.common import log as log_mod
+from launcher.common.log import get_logger
+
+log = get_logger(__name__)
+
+DRY_RUN_STEPS = 3
+DEFAULT_CPU_RANKS = 2
+
+
+def local_ranks(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
+    """(device, ranks) for this machine: cuda with all (or nproc) GPUs, else cpu with nproc or 2."""
+    device = resolve_device(cfg)
+    if device == "cuda":
+        gpus = visible_gpus()
+        n = nproc or gpus
+        if n > gpus:
+            raise ConfigError([Problem("--nproc", f"{n} ranks asked, {gpus} GPUs here",
+                                       f"use --nproc {gpus} or fewer")])
+        return device, n
+    n = nproc or DEFAULT_CPU_RANKS
+    if n < 1:
+        raise ConfigError([Problem("--nproc", f"{n} ranks", "use --nproc 1 or more")])
+    return "cpu", n
+
+
+def local_overrides(cfg: RunConfig, device: str, nproc: int) -> list[str]:
+    """Overrides that make the resolved config describe this machine's run."""
+    out = [f"train.device={device}", "cluster.nodes=1", f"cluster.gpus_per_node={nproc}"]
+    if cfg.train.global_batch_size is not None:
+        bad = local_batch_problem(cfg, nproc)
+        if bad is not None:
+            raise ConfigError([bad])
+        out.append("train.grad_accum=null")
+    return out
+
+
+def plan_text(cfg: RunConfig, force: bool = False) -> str | None:
+    """The memory plan, or None where it cannot be made (printed as a warning); ConfigError
+    when it does not fit per GPU or per node (this host) and force is off."""
+    from launcher import memory
+    try:
+        kernels = None
+        if cfg.train.device == "cpu":  # these ranks run here: measure what the plan cannot derive
+            from launcher.memory.probe import measure
+            kernels = measure(cfg)
+        return memory.checked_text(memory.plan(cfg, kernels=kernels, local=True), force)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the plan is advice; the run does not depend on it
+        log.warning(f"no memory plan: {type(exc).__name__}: {exc}")
+        return None
+
+
+def rank_command(resolved: str, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node", str(nproc), "-m", "launcher", "train", resolved]
+
+
+def rank_environ(device: str, nproc: int, *, dry_run: bool,
+                 cluster_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The ranks' environment: this process's, with cluster.env set over it (as the job script
+    exports it: e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, which the plan reads)."""
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in (cluster_env or {}).items()})
+    if device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if dry_run:
+        env["FTLAUNCH_NO_SAVE"] = "1"
+    env[run_state.STOPPED_EXIT_ENV] = "0"  # a stop is 75 in exit_status.json, 0 to torchrun
+    env[log_mod.SHOWN_ENV] = json.dumps(log_mod.shown_warnings())  # each warning once
+    # the ranks import this package: make sure they find the same one
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def kept(run_dir: str) -> str:
+    """What a run directory keeps after its ranks were killed: the newest complete checkpoint."""
+    from launcher.cluster import checkpoint_files as checkpoint
+    path = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
+    if path is None:
+        return "no complete checkpoint: a new launch starts from step 0"
+    return (f"kept {path} (step {checkpoint.step_of(path)}), the newest complete checkpoint; "
+            f"steps after it are lost; resume with: {run_state.resume_command(run_dir)}")
+
+
+def live_parents() -> dict[int, int]:
+    """pid -> parent pid of every live process, from /proc (zombies left out: they are gone)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # after "(comm)", which may hold spaces
+        if len(fields) > 1 and fields[0] != "Z":
+            out[int(name)] = int(fields[1])
+    return out
+
+
+def descendants(root: int) -> set[int]:
+    """Every live process below root (children, their children, ...), root included when alive.
+    torchrun starts each worker in its own session, so only the parent links reach them all."""
+    kids: dict[int, list[int]] = {}
+    parents = live_parents()
+    for pid, ppid in parents.items():
+        kids.setdefault(ppid, []).append(pid)
+    found, todo = set(), [root] if root in parents else []
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(kids.get(pid, []))
+    return found
+
+
+def kill_tree(root: int, wait_s: float = 10.0) -> set[int]:
+    """SIGKILL root and every process below it; returns those still alive after wait_s (none,
+    normally). The tree is first frozen (SIGSTOP, until no new process appears), so that no
+    process forks, restarts a worker or is reparented away between the listing and the kill."""
+    stopped: set[int] = set()
+    for _ in range(20):
+        new = descendants(root) - stopped
+        if not new:
+            break
+        for pid in new:
+            _signal(pid, signal.SIGSTOP)
+        stopped |= new
+    for pid in stopped:
+        _signal(pid, signal.SIGKILL)
+    deadline = time.time() + wait_s
+    alive = set(stopped)
+    while alive and time.time() < deadline:
+        live = live_parents()
+        alive = {p for p in alive if p in live}
+        if alive:
+            time.sleep(0.05)
+    return alive
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
+    """Run the ranks in their own process group; Ctrl-C asks them to stop (see module doc). The
+    second Ctrl-C kills torchrun and every process below it (its workers run in sessions of
+    their own, out of reach of a process-group kill) and says which checkpoint a resume takes."""
+    started = time.time()
+    proc = subprocess.Popen(list(cmd), env=env, start_new_session=True)
+    presses = 0
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            run_state.request_stop(run_dir)
+            print(f"\nftlaunch: {signal.Signals(signum).name}: stopping after this step, with a "
+                  "checkpoint (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        elif presses == 2:
+            left = kill_tree(proc.pid)
+            if left:
+                print(f"ftlaunch: processes {sorted(left)} did not end after SIGKILL",
+                      file=sys.stderr, flush=True)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if presses >= 2:
+        # the STOP file stays: a rank that outlived the kill still stops at its next step
+        print(f"ftlaunch: stopped at once, every process of the run ended; {kept(run_dir)}",
+              file=sys.stderr, flush=True)
+        return 130
+    return run_state.launch_exit_code(rc, run_dir, started)
+
+
+class DataCheck:
+    """The ranks' tokenizer and data reader, run once in a child process before any rank starts
+    (`python -m launcher.rank.inputs`). It runs while the memory plan is made; `wait()` prints what
+    it printed (after the plan, as if the two had run one after the other) and returns its exit
+    code: 0, or 2 after the data's problem. With data.cache on, the tokenized data it leaves in
+    the cache is what the ranks map."""
+
+    def __init__(self, run_file: str, overrides: list[str]):
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.rank.inputs", run_file,
+                                      *overrides], stdout=self.out, stderr=self.err)
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        for fh, stream in ((self.out, sys.stdout), (self.err, sys.stderr)):
+            fh.seek(0)
+            stream.write(fh.read())
+            stream.flush()
+            fh.close()
+        return code
+
+    def cancel(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+        self.err.close()
+
+
+def check_data(run_file: str, overrides: list[str]) -> DataCheck:
+    """Start the data check (`DataCheck`)."""
+    return DataCheck(run_file, overrides)
+
+
+def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
+    """Which of --max-steps and the run file set train.max_steps (printed by `main`)."""
+    if flag is None and base.train.epochs is not None:
+        return f"train.epochs {base.train.epochs:g} (from {run_file}): the steps are counted from the data"
+    if flag is None:
+        return f"train.max_steps {base.train.max_steps} (from {run_file})"
+    if flag == base.train.max_steps:
+        return f"train.max_steps {flag} (--max-steps, the same as {run_file})"
+    return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
+
+
+def main(args: Any) -> int:
+    from launcher.dsconfig import build as ds_config
+    from launcher.cluster import rundir
+    from launcher.config import runfile, secret_env
+    base = runfile.load(args.run_file, args.overrides)
+    device, nproc = local_ranks(base, args.nproc)
+    extra = local_overrides(base, device, nproc)
+    if args.max_steps is not None:
+        extra += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
+    tmp = None
+    if args.dry_run:
+        tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
+        extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
+                  "train.warmup_ratio=0",
+                  "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
+                  f"output.dir={tmp}"]
+    cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
+    secret_env.warn_in_clear(cfg)
+    secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
+    rundir.keep_private(cfg)
+    if not args.dry_run:
+        print(f"ftlaunch: {max_steps_source(base, args.run_file, args.max_steps)}", flush=True)
+        done = run_state.finished(cfg.run_dir, cfg.train.max_steps)
+        if (done and cfg.train.resume == "auto" and not args.overwrite
+                and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
+            print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
+            return layout.EXIT_OK
+    if not args.dry_run:  # before the plan and the tokenizing: refused in a second
+        rundir.check(cfg, rundir.on_existing(args))
+    try:
+        checking = check_data(args.run_file, list(args.overrides) + extra)  # beside the plan
+        try:
+            plan = plan_text(cfg, getattr(args, "force", False))
+        except BaseException:
+            checking.cancel()
+            raise
+        if plan:
+            print(plan, end="", flush=True)
+        code = checking.wait()
+        if code:
+            return code
+        ds = ds_config.build(cfg, nproc, device)
+        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
+                                 else rundir.on_existing(args))
+        run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
+        micro, accum, global_batch = batch_sizes(cfg, nproc)
+        print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, global batch "
+              f"{micro} micro x {accum} accum x {nproc} rank{'s' if nproc > 1 else ''} = "
+              f"{global_batch} sequences, run directory {run_dir}"
+              + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
+        cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
+        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
+                                        cluster_env=dict(cfg.cluster.env)), run_dir)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)

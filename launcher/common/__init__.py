@@ -1,0 +1,1 @@
+"""Shared utilities every room uses: the one logging setup (login half)."""
