@@ -121,9 +121,9 @@ if __name__ == "__main__":
     calls: list = []
     sum_, start_ = collectives.all_reduce_sum, collectives.all_reduce_start
 
-    def counted_sum(values, device):
+    def counted_sum(values, device, out=None):
         calls.append(("sum", state["step"], state["phase"]))
-        return sum_(values, device)
+        return sum_(values, device, out)
 
     def counted_start(values):
         calls.append(("start", state["step"], state["phase"]))
