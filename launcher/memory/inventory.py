@@ -239,7 +239,8 @@ def inventory(cfg: RunConfig) -> Inventory:
     if key not in _INVENTORIES:
         if len(_INVENTORIES) >= 64:
             _INVENTORIES.clear()
-        _INVENTORIES[key] = facts_cache.get("inventory", key, lambda: build_inventory(cfg),
+        # on disk without the folder's path: a copy of the model plans from the same facts
+        _INVENTORIES[key] = facts_cache.get("inventory", key[1:], lambda: build_inventory(cfg),
                                             folder=cfg.model.path)
     return _INVENTORIES[key]
 
