@@ -197,7 +197,8 @@ def markdown(res: dict) -> str:
                              f"| {r['ratio']:.3f} | {_gib(plan_res)} | {_gib(reserved)} | {rr} |")
             else:
                 lines.append(f"| {k} | error: {r.get('error', '?')[:120]} | | | | | |")
-        parts.append("\n".join(lines) + f"\n\nmeasured = {next((r.get('measured_kind') for r in mem['rows'].values() if 'measured_kind' in r), '?')}\n")
+        kind = next((r.get("measured_kind") for r in mem["rows"].values() if "measured_kind" in r), "?")
+        parts.append("\n".join(lines) + f"\n\nmeasured = {kind}\n")
     tp = res.get("throughput", {})
     if "rows" in tp:
         lines = [f"| throughput setting (micro {tp['micro_batch']} x {tp['seq']} tokens) | trainable "
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu" if a.cpu_dry else "cuda"
     res: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry": a.cpu_dry,
                  "device_name": torch.cuda.get_device_name() if not a.cpu_dry else f"CPU ({platform.machine()})",
-                 "torch": torch.__version__, "command": " ".join(["python bench/gpu_check.py"] + (argv or sys.argv[1:])),
+                 "torch": torch.__version__,
+                 "command": " ".join(["python bench/gpu_check.py"] + (argv or sys.argv[1:])),
                  "errors": {}}
     try:
         import deepspeed

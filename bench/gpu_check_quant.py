@@ -179,7 +179,7 @@ def run(device: Any, out: dict, *, tiny: bool | None = None) -> dict:
                 first = False
             try:
                 section["runs"].append(one_run(cfg, device, shape))
-            except Exception as exc:  # record and go on: one broken mode must not hide the rest
+            except Exception as exc:  # noqa: BLE001 - one broken mode must not hide the rest
                 section["runs"].append({"mode": mode, "optimizer": optimizer,
                                         "error": f"{type(exc).__name__}: {exc}"})
     return section

@@ -297,7 +297,8 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
         warm_code()
         if os.environ.get("PVM_WARM_SHAPES") == "1":  # the run's own kernels below the baseline
             from launcher.memory.probe import kernel_bytes
-            kernel_bytes(cfg.model.path, cfg.model.dtype, cfg.train.micro_batch_size,
+            from launcher.memory.reference import sequences_per_micro_batch
+            kernel_bytes(cfg.model.path, cfg.model.dtype, sequences_per_micro_batch(cfg),
                          cfg.data.max_seq_len, cfg.model.attn_implementation)
         warm_engine(train.build_ds_config(cfg, env, "cpu"))
         gc.collect()
@@ -331,10 +332,21 @@ def rank_main(run_files: list[str], out: str, steps: int) -> None:
             engine.module, "get_input_embeddings") else 256
         rec: dict = {"run": path, "after_init": after_init, "peak_reset": reset,
                      "init_peak": _status("VmHWM") - base, **loaded}
+        pairs = cfg.train.objective != "sft"  # a preference step: b pairs, 2b rows
+        if pairs and s.reference is not None and s.reference.holder is not None:
+            held = s.reference.holder[0]
+            rec["reference"] = weight_bytes(getattr(held, "module", held))
         for step in range(steps):
             x = torch.randint(3, max(4, int(getattr(engine.module.config, "vocab_size", vocab))),
-                              (b, n), generator=gen)
-            loss = engine(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+                              (2 * b if pairs else b, n), generator=gen)
+            if pairs:
+                from launcher.rank import preference
+                labels = x.clone()
+                labels[:, : n // 2] = -100  # the prompt half
+                loss, _ = preference.forward(s, {"input_ids": x, "attention_mask": torch.ones_like(x),
+                                                 "labels": labels, "index": torch.zeros(b, dtype=torch.long)})
+            else:
+                loss = engine(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
             phases = [_status("VmRSS") - base]
             at_bwd = grads_at_backward_end(engine, loss) if step == steps - 1 else {}
             engine.backward(loss)
@@ -474,7 +486,8 @@ def measure(model: str, settings: list[str], work: str, steps: int = 3,
                      "plan_tensors": p.peak_allocated, "measured_peak": peak,
                      "ratio": peak / p.total_per_gpu, "seconds": round(time.time() - t0, 1),
                      "plan_terms": {k: p.term(k) for k in ("weights", "gradients", "masters", "optimizer")},
-                     "engine": {k: max(r[k] for r in ranks) for k in ("weights", "grads", "grads_storage", "masters", "optimizer")},
+                     "engine": {k: max(r[k] for r in ranks)
+                                for k in ("weights", "grads", "grads_storage", "masters", "optimizer")},
                      "after_init": max(r["after_init"] for r in ranks)})
     return rows
 
@@ -490,7 +503,8 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {r['model']} | {r['setting']} | {r['params']:,} ({r['trainable']:,}) | "
                    f"{mib(r['plan_total'])} | {mib(r['measured_peak'])} | {r['ratio']:.3f} | {dcell} |")
     out.append("")
-    out.append("| model | setting | weights plan/engine | grads plan/engine | masters plan/engine | optimizer plan/engine |")
+    out.append("| model | setting | weights plan/engine | grads plan/engine | masters plan/engine "
+               "| optimizer plan/engine |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:
         cells = []

@@ -112,7 +112,8 @@ def part_train_overhead(docs: str) -> str:
     return (f"## Training overhead and time to first step\n\n~6.5M-parameter Llama, bf16, ZeRO-2, "
             f"2 CPU ranks (OMP_NUM_THREADS=1), micro batch {res['micro']}, {res['seq']}-token packed "
             f"sequences, {res['steps']} steps; tokens/s over steps {res['warm'] + 1}-{res['steps']}. "
-            f"{res['rounds']} rounds, contenders interleaved, medians; {res['rounds']} x 4 jobs. Every contender uses the same "
+            f"{res['rounds']} rounds, contenders interleaved, medians; {res['rounds']} x 4 jobs. "
+            "Every contender uses the same "
             "DeepSpeed config (the one `ftlaunch` builds) and the same data. Time to first step is "
             "from starting the command to the end of the first optimizer step.\n\n"
             f"{to.table(res)}\n\n"
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {part}", flush=True)
         try:
             text = globals()[f"part_{part}"](docs)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one failing part must not hide the others
             failed.append(part)
             traceback.print_exc()
             text = f"## {part}\n\nFailed in this run: `{type(exc).__name__}: {str(exc)[-800:]}`\n"

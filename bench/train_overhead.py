@@ -252,7 +252,7 @@ def measure(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="overhead-") as work:
         paths, ds_json = prepare(work, steps)
-        for rnd in range(rounds):
+        for _round in range(rounds):
             for kind in kinds:
                 try:
                     if kind.startswith("ftlaunch"):
@@ -264,7 +264,7 @@ def measure(steps: int = 30, hf: bool = True, rounds: int = 3) -> dict:
                         if os.path.exists(log):
                             os.remove(log)
                         runs[kind].append(run_peer(peer, paths, work, ds_json, steps))
-                except Exception as exc:  # recorded, shown in the doc
+                except Exception as exc:  # noqa: BLE001 - recorded, shown in the doc
                     errors[kind] = str(exc)[-1500:]
     res: dict = {"steps": steps, "world": WORLD, "micro": MICRO, "seq": SEQ, "warm": WARM,
                  "rounds": rounds}

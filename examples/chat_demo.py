@@ -32,7 +32,7 @@ def conversation(rng: random.Random) -> list[dict[str, str]]:
     return turns
 
 
-def build_assets(BUILD: str = BUILD) -> None:  # noqa: N803 - the folder the demo uses
+def build_assets(BUILD: str = BUILD) -> None:
     """The tiny chat model, its tokenizer and the two data files, under BUILD (once)."""
     if os.path.exists(os.path.join(BUILD, "data", "sharegpt.jsonl")):
         return

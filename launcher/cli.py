@@ -6,21 +6,24 @@ imports them lazily for a meta-device model only; run and train are the rank hal
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
-import re
 import sys
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 from launcher.cluster import layout
 from launcher.config.errors import ConfigError
+from launcher.config.yaml_reader import OVERRIDE_WORD
 
 
+T = TypeVar("T")
 OVERRIDE_HELP = """overrides:
   key.sub=value anywhere on the command line, before or after the options, applied in order
   on top of {what} (split on the first '='; later wins), e.g.
     ftlaunch {cmd} {example}"""
-# A command-line word that is an override: a dotted key, '=', anything (never an option).
-OVERRIDE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+|\[[0-9]+\])*=")
+# A command-line word that is an override: a dotted key, '=', anything (never an option); the
+# grammar is the reader's, so every form recognised here is applied there.
+OVERRIDE = OVERRIDE_WORD
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -75,6 +78,8 @@ def _commands_before(sub) -> None:
     p.add_argument("--node-memory", help="CPU memory of one node, e.g. 512GiB (default: cluster.mem)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--explain", action="store_true", help="show the formula behind every term")
+    p.add_argument("--max-seq-len", action="store_true", help="also the longest sequence that fits "
+                   "per GPU as configured and with each long-sequence switch on (docs/long-sequences.md)")
     p.add_argument("--probe", action="store_true",
                    help="train.device cpu: measure the ranks' kernel memory on this machine "
                         "(a few seconds, cached) instead of planning its range")
@@ -90,6 +95,9 @@ def _commands_before(sub) -> None:
     p.add_argument("--test-only", action="store_true",
                    help="ask the scheduler whether and where it would run (sbatch --test-only)")
     p.add_argument("--force", action="store_true", help="submit even if the plan does not fit")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a run directory and a job for each value (repeat for every combination; "
+                        "every point is checked before any is written or submitted)")
     _add_existing(p)
 
     p = _command(sub, "run", "run here: all local GPUs, or CPU ranks where there are none")
@@ -172,7 +180,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse argv; key=value words anywhere after the command are overrides (in their order)."""
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
-    sub = _subparser(ap, args.command)
+    sub = subparser(ap, args.command)
     late = [w for w in extra if OVERRIDE.match(w)]
     rest = [w for w in extra if not OVERRIDE.match(w)]
     if rest:
@@ -181,7 +189,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _subparser(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+def subparser(ap: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     for action in ap._actions:  # argparse keeps the subparsers only here
         if isinstance(action, argparse._SubParsersAction):
             return action.choices[name]
@@ -205,6 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
 
 
+def typed_call(cls: type[T], args: argparse.Namespace) -> T:
+    """The command's typed call (a dataclass of its module) from the parsed arguments: each field
+    taken from the argument of its name, lists as tuples. No module below this one sees argparse."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name):
+            v = getattr(args, f.name)
+            values[f.name] = tuple(v) if isinstance(v, list) else v
+    return cls(**values)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.config.runfile import load
     from launcher.checks.summary import summary
@@ -218,7 +237,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_ds_config(args: argparse.Namespace) -> int:
     from launcher.dsconfig import build as ds_config
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     from launcher.config.runfile import load
     cfg = load(args.run_file, args.overrides)
     built = ds_config.build(cfg, args.world_size)
@@ -240,62 +259,62 @@ def cmd_ds_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.memory import main as plan_main
-    return plan_main(args)
+    from launcher.memory.planner import PlanCall, main as plan_main
+    return plan_main(typed_call(PlanCall, args))
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from launcher.data.report import main as data_main  # rank half (transformers), lazily
-    return data_main(args)
+    from launcher.data.report import DataCall, main as data_main  # rank half, lazily
+    return data_main(typed_call(DataCall, args))
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from launcher.cluster.slurm import main as slurm_main
-    return slurm_main(args)
+    from launcher.cluster.slurm import SlurmCall, main as slurm_main
+    return slurm_main(typed_call(SlurmCall, args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.cluster.local_run import main as run_main
-    return run_main(args)
+    from launcher.cluster.local_run import RunCall, main as run_main
+    return run_main(typed_call(RunCall, args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.cluster import rank_guard
     if rank_guard.wanted():  # the work runs in a child; a death by signal is recorded
-        return rank_guard.run(args)
-    from launcher.rank.train import main as train_main
-    return train_main(args)
+        return rank_guard.run(args.run_file, args.overrides)
+    from launcher.rank.train import TrainCall, main as train_main
+    return train_main(typed_call(TrainCall, args))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from launcher.convert.command import main as convert_main
-    return convert_main(args)
+    from launcher.convert.command import ConvertCall, main as convert_main
+    return convert_main(typed_call(ConvertCall, args))
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
     from launcher.cluster import run_state
-    from launcher.rank.preflight import main as preflight_main
-    run_state.leave(preflight_main(args))  # a process of its own (srun), like a rank
+    from launcher.rank.preflight import PreflightCall, main as preflight_main
+    run_state.leave(preflight_main(typed_call(PreflightCall, args)))  # a process of its own (srun), like a rank
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.rank.export import main as export_main
-    return export_main(args)
+    from launcher.rank.export import ExportCall, main as export_main
+    return export_main(typed_call(ExportCall, args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launcher.ops.status import main as status_main
-    return status_main(args)
+    from launcher.ops.status import StatusCall, main as status_main
+    return status_main(typed_call(StatusCall, args))
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from launcher.ops.status import runs_main
-    return runs_main(args)
+    from launcher.ops.status import RunsCall, runs_main
+    return runs_main(typed_call(RunsCall, args))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from launcher.ops.stop import main as stop_main
-    return stop_main(args)
+    from launcher.ops.stop import StopCall, main as stop_main
+    return stop_main(typed_call(StopCall, args))
 
 
 COMMANDS = {"validate": cmd_validate, "ds-config": cmd_ds_config, "plan": cmd_plan,

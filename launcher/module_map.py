@@ -48,6 +48,19 @@ ROOM_CROSSINGS = {
         "the summary shows the CPUs each node's task asks for (`task_cpus`, one home: the job)",
     ("launcher.data.report", "launcher.rank.inputs"):
         "`ftlaunch data` reads the tokenizer and the data exactly as a rank does",
+    ("launcher.checks.slurm_checks", "launcher.cluster.step_time"):
+        "cluster.time auto is refused only where no step time was measured (one home: the "
+        "measurements)",
+    ("launcher.memory.clock", "launcher.cluster.step_time"):
+        "the time estimate takes a measured step time and writes Slurm's --time and its cap "
+        "(one home: the measurements and Slurm's time format)",
+    ("launcher.memory.clock", "launcher.data.cache"):
+        "tokens per epoch counted by the tokenized cache, where the data was tokenized already",
+    ("launcher.memory.clock", "launcher.rank.inputs"):
+        "the tokenizer loaded as the ranks load it: the tokenized cache's key depends on it",
+    ("launcher.checks.validate", "launcher.cluster.reshard"):
+        "cluster.min_nodes is refused where a resume on fewer ranks cannot work (one home: "
+        "`reshard.unsupported`, also asked at the resume itself)",
 }
 # Modules at the top of the package: the command line and the two generators of docs.
 TOP_MODULES = {"launcher", "launcher.__main__", "launcher.cli", "launcher.module_map",
@@ -67,8 +80,14 @@ LAZY_HEAVY_REASONS = {
     ("launcher.memory.inventory", "transformers"): _META,
     ("launcher.memory.traced", "torch"): "the plan's activations, traced on meta-device blocks",
     ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
+    ("launcher.memory.clock", "launcher.data.cache"): "tokens per epoch from the tokenized cache "
+                                                      "(read only where it exists)",
+    ("launcher.memory.clock", "launcher.rank.inputs"): "the tokenizer, for the tokenized cache's "
+                                                       "key (transformers, as the plan's meta model)",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
+    ("launcher.cluster.reshard", "deepspeed"): "DeepSpeed's universal-checkpoint converter, run "
+                                                "once by rank 0 at a resume on another world size",
     ("launcher.model.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the "
                                        "plan uses the name rule alone, torch-free",
     ("launcher.model.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks "

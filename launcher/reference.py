@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv:
         print(f"usage: {COMMAND} [--check]", file=sys.stderr)
         return 2
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     for path in MARKERS:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()

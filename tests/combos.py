@@ -85,7 +85,16 @@ def pairwise(levels: dict[str, list[Any]], seed: int = 0, candidates: int = 30,
 # refusal once per pair; the covering set leaves them out so that its rows run every command
 REFUSED = [("quant", "8bit", "freeze", "full"), ("quant", "4bit", "freeze", "full"),
            ("quant", "8bit", "freeze", "last_layers"), ("quant", "4bit", "freeze", "last_layers"),
-           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3)]
+           ("offload", "cpu", "zero", 0), ("quant", "8bit", "zero", 3),
+           ("time", "auto", "gpu_type", None),   # no peak FLOP/s and nothing measured
+           ("longseq", "tiled", "zero", 3), ("min_nodes", True, "zero", 0),
+           ("min_nodes", True, "longseq", "sp")]   # a sequence-parallel layout is not resharded
+# preference pairs (train.objective) are padded per micro batch and read from one source, and
+# take their log-probs from whole logits (no sequence-parallel or tiled loss)
+PREFERENCE = ("dpo", "simpo")
+REFUSED += [("objective", o, "packing", True) for o in PREFERENCE] + \
+    [("objective", o, "sources", "mix") for o in PREFERENCE] + \
+    [("objective", o, "longseq", v) for o in PREFERENCE for v in ("sp", "tiled")]
 
 
 def allowed(a: str, va: Any, b: str, vb: Any) -> bool:
@@ -127,6 +136,19 @@ def write_data(d: str, n: int = 40) -> dict[str, str]:
             {"from": "function_call", "value": json.dumps({"name": "add", "arguments": {"a": k, "b": 2}})},
             {"from": "observation", "value": str(k + 2)},
             {"from": "gpt", "value": f"{k + 2}."}]})
+    for k in range(n):  # preference pairs in the layouts people have them
+        q, a = CHATS[k % len(CHATS)]
+        rows.setdefault("pairs_text", []).append({"prompt": q, "chosen": f" {a}", "rejected": " no."})
+        rows.setdefault("pairs_trl", []).append({
+            "chosen": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "rejected": [{"role": "user", "content": q}, {"role": "assistant", "content": "no."}]})
+        rows.setdefault("pairs_sharegpt", []).append({
+            "conversations": [{"from": "human", "value": q}], "chosen": {"from": "gpt", "value": a},
+            "rejected": {"from": "gpt", "value": "no."}})
+        rows.setdefault("pairs_axolotl", []).append({
+            "messages": [{"role": "user", "content": q}],
+            "chosen": {"role": "assistant", "content": a},
+            "rejected": {"role": "assistant", "content": "no."}})
     out = {}
     for name, rs in rows.items():
         out[name] = os.path.join(d, f"{name}.jsonl")
@@ -144,7 +166,22 @@ LAYOUT_FIELDS = {"text": {}, "prompt_response": {"prompt_field": "prompt", "resp
                  "tools": {"messages_field": "conversations", "tools_field": "tools"}}
 
 
-def source(layout: str, files: dict[str, str], template: Any) -> dict[str, Any]:
+# the preference file a layout's row reads when its objective is not sft
+PAIR_LAYOUTS = {"text": ("pairs_text", {"prompt_field": "prompt"}),
+                "prompt_response": ("pairs_text", {"prompt_field": "prompt"}),
+                "messages": ("pairs_trl", {}),
+                "sharegpt": ("pairs_sharegpt", {"messages_field": "conversations"}),
+                "tools": ("pairs_axolotl", {"messages_field": "messages"})}
+
+
+def source(layout: str, files: dict[str, str], template: Any,
+           objective: str = "sft") -> dict[str, Any]:
+    if objective != "sft":
+        name, fields = PAIR_LAYOUTS[layout]
+        src = {"path": files[name], **fields}
+        if name != "pairs_text":
+            src["chat_template"] = files["template"] if template == "file" else template
+        return src
     src: dict[str, Any] = {"path": files[layout], **LAYOUT_FIELDS[layout]}
     if "messages_field" in src:
         src["chat_template"] = files["template"] if template == "file" else template
@@ -156,7 +193,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
     data: dict[str, Any] = {"max_seq_len": 256 if row["layout"] == "tools" else 64,  # schemas
                             "packing": row["packing"],
                             "cache_dir": os.path.join(out_dir, "cache")}
-    first = source(row["layout"], files, row["template"])
+    objective = row.get("objective", "sft")
+    first = source(row["layout"], files, row["template"], objective)
     if row["sources"] == "mix":
         other = "messages" if row["layout"] != "messages" else "prompt_response"
         data["mix"] = [{**first, "weight": 2.0},
@@ -164,6 +202,8 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
     else:
         data.update(first)
     train: dict[str, Any] = {"micro_batch_size": 2, "lr": 1.0e-3}
+    if objective != "sft":
+        train["objective"] = objective
     if row["steps"] == "max_steps":
         train["max_steps"] = 4
     else:
@@ -173,6 +213,10 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
             data["eval_fraction"] = 0.1
     if row["watchdog"]:
         train["watchdog"] = {"max_loss": 50.0, "patience": 2}
+    if row.get("longseq") == "sp":
+        train["sequence_parallel"] = 2
+    elif row.get("longseq") == "tiled":
+        train.update(tiled_loss=True, tiled_mlp=True, activation_offload=True)
     model_sec: dict[str, Any] = {"path": model, "dtype": "fp32" if row["zero"] == 0 else "bf16"}
     if row["tokens"]:
         model_sec["special_tokens"] = ["<|tool|>"]
@@ -196,6 +240,15 @@ def run_tree(row: dict, model: str, files: dict[str, str], out_dir: str) -> dict
         del tree["cluster"]["gpu_memory"]  # the card's memory, from the table
     if row.get("from_shell"):
         tree["cluster"]["env_from_shell"] = [FROM_SHELL]
+    if row.get("time"):
+        tree["cluster"]["time"] = row["time"]
+    if row.get("after"):
+        tree["cluster"]["after"] = list(row["after"])
+    if row.get("container"):
+        tree["cluster"]["container"] = CONTAINER_IMAGES[row["container"]]
+        tree["cluster"]["container_runtime"] = row["container"]
+    if row.get("min_nodes"):  # may continue on 1 of 2 nodes (resumes through a universal checkpoint)
+        tree["cluster"].update(nodes=2, min_nodes=1)
     if row["quant"] != "none":
         tree["quantization"] = {"mode": row["quant"]}
         if row["quant"] == "4bit" and row["zero"] == 3:  # what validate asks for
@@ -233,6 +286,13 @@ def levels() -> dict[str, list[Any]]:
         "private": [False, True],                                # output.private
         "gpu_type": [None, "A100-80GB", "H100-SXM"],             # cluster.gpu_type
         "from_shell": [False, True],                             # cluster.env_from_shell
+        "objective": ["sft", *PREFERENCE],                       # train.objective
+        "time": [None, "auto"],                                  # cluster.time (None: 01:00:00)
+        "longseq": ["none", "sp", "tiled"],  # train.sequence_parallel 2 / tiled loss, MLP, offload
+        "after": [[], ["4242"]],                                 # cluster.after
+        "container": [None] + schema_choices("cluster.container_runtime"),  # cluster.container
+        "sweep": [False, True],                                  # ftlaunch slurm --sweep
+        "min_nodes": [False, True],                              # cluster.min_nodes
     }
 
 
@@ -242,8 +302,16 @@ SWITCH_KEYS = ("train.max_steps", "train.epochs", "train.eval_every", "train.che
                "data.chat_template", "model.special_tokens", "model.add_tokens", "freeze.policy",
                "quantization.mode", "deepspeed.zero_stage", "deepspeed.offload_optimizer",
                "deepspeed.config_file", "output.report_to", "train.watchdog.max_loss",
-               "output.private", "cluster.gpu_type", "cluster.env_from_shell")
+               "output.private", "cluster.gpu_type", "cluster.env_from_shell", "train.objective",
+               "cluster.time", "train.sequence_parallel", "train.tiled_loss", "train.tiled_mlp",
+               "train.activation_offload", "cluster.after", "cluster.container",
+               "cluster.container_runtime", "cluster.min_nodes")
 FROM_SHELL = "WANDB_API_KEY"  # the variable the from_shell rows take from the submitting shell
+CONTAINER_IMAGES = {"apptainer": "/images/train run.sif", "singularity": "docker://pytorch/pytorch:2.4",
+                    "pyxis": "nvcr.io#nvidia/pytorch:24.01-py3"}
+# what the sweep rows add to `ftlaunch slurm`, and the run directories it makes (beside run/)
+SWEEP = ["--sweep", "train.lr=1e-3,2e-3"]
+SWEEP_DIRS = ["run_lr-1e-3", "run_lr-2e-3"]
 
 
 

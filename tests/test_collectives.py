@@ -124,7 +124,6 @@ def test_the_sum_over_a_real_process_group_reads_back_floats(monkeypatch):
 def test_a_cpu_tensor_on_a_gpu_only_process_group_fails_as_nccl_does():
     """Why the device matters: a group whose only backend serves CUDA tensors (NCCL's situation,
     emulated with gloo registered for cuda alone) refuses the CPU tensor the loop used to reduce."""
-    import torch
     import torch.distributed as dist
     dist.init_process_group("cuda:gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

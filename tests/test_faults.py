@@ -85,6 +85,15 @@ def test_sigkill_of_one_rank_ends_the_run(tiny, tmp_path):
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", cause), log[-4000:]
     assert re.search(r"exitcode\s*:\s*-9 .*SIGKILL", cause), log[-4000:]
     assert re.search(r"host\s*:\s*\S+", cause), log[-4000:]
+    # the record names rank 1, its death and its last step (2: killed inside step 3), not rank
+    # 0's consequent connection error; status says the same
+    st = status(tmp_path)
+    assert (st["code"], st["rank"], st["step"]) == (137, 1, 2), st
+    assert st["message"].startswith("rank 1 died by SIGKILL") and "after step 2" in st["message"]
+    from launcher.ops import status as status_cmd
+    shown = status_cmd.render(status_cmd.collect(str(tmp_path / "run")))
+    assert "state      failed: exit 137 at step 2 (" in shown, shown
+    assert "failure    rank 1 on " in shown, shown
     # step 2's checkpoint is still there and good
     ckpts = str(tmp_path / "run" / "checkpoints")
     assert ck.latest_complete(ckpts) == os.path.join(ckpts, ck.step_name(2))

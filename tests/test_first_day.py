@@ -1,7 +1,8 @@
 """A user's first day, end to end, in the order they did it, on the tiny model: their own chat
 data in both layouts (messages and ShareGPT) mixed, counted in epochs, ChatML with its markers
 added as new tokens; validate (refused first: the tokenizer lacks the markers; then fixed as the
-message says), data --show, plan, run on 2 CPU ranks, Ctrl-C, resume, status, export, load the
+message says), data --show, plan, run on 2 CPU ranks, Ctrl-C, resume, status, runs, stop (of
+the finished run: nothing to stop), export, load the
 export and generate with its saved template (it stops at the end-of-turn token); then a peer's
 config converted and validated from its own folder.
 """
@@ -111,6 +112,14 @@ def test_first_day(tiny, tmp_path, capsys, monkeypatch, umask_kept):
     assert code == 0, err
     st = json.loads(out)
     assert st["step"] == st["max_steps"] and st["max_steps"] >= 30, st
+
+    # 6b. runs lists it (from the folder it ran in); stop of a finished run changes nothing
+    code, out, err = call(["runs"], capsys)
+    assert code == 0 and out.startswith("finished") and out.rstrip().endswith(
+        str(tmp_path / "run")) and f"{st['step']}/{st['max_steps']}" in out, out + err
+    code, out, err = call(["stop", str(tmp_path / "run")], capsys)
+    assert code == 0 and "is finished" in out and "nothing changed" in out, out + err
+    assert not (tmp_path / "run" / "STOP").exists()
 
     # 7. export: the added tokens' rows, the template and the end-of-turn token come along
     export = tmp_path / "export"

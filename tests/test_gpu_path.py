@@ -108,7 +108,9 @@ def test_accumulate_never_reads_a_loss_back_to_the_host(monkeypatch):
 
     batches = iter([{"input_ids": torch.ones(1, 2), "num_tokens": torch.tensor(5)} for _ in range(3)])
     s = SimpleNamespace(engine=Engine(), device="cpu", env=SimpleNamespace(rank=0),
-                        cfg=SimpleNamespace(run_dir="/nonexistent"))
+                        cfg=SimpleNamespace(run_dir="/nonexistent", train=SimpleNamespace(
+                            objective="sft", sequence_parallel=1, tiled_loss=False,
+                            activation_offload=False)))
     p = SimpleNamespace(accum=3, step=0)
     loss_sum, n_tokens = loop_steps.accumulate(s, p, batches)
     assert isinstance(loss_sum, torch.Tensor) and n_tokens == 15.0

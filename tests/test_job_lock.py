@@ -6,8 +6,6 @@ a second submit, `--overwrite` and `sbatch job.sbatch` by hand while a job runs,
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -16,11 +14,12 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,  # noqa: E402
+from helpers import metric_rows as steps
+from helpers import (FINAL, fake_job_cluster, job_info, logs, wait_final, wait_until,
                      write_exe)
 
-from launcher.cluster import job_lock, layout, slurm  # noqa: E402
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.cluster import job_lock, layout, slurm
+from launcher.config.errors import ConfigError
 
 FAKE_SQUEUE = r"""#!/bin/bash
 # squeue -h -j ID -o %T: the state in $FAKE_SQUEUE_DIR/ID, else nothing (Slurm forgot the job)
@@ -31,11 +30,7 @@ exit 0
 
 
 def ns(run_file, *flags, overrides=()):
-    a = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                           test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml"):
@@ -156,11 +151,6 @@ done
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_RANKS)
-
-
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def sbatch(script):

@@ -81,7 +81,7 @@ def test_the_parsed_rules_are_kept_between_commands_until_transformers_changes(t
     import json
     import os
     from launcher.model import info as model_info
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     mixtral_on_disk(tmp_path / "mixtral")
     cfg = model_info.model_config(str(tmp_path / "mixtral"))
     disk = list(model_info.weight_tensors(str(tmp_path / "mixtral")))
@@ -102,7 +102,7 @@ def test_the_parsed_rules_are_kept_between_commands_until_transformers_changes(t
     with pytest.raises(AssertionError, match="parsed"):
         loaded_names.rename(cfg, disk)
     monkeypatch.undo()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     loaded_names.clear_rules_cache()
     assert loaded_names.rename(cfg, disk) == want
     assert json.loads(open(loaded_names.cache_file()).read())["key"][1] == os.path.getmtime(

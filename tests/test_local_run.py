@@ -1,7 +1,6 @@
 """`ftlaunch run`: checks before any rank starts, the local config, dry run, Ctrl-C, exit codes."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -33,11 +32,10 @@ def run_text(tiny: dict, tmp_path, **over) -> str:
         """)
 
 
-def args(run_file: str, **kw) -> argparse.Namespace:
-    base = dict(run_file=run_file, overrides=[], nproc=None, max_steps=None, dry_run=False,
-                resume=False, overwrite=False)
-    base.update(kw)
-    return argparse.Namespace(**base)
+def args(run_file: str, **kw) -> local_run.RunCall:
+    if "overrides" in kw:
+        kw["overrides"] = tuple(kw["overrides"])
+    return local_run.RunCall(run_file=run_file, **kw)
 
 
 # ---------------------------------------------------------------- before any rank

@@ -3,8 +3,10 @@
 A pairwise covering set over the feature switches (tests/combos.py `levels`: steps or epochs with
 epoch-based eval and saves, one file or a mix, five data layouts, packing, three chat templates,
 added tokens, the freeze policies, quantization, the ZeRO stages, offload, a DeepSpeed file,
-trackers, the watchdog; the schema's own values), each row's run file through every login
-command, in process: validate, ds-config, plan (the tiny model's config), data, slurm (render).
+trackers, the watchdog, the preference objectives on pairs in four layouts, cluster.after, a
+container per runtime, a sweep, cluster.min_nodes; the schema's own values), each row's run file through every
+login command, in process: validate, ds-config, plan (the tiny model's config), data, slurm
+(render; a sweep's rows render a run directory per point).
 Never a traceback: exit 0, or exit 2 with a message that names a key and its fix.
 """
 from __future__ import annotations
@@ -66,7 +68,8 @@ def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, mo
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     results = {}
     for cmd in COMMANDS:
-        code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
+        sweep = combos.SWEEP if cmd[0] == "slurm" and row["sweep"] else []
+        code, out, err = call([cmd[0], str(path), *cmd[1:], *sweep], capsys)
         assert "Traceback" not in out + err, (cmd, row, err)
         assert code in (0, 2), (cmd, row, code, err[-3000:])
         if code == 2:
@@ -74,6 +77,8 @@ def test_every_login_command_on_every_row(i, matrix_inputs, tmp_path, capsys, mo
         results[cmd[0]] = (code, err)
     # the covering set leaves out the refused pairs: every command takes every row
     assert all(code == 0 for code, _ in results.values()), (row, results)
+    made = sorted(d for d in os.listdir(tmp_path) if d.startswith("run") and d != "run.yaml")
+    assert made == (combos.SWEEP_DIRS if row["sweep"] else ["run"]), (row, made)
 
 
 @pytest.mark.parametrize("a, va, b, vb", combos.REFUSED)
@@ -87,7 +92,11 @@ def test_refused_pairs_name_their_key(a, va, b, vb, matrix_inputs, tmp_path, cap
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     key = {"quant": "freeze.policy" if b == "freeze" else "quantization.mode",
-           "offload": "deepspeed.offload_optimizer"}[a]
+           "offload": "deepspeed.offload_optimizer", "time": "cluster.time",
+           "min_nodes": "train.sequence_parallel" if b == "longseq" else "deepspeed.zero_stage",
+           "longseq": "train.tiled_mlp",
+           "objective": {"packing": "data.packing", "sources": "data.mix",
+                         "longseq": "train.sequence_parallel" if vb == "sp" else "train.tiled_loss"}.get(b)}[a]
     for cmd in COMMANDS:
         code, out, err = call([cmd[0], str(path), *cmd[1:]], capsys)
         assert code == 2 and KEYED.search(err) and f"  {key} (" in err, (cmd, row, err[-2000:])

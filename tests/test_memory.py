@@ -312,14 +312,14 @@ def test_cpu_kernels_are_a_stated_range_unless_measured(tmp_path):
 
 def test_plan_probe_measures_kernels_here_and_caches_them(tmp_path, capsys, monkeypatch):
     from launcher.memory import probe as runtime_probe
-    monkeypatch.setattr(runtime_probe, "CACHE", str(tmp_path / "cache" / "probe.json"))
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     model = llama_folder(tmp_path, num_hidden_layers=2)
     run, cfg = run_cfg(tmp_path, model, device="cpu", gpus=2, seq=64)
     assert cli.main(["plan", run, "--probe", "--json"]) == 0
     measured = json.loads(capsys.readouterr().out)
     (k,) = [t for t in measured["per_gpu"] if t["key"] == "kernels"]
     assert "low" not in k and k["bytes"] > 0 and "measured here" in k["label"]
-    cached = json.loads((tmp_path / "cache" / "probe.json").read_text())
+    cached = json.loads((tmp_path / "cache" / "runtime-probe.json").read_text())
     assert list(cached.values()) == [k["bytes"]]
     monkeypatch.setattr(runtime_probe.subprocess, "run", None)  # a second plan runs no probe
     assert runtime_probe.measure(cfg) == k["bytes"]

@@ -72,7 +72,7 @@ def test_planned_model_states_equal_engine_bytes(tiny, tmp_path):
     bad = [r for r in rows if abs(r[2] - r[3]) > 0.01 * max(r[3], 1)]
     assert not bad, "\n".join(f"{s}: {k} planned {w:,} engine {g:,}" for s, k, w, g in bad)
     # engine_stats' own figure agrees wherever its tensors are whole buffers (not ZeRO-1/2 views)
-    for run, setting, ranks in zip(runs, ENGINES, results):
+    for setting, ranks in zip(ENGINES, results):
         if setting[0] in (0, 3):
             assert all(r["grads"] == r["grads_storage"] for r in ranks), setting
 

@@ -1,5 +1,6 @@
 """How 2 CPU ranks load a sharded checkpoint (20M Llama, bf16, 6 shards) and train, at ZeRO 0-3
-and ZeRO-2 with optimizer offload, against the plan's per-node terms (launcher/memory/node.py). The rank side is bench/plan_vs_measured.py,
+and ZeRO-2 with optimizer offload, against the plan's per-node terms (launcher/memory/node.py). The
+rank side is bench/plan_vs_measured.py,
 the driver bench/node_loading.py (which writes the table in docs/memory.md)."""
 from __future__ import annotations
 

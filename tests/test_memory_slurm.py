@@ -2,7 +2,6 @@
 job whose per-node memory plan exceeds cluster.mem, with the numbers, and submits nothing."""
 from __future__ import annotations
 
-import os
 import subprocess
 
 import pytest

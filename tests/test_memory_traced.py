@@ -228,7 +228,8 @@ def test_untraceable_model_falls_back_to_the_formula_and_says_why(tmp_path):
 @pytest.mark.parametrize("family", ["llama-3-8b", "gemma-2-9b", "falcon-7b", "gpt2"])
 def test_deep_frozen_runs_are_traced_on_three_blocks_and_extrapolated(tmp_path, family, freeze):
     """8 blocks, the last 6 training: 4 blocks traced (the frozen one before the graph, the
-    first one the graph reaches, two alike), the rest extrapolated; with the embeddings training too the blocks differ (2 frozen
+    first one the graph reaches, two alike), the rest extrapolated; with the embeddings training
+    too the blocks differ (2 frozen
     ones reached, then 6 training) and all 8 are traced. Within 10% of the real model."""
     from launcher.memory.traced import frozen_layout
     c = tiny(family, tmp_path / "m")

@@ -11,7 +11,7 @@ from launcher.rank import node_checks
 from launcher.config import runfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import write_exe  # noqa: E402
+from helpers import write_exe
 
 
 def cfg_of(tmp_path, fake_model, train="{max_steps: 1}", ds="{zero_stage: 2}"):

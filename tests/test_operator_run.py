@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from launcher.rank import checkpoint, export, lr_schedule
+from launcher.rank import checkpoint, lr_schedule
 from launcher import cli
 from launcher.config.runfile import load
 from test_train_engine import ROOT, rank_env

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import write_exe  # noqa: E402
+from helpers import write_exe
 
-from launcher.rank import preflight  # noqa: E402
+from launcher.rank import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = {"python": "3.11.7", "ftlaunch": "0.1", "torch": "2.13", "deepspeed": "0.19", "transformers": "5.0"}

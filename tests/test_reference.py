@@ -20,7 +20,10 @@ def test_the_table_has_one_row_per_field():
     assert [r.split("`")[1] for r in rows] == keys
     row = next(r for r in rows if r.startswith("| `cluster.time` |"))
     assert row == ("| `cluster.time` | a string | `24:00:00` | Time limit (`--time`, e.g. 24:00:00 "
-                   "or 2-00:00:00). |")
+                   "or 2-00:00:00); auto: the plan's time estimate with a margin (load, "
+                   "preflight, checkpoints, export), capped at the partition's MaxTime "
+                   "(docs/time.md); `partition-default`: no --time, the partition's DefaultTime "
+                   "(else its MaxTime) applies, read by --submit from `scontrol show partition`. |")
     assert "| `model.path` | a string | **required** |" in reference.fields_table()
 
 

@@ -2,7 +2,6 @@
 read and interpreted in one module."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex

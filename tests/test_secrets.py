@@ -8,7 +8,6 @@ The same on the test Slurm cluster, with a whole run: tests/test_slurm_cluster.p
 """
 from __future__ import annotations
 
-import argparse
 import os
 import stat
 import subprocess
@@ -19,13 +18,13 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import sbatch_options, write_exe  # noqa: E402
+from helpers import sbatch_options, write_exe
 
-from launcher import cli  # noqa: E402
+from launcher import cli
 from launcher.config import schema as config, runfile, secret_env
 from launcher.cluster import layout, local_run, rundir, slurm
 from launcher.rank import metrics
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.errors import ConfigError
 
 SECRET = "s3cr3t-value-9f2c41"          # planted; must appear in no file and no message
 TOKEN = "hf_" + "A1b2C3d4" * 5            # the form of a Hugging Face token
@@ -42,11 +41,7 @@ def write_runfile(tmp_path, fake_model, cluster=None, output=None, name="demo"):
 
 
 def args(run_file, *flags, overrides=()):
-    ns = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                            test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(ns, f, True)
-    return ns
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 def every_file(*folders):
@@ -272,9 +267,7 @@ def test_local_run_checks_the_environment(tmp_path, fake_model, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     run_file = write_runfile(tmp_path, fake_model, {"env_from_shell": ["HF_TOKEN"]})
-    ns = argparse.Namespace(run_file=run_file, overrides=["train.device=cpu"], nproc=1,
-                            max_steps=None, dry_run=False, force=False, resume=False,
-                            overwrite=False)
+    ns = local_run.RunCall(run_file=run_file, overrides=("train.device=cpu",), nproc=1)
     with pytest.raises(ConfigError, match="HF_TOKEN is not set in this environment"):
         local_run.main(ns)
     assert not (tmp_path / "runs").exists()

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import sbatch_argument  # noqa: E402
+from helpers import sbatch_argument
 
-from launcher.cluster import shell  # noqa: E402
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.cluster import shell
+from launcher.config.errors import ConfigError
 
 # Values that break naive shell text: spaces, quotes, substitutions, separators, globs,
 # unicode, leading dashes, percent signs, tabs, backslashes and (for bash) newlines.

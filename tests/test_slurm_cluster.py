@@ -7,7 +7,6 @@ Skipped where Slurm is not installed (never in CI). Jobs are polled with `scontr
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -18,10 +17,10 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, job_info, logs, read_env, read_nul, wait_final,  # noqa: E402
+from helpers import (FAKE_PYTHON, logs, read_env, read_nul, wait_final,
                      wait_until, write_exe)
 
-from launcher.cluster import layout, shell, slurm  # noqa: E402
+from launcher.cluster import layout, shell, slurm
 
 pytestmark = [pytest.mark.slurm]
 
@@ -44,11 +43,7 @@ def run(cmd, **kw):
 
 
 def ns(run_file, *flags):
-    a = argparse.Namespace(run_file=run_file, overrides=[], submit=False, test_only=False,
-                           force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
 def write_runfile(path, tree):

@@ -5,7 +5,6 @@ Regenerate the golden files after an intended change: FTLAUNCH_REGEN_GOLDEN=1 py
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -21,12 +20,12 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,  # noqa: E402
+from helpers import (FAKE_PYTHON, FAKE_SCONTROL, FAKE_SRUN, read_env, read_nul,
                      sbatch_options, write_exe)
 
-from launcher.cluster import layout, slurm  # noqa: E402
+from launcher.cluster import layout, slurm
 from launcher.config import runfile
-from launcher.config.errors import ConfigError  # noqa: E402
+from launcher.config.errors import ConfigError
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 CI = os.environ.get("CI", "").lower() == "true"
@@ -400,11 +399,7 @@ def write_runfile(tmp_path, fake_model, cluster=None, name="demo"):
 
 
 def args(run_file, *flags, overrides=()):
-    ns = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                            test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(ns, f, True)
-    return ns
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 FAKE_SBATCH = r"""#!/bin/bash

@@ -8,7 +8,6 @@ Never skipped in CI (the fixture fails there instead). Jobs are polled with `sco
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,10 +18,10 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (job_info, kill_node, logs, restart_node, wait_final,  # noqa: E402
+from helpers import (job_info, kill_node, logs, restart_node, wait_final,
                      wait_until, write_exe)
 
-from launcher.cluster import layout, slurm  # noqa: E402
+from launcher.cluster import layout, slurm
 
 pytestmark = [pytest.mark.slurm]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,11 +35,7 @@ def cluster(slurm_cluster, monkeypatch):
 
 
 def ns(run_file, *flags):
-    a = argparse.Namespace(run_file=run_file, overrides=[], submit=False, test_only=False,
-                           force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, **{f: True for f in flags})
 
 
 def write_runfile(path, tree):
@@ -256,7 +251,8 @@ def test_preflight_names_excludes_and_requeues_past_each_bad_node(cluster, tiny,
     batch = (run_dir / "logs" / f"job-{job}.out").read_text()
     err = (run_dir / "logs" / f"job-{job}.err").read_text()
     why = {"node2": "cannot write in the run directory", "node3": "is not the one the batch node sees",
-           "node4": "deepspeed is not installed", "node5": "1 GPU(s) visible to torch (CUDA_VISIBLE_DEVICES=0), cluster.gpus_per_node is 2"}
+           "node4": "deepspeed is not installed",
+           "node5": "1 GPU(s) visible to torch (CUDA_VISIBLE_DEVICES=0), cluster.gpus_per_node is 2"}
     for restart, (node, reason) in enumerate(why.items()):
         assert f"preflight: excluding {node} and requeueing: restart {restart + 1} of 5" in batch, batch
         lines = [x for x in err.splitlines() if x.startswith(f"  {node} ")]

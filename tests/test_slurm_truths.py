@@ -8,7 +8,6 @@ rules behind them (validate) and of status, stop and runs on hand-made run direc
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -19,22 +18,19 @@ import pytest
 import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import (FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,  # noqa: E402
+from helpers import metric_rows as steps
+from helpers import (one_node, FAKE_METRIC_RANKS, fake_job_cluster, job_info, logs, wait_final,
                      wait_until, write_exe)
 
-from launcher import cli  # noqa: E402
+from launcher import cli
 from launcher.cluster import job_lock, layout, slurm
 from launcher.ops import status
-from launcher.config.errors import ConfigError  # noqa: E402
-from launcher.config.runfile import load  # noqa: E402
+from launcher.config.errors import ConfigError
+from launcher.config.runfile import load
 
 
 def ns(run_file, *flags, overrides=()):
-    a = argparse.Namespace(run_file=run_file, overrides=list(overrides), submit=False,
-                           test_only=False, force=False, resume=False, overwrite=False)
-    for f in flags:
-        setattr(a, f, True)
-    return a
+    return slurm.SlurmCall(run_file=run_file, overrides=tuple(overrides), **{f: True for f in flags})
 
 
 def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_steps=6):
@@ -47,11 +43,6 @@ def write_runfile(tmp_path, fake_model, run_dir, cluster, name="run.yaml", max_s
     return str(path)
 
 
-def steps(run_dir):
-    with open(run_dir / layout.METRICS) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def status_json(run_dir, capsys):
     capsys.readouterr()
     assert cli.main(["status", str(run_dir), "--json"]) == 0
@@ -61,11 +52,6 @@ def status_json(run_dir, capsys):
 @pytest.fixture
 def cluster(slurm_cluster, monkeypatch, tmp_path):
     return fake_job_cluster(slurm_cluster, monkeypatch, tmp_path, FAKE_METRIC_RANKS)
-
-
-def one_node(cluster, **more):
-    return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
-            "python": cluster["python"], "preflight": False, **more}
 
 
 def submit(run_file, capsys, *flags):

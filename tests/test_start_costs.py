@@ -95,14 +95,14 @@ def test_a_second_plan_reads_the_model_facts_from_disk(tiny, tmp_path, monkeypat
     from launcher.config import runfile
     from launcher.memory import facts_cache, inventory
     monkeypatch.setenv(facts_cache.ENV, "1")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run.yaml"
     run.write_text(f"name: t\nmodel: {{path: {tiny['model']}}}\n"
                    f"data: {{path: {tiny['text']}, max_seq_len: 64}}\ntrain: {{max_steps: 3}}\n")
     cfg_ = runfile.load(str(run))
     memory.clear_meta_cache()
     first = memory.plan(cfg_)
-    kept = {p.name.split("-")[0] for p in (tmp_path / "xdg" / "ftlaunch" / "plan-facts").iterdir()}
+    kept = {p.name.split("-")[0] for p in (tmp_path / "cache" / "plan-facts").iterdir()}
     assert kept == {"inventory", "trace"}, kept
     memory.clear_meta_cache()
 

@@ -11,12 +11,12 @@ import textwrap
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cluster"))
-from helpers import wait_until  # noqa: E402
+from helpers import wait_until
 
-from launcher import cli  # noqa: E402
+from launcher import cli
 from launcher.dsconfig import build as ds_config
 from launcher.cluster import rundir
-from launcher.config.runfile import load  # noqa: E402
+from launcher.config.runfile import load
 
 pytestmark = [pytest.mark.slurm]
 

@@ -126,7 +126,7 @@ output: {{dir: {tmp_path}/run}}
     p = loop_steps.Progress(sampler, types.SimpleNamespace(offset=lambda: 0), 1, True, step=4,
                             trackers=types.SimpleNamespace(close=lambda: None))
     s = types.SimpleNamespace(cfg=cfg, engine=None, tokenizer=None, splits=types.SimpleNamespace(eval=None),
-                              env=types.SimpleNamespace(is_main=False, rank=1))
+                              env=types.SimpleNamespace(is_main=False, rank=1, world_size=2))
     assert loop_steps.finish(s, p) == 0
     assert calls == [("save", 900), ("export", 900)]
     assert current == [20]

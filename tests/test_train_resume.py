@@ -73,8 +73,8 @@ def test_interrupted_run_matches_uninterrupted(tiny, tmp_path, monkeypatch):
     p = train(run_file, monkeypatch, "step@3:sigusr1", "1")
     assert p.returncode != 0
     assert status(run_dir)["code"] == 75 and status(run_dir)["step"] == 3
-    assert f"stopped at step 3 (a signal to another rank); checkpoint {ckpts}/step-00000003; resume with: ftlaunch run" \
-        in p.stdout
+    assert (f"stopped at step 3 (a signal to another rank); checkpoint {ckpts}/step-00000003; "
+            "resume with: ftlaunch run") in p.stdout
     assert [s for s, _ in ck.complete(ckpts)] == [2, 3]
 
     # 2. full disk on rank 1 while writing step 4: the error names it, step 3 stays good

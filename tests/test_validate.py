@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import textwrap
 
@@ -28,6 +29,8 @@ def run_text(extra: str) -> str:
 
 
 LORA = "freeze: {policy: lora}\n"
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+LLAMA3 = os.path.join(CONFIGS, "llama-3-8b")  # 32 heads, 8 KV heads, 8192 positions
 
 # (rule, extra YAML, overrides, key, message regex)
 CASES = [
@@ -123,12 +126,45 @@ CASES = [
      "freeze.freeze[1]", r"'\.\*' matches every parameter name .* nothing would be trainable"),
     ("_merge_lora", "output: {merge_lora: true}", [], "output.merge_lora",
      r"merging needs LoRA adapters"),
+    ("_preference_data", "train: {max_steps: 10, objective: dpo}\ndata: {path: train.jsonl, "
+     "max_seq_len: 64, packing: true}", [], "data.packing", r"packing would merge"),
+    ("_preference_reference", "train: {max_steps: 10, objective: dpo, reference: adapters_off}",
+     [], "train.reference", r"adapters_off uses the base under LoRA adapters"),
+    ("_min_nodes", "cluster: {nodes: 2, min_nodes: 3}", [], "cluster.min_nodes",
+     r"3 is more than cluster.nodes 2"),
+    ("_min_nodes", "cluster: {nodes: 3, min_nodes: 1, gpus_per_node: 2}\ntrain: {max_steps: 10, "
+     "micro_batch_size: 2, global_batch_size: 36}", [], "cluster.min_nodes",
+     r"the global batch of 36 cannot be kept on 2 node\(s\)"),
+    ("_min_nodes", "cluster: {nodes: 2, min_nodes: 1}\ndeepspeed: {zero_stage: 0}", [],
+     "deepspeed.zero_stage", r"continue on fewer nodes, .*stage 0 has none"),
     ("_model_folder", "model: {path: nowhere}", [], "model.path", r"no such folder: .*nowhere"),
     ("_model_folder", "model: {path: empty_model}", [], "model.path", r"has no readable config.json"),
     ("_attn_kernel", "model: {path: gemma2, attn_implementation: sdpa}", [],
      "model.attn_implementation", r"gemma2 models do not support sdpa in the installed transformers"),
     ("_seq_len", "data: {path: train.jsonl, max_seq_len: 1024}", [], "data.max_seq_len",
      r"1024 exceeds the model's 512 positions"),
+    ("_sp_world", "cluster: {gpus_per_node: 6}\ntrain: {max_steps: 10, sequence_parallel: 4}", [],
+     "train.sequence_parallel", r"4 does not divide the world size 6"),
+    ("_sp_seq_len", "data: {path: train.jsonl, max_seq_len: 65}\ncluster: {gpus_per_node: 2}\n"
+     "train: {max_steps: 10, sequence_parallel: 2}", [], "data.max_seq_len",
+     r"65 is not divisible by train.sequence_parallel = 2"),
+    ("_sp_heads", f"model: {{path: {LLAMA3}}}\ncluster: {{gpus_per_node: 6}}\n"
+     "train: {max_steps: 10, sequence_parallel: 6}", [], "train.sequence_parallel",
+     r"32 attention heads do not divide by 6"),
+    ("_sp_heads", f"model: {{path: {os.path.join(CONFIGS, 'mistral-7b')}}}\n"
+     "data: {path: train.jsonl, max_seq_len: 8192}\ncluster: {gpus_per_node: 2}\n"
+     "train: {max_steps: 10, sequence_parallel: 2}", [], "train.sequence_parallel",
+     r"sliding window of 4096 tokens"),
+    ("_sp_kernel", "model: {path: model, trust_remote_code: true}\ncluster: {gpus_per_node: 2}\n"
+     "train: {max_steps: 10, sequence_parallel: 2}", [], "train.sequence_parallel",
+     r"model code from the model folder"),
+    ("_sp_objective", "train: {max_steps: 10, objective: dpo, tiled_loss: true}", [],
+     "train.tiled_loss", r"does not combine with train.objective dpo"),
+    ("_tiled_mlp_zero3", "train: {max_steps: 10, tiled_mlp: true}\ndeepspeed: {zero_stage: 3}", [],
+     "train.tiled_mlp", r"under ZeRO-3 each MLP chunk gathers"),
+    ("_offload_device", "train: {max_steps: 10, device: cpu, activation_offload: true}\n"
+     "model: {path: model, dtype: fp32}", [], "train.activation_offload",
+     r"CPU ranks keep activations in host memory"),
     ("_layer_count", "model: {path: two_layers}\nfreeze: {policy: last_layers, trainable_layers: -3}",
      [], "freeze.trainable_layers", r"-3 blocks asked for, the model has 2"),
     ("_tokenizer", "model: {path: model, tokenizer: no_tok}", [], "model.tokenizer",

@@ -101,6 +101,8 @@ _DATA_KEYS = ("data.path", "data.mix", "data.eval_path", "data.format", "data.te
 @input_rule
 def _data_inputs(cfg: RunConfig) -> Iterator[Problem]:
     real = _inputs_of(cfg, *_DATA_KEYS)
+    if real.train.objective != "sft":
+        return  # preference pairs: launcher/checks/preference_rules.py
     for key, d in input_checks.sources(real):
         if os.path.exists(d.path):
             yield from input_checks.data_problems(key, d.path, d)
@@ -125,7 +127,7 @@ def _chat_template(cfg: RunConfig) -> Iterator[Problem]:
 @rule
 def _data_fields(cfg: RunConfig) -> Iterator[Problem]:
     d = cfg.data
-    if (d.prompt_field is None) != (d.response_field is None):
+    if (d.prompt_field is None) != (d.response_field is None) and cfg.train.objective == "sft":
         yield Problem("data.response_field" if d.response_field is None else "data.prompt_field",
                       "prompt_field and response_field go together", "set both, or neither for plain text")
 

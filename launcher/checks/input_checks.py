@@ -24,14 +24,13 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher.checks import messages
 from launcher.model import info as model_info
+from launcher.config.data_files import format_of, open_text
 from launcher.config.errors import Problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import DataConfig, RunConfig
 
 FIRST_ROWS = 100
-_EXT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-        ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
 
 
 # ------------------------------------------------------------------ the sources (both halves)
@@ -70,13 +69,11 @@ def bad_row_limit(d: "DataConfig", rows: int) -> int:
 # ------------------------------------------------------------------ data
 
 
-def _format(path: str, fmt: str | None) -> str | None:
+def file_format(path: str, fmt: str | None) -> str | None:
+    """The format of a data source: "saved" for a folder, data.format if set, else the extension's."""
     if os.path.isdir(path):
         return "saved"
-    if fmt:
-        return fmt
-    name = re.sub(r"\.(gz|bz2|xz|zst)$", "", os.path.basename(path).lower())
-    return _EXT.get(os.path.splitext(name)[1])
+    return fmt or format_of(path)
 
 
 def jsonl_lines(fh) -> "Iterator[tuple[int, str, Any, ValueError | None]]":
@@ -89,19 +86,6 @@ def jsonl_lines(fh) -> "Iterator[tuple[int, str, Any, ValueError | None]]":
             yield n, line, json.loads(line), None
         except ValueError as exc:
             yield n, line, None, exc
-
-
-def open_text(path: str):
-    """Open a possibly compressed data file as UTF-8 text (a BOM is skipped); None for zstd."""
-    import bz2
-    import gzip
-    import lzma
-    low = path.lower()
-    if low.endswith(".zst"):
-        return None
-    opener = (gzip.open if low.endswith(".gz") else bz2.open if low.endswith(".bz2")
-              else lzma.open if low.endswith(".xz") else open)
-    return opener(path, "rt", encoding="utf-8-sig")
 
 
 def first_rows(path: str, fmt: str) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
@@ -185,7 +169,7 @@ def data_problems(key: str, path: str, d: "DataConfig") -> Iterator[Problem]:
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         yield Problem(key, f"{path} is empty (0 bytes)", "point it at a file with examples")
         return
-    fmt = _format(path, d.format)
+    fmt = file_format(path, d.format)
     if fmt in (None, "saved", "text"):
         return  # an unknown extension is reported by the ranks' reader with its fix; text: lines
     wanted, field = _wanted(d)
@@ -396,7 +380,7 @@ def _rendered_problems(cfg: "RunConfig", folder: str) -> Iterator[Problem]:
             yield Problem(f"{base}.tools_field", "the chat template never reads `tools`, so the "
                           "function schemas would not reach the prompt", f"set {tkey} to chatml "
                           "(it lists them in a system turn) or a template that renders tools")
-        fmt = _format(d.path, d.format) if d.path and os.path.isfile(d.path) else None
+        fmt = file_format(d.path, d.format) if d.path and os.path.isfile(d.path) else None
         if fmt not in ("jsonl", "json", "csv"):
             continue
         try:

@@ -30,6 +30,8 @@ import os
 import re
 from typing import Optional, Sequence
 
+from launcher.common.files import cache_root, write_atomic
+
 _UNKNOWN = "unknown"  # a mapping entry this reader cannot evaluate
 _KINDS = ("WeightRenaming", "WeightConverter")
 
@@ -82,9 +84,8 @@ def _key(target: ast.expr) -> Optional[str]:
 
 def cache_file() -> str:
     """Where the parsed rules are kept between commands (parsing the source costs ~50 ms of a
-    ~200 ms `validate`): $XDG_CACHE_HOME or ~/.cache, ftlaunch/conversion-rules.json."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                        "ftlaunch", "conversion-rules.json")
+    ~200 ms `validate`): conversion-rules.json under the cache root (launcher/common/files.py)."""
+    return os.path.join(cache_root(), "conversion-rules.json")
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,10 +104,7 @@ def _rules(path: str, mtime: float) -> dict[str, list]:
     table = _parse_rules(path)
     try:
         os.makedirs(os.path.dirname(cache_file()), exist_ok=True)
-        tmp = f"{cache_file()}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump({"key": key, "table": table}, fh)
-        os.replace(tmp, cache_file())
+        write_atomic(cache_file(), json.dumps({"key": key, "table": table}))
     except OSError:
         pass
     return table

@@ -55,10 +55,11 @@ def _kind(value: Any) -> str:
             str: "a string", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
 
 
-def normalise(value: Any) -> list[dict[str, str]]:
+def normalise(value: Any, answer: bool = True) -> list[dict[str, str]]:
     """One row's messages as [{"role", "content"}] (ShareGPT turned into roles); BadRow if the
     value is not a list of messages with known roles and text content. Messages are numbered
-    from 1 in the messages, as rows are."""
+    from 1 in the messages, as rows are. answer=False: a prompt, which needs no assistant
+    message (a preference pair's conversation so far)."""
     if isinstance(value, str):
         try:
             value = json.loads(value)  # csv/parquet columns may hold the list as JSON text
@@ -88,7 +89,7 @@ def normalise(value: Any) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise BadRow(f"message {i + 1} has {_kind(content)} as its {text_key}, not text")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if answer and not any(m["role"] == "assistant" for m in out):
         raise BadRow("has no assistant message (nothing to learn)")
     return out
 

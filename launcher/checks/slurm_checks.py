@@ -14,6 +14,7 @@ from typing import Iterator
 from launcher.config.schema import ENV_NAME, SBATCH_EXTRA, ClusterConfig, RunConfig
 from launcher.config.errors import Problem
 from launcher.config.secret_env import RESERVED_ENV
+from launcher.model.device import job_device
 
 # Options the launcher sets from cluster fields (or needs for its own protocol): not in sbatch_extra.
 MANAGED = {
@@ -28,7 +29,9 @@ MANAGED = {
     "--signal": "cluster.grace_s", "--requeue": "cluster.requeue", "--no-requeue": "cluster.requeue",
     "--chdir": "the job runs where `ftlaunch slurm` ran",
     "--gpus": "cluster.gpus_per_node", "--gpus-per-task": "cluster.gpus_per_node",
-    "--array": "array jobs would share one run directory",
+    "--array": "the tasks of an array job would share one run directory; for several runs "
+               "from one run file: ftlaunch slurm RUN.yaml --sweep key=v1,v2 (a run directory "
+               "and a job for each value)",
     "--dependency": "cluster.after",
     "--export": "cluster.env_from_shell (sbatch_extra may say --export=NONE)",
 }
@@ -81,28 +84,62 @@ def problems(cfg: RunConfig) -> Iterator[Problem]:
                       "log file names cannot hold (a backslash switches off %j)",
                       "choose a run directory without them")
     yield from _time_problems(c)
+    yield from auto_time_problems(cfg)
     yield from _python_problems(c)
     for i, job in enumerate(c.after):
         if not re.fullmatch(r"[0-9]+(_[0-9]+)?", str(job)):
             yield Problem(f"cluster.after[{i}]", f"{job!r} is not a Slurm job id",
                           "give the number sbatch printed (e.g. 4242), as a string or a number")
-    yield from _sbatch_extra_problems(c)
+    yield from _sbatch_extra_problems(c, gpus=job_device(cfg) == "cuda")
     yield from _env_problems(c)
+
+
+PARTITION_DEFAULT = "partition-default"   # cluster.time: no --time, the partition's default
 
 
 def _time_problems(c: ClusterConfig) -> Iterator[Problem]:
     """cluster.time against grace_s and Slurm's early signal."""
-    limit = time_limit_s(c.time)
-    if limit and c.grace_s >= limit:   # 0: no time limit
-        yield Problem("cluster.grace_s", f"grace_s {c.grace_s} s is not shorter than the time limit "
-                      f"{c.time} ({limit} s): the job would be told to stop as it starts",
+    yield from time_margin_problems(c.time, time_limit_s(c.time), c.grace_s)
+
+
+def time_margin_problems(text: str, limit: int | None, grace_s: int,
+                         source: str = "") -> Iterator[Problem]:
+    """A time limit (limit seconds, written `text`; from `source` when not cluster.time itself)
+    against grace_s and Slurm's early signal."""
+    where = f" ({source})" if source else ""
+    if limit and grace_s >= limit:   # 0: no time limit
+        yield Problem("cluster.grace_s", f"grace_s {grace_s} s is not shorter than the time limit "
+                      f"{text}{where} ({limit} s): the job would be told to stop as it starts",
                       "lower grace_s or raise cluster.time")
-    elif limit and limit - c.grace_s - SIGNAL_EARLY_S < MIN_WORK_S:
-        yield Problem("cluster.time", f"{c.time} ({limit} s) leaves {limit - c.grace_s - SIGNAL_EARLY_S}"
-                      f" s before the stop signal: grace_s {c.grace_s} s, and Slurm sends it up to "
+    elif limit and limit - grace_s - SIGNAL_EARLY_S < MIN_WORK_S:
+        yield Problem("cluster.time", f"{text}{where} ({limit} s) leaves {limit - grace_s - SIGNAL_EARLY_S}"
+                      f" s before the stop signal: grace_s {grace_s} s, and Slurm sends it up to "
                       f"{SIGNAL_EARLY_S} s early; each start would be stopped before it trains",
-                      f"raise cluster.time to at least {_clock(c.grace_s + SIGNAL_EARLY_S + MIN_WORK_S)} "
+                      f"raise cluster.time to at least {_clock(grace_s + SIGNAL_EARLY_S + MIN_WORK_S)} "
                       "or lower cluster.grace_s")
+
+
+def auto_time_problems(cfg: RunConfig) -> Iterator[Problem]:
+    """cluster.time auto needs a step count and a step time (launcher/memory/clock.py)."""
+    if cfg.cluster.time != "auto":
+        return
+    from launcher.cluster import step_time
+    from launcher.config import epochs
+    fix = "or give cluster.time as H:MM:SS"
+    if cfg.train.max_steps is None and not any(
+            os.path.exists(path) for path, _ in epochs._sources(cfg)):
+        yield Problem("cluster.time", "auto cannot estimate the steps: train.epochs over data that "
+                      "is not a local file or folder (nothing to count on the login node)",
+                      f"set train.max_steps, {fix}")
+    if step_time.measured(cfg, cfg.world_size) is not None:
+        return
+    if cfg.train.device == "cpu":
+        yield Problem("cluster.time", "auto on CPU ranks needs a measured step time (there is no "
+                      "peak FLOP/s for a CPU)", f"run `ftlaunch run RUN.yaml --dry-run` first, {fix}")
+    elif not cfg.cluster.gpu_type:
+        yield Problem("cluster.time", "auto needs the GPU's peak FLOP/s or a measured step time",
+                      f"set cluster.gpu_type (e.g. H100-SXM, A100-80GB), run `ftlaunch run "
+                      f"RUN.yaml --dry-run` on the cluster's GPUs, {fix}")
 
 
 def _python_problems(c: ClusterConfig) -> Iterator[Problem]:
@@ -116,7 +153,7 @@ def _python_problems(c: ClusterConfig) -> Iterator[Problem]:
                       'that runs the command: #!/bin/bash + exec env python "$@"')
 
 
-def _sbatch_extra_problems(c: ClusterConfig) -> Iterator[Problem]:
+def _sbatch_extra_problems(c: ClusterConfig, gpus: bool = True) -> Iterator[Problem]:
     for i, item in enumerate(c.sbatch_extra):
         key = f"cluster.sbatch_extra[{i}]"
         m = SBATCH_EXTRA.fullmatch(item)
@@ -130,6 +167,8 @@ def _sbatch_extra_problems(c: ClusterConfig) -> Iterator[Problem]:
             if c.env_from_shell:   # NONE would keep those variables from the job
                 yield Problem(key, "--export=NONE keeps the variables of cluster.env_from_shell "
                               "from the job", "remove one of the two (cluster.env sets values)")
+        elif m.group(1) == "--gres" and gpus and gres_gpus(m.group(2) or ""):
+            yield from _gres_problem(c, key, item)
         elif m.group(1) in MANAGED:
             source = MANAGED[m.group(1)]
             if source.startswith(("cluster.", "name")):
@@ -138,6 +177,26 @@ def _sbatch_extra_problems(c: ClusterConfig) -> Iterator[Problem]:
             else:
                 yield Problem(key, f"{m.group(1)} is set or ruled out by the launcher ({source})",
                               "remove it from sbatch_extra")
+
+
+def gres_gpus(value: str) -> list[str]:
+    """The GPU entries of a --gres value: `gpu:2,nvme:1` -> ['gpu:2'] (`gpu`, `gpu:a100:4`)."""
+    return [part for part in value.split(",") if part.split(":")[0].strip() == "gpu"]
+
+
+def _gres_problem(c: ClusterConfig, key: str, item: str) -> Iterator[Problem]:
+    """--gres=gpu:... beside the --gpus-per-node the launcher renders: Slurm takes GPUs from
+    either, and two counts that disagree give a job the wrong number of GPUs (or one Slurm
+    refuses), so the GPU count has one home, cluster.gpus_per_node (train.device cpu renders no
+    --gpus-per-node: the job gets what --gres asks)."""
+    gpus = gres_gpus(item.partition("=")[2])
+    typed = [g.split(":")[1] for g in gpus if g.count(":") == 2]
+    kind = (f"; for a GPU model ({typed[0]}) select nodes by feature with cluster.constraint, "
+            "or set cluster.gpu_type for the plan") if typed else ""
+    yield Problem(key, f"{item!r} asks for GPUs beside --gpus-per-node={c.gpus_per_node}, which the "
+                  "launcher sets from cluster.gpus_per_node: Slurm would take two GPU requests for "
+                  "one job", f"remove {', '.join(gpus)} from the --gres option (other generic "
+                  f"resources, e.g. --gres=nvme:1, stay) and set cluster.gpus_per_node{kind}")
 
 
 def _env_problems(c: ClusterConfig) -> Iterator[Problem]:

@@ -344,6 +344,8 @@ def _merge_lora(cfg: RunConfig) -> Iterator[Problem]:
 
 # ------------------------------------------------------------------ files the run will read
 from launcher.checks import file_rules as rule_files  # noqa: E402,F401  (its rules register here, in this order)
+from launcher.checks import preference_rules  # noqa: E402,F401  (train.objective's rules)
+from launcher.checks import longseq_rules  # noqa: E402,F401  (sequence parallelism, tiling, offload)
 
 
 # ------------------------------------------------------------------ DeepSpeed overrides, cluster
@@ -399,3 +401,39 @@ def _secret_overrides(cfg: RunConfig) -> Iterator[Problem]:
 @rule
 def _env_from_shell(cfg: RunConfig) -> Iterator[Problem]:
     yield from secret_env.pass_through_problems(cfg)
+
+
+# ------------------------------------------------------------------ fewer nodes (cluster.min_nodes)
+@rule
+def _min_nodes(cfg: RunConfig) -> Iterator[Problem]:
+    """A job that may continue on fewer nodes resumes through a universal checkpoint
+    (launcher/cluster/reshard.py): the combinations that cannot, and a global batch that cannot be kept
+    on every node count it may get, are known here."""
+    from launcher.cluster import reshard
+    c = cfg.cluster
+    if c.min_nodes is None:
+        return
+    if c.min_nodes > c.nodes:
+        yield Problem("cluster.min_nodes", f"{c.min_nodes} is more than cluster.nodes {c.nodes}",
+                      f"set cluster.min_nodes to at most {c.nodes}, or raise cluster.nodes")
+        return
+    if c.min_nodes == c.nodes:
+        return
+    for p in reshard.unsupported(cfg):
+        yield Problem(p.key, "cluster.min_nodes lets the job continue on fewer nodes, which "
+                      "resumes its checkpoint on fewer ranks: " + p.message,
+                      p.fix.replace("resume on the ranks that wrote the checkpoint",
+                                    "remove cluster.min_nodes"))
+    try:
+        micro, _, glob = batch.batch_sizes(cfg)
+    except ValueError:
+        return  # the batch rule says why
+    bad = [n for n in range(c.min_nodes, c.nodes)
+           if batch.derived_accum(glob, micro, n * c.gpus_per_node) is None]
+    if bad:
+        least = max(bad) + 1  # every count from here to nodes keeps it
+        yield Problem("cluster.min_nodes", f"the global batch of {glob} cannot be kept on "
+                      f"{', '.join(map(str, bad))} node(s): it is not a multiple of "
+                      f"micro_batch_size {micro} x their ranks",
+                      f"set cluster.min_nodes to {least}, or a train.global_batch_size that "
+                      "every node count from min_nodes to nodes divides")

@@ -107,7 +107,7 @@ def latest_complete(ckpt_root: str, *, hashes: bool = False,
                     warn: Callable[[str], None] = _warn) -> str | None:
     """The newest usable checkpoint folder under ckpt_root, or None. Incomplete or corrupt ones
     are skipped with a warning (hashes=True also checks every file's sha256)."""
-    for step, path in reversed(listing(ckpt_root)):
+    for _step, path in reversed(listing(ckpt_root)):
         why = problem(path, hashes=hashes)
         if why is None:
             return path

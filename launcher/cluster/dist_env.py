@@ -27,6 +27,10 @@ DEFAULT_ADDR = "127.0.0.1"
 # these two numbers (tests/test_slurm_render.py evaluates that line against slurm_port).
 PORT_BASE = 15000
 PORT_SPAN = 10000
+# Linux hands out local ports for outgoing connections from ip_local_port_range (32768-60999 by
+# default): a port in it may be taken by any connection on the node. The rendezvous ports
+# (15000-24999) and the preflight's store ports (preflight_port: 5000-14999) are below it.
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,38 @@ def slurm_port(job_id: str) -> int:
     node of the job; the job script sets MASTER_PORT to the same number."""
     digits = re.sub(r"\D", "", job_id) or "0"
     return PORT_BASE + int(digits) % PORT_SPAN
+
+
+def preflight_port(master_port: int) -> int:
+    """The port of the preflight's TCP store on node 0: PORT_SPAN below the rendezvous port, so
+    neither meets the other (or another job's) and both stay under the ephemeral range."""
+    return master_port - PORT_SPAN
+
+
+def ephemeral_range(path: str = EPHEMERAL_RANGE) -> tuple[int, int] | None:
+    """This machine's (low, high) local port range for outgoing connections; None if unreadable."""
+    try:
+        with open(path, encoding="ascii") as fh:
+            low, high = (int(x) for x in fh.read().split()[:2])
+    except (OSError, ValueError):
+        return None
+    return low, high
+
+
+def port_note(ports: Mapping[str, int], path: str = EPHEMERAL_RANGE) -> str:
+    """What the preflight says of the job's ports against this node's ephemeral range."""
+    rng = ephemeral_range(path)
+    listed = ", ".join(f"{what} {port}" for what, port in ports.items())
+    if rng is None:
+        return f"ports: {listed}; this node's ephemeral port range is unreadable ({path})"
+    inside = [what for what, port in ports.items() if rng[0] <= port <= rng[1]]
+    if not inside:
+        return f"ports: {listed}, outside this node's ephemeral range {rng[0]}-{rng[1]}"
+    return (f"WARNING: ports: {listed}; {' and '.join(inside)} inside this node's ephemeral range "
+            f"{rng[0]}-{rng[1]} ({path}): an outgoing connection on the node can hold the port "
+            "and the rendezvous then fails (EADDRINUSE); ask for a range above "
+            f"{PORT_BASE + PORT_SPAN} (sysctl net.ipv4.ip_local_port_range), or reserve these "
+            "ports (net.ipv4.ip_local_reserved_ports)")
 
 
 def from_environ(env: Mapping[str, str] | None = None) -> RankEnv:

@@ -41,7 +41,7 @@ def read(run_dir: str) -> Optional[str]:
 
 def record(run_dir: str, job_id: str, by: str) -> None:
     """Write job_id as the owner of run_dir (atomically: readers see the old id or the new)."""
-    from launcher.cluster.rundir import write_atomic
+    from launcher.common.files import write_atomic
     write_atomic(path(run_dir), f"{job_id}\n# recorded by {by}, "
                  f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
 
@@ -79,17 +79,35 @@ def claim(run_dir: str, job_id: str, by: str, wait_s: float = 30.0) -> Optional[
             pass
 
 
+SQUEUE_TIMEOUT_S = 60   # squeue that has not answered by then: Slurm's state is unknown
+UNKNOWN = "UNKNOWN"     # live_state when squeue did not answer: the job may still run
+# squeue's words for a job id slurmctld no longer knows (the job ended long ago)
+FORGOTTEN = "Invalid job id"
+
+
+def unanswered(stderr: str) -> bool:
+    """A Slurm tool's failure that leaves the job's state unknown (slurmctld unreachable, busy,
+    timed out), as against a job id Slurm forgot or a machine where Slurm is not configured
+    (the tool is installed, its slurm.conf is not): those say no job of ours runs."""
+    return FORGOTTEN not in stderr and "configuration" not in stderr
+
+
 def live_state(job_id: str) -> Optional[str]:
     """The job's state while Slurm may still run it (PENDING, RUNNING, ...), else None (ended,
-    forgotten by Slurm, or no squeue here)."""
+    forgotten by Slurm, or no squeue here). UNKNOWN when squeue is there but did not answer
+    (timed out, slurmctld unreachable): the job is then not taken for ended, so its lock holds."""
     if shutil.which("squeue") is None:
         return None
     try:
         p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                           text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
+                           text=True, timeout=SQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return UNKNOWN
+    except OSError:
         return None
-    state = p.stdout.strip().split("\n")[0].strip() if p.returncode == 0 else ""
+    if p.returncode != 0:
+        return UNKNOWN if unanswered(p.stderr) else None
+    state = p.stdout.strip().split("\n")[0].strip()
     return state if state and state not in ENDED else None
 
 
@@ -110,6 +128,9 @@ def refuse_if_live(run_dir: str, doing: str) -> None:
     if owner is None:
         return
     job, state = owner
+    if state == UNKNOWN:
+        state = (f"{UNKNOWN} (squeue did not answer within {SQUEUE_TIMEOUT_S} s, or failed: "
+                 "the job may still run)")
     raise ConfigError([Problem(
         "output.dir", f"{run_dir} belongs to Slurm job {job}, which is {state}: {doing} now "
         "would run two jobs on one run directory (or change the files the job reads)",

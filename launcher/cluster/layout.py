@@ -13,7 +13,9 @@ STOP_REQUEST = "STOP"             # file: its presence asks every rank to checkp
 TENSORBOARD = "tensorboard"       # TensorBoard event files (output.report_to)
 WANDB = "wandb"                   # W&B's offline runs and the run id (output.report_to)
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/cluster/job_lock.py)
+ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
+SEGMENTS = "segments.jsonl"       # one line per launch: step, world_size, job, time (cluster/reshard.py)
 
 EXIT_OK = 0
 EXIT_CONFIG = 2                   # bad run file / bad input, nothing ran

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from typing import Any, Sequence
+from dataclasses import dataclass
 
 from launcher.cluster import layout, run_state
 from launcher.config.batch import batch_sizes, local_batch_problem
@@ -275,39 +276,66 @@ def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
     return f"train.max_steps {flag} (--max-steps wins over {base.train.max_steps} in {run_file})"
 
 
-def main(args: Any) -> int:
+def record_step_time(base: RunConfig, dry_dir: str, nproc: int, device: str) -> None:
+    """Keep the dry run's measured step time for runs of these settings (launcher/cluster/step_time.py)."""
+    from launcher.cluster import step_time
+    rec = step_time.record_dry_run(os.path.join(dry_dir, layout.METRICS), base, nproc, device)
+    if rec is not None:
+        print(f"ftlaunch: measured {rec['step_time_s']:.3g} s a step ({rec['micro_batch_s']:.3g} s "
+              f"a micro batch) on {nproc} {device} rank{'s' if nproc > 1 else ''}; kept in "
+              f"{step_time.store_path(base)} for `ftlaunch plan` and cluster.time: auto",
+              flush=True)
+
+
+@dataclass(frozen=True)
+class RunCall:
+    """What `ftlaunch run` was asked: the run file and overrides, the ranks, a dry run."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    nproc: int | None = None
+    max_steps: int | None = None
+    dry_run: bool = False
+    force: bool = False        # start although the memory plan does not fit
+    resume: bool = False
+    overwrite: bool = False
+
+
+def main(call: RunCall) -> int:
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import rundir
     from launcher.config import runfile, secret_env
-    base = runfile.load(args.run_file, args.overrides)
-    device, nproc = local_ranks(base, args.nproc)
+    base = runfile.load(call.run_file, call.overrides)
+    device, nproc = local_ranks(base, call.nproc)
     extra = local_overrides(base, device, nproc)
-    if args.max_steps is not None:
-        extra += [f"train.max_steps={args.max_steps}", "train.epochs=null"]
+    if call.max_steps is not None:
+        extra += [f"train.max_steps={call.max_steps}", "train.epochs=null"]
     tmp = None
-    if args.dry_run:
+    if call.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
         extra += [f"train.max_steps={DRY_RUN_STEPS}", "train.epochs=null", "train.warmup_steps=0",
                   "train.warmup_ratio=0",
                   "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
-                  f"output.dir={tmp}"]
-    cfg = runfile.load(args.run_file, list(args.overrides) + extra, inputs=True)
+                  "train.log_every=1", f"output.dir={tmp}"]
+    cfg = runfile.load(call.run_file, list(call.overrides) + extra, inputs=True)
     secret_env.warn_in_clear(cfg)
     secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
     rundir.keep_private(cfg)
-    if not args.dry_run:
-        print(f"ftlaunch: {max_steps_source(base, args.run_file, args.max_steps)}", flush=True)
+    if not call.dry_run:
+        print(f"ftlaunch: {max_steps_source(base, call.run_file, call.max_steps)}", flush=True)
         done = run_state.finished(cfg.run_dir, cfg.train.max_steps)
-        if (done and cfg.train.resume == "auto" and not args.overwrite
+        if (done and cfg.train.resume == "auto" and not call.overwrite
                 and os.path.exists(os.path.join(cfg.run_dir, layout.RESOLVED))):
             print(run_state.finished_message(cfg.run_dir, done, cfg.train.max_steps), flush=True)
             return layout.EXIT_OK
-    if not args.dry_run:  # before the plan and the tokenizing: refused in a second
-        rundir.check(cfg, rundir.on_existing(args))
+    if not call.dry_run:  # before the plan and the tokenizing: refused in a second
+        from launcher.cluster import job_lock   # a Slurm job queued or running on it owns it
+        job_lock.refuse_if_live(cfg.run_dir, "ftlaunch run" + (" --overwrite" if call.overwrite
+                                                               else ""))
+        rundir.check(cfg, rundir.on_existing(call))
     try:
-        checking = check_data(args.run_file, list(args.overrides) + extra)  # beside the plan
+        checking = check_data(call.run_file, list(call.overrides) + extra)  # beside the plan
         try:
-            plan = plan_text(cfg, getattr(args, "force", False))
+            plan = plan_text(cfg, call.force)
         except BaseException:
             checking.cancel()
             raise
@@ -317,17 +345,20 @@ def main(args: Any) -> int:
         if code:
             return code
         ds = ds_config.build(cfg, nproc, device)
-        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if args.dry_run
-                                 else rundir.on_existing(args))
+        run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if call.dry_run
+                                 else rundir.on_existing(call))
         run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch
         micro, accum, global_batch = batch_sizes(cfg, nproc)
         print(f"ftlaunch: {nproc} {device} rank{'s' if nproc > 1 else ''}, global batch "
               f"{micro} micro x {accum} accum x {nproc} rank{'s' if nproc > 1 else ''} = "
               f"{global_batch} sequences, run directory {run_dir}"
-              + (" (dry run: nothing is kept)" if args.dry_run else ""), flush=True)
+              + (" (dry run: nothing is kept)" if call.dry_run else ""), flush=True)
         cmd = rank_command(os.path.join(run_dir, layout.RESOLVED), nproc)
-        return launch(cmd, rank_environ(device, nproc, dry_run=args.dry_run,
+        code = launch(cmd, rank_environ(device, nproc, dry_run=call.dry_run,
                                         cluster_env=dict(cfg.cluster.env)), run_dir)
+        if call.dry_run and code == layout.EXIT_OK:   # the step time, for plan and time: auto
+            record_step_time(base, run_dir, nproc, device)
+        return code
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 GUARDED_ENV = "FTLAUNCH_RANK_GUARDED"   # set in the child: it does the work
 SWITCH_ENV = "FTLAUNCH_RANK_GUARD"      # "0": no guardian
@@ -65,7 +65,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _where(args: Any) -> tuple[Optional[str], Optional[int], int]:
+def _where(run_file: str, overrides: Sequence[str]) -> tuple[Optional[str], Optional[int], int]:
     """(run directory, dist_timeout_s, rank) for the record; None where the run file does not
     load (the child then reports that itself)."""
     from launcher.cluster import dist_env
@@ -75,21 +75,46 @@ def _where(args: Any) -> tuple[Optional[str], Optional[int], int]:
         rank = 0
     try:
         from launcher.config.runfile import load
-        cfg = load(args.run_file, args.overrides)
+        cfg = load(run_file, overrides)
     except Exception:  # noqa: BLE001 - the child reports the run file's problems
         return None, None, rank
     return cfg.run_dir, cfg.train.dist_timeout_s, rank
 
 
-def run(args: Any, command: Optional[list[str]] = None) -> int:
+class _Progress:
+    """Reads the steps the child reports (one line each) in a thread; `last` is the newest."""
+
+    def __init__(self, fd: int) -> None:
+        import threading
+        self._fd, self._step = fd, -1
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with os.fdopen(self._fd, "rb") as fh:
+            for line in fh:   # ends when every holder of the write end is gone
+                if line.strip().isdigit():
+                    self._step = int(line)
+
+    def last(self, wait_s: float) -> int:
+        """The newest step, after waiting up to wait_s for lines still in the pipe (its write
+        end may outlive the child in a data worker it forked)."""
+        self._thread.join(wait_s)
+        return self._step
+
+
+def run(run_file: str, overrides: Sequence[str] = (), command: Optional[list[str]] = None) -> int:
     """Run the rank's work as a child and wait; its exit code, or its signal recorded and
     raised again here."""
     from launcher.cluster import run_state
     started = time.time() - 1   # mtime granularity, as train.main
-    command = command or [sys.executable, "-m", "launcher", "train", args.run_file,
-                          *args.overrides]
-    child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1"},
-                             preexec_fn=_die_with_parent)
+    command = command or [sys.executable, "-m", "launcher", "train", run_file, *overrides]
+    read_fd, write_fd = os.pipe()   # the child writes each step it completes (report_step)
+    child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1",
+                                           run_state.PROGRESS_FD_ENV: str(write_fd)},
+                             preexec_fn=_die_with_parent, pass_fds=(write_fd,))
+    os.close(write_fd)
+    progress = _Progress(read_fd)
 
     def forward(signum: int, frame: Any) -> None:
         try:
@@ -100,14 +125,19 @@ def run(args: Any, command: Optional[list[str]] = None) -> int:
     for sig in FORWARDED:
         signal.signal(sig, forward)
     rc = child.wait()
+    died_at = time.time()
     if rc >= 0:
         return rc
     signum = -rc
-    run_dir, timeout, rank = _where(args)
+    step = progress.last(wait_s=0.5)
+    run_dir, timeout, rank = _where(run_file, overrides)
     message = death_message(signum, rank, timeout, run_dir or ".")
+    if step >= 0:
+        message += f" (after step {step}, the last it completed)"
     print(f"ftlaunch: {message}", file=sys.stderr, flush=True)
     if run_dir is not None:
-        run_state.write_exit_status(run_dir, rank, 128 + signum, -1, None, message, since=started)
+        run_state.write_exit_status(run_dir, rank, 128 + signum, step, None, message,
+                                    since=started, at=died_at, died_by=signum)
     sys.stdout.flush()
     sys.stderr.flush()
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # the child's core (if any) is the one

@@ -25,7 +25,7 @@ import time
 from typing import Any, NoReturn, Optional
 
 from launcher.cluster import layout
-from launcher.cluster.rundir import write_atomic
+from launcher.common.files import write_atomic
 
 
 # ------------------------------------------------------------------ stop requests
@@ -108,27 +108,79 @@ def is_failure(code: object) -> bool:
     return code not in (layout.EXIT_OK, layout.EXIT_STOPPED)
 
 
+# A peer's error stamped up to this long before a rank's death by a hard signal (KILL, SEGV,
+# ABRT, ...) is taken for its consequence: the kernel closes the dead rank's sockets (and the
+# peer's collective fails) before the dead rank's guardian is told.
+CONSEQUENCE_S = 2.0
+# Signals a launcher sends the ranks that are still alive once one failed: never a root cause.
+SENT_TO_SURVIVORS = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
 def write_exit_status(run_dir: str, rank: int, code: int, step: int, checkpoint: Optional[str],
-                      message: str, *, since: Optional[float] = None) -> None:
+                      message: str, *, since: Optional[float] = None,
+                      at: Optional[float] = None, died_by: Optional[int] = None) -> None:
     """Record how the run ended for this rank. Rank 0 records every ending; any rank records
-    its own failure (code not 0 or 75), and the first failure recorded since `since` (this
-    launch's start) stands: a peer's consequent error (a closed connection, a timeout) never
-    replaces the root cause. A record that cannot be written is skipped (the exit code and
-    stderr still tell)."""
+    its own failure (code not 0 or 75), and the first failure of this launch (since `since`)
+    stands: a peer's consequent error (a closed connection, a timeout) never replaces the root
+    cause. `died_by` (with `at`, when it happened) is a rank's death by that signal, recorded
+    by its guardian (launcher/cluster/rank_guard.py) a moment after it: a death by a hard signal
+    replaces another rank's failure stamped at most CONSEQUENCE_S before it; a death by a signal
+    the launcher sends the survivors, or one after the rank's own recorded error, replaces
+    nothing. `step` is the last step the rank completed. A record that cannot be written is
+    skipped (the exit code and stderr still tell)."""
     failed = is_failure(code)
     if not (rank == 0 or failed):
         return
+    at = time.time() if at is None else at
     if failed and since is not None:
         first = read_exit_status(run_dir, since)  # this launch's, if any
-        if first is not None and is_failure(first.get("code")) and first.get("rank") != rank:
+        if first is not None and is_failure(first.get("code")) and not _replaces(
+                first, rank, at, died_by):
             return
     try:
         write_atomic(status_path(run_dir), json.dumps(
             {"code": code, "step": step, "checkpoint": checkpoint, "message": message,
              "rank": rank, "host": socket.gethostname(),
-             "time": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(at)),
+             "at": round(at, 3)}) + "\n")
     except OSError:
         pass
+
+
+def _replaces(first: dict, rank: int, at: float, died_by: Optional[int]) -> bool:
+    """Whether this rank's failure (at `at`; a death by signal `died_by`) replaces `first`, a
+    failure already recorded in this launch."""
+    if died_by is None:
+        return first.get("rank") == rank   # a rank's own later words about its failure
+    if first.get("rank") == rank or signal.Signals(died_by).name in SENT_TO_SURVIVORS:
+        return False
+    stamped = first.get("at")
+    return isinstance(stamped, (int, float)) and stamped >= at - CONSEQUENCE_S
+
+
+# ------------------------------------------------------------------ a rank's progress
+# The write end of a pipe to the rank's guardian (launcher/cluster/rank_guard.py): the rank writes each
+# step it completes there, so a rank killed by a signal is recorded with its last step.
+PROGRESS_FD_ENV = "FTLAUNCH_PROGRESS_FD"
+_last_step = -1
+
+
+def report_step(step: int) -> None:
+    """This rank completed `step` (or resumed at it): kept for its own failure record, and told
+    to its guardian, if it has one."""
+    global _last_step
+    _last_step = step
+    fd = os.environ.get(PROGRESS_FD_ENV)
+    if fd and fd.isdigit():
+        try:
+            os.write(int(fd), f"{step}\n".encode())
+        except OSError:
+            pass   # the guardian is gone: only this rank's own record can say the step
+
+
+def last_step() -> int:
+    """The last step this rank completed (-1: none yet, still loading)."""
+    return _last_step
 
 
 def launch_exit_code(rc: int, run_dir: str, since: float) -> int:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from typing import Literal, Protocol
 
 import yaml
 
 from launcher.cluster import layout
+from launcher.common.files import (make_private, set_umask_state, umask_state,  # noqa: F401
+                                   write_atomic)
 from launcher.config.schema import RunConfig, to_dict
 from launcher.config.errors import ConfigError, Problem
 
@@ -38,57 +39,12 @@ _VOLATILE = ("train.max_steps", "train.log_every", "train.eval_every", "train.ch
              "output.")
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and a rename: readers
-    see the old file or the new one, never half of it; on failure nothing is left behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_USER_UMASK = _umask()  # read once, at import: mkstemp makes 0600 files, the run's files follow umask
-_UMASK = _USER_UMASK   # the mask this process writes with: the user's, or keep_private's
-
-
-def umask_state() -> tuple[int, int]:
-    """(the user's umask, read at import; the mask this process writes with now)."""
-    return _USER_UMASK, _UMASK
-
-
-def set_umask_state(user: int, current: int) -> None:
-    """Set what umask_state returns, and the process's umask to `current` (a test's own umask
-    back after a private run in the test process)."""
-    global _USER_UMASK, _UMASK
-    _USER_UMASK, _UMASK = user, current
-    os.umask(current)
-
-
 def keep_private(cfg: RunConfig) -> None:
     """output.private: from now on everything this process (and what it starts) creates is the
     user's alone: umask 077, so folders 0700 and files 0600 (write_atomic and export follow).
     Called first by every command that writes into a run directory or an export."""
-    global _UMASK
     if cfg.output.private:
-        _UMASK = _USER_UMASK | 0o077
-        os.umask(_UMASK)
+        make_private()
 
 
 def _make_run_dir(run_dir: str, private: bool) -> None:
@@ -101,7 +57,7 @@ def _make_run_dir(run_dir: str, private: bool) -> None:
             up = os.path.dirname(up)
         for folder in reversed(made):
             os.makedirs(folder, exist_ok=True)
-            os.chmod(folder, 0o777 & ~_USER_UMASK)
+            os.chmod(folder, 0o777 & ~umask_state()[0])
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
         os.chmod(run_dir, 0o700)
     os.makedirs(os.path.join(run_dir, layout.LOGS), exist_ok=True)

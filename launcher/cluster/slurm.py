@@ -3,7 +3,7 @@
 `build(cfg, workdir=...)` turns a run config into a `Job` (every sbatch option, the environment,
 the setup lines, the per-node launch); `render(job)` fills slurm/job.sbatch with it, strictly (a
 placeholder without a value, or a value without a placeholder, is an error) and without touching
-any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(args)` is
+any cluster tool; `submit(path)` is the only place that runs a program (sbatch). `main(SlurmCall)` is
 `ftlaunch slurm`. The script's variables are listed in slurm/README.md; what it does at run time
 (rendezvous, stop protocol, requeue) in docs/slurm.md.
 """
@@ -13,14 +13,15 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Optional
 
 from launcher import __version__
 from launcher.cluster import dist_env, layout, run_state
 from launcher.common.log import get_logger
-from launcher.config.schema import SBATCH_EXTRA as _EXTRA, RunConfig
-from launcher.model.device import NODE_DEVICES_ENV
+from launcher.config.schema import SBATCH_EXTRA as _EXTRA, ClusterConfig, RunConfig
+from launcher.model.device import NODE_DEVICES_ENV, job_device
+from launcher.checks.slurm_checks import PARTITION_DEFAULT
 from launcher.cluster.shell import (Raw, comment, export, join, quote, require_set, sbatch_line,
                             slurm_filename)
 
@@ -45,6 +46,9 @@ class SbatchOption:
     key: str                    # the config key it comes from (named in errors)
 
 
+_CLUSTER = ClusterConfig()  # the run file's cluster defaults: a Job made by hand takes the same
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything the job script says, decided before rendering."""
@@ -55,16 +59,17 @@ class Job:
     nodes: int
     nproc_per_node: int
     sbatch: tuple[SbatchOption, ...]
+    min_nodes: Optional[int] = None             # cluster.min_nodes: the job runs on what it gets
     setup: tuple[Raw, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     env_from_shell: tuple[str, ...] = ()        # names taken from the submitting environment
     private: bool = False                       # output.private: umask 077 in the job
-    launcher: str = "torchrun"                  # torchrun | deepspeed
-    python: str = "python"
+    launcher: str = _CLUSTER.launcher            # torchrun | deepspeed
+    python: str = _CLUSTER.python
     command: tuple[str, ...] = ()               # the rank command, run as `python -m <command>`
-    requeue: bool = True
-    max_restarts: int = 3
-    preflight: bool = True                      # `ftlaunch preflight` on every node first
+    requeue: bool = _CLUSTER.requeue
+    max_restarts: int = _CLUSTER.max_restarts
+    preflight: bool = _CLUSTER.preflight        # `ftlaunch preflight` on every node first
     container_prefix: tuple[str, ...] = ()      # words before python (apptainer/singularity exec)
     srun_container: tuple[str, ...] = ()        # srun options (pyxis's --container-image)
 
@@ -74,6 +79,11 @@ class Job:
 
 
 # ------------------------------------------------------------------ build
+def node_range(nodes: int, min_nodes: Optional[int]) -> str:
+    """`--nodes`: N, or MIN-N with cluster.min_nodes (Slurm starts the job on MIN to N nodes)."""
+    return f"{min_nodes}-{nodes}" if min_nodes not in (None, nodes) else str(nodes)
+
+
 def task_cpus(cfg: RunConfig) -> tuple[int, str]:
     """(CPUs of each node's task, where the number comes from). The job runs one task per node
     that starts every rank of the node; without `--cpus-per-task` Slurm gives that task one CPU
@@ -95,16 +105,25 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
     logs = slurm_filename(os.path.join(run_dir, layout.LOGS), "output.dir")
     opts = [SbatchOption("--job-name", cfg.name, "name"),
             SbatchOption("--chdir", workdir, "working directory"),
-            SbatchOption("--nodes", str(c.nodes), "cluster.nodes"),
-            SbatchOption("--ntasks-per-node", "1", "cluster.nodes")]
-    if cfg.train.device != "cpu":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
+            SbatchOption("--nodes", node_range(c.nodes, c.min_nodes), "cluster.nodes")]
+    if c.min_nodes in (None, c.nodes):
+        # with a node range, --ntasks-per-node=1 makes Slurm count MIN tasks and allocate MIN
+        # nodes even when MAX are free (measured, Slurm 22.05); without it each node gets one
+        # task's worth (cpus-per-task) and the srun lines say --ntasks-per-node=1 themselves
+        opts.append(SbatchOption("--ntasks-per-node", "1", "cluster.nodes"))
+    if job_device(cfg) == "cuda":   # CPU ranks need no GPUs; gpus_per_node is then ranks per node
         opts.append(SbatchOption("--gpus-per-node", str(c.gpus_per_node), "cluster.gpus_per_node"))
     opts.append(SbatchOption("--cpus-per-task", str(task_cpus(cfg)[0]), "cluster.cpus_per_task"))
+    if c.time == "auto":   # `ftlaunch slurm` replaces it with the estimate (resolve_time)
+        from launcher.config.errors import ConfigError, Problem
+        raise ConfigError([Problem("cluster.time", "auto must be resolved before the job is "
+                                   "built", "build the job through `ftlaunch slurm`, or pass the "
+                                   "config through launcher.memory.clock.resolve_time first")])
     for name, option in (("mem", "--mem"), ("time", "--time"),
                          ("partition", "--partition"), ("account", "--account"), ("qos", "--qos"),
                          ("constraint", "--constraint"), ("reservation", "--reservation")):
         value = getattr(c, name)
-        if value is not None:
+        if value is not None and not (name == "time" and value == PARTITION_DEFAULT):
             opts.append(SbatchOption(option, str(value), f"cluster.{name}"))
     if c.exclusive:
         opts.append(SbatchOption("--exclusive", None, "cluster.exclusive"))
@@ -124,6 +143,7 @@ def build(cfg: RunConfig, *, workdir: str, source: str = "") -> Job:
         opts.append(SbatchOption(option, value, f"cluster.sbatch_extra[{i}]"))
     prefix, srun_opts = container_words(cfg, workdir)
     return Job(name=cfg.name, run_dir=run_dir, workdir=workdir, source=source, nodes=c.nodes,
+               min_nodes=c.min_nodes if c.min_nodes not in (None, c.nodes) else None,
                nproc_per_node=c.gpus_per_node, sbatch=tuple(opts),
                setup=tuple(Raw(line) for line in c.setup), env=tuple(c.env.items()),
                env_from_shell=tuple(c.env_from_shell), private=cfg.output.private,
@@ -144,7 +164,7 @@ def container_words(cfg: RunConfig, workdir: str) -> tuple[tuple[str, ...], tupl
     if c.container_runtime == "pyxis":
         return (), (f"--container-image={c.container}", f"--container-mounts={run_dir}",
                     f"--container-workdir={workdir}")
-    gpu = ("--nv",) if cfg.train.device != "cpu" else ()
+    gpu = ("--nv",) if job_device(cfg) == "cuda" else ()
     return (c.container_runtime, "exec", *gpu, "--bind", run_dir, c.container), ()
 
 
@@ -240,7 +260,8 @@ def render(job: Job, template: str | None = None) -> str:
         "stop_file": quote(run_state.stop_path(job.run_dir), "output.dir"),
         "node_log": quote(slurm_filename(os.path.join(job.run_dir, layout.LOGS), "output.dir")
                           + "/job-%j-node%n.log", "output.dir"),
-        "nodes": quote(job.nodes), "nproc_per_node": quote(job.nproc_per_node),
+        "nodes": Raw('"$SLURM_JOB_NUM_NODES"') if job.min_nodes else quote(job.nodes),
+        "nproc_per_node": quote(job.nproc_per_node),
         "requeue": "1" if job.requeue else "0", "max_restarts": quote(job.max_restarts),
         "exit_stopped": quote(layout.EXIT_STOPPED),
         "exit_diverged": quote(layout.EXIT_DIVERGED),
@@ -323,69 +344,182 @@ def _memory_plan(cfg: RunConfig, force: bool) -> str:
     return text
 
 
-def main(args: Any) -> int:
-    from launcher.dsconfig import build as ds_config
-    from launcher.cluster import job_lock, rundir
+@dataclass(frozen=True)
+class SlurmCall:
+    """What `ftlaunch slurm` was asked: the run file and overrides, and what to do with the job."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    submit: bool = False
+    test_only: bool = False
+    force: bool = False        # submit a job whose memory plan does not fit
+    resume: bool = False
+    overwrite: bool = False
+    sweep: tuple[str, ...] = ()   # KEY=V1,V2 each: a run directory and a job per combination
+
+
+@dataclass
+class Point:
+    """One job of `ftlaunch slurm`: its config and what was decided for it before any write."""
+    label: str                   # a sweep point's values ("train.lr=1e-5 ..."); "" for one run
+    cfg: RunConfig
+    plan_text: Optional[str] = None
+    part_note: Optional[str] = None
+    job: Optional[Job] = None
+    passed: Optional[str] = None
+    time_lines: list = field(default_factory=list)   # cluster.time auto: how --time was set
+    estimate: Optional[dict] = None                  # ... and the estimate, kept in the run dir
+
+
+def _check_point(call: SlurmCall, label: str, overrides: list[str]) -> Point:
+    """Everything that can refuse a job before anything is written: the run file and its inputs
+    (when queueing), the live job owning the run directory, the existing run directory, the
+    memory plan, a finished run, the partition's time limits. ConfigError names the problem."""
+    from launcher.cluster import job_lock, rundir, slurm_partition
     from launcher.config import secret_env
+    from launcher.config.errors import ConfigError, Problem
     from launcher.cluster.rundir import on_existing
     from launcher.config.runfile import load
-    queue = args.submit or args.test_only
+    queue = call.submit or call.test_only
     # rendering only: the job can be written before the weights and data are all in place (a
     # model folder with its config.json alone); what the job would fail on is said, and
     # --submit / --test-only refuse it
-    cfg = load(args.run_file, args.overrides, inputs=queue)
+    cfg = load(call.run_file, overrides, inputs=queue)
     if not queue:
         from launcher.checks.rules import input_problems
         for problem in input_problems(cfg):
             log.warning(f"{problem.key}: {problem.message}; the job would fail on it: fix it "
                         f"before --submit ({problem.fix})")
     secret_env.warn_in_clear(cfg)
-    if args.submit:
+    if call.submit:
         secret_env.require(cfg)   # before anything is written
-    rundir.keep_private(cfg)
-    job_lock.refuse_if_live(cfg.run_dir, "--submit" if args.submit else "--overwrite"
-                            if args.overwrite else "writing its resolved.yaml and job.sbatch again")
-    plan_text = _memory_plan(cfg, args.force) if args.submit else None
-    run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=plan_text,
-                             on_existing=on_existing(args))
-    done = run_state.finished(run_dir, cfg.train.max_steps) if args.submit else None
+    job_lock.refuse_if_live(cfg.run_dir, "--submit" if call.submit else "--overwrite"
+                            if call.overwrite else "writing its resolved.yaml and job.sbatch again")
+    rundir.check(cfg, on_existing(call))
+    point = Point(label, cfg)
+    if cfg.cluster.time == "auto":   # the plan's estimate (builds the meta-device model)
+        from launcher.memory.clock import resolve_time
+        cfg, point.time_lines, point.estimate = resolve_time(cfg)
+        point.cfg = cfg
+    if not call.submit:
+        return point
+    part = slurm_partition.lookup(cfg.cluster.partition)   # cheap checks first: then the plan
+    problems = slurm_partition.time_problems(cfg, part)
+    if problems:
+        raise ConfigError(problems, f"partition {part.name if part else ''}".strip())
+    point.part_note = slurm_partition.describe_time(cfg, part)
+    done = None if call.overwrite else run_state.finished(cfg.run_dir, cfg.train.max_steps)
     if done:   # a job would hold its nodes only to say so
-        from launcher.config.errors import ConfigError, Problem
         raise ConfigError([Problem(
-            "train.max_steps", f"{run_dir} is finished: step {done.get('step')} of "
+            "train.max_steps", f"{cfg.run_dir} is finished: step {done.get('step')} of "
             f"{cfg.train.max_steps} done; a job would train nothing",
             f"raise train.max_steps (train.max_steps=N, N > {done.get('step')}) to train further, "
             "or pass --overwrite to start again")], "run directory")
-    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(args.run_file))
-    text = render(job)
-    rundir.write_atomic(job.job_script, text)
+    point.plan_text = _memory_plan(cfg, call.force)
+    return point
+
+
+def _write_point(call: SlurmCall, point: Point) -> None:
+    """The run directory and its job script."""
+    from launcher.dsconfig import build as ds_config
+    from launcher.cluster import rundir
+    from launcher.cluster.rundir import on_existing
+    cfg = point.cfg
+    rundir.keep_private(cfg)
+    run_dir = rundir.prepare(cfg, ds_config.build(cfg), plan_text=point.plan_text,
+                             on_existing=on_existing(call))
+    if point.estimate is not None:
+        import json
+        rundir.write_atomic(os.path.join(run_dir, layout.ESTIMATE),
+                            json.dumps(point.estimate, indent=2) + "\n")
+    for line in point.time_lines:
+        print(line)
+    job = build(cfg, workdir=os.getcwd(), source=os.path.abspath(call.run_file))
+    rundir.write_atomic(job.job_script, render(job))
     os.chmod(job.job_script, 0o700 if job.private else 0o755)
-    print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})")
+    point.job = job
+    point.passed = export_list(job.env_from_shell) if job.env_from_shell else None
+    print(f"wrote {run_dir}/ ({layout.RESOLVED}, {layout.DS_CONFIG}, {layout.JOB_SCRIPT})"
+          + (f"  [{point.label}]" if point.label else ""))
     print(f"submit with: sbatch {quote(job.job_script)}")
-    passed = export_list(job.env_from_shell) if job.env_from_shell else None
-    if passed and not args.submit:
-        print(f"the job takes {', '.join(job.env_from_shell)} from the environment sbatch runs in "
+
+
+def verdict_lines(plan_text: str) -> list[str]:
+    """The memory plan's verdict lines (per GPU, per node, overall), as `--submit` shows them."""
+    return [line.strip() for line in plan_text.splitlines() if line.strip().startswith("verdict")]
+
+
+def _submit_point(point: Point) -> str:
+    """Submit one written point: its job id (the run directory's lock taken) or SubmitError."""
+    from launcher.cluster import job_lock
+    job = point.job
+    run_dir = job.run_dir
+    job_id = submit(job.job_script, export=point.passed)
+    owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
+    if owner is not None:   # another submit or sbatch came in between: this one goes
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+        raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
+                          f"was submitted: job {job_id} is cancelled (one job per run "
+                          f"directory); to run this one instead: scancel {owner[0]}, then "
+                          f"sbatch {quote(job.job_script)}")
+    return job_id
+
+
+def main(call: SlurmCall) -> int:
+    from launcher.config import secret_env
+    from launcher.config.errors import ConfigError, Problem
+    sweep = list(call.sweep)
+    if sweep:
+        from launcher.cluster import sweep as sweeps
+        labelled = sweeps.expand(call.run_file, list(call.overrides), sweep)
+    else:
+        labelled = [("", list(call.overrides))]
+    points, problems = [], []
+    for label, overrides in labelled:   # every point checked before anything is written
+        try:
+            points.append(_check_point(call, label, overrides))
+        except ConfigError as exc:
+            if not label:
+                raise
+            problems += [Problem(p.key, p.message, p.fix, f"sweep point {label}"
+                                 + (f", {p.where}" if p.where else "")) for p in exc.problems]
+    if problems:
+        raise ConfigError(problems, f"sweep of {call.run_file} ({len(labelled)} points; nothing "
+                          "written or submitted)")
+    for point in points:
+        _write_point(call, point)
+    first = points[0].job
+    if first.env_from_shell and not call.submit:
+        print(f"the job takes {', '.join(first.env_from_shell)} from the environment sbatch runs in "
               "(cluster.env_from_shell): export them first")
-        for problem in secret_env.missing(cfg):
+        for problem in secret_env.missing(points[0].cfg):
             log.warning(f"{problem.key}: {problem.message}")
+    ids: list[str] = []
     try:
-        if args.test_only or args.submit:   # a job Slurm cannot run (time over the partition's
-            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s
-            answer = submit(job.job_script, test_only=True, export=passed)
-            if args.test_only:
-                print(answer)
-        if args.submit:
-            job_id = submit(job.job_script, export=passed)
-            owner = job_lock.claim(run_dir, job_id, "ftlaunch slurm --submit")
-            if owner is not None:   # another submit or sbatch came in between: this one goes
-                subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
-                raise SubmitError(f"job {owner[0]} ({owner[1]}) took {run_dir} while job {job_id} "
-                                  f"was submitted: job {job_id} is cancelled (one job per run "
-                                  f"directory); to run this one instead: scancel {owner[0]}, then "
-                                  f"sbatch {quote(job.job_script)}")
-            print(f"submitted; logs in {os.path.join(run_dir, layout.LOGS)}; job id:")
-            print(job_id)
+        if call.test_only or call.submit:   # a job Slurm cannot run (time over the partition's
+            # MaxTime, more nodes than it has) would pend forever: asked first, in 0.1 s, for
+            # every point before any is submitted
+            for point in points:
+                answer = submit(point.job.job_script, test_only=True, export=point.passed)
+                if call.test_only:
+                    print((f"[{point.label}] " if point.label else "") + answer)
+        if call.submit:
+            for point in points:
+                for line in [*verdict_lines(point.plan_text or ""), point.part_note or ""]:
+                    if line:
+                        print((f"[{point.label}] " if point.label else "") + f"plan: {line}"
+                              if line.startswith("verdict") else line)
+            for point in points:
+                job_id = _submit_point(point)
+                ids.append(job_id)
+                print(f"submitted; logs in {os.path.join(point.job.run_dir, layout.LOGS)}"
+                      + (f"  [{point.label}]" if point.label else "") + "; job id:")
+                print(job_id)
+            if len(ids) > 1:
+                print(f"{len(ids)} jobs: {' '.join(ids)}; list them with: ftlaunch runs "
+                      f"{quote(os.path.dirname(points[0].job.run_dir))}")
     except SubmitError as exc:
-        print(f"ftlaunch: {exc}\nthe run directory is kept: {run_dir}", file=sys.stderr)
+        kept = (f"the run directory is kept: {points[0].job.run_dir}" if len(points) == 1 else
+                f"the run directories are kept; submitted before this: {' '.join(ids) or 'none'}")
+        print(f"ftlaunch: {exc}\n{kept}", file=sys.stderr)
         return 1
     return 0

@@ -21,17 +21,26 @@ def dividing_ranks(global_batch: int, micro: int, most: int = 64) -> list[int]:
     return [n for n in range(1, most + 1) if derived_accum(global_batch, micro, n) is not None]
 
 
+def dp_size(cfg: RunConfig, world_size: int | None = None) -> int:
+    """Data-parallel ranks: the world size (default: the cluster's) over train.sequence_parallel
+    (the ranks that share each sequence count once in the batch)."""
+    return max(1, (world_size or cfg.world_size) // cfg.train.sequence_parallel)
+
+
 def batch_sizes(cfg: RunConfig, world_size: int | None = None) -> tuple[int, int, int]:
-    """(micro batch, grad accum, global batch) for world_size ranks (default: the cluster's).
+    """(micro batch, grad accum, global batch) for world_size ranks (default: the cluster's),
+    of which world_size / train.sequence_parallel are data-parallel.
 
     grad_accum is derived from global_batch_size when not given; ValueError if it cannot be.
     """
     t = cfg.train
-    world = world_size or cfg.world_size
+    world = dp_size(cfg, world_size)
     if world_size is None:
         names, ranks = "nodes x gpus_per_node", f"{cfg.cluster.nodes} x {cfg.cluster.gpus_per_node}"
     else:
-        names, ranks = "world size", str(world)
+        names, ranks = "world size", str(world_size)
+    if t.sequence_parallel > 1:
+        names, ranks = f"({names}) / sequence_parallel", f"{ranks} / {t.sequence_parallel}"
     per_step = t.micro_batch_size * world
     if t.global_batch_size is None:
         accum = t.grad_accum or 1
@@ -95,11 +104,12 @@ def batch_problem(cfg: RunConfig, world_size: int | None = None) -> Problem | No
     try:
         batch_sizes(cfg, world_size)
     except ValueError as exc:
-        world = world_size or cfg.world_size
+        world = dp_size(cfg, world_size)
         assert cfg.train.global_batch_size is not None
         note = ""
         if cfg.train.grad_accum is None and cfg.train.global_batch_size % world:
-            note = f" (a global batch must be a multiple of the {world} ranks)"
+            kind = " data-parallel" if cfg.train.sequence_parallel > 1 else ""
+            note = f" (a global batch must be a multiple of the {world}{kind} ranks)"
         options = [_describe_option(o, cfg, world) for o in batch_options(cfg, world)]
         return Problem("train.global_batch_size", f"{exc}{note}", "use one of: " + "; ".join(options))
     return None

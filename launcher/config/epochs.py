@@ -27,6 +27,7 @@ import os
 from typing import Any, Optional
 
 from launcher.config.batch import batch_sizes
+from launcher.config.data_files import format_of, open_text, parquet_rows
 from launcher.config.schema import RunConfig
 
 CHARS_PER_TOKEN = 4  # the login-node estimate of packed sequences
@@ -76,31 +77,35 @@ def resolve(cfg: RunConfig, n_sequences: int, world: int) -> RunConfig:
         assert t.max_steps is not None
         return with_steps(cfg, t.max_steps)
     micro, accum, _ = batch_sizes(cfg, world)
-    return with_steps(cfg, steps_for_epochs(t.epochs, n_sequences, world, micro, accum))
+    dp = world // t.sequence_parallel  # the ranks of a sequence-parallel group read the same data
+    return with_steps(cfg, steps_for_epochs(t.epochs, n_sequences, dp, micro, accum))
 
 
 def describe(cfg: RunConfig, n_sequences: int, world: int) -> str:
     """The line the ranks and `ftlaunch run` print for an epoch run."""
     t = cfg.train
     micro, accum, global_batch = batch_sizes(cfg, world)
-    per_epoch = micro_batches_per_epoch(n_sequences, world, micro)
-    steps = steps_for_epochs(t.epochs or 0, n_sequences, world, micro, accum)
+    dp = world // t.sequence_parallel
+    per_epoch = micro_batches_per_epoch(n_sequences, dp, micro)
+    steps = steps_for_epochs(t.epochs or 0, n_sequences, dp, micro, accum)
     return (f"epochs: {t.epochs:g} x {n_sequences} sequences / global batch {global_batch} "
             f"({per_epoch} micro batches of {micro} per rank per epoch, accum {accum}) = "
             f"{steps} steps, warmup {warmup_steps(cfg, steps)}")
 
 
 # ------------------------------------------------------------------ the login-node estimate
-def _count_rows(path: str, fmt: Optional[str]) -> tuple[Optional[int], int]:
+def row_count(path: str, fmt: Optional[str]) -> tuple[Optional[int], int]:
     """(non-blank rows or None when the format cannot be counted without `datasets`, characters)."""
-    name = path.lower()
-    fmt = fmt or ("jsonl" if name.endswith((".jsonl", ".ndjson")) else "json" if name.endswith(".json")
-                  else "csv" if name.endswith(".csv") else "text" if name.endswith((".txt", ".text"))
-                  else None)
+    fmt = fmt or format_of(path)
+    if fmt == "parquet" and os.path.isfile(path):
+        return parquet_rows(path), _size(path)
     if fmt not in ("jsonl", "json", "csv", "text") or not os.path.isfile(path):
         return None, _size(path)
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        fh = open_text(path, errors="replace")
+        if fh is None:  # zstd: read by `datasets` on the ranks only
+            return None, _size(path)
+        with fh:
             if fmt == "json":
                 text = fh.read()
                 rows = json.loads(text)
@@ -134,7 +139,7 @@ def estimated_sequences(cfg: RunConfig) -> tuple[int, str]:
     d = cfg.data
     rows, chars = 0, 0
     for path, fmt in _sources(cfg):
-        r, c = _count_rows(path, fmt)
+        r, c = row_count(path, fmt)
         if d.max_samples is not None and r is not None and r > d.max_samples:
             c, r = c * d.max_samples // r, d.max_samples
         rows = None if (rows is None or r is None) else rows + r
@@ -155,6 +160,6 @@ def planned_steps(cfg: RunConfig, world: Optional[int] = None) -> tuple[int, str
     world = world or cfg.world_size
     n, how = estimated_sequences(cfg)
     micro, accum, _ = batch_sizes(cfg, world)
-    steps = steps_for_epochs(t.epochs or 1, n, world, micro, accum)
+    steps = steps_for_epochs(t.epochs or 1, n, world // t.sequence_parallel, micro, accum)
     return steps, (f"estimated from {how}; the ranks count exactly from the tokenized data "
                    "and print it")

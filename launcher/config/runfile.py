@@ -335,8 +335,7 @@ def _parse(text: str, overrides: Sequence[str], source: str, base_dir: str | Non
     except Reported:
         return None
     if cfg.output.dir is None:
-        cfg = dataclasses.replace(cfg, output=dataclasses.replace(
-            cfg.output, dir=os.path.abspath(os.path.join("runs", cfg.name))))
+        cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=cfg.run_dir))
     return cfg
 
 

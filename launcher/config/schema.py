@@ -177,7 +177,12 @@ class DataConfig:
     cache: bool = opt(True, "Tokenize once per node and keep the result (keyed by the data, "
                       "tokenizer, template and settings) for resumes and later jobs.")
     cache_dir: Optional[str] = opt(None, "Where the tokenized data is kept; null: "
-                                   "$FTLAUNCH_CACHE or ~/.cache/ftlaunch/data.", path=True)
+                                   "data/ under $FTLAUNCH_CACHE (default ~/.cache/ftlaunch).", path=True)
+    chosen_field: str = opt("chosen", "Preference data (train.objective other than sft): the "
+                            "preferred answer: text, one message, or a message list (TRL's "
+                            "layout; the messages both lists share are the prompt).")
+    rejected_field: str = opt("rejected", "Preference data: the dispreferred answer, in the "
+                              "same form as chosen_field.")
 
 
 @dataclass(frozen=True)
@@ -240,6 +245,39 @@ class TrainConfig:
                      "ignored on CPU ranks.")
     watchdog: WatchdogConfig = opt(WatchdogConfig(), "Loss watchdog: stops the run at a step "
                                    "boundary with a checkpoint and exit code 76 (never requeued).")
+    objective: Literal["sft", "dpo", "ipo", "simpo", "orpo"] = opt(
+        "sft", "sft: next-token loss; preference pairs (data.chosen_field / rejected_field): "
+        "dpo, ipo (both against train.reference), simpo, orpo (reference-free) "
+        "(docs/preference.md).")
+    beta: float = opt(0.1, "dpo/ipo/simpo: the preference strength (DPO's beta, IPO's tau, "
+                      "SimPO's beta; TRL's and LLaMA-Factory's pref_beta); orpo: unused.", gt=0)
+    label_smoothing: float = opt(0.0, "dpo: the assumed share of flipped labels (conservative "
+                                 "DPO); simpo: the same smoothing of its sigmoid loss.", ge=0, lt=0.5)
+    simpo_gamma: float = opt(0.5, "simpo: the target reward margin gamma of the paper "
+                             "(TRL's simpo_gamma), subtracted from beta x the difference of "
+                             "the answers' mean log-probs.", ge=0)
+    orpo_lambda: float = opt(0.1, "orpo: weight of the odds-ratio term beside the chosen "
+                             "answer's next-token loss (TRL's and Axolotl's beta / orpo_alpha).",
+                             ge=0)
+    reference: Literal["model", "adapters_off", "precomputed"] = opt(
+        "model", "dpo/ipo: the frozen reference: model (a second copy of the initial model, "
+        "partitioned like the policy under ZeRO-3, no optimizer state), adapters_off (freeze."
+        "policy lora: the base with the adapters switched off, no copy), or precomputed "
+        "(log-probs of the initial model in one pass before training, kept with the tokenized "
+        "data).")
+    sequence_parallel: int = opt(1, "Ranks that share one sequence (Ulysses sequence parallelism, "
+                                 "docs/long-sequences.md): each holds 1/N of every sequence's "
+                                 "tokens and attention runs on 1/N of the heads after an "
+                                 "all-to-all. The data-parallel size becomes world size / N "
+                                 "(batch arithmetic, sampler, evaluation). 1: off.", ge=1, le=64)
+    tiled_loss: bool = opt(False, "Compute the logits and the loss in chunks of tokens (never the "
+                           "whole [tokens x vocab] logits at once); the same loss and gradients.")
+    tiled_mlp: bool = opt(False, "Run each layer's MLP over chunks of the sequence (DeepSpeed's "
+                          "TiledMLP, recomputed in the backward): its intermediates shrink to "
+                          "one chunk's.")
+    activation_offload: bool = opt(False, "Keep the activations saved for the backward (with "
+                                   "gradient checkpointing: each layer's input) in pinned host "
+                                   "memory instead of GPU memory (torch's save_on_cpu).")
 
 
 @dataclass(frozen=True)
@@ -263,6 +301,10 @@ class DeepSpeedSection:
 @dataclass(frozen=True)
 class ClusterConfig:
     nodes: int = opt(1, "Nodes.", ge=1, le=4096)
+    min_nodes: Optional[int] = opt(None, "Fewest nodes the job may run on (`--nodes=MIN-MAX`, MAX "
+                                   "= nodes): after a node failure and requeue it continues on "
+                                   "what Slurm gives, resuming through a universal checkpoint "
+                                   "(docs/slurm.md); null: exactly cluster.nodes.", ge=1, le=4096)
     gpus_per_node: int = opt(1, "GPUs (ranks) per node; with train.device cpu, CPU ranks per node "
                              "(no GPUs requested).", ge=1, le=64)
     cpus_per_task: Optional[int] = opt(None, "CPUs for each node's task (`--cpus-per-task`, passed "
@@ -273,8 +315,12 @@ class ClusterConfig:
                                        "rank and each of its data workers.", ge=1)
     mem: Optional[str] = opt(None, "Memory per node (`--mem`, e.g. 500G, 0 for all).",
                              pattern=r"[0-9]+[KMGT]?")
-    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00).",
-                    pattern=r"([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
+    time: str = opt("24:00:00", "Time limit (`--time`, e.g. 24:00:00 or 2-00:00:00); auto: "
+                    "the plan's time estimate with a margin (load, preflight, checkpoints, "
+                    "export), capped at the partition's MaxTime (docs/time.md); "
+                    "`partition-default`: no --time, the partition's DefaultTime (else its "
+                    "MaxTime) applies, read by --submit from `scontrol show partition`.",
+                    pattern=r"auto|partition-default|([0-9]+-)?[0-9]+(:[0-9]{2}){0,2}")
     partition: Optional[str] = opt(None, "Partition (`--partition`).")
     account: Optional[str] = opt(None, "Account (`--account`).")
     qos: Optional[str] = opt(None, "Quality of service (`--qos`).")

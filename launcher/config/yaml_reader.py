@@ -202,25 +202,79 @@ def apply_override(tree: dict, text: str, ctx: Context) -> None:
         return
     key, _, raw = text.partition("=")  # split on the first '=' only
     key = key.strip()
-    parts = key.split(".")
-    if not key or any(not p for p in parts):
-        ctx.add("<override>", f"empty key in override {key!r}" if key else "empty key in override",
-                "write key.sub=value", where)
+    steps = key_steps(key)
+    if not key or steps is None:
+        empty = not key or any(not p.partition("[")[0] for p in key.split("."))
+        ctx.add("<override>", (f"empty key in override {key!r}" if key else "empty key in override")
+                if empty else f"bad list index in override {key!r}",
+                "write key.sub=value" if empty else "write key.sub[0]=value", where)
         return
     try:
         value = yaml.load(raw, Loader=Loader) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML (e.g. an unbalanced bracket): the text itself
     node: Any = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[p] = nxt
+    for i, step in enumerate(steps[:-1]):
+        nxt = _item(node, step, steps[i + 1])
+        if nxt is None:
+            return _no_item(ctx, key, steps[:i + 1], node, where)
         node = nxt
-    cwd = os.getcwd()
-    node[parts[-1]] = wrap(value, raw.strip(), where, cwd)
-    mark(ctx.lines, key, node[parts[-1]], where)
+    last = steps[-1]
+    if isinstance(last, int) and not (isinstance(node, list) and last <= len(node)):
+        return _no_item(ctx, key, steps, node, where)
+    leaf = wrap(value, raw.strip(), where, os.getcwd())
+    if isinstance(last, int) and last == len(node):
+        node.append(leaf)
+    else:
+        node[last] = leaf
+    mark(ctx.lines, key, leaf, where)
+
+
+# The grammar of an override's key, defined once: the CLI tells an override word from an
+# argument with OVERRIDE_WORD, and apply_override walks the tree by key_steps.
+OVERRIDE_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+|\[[0-9]+\])*=")
+_INDEX = re.compile(r"\[([0-9]+)\]")
+
+
+def key_steps(key: str) -> list[str | int] | None:
+    """`cluster.setup[0]` -> ["cluster", "setup", 0]; None for a key with an empty part."""
+    steps: list[str | int] = []
+    for part in key.split("."):
+        name, _, rest = part.partition("[")
+        rest = "[" + rest if rest else ""
+        if not name or _INDEX.sub("", rest):
+            return None
+        steps += [name, *(int(i) for i in _INDEX.findall(rest))]
+    return steps
+
+
+def _item(node: Any, step: str | int, next_step: str | int) -> Any:
+    """The child of node at step, made (a dict, or a list before an index) where it is absent;
+    None where an index does not fit."""
+    if isinstance(step, int):
+        if not isinstance(node, list) or step >= len(node):
+            return None
+        if not isinstance(node[step], (dict, list)):
+            node[step] = [] if isinstance(next_step, int) else {}
+        return node[step]
+    nxt = node.get(step)
+    if isinstance(next_step, int):
+        if nxt is None:
+            nxt = node[step] = []
+        return nxt if isinstance(nxt, list) else None
+    if not isinstance(nxt, dict):
+        nxt = node[step] = {}
+    return nxt
+
+
+def _no_item(ctx: Context, key: str, steps: list[str | int], node: Any, where: str) -> None:
+    """The problem of an index that does not fit (steps: the key up to that index)."""
+    at = "".join(f"[{s}]" if isinstance(s, int) else f".{s}" for s in steps[:-1]).lstrip(".")
+    size = len(node) if isinstance(node, list) else 0
+    what = f"has {size} item(s)" if isinstance(node, list) else "is not a list"
+    fix = f"index an existing item, append at [{size}], or set the whole list: {at}=[...]" \
+        if len(steps) == len(key_steps(key) or ()) else f"set the whole item: {at}[{steps[-1]}]={{...}}"
+    ctx.add(key, f"no item {steps[-1]} to set: {at} {what}", fix, where)
 
 
 def wrap(value: Any, raw: str | None, where: str, base_dir: str) -> Any:

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import yaml
+from dataclasses import dataclass
 
-from launcher.convert.out import Out, Report  # noqa: F401  (Report: the API's)
+from launcher.convert.out import Out, Report
 from launcher.config.errors import ConfigError, Problem
 
 PEERS = ("axolotl", "llamafactory")
@@ -88,28 +89,36 @@ def _order(tree: dict) -> dict:
     return {k: tree[k] for k in sections if k in tree}
 
 
-def main(args: Any) -> int:
-    from launcher.cluster.rundir import write_atomic
+@dataclass(frozen=True)
+class ConvertCall:
+    """What `ftlaunch convert` was asked: the peer's config, the run file to write, the peer."""
+    config: str
+    output: str | None = None
+    peer: str | None = None
+
+
+def main(call: ConvertCall) -> int:
+    from launcher.common.files import write_atomic
     try:
-        with open(args.config, encoding="utf-8") as fh:
+        with open(call.config, encoding="utf-8") as fh:
             tree = yaml.safe_load(fh)
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError([Problem("<file>", f"cannot read {args.config}: {exc}",
+        raise ConfigError([Problem("<file>", f"cannot read {call.config}: {exc}",
                                    "give an Axolotl or LLaMA-Factory YAML file")], "convert") from None
     if not isinstance(tree, dict):
-        raise ConfigError([Problem("<file>", f"{args.config} is not a YAML mapping",
+        raise ConfigError([Problem("<file>", f"{call.config} is not a YAML mapping",
                                    "give an Axolotl or LLaMA-Factory YAML file")], "convert")
-    peer = args.peer or detect(tree)
+    peer = call.peer or detect(tree)
     if peer is None:
-        raise ConfigError([Problem("--from", f"cannot tell whose config {args.config} is",
+        raise ConfigError([Problem("--from", f"cannot tell whose config {call.config} is",
                                    "say --from axolotl or --from llamafactory")], "convert")
-    stem = os.path.splitext(os.path.basename(args.config))[0]
+    stem = os.path.splitext(os.path.basename(call.config))[0]
     name = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._") or "run"
-    base_dir = os.path.dirname(os.path.abspath(args.config))
+    base_dir = os.path.dirname(os.path.abspath(call.config))
     run, report = convert(tree, peer, name=name[:64], base_dir=base_dir)
-    rebase_paths(run, base_dir, os.path.dirname(os.path.abspath(args.output)), report)
-    text = (f"# converted by `ftlaunch convert` from {args.config} ({peer}); the report of every "
+    rebase_paths(run, base_dir, os.path.dirname(os.path.abspath(call.output)), report)
+    text = (f"# converted by `ftlaunch convert` from {call.config} ({peer}); the report of every "
             "setting is printed with it\n" + yaml.safe_dump(_order(run), sort_keys=False))
-    write_atomic(args.output, text)
-    sys.stdout.write(f"wrote {args.output} from {peer} config {args.config}\n" + report.render())
+    write_atomic(call.output, text)
+    sys.stdout.write(f"wrote {call.output} from {peer} config {call.config}\n" + report.render())
     return 0

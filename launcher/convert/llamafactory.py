@@ -12,14 +12,44 @@ from launcher.convert.peers import (CHATML_TEMPLATES, Handler, _attention, _ax_v
                                     _optimizer, _report_to, _scheduler, to)
 
 
+PREF_LOSS = {"sigmoid": "dpo", "ipo": "ipo", "simpo": "simpo", "orpo": "orpo"}
+
+
 def _lf_stage(out, key, value, tree, base_dir):
     if value == "sft":
         out.drop(key, "sft: supervised fine-tuning is what ftlaunch does (nothing to set)")
     elif value == "pt":
         out.drop(key, "pt: plain text data is read from data.text_field (nothing to set)")
+    elif value == "dpo":
+        loss = tree.get("pref_loss", "sigmoid")
+        if loss in PREF_LOSS:
+            out.carry(f"{key} + pref_loss", "train.objective", PREF_LOSS[loss])
+        else:
+            out.drop(f"{key} + pref_loss", f"pref_loss {loss!r} is not offered (sigmoid, ipo, "
+                     "simpo and orpo are): the converted file trains supervised")
     else:
-        out.drop(key, f"stage {value!r} (preference / reward training) is not offered: the "
+        out.drop(key, f"stage {value!r} (reward / PPO / KTO training) is not offered: the "
                  "converted file trains supervised")
+
+
+def _lf_pref_beta(out, key, value, tree, base_dir):
+    """pref_beta: DPO/IPO/SimPO's beta; ORPO's weight of the odds-ratio term."""
+    if tree.get("pref_loss") == "orpo":
+        out.approx(key, "train.orpo_lambda", float(value), "LLaMA-Factory's ORPO adds beta x the "
+                   "odds-ratio loss to each answer's mean NLL; here to the chosen tokens' NLL "
+                   "(TRL's form)")
+    else:
+        out.carry(key, "train.beta", float(value))
+
+
+def _lf_pref_loss(out, key, value, tree, base_dir):
+    if tree.get("stage") != "dpo":
+        out.drop(key, "only used by stage: dpo")  # else carried with stage (train.objective)
+
+
+def _lf_pref_ftx(out, key, value, tree, base_dir):
+    out.drop(key, "no SFT loss is added to the preference loss" if value else
+             "0: no SFT term (nothing to set)")
 
 
 def _lf_finetuning(out, key, value, tree, base_dir):
@@ -89,6 +119,16 @@ def _lf_source(out, name: str, tree: dict, base_dir: str, where: str) -> dict:
         return {"path": name}
     src: dict[str, Any] = {"path": os.path.join(ddir, entry["file_name"])}
     cols = entry.get("columns") or {}
+    if entry.get("ranking"):  # preference pairs: chosen and rejected columns
+        src["chosen_field"] = cols.get("chosen", "chosen")
+        src["rejected_field"] = cols.get("rejected", "rejected")
+        if entry.get("formatting") == "sharegpt":
+            src["messages_field"] = cols.get("messages", "conversations")
+        else:
+            src["prompt_field"] = cols.get("prompt", "instruction")
+            if _has_column(src["path"], base_dir, cols.get("query", "input")):
+                src["input_field"] = cols.get("query", "input")
+        return src
     if entry.get("formatting") == "sharegpt":
         src["messages_field"] = cols.get("messages", "conversations")
         if cols.get("tools"):
@@ -181,4 +221,9 @@ LLAMAFACTORY: dict[str, Handler] = {
     "disable_gradient_checkpointing": _lf_gc_off, "new_special_tokens": _lf_new_special,
     "add_tokens": _lf_new_special, "add_special_tokens": _lf_new_special,
     "report_to": _report_to, "use_tensorboard": _report_to,
+    "pref_beta": _lf_pref_beta, "pref_loss": _lf_pref_loss, "pref_ftx": _lf_pref_ftx,
+    "dpo_label_smoothing": to("train.label_smoothing", float),
+    "simpo_gamma": to("train.simpo_gamma", float),
+    "ref_model": lambda out, k, v, *a: out.drop(k, "another reference model is not offered: "
+                                                "train.reference model is the initial model"),
 }

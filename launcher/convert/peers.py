@@ -224,10 +224,12 @@ def _ax_special_tokens(out, key, value, tree, base_dir):
             out.drop(f"{key}.{name}", f"changing the tokenizer's {name} is not offered (pad only)")
 
 
-def _source(out, ds: dict, where: str, base_dir: str = ".") -> dict:
-    """One Axolotl dataset entry -> run-file data keys (path and fields)."""
+def _source(out, ds: dict, where: str, base_dir: str = ".", pairs: bool = False) -> dict:
+    """One Axolotl dataset entry -> run-file data keys (path and fields); pairs: rl is set."""
     src: dict[str, Any] = {"path": ds.get("path")}
     kind = ds.get("type")
+    if pairs:  # rl: preference pairs
+        return _pref_source(out, ds, where, src)
     if kind == "chat_template" or ds.get("field_messages") or ds.get("conversation"):
         src["messages_field"] = ds.get("field_messages", "messages")
         for k in ("message_property_mappings", "roles", "message_field_role", "message_field_content"):
@@ -256,6 +258,62 @@ def _source(out, ds: dict, where: str, base_dir: str = ".") -> dict:
     return src
 
 
+# Axolotl's preference prompt strategies (type) -> run-file data keys
+PREF_TYPES = {"chatml.intel": {"prompt_field": "question", "chat_template": "chatml"},
+              "chatml.argilla": {"prompt_field": "instruction", "chosen_field": "chosen_response",
+                                 "rejected_field": "rejected_response", "chat_template": "chatml"},
+              "chatml.prompt_pairs": {"prompt_field": "prompt", "chat_template": "chatml"}}
+RL_OBJECTIVES = ("dpo", "ipo", "simpo", "orpo")
+
+
+def _pref_source(out, ds: dict, where: str, src: dict) -> dict:
+    """One Axolotl preference dataset (rl: ...): the chat-template layout (field_messages,
+    field_chosen, field_rejected), or a named strategy of PREF_TYPES."""
+    kind = str(ds.get("type") or "")
+    if kind.startswith("chat_template"):
+        src["messages_field"] = ds.get("field_messages", "messages")
+        src["chosen_field"] = ds.get("field_chosen", "chosen")
+        src["rejected_field"] = ds.get("field_rejected", "rejected")
+    elif kind in PREF_TYPES:
+        src.update(PREF_TYPES[kind])
+        out.report.approximated.append((f"{where}.type", "data.prompt_field/chosen_field/"
+                                        "rejected_field", f"{kind}: its columns, rendered with "
+                                        "ChatML as a user and an assistant turn"))
+    else:
+        out.drop(f"{where}.type", f"preference strategy {kind!r} has no ftlaunch equivalent; "
+                 "the path is kept, set data.prompt_field / chosen_field / rejected_field")
+    for k in ds:
+        if k not in ("path", "type", "field_messages", "field_chosen", "field_rejected",
+                     "chat_template", "split"):
+            out.drop(f"{where}.{k}", "no per-dataset equivalent")
+    if ds.get("chat_template"):
+        src["chat_template"] = _template(ds["chat_template"])
+    return src
+
+
+def _ax_rl(out, key, value, tree, base_dir):
+    """rl: dpo | ipo | simpo | orpo -> train.objective (kto, grpo: not offered)."""
+    if value in RL_OBJECTIVES:
+        out.carry(key, "train.objective", value)
+    else:
+        out.drop(key, f"rl {value!r} is not offered (dpo, ipo, simpo and orpo are)")
+
+
+def _ax_rl_beta(out, key, value, tree, base_dir):
+    """rl_beta (TRL's beta): DPO/IPO/SimPO's beta; for ORPO its lambda."""
+    if tree.get("rl") == "orpo":
+        out.carry(key, "train.orpo_lambda", float(value))
+    else:
+        out.carry(key, "train.beta", float(value))
+
+
+def _ax_precompute(out, key, value, tree, base_dir):
+    if value:
+        out.carry(key, "train.reference", "precomputed")
+    else:
+        out.drop(key, "false: the reference runs beside the policy (train.reference model)")
+
+
 def _has_column(path: Any, base_dir: str, column: str) -> bool:
     """Whether the data file at path (relative to the peer's config) has that column in its
     first rows; False where it cannot be read here (a hub dataset)."""
@@ -263,7 +321,7 @@ def _has_column(path: Any, base_dir: str, column: str) -> bool:
     if not isinstance(path, str):
         return False
     full = path if os.path.isabs(path) else os.path.join(base_dir, path)
-    fmt = input_checks._format(full, None)
+    fmt = input_checks.file_format(full, None)
     if not os.path.isfile(full) or fmt not in ("jsonl", "json", "csv"):
         return False
     try:
@@ -278,7 +336,8 @@ def _template(name: str) -> Any:
 
 
 def _ax_datasets(out, key, value, tree, base_dir):
-    sources = [_source(out, ds, f"{key}[{i}]", base_dir) for i, ds in enumerate(value or [])]
+    pairs = tree.get("rl") in RL_OBJECTIVES
+    sources = [_source(out, ds, f"{key}[{i}]", base_dir, pairs) for i, ds in enumerate(value or [])]
     if len(sources) == 1:
         for k, v in sources[0].items():
             out.carry(f"{key}[0].{'path' if k == 'path' else k}", f"data.{k}", v)
@@ -332,11 +391,19 @@ AXOLOTL: dict[str, Handler] = {
     "dataset_processes": to("data.preprocessing_workers"),
     "dataloader_num_workers": to("data.num_workers"), "report_to": _report_to,
     "wandb_project": _report_to, "use_tensorboard": _report_to,
+    "rl": _ax_rl, "rl_beta": _ax_rl_beta, "orpo_alpha": to("train.orpo_lambda", float),
+    "dpo_label_smoothing": to("train.label_smoothing", float),
+    "simpo_gamma": to("train.simpo_gamma", float),
+    "precompute_ref_log_probs": _ax_precompute,
 }
 
 
 def finish(out, peer: str, tree: dict, base_dir: str) -> None:
     """Defaults that differ between the peer and ftlaunch, and keys that need each other."""
+    if (out.get("train.objective") in ("dpo", "ipo") and out.get("freeze.policy") == "lora"
+            and out.get("train.reference") is None):
+        out.approx("(reference under LoRA)", "train.reference", "adapters_off", f"{peer}'s "
+                   "reference for a LoRA run without ref_model: the base with the adapters off")
     kind = getattr(out, "ds_scheduler", None)
     if kind and out.get("train.scheduler", "cosine") != kind:
         out.approx("deepspeed (scheduler)", "train.scheduler", kind, "the DeepSpeed file's "

@@ -23,7 +23,7 @@ data.text_field, ...), what is wrong and how to fix it - raised on every rank be
 """
 from __future__ import annotations
 
-from launcher.data.batching import (Sampler, collate, model_batch, model_collate,  # noqa: F401
+from launcher.data.batching import (Sampler, collate, model_batch, model_collate,
                                      num_tokens, pack)
 from launcher.data.cache import cached_load
 from launcher.data.loading import Splits, load

@@ -6,8 +6,8 @@ later jobs.
 The key is a hash of everything the result depends on: each data file's path, size and
 modification time (every file of a saved folder), the tokenizer (its whole serialised form and
 special tokens), the chat template text, the data settings, the seed (eval split, mixture draw),
-the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: $FTLAUNCH_CACHE,
-else ~/.cache/ftlaunch/data) each key is a folder of .npy arrays (memory-mapped: the ranks of a
+the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: data/ under the cache root,
+$FTLAUNCH_CACHE else ~/.cache/ftlaunch) each key is a folder of .npy arrays (memory-mapped: the ranks of a
 node share one copy in the page cache) and a meta.json.
 
 Once per node: the first rank to take the key's file lock (fcntl) builds and publishes the folder
@@ -24,20 +24,21 @@ import os
 import shutil
 from typing import TYPE_CHECKING, Callable
 
+from launcher.common import files as common_files
 from launcher.data.reading import print_warning
 from launcher.data.tokenize import Tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import RunConfig
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
 
 VERSION = 2  # 2: data.input_field, data.tools_field, prompt/response through a template
 _NO_KEY = ("cache", "cache_dir", "preprocessing_workers")  # same tokens whatever they are
 
 
 def cache_root(cfg: "RunConfig") -> str:
-    return (cfg.data.cache_dir or os.environ.get("FTLAUNCH_CACHE")
-            or os.path.join(os.path.expanduser("~"), ".cache", "ftlaunch", "data"))
+    """data.cache_dir, else data/ under the cache root (launcher/common/files.py)."""
+    return cfg.data.cache_dir or os.path.join(common_files.cache_root(), "data")
 
 
 def _files(path: str | None) -> list:
@@ -85,7 +86,8 @@ def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
         if s.chat_template and os.path.isfile(s.chat_template):
             with open(s.chat_template, encoding="utf-8") as fh:
                 templates.append(fh.read())
-    blob = json.dumps({"v": VERSION, "data": settings, "files": files, "seed": cfg.train.seed,
+    blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft",
+                       "files": files, "seed": cfg.train.seed,
                        "positions": max_positions, "tok": _tokenizer_id(tokenizer),
                        "templates": templates}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -123,7 +125,7 @@ def _write(folder: str, splits: "Splits") -> None:
 def _read(folder: str) -> "Splits":
     import numpy as np
 
-    from launcher.data.loading import Splits
+    from launcher.data.splits import Splits
     from launcher.data.mixing import Mixture
 
     with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:

@@ -56,7 +56,8 @@ def template_text(d: "DataConfig", tokenizer, key: str = "data.chat_template") -
             text = fh.read()
     except OSError as exc:
         raise fail(key, f"cannot read the chat template {path}: {exc.strerror or exc}",
-                   f"give a Jinja file, or a built-in name ({', '.join(messages.BUILTIN_TEMPLATES)})")
+                   f"give a Jinja file, or a built-in name ({', '.join(messages.BUILTIN_TEMPLATES)})"
+                   ) from exc
     if not text.strip():
         raise fail(key, f"the chat template {path} is empty", "write the Jinja template in it")
     return text

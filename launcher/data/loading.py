@@ -2,29 +2,17 @@
 eval split, the mixture over data.mix's sources, and the stats (`load` -> `Splits`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from launcher.data.batching import pack
 from launcher.data.mixing import Mixture, concat
 from launcher.checks.input_checks import source_settings
 from launcher.data.reading import Records, fail, print_warning, records, split_eval, subset
+from launcher.data.splits import Splits
 from launcher.data.tokenize import Tokens, tokenize_records
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import DataConfig, RunConfig
-
-@dataclass
-class Splits:
-    """What `load` returns: train and eval (None without eval data) examples, plus what happened.
-    `mixture`: the draw by weight over data.mix's sources (None for one source), for the Sampler."""
-
-    train: Tokens
-    eval: Tokens | None
-    warnings: list[str] = field(default_factory=list)
-    stats: dict[str, Any] = field(default_factory=dict)
-    mixture: Mixture | None = None
-
 
 def _tokens(cfg: "RunConfig", d: "DataConfig", tokenizer, rec: Records, key: str, split: str,
             warnings: list[str]) -> Tokens:
@@ -59,6 +47,9 @@ def load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None,
     source of data.mix on its own. Identical on every rank. Raises ConfigError (source "data")
     for anything wrong with it; warnings (dropped rows, truncation) go to `warn` (stderr on rank
     0) and Splits.warnings."""
+    if cfg.train.objective != "sft":  # preference pairs (launcher/data/pairs.py)
+        from launcher.data.pairs import load_pairs
+        return load_pairs(cfg, tokenizer, max_positions=max_positions, warn=warn)
     d = cfg.data
     _check(cfg, max_positions)
     warnings: list[str] = []

@@ -26,16 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from launcher.config.errors import ConfigError, Problem, did_you_mean
-from launcher.checks.input_checks import jsonl_lines, open_text
+from launcher.checks.input_checks import jsonl_lines
+from launcher.config.data_files import EXTENSIONS, compression, extension, format_of, open_text
 from launcher.checks.input_checks import bad_row_limit
 from launcher.common.log import get_logger
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.schema import DataConfig, RunConfig
 
-_EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
-               ".parquet": "parquet", ".pq": "parquet", ".txt": "text", ".text": "text"}
-_COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 _BUILDER = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet", "text": "text"}
 _LINK_EXT = {"jsonl": "jsonl", "json": "json", "csv": "csv", "parquet": "parquet", "text": "txt"}
 _FIX = {"saved": "point it at a folder written by Dataset.save_to_disk",
@@ -57,7 +55,7 @@ def fail(key: str, message: str, fix: str = "") -> ConfigError:
 
 
 # ------------------------------------------------------------------------------ the file
-def _format_of(path: str, key: str, fmt: str | None) -> str:
+def source_format(path: str, key: str, fmt: str | None) -> str:
     if os.path.isdir(path):
         if fmt not in (None, "saved"):
             raise fail("data.format", f"{path} is a folder, but format '{fmt}' reads one file",
@@ -70,16 +68,12 @@ def _format_of(path: str, key: str, fmt: str | None) -> str:
                    "from the extension")
     if fmt is not None:
         return fmt
-    name = os.path.basename(path).lower()
-    for comp in _COMPRESSED:
-        if name.endswith(comp):
-            name = name[: -len(comp)]
-    ext = os.path.splitext(name)[1]
-    if ext not in _EXTENSIONS:
+    ext = extension(path)
+    if format_of(path) is None:
         raise fail("data.format", f"cannot tell the format of {path} from its extension "
                    f"'{ext or '(none)'}'", "set data.format: jsonl, json, csv, parquet or text "
-                   f"(known extensions: {', '.join(sorted(_EXTENSIONS))})")
-    return _EXTENSIONS[ext]
+                   f"(known extensions: {', '.join(sorted(EXTENSIONS))})")
+    return EXTENSIONS[ext]
 
 
 def _check_path(path: str, key: str) -> None:
@@ -193,7 +187,7 @@ def _load_file(datasets, path: str, key: str, fmt: str, columns: list[str], tmp:
     # symlinks in the user's path cannot confuse datasets' file resolution
     suffix = "".join(c for c in os.path.basename(path).lower() if c.isascii()
                      and (c.isalnum() or c == "."))
-    comp = next((c for c in _COMPRESSED if suffix.endswith(c)), "")
+    comp = compression(suffix)
     link = os.path.join(tmp, "data." + _LINK_EXT[fmt] + comp)
     os.symlink(os.path.realpath(path), link)
     if fmt in ("json", "jsonl"):
@@ -409,7 +403,7 @@ def records(cfg: "RunConfig", path: str, key: str, warnings: list[str],
     of this source, default cfg.data); a warning for the dropped ones goes to `warnings`."""
     d = d or cfg.data
     _check_path(path, key)
-    fmt = _format_of(path, key, d.format)
+    fmt = source_format(path, key, d.format)
     wanted, field_key = _wanted(d, fmt)
     cols, names, bad, lines = _read(d, path, key, fmt, wanted)
     missing = [c for c in wanted if c not in cols]
@@ -459,7 +453,8 @@ def records(cfg: "RunConfig", path: str, key: str, warnings: list[str],
 
 
 def subset(rec: Records, idx: list[int]) -> Records:
-    pick = (lambda xs: None if xs is None else [xs[i] for i in idx])
+    def pick(xs: list | None) -> list | None:
+        return None if xs is None else [xs[i] for i in idx]
     return Records(texts=pick(rec.texts) if rec.chats is None else [], prompts=pick(rec.prompts),
                    dropped=0, rows=len(idx), chats=pick(rec.chats), row_numbers=pick(rec.row_numbers))
 

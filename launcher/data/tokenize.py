@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from launcher.data.chat import IGNORE  # noqa: F401  (re-exported: data.IGNORE)
+from launcher.data.chat import IGNORE
 from launcher.data.reading import Records, fail, print_warning
 
 if TYPE_CHECKING:  # pragma: no cover

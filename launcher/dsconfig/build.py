@@ -5,7 +5,8 @@ run file (FILLED below: the table from run-file fields to DeepSpeed keys), then 
 `deepspeed.overrides`. A user's own JSON file (`deepspeed.config_file`) takes the place of the
 first two: taken as written, "auto" resolved as the HF Trainer does and only the run file's keys
 set in it (launcher/dsconfig/user_file.py). Overrides are checked here, on the login node, against the tables of the
-keys DeepSpeed 0.19 reads (launcher/dsconfig/keys.py, re-exported here): unknown keys (DeepSpeed ignores a misspelt top-level key
+keys DeepSpeed 0.19 reads (launcher/dsconfig/keys.py, re-exported here): unknown keys (DeepSpeed
+ignores a misspelt top-level key
 without a word), "auto" values (DeepSpeed silently drops them), keys removed from DeepSpeed,
 wrong types and ranges, keys owned by a run-file field, and the combinations DeepSpeed would
 only refuse on the ranks. Alias names (`prefetch_bucket_size` / `stage3_prefetch_bucket_size`,
@@ -23,6 +24,7 @@ from launcher.config import epochs
 from launcher.config.schema import RunConfig
 from launcher.config.errors import ConfigError, Problem, did_you_mean
 from launcher.config.batch import batch_problem, batch_sizes
+from launcher.model.device import job_device
 from launcher.dsconfig.keys import (  # noqa: F401  (the tables, re-exported for callers)
     FILLED, LAUNCHER_DEFAULTS, TOP_KEYS, ZERO_KEYS, BF16_KEYS, FP16_KEYS,
     OFFLOAD_PARAM_KEYS, OFFLOAD_OPTIMIZER_KEYS, SECTIONS, KNOWN_TOP, KNOWN_ZERO, REMOVED_TOP,
@@ -86,7 +88,7 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
     """The keys the launcher decides from the run file (see FILLED)."""
     t, ds = cfg.train, cfg.deepspeed
     micro, accum, global_batch = batch_sizes(cfg, world_size)
-    device = device or ("cpu" if t.device == "cpu" else "cuda")
+    device = device or job_device(cfg)
     out: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": micro,
@@ -126,6 +128,8 @@ def filled(cfg: RunConfig, world_size: int | None = None, device: str | None = N
         out["scheduler"] = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": steps, "warmup_min_ratio": 0.0, "warmup_num_steps": warm,
             "cos_min_ratio": t.min_lr_ratio, "warmup_type": "linear"}}
+    if t.sequence_parallel > 1:  # zero.Init's batch check before the ranks pass the groups
+        out["sequence_parallel_size"] = t.sequence_parallel
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)

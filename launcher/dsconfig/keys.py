@@ -23,7 +23,8 @@ FILLED: dict[str, str] = {
     "gradient_clipping": "train.grad_clip",
     "fp16.enabled": "model.dtype",
     "bf16.enabled": "model.dtype",
-    "optimizer": "train.optimizer / lr / betas / eps / weight_decay (+ torch_adam, and fused on GPUs, unless offloaded)",
+    "optimizer": "train.optimizer / lr / betas / eps / weight_decay (+ torch_adam, and fused on GPUs, "
+                 "unless offloaded)",
     "scheduler": "train.scheduler / warmup_steps / max_steps / min_lr_ratio",
     "zero_optimization.stage": "deepspeed.zero_stage",
     "zero_optimization.offload_optimizer.device": "deepspeed.offload_optimizer",
@@ -77,7 +78,8 @@ REMOVED_TOP = {"nebula", "compression_training", "amp", "quantize_training", "sp
                "curriculum_learning", "progressive_layer_drop"}
 REMOVED_ZERO = {"mics_shard_size", "mics_hierarchical_params_gather", "zeropp_loco_param"}
 UNSUPPORTED_TOP = {"sequence_parallel_size": "sequence parallelism changes the data-parallel world "
-                   "size the batch arithmetic is done for; the launcher trains data-parallel only"}
+                   "size the batch arithmetic is done for: the launcher sets it from "
+                   "train.sequence_parallel (remove it here and set that)"}
 
 # zero_optimization: DeepSpeedZeroConfig fields (by their JSON name) and aliases.
 ZERO_KEYS: dict[str, str] = {

@@ -4,7 +4,7 @@
     plan_text(cfg) -> str                                    # what `run --dry-run` / plan.txt show
     checked_text(plan, force) -> str                         # its text; ConfigError if it does not fit
     render(plan, explain=False) -> str                       # the text of a Plan
-    main(args) -> int                                        # the CLI: 0 fits, 1 does not, 2 config
+    main(PlanCall(...)) -> int                               # the CLI: 0 fits, 1 does not, 2 config
 
 One module per part, each importing only those above it:
 

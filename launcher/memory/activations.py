@@ -33,7 +33,8 @@ class BlockGrads:
     active: the graph reaches the block (a parameter at or before it trains); before the
     first trainable parameter nothing is saved. A linear layer saves its input only when its
     weight trains, or when it is 8-bit (bitsandbytes' MatMul8bitLt / MatMul8bitFp keep the
-    input whenever it needs a gradient; MatMul4Bit keeps only the quantized weight). lora_bytes_per_token: what peft's adapters add (dropout
+    input whenever it needs a gradient; MatMul4Bit keeps only the quantized weight).
+    lora_bytes_per_token: what peft's adapters add (dropout
     output and mask per target, the r-wide input of lora_B).
     """
 
@@ -238,7 +239,7 @@ def grads_map(inv: Inventory, lora_dropout: float = 0.0, lora_r: int = 0, zero3:
         active = active or any(n.startswith(pre) for n in trains) or bool(lora_here)
         first = first and active
         per_tok = 0
-        for t, a_numel in lora_here.items():
+        for a_numel in lora_here.values():
             width = a_numel // max(lora_r, 1)
             # dropout output (lp) and its mask (1 B), conservative by ~3% (tests)
             per_tok += lp * lora_r + ((lp + 1) * width if lora_dropout > 0 else 0)

@@ -8,6 +8,8 @@ the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of
     expandable segments (allocator)   0   PYTORCH_CUDA_ALLOC_CONF in cluster.env: less slack
     flash_attention_2 (packed rows)   1   no (b,1,s,s) mask, k/v kept at the kv heads
     ZeRO-2 (from 0/1)                 1   partitions gradients; same traffic as data parallel
+    DPO/IPO reference: adapters off   1   LoRA runs: the base under the adapters, no copy
+    DPO/IPO reference: precomputed    2   one forward pass before training, no copy
     8-bit AdamW (bitsandbytes)        2   8-bit optimizer state; matches 32-bit Adam in practice
     paged 8-bit AdamW                 3   + state paged to CPU memory under pressure (GPU only)
     gradient checkpointing            4   recomputes each block's forward: about +30% compute
@@ -15,6 +17,7 @@ the planner). Costs (`COSTS`, smaller is cheaper; a combination costs the sum of
     half the micro batch              6   same global batch, smaller kernels
     more nodes (x2)                   7   more hardware, same run
     optimizer offload to CPU          8   the Adam step on the CPU: often 2x slower steps
+    SimPO instead of DPO/IPO         11   reference-free: changes what is learned
     half the sequence length          9   changes the data: shorter training sequences
     parameter offload (ZeRO-3)       10   weights cross PCIe in every forward and backward
     8-bit frozen base                12   int8 matmuls for the frozen part (quality)
@@ -35,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 from launcher.config.schema import RunConfig
 from launcher.config.errors import ConfigError
+from launcher.model.device import job_device
 from launcher.memory.terms import ALLOC_CONF, EXPANDABLE, expandable_segments
 from launcher.checks.validate import check
 
@@ -48,7 +52,8 @@ MARGIN = 0.01  # a change is advised only if it leaves 1% of the GPU's memory fr
 GROUPS = {"cluster.env.PYTORCH_CUDA_ALLOC_CONF": "alloc",
           "model.attn_implementation": "attn", "deepspeed.zero_stage": "stage", "deepspeed.offload_param": "stage",
           "train.optimizer": "optimizer", "deepspeed.offload_optimizer": "optimizer",
-          "freeze.policy": "freeze", "quantization.mode": "freeze"}
+          "freeze.policy": "freeze", "quantization.mode": "freeze",
+          "train.reference": "reference", "train.objective": "reference"}
 
 
 def _rep(obj: Any, **kw: Any) -> Any:
@@ -83,9 +88,30 @@ def _env(name: str, value: str) -> Callable[[RunConfig], RunConfig]:
     return lambda c: _rep(c, cluster=_rep(c.cluster, env={**c.cluster.env, name: value}))
 
 
+def _train(**kw: Any) -> Callable[[RunConfig], RunConfig]:
+    return lambda c: _rep(c, train=_rep(c.train, **kw))
+
+
+def _long_sequence(c: RunConfig) -> Iterator[Change]:
+    """The long-sequence switches, where activations grow with the sequence."""
+    t = c.train
+    if not t.tiled_loss:
+        yield ("train.tiled_loss: true", 1, "lm_head recomputed in chunks (no [tokens x vocab] "
+               "logits)", _train(tiled_loss=True))
+    if not t.tiled_mlp and c.deepspeed.zero_stage < 3:
+        yield "train.tiled_mlp: true", 4, "each MLP recomputed in chunks", _train(tiled_mlp=True)
+    if not t.activation_offload and job_device(c) == "cuda":
+        yield ("train.activation_offload: true", 5, "activations cross PCIe; needs node memory",
+               _train(activation_offload=True))
+    n = 2 * t.sequence_parallel
+    if job_device(c) == "cuda" and c.world_size % n == 0 and c.data.max_seq_len % n == 0:
+        yield (f"train.sequence_parallel: {n}", 6, f"1/{n} of each sequence per GPU, an all-to-all "
+               "per layer; data-parallel ranks / 2", _train(sequence_parallel=n))
+
+
 def candidates(c: RunConfig) -> Iterator[Change]:
     ds, m, t, q, f = c.deepspeed, c.model, c.train, c.quantization, c.freeze
-    gpu = t.device != "cpu"
+    gpu = job_device(c) == "cuda"
     if gpu and not expandable_segments(c.cluster.env):
         yield (f"cluster.env.{ALLOC_CONF}: {EXPANDABLE}", 0, "none (less allocator "
                "fragmentation)", _env(ALLOC_CONF, EXPANDABLE))
@@ -93,6 +119,8 @@ def candidates(c: RunConfig) -> Iterator[Change]:
         yield ("model.attn_implementation: flash_attention_2", 1, "needs the flash_attn package "
                "on the nodes; packs without a (b,1,s,s) mask", lambda c: _rep(
                    c, model=_rep(c.model, attn_implementation="flash_attention_2")))
+    if c.data.max_seq_len >= 4096:  # long sequences: activations (docs/long-sequences.md)
+        yield from _long_sequence(c)
     if ds.zero_stage < 2:
         yield "deepspeed.zero_stage: 2", 1, "no slowdown to speak of", _ds(zero_stage=2)
     if t.optimizer == "adamw" and ds.offload_optimizer == "none":
@@ -105,6 +133,7 @@ def candidates(c: RunConfig) -> Iterator[Change]:
                lambda c: _rep(c, model=_rep(c.model, gradient_checkpointing=True)))
     if ds.zero_stage < 3 and q.mode != "8bit":
         yield "deepspeed.zero_stage: 3", 5, "+50% communication", _ds(zero_stage=3)
+    yield from _preference_changes(c)
     if t.micro_batch_size > 1:
         yield (f"train.micro_batch_size: {t.micro_batch_size // 2} (accumulation x2)", 6,
                "same batch, lower GPU efficiency", _halve_micro)
@@ -130,6 +159,23 @@ def candidates(c: RunConfig) -> Iterator[Change]:
     if q.mode != "4bit":
         yield ("freeze.policy: lora + quantization.mode: 4bit", 16, "QLoRA: 4-bit base, adapters",
                lambda c: _rep(_lora(c), quantization=_rep(c.quantization, mode="4bit")))
+
+
+def _preference_changes(c: RunConfig) -> Iterator[Change]:
+    """DPO/IPO with a second model as the reference: the reference without the copy
+    (adapters off under LoRA, log-probs precomputed before training), or an objective that
+    needs none (SimPO)."""
+    t = c.train
+    if t.objective not in ("dpo", "ipo") or t.reference != "model":
+        return
+    ref = lambda kind: lambda c: _rep(c, train=_rep(c.train, reference=kind))  # noqa: E731
+    if c.freeze.policy == "lora":
+        yield ("train.reference: adapters_off", 1, "none: the base under the adapters, no "
+               "second copy", ref("adapters_off"))
+    yield ("train.reference: precomputed", 2, "one forward pass over the data before "
+           "training, no second model", ref("precomputed"))
+    yield ("train.objective: simpo", 11, "a reference-free objective: changes what is learned",
+           lambda c: _rep(c, train=_rep(c.train, objective="simpo")))
 
 
 def _try(replan: Replan, cfg: RunConfig) -> Any:

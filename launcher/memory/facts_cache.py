@@ -12,8 +12,8 @@ back costs a file read.
 
 The key hashes `key_parts` with the torch and transformers versions (read from the installed
 metadata, not imported) and the source of the modules that compute the facts. Each entry is a
-pickle under $XDG_CACHE_HOME/ftlaunch/plan-facts (~/.cache/ftlaunch/plan-facts), written to a
-temporary name and renamed. FTLAUNCH_PLAN_CACHE=0 turns it off (the tests do, so that each
+pickle under the cache root's plan-facts/ (launcher/common/files.py `cache_root`), written
+atomically (`files.write_atomic_bytes`). FTLAUNCH_PLAN_CACHE=0 turns it off (the tests do, so that each
 computes its own facts); an unreadable or unwritable entry only costs a recompute.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ import os
 import pickle
 from typing import Any, Callable
 
+from launcher.common import files
+
 ENV = "FTLAUNCH_PLAN_CACHE"
 _SOURCES = ("memory/inventory.py", "memory/traced.py", "model/freeze.py", "model/lora.py",
             "model/decay.py", "memory/facts_cache.py")
@@ -30,8 +32,7 @@ _STAMP: list[str] = []
 
 
 def root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ftlaunch", "plan-facts")
+    return os.path.join(files.cache_root(), "plan-facts")
 
 
 def enabled() -> bool:
@@ -93,10 +94,7 @@ def get(kind: str, parts: tuple, compute: Callable[[], Any], *, folder: str) -> 
     value = compute()
     try:
         os.makedirs(root(), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
+        files.write_atomic_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         pass
     return value

@@ -265,7 +265,7 @@ def build_inventory(cfg: RunConfig) -> Inventory:
     owner_numel = {mn: sum(p.numel() for p in m.parameters(recurse=False))
                    for mn, m in modules.items()}
     quant_names: dict[str, str] = {}
-    for n, p in named:
+    for n, _p in named:
         mod, _, leaf = n.rpartition(".")
         if mod in qmods and leaf == "weight":
             quant_names[n] = q.mode

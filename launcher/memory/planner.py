@@ -15,18 +15,22 @@ from launcher.memory.activations import activations, from_frozen_trace, from_tra
 from launcher.memory.advice import advise as changes_that_fit
 from launcher.memory.inventory import Inventory, inventory
 from launcher.checks.attn_kernels import resolved as resolved_kernel
+from launcher.memory.clock import plan_section
+from launcher.memory.longseq import (act_terms, offload_node_term, render_max_seq_len,
+                                     switches_on)
 from launcher.memory.node import node_memory as node_memory_of
 from launcher.memory.node import node_peak, node_terms
 from launcher.memory.plan_notes import allocator_notes, hpz_notes, offload_notes
 from launcher.memory.render import render
 from launcher.memory.traced import trace, trace_frozen
 from launcher.memory.probe import cpu_runtime_terms
+from launcher.memory.reference import reference_terms, sequences_per_micro_batch
 from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, States, Term,
                                    cuda_slack, gib, nccl_communicators,
                                    nccl_range, param_groups, states)
-from launcher.model.device import local_gpu_memory
 from launcher.config.gpus import CARDS, lookup
 from launcher.config.sizes import parse_size
+from launcher.model.device import job_device, local_gpu_memory
 
 DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
 # launcher/rank/train.py keeps only `.loss` of the model output, so the lp logits die before backward
@@ -142,15 +146,18 @@ def plan(cfg: RunConfig, gpu_memory: str | int | None = None, world_size: int | 
     node_memory: one node's CPU memory (else cluster.mem, else this host's where local: default
     for train.device cpu)."""
     world = world_size or cfg.world_size
-    device = "cpu" if cfg.train.device == "cpu" else "cuda"
+    device = job_device(cfg)
     mem, mem_src = _gpu_memory(cfg, gpu_memory)
     r = _setting(cfg, world, device, ds)
     terms = (_model_state_terms(r) + _bucket_terms(r) + _activation_terms(r) + _step_terms(r)
-             + _load_terms(r))
+             + _load_terms(r) + reference_terms(r))
     worst, peak = _peak(terms)
     terms += _overhead_terms(r, peak, kernels)
     total = peak + sum(t.bytes for t in terms if t.phase == "overhead")
     node = node_terms(r, total)
+    if switches_on(cfg) and cfg.train.activation_offload:
+        node += [t for t in [offload_node_term(cfg, world, act_terms(
+            cfg, r.inv).offloaded)] if t]
     phase, node_cpu = node_peak(node)
     local = device == "cpu" if local is None else local
     nmem, nmem_src = node_memory_of(cfg, node_memory, local)
@@ -279,10 +286,12 @@ def _bucket_terms(r: _Setting) -> list[Term]:
 def _activation_terms(r: _Setting) -> list[Term]:
     """What autograd keeps from the forward, and the backward's worst temporaries."""
     cfg, inv = r.cfg, r.inv
-    s, b = cfg.data.max_seq_len, cfg.train.micro_batch_size
+    s, b = cfg.data.max_seq_len, sequences_per_micro_batch(cfg)
     attn = resolved_kernel(inv.shape.model_type, cfg.model.attn_implementation)
     linear3 = r.stage == 3 and bool(r.zero.get("memory_efficient_linear", True))
     kernel = "eager" if attn == "eager" else "sdpa"  # flash_attention_2 saves like sdpa
+    if switches_on(cfg):  # sequence parallel, tiled, offloaded: the formula's terms
+        return act_terms(cfg, inv, linear3).terms
     # packed rows carry a (b, 1, s, s) mask except under flash attention (launcher/data/batching.py)
     packed = cfg.data.packing and attn != "flash_attention_2"
     # padded rows: transformers builds a (b, 1, s, s) mask for sdpa/eager; flash attention unpads
@@ -481,17 +490,32 @@ def checked_text(p: Plan, force: bool = False) -> str:
     return text
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class PlanCall:
+    """What `ftlaunch plan` was asked: the run file and overrides, sizes, output form, the probe."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+    gpu_memory: str | None = None
+    node_memory: str | None = None
+    json: bool = False
+    explain: bool = False
+    probe: bool = False
+    max_seq_len: bool = False   # also the longest sequence that fits (launcher/memory/longseq.py)
+
+
+def main(call: PlanCall) -> int:
     """`ftlaunch plan`: 0 fits, 1 does not (a ConfigError is the caller's: exit 2)."""
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     kernels = None
-    if getattr(args, "probe", False) and cfg.train.device == "cpu":
+    if call.probe and cfg.train.device == "cpu":
         from launcher.memory.probe import measure
         kernels = measure(cfg)
-    p = plan(cfg, getattr(args, "gpu_memory", None), kernels=kernels,
-             node_memory=getattr(args, "node_memory", None))
-    if getattr(args, "json", False):
-        sys.stdout.write(json.dumps(p.to_dict(), indent=2) + "\n")
+    p = plan(cfg, call.gpu_memory, kernels=kernels,
+             node_memory=call.node_memory)
+    if call.json:   # + the time estimate (launcher/memory/clock.py)
+        sys.stdout.write(json.dumps({**p.to_dict(), "time": plan_section(cfg)[1]}, indent=2) + "\n")
     else:
-        sys.stdout.write(render(p, explain=getattr(args, "explain", False)))
+        sys.stdout.write(render(p, explain=call.explain) + plan_section(cfg)[0])
+    if call.max_seq_len:
+        sys.stdout.write(render_max_seq_len(p))
     return 0 if p.fits else 1

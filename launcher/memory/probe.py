@@ -29,7 +29,9 @@ import subprocess
 import sys
 from typing import Any
 
+from launcher.common.files import cache_root, write_atomic
 from launcher.memory.terms import Term, gib
+from launcher.memory.reference import sequences_per_micro_batch
 
 MIB = 2**20
 # Where the kernels are not measured: the range seen across processors (lowest: fp32 or bf16
@@ -40,8 +42,9 @@ KERNELS_RANGE = {"fp32": (1 * MIB, 8 * MIB), "bf16": (1 * MIB, 20 * MIB), "fp16"
 # (bench/plan_vs_measured.py --warm-shapes; the same on every processor).
 BOOKKEEPING = {0: 11 * MIB // 2, 1: 11 * MIB // 2, 2: 11 * MIB // 2, 3: 15 * MIB // 2}
 MMAP_THRESHOLD = 65536   # CPU ranks run with it: a freed tensor leaves RSS at once
-CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
-                     "ftlaunch", "runtime-probe.json")
+def cache_file() -> str:
+    """The measured kernels terms, by machine and shape: runtime-probe.json under the cache root."""
+    return os.path.join(cache_root(), "runtime-probe.json")
 
 
 def _rss() -> int:
@@ -144,7 +147,7 @@ def cache_key(model_dir: str, dtype: str, micro: int, seq: int, attn: str | None
 
 def _read_cache() -> dict[str, int]:
     try:
-        with open(CACHE, encoding="utf-8") as fh:
+        with open(cache_file(), encoding="utf-8") as fh:
             data = json.load(fh)
         return {k: int(v) for k, v in data.items()} if isinstance(data, dict) else {}
     except (OSError, ValueError, TypeError):
@@ -155,11 +158,8 @@ def _write_cache(key: str, value: int) -> None:
     data = _read_cache()
     data[key] = value
     try:
-        os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-        tmp = f"{CACHE}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        os.replace(tmp, CACHE)
+        os.makedirs(os.path.dirname(cache_file()), exist_ok=True)
+        write_atomic(cache_file(), json.dumps(data, indent=1, sort_keys=True))
     except OSError:
         pass  # an unwritable cache only costs the next plan another probe
 
@@ -168,9 +168,9 @@ def measure(cfg: Any, timeout: float = 300) -> int | None:
     """The kernels term for cfg's CPU ranks on this machine (cached), or None where the probe
     could not run (the plan then states the range)."""
     m = cfg.model
-    args = [m.path, m.dtype, str(cfg.train.micro_batch_size), str(cfg.data.max_seq_len),
+    args = [m.path, m.dtype, str(sequences_per_micro_batch(cfg)), str(cfg.data.max_seq_len),
             m.attn_implementation or ""]
-    key = cache_key(m.path, m.dtype, cfg.train.micro_batch_size, cfg.data.max_seq_len,
+    key = cache_key(m.path, m.dtype, sequences_per_micro_batch(cfg), cfg.data.max_seq_len,
                     m.attn_implementation)
     cached = _read_cache().get(key)
     if cached is not None:

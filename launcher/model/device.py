@@ -35,7 +35,7 @@ def local_gpu_memory() -> int | None:
         import torch
         if torch.cuda.is_available():
             return int(torch.cuda.get_device_properties(0).total_memory)
-    except Exception:  # pragma: no cover - a broken CUDA install must not break planning
+    except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA install must not break planning
         pass
     return None
 
@@ -79,6 +79,14 @@ def restore_node_devices(env: MutableMapping[str, str], launcher: str) -> Option
     mapped = ",".join(devices[int(p)] for p in positions)
     env["CUDA_VISIBLE_DEVICES"] = mapped
     return mapped
+
+
+def job_device(cfg: RunConfig) -> str:
+    """The ranks' device as the login node decides it, without looking for GPUs: "cpu" for
+    train.device cpu, else "cuda" (auto means GPUs on the nodes a job gets). The DeepSpeed config,
+    the memory plan, its advice and the job script all ask here; `ftlaunch run` and the ranks,
+    which run where they look, use resolve_device."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
 
 
 def resolve_device(cfg: RunConfig) -> str:

@@ -145,7 +145,7 @@ def prepare(model: Any, cfg: RunConfig) -> None:
 def quantized_bytes(model: Any) -> int:
     """Bytes held by the quantized weights, with their per-block constants (for reports)."""
     total = 0
-    for n, p in model.named_parameters():
+    for _n, p in model.named_parameters():
         if not is_quantized_param(p):
             continue
         total += p.numel() * p.element_size()

@@ -1,1 +1,2 @@
-"""After and during a run, from its files: `ftlaunch status` and `ftlaunch stop` (login half)."""
+"""After and during a run, from its files: `ftlaunch status` and `ftlaunch stop` (login half).
+"""

@@ -14,7 +14,7 @@ newest loss and eval loss lines), exit_status.json (launcher/cluster/run_state.p
 manifest, launcher/cluster/checkpoint_files.py), and, where Slurm's tools are installed, the job that runs
 the run's job.sbatch (`squeue`) or, once it left the queue, the newest job of logs/job-ID.out
 (`sacct`, then `scontrol show job`). States: finished, stopped, failed, running, queued,
-not started.
+not started, unknown (squeue is installed and did not answer: the job may still run).
 """
 from __future__ import annotations
 
@@ -26,9 +26,10 @@ import shutil
 import subprocess
 import time
 from typing import Any, Optional
+from dataclasses import dataclass
 
 from launcher.cluster import checkpoint_files as checkpoint
-from launcher.cluster import job_lock, layout, run_state
+from launcher.cluster import job_lock, layout, reshard, run_state
 
 RECENT_STEPS = 20  # step times averaged for the time left
 STALE_MIN_S = 60   # a running run with no step for this long (and 10 step times) is said to be stale
@@ -66,14 +67,23 @@ def _step_time(recent: list[dict]) -> Optional[float]:
     return None
 
 
+SLURM_TIMEOUT_S = 30   # a Slurm tool that has not answered by then did not answer
+NO_ANSWER = "NO_ANSWER"   # _run: the tool is there and did not answer (timed out or failed)
+
+
 def _run(cmd: list[str]) -> Optional[str]:
+    """The tool's output; None where it is not installed; NO_ANSWER where it timed out or failed."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return NO_ANSWER
+    except OSError:
         return None
-    return p.stdout if p.returncode == 0 else None
+    if p.returncode == 0:
+        return p.stdout
+    return NO_ANSWER if job_lock.unanswered(p.stderr) else None
 
 
 def slurm_job(run_dir: str, name: str) -> Optional[dict]:
@@ -85,6 +95,10 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
     if not os.path.exists(script):
         return None  # a local run: no Slurm job to ask about
     out = _run(["squeue", "-h", "--name", name, "-o", "%i|%T|%r|%o"])
+    if out == NO_ANSWER:   # Slurm may still run it: never taken for ended (the lock holds)
+        job = job_lock.read(run_dir)
+        return {"job_id": job or "?", "state": job_lock.UNKNOWN, "source": "squeue",
+                "reason": f"squeue did not answer within {SLURM_TIMEOUT_S} s, or failed"}
     for line in (out or "").splitlines():
         job, state, reason, command = (line.split("|", 3) + ["", "", "", ""])[:4]
         if command and os.path.realpath(command) == script:
@@ -96,11 +110,12 @@ def slurm_job(run_dir: str, name: str) -> Optional[dict]:
         return None
     job = str(ids[-1])
     out = _run(["sacct", "-n", "-X", "-P", "-j", job, "-o", "State,ExitCode"])
-    if out and out.strip():
+    if out and out != NO_ANSWER and out.strip():
         state, _, code = out.strip().splitlines()[0].partition("|")
         return {"job_id": job, "state": state.split()[0], "reason": "", "exit_code": code,
                 "source": "sacct"}
     out = _run(["scontrol", "show", "job", job])
+    out = "" if out == NO_ANSWER else out
     m = re.search(r"JobState=(\S+)", out or "")
     if m:
         reason = re.search(r"Reason=(\S+)", out or "")
@@ -135,6 +150,8 @@ def _state(exit_rec: Optional[dict], job: Optional[dict], metrics_mtime: float,
         return "queued"
     if job and job["state"] in ("RUNNING", "COMPLETING", "SUSPENDED"):
         return "running"
+    if job and job["state"] == job_lock.UNKNOWN and job["source"] == "squeue":
+        return "unknown"   # squeue did not answer: the job may be queued, running or ended
     if exit_rec is None or metrics_mtime > exit_mtime:
         return "running" if metrics_mtime else "not started"
     code = exit_rec.get("code")
@@ -152,7 +169,7 @@ def _mtime(path: str) -> float:
         return 0.0
 
 
-def _epoch_steps(cfg: Any, run_dir: str) -> int:
+def epoch_steps(cfg: Any, run_dir: str) -> int:
     """An epoch run's steps: the exact count rank 0 wrote into RUN_DIR/ds_config.json (the
     scheduler's total_num_steps), else the login node's estimate."""
     try:
@@ -174,7 +191,7 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
     exit_rec = run_state.last_status(run_dir)
     job = slurm_job(run_dir, cfg.name)
     ckpt = checkpoint.latest_complete(checkpoint.root(run_dir), warn=lambda m: None)
-    max_steps = cfg.train.max_steps or _epoch_steps(cfg, run_dir)
+    max_steps = cfg.train.max_steps or epoch_steps(cfg, run_dir)
     step = int(recent[0]["step"]) if recent else (checkpoint.step_of(ckpt) if ckpt else 0)
     per_step = _step_time(recent)
     metrics_mtime = _mtime(os.path.join(run_dir, layout.METRICS))
@@ -198,13 +215,34 @@ def collect(run_dir: str, overrides: Any = ()) -> dict:
         "time_left_s": (None if per_step is None or state not in ("running", "queued")
                         else round(per_step * max(0, max_steps - step), 1)),
         "no_step_for_s": round(since_step) if stale else None,
+        **_clock(run_dir, recent, per_step, max_steps, step, state),
         "checkpoint": ckpt, "checkpoint_step": checkpoint.step_of(ckpt) if ckpt else None,
         "exit": exit_rec,
         "last_failure": exit_rec if exit_rec and run_state.is_failure(exit_rec.get("code")) else None,
         "slurm": job,
         "job_failure": job_failure,
         "resume": resume_advice(run_dir) if state == "stopped" else None,
+        "segments": reshard.segments(run_dir, step),
     }
+
+
+def _clock(run_dir: str, recent: list[dict], per_step: Optional[float], max_steps: int,
+           step: int, state: str) -> dict:
+    """Estimated training time (RUN_DIR/estimate.json, written where cluster.time was auto),
+    training time elapsed (metrics.jsonl's elapsed_s, over every launch) and the projected end
+    (now + the steps left at the measured step time)."""
+    estimated = None
+    try:
+        with open(os.path.join(run_dir, layout.ESTIMATE), encoding="utf-8") as fh:
+            estimated = json.load(fh).get("train_s")
+    except (OSError, ValueError, AttributeError):
+        pass
+    elapsed = recent[0].get("elapsed_s") if recent else None
+    end = None
+    if per_step is not None and state == "running":
+        end = time.strftime("%Y-%m-%d %H:%M", time.localtime(
+            time.time() + per_step * max(0, max_steps - step)))
+    return {"estimated_s": estimated, "elapsed_s": elapsed, "projected_end": end}
 
 
 def resume_advice(run_dir: str) -> str:
@@ -249,9 +287,22 @@ def render(st: dict) -> str:
         if st["time_left_s"] is not None:
             speed += f"; about {_duration(st['time_left_s'])} left"
         rows.append(("speed", speed))
+    if st.get("estimated_s") is not None or st.get("elapsed_s") is not None:
+        parts = []
+        if st.get("estimated_s") is not None:
+            parts.append(f"estimated {_duration(st['estimated_s'])} of training")
+        if st.get("elapsed_s") is not None:
+            parts.append(f"elapsed {_duration(st['elapsed_s'])}")
+        if st.get("projected_end"):
+            parts.append(f"projected end {st['projected_end']}")
+        rows.append(("time", ", ".join(parts)))
     if st.get("no_step_for_s"):
         rows.append(("progress", f"no step for {_duration(st['no_step_for_s'])}: a node may be down "
                      "or the ranks stuck; see the logs in " + os.path.join(st["run_dir"], layout.LOGS)))
+    if len(st.get("segments") or []) > 1:  # launches, each with its world size
+        rows.append(("segments", "; ".join(
+            f"steps {g['from']}-{g['to']} on {g['world_size']} rank{'s' if g['world_size'] != 1 else ''}"
+            + (f" (job {g['job']})" if g.get("job") else "") for g in st["segments"])))
     rows.append(("checkpoint", f"{st['checkpoint']} (step {st['checkpoint_step']}), the newest "
                  "complete one" if st["checkpoint"] else "none complete"))
     if st["last_failure"]:
@@ -268,13 +319,22 @@ def render(st: dict) -> str:
     return "".join(f"{k:<11}{v}\n" for k, v in rows)
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class StatusCall:
+    """What `ftlaunch status` was asked: run directories (key=value words among them are
+    overrides), more overrides, JSON output."""
+    run_dir: str | tuple[str, ...]
+    overrides: tuple[str, ...] = ()
+    json: bool = False
+
+
+def main(call: StatusCall) -> int:
     """One run directory or several (a key=value word that is not a folder is an override)."""
-    words = args.run_dir if isinstance(args.run_dir, list) else [args.run_dir]
+    words = [call.run_dir] if isinstance(call.run_dir, str) else list(call.run_dir)
     dirs = [w for w in words if "=" not in w or os.path.isdir(w)]
-    overrides = [w for w in words if w not in dirs] + list(args.overrides)
+    overrides = [w for w in words if w not in dirs] + list(call.overrides)
     runs = [collect(d, overrides) for d in dirs]
-    if args.json:
+    if call.json:
         print(json.dumps(runs[0] if len(runs) == 1 else runs, indent=2))
     else:
         print("\n".join(render(st) for st in runs), end="")
@@ -299,10 +359,17 @@ def find_runs(top: str, depth: int = 2) -> list[str]:
     return sorted(found)
 
 
-def runs_main(args: Any) -> int:
+@dataclass(frozen=True)
+class RunsCall:
+    """What `ftlaunch runs` was asked: the folder to look in (None: runs/, else .), JSON output."""
+    dir: str | None = None
+    json: bool = False
+
+
+def runs_main(call: RunsCall) -> int:
     """`ftlaunch runs [DIR]`: one line per run directory under DIR (default runs/ if there,
     else .): state, step of max, Slurm job, path."""
-    top = args.dir or ("runs" if os.path.isdir("runs") else ".")
+    top = call.dir or ("runs" if os.path.isdir("runs") else ".")
     rows = []
     for run_dir in find_runs(top):
         try:
@@ -311,7 +378,7 @@ def runs_main(args: Any) -> int:
             rows.append({"run_dir": run_dir, "error": str(exc).splitlines()[0]})
             continue
         rows.append(st)
-    if args.json:
+    if call.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from dataclasses import dataclass
 
 from launcher.cluster import job_lock, run_state
 from launcher.ops import status
 
 
-def main(args: Any) -> int:
-    run_dir = os.path.abspath(args.run_dir)
+@dataclass(frozen=True)
+class StopCall:
+    """What `ftlaunch stop` was asked: the run directory."""
+    run_dir: str
+
+
+def main(call: StopCall) -> int:
+    run_dir = os.path.abspath(call.run_dir)
     cfg = run_state.load_run(run_dir)   # a ConfigError names a folder that is no run directory
-    done = run_state.finished(run_dir, cfg.train.max_steps)
+    max_steps = cfg.train.max_steps or status.epoch_steps(cfg, run_dir)   # an epoch run's too
+    done = run_state.finished(run_dir, max_steps)
     if done:
-        print(run_state.finished_message(run_dir, done, cfg.train.max_steps))
+        print(run_state.finished_message(run_dir, done, max_steps))
         return 0
     owner = job_lock.live_owner(run_dir)
     if owner and owner[1] in ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD"):

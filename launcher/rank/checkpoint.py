@@ -31,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import sys
 import time
 from typing import Any, Callable
 
@@ -41,7 +40,7 @@ from launcher.cluster.checkpoint_files import (MANIFEST, PREFIX, complete, conte
                                                latest_complete, listing, problem, read_manifest,
                                                root, sha256, step_name, step_of)
 from launcher.common.log import get_logger
-from launcher.cluster.rundir import write_atomic
+from launcher.common.files import write_atomic
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -206,19 +205,19 @@ def choose_resume(run_dir: str, *, warn: Callable[[str], None] = _warn) -> str |
     return None
 
 
-def load(engine: Any, path: str) -> tuple[dict, dict]:
+def load(engine: Any, path: str, cfg: Any = None) -> tuple[dict, dict]:
     """Load a checkpoint into the engine (collective). Returns (trainer_state, this rank's state)
-    and restores this rank's RNG states."""
+    and restores this rank's RNG states. A checkpoint written by another number of ranks loads
+    through its universal form (launcher/cluster/reshard.py; cfg: the run config, needed then); the
+    returned rank state then has no "sampler" (the caller maps the saved position)."""
     import torch
 
     rank, world = rank_world()
     with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
         trainer_state = json.load(fh)
-    if trainer_state.get("world_size") != world:
-        raise CheckpointError(f"{path} was written by {trainer_state.get('world_size')} ranks, "
-                              f"this run has {world}; resume with the same number of ranks, or "
-                              f"consolidate it with {path}/zero_to_fp32.py and start a new run "
-                              "from the result")
+    saved_world = int(trainer_state.get("world_size") or 0)
+    if saved_world != world:
+        return trainer_state, _load_resharded(engine, path, cfg, saved_world, trainer_state)
     # a checkpoint without the frozen parameters loads over the model from model.path: the
     # module's frozen keys are missing from it on purpose
     load_path, _ = engine.load_checkpoint(path, tag=DS_TAG, load_optimizer_states=True,
@@ -229,3 +228,78 @@ def load(engine: Any, path: str) -> tuple[dict, dict]:
     rank_state = torch.load(os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt"), weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return trainer_state, rank_state
+
+
+def _load_resharded(engine: Any, path: str, cfg: Any, saved_world: int, state: dict) -> dict:
+    """Convert (rank 0, once) and load the universal form of a checkpoint of saved_world ranks.
+    The optimizer's per-group hyperparameters other than the lr are kept as this run set them
+    (DeepSpeed's ZeRO-3 universal load copies group 0's onto every group: weight decay would
+    reach the no-decay group) and every state gets its own step counter (`_unshare_steps`).
+    Returns this rank's state: its RNG restored where the checkpoint has a rank of its number;
+    the sampler position is the caller's to map."""
+    import torch
+
+    from launcher.cluster import reshard
+    rank, world = rank_world()
+    if cfg is None or not saved_world:
+        raise CheckpointError(f"{path} was written by {saved_world or 'an unknown number of'} "
+                              f"ranks, this run has {world}")
+    reshard.check_supported(cfg, path, saved_world, world)
+    ok, msg, uni = True, "", None
+    if rank == 0:
+        try:
+            uni = reshard.convert(path, DS_TAG)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            ok, msg = False, f"{type(exc).__name__}: {exc}"
+    _check_all(ok, msg, f"converting {path} (written by {saved_world} ranks) to a universal "
+               f"checkpoint for {world} ranks", None)
+    uni = reshard.universal_dir(path)
+    groups = engine.optimizer.param_groups
+    kept = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in groups]
+    engine._config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(uni, tag=DS_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=False)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load the universal checkpoint {uni}/{DS_TAG}")
+    for g, k in zip(engine.optimizer.param_groups, kept):
+        g.update(k)
+    _unshare_steps(getattr(engine.optimizer, "optimizer", engine.optimizer))
+    mine = os.path.join(path, RANK_DIR, f"rank-{rank:05d}.pt")
+    rank_state: dict = {}
+    if os.path.exists(mine):
+        rank_state = torch.load(mine, weights_only=False)
+        set_rng_state(rank_state.pop("rng"))
+    rank_state.pop("sampler", None)
+    return rank_state
+
+
+def _unshare_steps(optimizer: Any) -> None:
+    """Give every optimizer state its own `step` tensor. DeepSpeed's ZeRO-3 universal load puts
+    one tensor object in the state of every sub-group; torch's AdamW increments it in place, once
+    per sub-group, so with two groups (decay and no decay) the bias correction would run ahead."""
+    import torch
+    seen: set[int] = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(state["step"]))
+
+
+def peek(run_dir: str) -> dict | None:
+    """trainer_state.json of the newest complete checkpoint (sizes checked, not hashes), or None:
+    what a rank needs to know before building its engine (the world size it was written by).
+    `choose_resume` later verifies the hashes."""
+    path = latest_complete(root(run_dir), warn=lambda m: None)
+    if path is None:
+        return None
+    try:
+        with open(os.path.join(path, TRAINER_STATE), encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None

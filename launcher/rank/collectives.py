@@ -100,10 +100,11 @@ def all_reduce_start(values: list[float]) -> Pending:
     return Pending(work, t)
 
 
-def all_reduce_(tensor: Any) -> Any:
-    """In-place sum of `tensor` over the ranks (the caller chose its device); returns it."""
+def all_reduce_(tensor: Any, group: Any = None) -> Any:
+    """In-place sum of `tensor` over the ranks (of `group`, default all; the caller chose its
+    device); returns it."""
     if initialized():
-        _dist().all_reduce(tensor)
+        _dist().all_reduce(tensor, group=group)
     return tensor
 
 

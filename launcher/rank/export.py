@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from typing import Any, Optional
+from dataclasses import dataclass
 
 from launcher.rank import collectives
 from launcher.rank.collectives import rank_world
@@ -162,10 +163,10 @@ def save_final(engine: Any, cfg: Any, tokenizer: Any, out_dir: str) -> Optional[
 
 def fix_modes(folder: str) -> None:
     """Give every file under folder the mode the user's umask makes (safetensors writes 0600)."""
-    from launcher.cluster.rundir import _UMASK
+    from launcher.common.files import umask_state
     for dirpath, _, names in os.walk(folder):
         for n in names:
-            os.chmod(os.path.join(dirpath, n), 0o666 & ~_UMASK)
+            os.chmod(os.path.join(dirpath, n), 0o666 & ~umask_state()[1])
 
 
 # ------------------------------------------------------------------ ftlaunch export
@@ -347,8 +348,19 @@ def _generation_config(model_path: str, out: str) -> None:
         shutil.copyfile(src, os.path.join(out, "generation_config.json"))
 
 
-def main(args: Any) -> int:
-    out, ckpt = export_checkpoint(args.source, args.output, merge_lora=args.merge_lora,
-                                  dtype=args.dtype, overrides=args.overrides)
+@dataclass(frozen=True)
+class ExportCall:
+    """What `ftlaunch export` was asked: the checkpoint or run directory, the output folder, the
+    dtype, LoRA merging, and overrides of the run's resolved.yaml."""
+    source: str
+    output: str
+    dtype: str | None = None
+    merge_lora: bool = False
+    overrides: tuple[str, ...] = ()
+
+
+def main(call: ExportCall) -> int:
+    out, ckpt = export_checkpoint(call.source, call.output, merge_lora=call.merge_lora,
+                                  dtype=call.dtype, overrides=call.overrides)
     print(f"ftlaunch: exported {ckpt} to {out}")
     return 0

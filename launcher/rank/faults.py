@@ -7,7 +7,8 @@ loss all-reduce and update), `backward` (in step `step`, before the first backwa
 are about to reduce gradients) or `loss` (each micro batch of step `step`; only with action
 `nan`, which makes that loss NaN: the loss watchdog's case); action `exit`
 (os._exit(17), a crash: default), `raise` (RuntimeError), `enospc` (OSError ENOSPC, a full disk),
-`kill` (SIGKILL to itself), `abort` (SIGABRT, as NCCL's watchdog ends a rank), `freeze` (SIGSTOP to itself: a hung rank), `sigterm` / `sigint` /
+`kill` (SIGKILL to itself), `abort` (SIGABRT, as NCCL's watchdog ends a rank), `freeze` (SIGSTOP to
+itself: a hung rank), `sigterm` / `sigint` /
 `sigusr1` (that signal to itself: the stop protocol), `stop` (create RUN_DIR/STOP) or
 `abort-at-exit` (the rank goes on, and aborts if the interpreter's teardown ever runs: the
 SIGABRT torch's gloo threads can cause there, which `train.leave` avoids). Several

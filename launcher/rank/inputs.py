@@ -33,7 +33,8 @@ def load_tokenizer(cfg: RunConfig) -> Any:
     except (OSError, ValueError) as exc:
         raise ConfigError([Problem("model.tokenizer" if cfg.model.tokenizer else "model.path",
                                    f"cannot load a tokenizer from {path}: {exc}",
-                                   "point model.tokenizer at a folder saved with save_pretrained")])
+                                   "point model.tokenizer at a folder saved with save_pretrained")]
+                          ) from exc
     from launcher.model import tokens
     tokens.apply_to_tokenizer(tok, cfg)  # model.pad_token / special_tokens / add_tokens
     if tok.pad_token is None and tok.eos_token is not None:
@@ -46,8 +47,12 @@ def load_tokenizer(cfg: RunConfig) -> Any:
 def load_data(cfg: RunConfig, tokenizer: Any) -> data.Splits:
     """The training (and eval) examples, checked against the model's positions; tokenized once
     per node and cached (launcher/data/cache.py)."""
-    return data.cached_load(cfg, tokenizer,
-                            max_positions=model_info.folder_max_positions(cfg.model.path))
+    splits = data.cached_load(cfg, tokenizer,
+                              max_positions=model_info.folder_max_positions(cfg.model.path))
+    if cfg.train.objective != "sft":
+        from launcher.data.pairs import as_pairs
+        splits = as_pairs(splits)  # 2n sequences seen as n pairs
+    return splits
 
 
 def check_data(cfg: RunConfig) -> data.Splits:

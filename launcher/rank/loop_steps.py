@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher.rank import checkpoint, export, faults, lr_schedule, metrics, timeouts
+from launcher.rank import checkpoint, export, faults, longseq, lr_schedule, metrics, timeouts
 from launcher import data
-from launcher.cluster import layout, run_state
+from launcher.cluster import layout, reshard, run_state
 from launcher.config.batch import batch_sizes
 from launcher.rank.collectives import all_reduce_sum
 from launcher.data import loader
@@ -38,7 +38,15 @@ def to_device(batch: dict, device: str) -> dict:
 
 
 def collate_for(s: Setup) -> Any:
-    """The batches' collate: packed rows in the form the model's attention kernel needs."""
+    """The batches' collate: packed rows in the form the model's attention kernel needs
+    (preference objectives: pairs, launcher/data/pairs.py); for a loss computed in the loop
+    (launcher/rank/longseq.py), this rank's slice of the sequences."""
+    if s.cfg.train.objective != "sft":
+        from launcher.data.pairs import pair_collate
+        return pair_collate(s.pad_id)
+    if longseq.active(s.cfg):
+        import functools
+        return functools.partial(longseq.sp_collate, pad_id=s.pad_id, size=s.sp.size, rank=s.sp.rank)
     return data.model_collate(s.model, s.pad_id, s.cfg.model.dtype)
 
 
@@ -49,7 +57,10 @@ def evaluate(s: Setup) -> float:
     ev = s.splits.eval if s.splits else None
     if ev is None or len(ev) == 0:
         return float("nan")
-    micro, rank, world = s.cfg.train.micro_batch_size, s.env.rank, s.env.world_size
+    if s.cfg.train.objective != "sft":
+        from launcher.rank import preference
+        return preference.evaluate(s)
+    (rank, world), micro = s.dp, s.cfg.train.micro_batch_size
     mine = list(range(rank, len(ev), world))
     n_batches = math.ceil(math.ceil(len(ev) / world) / micro)
     weights = [1.0 if mine[b * micro:(b + 1) * micro] else 0.0 for b in range(n_batches)]
@@ -61,6 +72,11 @@ def evaluate(s: Setup) -> float:
     with torch.no_grad():
         for weight, batch in zip(weights, s.eval_batches):
             batch.pop("num_tokens", None)
+            if longseq.active(s.cfg):  # every rank of a sequence-parallel group: the same loss, n
+                _, loss, n = longseq.micro_loss(s.engine, s.hidden, to_device(batch, s.device),
+                                                s.sp, s.cfg.train.tiled_loss)
+                loss_sum = loss_sum + loss.float() * (weight * n)
+                continue
             n = float((batch["labels"][:, 1:] != data.IGNORE).sum())  # on the host, before the copy
             batch = to_device(batch, s.device)
             out = s.engine(**batch)
@@ -91,6 +107,8 @@ class Progress:
     window_steps: int = 0
     resumed_at: int = -1             # the step of the checkpoint this launch resumed from
     trackers: Any = None             # metrics.Trackers (output.report_to), rank 0
+    pref: dict = None                # preference objectives: this step's metric sums (accumulate)
+    pref_means: dict = None          # ... and their means over all ranks (train_loop)
 
     def elapsed(self) -> float:
         return round(self.elapsed_before + time.time() - self.start, 3)
@@ -100,7 +118,8 @@ def begin(s: Setup) -> Progress:
     """The loop's starting point: step 0, or the newest complete checkpoint (train.resume auto),
     whose weights, optimizer, sampler position and metrics file are restored."""
     cfg, env, t = s.cfg, s.env, s.cfg.train
-    sampler = data.Sampler(len(s.splits.train), rank=env.rank, world_size=env.world_size,
+    dp_rank, dp_world = s.dp  # a sequence-parallel group reads one share of the data
+    sampler = data.Sampler(len(s.splits.train), rank=dp_rank, world_size=dp_world,
                            micro_batch_size=t.micro_batch_size, seed=t.seed, shuffle=cfg.data.shuffle,
                            mixture=s.splits.mixture)
     os.makedirs(cfg.run_dir, exist_ok=True)
@@ -111,10 +130,17 @@ def begin(s: Setup) -> Progress:
         resume_from = checkpoint.choose_resume(cfg.run_dir) if t.resume == "auto" else None
         if resume_from:
             run_state.check_resume_step(checkpoint.step_of(resume_from), resume_from, t.max_steps)
-            state, rank_state = checkpoint.load(s.engine, resume_from)
+            state, rank_state = checkpoint.load(s.engine, resume_from, cfg)
     if resume_from:
         p.step, p.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
         p.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if "sampler" not in rank_state:  # written by another number of ranks (launcher/cluster/reshard.py)
+            rank_state["sampler"] = reshard.sampler_state(state, cfg, env.world_size, log.warning)
+            was = int(state["world_size"])
+            log.info(f"resuming {resume_from} (written by {was} rank{'s' if was > 1 else ''}) on "
+                     f"{env.world_size} through its universal checkpoint "
+                     f"{reshard.universal_dir(resume_from)}"
+                     + (f"; {s.resume_note}" if s.resume_note else ""))
         sampler.load_state_dict(rank_state["sampler"])
         p.metrics.truncate(int(state.get("metrics_offset", 0)))
         p.last_ckpt, p.last_ckpt_step, p.resumed_at = resume_from, p.step, p.step
@@ -123,6 +149,8 @@ def begin(s: Setup) -> Progress:
                  f"{t.max_steps} runs at lr {lr:.3g}")
     elif env.is_main and p.saving:
         p.metrics.truncate(0)
+    if env.is_main and p.saving:
+        reshard.record_segment(cfg.run_dir, p.step, env.world_size)
     p.trackers = metrics.Trackers.open(cfg, p.step, main=env.is_main and p.saving)
     p.start = p.window_start = time.time()  # this launch's clock (elapsed_s adds elapsed_before)
     return p
@@ -137,6 +165,8 @@ def save(s: Setup, p: Progress, at: int) -> str:
         p.last_ckpt = checkpoint.save(
             s.engine, s.cfg.run_dir, at,
             {"epoch": sampler.epoch, "sampler": sampler.state_dict(), "tokens_seen": p.tokens_seen,
+             "batch": dict(zip(("micro", "accum", "global"),
+                               batch_sizes(s.cfg, s.env.world_size))),
              "elapsed_s": p.elapsed_before + time.time() - p.start,
              "metrics_offset": p.metrics.offset()},
             {"sampler": sampler.state_dict()}, keep=s.cfg.train.keep_checkpoints,
@@ -171,19 +201,30 @@ def accumulate(s: Setup, p: Progress, batches: Any) -> tuple[Any, float]:
     engine = s.engine
     loss_sum: Any = 0.0  # a tensor on the engine's device after the first micro batch: no host
     n_tokens = 0.0       # synchronisation per micro batch (the step's all-reduce reads it once)
+    p.pref = {}
     for micro in range(p.accum):
         batch = next(batches)  # collated (data.loader.train_batches)
         n_tokens += float(batch.pop("num_tokens"))
         batch = to_device(batch, s.device)
-        loss = engine(**batch).loss
+        if s.cfg.train.objective != "sft":  # a micro batch of pairs (launcher/rank/preference.py)
+            from launcher.rank import preference
+            loss, stats = preference.forward(s, batch)
+            shown = loss
+            p.pref = {k: p.pref.get(k, 0.0) + v for k, v in stats.items()}
+        elif longseq.active(s.cfg):  # the loss computed here: sequence parallel, tiled
+            loss, shown, _ = longseq.micro_loss(engine, s.hidden, batch, s.sp, s.cfg.train.tiled_loss,
+                                                s.cfg.train.activation_offload and s.device != "cpu")
+        else:
+            loss = shown = engine(**batch).loss
         if faults.fault("loss", p.step + 1, s.env.rank, s.cfg.run_dir):
             loss = loss * float("nan")  # injected: FTLAUNCH_FAULT=loss@N:nan
+            shown = shown * float("nan")
         if micro == 0:
             faults.fault("backward", p.step + 1, s.env.rank, s.cfg.run_dir)
         engine.backward(loss)
         if micro < p.accum - 1:
             engine.step()
-        loss_sum = loss_sum + loss.detach().float()
+        loss_sum = loss_sum + shown.detach().float()
     return loss_sum, n_tokens
 
 
@@ -209,7 +250,7 @@ def log_step(s: Setup, p: Progress, bar: Any, loss: float, lr: float) -> None:
            "grad_norm": float(norm) if norm is not None else None,
            "tokens_per_s": p.window_tokens / window,
            "step_time_s": round(window / max(p.window_steps, 1), 4),
-           **metrics.memory_fields(s.device),
+           **(p.pref_means or {}), **metrics.memory_fields(s.device),
            "elapsed_s": round(p.elapsed_before + now - p.start, 3)}
     p.metrics.write(rec)
     p.trackers.log(p.step, {k: v for k, v in rec.items() if k not in ("step", "elapsed_s")}, "train")

@@ -16,11 +16,15 @@ device's queue to drain (a host synchronisation), so each is read only where it 
   after its update and is read after step N+1's, so it never waits on the device. A stop asked
   during step N is honoured at the end of step N+1: one step later than with the watchdog on.
 
+Values only the metrics line shows (a preference objective's reward sums, `extra`) ride on the
+same reduce, on the steps that write a line; their means divide by the micro batches summed in it.
+
     sync = StepSync(s, stop)                  # s: launcher.rank.train.Setup
     signalled, stop_file = sync.first_votes()  # before the first step (blocking, once)
-    loss, tokens, votes = sync.agree(loss_sum, accum, n_tokens, log_due)   # after the backward
+    loss, tokens, votes, extra = sync.agree(loss_sum, accum, n_tokens, log_due, extra)  # after
+                                              # the backward; extra: a preference objective's metric sums
     signalled, stop_file = sync.stop_votes(votes)                          # after the update
-    sync.flush(p)                             # before a checkpoint / the end: tokens counted
+    tokens = sync.flush()                     # before a checkpoint / the end: tokens counted
     sync.close()                              # a vote still under way is waited for
 """
 from __future__ import annotations
@@ -55,19 +59,25 @@ class StepSync:
         signalled, stop_file = collectives.all_reduce_sum(self._votes(), self.s.device)
         return signalled, stop_file
 
-    def agree(self, loss_sum: Any, accum: int, n_tokens: float,
-              log_due: bool) -> tuple[Optional[float], float, Optional[Votes]]:
+    def agree(self, loss_sum: Any, accum: int, n_tokens: float, log_due: bool,
+              extra: list[Any] = ()) -> tuple[Optional[float], float, Optional[Votes],
+                                              Optional[list[float]]]:
         """After a step's backward passes: (the step's mean loss over the ranks, or None where
         nothing needs it; the tokens summed over the ranks, 0 while they are still counted
-        locally; this step's stop votes, None where they travel on their own)."""
+        locally; this step's stop votes, None where they travel on their own; the means of
+        `extra` over the ranks' micro batches, None where no metrics line is due)."""
         self.unreduced += n_tokens
         if not self.blocking and not log_due:
-            return None, 0.0, None
-        values = [loss_sum, float(accum), self.unreduced] + (self._votes() if self.blocking else [])
-        loss, micro, tokens, *votes = collectives.all_reduce_sum(values, self.s.device,
-                                                                 self._buffer(len(values)))
+            return None, 0.0, None, None
+        votes = self._votes() if self.blocking else []
+        extra = list(extra) if log_due else []
+        values = [loss_sum, float(accum), self.unreduced] + votes + extra
+        loss, micro, tokens, *rest = collectives.all_reduce_sum(values, self.s.device,
+                                                                self._buffer(len(values)))
         self.unreduced = 0.0
-        return loss / micro, tokens, (votes[0], votes[1]) if votes else None
+        got, sums = rest[:len(votes)], rest[len(votes):]
+        return (loss / micro, tokens, (got[0], got[1]) if got else None,
+                [v / micro for v in sums] if log_due else None)
 
     def _buffer(self, n: int) -> Any:
         if n not in self.kept:

@@ -130,7 +130,7 @@ def bnb_check(gpu: bool) -> dict[str, Any]:
     fix = ("install a bitsandbytes wheel built for the node's CUDA (pip install bitsandbytes), "
            "or use train.optimizer: adamw")
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
         from bitsandbytes import cextension
     except Exception as exc:  # noqa: BLE001 - reported as the row
         return _row(check, False, f"bitsandbytes does not import: {type(exc).__name__}: {exc}", fix)

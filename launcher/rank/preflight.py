@@ -3,12 +3,14 @@
 The job script runs it as one srun task per node (`cluster.preflight: true`). Each node checks
 itself (`check_node`): GPUs visible = gpus_per_node (torch's device count in the task's own
 environment, as the ranks will count them), their model, compute capability, free memory and the
-driver; what the run's optimizer needs on the node (launcher/rank/node_checks.py); the run directory writable, its write speed,
+driver; what the run's optimizer needs on the node (launcher/rank/node_checks.py); the run
+directory writable, its write speed,
 and the same directory as the batch node's (a token the job script wrote there, compared with
 the one it passed in FTLAUNCH_PREFLIGHT_TOKEN); model and data readable; with NVMe offload,
 libaio for DeepSpeed's async_io op, `nvme_path` writable and the memlock limit above the pinned
-swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The reports meet in a TCP store on node 0 (the rendezvous
-address, port MASTER_PORT + PORT_SPAN); node 0 judges them together (`judge`: missing reports,
+swap buffers (`check_nvme`); Python, torch, deepspeed, transformers and ftlaunch versions. The
+reports meet in a TCP store on node 0 (the rendezvous address, port MASTER_PORT - PORT_SPAN:
+dist_env.preflight_port); node 0 judges them together (`judge`: missing reports,
 versions that differ from the other nodes', GPU memory against the memory plan), then, if every
 node passed, all nodes run a timed all-reduce (NCCL on GPUs, gloo otherwise) whose bus bandwidth
 is printed. Node 0 writes RUN_DIR/preflight.json and preflight.txt (per node: GPUs, free memory,
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 from typing import Any, Mapping, Optional
+from dataclasses import dataclass
 
 from launcher import __version__
 from launcher.rank import collectives, node_checks
@@ -204,7 +207,8 @@ def check_node(run_file: str, env: Mapping[str, str], node: str) -> tuple[dict[s
     if cfg is not None:
         problems += check_inputs(cfg)
         problems += check_nvme(cfg)
-        gpu = cfg.train.device != "cpu"
+        from launcher.model.device import job_device
+        gpu = job_device(cfg) == "cuda"
         if gpu:
             try:
                 report["gpus"] = gpu_inventory(env)
@@ -374,7 +378,7 @@ def _where(env: Mapping[str, str]) -> tuple[int, int, str, str, int]:
     name = env.get("SLURMD_NODENAME") or socket.gethostname()
     host = env.get("MASTER_ADDR") or dist_env.DEFAULT_ADDR
     port = env.get("MASTER_PORT")
-    port_n = int(port) + dist_env.PORT_SPAN if port else dist_env.free_port()
+    port_n = dist_env.preflight_port(int(port)) if port else dist_env.free_port()
     return node_id, nnodes, name, host, port_n
 
 
@@ -389,11 +393,19 @@ def _collect(store, nnodes: int, deadline: float) -> dict[int, Optional[dict]]:
         time.sleep(0.1)
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class PreflightCall:
+    """What `ftlaunch preflight` was asked: the run's resolved.yaml, and where to write the
+    nodes found unfit."""
+    run_file: str
+    bad_nodes: str | None = None
+
+
+def main(call: PreflightCall) -> int:
     env = dict(os.environ)
     start = time.monotonic()
     node_id, nnodes, name, host, port = _where(env)
-    report, cfg = check_node(args.run_file, env, name)
+    report, cfg = check_node(call.run_file, env, name)
     if cfg is not None:
         from launcher.cluster.rundir import keep_private
         keep_private(cfg)   # the summary files: output.private
@@ -411,16 +423,16 @@ def main(args: Any) -> int:
         try:
             if json.loads(store.get("verdict"))["allreduce"]:
                 allreduce(store, node_id, nnodes, timeout)
-        except Exception as exc:   # node 0 decides and reports; this node says what it saw
+        except Exception as exc:  # noqa: BLE001 - node 0 decides and reports; this node says what it saw
             print(f"ftlaunch preflight: {name}: no verdict or all-reduce with node 0 within "
                   f"{timeout} s: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
         print(f"ftlaunch preflight: {name}: {'passed' if not report['problems'] else 'FAILED'}")
         return 0 if not report["problems"] else 1
-    return _node0(args, store, report, cfg, nnodes, start, timeout)
+    return _node0(call, store, report, cfg, nnodes, start, timeout)
 
 
-def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) -> int:
+def _node0(call: PreflightCall, store, report, cfg, nnodes: int, start: float, timeout: int) -> int:
     reports = _collect(store, nnodes, start + timeout)
     names = {i: (r["node"] if r else f"node index {i}") for i, r in reports.items()}
     if os.environ.get("SLURM_JOB_NODELIST") and nnodes > 1:
@@ -430,11 +442,15 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
         if len(hosts) == nnodes:   # SLURM_NODEID numbers the nodes in this order
             names = {i: (r["node"] if r else hosts[i]) for i, r in reports.items()}
     notes: list[str] = []
+    if os.environ.get("MASTER_PORT", "").isdigit():   # the ports against the ephemeral range
+        master = int(os.environ["MASTER_PORT"])
+        notes.append(dist_env.port_note({"rendezvous": master,
+                                         "preflight store": dist_env.preflight_port(master)}))
     numbers: dict[str, Any] = {}
     if cfg is not None:
         try:
             numbers = plan_numbers(cfg)
-        except Exception as exc:   # the plan is advice here: training decides
+        except Exception as exc:  # noqa: BLE001 - the plan is advice here: training decides
             notes.append(f"no memory plan ({type(exc).__name__}: {exc}); GPU memory not checked")
     bad = judge(reports, names, numbers.get("per_gpu"))
     net = None
@@ -442,21 +458,21 @@ def _node0(args, store, report, cfg, nnodes: int, start: float, timeout: int) ->
     if not bad:
         try:
             net = allreduce(store, 0, nnodes, timeout)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - reported as the node's verdict
             notes.append(f"all-reduce failed: {type(exc).__name__}: {exc}")
     if numbers.get("checkpoint_bytes") is not None and cfg is not None:
         notes.append(checkpoint_note(numbers["checkpoint_bytes"], reports, cfg.cluster.grace_s))
     text = summary_text(reports, names, bad, net, notes, time.monotonic() - start)
     print(text, end="")
-    run_dir = os.path.dirname(os.path.abspath(args.run_file))
-    from launcher.cluster.rundir import write_atomic
+    run_dir = os.path.dirname(os.path.abspath(call.run_file))
+    from launcher.common.files import write_atomic
     try:
         write_atomic(os.path.join(run_dir, SUMMARY_TEXT), text)
         write_atomic(os.path.join(run_dir, SUMMARY_JSON), json.dumps(
             {"nodes": {names[i]: r for i, r in reports.items()}, "bad": bad, "allreduce": net,
              "checkpoint_bytes": numbers.get("checkpoint_bytes"), "notes": notes}, indent=1) + "\n")
-        if args.bad_nodes and bad:
-            write_atomic(args.bad_nodes, "".join(
+        if call.bad_nodes and bad:
+            write_atomic(call.bad_nodes, "".join(
                 n + " " + "; ".join(r).replace("\n", " ") + "\n" for n, r in sorted(bad.items())))
     except OSError as exc:
         print(f"ftlaunch preflight: cannot write the summary in {run_dir}: {exc}", file=sys.stderr)

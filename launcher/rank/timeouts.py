@@ -32,7 +32,7 @@ NCCL_TRACE_PREFIX = "nccl-trace-rank-"   # + the rank: the flight recorder's dum
 def _groups() -> list:
     """Every process group of this rank: the world group and those DeepSpeed made."""
     from torch.distributed import distributed_c10d as c10d
-    return list(getattr(c10d, "_world").pg_map.keys())
+    return list(c10d._world.pg_map.keys())
 
 
 def set_timeout(seconds: float) -> int:

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launcher.rank import checkpoint, faults, inputs, lr_schedule, timeouts
+from launcher.rank import checkpoint, faults, inputs, longseq, lr_schedule, timeouts
 from launcher import data
 from launcher.model import decay, tokens
 from launcher.cluster import dist_env, layout, run_state, rundir
@@ -141,7 +141,7 @@ def build_ds_config(cfg: RunConfig, env: RankEnv, device: str) -> dict:
     """The DeepSpeed config for this launch's world size. A batch that does not split over
     env.world_size ranks is a ConfigError naming train.global_batch_size (ds_config.build)."""
     from launcher.dsconfig import build as ds_config
-    return ds_config.build(cfg, env.world_size, "cpu" if device == "cpu" else "cuda")
+    return ds_config.build(cfg, env.world_size, device.split(":")[0])  # cuda:N -> cuda
 
 
 def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
@@ -170,7 +170,8 @@ def load_model(cfg: RunConfig, device: str, ds_config: dict) -> tuple[Any, Any]:
     return model, hf_ds
 
 
-def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None) -> Any:
+def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[list] = None,
+                 mpu: Any = None) -> Any:
     """deepspeed.initialize over the parameters that require grad now (call after the freeze
     policy), in the HF Trainer's weight-decay groups (launcher/model/decay.py: no decay on biases and
     norms). adamw: DeepSpeed builds the optimizer from ds_config; 8-bit: bitsandbytes'."""
@@ -183,7 +184,7 @@ def build_engine(cfg: RunConfig, model: Any, ds_config: dict, masked: Optional[l
         optimizer = quantize.build_8bit_optimizer(cfg, params)
     # launcher/rank/lr_schedule.py's schedule wins over ds_config.json's (no zero-lr step)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, optimizer=optimizer, config=ds_config,
+        model=model, model_parameters=params, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: lr_schedule.install(opt, cfg.train))
     return engine
 
@@ -215,6 +216,15 @@ class Setup:
     pad_id: int
     hf_ds_config: Any = None  # keeps ZeRO-3's zero.Init hook alive (transformers holds a weakref)
     eval_batches: Any = None  # the eval loader (data.loader.batches), made by the first evaluate
+    resume_note: Optional[str] = None  # how the batch was kept for a resume on another world size
+    reference: Any = None     # preference objectives: launcher/rank/preference.py Reference (or None)
+    sp: Any = None            # longseq.SeqPar: this rank's sequence-parallel group
+    hidden: Any = None        # longseq.HiddenStates when the loss is computed in the loop
+
+    @property
+    def dp(self) -> tuple[int, int]:
+        """(data-parallel rank, size): ranks of one sequence-parallel group read the same data."""
+        return longseq.dp_layout(self.env.rank, self.env.world_size, self.cfg.train.sequence_parallel)
 
     @property
     def model(self) -> Any:
@@ -231,11 +241,15 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     env = env or dist_env.from_environ()
     hf_logging.disable_progress_bar()
     device = init_distributed(cfg, env)
+    sp = longseq.init_groups(cfg.train.sequence_parallel, env.rank)
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
     tokenizer = inputs.load_tokenizer(cfg)  # model.pad_token / special_tokens / add_tokens added
     splits = None
+    resume_note = None
     if load_data:  # before the model: bad data fails in seconds, not after a 100 GB load
         splits = inputs.load_data(cfg, tokenizer)
+        if cfg.train.resume == "auto":  # a checkpoint of another world size: keep its batch
+            cfg, resume_note = resume_batch(cfg, env.world_size)
         if cfg.train.epochs is not None:
             log.info(epochs.describe(cfg, len(splits.train), env.world_size))
         cfg = epochs.resolve(cfg, len(splits.train), env.world_size)  # max_steps from epochs
@@ -245,9 +259,25 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
     new_rows = tokens.resize(model, tokenizer)  # before the freeze
     model, report = freeze.apply(model, cfg)
     masked = tokens.train_new_rows(model, new_rows, cfg)
-    engine = build_engine(cfg, model, ds_config, masked)
+    hidden = longseq.prepare_model(model, cfg, sp)
+    engine = build_engine(cfg, model, ds_config, masked, longseq.mpu_for(sp))
+    s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds,
+              sp=sp, hidden=hidden, resume_note=resume_note)
+    if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
+        from launcher.rank import preference
+        s.reference = preference.build_reference(s, load_model)
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
-    return Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds)
+    return s
+
+
+def resume_batch(cfg: RunConfig, world: int) -> tuple[RunConfig, Optional[str]]:
+    """The run config for resuming the newest checkpoint on `world` ranks: if it was written by
+    another number of ranks, grad_accum recomputed to keep its global batch (launcher/cluster/reshard.py)."""
+    from launcher.cluster import reshard
+    state = checkpoint.peek(cfg.run_dir)
+    if not state or int(state.get("world_size") or world) == world:
+        return cfg, None
+    return reshard.keep_batch(cfg, state, world)
 
 
 def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
@@ -260,6 +290,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     if t.resume == "auto" and run_state.announce_finished(s.cfg.run_dir, t.max_steps, s.env.is_main):
         return layout.EXIT_OK  # the last launch finished at or past max_steps: nothing changes
     p = begin(s)
+    run_state.report_step(p.step)
     dog = Watchdog(t.watchdog)
     per_epoch = p.sampler.batches_per_epoch  # eval_every / checkpoint_every: epoch
     bar = tqdm(total=t.max_steps, initial=p.step, disable=not s.env.is_main, desc="train",
@@ -279,8 +310,12 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         loss_sum, n_tokens = accumulate(s, p, batches)
         faults.fault("step", p.step + 1, s.env.rank, s.cfg.run_dir)
         log_due = (p.step + 1) % t.log_every == 0 or p.step + 1 == t.max_steps
-        # before the update: with the watchdog on, the step's loss (and the stop votes)
-        loss, tokens_all, votes = sync.agree(loss_sum, p.accum, n_tokens, log_due)
+        # before the update: with the watchdog on, the step's loss (and the stop votes); on a
+        # logged step, a preference objective's reward metrics too
+        loss, tokens_all, votes, pref = sync.agree(loss_sum, p.accum, n_tokens, log_due,
+                                                   list(p.pref.values()))
+        if pref is not None:
+            p.pref_means = dict(zip(p.pref, pref))
         why = dog.check(p.step + 1, loss) if loss is not None and sync.blocking else None
         if why:
             bar.close()
@@ -288,6 +323,7 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
             return diverged(s, p, why)
         engine.step()  # the update (DeepSpeed applies it at the accumulation boundary)
         p.step += 1
+        run_state.report_step(p.step)
         _count(p, tokens_all)
         p.window_steps += 1
         if log_due:
@@ -338,9 +374,16 @@ def shutdown(*, barrier: bool, t: Any = None) -> None:
         dist.destroy_process_group()
 
 
-def main(args: Any) -> int:
+@dataclass(frozen=True)
+class TrainCall:
+    """What `ftlaunch train` (each rank) was asked: the run file and its overrides."""
+    run_file: str
+    overrides: tuple[str, ...] = ()
+
+
+def main(call: TrainCall) -> int:
     from launcher.config import runfile
-    cfg = runfile.load(args.run_file, args.overrides)
+    cfg = runfile.load(call.run_file, call.overrides)
     rundir.keep_private(cfg)   # checkpoints, metrics, trackers, the export: output.private
     env = dist_env.from_environ()
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
@@ -370,6 +413,6 @@ def main(args: Any) -> int:
             run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None, str(exc))
         return 1
     except Exception as exc:
-        run_state.write_exit_status(cfg.run_dir, env.rank, 1, -1, None,
+        run_state.write_exit_status(cfg.run_dir, env.rank, 1, run_state.last_step(), None,
                                     f"rank {env.rank}: {type(exc).__name__}: {exc}", since=started)
         raise

@@ -332,3 +332,19 @@ def fake_job_cluster(slurm_cluster: dict, monkeypatch, tmp_path, ranks_script: s
         monkeypatch.setenv(k, v)   # sbatch passes the environment on to the job
     monkeypatch.chdir(tmp_path)
     return {**slurm_cluster, "fake": fake, "python": write_exe(str(tmp_path / "python"), ranks_script)}
+
+
+# ------------------------------------------------------------------ run files and their records
+def metric_rows(run_dir) -> list[dict]:
+    """Every line of a run directory's metrics.jsonl, in order."""
+    import json
+
+    from launcher.cluster import layout
+    with open(os.path.join(str(run_dir), layout.METRICS)) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def one_node(cluster: dict, **more) -> dict:
+    """A one-node, one-rank `cluster:` section on the test cluster with the fake ranks' python."""
+    return {"nodes": 1, "gpus_per_node": 1, "partition": cluster["partition"],
+            "python": cluster["python"], "preflight": False, **more}
