@@ -15,6 +15,7 @@ WANDB = "wandb"                   # W&B's offline runs and the run id (output.re
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/cluster/job_lock.py)
 ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
+STEPS = "steps.json"              # an epoch run's steps, counted by rank 0 (cluster/run_state.py)
 SEGMENTS = "segments.jsonl"       # one line per launch: step, world_size, job, time (cluster/reshard.py)
 
 EXIT_OK = 0

@@ -38,7 +38,6 @@ On CPU, DeepSpeed's shm_comm op is not built (see `skip_cpu_shm_op`).
 from __future__ import annotations
 
 import logging
-import json
 import os
 import sys
 import time
@@ -391,9 +390,8 @@ def main(call: TrainCall) -> int:
     try:
         s = setup(cfg, env)
         _ensure_run_dir(cfg, env, s.ds_config)
-        if env.is_main and cfg.train.epochs is not None:  # the exact step count replaces the estimate
-            rundir.write_atomic(os.path.join(cfg.run_dir, layout.DS_CONFIG),
-                                json.dumps(s.ds_config, indent=2) + "\n")
+        if env.is_main and cfg.train.epochs is not None:  # what `ftlaunch status` shows
+            run_state.write_steps(cfg.run_dir, s.cfg.train.max_steps)
         if env.is_main:
             text = s.report.render()
             rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
