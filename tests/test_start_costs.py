@@ -127,3 +127,42 @@ def test_a_model_folder_with_code_of_its_own_is_not_kept(tmp_path):
     assert not facts_cache.plain_folder(str(tmp_path))
     assert not facts_cache.plain_folder(str(tmp_path / "missing"))
 
+
+
+def test_a_second_data_check_of_unchanged_files_loads_no_tokenizer(tiny, tmp_path, monkeypatch):
+    """`ftlaunch run`'s data check finds the tokenized cache of unchanged data and tokenizer files
+    without loading the tokenizer; a changed data file or tokenizer file, or another token
+    setting, loads it again."""
+    import os
+    import shutil
+
+    from launcher.config import runfile
+    from launcher.rank import inputs
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    text = tmp_path / "text.jsonl"
+    shutil.copy(tiny["text"], text)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: t\nmodel: {{path: {model}}}\n"
+                   f"data: {{path: {text}, max_seq_len: 32, packing: true, "
+                   f"cache_dir: {tmp_path / 'cache'}}}\ntrain: {{max_steps: 3}}\n")
+    cfg_ = runfile.load(str(run))
+    assert inputs.known_data(cfg_) is None
+    first = inputs.check_data(cfg_)
+    loads = []
+    real = inputs.load_tokenizer
+    monkeypatch.setattr(inputs, "load_tokenizer", lambda c: loads.append(c) or real(c))
+    again = inputs.check_data(cfg_)
+    assert loads == [] and again.stats["cache"] == "known"
+    assert len(again.train) == len(first.train)
+    assert np.array_equal(np.asarray(again.train.ids), np.asarray(first.train.ids))
+    other = runfile.load(str(run), ["model.pad_token=<pad>"])
+    assert inputs.known_data(other) is None
+    tok_file = next(p for p in model.iterdir() if p.name.startswith("tokenizer"))
+    os.utime(tok_file, ns=(tok_file.stat().st_atime_ns, tok_file.stat().st_mtime_ns + 10**9))
+    assert inputs.known_data(cfg_) is None
+    inputs.check_data(cfg_)
+    assert len(loads) == 1 and inputs.known_data(cfg_) is not None
+    with open(text, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"text": "one more line about the cat."}) + "\n")
+    assert inputs.known_data(cfg_) is None

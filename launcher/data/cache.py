@@ -10,6 +10,14 @@ the model's positions and `VERSION` of this code. Under `data.cache_dir` (null: 
 $FTLAUNCH_CACHE else ~/.cache/ftlaunch) each key is a folder of .npy arrays (memory-mapped: the ranks of a
 node share one copy in the page cache) and a meta.json.
 
+`ftlaunch run`'s data check asks first without a tokenizer (`known`): beside each folder an
+index entry keyed by the same inputs read from files alone (the tokenizer's folder files, path,
+size and modification time, with the model section's token settings and the installed
+transformers version, in place of the loaded tokenizer) names the folder it led to, so a check of
+data and a tokenizer unchanged since reads the folder's meta.json instead of importing
+transformers and loading the tokenizer (most of its time). A trust_remote_code tokenizer is
+never looked up that way.
+
 Once per node: the first rank to take the key's file lock (fcntl) builds and publishes the folder
 atomically (a rename), tokenizing with every CPU of the task (data.preprocessing_workers null:
 `tokenize.default_workers`); the others wait on the lock, then map the result. Ranks on other nodes do
@@ -91,6 +99,72 @@ def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
                        "positions": max_positions, "tok": _tokenizer_id(tokenizer),
                        "templates": templates}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _transformers_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "none"
+
+
+def files_key(cfg: "RunConfig", max_positions: int | None) -> str | None:
+    """`cache_key`'s inputs with the tokenizer as files (see the module docstring), None for a
+    trust_remote_code model (its tokenizer's code may live outside the folder)."""
+    from launcher.config.schema import to_dict
+    from launcher.checks.input_checks import source_settings
+
+    if cfg.model.trust_remote_code:
+        return None
+    d = cfg.data
+    settings = {k: v for k, v in to_dict(d).items() if k not in _NO_KEY}
+    files = [_files(s.path) for s, _ in source_settings(d)] + [_files(d.eval_path)]
+    templates = [_files(s.chat_template) for s, _ in source_settings(d)
+                 if s.chat_template and os.path.isfile(s.chat_template)]
+    blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft",
+                       "files": files, "seed": cfg.train.seed, "positions": max_positions,
+                       "tok_files": _files(cfg.model.tokenizer or cfg.model.path),
+                       "model": to_dict(cfg.model), "transformers": _transformers_version(),
+                       "templates": templates}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _index(cfg: "RunConfig", max_positions: int | None) -> str | None:
+    key = files_key(cfg, max_positions)
+    return None if key is None else os.path.join(cache_root(cfg), "by-files", key)
+
+
+def _remember(cfg: "RunConfig", max_positions: int | None, folder: str) -> None:
+    """Point the files-only key at the folder it led to (a failed write only costs a later
+    check its tokenizer load)."""
+    path = _index(cfg, max_positions)
+    if path is None:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        common_files.write_atomic(path, os.path.basename(folder) + "\n")
+    except OSError:
+        pass
+
+
+def known(cfg: "RunConfig", *, max_positions: int | None = None) -> "Splits | None":
+    """The splits the cache holds for these files and settings, found without a tokenizer
+    (None where the index has no entry, its folder is gone, or data.cache is off)."""
+    path = _index(cfg, max_positions) if cfg.data.cache else None
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            name = fh.read().strip()
+    except OSError:
+        return None
+    folder = os.path.join(cache_root(cfg), name)
+    if not name or os.sep in name or not os.path.exists(os.path.join(folder, "meta.json")):
+        return None
+    splits = _read(folder)
+    splits.stats = dict(splits.stats, cache="known", cache_dir=folder)
+    return splits
 
 
 _ARRAYS = ("ids", "labels", "offsets", "docs")
@@ -181,6 +255,7 @@ def cached_load(cfg: "RunConfig", tokenizer, *, max_positions: int | None = None
                 _write(folder, splits)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    _remember(cfg, max_positions, folder)
     for w in splits.warnings:
         warn(w)
     splits.stats = dict(splits.stats, cache=how, cache_dir=folder)
