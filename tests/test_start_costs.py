@@ -166,3 +166,26 @@ def test_a_second_data_check_of_unchanged_files_loads_no_tokenizer(tiny, tmp_pat
     with open(text, "a", encoding="utf-8") as fh:
         fh.write(json.dumps({"text": "one more line about the cat."}) + "\n")
     assert inputs.known_data(cfg_) is None
+
+
+def test_the_kept_facts_have_the_same_keys_in_every_process(tiny, tmp_path):
+    """A second `ftlaunch plan` in a new process (another string hash seed) finds every fact the
+    first kept: none is keyed by something that changes between processes."""
+    import os
+    import subprocess
+    import sys
+    run = tmp_path / "run.yaml"
+    run.write_text(f"name: t\nmodel: {{path: {tiny['model']}}}\n"
+                   f"data: {{path: {tiny['text']}, max_seq_len: 64}}\ntrain: {{max_steps: 3}}\n"
+                   "freeze: {policy: last_layers, trainable_layers: 1, also_train: [lm_head]}\n")
+    kept = tmp_path / "cache" / "plan-facts"
+    listings = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, FTLAUNCH_CACHE=str(tmp_path / "cache"), FTLAUNCH_PLAN_CACHE="1",
+                   PYTHONHASHSEED=seed)
+        p = subprocess.run([sys.executable, "-m", "launcher", "plan", str(run)], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode in (0, 2), p.stderr[-2000:]
+        listings.append(sorted(x.name for x in kept.iterdir()))
+    assert any(n.startswith("trace-") for n in listings[0]), listings[0]
+    assert listings[1] == listings[0]
