@@ -55,9 +55,8 @@ ROOM_CROSSINGS = {
         "the time estimate takes a measured step time and writes Slurm's --time and its cap "
         "(one home: the measurements and Slurm's time format)",
     ("launcher.memory.clock", "launcher.data.cache"):
-        "tokens per epoch counted by the tokenized cache, where the data was tokenized already",
-    ("launcher.memory.clock", "launcher.rank.inputs"):
-        "the tokenizer loaded as the ranks load it: the tokenized cache's key depends on it",
+        "tokens per epoch counted by the tokenized cache, where the data was tokenized already "
+        "(found from the files alone, no tokenizer loaded)",
     ("launcher.checks.validate", "launcher.cluster.reshard"):
         "cluster.min_nodes is refused where a resume on fewer ranks cannot work (one home: "
         "`reshard.unsupported`, also asked at the resume itself)",
@@ -82,8 +81,6 @@ LAZY_HEAVY_REASONS = {
     ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
     ("launcher.memory.clock", "launcher.data.cache"): "tokens per epoch from the tokenized cache "
                                                       "(read only where it exists)",
-    ("launcher.memory.clock", "launcher.rank.inputs"): "the tokenizer, for the tokenized cache's "
-                                                       "key (transformers, as the plan's meta model)",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
     ("launcher.cluster.reshard", "deepspeed"): "DeepSpeed's universal-checkpoint converter, run "

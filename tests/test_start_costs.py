@@ -156,6 +156,9 @@ def test_a_second_data_check_of_unchanged_files_loads_no_tokenizer(tiny, tmp_pat
     assert loads == [] and again.stats["cache"] == "known"
     assert len(again.train) == len(first.train)
     assert np.array_equal(np.asarray(again.train.ids), np.asarray(first.train.ids))
+    dumped = tmp_path / "resolved.yaml"   # as the ranks read it: 0 comes back as 0.0
+    dumped.write_text(runfile.dump(cfg_))
+    assert inputs.known_data(runfile.load(str(dumped))) is not None
     other = runfile.load(str(run), ["model.pad_token=<pad>"])
     assert inputs.known_data(other) is None
     tok_file = next(p for p in model.iterdir() if p.name.startswith("tokenizer"))

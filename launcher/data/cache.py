@@ -71,6 +71,24 @@ def _files_stat(paths: list[str]) -> list:
     return out
 
 
+def _plain(v):
+    """A config value written one way in the keys: a run file's `0` and the same value read back
+    from resolved.yaml as `0.0` give the same key."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def _settings(cfg: "RunConfig") -> dict:
+    """The data settings in the keys (`_plain`), those that change no token left out."""
+    from launcher.config.schema import to_dict
+    return _plain({k: v for k, v in to_dict(cfg.data).items() if k not in _NO_KEY})
+
+
 def _tokenizer_id(tokenizer) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -83,11 +101,10 @@ def _tokenizer_id(tokenizer) -> str:
 
 
 def cache_key(cfg: "RunConfig", tokenizer, max_positions: int | None) -> str:
-    from launcher.config.schema import to_dict
     from launcher.checks.input_checks import source_settings
 
     d = cfg.data
-    settings = {k: v for k, v in to_dict(d).items() if k not in _NO_KEY}
+    settings = _settings(cfg)
     files = [_files(s.path) for s, _ in source_settings(d)] + [_files(d.eval_path)]
     templates = []
     for s, _ in source_settings(d):
@@ -112,20 +129,21 @@ def _transformers_version() -> str:
 def files_key(cfg: "RunConfig", max_positions: int | None) -> str | None:
     """`cache_key`'s inputs with the tokenizer as files (see the module docstring), None for a
     trust_remote_code model (its tokenizer's code may live outside the folder)."""
-    from launcher.config.schema import to_dict
     from launcher.checks.input_checks import source_settings
+    from launcher.config.schema import to_dict
 
     if cfg.model.trust_remote_code:
         return None
     d = cfg.data
-    settings = {k: v for k, v in to_dict(d).items() if k not in _NO_KEY}
+    settings = _settings(cfg)
     files = [_files(s.path) for s, _ in source_settings(d)] + [_files(d.eval_path)]
     templates = [_files(s.chat_template) for s, _ in source_settings(d)
                  if s.chat_template and os.path.isfile(s.chat_template)]
     blob = json.dumps({"v": VERSION, "data": settings, "pairs": cfg.train.objective != "sft",
                        "files": files, "seed": cfg.train.seed, "positions": max_positions,
                        "tok_files": _files(cfg.model.tokenizer or cfg.model.path),
-                       "model": to_dict(cfg.model), "transformers": _transformers_version(),
+                       "model": _plain(to_dict(cfg.model)),
+                       "transformers": _transformers_version(),
                        "templates": templates}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
@@ -148,9 +166,9 @@ def _remember(cfg: "RunConfig", max_positions: int | None, folder: str) -> None:
         pass
 
 
-def known(cfg: "RunConfig", *, max_positions: int | None = None) -> "Splits | None":
-    """The splits the cache holds for these files and settings, found without a tokenizer
-    (None where the index has no entry, its folder is gone, or data.cache is off)."""
+def known_folder(cfg: "RunConfig", max_positions: int | None) -> str | None:
+    """The cache folder of these files and settings, found without a tokenizer (None where the
+    index has no entry, its folder is gone, or data.cache is off)."""
     path = _index(cfg, max_positions) if cfg.data.cache else None
     if path is None:
         return None
@@ -161,6 +179,28 @@ def known(cfg: "RunConfig", *, max_positions: int | None = None) -> "Splits | No
         return None
     folder = os.path.join(cache_root(cfg), name)
     if not name or os.sep in name or not os.path.exists(os.path.join(folder, "meta.json")):
+        return None
+    return folder
+
+
+def known_stats(cfg: "RunConfig", max_positions: int | None) -> dict | None:
+    """The stats (train_examples, train_tokens, ...) of `known_folder`'s data: no tokenizer,
+    no arrays read."""
+    folder = known_folder(cfg, max_positions)
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as fh:
+            return json.load(fh).get("stats")
+    except (OSError, ValueError):
+        return None
+
+
+def known(cfg: "RunConfig", *, max_positions: int | None = None) -> "Splits | None":
+    """The splits the cache holds for these files and settings, found without a tokenizer
+    (`known_folder`), None where it holds none."""
+    folder = known_folder(cfg, max_positions)
+    if folder is None:
         return None
     splits = _read(folder)
     splits.stats = dict(splits.stats, cache="known", cache_dir=folder)

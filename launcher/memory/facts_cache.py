@@ -2,9 +2,9 @@
 same model imports neither torch nor transformers.
 
 What a plan learns from the meta-device model (the inventory: every parameter's group, size and
-trainability) and from its meta-device forward (the traced activations) depends only on the
-model's config.json, the run's model/freeze/quantization settings, the trace's shape, the
-installed torch and transformers, and the code that derives them. Building them costs the import
+trainability), its meta-device forward (the traced activations) and its FLOPs per sequence
+depend only on the model's config.json, the run's model/freeze/quantization settings, the
+trace's shape, the installed torch and transformers, and the code that derives them. Building them costs the import
 of torch, transformers and the model's modeling file (seconds, most of a 7B plan); reading them
 back costs a file read.
 
@@ -26,8 +26,8 @@ from typing import Any, Callable
 from launcher.common import files
 
 ENV = "FTLAUNCH_PLAN_CACHE"
-_SOURCES = ("memory/inventory.py", "memory/traced.py", "model/freeze.py", "model/lora.py",
-            "model/decay.py", "memory/facts_cache.py")
+_SOURCES = ("memory/inventory.py", "memory/traced.py", "memory/flops.py", "model/freeze.py",
+            "model/lora.py", "model/decay.py", "memory/facts_cache.py")
 _STAMP: list[str] = []
 
 
