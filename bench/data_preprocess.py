@@ -2,14 +2,19 @@
 
 1. Throughput (tokens/s), one run each, same tokenizer (the tiny ChatML tokenizer of
    examples/chat_demo.py), same template (the built-in chatml, with generation markers), same
-   conversations: `launcher.data.load` (read, render, assistant masks, tokenize; no cache) vs
+   conversations, `datasets` and transformers imported before either is timed:
+   `launcher.data.cached_load` with data.cache false (read, render, assistant masks, tokenize,
+   as a rank without the cache; data.preprocessing_workers null: this machine's CPUs) vs
    `datasets.load_dataset("json")` + `Dataset.map(apply_chat_template(tokenize=True,
-   return_assistant_tokens_mask=True), batched=True)`. Target: ratio >= 0.9.
-2. Once per node: two processes started together, as two ranks of one node, each loading the data
-   the ranks' way (`launcher.rank.inputs.load_data`) before their first step: with data.cache (one
-   tokenizes, the other waits and maps the result) vs data.cache: false (both tokenize).
+   return_assistant_tokens_mask=True), batched=True)` (one process, its default). Target: ratio
+   >= 0.9. The same path with data.preprocessing_workers 1 is shown beside it.
+2. Once per node: N processes started together, as N ranks of one node (LOCAL_WORLD_SIZE=N),
+   each loading the data the ranks' way (`launcher.rank.inputs.load_data`) before their first step:
+   with data.cache (one tokenizes with every CPU, the others wait and map the result) vs
+   data.cache: false (each tokenizes, the CPUs shared). N = 2, and 8 (8 ranks emulated on the
+   machine's cores).
 
-    python bench/data_preprocess.py [--conversations 20000]
+    python bench/data_preprocess.py [--conversations 20000] [--ranks 2 8]
 """
 from __future__ import annotations
 
@@ -48,14 +53,14 @@ def write_data(folder: str, n: int) -> str:
     return path
 
 
-def ours(path: str, tok) -> tuple[float, int]:
+def ours(path: str, tok, workers: int | None = None) -> tuple[float, int]:
     from launcher import data
     from launcher.config.schema import DataConfig, ModelConfig, RunConfig, TrainConfig
     cfg = RunConfig(name="b", model=ModelConfig(path="/none"), train=TrainConfig(max_steps=1),
                     data=DataConfig(path=path, messages_field="messages", chat_template="chatml",
-                                    max_seq_len=512, cache=False))
+                                    max_seq_len=512, cache=False, preprocessing_workers=workers))
     t = time.perf_counter()
-    splits = data.load(cfg, tok, warn=lambda m: None)
+    splits = data.cached_load(cfg, tok, warn=lambda m: None)
     return time.perf_counter() - t, splits.train.num_tokens
 
 
@@ -77,7 +82,7 @@ def plain_map(path: str, tok) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
-def two_ranks(folder: str, path: str, cache: bool) -> list[dict]:
+def node_ranks(folder: str, path: str, cache: bool, n: int) -> list[dict]:
     run = os.path.join(folder, "run.yaml")
     with open(run, "w") as fh:
         fh.write(f"name: b\nmodel: {{path: {os.path.join(ROOT, 'examples/build/chat/model')}}}\n"
@@ -85,33 +90,48 @@ def two_ranks(folder: str, path: str, cache: bool) -> list[dict]:
                  f"max_seq_len: 256, cache: {str(cache).lower()}, "
                  f"cache_dir: {tempfile.mkdtemp(dir=folder)}}}\n"
                  "train: {max_steps: 1, device: cpu}\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               LOCAL_WORLD_SIZE=str(n))
     procs = [subprocess.Popen([sys.executable, "-c", RANK, run], stdout=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+                              text=True, env=dict(env, LOCAL_RANK=str(i))) for i in range(n)]
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--conversations", type=int, default=20000)
+    ap.add_argument("--ranks", type=int, nargs="*", default=[2, 8],
+                    help="ranks of one node to emulate in part 2 (none: skip it)")
     args = ap.parse_args()
     import chat_demo
     chat_demo.build_assets()
+    import datasets  # noqa: F401 - imported before either contender is timed
     from transformers import AutoTokenizer
+
+    from launcher.data.tokenize import node_cpus
     tok = AutoTokenizer.from_pretrained(os.path.join(chat_demo.BUILD, "model"))
     folder = tempfile.mkdtemp(prefix="ftlaunch-bench-data-")
     path = write_data(folder, args.conversations)
     t_ours, n_ours = ours(path, tok)
+    t_one, n_one = ours(path, tok, workers=1)
     t_map, n_map = plain_map(path, tok)
-    print(f"{args.conversations} conversations, {n_ours} tokens (datasets.map: {n_map})")
-    print(f"ftlaunch data path: {t_ours:6.2f} s  {n_ours / t_ours:10.0f} tokens/s")
-    print(f"datasets.map:       {t_map:6.2f} s  {n_map / t_map:10.0f} tokens/s")
-    print(f"ratio (ftlaunch / datasets.map): {(n_ours / t_ours) / (n_map / t_map):.2f}x")
-    for cache in (True, False):
-        ranks = two_ranks(folder, path, cache)
-        print(f"2 ranks on one node, data.cache {str(cache).lower():5}: before the first step "
-              + ", ".join(f"rank {i} {r['s']:.1f} s ({r['cache']}, {r['cpu']:.1f} CPU s)"
-                          for i, r in enumerate(ranks)))
+    print(f"{args.conversations} conversations, {n_ours} tokens (datasets.map: {n_map}), "
+          f"{node_cpus()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(f"ftlaunch data path:            {t_ours:6.2f} s  {n_ours / t_ours:10.0f} tokens/s")
+    print(f"  with preprocessing_workers 1: {t_one:6.2f} s  {n_one / t_one:10.0f} tokens/s")
+    print(f"datasets.map:                  {t_map:6.2f} s  {n_map / t_map:10.0f} tokens/s")
+    print(f"ratio (ftlaunch / datasets.map): {(n_ours / t_ours) / (n_map / t_map):.2f}x "
+          f"(preprocessing_workers 1: {(n_one / t_one) / (n_map / t_map):.2f}x)")
+    for n in args.ranks:
+        wall = {}
+        for cache in (True, False):
+            ranks = node_ranks(folder, path, cache, n)
+            wall[cache] = max(r["s"] for r in ranks)
+            print(f"{n} ranks on one node, data.cache {str(cache).lower():5}: before the first "
+                  f"step {wall[cache]:.1f} s (last rank); "
+                  + ", ".join(f"rank {i} {r['s']:.1f} s ({r['cache']}, {r['cpu']:.1f} CPU s)"
+                              for i, r in enumerate(ranks)))
+        print(f"{n} ranks: with the cache / without: {wall[True] / wall[False]:.2f}x")
     return 0
 
 

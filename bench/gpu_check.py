@@ -8,7 +8,8 @@ Parts, each in its own try/except so one failure does not lose the others, in th
 
 0. ranks (bench/gpu_check_ranks.run): the real rank path, `ftlaunch run` through torchrun with
    NCCL (dry run; packed rows with sdpa and, where installed, flash attention; ZeRO-3 + LoRA with
-   the adapter and merged export loaded back), the launcher's default optimizer throughout.
+   the adapter and merged export loaded back; tokens/s against a hand-written DeepSpeed loop),
+   the launcher's default optimizer throughout.
 1. memory (bench/gpu_check_memory.run): ~1.1B Llama (TinyLlama's shape) from a config, ZeRO-2 and
    ZeRO-3 on one rank, bf16, full / frozen / LoRA / gradient checkpointing: peak
    torch.cuda.max_memory_allocated against the plan (launcher.memory.plan).
@@ -221,6 +222,11 @@ def markdown(res: dict) -> str:
                 continue
             loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}" if "loss_first" in r else "-"
             tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "-"
+            if "hand_tokens_per_s" in r and "tokens_per_s" in r:  # the `vs hand loop` row
+                tps += (f" (hand loop {r['hand_tokens_per_s']:.0f}: "
+                        f"{r['tokens_per_s'] / r['hand_tokens_per_s']:.3f}x)")
+            elif "hand_error" in r:
+                tps += f" (hand loop failed: {r['hand_error'].strip().splitlines()[-1][:120]})"
             diff = f"{r['max_abs_logit_diff']:.3g}" if "max_abs_logit_diff" in r else "-"
             lines.append(f"| {k} | {r['rc']} | {r['seconds']} | {r.get('steps', '-')} | {loss} | {tps} "
                          f"| {_gib(r.get('memory_bytes'))} | {diff} |")

@@ -10,7 +10,14 @@ Rows (each its own try/except in `run`; a missing package skips its row with the
                  where the flash_attn package imports
   zero3 lora     ZeRO-3 + LoRA with output.merge_lora: the adapter and the merged model exported
                  from partitioned weights, loaded back and compared on the same input
-On CPU (--cpu-dry) the dry-run and zero3 lora rows run with one gloo rank and the tiny model.
+  vs hand loop   tokens/s of `ftlaunch run` (full, ZeRO-2, packed rows, sdpa) against a minimal
+                 hand-written DeepSpeed loop (`hand_loop` below: the same model, the DeepSpeed
+                 config the run wrote, micro batch and sequence length, full rows of the same
+                 text) on one GPU, each over the steps after 2: the per-step cost of the loop
+On CPU (--cpu-dry) the dry-run, zero3 lora and vs hand loop rows run with one gloo rank and the
+tiny model.
+
+    python bench/gpu_check_ranks.py --hand MODEL TOKENIZER DATA DS_JSON STEPS MICRO SEQ OUT_JSON
 """
 from __future__ import annotations
 
@@ -43,8 +50,10 @@ ROWS = [  # name, attention, zero stage, freeze, steps, save the final model
     ("sdpa packed", "sdpa", 2, "{policy: full}", 20, False),
     ("flash packed", "flash_attention_2", 2, "{policy: full}", 20, False),
     ("zero3 lora", "sdpa", 3, "{policy: lora, lora: {r: 16, target_modules: [all-linear]}}", 6, True),
+    ("vs hand loop", "sdpa", 2, "{policy: full}", 20, False),
 ]
-DRY_ROWS = {"dry-run", "zero3 lora"}
+DRY_ROWS = {"dry-run", "zero3 lora", "vs hand loop"}
+WARM = 2  # steps left out of the tokens/s of both loops
 
 
 def build_assets(folder: str, *, tiny: bool) -> dict[str, str]:
@@ -115,7 +124,7 @@ def one(name: str, attn: str, stage: int, freeze: str, steps: int, save: bool, a
         row["said"] = [ln for ln in tail.splitlines() if "dry run" in ln.lower()][-3:]
         return row
     ms = metrics(run_dir)
-    steady = ms[2:] or ms
+    steady = ms[WARM:] or ms
     row.update({"steps": len(ms), "loss_first": ms[0]["loss"], "loss_last": ms[-1]["loss"],
                 "tokens_per_s": sum(m["tokens_per_s"] for m in steady) / len(steady),
                 "memory_bytes": max(m["memory_bytes"] for m in ms)})
@@ -129,7 +138,76 @@ def one(name: str, attn: str, stage: int, freeze: str, steps: int, save: bool, a
     if save:
         row.update(compare_export(os.path.join(run_dir, "final"), assets["model"],
                                   "cuda" if cuda else "cpu"))
+    if name == "vs hand loop":
+        row.update(versus_hand(assets, run_dir, 3 if dry else steps, 2 if dry else 4,
+                               32 if dry else 1024, folder))
     return row
+
+
+def versus_hand(assets: dict, run_dir: str, steps: int, micro: int, seq: int, folder: str) -> dict:
+    """The hand loop (torchrun, one rank) with the DeepSpeed config `ftlaunch run` wrote in
+    run_dir: its tokens/s and ftlaunch's over it."""
+    out = os.path.join(folder, "hand.json")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "1", os.path.abspath(__file__), "--hand",
+                        assets["model"], assets["tokenizer"], assets["text"],
+                        os.path.join(run_dir, "ds_config.json"), str(steps), str(micro), str(seq),
+                        out], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        return {"hand_error": (p.stdout[-1000:] + p.stderr[-2000:])}
+    with open(out, encoding="utf-8") as fh:
+        hand = json.load(fh)
+    return {"hand_tokens_per_s": hand["tokens_per_s"], "hand_steps": hand["steps"]}
+
+
+def hand_loop(model: str, tokenizer: str, data: str, ds_json: str, steps: int, micro: int,
+              seq: int, out: str) -> None:
+    """A minimal hand-written DeepSpeed loop on this rank's device: full rows of `seq` tokens of
+    the text (each text + EOS, concatenated), forward / backward / step, no logging in the loop."""
+    import torch
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.rank.train import skip_cpu_shm_op
+    if cuda:
+        torch.cuda.set_device(0)
+    else:
+        skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = "cuda:0" if cuda else "cpu"
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    ids: list[int] = []
+    with open(data, encoding="utf-8") as fh:
+        for line in fh:
+            ids += tok(json.loads(line)["text"])["input_ids"] + [tok.eos_token_id]
+    blocks = [ids[i:i + seq] for i in range(0, len(ids) - seq + 1, seq)]
+    with open(ds_json, encoding="utf-8") as fh:
+        ds = json.load(fh)
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if cuda else torch.float32,
+                                               attn_implementation="sdpa")
+    engine, _, _, _ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=ds)
+    engine.train()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t0 = time.time()
+    for step in range(steps):
+        if step == WARM:
+            sync()
+            t0 = time.time()
+        i = (step * micro) % max(1, len(blocks) - micro)
+        x = torch.tensor(blocks[i:i + micro], device=device)
+        loss = engine(input_ids=x, labels=x).loss
+        engine.backward(loss)
+        engine.step()
+    sync()
+    timed = steps - WARM if steps > WARM else steps
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump({"tokens_per_s": micro * seq * timed / (time.time() - t0), "steps": steps}, fh)
+    torch.distributed.destroy_process_group()
 
 
 def run(device: str, out: dict, *, deadline: float) -> dict:
@@ -149,3 +227,9 @@ def run(device: str, out: dict, *, deadline: float) -> dict:
             except Exception:  # noqa: BLE001 - the other rows still run
                 part["rows"][name] = {"error": traceback.format_exc()[-3000:]}
     return part
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--hand"]:
+        m, t, d, ds_json, n, b, sq, o = sys.argv[2:10]
+        hand_loop(m, t, d, ds_json, int(n), int(b), int(sq), o)

@@ -55,9 +55,8 @@ ROOM_CROSSINGS = {
         "the time estimate takes a measured step time and writes Slurm's --time and its cap "
         "(one home: the measurements and Slurm's time format)",
     ("launcher.memory.clock", "launcher.data.cache"):
-        "tokens per epoch counted by the tokenized cache, where the data was tokenized already",
-    ("launcher.memory.clock", "launcher.rank.inputs"):
-        "the tokenizer loaded as the ranks load it: the tokenized cache's key depends on it",
+        "tokens per epoch counted by the tokenized cache, where the data was tokenized already "
+        "(found from the files alone, no tokenizer loaded)",
     ("launcher.checks.validate", "launcher.cluster.reshard"):
         "cluster.min_nodes is refused where a resume on fewer ranks cannot work (one home: "
         "`reshard.unsupported`, also asked at the resume itself)",
@@ -84,11 +83,8 @@ LAZY_HEAVY_REASONS = {
     ("launcher.memory.inventory", "transformers"): _META,
     ("launcher.memory.traced", "torch"): "the plan's activations, traced on meta-device blocks",
     ("launcher.memory.traced", "transformers"): "the plan's activations: the model's own blocks",
-    ("launcher.memory.planner", "torch"): "a local GPU's memory when no size is given",
     ("launcher.memory.clock", "launcher.data.cache"): "tokens per epoch from the tokenized cache "
                                                       "(read only where it exists)",
-    ("launcher.memory.clock", "launcher.rank.inputs"): "the tokenizer, for the tokenized cache's "
-                                                       "key (transformers, as the plan's meta model)",
     ("launcher.memory.probe", "torch"): "the CPU kernels probe, run in a child process",
     ("launcher.memory.probe", "transformers"): "the probe builds one block of the model",
     ("launcher.cluster.reshard", "deepspeed"): "DeepSpeed's universal-checkpoint converter, run "
@@ -96,7 +92,8 @@ LAZY_HEAVY_REASONS = {
     ("launcher.model.decay", "torch"): "the LayerNorm type rule on a real model (ranks); the "
                                        "plan uses the name rule alone, torch-free",
     ("launcher.model.device", "torch"): "`ftlaunch run` counts this machine's GPUs (its ranks "
-                                        "start here); the ranks map dtype names",
+                                        "start here), the plan reads a local GPU's memory "
+                                        "where a driver is; the ranks map dtype names",
     ("launcher.model.lora", "torch"): "LoRA applied to a model: on the ranks, and by the memory "
                                       "plan on its meta-device model",
     ("launcher.model.lora", "peft"): "LoRA applied to a model (ranks; the plan's meta model)",

@@ -16,6 +16,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FTLAUNCH_CACHE", os.path.join("/tmp", f"ftlaunch-test-data-cache-{os.getuid()}"))
+os.environ.setdefault("FTLAUNCH_PLAN_CACHE", "0")  # each test computes its own plan facts
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/ftlaunch-torch-extensions"))
 
 

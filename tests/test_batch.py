@@ -93,10 +93,12 @@ def test_local_run_keeps_the_global_batch_exactly_when_batch_derives_it(nproc):
     if 24 % (2 * nproc):
         with pytest.raises(ConfigError, match=rf"24 is not a multiple of micro_batch_size x ranks "
                                               rf"= 2 x {nproc} on this machine"):
-            local_run.local_overrides(cfg, "cpu", nproc)
+            local_run.local_config(cfg, "cpu", nproc)
         assert batch.batch_problem(local) is not None
     else:
-        assert local_run.local_overrides(cfg, "cpu", nproc)[-1] == "train.grad_accum=null"
+        got = local_run.local_config(cfg, "cpu", nproc)
+        assert got == dataclasses.replace(local, train=dataclasses.replace(local.train,
+                                                                           device="cpu"))
         assert batch.batch_sizes(local) == (2, 24 // (2 * nproc), 24)
 
 

@@ -91,9 +91,12 @@ def test_gpu_check_cpu_dry_end_to_end(tmp_path):
     quant = res["quantization"]["runs"]
     assert quant and all("error" not in r for r in quant), quant
     ranks = res["ranks"]["rows"]
-    assert set(ranks) == {"dry-run", "zero3 lora"}
+    assert set(ranks) == {"dry-run", "zero3 lora", "vs hand loop"}
     assert all(r["rc"] == 0 for r in ranks.values()), ranks
+    hand = ranks["vs hand loop"]
+    assert hand["tokens_per_s"] > 0 and hand["hand_tokens_per_s"] > 0 and hand["hand_steps"] == 3, hand
     lora = ranks["zero3 lora"]
     assert lora["steps"] == 3 and lora["max_abs_logit_diff"] < 1e-3 * max(1.0, lora["logit_scale"])
     md = (tmp_path / "gpu-results.md").read_text()
     assert "CPU dry run" in md and "| zero3 lora |" in md and "| dry-run | 0 |" in md
+    assert "| vs hand loop | 0 |" in md and "(hand loop " in md

@@ -74,18 +74,17 @@ def test_bad_data_fails_before_ranks(case, match, tiny, tmp_path, write_run, no_
     assert not (tmp_path / "run").exists()  # no half-written run directory either
 
 
-def test_local_overrides_keep_global_batch(tiny, tmp_path, write_run):
+def test_local_config_keeps_global_batch(tiny, tmp_path, write_run):
     path = write_run(run_text(tiny, tmp_path, train="{max_steps: 4, micro_batch_size: 2, "
                                                       "global_batch_size: 16, device: cpu}"))
     cfg = load(path)
-    extra = local_run.local_overrides(cfg, "cpu", 2)
-    assert extra == ["train.device=cpu", "cluster.nodes=1", "cluster.gpus_per_node=2",
-                     "train.grad_accum=null"]
-    local = load(path, extra)
+    local = local_run.local_config(cfg, "cpu", 2)
+    assert (local.train.device, local.cluster.nodes, local.cluster.gpus_per_node,
+            local.train.grad_accum) == ("cpu", 1, 2, None)
     from launcher.config.batch import batch_sizes
     assert batch_sizes(local) == (2, 4, 16)
     with pytest.raises(ConfigError, match=r"16 is not a multiple of micro_batch_size x ranks = 2 x 3"):
-        local_run.local_overrides(cfg, "cpu", 3)
+        local_run.local_config(cfg, "cpu", 3)
 
 
 def test_cpu_device_and_default_ranks(tiny, tmp_path, write_run):
@@ -234,7 +233,7 @@ def test_a_run_directory_of_another_config_is_refused_before_the_plan(tiny, tmp_
     """Refused in a second, before the memory plan and the tokenizing (they are not reached)."""
     from launcher.cluster import rundir
     path = write_run(run_text(tiny, tmp_path))
-    cfg = load(path, local_run.local_overrides(load(path), "cpu", 2))
+    cfg = local_run.local_config(load(path), "cpu", 2)
     rundir.prepare(cfg, {}, on_existing="refuse")
     def not_reached(*a, **k):
         raise AssertionError("planned or tokenized before the run directory was checked")

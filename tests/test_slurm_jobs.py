@@ -25,7 +25,7 @@ from helpers import (write_runfile, one_node, FAKE_METRIC_RANKS, fake_job_cluste
                      wait_final, wait_until, write_exe)
 
 from launcher import cli
-from launcher.cluster import dist_env, job_lock, layout, slurm, sweep
+from launcher.cluster import dist_env, job_lock, layout, run_state, slurm, sweep
 from launcher.ops import status
 from launcher.config.errors import ConfigError
 from launcher.config.runfile import load
@@ -354,7 +354,6 @@ def test_a_rank_killed_by_a_signal_is_recorded_with_its_last_step_before_a_peers
         tmp_path, fake_model, monkeypatch):
     """Rank 1's guardian reads the steps its rank reports; the rank dies by SIGKILL after step
     4; rank 0's consequent error, recorded first but stamped after the death, is replaced."""
-    from launcher.cluster import run_state
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     run_file = write_runfile(tmp_path, fake_model, run_dir, {"nodes": 1})
@@ -402,15 +401,14 @@ def test_which_death_by_signal_replaces_a_recorded_failure(tmp_path):
 
 
 def test_stop_of_a_finished_epoch_run_changes_nothing(tmp_path, fake_model, capsys, monkeypatch):
-    """train.epochs (no max_steps in the run file): the steps rank 0 counted (ds_config.json's
-    total_num_steps) decide that the run is finished; no STOP file is made."""
+    """train.epochs (no max_steps in the run file): the steps rank 0 counted (steps.json,
+    over ds_config.json's estimate) decide that the run is finished; no STOP file is made."""
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "run"
     run_file = write_runfile(tmp_path, fake_model, run_dir, {"nodes": 1},
                              train={"max_steps": None, "epochs": 2})
     assert slurm.main(ns(run_file)) == 0
-    (run_dir / layout.DS_CONFIG).write_text(json.dumps(
-        {"scheduler": {"params": {"total_num_steps": 5}}}))
+    run_state.write_steps(str(run_dir), 5)
     (run_dir / layout.EXIT_STATUS).write_text(json.dumps({"code": 0, "step": 5}))
     capsys.readouterr()
     assert cli.main(["stop", str(run_dir)]) == 0

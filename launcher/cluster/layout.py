@@ -17,6 +17,7 @@ JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: 
 ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
 TIME_SAVE_ENV = "FTLAUNCH_TIME_SAVE"  # =1: a dry run's ranks time one checkpoint save (rank/loop_steps.py)
+STEPS = "steps.json"              # an epoch run's steps, counted by rank 0 (cluster/run_state.py)
 SEGMENTS = "segments.jsonl"       # one line per launch: step, world_size, job, time (cluster/reshard.py)
 
 EXIT_OK = 0

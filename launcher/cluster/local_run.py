@@ -6,15 +6,20 @@
     ftlaunch run RUN.yaml --dry-run        # check everything, 18 steps in a temporary folder
     ftlaunch run RUN.yaml --resume         # continue a run whose config changed
 
-Before any rank starts: the run file is loaded and checked (exit 2 on a problem), the device
-resolved (train.device auto -> cuda or cpu) and written into the run's resolved.yaml together
-with cluster.nodes=1 and cluster.gpus_per_node=N, so the batch arithmetic is the one that runs
-(global_batch_size is kept when N divides it; grad_accum is then derived). The tokenizer and the
-data are loaded here once, by the ranks' own reader (`python -m launcher.rank.inputs`, a child process:
-this half imports none of the rank half), so bad data fails in seconds with the data's own error.
-The memory plan is printed
-and saved. Then `python -m torch.distributed.run --standalone --nproc_per_node N
--m launcher train RUN_DIR/resolved.yaml` runs in its own process group.
+Before any rank starts: the run file is parsed once and checked (exit 2 on a problem), the
+device resolved (train.device auto -> cuda or cpu) and set on the typed config with
+cluster.nodes=1 and cluster.gpus_per_node=N (`local_config`, dataclasses.replace: nothing is
+parsed again; the rules run again on the result, the input rules with them), so the batch
+arithmetic is the one that runs (global_batch_size is kept when N divides it; grad_accum is then
+derived). The tokenizer and the data are loaded here once, by the ranks' own reader (`python -m
+launcher.rank.inputs`, a child process given that config as YAML, run while the memory plan is
+made: this half imports none of the rank half), so bad data fails in seconds with the data's own
+error; with data.cache on, the ranks map what it tokenized. The check reports the training
+sequences, so an epoch run's ds_config.json is written here with its exact step count: this
+process is its one writer (`rundir.prepare`); the ranks build the same dict in memory from
+resolved.yaml, the one file handed to them. The memory plan is printed and saved. Then
+`python -m torch.distributed.run --standalone --nproc_per_node N -m launcher train
+RUN_DIR/resolved.yaml` runs in its own process group.
 
 Ctrl-C (SIGINT) or SIGTERM here writes RUN_DIR/STOP: the ranks finish the step, checkpoint and
 print one line `stopped at step N ...; resume with: ...`; `ftlaunch run` exits 75 (the ranks
@@ -38,6 +43,7 @@ launcher/cluster/step_time.py `record_dry_run` keeps what the time estimate need
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -79,15 +85,33 @@ def local_ranks(cfg: RunConfig, nproc: int | None) -> tuple[str, int]:
     return "cpu", n
 
 
-def local_overrides(cfg: RunConfig, device: str, nproc: int) -> list[str]:
-    """Overrides that make the resolved config describe this machine's run."""
-    out = [f"train.device={device}", "cluster.nodes=1", f"cluster.gpus_per_node={nproc}"]
+def local_config(cfg: RunConfig, device: str, nproc: int) -> RunConfig:
+    """cfg as this machine's run: train.device, one node of nproc ranks; with global_batch_size
+    set, grad_accum derived from it (refused where nproc does not divide it)."""
+    train = dataclasses.replace(cfg.train, device=device)
     if cfg.train.global_batch_size is not None:
         bad = local_batch_problem(cfg, nproc)
         if bad is not None:
             raise ConfigError([bad])
-        out.append("train.grad_accum=null")
-    return out
+        train = dataclasses.replace(train, grad_accum=None)
+    return dataclasses.replace(cfg, train=train, cluster=dataclasses.replace(
+        cfg.cluster, nodes=1, gpus_per_node=nproc))
+
+
+def with_max_steps(cfg: RunConfig, steps: int) -> RunConfig:
+    """`--max-steps N`: train.max_steps N in place of the run file's steps or epochs."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps,
+                                                              epochs=None))
+
+
+def dry_run_config(cfg: RunConfig, out_dir: str) -> RunConfig:
+    """`--dry-run`: step_time.DRY_WARMUP + DRY_MEASURED steps, each logged, no warmup, evaluation,
+    checkpoint or resume (one save is timed at the end where asked: dry_save), into out_dir."""
+    train = dataclasses.replace(cfg.train, max_steps=step_time.DRY_WARMUP + step_time.DRY_MEASURED,
+                                epochs=None, warmup_steps=0, warmup_ratio=0.0, checkpoint_every=0,
+                                eval_every=0, resume="never", keep_checkpoints=1, log_every=1)
+    return dataclasses.replace(cfg, train=train,
+                               output=dataclasses.replace(cfg.output, dir=out_dir))
 
 
 def plan_text(cfg: RunConfig, force: bool = False) -> str | None:
@@ -241,10 +265,61 @@ def launch(cmd: Sequence[str], env: dict[str, str], run_dir: str) -> int:
     return run_state.launch_exit_code(rc, run_dir, started)
 
 
-def check_data(run_file: str, overrides: list[str]) -> int:
+class DataCheck:
     """The ranks' tokenizer and data reader, run once in a child process before any rank starts
-    (`python -m launcher.rank.inputs`): 0, or 2 after it printed the data's problem."""
-    return subprocess.run([sys.executable, "-m", "launcher.rank.inputs", run_file, *overrides]).returncode
+    (`python -m launcher.rank.inputs CONFIG.yaml --rows-to FILE`, CONFIG.yaml the typed config
+    dumped as resolved.yaml will be). It runs while the memory plan is made; `wait()` prints what
+    it printed (after the plan, as if the two had run one after the other) and returns its exit
+    code: 0, or 2 after the data's problem; `rows` is then the training sequences it counted.
+    With data.cache on, the tokenized data it leaves in the cache is what the ranks map."""
+
+    def __init__(self, cfg: RunConfig):
+        from launcher.config.runfile import dump
+        self.dir = tempfile.mkdtemp(prefix="ftlaunch-data-check-")
+        self.config = os.path.join(self.dir, "config.yaml")
+        self.rows_file = os.path.join(self.dir, "rows.json")
+        with open(self.config, "w", encoding="utf-8") as fh:
+            fh.write(dump(cfg))
+        self.rows: int | None = None
+        self.out, self.err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "launcher.rank.inputs", self.config,
+                                      "--rows-to", self.rows_file], stdout=self.out, stderr=self.err)
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        for fh, stream in ((self.out, sys.stdout), (self.err, sys.stderr)):
+            fh.seek(0)
+            stream.write(fh.read())
+            stream.flush()
+            fh.close()
+        try:
+            with open(self.rows_file, encoding="utf-8") as fh:
+                self.rows = int(json.load(fh)["train"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.rows = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return code
+
+    def cancel(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.out.close()
+        self.err.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def check_data(cfg: RunConfig) -> DataCheck:
+    """Start the data check (`DataCheck`)."""
+    return DataCheck(cfg)
+
+
+def final_steps(cfg: RunConfig, rows: int | None, nproc: int) -> RunConfig:
+    """The config ds_config.json is built from: an epoch run's steps counted from the rows the
+    data check read, as the ranks count them (launcher/config/epochs.py `resolve`)."""
+    if cfg.train.epochs is None or rows is None:
+        return cfg
+    from launcher.config import epochs
+    return epochs.resolve(cfg, rows, nproc)
 
 
 def max_steps_source(base: RunConfig, run_file: str, flag: int | None) -> str:
@@ -313,20 +388,16 @@ def main(call: RunCall) -> int:
     from launcher.dsconfig import build as ds_config
     from launcher.cluster import rundir
     from launcher.config import runfile, secret_env
-    base = runfile.load(call.run_file, call.overrides)
+    base = runfile.load(call.run_file, call.overrides)   # the one parse of the run file
     device, nproc = local_ranks(base, call.nproc)
-    extra = local_overrides(base, device, nproc)
+    cfg = local_config(base, device, nproc)
     if call.max_steps is not None:
-        extra += [f"train.max_steps={call.max_steps}", "train.epochs=null"]
+        cfg = with_max_steps(cfg, call.max_steps)
     tmp = None
     if call.dry_run:
         tmp = tempfile.mkdtemp(prefix=f"ftlaunch-dry-{base.name}-")
-        steps = step_time.DRY_WARMUP + step_time.DRY_MEASURED
-        extra += [f"train.max_steps={steps}", "train.epochs=null", "train.warmup_steps=0",
-                  "train.warmup_ratio=0",
-                  "train.checkpoint_every=0", "train.eval_every=0", "train.resume=never",
-                  "train.keep_checkpoints=1", "train.log_every=1", f"output.dir={tmp}"]
-    cfg = runfile.load(call.run_file, list(call.overrides) + extra, inputs=True)
+        cfg = dry_run_config(cfg, tmp)
+    cfg = runfile.recheck(cfg, call.run_file, inputs=True)
     secret_env.warn_in_clear(cfg)
     secret_env.require(cfg)   # the ranks inherit this environment: the same check as sbatch's
     rundir.keep_private(cfg)
@@ -343,13 +414,18 @@ def main(call: RunCall) -> int:
                                                                else ""))
         rundir.check(cfg, rundir.on_existing(call))
     try:
-        plan = plan_text(cfg, call.force)
+        checking = check_data(cfg)  # beside the plan
+        try:
+            plan = plan_text(cfg, call.force)
+        except BaseException:
+            checking.cancel()
+            raise
         if plan:
             print(plan, end="", flush=True)
-        code = check_data(call.run_file, list(call.overrides) + extra)
+        code = checking.wait()
         if code:
             return code
-        ds = ds_config.build(cfg, nproc, device)
+        ds = ds_config.build(final_steps(cfg, checking.rows, nproc), nproc, device)
         run_dir = rundir.prepare(cfg, ds, plan_text=plan, on_existing="overwrite" if call.dry_run
                                  else rundir.on_existing(call))
         run_state.clear_stop(run_dir)  # a stop asked of an earlier launch is not one for this launch

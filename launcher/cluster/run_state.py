@@ -11,6 +11,10 @@ RUN_DIR/exit_status.json (layout.EXIT_STATUS) says how a launch ended: {"code", 
 records its own failure, and the first failure of a launch stands (`write_exit_status`).
 `ftlaunch run` turns it into its exit code (`launch_exit_code`), since torchrun reports any
 failed rank as 1.
+
+RUN_DIR/steps.json (layout.STEPS) holds an epoch run's steps as rank 0 counted them from the
+tokenized data (`write_steps`, `counted_steps`): `ftlaunch status` and `stop` read it, since the
+ds_config.json a Slurm job's login node wrote holds an estimate (it cannot tokenize).
 """
 from __future__ import annotations
 
@@ -85,6 +89,21 @@ def clear_stop(run_dir: str) -> None:
 
 
 # ------------------------------------------------------------------ exit_status.json
+def write_steps(run_dir: str, steps: int) -> None:
+    """Rank 0: an epoch run's steps, counted from the tokenized data (launcher/config/epochs.py)."""
+    write_atomic(os.path.join(run_dir, layout.STEPS), json.dumps({"max_steps": int(steps)}) + "\n")
+
+
+def counted_steps(run_dir: str) -> int | None:
+    """The steps `write_steps` recorded, None where none were (or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, layout.STEPS), encoding="utf-8") as fh:
+            n = json.load(fh)["max_steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
+
+
 def status_path(run_dir: str) -> str:
     return os.path.join(run_dir, layout.EXIT_STATUS)
 

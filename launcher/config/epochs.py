@@ -14,8 +14,10 @@ micro_batches_per_epoch: that is where `eval_every: epoch` and `checkpoint_every
 
 The ranks count exactly (`resolve`, after tokenizing). The login node cannot tokenize (no
 transformers there), so `planned_steps` gives `validate`, `ds-config` and `slurm` an estimate
-from the data file (rows, or characters / 4 per token when packing); the ranks rebuild the
-DeepSpeed config with the exact count and rank 0 rewrites RUN_DIR/ds_config.json with it.
+from the data file (rows, or characters / 4 per token when packing). `ftlaunch run` counts
+exactly before its ranks start (its data check reports the rows) and writes ds_config.json with
+that count; the ranks count again in memory, and rank 0 records the count in RUN_DIR/steps.json
+(a Slurm job's ds_config.json keeps the login node's estimate: nothing rewrites it).
 Pure arithmetic, no torch.
 """
 from __future__ import annotations

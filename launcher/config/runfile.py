@@ -356,7 +356,7 @@ def _parse(text: str, overrides: Sequence[str], source: str, base_dir: str | Non
 def load(path: str, overrides: Sequence[str] = (), *, inputs: bool = False) -> RunConfig:
     """Read a run file, apply overrides, run every rule (`inputs`: the input rules too). Raises
     ConfigError with all problems."""
-    source = os.path.relpath(path) if not os.path.isabs(path) or path.startswith(os.getcwd()) else path
+    source = _source(path)
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -372,6 +372,21 @@ def load(path: str, overrides: Sequence[str] = (), *, inputs: bool = False) -> R
         raise ConfigError(problems, source)
     assert cfg is not None
     return cfg
+
+
+def recheck(cfg: RunConfig, path: str, *, inputs: bool = False) -> RunConfig:
+    """Every rule again on a config changed in code after `load` (dataclasses.replace, as
+    `ftlaunch run` sets its local ranks): nothing is parsed again. `inputs`: the input rules
+    too. Raises ConfigError with all problems, named after the run file at `path`."""
+    from launcher.checks.validate import check as cross_check
+    problems = cross_check(cfg, set(), inputs=inputs)
+    if problems:
+        raise ConfigError(problems, _source(path))
+    return cfg
+
+
+def _source(path: str) -> str:
+    return os.path.relpath(path) if not os.path.isabs(path) or path.startswith(os.getcwd()) else path
 
 
 def dump(cfg: RunConfig) -> str:

@@ -166,8 +166,11 @@ class DataConfig:
                                      "the eval split); null: all.", ge=1)
     num_workers: int = opt(0, "Worker processes that collate micro batches ahead of the step "
                            "(torch DataLoader workers); 0: in the training process.", ge=0, le=64)
-    preprocessing_workers: Optional[int] = opt(None, "Processes that tokenize the data; null: one "
-                                               "(the fast tokenizer's own threads).", ge=1, le=256)
+    preprocessing_workers: Optional[int] = opt(None, "Processes that tokenize the data; null: "
+                                               "every CPU the task was given for the rank that "
+                                               "builds the node's cache (the others wait), else "
+                                               "those CPUs shared by the node's ranks.",
+                                               ge=1, le=256)
     max_bad_rows: float = opt(0, "Rows that cannot be read (bad JSON, malformed messages) "
                               "skipped before the run stops: a count, or a fraction < 1 of the "
                               "rows.", ge=0)

@@ -18,6 +18,7 @@ lists; `Tokens[i]` builds the lists of one example on demand.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 _TOKENIZE_CHUNK = 2048
+_MIN_TEXTS_PER_WORKER = 64  # fewer texts a process: tokenized in this one
 
 
 class Tokens(Sequence):
@@ -103,6 +105,19 @@ def _encode_chunk(tokenizer, texts: list[str]) -> list[list[int]]:
 _POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
 
 
+def worker_pool(n: int):
+    """n forked processes with the default signal handlers: a rank's own (SIGTERM asks for a
+    stop, launcher/cluster/run_state.py) would keep a worker alive when the pool ends it."""
+    import multiprocessing
+    return multiprocessing.get_context("fork").Pool(n, initializer=_default_signals)
+
+
+def _default_signals() -> None:
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _encode_in_worker(texts: list[str]) -> list[list[int]]:
     return _encode_chunk(_POOL_TOKENIZER, texts)
 
@@ -113,16 +128,16 @@ def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
     are those of one process; fork, because the tokenizer is already in memory and
     `python -m launcher` is not import-safe for spawn."""
     global _POOL_TOKENIZER
+    workers = min(workers, len(texts) // _MIN_TEXTS_PER_WORKER)  # a process is worth that many
     size = _TOKENIZE_CHUNK
     if workers > 1:
         size = max(1, min(size, -(-len(texts) // workers)))
     chunks = [texts[a:a + size] for a in range(0, len(texts), size)]
     out: list[list[int]] = []
     if workers > 1 and len(chunks) > 1:
-        import multiprocessing
         _POOL_TOKENIZER = tokenizer
         try:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(chunks))) as pool:
+            with worker_pool(min(workers, len(chunks))) as pool:
                 for ids in pool.imap(_encode_in_worker, chunks):
                     out.extend(ids)
         finally:
@@ -131,6 +146,26 @@ def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
     for chunk in chunks:
         out.extend(_encode_chunk(tokenizer, chunk))
     return out
+
+
+def node_cpus() -> int:
+    """The CPUs this process may run on: those Slurm (or taskset, a cgroup) gave the task."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers(cfg: "RunConfig", *, for_node: bool) -> int:
+    """data.preprocessing_workers, or where null the processes that tokenize: every CPU of the
+    task where one rank builds the node's cache while the others wait (`for_node`), else the
+    CPUs shared by the node's ranks (LOCAL_WORLD_SIZE, set by torchrun), each tokenizing its own."""
+    if cfg.data.preprocessing_workers:
+        return cfg.data.preprocessing_workers
+    cpus = node_cpus()
+    if for_node:
+        return cpus
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
 
 
 def _start_tokens(tokenizer) -> list[int]:
@@ -224,16 +259,55 @@ def _flatten(ex: _Examples) -> Tokens:
     return Tokens(flat_ids, flat_lab, offsets)
 
 
+def _render_and_encode(job: tuple, rows: list[tuple[list[dict], int]]) -> tuple[list, list, list]:
+    """Token ids, labels and refused rows of some conversations (rows: (conversation, row))."""
+    from launcher.data import chat
+    renderer, tokenizer = job
+    segs, _, bad = chat.render_all([c for c, _ in rows], [n for _, n in rows], renderer)
+    ids, labels = chat.encode_segments(tokenizer, segs, _encode)
+    return ids, labels, bad
+
+
+_POOL_JOB: tuple = ()  # (function, its fixed argument) the forked workers of in_workers run
+
+
+def _run_job(rows: list) -> tuple[list, list, list]:
+    fn, job = _POOL_JOB
+    return fn(job, rows)
+
+
+def in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, list]:
+    """fn(job, rows) over contiguous chunks of rows in `workers` forked processes (fewer where
+    there are few rows: _MIN_TEXTS_PER_WORKER each), the three lists of each chunk joined in
+    order: the same result as fn(job, rows) in this process."""
+    global _POOL_JOB
+    workers = min(workers, len(rows) // _MIN_TEXTS_PER_WORKER)
+    if workers <= 1:
+        return fn(job, rows)
+    size = -(-len(rows) // workers)
+    chunks = [rows[a:a + size] for a in range(0, len(rows), size)]
+    _POOL_JOB = (fn, job)
+    out: tuple[list, list, list] = ([], [], [])
+    try:
+        with worker_pool(len(chunks)) as pool:
+            for part in pool.imap(_run_job, chunks):
+                for whole, piece in zip(out, part):
+                    whole.extend(piece)
+    finally:
+        _POOL_JOB = ()
+    return out
+
+
 def _chat_examples(d: "DataConfig", tokenizer, rec: Records, key: str,
-                   warnings: list[str]) -> _Examples:
+                   warnings: list[str], workers: int = 1) -> _Examples:
     from launcher.data import chat
     from launcher.data.reading import check_bad_rows
 
     renderer = chat.Renderer(chat.template_text(d, tokenizer), tokenizer, d.train_on)
     numbers = rec.row_numbers or list(range(1, len(rec) + 1))
-    segs, _, bad = chat.render_all(rec.chats, numbers, renderer)
+    ids, labels, bad = in_workers(_render_and_encode, (renderer, tokenizer),
+                                   list(zip(rec.chats, numbers)), workers)
     check_bad_rows(d, (rec.bad or []) + bad, rec.rows, key, d.path or key, warnings)
-    ids, labels = chat.encode_segments(tokenizer, segs, _encode)
     out = _Examples(total=len(ids))
     for a, b in zip(ids, labels):
         if not a or all(x == IGNORE for x in b):
@@ -259,7 +333,7 @@ def tokenize_records(cfg: "RunConfig", tokenizer, rec: Records, key: str, split:
     d = d or cfg.data
     workers = cfg.data.preprocessing_workers or 1
     if rec.chats is not None:
-        ex = _chat_examples(d, tokenizer, rec, key, warnings)
+        ex = _chat_examples(d, tokenizer, rec, key, warnings, workers)
     else:
         start = _start_tokens(tokenizer)
         end = _end_tokens(cfg, tokenizer)

@@ -26,7 +26,6 @@ of max_seq_len (an upper bound).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -88,20 +87,14 @@ class Estimate:
 
 
 def _cached_stats(cfg: RunConfig) -> Optional[dict]:
-    """The tokenized data's stats (train_examples, train_tokens) where the cache holds it."""
-    import json
-
+    """The tokenized data's stats (train_examples, train_tokens) where the cache holds it, found
+    from the data and tokenizer files alone (launcher/data/cache.py `known_stats`: no tokenizer
+    loaded, so no transformers import); None where it holds none (the estimate from the files)."""
     from launcher.model import info as model_info
-    from launcher.data.cache import cache_key, cache_root
-    if not cfg.data.cache:
-        return None
+    from launcher.data.cache import known_stats
     try:
-        from launcher.rank.inputs import load_tokenizer
-        tok = load_tokenizer(cfg)
-        key = cache_key(cfg, tok, model_info.folder_max_positions(cfg.model.path))
-        with open(os.path.join(cache_root(cfg), key, "meta.json"), encoding="utf-8") as fh:
-            return json.load(fh).get("stats")
-    except Exception:   # noqa: BLE001 - no tokenizer, no cache entry: the estimate from the files
+        return known_stats(cfg, model_info.folder_max_positions(cfg.model.path))
+    except Exception:   # noqa: BLE001 - an unreadable entry: the estimate from the files
         return None
 
 

@@ -141,7 +141,22 @@ class _Walk:
 
 def count(cfg: Any, seq: int, inv: Any = None) -> StepFlops:
     """FLOPs of one sequence of `seq` tokens, forward and backward (and recomputation), for the
-    run's model, freeze policy, LoRA and gradient checkpointing."""
+    run's model, freeze policy, LoRA and gradient checkpointing. Kept on disk like the plan's
+    other model facts (launcher/memory/facts_cache.py), by config.json's content and the model,
+    freeze and quantization settings: a second plan builds no meta-device model for it."""
+    import os
+
+    from launcher.memory import facts_cache
+    try:
+        with open(os.path.join(cfg.model.path, "config.json"), "rb") as fh:
+            content = fh.read()
+    except OSError:
+        return _count(cfg, seq, inv)
+    key = (content, repr(cfg.model), repr(cfg.freeze), repr(cfg.quantization), seq)
+    return facts_cache.get("flops", key, lambda: _count(cfg, seq, inv), folder=cfg.model.path)
+
+
+def _count(cfg: Any, seq: int, inv: Any = None) -> StepFlops:
     from launcher.model import freeze
     from launcher.model.lora import output_head_name
     from launcher.memory.inventory import _text_config, inventory, meta_model_for

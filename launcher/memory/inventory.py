@@ -26,6 +26,7 @@ from typing import Any
 
 from launcher.config.schema import DTYPE_BYTES, RunConfig
 from launcher.config.errors import ConfigError, Problem
+from launcher.memory import facts_cache
 
 BNB4_BLOCK = 64          # Params4bit default blocksize (bitsandbytes.nn.modules.Params4bit)
 BNB4_NESTED_BLOCK = 256  # quantize_blockwise blocksize for the double-quantized absmax
@@ -226,7 +227,8 @@ TRACES: dict[tuple, object] = {}  # traced activations (launcher/memory/traced.p
 
 def inventory(cfg: RunConfig) -> Inventory:
     """`build_inventory(cfg)`, cached by config.json's content and the model, freeze and
-    quantization settings (a second plan of the same model, and the advice, reuse it)."""
+    quantization settings (a second plan of the same model, and the advice, reuse it; on disk
+    too: launcher/memory/facts_cache.py)."""
     try:
         with open(os.path.join(cfg.model.path, "config.json"), "rb") as fh:
             content = fh.read()
@@ -237,7 +239,9 @@ def inventory(cfg: RunConfig) -> Inventory:
     if key not in _INVENTORIES:
         if len(_INVENTORIES) >= 64:
             _INVENTORIES.clear()
-        _INVENTORIES[key] = build_inventory(cfg)
+        # on disk without the folder's path: a copy of the model plans from the same facts
+        _INVENTORIES[key] = facts_cache.get("inventory", key[1:], lambda: build_inventory(cfg),
+                                            folder=cfg.model.path)
     return _INVENTORIES[key]
 
 

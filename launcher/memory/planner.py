@@ -30,7 +30,7 @@ from launcher.memory.terms import (CPU_FRAGMENTATION, CUDA_CONTEXT, DS_SRC, Stat
                                    nccl_range, param_groups, states)
 from launcher.config.gpus import CARDS, lookup
 from launcher.config.sizes import parse_size
-from launcher.model.device import job_device
+from launcher.model.device import job_device, local_gpu_memory
 
 DEFAULT_GPU_MEMORY = CARDS["H100-SXM"].memory   # an "80GB" H100: 81,559 MiB (79.6 GiB)
 # launcher/rank/train.py keeps only `.loss` of the model output, so the lp logits die before backward
@@ -128,12 +128,9 @@ def _gpu_memory(cfg: RunConfig, given: str | int | None) -> tuple[int, str]:
     card = lookup(cfg.cluster.gpu_type) if cfg.cluster.gpu_type else None
     if card is not None:
         return card.memory, f"cluster.gpu_type {card.name}: {card.memory // 2**20:,} MiB"
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_properties(0).total_memory, "local GPU"
-    except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA install must not break planning
-        pass
+    local = local_gpu_memory()
+    if local:
+        return local, "local GPU"
     return DEFAULT_GPU_MEMORY, ("default (no --gpu-memory, cluster.gpu_memory, cluster.gpu_type "
                                 "or local GPU): an H100's 81,559 MiB")
 
@@ -209,7 +206,6 @@ def _setting(cfg: RunConfig, world: int, device: str, ds: dict[str, Any] | None)
     st = states(inv, cfg.deepspeed.zero_stage, world, zero, cfg.train.optimizer,
                 groups=param_groups(inv, cfg.train.weight_decay))
     return _Setting(cfg, inv, st, ds, zero, world, device)
-
 
 
 def _adder(terms: list[Term]) -> Callable[[str, str, float, str, str, str], None]:

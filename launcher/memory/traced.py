@@ -24,10 +24,12 @@ meta device (data-dependent shapes) returns the reason, and the caller uses the 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 
 from launcher.memory.inventory import TRACES as _TRACES
+from launcher.memory import facts_cache
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -384,10 +386,8 @@ def _cached(path: str, key: tuple, compute):
     if full not in _TRACES:
         if len(_TRACES) >= 64:
             _TRACES.clear()
-        try:
-            _TRACES[full] = compute()
-        except Exception as exc:  # noqa: BLE001 - any failure of a meta forward: the caller falls back
-            _TRACES[full] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        _TRACES[full] = facts_cache.get("trace", full, lambda: facts_cache.or_reason(compute),
+                                        folder=path)  # a failed meta forward: the caller falls back
     return _TRACES[full]
 
 
@@ -450,6 +450,12 @@ def frozen_layout(trainable: frozenset[str], layers: int, quantized: frozenset[s
     return idx, names, first
 
 
+def names_digest(names: frozenset[str]) -> str:
+    """A digest of a set of names that is the same in every process (the facts kept on disk are
+    keyed by it: Python's hash() of strings changes from one process to the next)."""
+    return hashlib.sha256("\n".join(sorted(names)).encode()).hexdigest()[:24]
+
+
 def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: frozenset[str],
                  trust_remote_code: bool = False, padded: bool = False,
                  device: str = "cuda", checkpointing: bool = False,
@@ -463,8 +469,8 @@ def trace_frozen(path: str, b: int, s: int, dtype: str, attn: str, trainable: fr
     quantized: the modules bitsandbytes quantizes (quant_mode 8bit or 4bit). zero3_linear:
     every linear layer runs as DeepSpeed's ZeRO-3 memory-efficient linear. packed / sm: as `trace`."""
     key = ("frozen", b, s, dtype, attn, trust_remote_code, padded, device, checkpointing, lora,
-           quant_mode, zero3_linear, packed, sm, hash(tuple(sorted(trainable))),
-           hash(tuple(sorted(quantized))))
+           quant_mode, zero3_linear, packed, sm, names_digest(trainable),
+           names_digest(quantized))
     return _cached(path, key, lambda: _trace_frozen(
         path, b, s, dtype, attn, trainable, trust_remote_code, padded, device, checkpointing, lora,
         quantized, quant_mode, zero3_linear, packed, sm))

@@ -20,6 +20,26 @@ from launcher.config.schema import TORCH_DTYPE, RunConfig
 from launcher.config.errors import ConfigError, Problem
 
 
+def gpu_driver_present() -> bool:
+    """An NVIDIA (or ROCm) driver on this machine: without one torch sees no GPU either, so a
+    login-node check need not import torch to find none."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/kfd")
+
+
+def local_gpu_memory() -> int | None:
+    """The memory of this machine's first GPU, None where it has none (torch is imported only
+    where a driver is) or CUDA is broken."""
+    if not gpu_driver_present():
+        return None
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return int(torch.cuda.get_device_properties(0).total_memory)
+    except Exception:  # noqa: BLE001  # pragma: no cover - a broken CUDA install must not break planning
+        pass
+    return None
+
+
 def visible_gpus() -> int:
     """CUDA devices this process can see (0 without CUDA)."""
     import torch

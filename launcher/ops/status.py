@@ -170,8 +170,13 @@ def _mtime(path: str) -> float:
 
 
 def epoch_steps(cfg: Any, run_dir: str) -> int:
-    """An epoch run's steps: the exact count rank 0 wrote into RUN_DIR/ds_config.json (the
-    scheduler's total_num_steps), else the login node's estimate."""
+    """An epoch run's steps: the count rank 0 recorded (RUN_DIR/steps.json), else the one in
+    RUN_DIR/ds_config.json (the scheduler's total_num_steps: exact where `ftlaunch run` wrote
+    it after its data check, the login node's estimate where `ftlaunch slurm` did), else the
+    estimate."""
+    counted = run_state.counted_steps(run_dir)
+    if counted is not None:
+        return counted
     try:
         with open(os.path.join(run_dir, layout.DS_CONFIG), encoding="utf-8") as fh:
             n = json.load(fh)["scheduler"]["params"]["total_num_steps"]

@@ -3,6 +3,8 @@ rank code calls goes through here (tests/test_collectives.py fails on a direct c
 
     collectives.all_reduce_sum([loss, tokens, vote], device)   # floats or 0-d tensors -> floats
     collectives.gather_object(obj)  collectives.broadcast_object(obj)  collectives.barrier()
+    pending = collectives.all_reduce_start([1.0, 0.0])   # host values, on a gloo group: never
+    ...; pending.wait()                                  # touches the device queue; -> floats
 
 Why one door: a process group only takes tensors of the device types its backends serve. NCCL
 serves CUDA tensors alone, so a CPU tensor handed to `all_reduce` on a GPU run fails with "No
@@ -35,19 +37,67 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_sum(values: list[Any], device: Any) -> list[float]:
+def all_reduce_sum(values: list[Any], device: Any, out: Any = None) -> list[float]:
     """Sum each value over the ranks (float64, on `device`). Values are Python numbers or 0-d
     tensors (on any device: a loss kept on the GPU is reduced without an extra host copy each).
-    One collective for the whole list; one host synchronisation, when the result is read."""
+    One collective for the whole list; one host synchronisation, when the result is read.
+    `out`: a float64 tensor of len(values) on `device`, kept by a caller that reduces every
+    step, filled in place (the numbers in one copy) instead of a new tensor per value."""
     import torch
-    parts = [v.detach().reshape(()).to(device=device, dtype=torch.float64)
-             if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
-             for v in values]
-    t = torch.stack(parts)
+    if out is not None:
+        out.copy_(torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
+                               dtype=torch.float64))
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                out[i].copy_(v.detach().reshape(()))
+        t = out
+    else:
+        t = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64)
+                         if isinstance(v, torch.Tensor)
+                         else torch.tensor(float(v), dtype=torch.float64, device=device)
+                         for v in values])
     if initialized():
         dist = _dist()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+class Pending:
+    """An all-reduce under way (`all_reduce_start`); `wait()` gives the sums as floats."""
+
+    def __init__(self, work: Any, tensor: Any):
+        self.work, self.tensor = work, tensor
+
+    def wait(self) -> list[float]:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        return self.tensor.tolist()
+
+
+_HOST_GROUP: list[Any] = []  # the gloo group of all ranks for host values, made once
+
+
+def host_group() -> Any:
+    """A gloo group of every rank, for sums of host values that must not wait behind the
+    device's queue (NCCL serves CUDA tensors only). Collective the first time: every rank calls
+    it at the same point. It takes the collective timeout (train.init_distributed)."""
+    if not _HOST_GROUP or _HOST_GROUP[0][0] is not _dist().group.WORLD:
+        _HOST_GROUP[:] = [(_dist().group.WORLD, _dist().new_group(backend="gloo"))]
+    return _HOST_GROUP[0][1]
+
+
+def all_reduce_start(values: list[float]) -> Pending:
+    """Start summing host numbers over the ranks (float64, CPU, on `host_group()`) and return
+    at once; `Pending.wait()` later gives the sums. No device work and no host synchronisation:
+    the training loop overlaps its stop vote with the next step this way."""
+    import torch
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    work = None
+    if initialized():
+        dist = _dist()
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=host_group(), async_op=True)
+    return Pending(work, t)
 
 
 def all_reduce_(tensor: Any, group: Any = None) -> Any:

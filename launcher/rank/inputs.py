@@ -3,7 +3,8 @@
     tok = load_tokenizer(cfg)            # every rank, in launcher.rank.train.setup
     splits = load_data(cfg, tok)         # every rank, same result
     check_data(cfg)                      # `ftlaunch run`, before any rank starts:
-    python -m launcher.rank.inputs RUN.yaml [key=value ...]     # (a child process; exit 0 or 2)
+    python -m launcher.rank.inputs RUN.yaml [key=value ...] [--rows-to FILE]   # (a child process;
+                                         # exit 0 or 2; FILE: {"train": training sequences})
 
 `check_data` is how `ftlaunch run` makes bad data fail in seconds, before it starts ranks: it
 reads the tokenizer and the data exactly as the ranks will, in a child process (`main`), and
@@ -55,10 +56,29 @@ def load_data(cfg: RunConfig, tokenizer: Any) -> data.Splits:
     return splits
 
 
+def known_data(cfg: RunConfig) -> data.Splits | None:
+    """What the tokenized cache already holds for these data files, tokenizer files and
+    settings, found without loading the tokenizer (launcher/data/cache.py `known`): the same
+    splits `load_data` would give, None where the cache has no such entry."""
+    from launcher.data import cache
+    splits = cache.known(cfg, max_positions=model_info.folder_max_positions(cfg.model.path))
+    if splits is not None and cfg.train.objective != "sft":
+        from launcher.data.pairs import as_pairs
+        splits = as_pairs(splits)
+    return splits
+
+
 def check_data(cfg: RunConfig) -> data.Splits:
-    """Load the tokenizer and the data once, as the ranks will, and print what was found:
-    a problem stops `ftlaunch run` before any rank starts."""
-    splits = load_data(cfg, load_tokenizer(cfg))
+    """Load the tokenizer and the data once, as the ranks will (or find them in the tokenized
+    cache unchanged: `known_data`), and print what was found: a problem stops `ftlaunch run`
+    before any rank starts."""
+    splits = known_data(cfg)
+    if splits is not None:
+        from launcher.data.reading import print_warning
+        for w in splits.warnings:   # what cached_load prints on a cache hit
+            print_warning(w)
+    else:
+        splits = load_data(cfg, load_tokenizer(cfg))
     print(f"data: {splits.stats.get('train_examples')} training sequences, "
           f"{splits.stats.get('train_tokens')} tokens"
           + (f"; {splits.stats.get('eval_examples')} eval sequences" if splits.eval is not None else "")
@@ -69,10 +89,18 @@ def check_data(cfg: RunConfig) -> data.Splits:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m launcher.rank.inputs RUN.yaml [key=value ...]`: check_data; 2 on a problem."""
+    """`python -m launcher.rank.inputs RUN.yaml [key=value ...] [--rows-to FILE]`: check_data;
+    2 on a problem. FILE gets the training sequences counted ({"train": n}), from which
+    `ftlaunch run` counts an epoch run's steps."""
+    import json
     import sys
 
+    from launcher.common.files import write_atomic
     from launcher.config.runfile import load
+    rows_to = None
+    if "--rows-to" in argv:
+        i = argv.index("--rows-to")
+        rows_to, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     try:
         cfg = load(argv[0], argv[1:])
         splits = check_data(cfg)
@@ -82,6 +110,8 @@ def main(argv: list[str]) -> int:
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr, flush=True)
         return layout.EXIT_CONFIG
+    if rows_to:
+        write_atomic(rows_to, json.dumps({"train": len(splits.train)}) + "\n")
     return 0
 
 

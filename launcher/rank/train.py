@@ -20,9 +20,10 @@ The order is the point of the project:
     data -> loop -> checkpoints -> export
 
 Stopping: SIGTERM, SIGINT and SIGUSR1 set a flag, and the file RUN_DIR/STOP asks for a stop too
-(launcher/cluster/run_state.py). At every optimizer-step boundary the ranks agree (one all_reduce that
-also carries the loss), write a checkpoint, print `stopped at step N; checkpoint PATH; resume
-with: ...`, remove STOP and exit with 75 (layout.EXIT_STOPPED). Rank 0 writes
+(launcher/cluster/run_state.py). At an optimizer-step boundary the ranks agree
+(launcher/rank/loop_sync.py: at the step where it is seen while the loss watchdog is on, one step
+later without it), write a checkpoint, print `stopped at step N; checkpoint PATH; resume with:
+...`, remove STOP and exit with 75 (layout.EXIT_STOPPED). Rank 0 writes
 RUN_DIR/exit_status.json as it exits (a rank that fails first writes it with its own error:
 run_state.write_exit_status). A dead peer ends the job: every collective times out after
 train.dist_timeout_s.
@@ -37,7 +38,6 @@ On CPU, DeepSpeed's shm_comm op is not built (see `skip_cpu_shm_op`).
 from __future__ import annotations
 
 import logging
-import json
 import os
 import sys
 import time
@@ -58,7 +58,7 @@ from launcher.cluster.dist_env import RankEnv
 from launcher.config.errors import ConfigError
 from launcher.model.freeze import FreezeReport
 from launcher.common.log import get_logger
-from launcher.rank.collectives import all_reduce_sum
+from launcher.rank.loop_sync import StepSync
 from launcher.rank.loop_steps import (Progress, accumulate, begin,  # noqa: F401
                                  collate_for, diverged, evaluate, finish, log_step, save,
                                  stopped, to_device, write_eval)
@@ -297,8 +297,9 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
     batches = loader.train_batches(p.sampler, s.splits.train, collate_for(s),
                                    s.cfg.data.num_workers)
     engine.train()
+    sync = StepSync(s, stop)  # the loop's collectives (launcher/loop_sync.py)
     # agree on a stop before the first step too (a signal while loading, a STOP left behind)
-    signalled, stop_file_seen = all_reduce_sum(stop.votes(s.cfg.run_dir, s.env.is_main), s.device)
+    signalled, stop_file_seen = sync.first_votes()
     if signalled or stop_file_seen:
         bar.close()
         return stopped(s, p, stop, signalled)
@@ -307,14 +308,14 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         before = p.sampler.state_dict()
         loss_sum, n_tokens = accumulate(s, p, batches)
         faults.fault("step", p.step + 1, s.env.rank, s.cfg.run_dir)
-        # one collective a step, before the update: the loss (log, watchdog), the stop agreement
-        # (and a preference objective's reward metrics)
-        pref = list(p.pref.values())
-        loss_all, micro_all, tokens_all, signalled, stop_file_seen, *pref = all_reduce_sum(
-            [loss_sum, float(p.accum), n_tokens] + stop.votes(s.cfg.run_dir, s.env.is_main)
-            + pref, s.device)
-        p.pref_means = {k: v / micro_all for k, v in zip(p.pref, pref)}
-        why = dog.check(p.step + 1, loss_all / micro_all)
+        log_due = (p.step + 1) % t.log_every == 0 or p.step + 1 == t.max_steps
+        # before the update: with the watchdog on, the step's loss (and the stop votes); on a
+        # logged step, a preference objective's reward metrics too
+        loss, tokens_all, votes, pref = sync.agree(loss_sum, p.accum, n_tokens, log_due,
+                                                   list(p.pref.values()))
+        if pref is not None:
+            p.pref_means = dict(zip(p.pref, pref))
+        why = dog.check(p.step + 1, loss) if loss is not None and sync.blocking else None
         if why:
             bar.close()
             p.sampler.load_state_dict(before)  # the data of the refused step comes again
@@ -322,21 +323,32 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
         engine.step()  # the update (DeepSpeed applies it at the accumulation boundary)
         p.step += 1
         run_state.report_step(p.step)
-        p.tokens_seen += int(tokens_all)
-        p.window_tokens += tokens_all
+        _count(p, tokens_all)
         p.window_steps += 1
-        if p.step % t.log_every == 0 or p.step == t.max_steps:
-            log_step(s, p, bar, loss_all / micro_all, lr)
+        if log_due:
+            log_step(s, p, bar, loss, lr)
         bar.update(1)
         if epochs.due(t.eval_every, p.step, per_epoch, p.accum) and p.step < t.max_steps:
             write_eval(p, evaluate(s))
         if epochs.due(t.checkpoint_every, p.step, per_epoch, p.accum) and p.step < t.max_steps:
+            _count(p, sync.flush())
             save(s, p, p.step)
+        signalled, stop_file_seen = sync.stop_votes(votes)
         if (signalled or stop_file_seen) and p.step < t.max_steps:
             bar.close()
+            sync.close()
+            _count(p, sync.flush())
             return stopped(s, p, stop, signalled)
     bar.close()
+    sync.close()
+    _count(p, sync.flush())
     return finish(s, p)
+
+
+def _count(p: Progress, tokens: float) -> None:
+    """Tokens summed over the ranks: into the total and the metrics line's window."""
+    p.tokens_seen += int(tokens)
+    p.window_tokens += tokens
 
 
 # ------------------------------------------------------------------ entry point
@@ -378,9 +390,8 @@ def main(call: TrainCall) -> int:
     try:
         s = setup(cfg, env)
         _ensure_run_dir(cfg, env, s.ds_config)
-        if env.is_main and cfg.train.epochs is not None:  # the exact step count replaces the estimate
-            rundir.write_atomic(os.path.join(cfg.run_dir, layout.DS_CONFIG),
-                                json.dumps(s.ds_config, indent=2) + "\n")
+        if env.is_main and cfg.train.epochs is not None:  # what `ftlaunch status` shows
+            run_state.write_steps(cfg.run_dir, s.cfg.train.max_steps)
         if env.is_main:
             text = s.report.render()
             rundir.write_atomic(os.path.join(cfg.run_dir, layout.FREEZE_REPORT), text)
