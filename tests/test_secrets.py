@@ -246,9 +246,7 @@ def test_submit_passes_export_on_sbatchs_command_line(tmp_path, fake_model, monk
     monkeypatch.setenv("FAKE_DIR", str(tmp_path))
     monkeypatch.setenv("HF_TOKEN", SECRET)
     monkeypatch.setenv("SBATCH_EXPORT", "NONE")
-    from launcher import memory
-    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(fits=True))
-    monkeypatch.setattr(memory, "render", lambda plan, *a, **k: "PLAN\n")
+    helpers.stub_plan(monkeypatch, True, "PLAN\n")
     monkeypatch.chdir(tmp_path)
     run_file = write_runfile(tmp_path, fake_model, cluster={"env_from_shell": ["HF_TOKEN"]})
     assert slurm.main(args(run_file, "submit")) == 0

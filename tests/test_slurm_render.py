@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import pytest
 import yaml
@@ -436,17 +435,8 @@ def test_ftlaunch_slurm_writes_the_run_dir_and_prints_the_command(tmp_path, fake
         runfile.load(run_file), workdir=str(tmp_path), source=run_file))
 
 
-def _stub_plan(monkeypatch, fits: bool, text: str) -> None:
-    """Replace the memory plan (it imports torch) by a fixed verdict and text."""
-    from launcher import memory
-    from launcher.memory import planner
-    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(
-        fits=fits, fits_gpu=fits, fits_node=None))
-    monkeypatch.setattr(planner, "render", lambda plan, *a, **k: text)
-
-
 def test_ftlaunch_slurm_submit_and_test_only(tmp_path, fake_model, capsys, fake_sbatch, monkeypatch):
-    _stub_plan(monkeypatch, True, "PLAN: fits\n")
+    helpers.stub_plan(monkeypatch, True, "PLAN: fits\n")
     run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file, "test_only", "submit")) == 0
     out = capsys.readouterr().out
@@ -459,7 +449,7 @@ def test_ftlaunch_slurm_submit_and_test_only(tmp_path, fake_model, capsys, fake_
 def test_sbatch_errors_are_shown_verbatim_and_the_run_dir_kept(tmp_path, fake_model, capsys,
                                                                 fake_sbatch, monkeypatch):
     monkeypatch.setenv("FAKE_SBATCH_FAIL", "1")
-    _stub_plan(monkeypatch, True, "fits\n")
+    helpers.stub_plan(monkeypatch, True, "fits\n")
     run_file = write_runfile(tmp_path, fake_model, cluster=None)
     assert slurm.main(args(run_file, "submit")) == 1
     err = capsys.readouterr().err
@@ -471,7 +461,7 @@ def test_sbatch_errors_are_shown_verbatim_and_the_run_dir_kept(tmp_path, fake_mo
 
 def test_a_plan_that_does_not_fit_is_refused_unless_forced(tmp_path, fake_model, capsys, fake_sbatch,
                                                            monkeypatch):
-    _stub_plan(monkeypatch, False, "per GPU 95 GiB of 80 GiB: does NOT fit\n")
+    helpers.stub_plan(monkeypatch, False, "per GPU 95 GiB of 80 GiB: does NOT fit\n")
     run_file = write_runfile(tmp_path, fake_model, cluster=None)
     with pytest.raises(ConfigError, match=r"does not fit[\s\S]*95 GiB of 80 GiB[\s\S]*--force"):
         slurm.main(args(run_file, "submit"))

@@ -361,3 +361,15 @@ def write_runfile(tmp_path, fake_model, run_dir=None, cluster=None, *, name: str
             "train": {"max_steps": steps, **(train or {})}, "cluster": cluster or {},
             "output": {"dir": str(run_dir or tmp_path / "runs" / run_name), **(output or {})}}
     return dump_runfile(tmp_path / name, tree)
+
+
+def stub_plan(monkeypatch, fits: bool, text: str) -> None:
+    """Replace the memory plan (it imports torch) by a fixed verdict and text: `ftlaunch slurm`
+    then refuses or renders through memory.checked_text as it does with a real plan."""
+    import types
+
+    from launcher import memory
+    from launcher.memory import planner
+    monkeypatch.setattr(memory, "plan", lambda cfg, **k: types.SimpleNamespace(
+        fits=fits, fits_gpu=fits, fits_node=None))
+    monkeypatch.setattr(planner, "render", lambda plan, *a, **k: text)
