@@ -153,7 +153,7 @@ def test_ftlaunch_run_without_a_gpu_refuses_flash_attention_before_any_rank(tmp_
     device, nproc = local_run.local_ranks(base, None)
     assert device == "cpu"
     with pytest.raises(ConfigError, match=r"flash_attention_2 runs on GPUs only"):
-        runfile.load(path, FLASH + local_run.local_overrides(base, device, nproc))
+        runfile.recheck(local_run.local_config(base, device, nproc), path)
 
 
 def test_cpu_ranks_ignore_the_card(tmp_path, fake_model):

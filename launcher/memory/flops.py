@@ -146,7 +146,7 @@ def count(cfg: Any, seq: int, inv: Any = None) -> StepFlops:
     freeze and quantization settings: a second plan builds no meta-device model for it."""
     import os
 
-    from launcher.memory import facts_cache
+    import launcher.memory.facts_cache as facts_cache
     try:
         with open(os.path.join(cfg.model.path, "config.json"), "rb") as fh:
             content = fh.read()

@@ -26,7 +26,7 @@ from typing import Any
 
 from launcher.config.schema import DTYPE_BYTES, RunConfig
 from launcher.config.errors import ConfigError, Problem
-from launcher.memory import facts_cache
+import launcher.memory.facts_cache as facts_cache
 
 BNB4_BLOCK = 64          # Params4bit default blocksize (bitsandbytes.nn.modules.Params4bit)
 BNB4_NESTED_BLOCK = 256  # quantize_blockwise blocksize for the double-quantized absmax

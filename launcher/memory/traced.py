@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 
 from launcher.memory.inventory import TRACES as _TRACES
-from launcher.memory import facts_cache
+import launcher.memory.facts_cache as facts_cache
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 

@@ -242,15 +242,21 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _on_node(env: dict[str, str], node: str, conf: str) -> bool:
+    return env.get("SLURMD_NODENAME") == node and env.get("SLURM_CONF") == conf
+
+
 def kill_node(cluster_dir: str, node: str) -> list[int]:
     """Power a node off, as far as one machine allows: SIGKILL its slurmd (by its PID file), every
-    job process that runs on it (their environment says SLURMD_NODENAME=node) and the slurmstepd
-    above them. The processes killed, slurmd first."""
+    job process that runs on it (their environment says SLURMD_NODENAME=node and this cluster's
+    SLURM_CONF: another test cluster on the same host, under another test worker, has a node of
+    the same name) and the slurmstepd above them. The processes killed, slurmd first."""
     pid_file = os.path.join(cluster_dir, "run", f"slurmd-{node}.pid")
     with open(pid_file) as fh:
         slurmd = int(fh.read().strip())
+    conf = os.path.join(cluster_dir, "slurm.conf")
     tasks = [int(p) for p in os.listdir("/proc") if p.isdigit()
-             and _environ(int(p)).get("SLURMD_NODENAME") == node]
+             and _on_node(_environ(int(p)), node, conf)]
     stepds = {_parent(p) for p in tasks}
     stepds = {p for p in stepds if _cmdline(p).startswith("slurmstepd")}
     victims = [slurmd, *sorted(stepds), *tasks]
