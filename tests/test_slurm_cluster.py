@@ -212,6 +212,15 @@ def node_logs(run_dir, job_id):
     return {n: (run_dir / "logs" / f"job-{job_id}-node{n}.log").read_text() for n in (0, 1)}
 
 
+def preempt_after(job: str, run_dir, cluster: dict, steps: int) -> None:
+    """Once the job has logged `steps` steps (or ended), USR1 to its batch shell: the stop
+    protocol's preemption notice."""
+    wait_until(job, cluster["env"], lambda i: (run_dir / layout.METRICS).exists()
+               and len(metrics(run_dir)) >= steps or i.get("JobState") not in ("PENDING", "RUNNING"),
+               600, str(run_dir), "training steps")
+    assert run(["scancel", "--signal=USR1", "--batch", job]).returncode == 0
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp_path, capsys,
@@ -229,10 +238,7 @@ def test_real_training_on_two_nodes_unpreempted_and_preempted(cluster, tiny, tmp
     job_c, run_c = submit_tiny(tmp_path, tiny, cluster, "deepspeed-launcher", capsys,
                                launcher="deepspeed")
     rb = str(run_b)
-    wait_until(job_b, cluster["env"], lambda i: (run_b / layout.METRICS).exists()
-               and len(metrics(run_b)) >= 10 or i.get("JobState") not in ("PENDING", "RUNNING"),
-               600, rb, "training steps")
-    assert run(["scancel", "--signal=USR1", "--batch", job_b]).returncode == 0
+    preempt_after(job_b, run_b, cluster, 10)
 
     # (a)
     info = wait_final(job_a, cluster["env"], 600, str(run_a))
@@ -315,10 +321,7 @@ def test_dpo_zero3_on_two_nodes_preempted_resumes_with_the_unpreempted_losses(
     job_a, run_a = submit_dpo(tmp_path, tiny, cluster, pairs, "dpo-unpreempted", capsys)
     job_b, run_b = submit_dpo(tmp_path, tiny, cluster, pairs, "dpo-preempted", capsys)
     rb = str(run_b)
-    wait_until(job_b, cluster["env"], lambda i: (run_b / layout.METRICS).exists()
-               and len(metrics(run_b)) >= 4 or i.get("JobState") not in ("PENDING", "RUNNING"),
-               600, rb, "training steps")
-    assert run(["scancel", "--signal=USR1", "--batch", job_b]).returncode == 0
+    preempt_after(job_b, run_b, cluster, 4)
 
     info = wait_final(job_a, cluster["env"], 600, str(run_a))
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs(str(run_a))}"
