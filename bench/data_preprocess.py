@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,9 +98,27 @@ def node_ranks(folder: str, path: str, cache: bool, n: int) -> list[dict]:
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
+def _processor() -> str:
+    """The CPU's model name and family/model numbers (a virtual machine's name alone can hide
+    which processor it is)."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                k, _, v = line.partition(":")
+                info.setdefault(k.strip(), v.strip())
+    except OSError:
+        return "processor unknown"
+    flags = info.get("flags", "").split()
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
+            f"{info.get('model', '?')}, avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--conversations", type=int, default=20000)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="interleaved runs of each path; the medians are compared")
     ap.add_argument("--ranks", type=int, nargs="*", default=[2, 8],
                     help="ranks of one node to emulate in part 2 (none: skip it)")
     args = ap.parse_args()
@@ -112,14 +131,23 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(os.path.join(chat_demo.BUILD, "model"))
     folder = tempfile.mkdtemp(prefix="ftlaunch-bench-data-")
     path = write_data(folder, args.conversations)
-    t_ours, n_ours = ours(path, tok)
-    t_one, n_one = ours(path, tok, workers=1)
-    t_map, n_map = plain_map(path, tok)
+    runs: dict[str, list[float]] = {"ours": [], "one": [], "map": []}
+    for _ in range(args.repeat):  # interleaved, so a noisy neighbour's minute hits all three
+        t_ours, n_ours = ours(path, tok)
+        t_one, n_one = ours(path, tok, workers=1)
+        t_map, n_map = plain_map(path, tok)
+        for k, t in (("ours", t_ours), ("one", t_one), ("map", t_map)):
+            runs[k].append(t)
+    t_ours, t_one, t_map = (statistics.median(runs[k]) for k in ("ours", "one", "map"))
     print(f"{args.conversations} conversations, {n_ours} tokens (datasets.map: {n_map}), "
-          f"{node_cpus()} CPUs, load {os.getloadavg()[0]:.1f}")
-    print(f"ftlaunch data path:            {t_ours:6.2f} s  {n_ours / t_ours:10.0f} tokens/s")
-    print(f"  with preprocessing_workers 1: {t_one:6.2f} s  {n_one / t_one:10.0f} tokens/s")
-    print(f"datasets.map:                  {t_map:6.2f} s  {n_map / t_map:10.0f} tokens/s")
+          f"{node_cpus()} CPUs, load {os.getloadavg()[0]:.1f}, {_processor()}; median of "
+          f"{args.repeat} interleaved runs each")
+    for label, k, n in (("ftlaunch data path:           ", "ours", n_ours),
+                        ("  with preprocessing_workers 1:", "one", n_one),
+                        ("datasets.map:                 ", "map", n_map)):
+        t = statistics.median(runs[k])
+        print(f"{label} {t:6.2f} s  {n / t:10.0f} tokens/s  (runs: "
+              + ", ".join(f"{x:.2f}" for x in runs[k]) + ")")
     print(f"ratio (ftlaunch / datasets.map): {(n_ours / t_ours) / (n_map / t_map):.2f}x "
           f"(preprocessing_workers 1: {(n_one / t_one) / (n_map / t_map):.2f}x)")
     for n in args.ranks:

@@ -97,3 +97,33 @@ def test_a_run_with_two_dataloader_workers_has_the_losses_of_one_without(tiny, t
         got.append(losses(str(out / "run")))
     assert [s for s, _ in got[0]] == [1, 2, 2, 3, 3]  # train, eval at 2, final eval
     assert got[0] == got[1]
+
+
+def test_the_direct_rust_call_gives_the_ids_of_the_tokenizers_own_call(tiny):
+    """encode_texts calls the Rust tokenizer directly (half the time of many short segments):
+    the same ids as the transformers wrapper, special-token strings and all; and the wrapper
+    itself where the Rust tokenizer carries a setting the direct call would not apply."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import tokenize
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    texts = ["the cat sees a song", "", "  two  spaces\n\nand a line", tok.eos_token + " after eos",
+             "ünïcödé ✓ text", "x" * 300]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    assert tokenize.rust_tokenizer(tok) is tok._tokenizer
+    assert tokenize.encode_texts(tok, texts) == want
+    assert [tok.eos_token_id] == tokenize.encode_texts(tok, [tok.eos_token])[0][:1]
+    tok._tokenizer.enable_truncation(4)  # a setting only the wrapper turns off per call
+    assert tokenize.rust_tokenizer(tok) is None
+    assert tokenize.encode_texts(tok, texts) == want
+    tok._tokenizer.no_truncation()
+    tok.split_special_tokens = True       # the wrapper splits special-token strings
+    assert tokenize.rust_tokenizer(tok) is None
+    assert tokenize.encode_texts(tok, [tok.eos_token]) == \
+        tok([tok.eos_token], add_special_tokens=False)["input_ids"]
+    tok.split_special_tokens = False
+    tok._tokenizer.encode_special_tokens = False
+    assert tokenize.rust_tokenizer(tok) is tok._tokenizer
+    own = type("Infilling", (type(tok),), {"_encode_plus": lambda self, *a, **k: None})
+    tok.__class__ = own                   # a class with its own encoding (CodeLlama's)
+    assert tokenize.rust_tokenizer(tok) is None
