@@ -58,7 +58,8 @@ def deepspeed_parse(d: dict, n: int):
     from deepspeed.runtime.config import DeepSpeedConfig
     with world(n):
         parsed = DeepSpeedConfig(copy.deepcopy(d))
-    assert parsed.world_size == n
+    # under sequence parallelism DeepSpeed's world size is the data-parallel one: n / SP ranks
+    assert parsed.world_size == n / d.get("sequence_parallel_size", 1)
     return parsed
 
 
@@ -814,6 +815,7 @@ def test_random_override_lists_are_refused_or_accepted_by_deepspeed(tmp_path, fa
     def check(overrides):
         check_outcome(BASE, overrides, str(tmp_path), stats)
 
+    check_outcome(BASE, ["train.sequence_parallel=2"], str(tmp_path), stats)  # found by a draw
     check()
     assert stats["accepted"] >= 10 and stats["refused"] >= 10, stats.most_common(12)
 
