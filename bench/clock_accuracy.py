@@ -102,6 +102,7 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
     # the run's own start-up and shut-down: its ranks' time less its loop (the last line's
     # elapsed_s) and less its final checkpoint save (after that line; the dry run's time for it)
     loop = max(float(r["elapsed_s"]) for r in rows if "elapsed_s" in r)
+    real_phases = step_time.startup_phases(os.path.join(work, "run")) or {}
     real_startup = measured - loop - float(rec.get("checkpoint_s") or 0.0)
     # the run at the dry run's CPU share: how much of the error is the share the machine gave
     at_dry_share = real_cpu / (dry_cpu / dry_ranks)
@@ -112,6 +113,7 @@ def measure(steps: int, work: str, tiny: dict) -> dict:
             "step_s": est.step_s, "low_s": rec.get("low_s"), "high_s": rec.get("high_s"),
             "dry_ranks_s": dry_ranks, "real_step_s": real_step, "own_s": own,
             "startup_s": rec.get("startup_s"), "real_startup_s": real_startup,
+            "dry_phases": rec.get("startup_phases_s") or {}, "real_phases": real_phases,
             "dry_cpu": dry_cpu / dry_ranks, "real_cpu": real_cpu / measured,
             "at_dry_share_s": at_dry_share,
             "load_before": load_before, "load_between": load_between, "load_after": load_after}
@@ -142,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
               f"median logged step {r['real_step_s']:.4f} s")
         print(f"  start-up and shut-down: {r['startup_s']:.2f} s in the dry run, "
               f"{r['real_startup_s']:.2f} s in the run")
+        for phase in dict.fromkeys([*r["dry_phases"], *r["real_phases"]]):
+            dry, real = r["dry_phases"].get(phase), r["real_phases"].get(phase)
+            print(f"    {phase:28} dry run {dry if dry is not None else '-':>7} s, "
+                  f"run {real if real is not None else '-':>7} s")
         print(f"  estimate / measured: {r['ratio']:.3f} (error {r['ratio'] - 1:+.1%})")
         print(f"  the run at the dry run's CPU share would take {r['at_dry_share_s']:.2f} s: "
               f"estimate / that {r['estimate_s'] / r['at_dry_share_s']:.3f}")

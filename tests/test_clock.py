@@ -174,10 +174,25 @@ def test_the_step_time_is_the_median_after_the_warm_up_steps():
     assert got.step_s == 1.1 and got.measured == 5 and got.warmup == 2
     assert got.warmup_extra_s == pytest.approx(5.0 + 2.0 - 2 * 1.1)
     assert (got.low_s, got.high_s) == (0.9, 9.0)
-    assert step_time.summarize(times, warmup=0).step_s == 1.2   # the warm-up would raise it
+    # no fixed warm-up: the first two steps are still found slower than the later ones
+    assert step_time.summarize(times, warmup=0) == got
     fast_start = step_time.summarize([0.5, 0.5, 1.0, 1.0, 1.0], warmup=2)
     assert fast_start.warmup_extra_s == 0.0                     # never below zero
     assert step_time.summarize([3.0, 1.0], warmup=2) is None    # nothing after the warm-up
+
+
+def test_a_warm_up_longer_than_the_fixed_steps_is_found_and_left_out():
+    """Per-step times of a real CPU dry run (ms): slow for 8 steps, then settled. The median
+    of all 16 after the first 2 would be 1.25x the settled step; the warm-up is found instead."""
+    times = [t / 1000 for t in (62, 43, 42, 42, 42, 42, 45, 38, 29, 28, 28, 28, 29, 29, 28, 27,
+                                29, 27)]
+    got = step_time.summarize(times, warmup=2)
+    assert got.warmup == 8 and got.measured == 10 and got.step_s == pytest.approx(0.028)
+    assert got.warmup_extra_s == pytest.approx(sum(times[:8]) - 8 * 0.028)
+    steady = [0.03, 0.05] + [0.03, 0.031, 0.029, 0.04] * 4      # noise, no slow start
+    assert step_time.summarize(steady, warmup=2).warmup == 2
+    slow = [1.0] * 18                                           # never faster: nothing to find
+    assert step_time.summarize(slow, warmup=2).warmup == 2
 
 
 def _dry_metrics(path, step_times, eval_at=None, save_s=None):

@@ -126,9 +126,19 @@ def test_dry_run_trains_its_steps_and_keeps_nothing(tiny, tmp_path, write_run):
     assert "done: 18 steps; checkpoint (not saved: dry run)" in out   # 2 warm-up + 16 timed
     assert "dry run: nothing is kept" in out
     # the tiny model's checkpoint is small: one save was timed, in the temporary folder
-    assert re.search(r"ftlaunch: measured \S+ s a step \(\S+ s a micro batch; median of 16 steps "
-                     r"after 2, \S+ s\), start-up and shut-down \S+ s, warm-up \S+ s, a "
-                     r"checkpoint save \S+ s on 2 cpu ranks", out), out
+    m = re.search(r"ftlaunch: measured \S+ s a step \(\S+ s a micro batch; median of (\d+) steps "
+                  r"after (\d+), \S+ s\), start-up and shut-down \S+ s, warm-up \S+ s, a "
+                  r"checkpoint save \S+ s on 2 cpu ranks; kept in (\S+) ", out)
+    assert m and int(m[1]) + int(m[2]) == 18 and int(m[1]) >= 9, out   # 2 or more warm-up steps
+    with open(m[3], encoding="utf-8") as fh:
+        rec = json.load(fh)
+    phases = rec["startup_phases_s"]   # rank 0's start-up by phase (RUN_DIR/startup.json)
+    assert list(phases) == ["launch", "interpreter and imports", "imports in the rank",
+                            "distributed init", "tokenizer and data", "model load",
+                            "freeze and engine", "resume and loop start"], phases
+    assert all(v >= 0 for v in phases.values()) and phases["imports in the rank"] > 0.1, phases
+    # inside the start-up and shut-down the launcher timed (torchrun started, to the loop)
+    assert sum(phases.values()) <= rec["startup_s"] + 0.5, (phases, rec["startup_s"])
     assert not (tmp_path / "run").exists()
     assert not [n for n in os.listdir(scratch) if n.startswith("ftlaunch-dry-")]  # gone too
 

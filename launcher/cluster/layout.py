@@ -16,8 +16,10 @@ WANDB = "wandb"                   # W&B's offline runs and the run id (output.re
 JOB_LOCK = "job.lock"              # the Slurm job that owns the run directory: its id (launcher/cluster/job_lock.py)
 ESTIMATE = "estimate.json"        # the time estimate cluster.time auto was set from
 EXIT_STATUS = "exit_status.json"  # how the run ended: {"code", "step", "checkpoint", "message", "rank", "host", "time"}
+LAUNCHED_ENV = "FTLAUNCH_LAUNCHED_AT"  # the launcher's time.time() as it starts torchrun (rank/startup.py)
 TIME_SAVE_ENV = "FTLAUNCH_TIME_SAVE"  # =1: a dry run's ranks time one checkpoint save (rank/loop_steps.py)
 STEPS = "steps.json"              # an epoch run's steps, counted by rank 0 (cluster/run_state.py)
+STARTUP = "startup.json"          # the last launch's rank 0 start-up, by phase (rank/startup.py)
 SEGMENTS = "segments.jsonl"       # one line per launch: step, world_size, job, time (cluster/reshard.py)
 
 EXIT_OK = 0

@@ -439,6 +439,7 @@ def main(call: RunCall) -> int:
         if call.dry_run and dry_save(base):
             env[layout.TIME_SAVE_ENV] = "1"
         started, cpu = time.monotonic(), children_cpu_s()
+        env[layout.LAUNCHED_ENV] = repr(time.time())   # the ranks time their start from it
         code = launch(cmd, env, run_dir)
         ranks_s, cpu = time.monotonic() - started, children_cpu_s() - cpu
         print(f"ftlaunch: the ranks ran {ranks_s:.2f} s (torchrun started to exited; {cpu:.1f} "

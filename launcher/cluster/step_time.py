@@ -7,10 +7,13 @@ Torch-free (login node). A step time is measured in two places:
   (step_time/KEY.json under the cache root, launcher/common/files.py cache_root; KEY =
   `compute_key`, so any run with the same settings finds it):
   - the step time: the median of the DRY_MEASURED steps after the first DRY_WARMUP (which warm
-    up kernels, allocators and the data loader's workers), and their spread (lowest, highest);
-  - the warm-up: what the first DRY_WARMUP steps took beyond DRY_WARMUP median steps;
+    up kernels, allocators and the data loader's workers) and any later ones still warming up
+    (`summarize`), and their spread (lowest, highest);
+  - the warm-up: what those first steps took beyond as many median steps;
   - the start-up and shut-down: the ranks' wall time (torchrun started to exited, timed by the
-    launcher) less the training loop's own time (metrics.jsonl's last elapsed_s);
+    launcher) less the training loop's own time (metrics.jsonl's last elapsed_s); beside it,
+    rank 0's start-up by phase (RUN_DIR/startup.json: launch, imports, distributed init, data,
+    model load, engine, resume);
   - one evaluation (the final one, where the run has eval data) and one checkpoint save (where
     the launcher asked for it: launcher/cluster/local_run.py `dry_save`), each timed on the ranks;
 - a job's own metrics.jsonl (`step_time_s` of each line, launcher/rank/loop_steps.py `log_step`).
@@ -88,10 +91,20 @@ class StepSummary:
     high_s: float
 
 
+SETTLED = 1.25   # a step slower than this times the later steps' median is still warming up
+
+
 def summarize(times: list[float], warmup: int) -> Optional[StepSummary]:
     """The step time of per-step times `times` (one a step, in order): the median of those after
-    the first `warmup`, and what the first `warmup` cost beyond as many median steps; None when
-    no step is left after the warm-up."""
+    the warm-up, and what the warm-up cost beyond as many median steps; None when no step is
+    left after it. The warm-up is the first `warmup` steps and, after them, every step still
+    slower than SETTLED x the median of the second half of `times` (at most half of them): on a
+    CPU the first steps can stay slow for several steps (allocator and page growth), and they
+    would raise the median of a short dry run that a long run's steps never see."""
+    half = len(times) // 2
+    settled = statistics.median(times[half:]) if times[half:] else 0.0
+    while warmup < half and times[warmup] > SETTLED * settled:
+        warmup += 1
     kept = times[warmup:]
     if not kept:
         return None
@@ -126,6 +139,17 @@ def loop_timings(metrics_path: str) -> dict[str, Optional[float]]:
             "checkpoint_s": float(saves[-1]["checkpoint_s"]) if saves else None}
 
 
+def startup_phases(run_dir: str) -> Optional[dict]:
+    """Rank 0's start-up by phase (RUN_DIR/startup.json, launcher/rank/startup.py), or None."""
+    try:
+        with open(os.path.join(run_dir, layout.STARTUP), encoding="utf-8") as fh:
+            rec = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    phases = rec.get("phases_s") if isinstance(rec, dict) else None
+    return phases if isinstance(phases, dict) else None
+
+
 def store_path(cfg: Any) -> str:
     """Where a dry run's measurement for cfg's settings is kept (the module docstring)."""
     from launcher.common.files import cache_root
@@ -147,11 +171,13 @@ def record_dry_run(metrics_path: str, cfg: Any, world: int, device: str,
     startup = None
     if ranks_s is not None and timed["loop_s"] is not None:
         startup = max(0.0, ranks_s - timed["loop_s"])
+    phases = startup_phases(os.path.dirname(metrics_path))
     rec = {"micro_batch_s": summary.step_s / accum, "step_time_s": summary.step_s,
            "accum": accum, "world": world, "device": device, "steps": summary.measured,
            "warmup_steps": summary.warmup, "warmup_extra_s": summary.warmup_extra_s,
            "low_s": summary.low_s, "high_s": summary.high_s, "startup_s": startup,
            "eval_s": timed["eval_s"], "checkpoint_s": timed["checkpoint_s"],
+           "startup_phases_s": phases,
            "source": "ftlaunch run --dry-run",
            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "key": compute_key(cfg)}
     path = store_path(cfg)

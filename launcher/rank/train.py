@@ -59,6 +59,7 @@ from launcher.config.errors import ConfigError
 from launcher.model.freeze import FreezeReport
 from launcher.common.log import get_logger
 from launcher.rank.loop_sync import StepSync
+from launcher.rank.startup import StartClock
 from launcher.rank.loop_steps import (Progress, accumulate, begin,  # noqa: F401
                                  collate_for, diverged, evaluate, finish, log_step, save,
                                  stopped, to_device, write_eval)
@@ -218,6 +219,7 @@ class Setup:
     resume_note: Optional[str] = None  # how the batch was kept for a resume on another world size
     reference: Any = None     # preference objectives: launcher/rank/preference.py Reference (or None)
     sp: Any = None            # longseq.SeqPar: this rank's sequence-parallel group
+    clock: Any = None         # launcher/rank/startup.py StartClock: the start-up's phases
     hidden: Any = None        # longseq.HiddenStates when the loss is computed in the loop
 
     @property
@@ -230,16 +232,20 @@ class Setup:
         return self.engine.module
 
 
-def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = True) -> Setup:
+def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = True,
+          clock: Optional[StartClock] = None) -> Setup:
     """Distributed init, tokenizer, model, freeze policy, engine, data (see the module docstring
-    for why in this order). Collective: every rank calls it."""
+    for why in this order). Collective: every rank calls it. clock: marks each phase's time."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from launcher.model import freeze
+    given, clock = clock, clock or StartClock()
     env = env or dist_env.from_environ()
     hf_logging.disable_progress_bar()
+    clock.mark("imports in the rank")
     device = init_distributed(cfg, env)
+    clock.mark("distributed init")
     sp = longseq.init_groups(cfg.train.sequence_parallel, env.rank)
     seed_everything(cfg.train.seed)  # identical new-module weights (LoRA) on every rank
     tokenizer = inputs.load_tokenizer(cfg)  # model.pad_token / special_tokens / add_tokens added
@@ -252,19 +258,23 @@ def setup(cfg: RunConfig, env: Optional[RankEnv] = None, *, load_data: bool = Tr
         if cfg.train.epochs is not None:
             log.info(epochs.describe(cfg, len(splits.train), env.world_size))
         cfg = epochs.resolve(cfg, len(splits.train), env.world_size)  # max_steps from epochs
+    clock.mark("tokenizer and data")
     ds_config = build_ds_config(cfg, env, device)
     pad_id = data.tokenizer_pad_id(tokenizer, warn=lambda m: None)
     model, hf_ds = load_model(cfg, device, ds_config)
+    clock.mark("model load")
     new_rows = tokens.resize(model, tokenizer)  # before the freeze
     model, report = freeze.apply(model, cfg)
     masked = tokens.train_new_rows(model, new_rows, cfg)
     hidden = longseq.prepare_model(model, cfg, sp)
     engine = build_engine(cfg, model, ds_config, masked, longseq.mpu_for(sp))
+    clock.mark("freeze and engine")
     s = Setup(cfg, env, device, ds_config, engine, tokenizer, report, splits, pad_id, hf_ds,
-              sp=sp, hidden=hidden, resume_note=resume_note)
+              sp=sp, hidden=hidden, resume_note=resume_note, clock=given)
     if cfg.train.objective != "sft":  # DPO/IPO's frozen reference (precomputed: from the data)
         from launcher.rank import preference
         s.reference = preference.build_reference(s, load_model)
+        clock.mark("reference model")
     torch.manual_seed(cfg.train.seed + env.rank)  # dropout differs per rank, reproducibly
     return s
 
@@ -298,6 +308,10 @@ def train_loop(s: Setup, stop: Optional[run_state.StopRequest] = None) -> int:
                                    s.cfg.data.num_workers)
     engine.train()
     sync = StepSync(s, stop)  # the loop's collectives (launcher/loop_sync.py)
+    if s.clock is not None:
+        s.clock.mark("resume and loop start")
+        if s.env.is_main:
+            s.clock.write(s.cfg.run_dir)   # RUN_DIR/startup.json
     # agree on a stop before the first step too (a signal while loading, a STOP left behind)
     signalled, stop_file_seen = sync.first_votes()
     if signalled or stop_file_seen:
@@ -381,6 +395,7 @@ class TrainCall:
 
 
 def main(call: TrainCall) -> int:
+    clock = StartClock()   # the interpreter and imports so far: from the process's start
     from launcher.config import runfile
     cfg = runfile.load(call.run_file, call.overrides)
     rundir.keep_private(cfg)   # checkpoints, metrics, trackers, the export: output.private
@@ -388,7 +403,7 @@ def main(call: TrainCall) -> int:
     started = time.time() - 1  # mtime granularity: a failure in this launch is at or after it
     stop = run_state.StopRequest().install()
     try:
-        s = setup(cfg, env)
+        s = setup(cfg, env, clock=clock)
         _ensure_run_dir(cfg, env, s.ds_config)
         if env.is_main and cfg.train.epochs is not None:  # what `ftlaunch status` shows
             run_state.write_steps(cfg.run_dir, s.cfg.train.max_steps)
