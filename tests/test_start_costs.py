@@ -192,3 +192,56 @@ def test_the_kept_facts_have_the_same_keys_in_every_process(tiny, tmp_path):
         listings.append(sorted(x.name for x in kept.iterdir()))
     assert any(n.startswith("trace-") for n in listings[0]), listings[0]
     assert listings[1] == listings[0]
+
+
+ENGINE = """
+import json, sys
+from launcher.rank.train import skip_cpu_shm_op, skip_muon_import
+if sys.argv[2] == "skip":
+    skip_muon_import()
+import deepspeed, torch
+skip_cpu_shm_op()
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+from transformers import AutoModelForCausalLM
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+      "zero_optimization": {"stage": int(sys.argv[3])}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+ids = torch.arange(32).reshape(2, 16) % 50
+losses = []
+for _ in range(3):
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+print(json.dumps({"losses": losses, "inductor": "torch._inductor.compile_fx" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trains_the_same_without_importing_its_muon_optimizer(tiny, stage):
+    """skip_muon_import (each rank, before deepspeed.initialize): DeepSpeed's Muon modules, whose
+    import pulls in torch._inductor's compiler (about 1.4 s of every rank's start), are not imported, and
+    ZeRO trains to the same losses as with them."""
+    import subprocess
+    import sys
+
+    from ranks import ROOT, rank_env
+    env = {**rank_env(), "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    got = {}
+    for i, how in enumerate(("skip", "import")):
+        p = subprocess.run([sys.executable, "-c", ENGINE, tiny["model"], how, str(stage)],
+                           env={**env, "MASTER_PORT": str(29650 + 10 * stage + i)},
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        got[how] = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["skip"]["inductor"] is False and got["import"]["inductor"] is True, got
+    assert got["skip"]["losses"] == got["import"]["losses"], got
+    from launcher.rank.train import MUON_MODULES, skip_muon_import
+    skip_muon_import()
+    muon = sys.modules[MUON_MODULES[0]]
+    with pytest.raises(RuntimeError, match="does not train with DeepSpeed's Muon optimizer"):
+        muon.MuonWithAuxAdam([])

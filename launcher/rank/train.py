@@ -82,6 +82,41 @@ def skip_cpu_shm_op() -> None:
         mod.build_shm_op = lambda: None
 
 
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer",
+                "deepspeed.runtime.zero.muon.original_muon")
+
+
+def skip_muon_import() -> None:
+    """Do not import DeepSpeed's Muon optimizer modules (about 1.4 s of CPU on every rank's start).
+
+    DeepSpeed imports deepspeed.runtime.zero.muon's muon_optimizer and original_muon inside
+    `deepspeed.initialize` (the ZeRO optimizer check, the ZeRO-3 and bf16 optimizers' set-up) and
+    on ZeRO's gradient paths, only to ask `isinstance(optimizer, MuonWithAuxAdam)` or to have
+    `muon_update` at hand for parameters marked `use_muon`; their `@compiler.compile()`
+    decorators import torch._inductor. ftlaunch never builds a Muon optimizer (train.optimizer is
+    adamw or a bitsandbytes 8-bit one; validate refuses an optimizer block of another type) and
+    never marks a parameter, so stand-in modules answer: a MuonWithAuxAdam class nothing is an
+    instance of, and functions that refuse to run."""
+    import types
+
+    class MuonWithAuxAdam:  # nothing is an instance of it
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            _no_muon()
+
+    def _no_muon(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("ftlaunch does not train with DeepSpeed's Muon optimizer "
+                           "(train.optimizer chooses the optimizer)")
+
+    for name in MUON_MODULES:
+        if name in sys.modules:
+            continue
+        module = types.ModuleType(name, "ftlaunch's stand-in: launcher/rank/train.py "
+                                        "skip_muon_import")
+        module.MuonWithAuxAdam = MuonWithAuxAdam  # type: ignore[attr-defined]
+        module.muon_update = module.adam_update = _no_muon  # type: ignore[attr-defined]
+        sys.modules[name] = module
+
+
 def inherit_timeout(timeout: Any) -> None:
     """Make every process group created from now on use `timeout`. DeepSpeed reduces gradients
     on groups of its own (`dist.new_group` without a timeout), which torch would give its 30-min
@@ -111,6 +146,7 @@ def init_distributed(cfg: RunConfig, env: RankEnv) -> str:
     # DeepSpeed's ZeRO calls these torch collectives by their old names on every step
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated",
                             category=FutureWarning)
+    skip_muon_import()
     if device == "cpu":
         skip_cpu_shm_op()
     else:
