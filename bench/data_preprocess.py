@@ -98,22 +98,6 @@ def node_ranks(folder: str, path: str, cache: bool, n: int) -> list[dict]:
     return [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
 
 
-def _processor() -> str:
-    """The CPU's model name and family/model numbers (a virtual machine's name alone can hide
-    which processor it is)."""
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                k, _, v = line.partition(":")
-                info.setdefault(k.strip(), v.strip())
-    except OSError:
-        return "processor unknown"
-    flags = info.get("flags", "").split()
-    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model "
-            f"{info.get('model', '?')}, avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'})")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--conversations", type=int, default=20000)
@@ -128,6 +112,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from launcher.data.tokenize import node_cpus
+    from machine_info import processor
     tok = AutoTokenizer.from_pretrained(os.path.join(chat_demo.BUILD, "model"))
     folder = tempfile.mkdtemp(prefix="ftlaunch-bench-data-")
     path = write_data(folder, args.conversations)
@@ -140,7 +125,7 @@ def main() -> int:
             runs[k].append(t)
     t_ours, t_one, t_map = (statistics.median(runs[k]) for k in ("ours", "one", "map"))
     print(f"{args.conversations} conversations, {n_ours} tokens (datasets.map: {n_map}), "
-          f"{node_cpus()} CPUs, load {os.getloadavg()[0]:.1f}, {_processor()}; median of "
+          f"{node_cpus()} CPUs, load {os.getloadavg()[0]:.1f}, {processor()}; median of "
           f"{args.repeat} interleaved runs each")
     for label, k, n in (("ftlaunch data path:           ", "ours", n_ours),
                         ("  with preprocessing_workers 1:", "one", n_one),

@@ -34,15 +34,8 @@ PARTS = ("latency", "optimizer_memory", "train_overhead")
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from machine_info import processor
+    model = processor()
     import torch
     return (f"{os.cpu_count()} CPUs (nproc), {model}; Python {platform.python_version()}, "
             f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f} at the start")

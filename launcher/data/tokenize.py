@@ -97,7 +97,7 @@ def tokenizer_pad_id(tokenizer, *, warn: Callable[[str], None] = print_warning) 
                "embeddings if the vocabulary grew)")
 
 
-_WRAPPER_CALLS = ("__call__", "_call_one", "_encode_plus", "encode_batch")
+_WRAPPER_CALLS = ("__call__", "_call_one", "_encode_plus")
 
 
 def rust_tokenizer(tokenizer):

@@ -20,6 +20,7 @@ from typing import Optional
 
 from launcher.cluster import layout
 
+
 def process_started() -> Optional[float]:
     """This process's start, in seconds since the epoch (Linux /proc); None elsewhere."""
     try:
@@ -53,12 +54,8 @@ class StartClock:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self.at, 3)
         self.at = now
 
-    def total(self) -> float:
-        return round(sum(self.phases.values()), 3)
-
     def write(self, run_dir: str) -> None:
         from launcher.cluster.rundir import write_atomic
         write_atomic(os.path.join(run_dir, layout.STARTUP),
-                     json.dumps({"phases_s": self.phases, "total_s": self.total()}, indent=1)
+                     json.dumps({"phases_s": self.phases}, indent=1)
                      + "\n")
-
