@@ -17,7 +17,7 @@ import sys
 # The rooms of the package, each a folder with one job, and the half each belongs to. A module
 # lives in one of them (or is one of TOP_MODULES); the halves are a rule over these folders.
 LOGIN_PACKAGES = {
-    "launcher.common": "shared utilities every room uses (logging)",
+    "launcher.common": "shared utilities every room uses (logging, files, forked workers)",
     "launcher.config": "the run file: schema, YAML reader, overrides, sizes, batch and step "
                        "arithmetic, secrets, ConfigError",
     "launcher.model": "the model as the run builds it, torch-free at import: config.json facts, "

@@ -70,24 +70,14 @@ def test_the_node_cache_built_by_every_cpu_equals_one_processs_tokens(chat_tok, 
 
 
 def test_few_rows_are_tokenized_in_this_process(monkeypatch):
-    def no_pool(*a, **k):
-        raise AssertionError("a process pool for 100 rows")
-    monkeypatch.setattr(tokenize, "worker_pool", no_pool)
+    from launcher.common import forked
+
+    def no_fork(*a, **k):
+        raise AssertionError("forked processes for 100 rows")
+    monkeypatch.setattr(forked, "fork_map", no_fork)
     rows = list(range(100))
     got = tokenize.in_workers(lambda job, r: (list(r), [job], []), "j", rows, 8)
     assert got == (rows, ["j"], [])  # 100 // 64 = 1 process: this one
-
-
-def test_a_pool_worker_ends_on_sigterm_even_in_a_rank_that_handles_it(monkeypatch):
-    """A rank takes SIGTERM as a stop request (launcher/cluster/run_state.py); the pool's workers must
-    not, or the pool's end (which terminates its workers) would wait on them forever."""
-    import signal
-    old = signal.signal(signal.SIGTERM, lambda *a: None)
-    try:
-        with tokenize.worker_pool(1) as pool:
-            assert pool.apply(signal.getsignal, (signal.SIGTERM,)) == signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 def test_a_second_plan_reads_the_model_facts_from_disk(tiny, tmp_path, monkeypatch):

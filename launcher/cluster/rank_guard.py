@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any, Optional, Sequence
 
+from launcher.common import forked
+
 GUARDED_ENV = "FTLAUNCH_RANK_GUARDED"   # set in the child: it does the work
 SWITCH_ENV = "FTLAUNCH_RANK_GUARD"      # "0": no guardian
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -55,15 +57,6 @@ def death_message(signum: int, rank: int, dist_timeout_s: Optional[int], run_dir
     if signum in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE):
         return f"{head}: a crash in native code (CUDA, NCCL, a compiled op): see the rank's log"
     return f"{head}: sent by another process (the launcher, Slurm, a user)"
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGKILL when the guardian dies (Linux prctl)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _where(run_file: str, overrides: Sequence[str]) -> tuple[Optional[str], Optional[int], int]:
@@ -113,7 +106,7 @@ def run(run_file: str, overrides: Sequence[str] = (), command: Optional[list[str
     read_fd, write_fd = os.pipe()   # the child writes each step it completes (report_step)
     child = subprocess.Popen(command, env={**os.environ, GUARDED_ENV: "1",
                                            run_state.PROGRESS_FD_ENV: str(write_fd)},
-                             preexec_fn=_die_with_parent, pass_fds=(write_fd,))
+                             preexec_fn=forked.die_with_parent, pass_fds=(write_fd,))
     os.close(write_fd)
     progress = _Progress(read_fd)
 

@@ -1,2 +1,2 @@
-"""Shared utilities every room uses: the one logging setup (login half).
+"""Shared utilities every room uses: the one logging setup, atomic files, forked workers (login half).
 """

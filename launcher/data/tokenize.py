@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from launcher.common import forked
 from launcher.data.chat import IGNORE
 from launcher.data.reading import Records, fail, print_warning
 
@@ -130,49 +131,19 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
                      return_attention_mask=False, return_token_type_ids=False)["input_ids"]
 
 
-_POOL_TOKENIZER = None  # the tokenizer the forked preprocessing workers inherit
-
-
-def worker_pool(n: int):
-    """n forked processes with the default signal handlers: a rank's own (SIGTERM asks for a
-    stop, launcher/cluster/run_state.py) would keep a worker alive when the pool ends it."""
-    import multiprocessing
-    return multiprocessing.get_context("fork").Pool(n, initializer=_default_signals)
-
-
-def _default_signals() -> None:
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _encode_in_worker(texts: list[str]) -> list[list[int]]:
-    return encode_texts(_POOL_TOKENIZER, texts)
-
-
 def _encode(tokenizer, texts: list[str], workers: int = 1) -> list[list[int]]:
     """Token ids of each text (no special tokens). workers > 1 (data.preprocessing_workers):
-    contiguous chunks tokenised by that many forked processes and joined in order, so the ids
-    are those of one process; fork, because the tokenizer is already in memory and
-    `python -m launcher` is not import-safe for spawn."""
-    global _POOL_TOKENIZER
+    contiguous slices tokenised by that many forked processes (launcher/common/forked.py) and
+    joined in order, so the ids are those of one process."""
     workers = min(workers, len(texts) // _MIN_TEXTS_PER_WORKER)  # a process is worth that many
-    size = _TOKENIZE_CHUNK
     if workers > 1:
-        size = max(1, min(size, -(-len(texts) // workers)))
-    chunks = [texts[a:a + size] for a in range(0, len(texts), size)]
+        size = -(-len(texts) // workers)
+        parts = [texts[a:a + size] for a in range(0, len(texts), size)]
+        return [ids for part in forked.fork_map(lambda t: _encode(tokenizer, t), parts)
+                for ids in part]
     out: list[list[int]] = []
-    if workers > 1 and len(chunks) > 1:
-        _POOL_TOKENIZER = tokenizer
-        try:
-            with worker_pool(min(workers, len(chunks))) as pool:
-                for ids in pool.imap(_encode_in_worker, chunks):
-                    out.extend(ids)
-        finally:
-            _POOL_TOKENIZER = None
-        return out
-    for chunk in chunks:
-        out.extend(encode_texts(tokenizer, chunk))
+    for a in range(0, len(texts), _TOKENIZE_CHUNK):
+        out.extend(encode_texts(tokenizer, texts[a:a + _TOKENIZE_CHUNK]))
     return out
 
 
@@ -296,33 +267,19 @@ def _render_and_encode(job: tuple, rows: list[tuple[list[dict], int]]) -> tuple[
     return ids, labels, bad
 
 
-_POOL_JOB: tuple = ()  # (function, its fixed argument) the forked workers of in_workers run
-
-
-def _run_job(rows: list) -> tuple[list, list, list]:
-    fn, job = _POOL_JOB
-    return fn(job, rows)
-
-
 def in_workers(fn, job: tuple, rows: list, workers: int) -> tuple[list, list, list]:
     """fn(job, rows) over contiguous chunks of rows in `workers` forked processes (fewer where
     there are few rows: _MIN_TEXTS_PER_WORKER each), the three lists of each chunk joined in
     order: the same result as fn(job, rows) in this process."""
-    global _POOL_JOB
     workers = min(workers, len(rows) // _MIN_TEXTS_PER_WORKER)
     if workers <= 1:
         return fn(job, rows)
     size = -(-len(rows) // workers)
     chunks = [rows[a:a + size] for a in range(0, len(rows), size)]
-    _POOL_JOB = (fn, job)
     out: tuple[list, list, list] = ([], [], [])
-    try:
-        with worker_pool(len(chunks)) as pool:
-            for part in pool.imap(_run_job, chunks):
-                for whole, piece in zip(out, part):
-                    whole.extend(piece)
-    finally:
-        _POOL_JOB = ()
+    for part in forked.fork_map(lambda r: fn(job, r), chunks):
+        for whole, piece in zip(out, part):
+            whole.extend(piece)
     return out
 
 
