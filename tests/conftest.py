@@ -109,7 +109,10 @@ def slurm_cluster(tmp_path_factory):
         subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)
         pytest.fail(f"tests/cluster/start.sh {state} failed:\n{started.stdout}{started.stderr}")
     try:
-        yield {"dir": state, "partition": "debug", "env": {"SLURM_CONF": os.path.join(state, "slurm.conf")}}
+        # the jobs' processes keep the plan's model facts on disk, as ranks started here do
+        # (tests/ranks.py rank_env); sbatch passes this environment on to the job
+        yield {"dir": state, "partition": "debug",
+               "env": {"SLURM_CONF": os.path.join(state, "slurm.conf"), "FTLAUNCH_PLAN_CACHE": "1"}}
     finally:
         subprocess.run([os.path.join(scripts, "stop.sh"), state], capture_output=True, timeout=300)
 

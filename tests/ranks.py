@@ -12,9 +12,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def rank_env(**extra: str) -> dict[str, str]:
     """os.environ for CPU ranks: one thread each, DeepSpeed's CPU accelerator, this checkout first
-    on PYTHONPATH, and `extra`."""
+    on PYTHONPATH, the plan's model facts kept on disk (FTLAUNCH_PLAN_CACHE=1, as users have it:
+    keyed by the code that derives them, so a process started here computes what it would
+    compute; only this process computes its own, as its tests may patch that code), and `extra`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               **extra)
+               FTLAUNCH_PLAN_CACHE="1", **extra)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from ranks import rank_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -66,10 +67,8 @@ def test_gpu_check_cpu_dry_end_to_end(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "broken-0.1-py3-none-any.whl").write_bytes(b"not a zip file")
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
-               PYTHON=sys.executable, OUT=str(tmp_path), GPU_CHECK_WHEELS=str(wheels),
-               GPU_CHECK_SITE=str(tmp_path / "site"))
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = rank_env(PYTHON=sys.executable, OUT=str(tmp_path), GPU_CHECK_WHEELS=str(wheels),
+                   GPU_CHECK_SITE=str(tmp_path / "site"))
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-dry"],
                           env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+from ranks import rank_env
 
 from launcher import cli
 from launcher.cluster import step_time
@@ -286,9 +287,7 @@ def test_the_estimate_after_a_dry_run_states_each_term_and_their_total(tmp_path,
 
 # ------------------------------------------------------------------ measured on CPU ranks
 def _ftlaunch(*argv: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=ROOT, env=rank_env(),
                           capture_output=True, text=True, timeout=600)
 
 
