@@ -92,8 +92,11 @@ def test_peak_rss_within_15_percent_of_plan(tiny, tmp_path):
         ranks = BENCH.run_ranks([run], str(tmp_path / f"rss{i}.json"), steps=3,
                                 extra_env={"PVM_WARM_SHAPES": "1"})[0]
         assert all(r["peak_reset"] for r in ranks)
-        for r in ranks:
-            assert abs(r["peak"] / p.total_per_gpu - 1) <= 0.15, (setting, r["peak"], p.total_per_gpu)
+        # the plan is the need of the rank that needs most (as bench/plan_vs_measured.py and
+        # docs/memory.md compare): two ranks of one run differ by up to ~1 MB of bookkeeping
+        peak = max(r["peak"] for r in ranks)
+        assert abs(peak / p.total_per_gpu - 1) <= 0.15, (setting, [r["peak"] for r in ranks],
+                                                         p.total_per_gpu)
 
 
 @pytest.mark.multirank
@@ -112,8 +115,9 @@ def test_cold_rank_within_15_percent_of_plan_with_kernels_probed_here(tiny, tmp_
     p = memory.plan(cfg, world_size=2, advise=False, kernels=kernels)
     assert p.total_low == p.total_per_gpu  # measured: no range left
     ranks = BENCH.run_ranks([run], str(tmp_path / "cold.json"), steps=3)[0]
-    for r in ranks:
-        assert abs(r["peak"] / p.total_per_gpu - 1) <= 0.15, (r["peak"], p.total_per_gpu, kernels)
+    peak = max(r["peak"] for r in ranks)   # the rank that needs most, as above
+    assert abs(peak / p.total_per_gpu - 1) <= 0.15, ([r["peak"] for r in ranks], p.total_per_gpu,
+                                                     kernels)
 
 
 @pytest.mark.multirank
