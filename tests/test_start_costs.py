@@ -232,7 +232,15 @@ def test_deepspeed_trains_the_same_without_importing_its_muon_optimizer(tiny, st
     assert got["skip"]["inductor"] is False and got["import"]["inductor"] is True, got
     assert got["skip"]["losses"] == got["import"]["losses"], got
     from launcher.rank.train import MUON_MODULES, skip_muon_import
-    skip_muon_import()
-    muon = sys.modules[MUON_MODULES[0]]
-    with pytest.raises(RuntimeError, match="does not train with DeepSpeed's Muon optimizer"):
-        muon.MuonWithAuxAdam([])
+    saved = {n: sys.modules.pop(n, None) for n in MUON_MODULES}   # this process keeps its own
+    try:
+        skip_muon_import()
+        muon = sys.modules[MUON_MODULES[0]]
+        with pytest.raises(RuntimeError, match="does not train with DeepSpeed's Muon optimizer"):
+            muon.MuonWithAuxAdam([])
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
